@@ -1,0 +1,104 @@
+"""Assembles the proxy's ASGI app: routes, error handlers, limits, background work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+from .api import ROUTES
+from .config import Settings
+from .ratelimit import RateLimiter
+from .state import ProxyState
+from .store import Store
+
+log = logging.getLogger("proxy")
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before reading them into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise errors.ApiError("too_large", f"the body is over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.error_response("too_large", f"the body is over {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+async def sweep_expired(state: ProxyState, every: float = 1.0) -> None:
+    """Expire undecided requests on time, even when nobody asks about them."""
+    while True:
+        try:
+            if await state.write(state.store.expire_due):
+                state.changes.notify()
+        except Exception:  # a failing sweep must not end the sweeper
+            log.exception("expiry sweep failed; retrying")
+        await asyncio.sleep(every)
+
+
+def create_app(settings: Settings, store: Store | None = None, *, background: bool = True) -> Starlette:
+    store = store or Store(settings)
+    state = ProxyState(settings, store, RateLimiter(settings.rate_per_minute, settings.rate_burst))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(sweep_expired(state))] if background else []
+        bot = None
+        if background and settings.telegram_enabled:
+            from .telegram_bot import TelegramChannel
+
+            bot = TelegramChannel(state)
+            state.channels.append(bot)
+            await bot.start()
+        elif background:
+            log.warning("Telegram is not configured: approve and deny with `python -m proxy approve|deny ID`")
+        try:
+            yield
+        finally:
+            if bot is not None:
+                await bot.stop()
+            for task in tasks:
+                task.cancel()
+            state.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            errors.ApiError: errors.on_api_error,
+            HTTPException: errors.on_http_exception,
+            Exception: errors.on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.proxy = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

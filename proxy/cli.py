@@ -1,0 +1,238 @@
+"""The operator CLI: `python -m proxy COMMAND`.
+
+Exit 0 on success; otherwise one line on stderr saying what went wrong and a
+non-zero code. Secret values come from stdin, never argv, and are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Sequence
+
+from . import crypto
+from .config import ConfigError, Settings, load_settings
+from .store import STATUSES, Store, StoreError, init_data_dir
+
+
+class CliError(Exception):
+    pass
+
+
+def operator() -> str:
+    # Over SSH, the operator is whoever holds the host key; name the local user and the SSH peer.
+    peer = os.environ.get("SSH_CONNECTION", "").split(" ")[0]
+    who = f"operator:{getpass.getuser()}"
+    return f"{who}@{peer}" if peer else who
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_init(settings: Settings, args: argparse.Namespace) -> None:
+    init_data_dir(settings)
+    print(f"initialized {settings.data_dir} (master key {settings.key_path}, database {settings.db_path})")
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve(settings, host=args.host or settings.host, port=args.port or settings.port)
+
+
+def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
+    if sys.stdin.isatty():
+        value = getpass.getpass(f"value for {args.name}: ").encode()
+    else:
+        value = sys.stdin.buffer.read()
+        if value.endswith(b"\n"):
+            value = value[:-1]  # `echo value |` adds a newline nobody means as part of a key
+    with _store(settings) as store:
+        store.set_secret(args.name, value, operator())
+    print(f"stored {args.name}")
+
+
+def cmd_secrets_list(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        for name, updated in store.list_secrets():
+            print(f"{name}\t{_when(updated)}")
+
+
+def cmd_secrets_delete(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        store.delete_secret(args.name, operator())
+    print(f"deleted {args.name}")
+
+
+def cmd_agents_add(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        token = store.add_agent(args.name, args.secrets.split(","), operator())
+    # The one time the token is shown: it is stored only as a hash.
+    print(token)
+
+
+def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        for agent in store.list_agents():
+            print(f"{agent.name}\t{','.join(agent.scopes)}\t{_when(agent.created_at)}")
+
+
+def cmd_agents_revoke(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        store.revoke_agent(args.name, operator())
+    print(f"revoked {args.name}")
+
+
+def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        rows = store.list_requests(args.status)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    for r in rows:
+        print(f"{r.id}\t{r.status}\t{r.agent}\t{r.secret}\t{_when(r.created_at)}\t{r.reason!r}")
+
+
+def _decide(settings: Settings, request_id: str, approve: bool) -> None:
+    with _store(settings) as store:
+        decision = store.decide(request_id, approve, operator())
+    req = decision.request
+    if not decision.changed:
+        raise CliError(f"request {request_id} is already {req.status}; a decision is final")
+    print(f"{req.status} {req.id} ({req.agent} asked for {req.secret})")
+
+
+def cmd_approve(settings: Settings, args: argparse.Namespace) -> None:
+    _decide(settings, args.id, True)
+
+
+def cmd_deny(settings: Settings, args: argparse.Namespace) -> None:
+    _decide(settings, args.id, False)
+
+
+def cmd_audit_show(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        for e in store.audit_entries(args.limit):
+            detail = json.dumps(e.detail, sort_keys=True) if e.detail else ""
+            print(f"{e.seq}\t{_when(e.ts)}\t{e.actor}\t{e.action}\t{e.request_id or '-'}\t{e.secret or '-'}\t{detail}")
+
+
+def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        problems = store.audit_verify()
+        count = len(store.audit_entries())
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        raise CliError(f"audit log is NOT intact: {len(problems)} problem(s)")
+    print(f"audit log intact: {count} entries")
+
+
+def cmd_rotate(settings: Settings, args: argparse.Namespace) -> None:
+    with _store(settings) as store:
+        key_id = store.rotate_master_key(operator())
+    print(f"master key rotated; new key id {key_id}")
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(port=args.port)
+
+
+class _store:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __enter__(self) -> Store:
+        self.store = Store(self.settings)
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m proxy", description="secret-proxy operator CLI")
+    p.add_argument("--data-dir", help="data directory (default: $SECRET_PROXY_DATA_DIR or /var/lib/secret-proxy)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create the data directory, master key and database").set_defaults(fn=cmd_init)
+    s = sub.add_parser("serve", help="run the HTTP API (and the Telegram bot when configured)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=cmd_serve)
+
+    secrets = sub.add_parser("secrets", help="manage secret values").add_subparsers(dest="sub", required=True)
+    s = secrets.add_parser("set", help="store a value read from stdin")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_secrets_set)
+    secrets.add_parser("list", help="list names (never values)").set_defaults(fn=cmd_secrets_list)
+    s = secrets.add_parser("delete")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_secrets_delete)
+
+    agents = sub.add_parser("agents", help="manage agent tokens").add_subparsers(dest="sub", required=True)
+    s = agents.add_parser("add", help="create an agent; prints its token once")
+    s.add_argument("name")
+    s.add_argument("--secrets", required=True, help="comma-separated glob patterns of secret names")
+    s.set_defaults(fn=cmd_agents_add)
+    agents.add_parser("list").set_defaults(fn=cmd_agents_list)
+    s = agents.add_parser("revoke")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_agents_revoke)
+
+    requests = sub.add_parser("requests", help="list requests").add_subparsers(dest="sub", required=True)
+    s = requests.add_parser("list")
+    s.add_argument("--status", choices=STATUSES)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_requests_list)
+
+    for name, fn in (("approve", cmd_approve), ("deny", cmd_deny)):
+        s = sub.add_parser(name, help=f"{name} a pending request")
+        s.add_argument("id")
+        s.set_defaults(fn=fn)
+
+    aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
+    s = aud.add_parser("show")
+    s.add_argument("--limit", type=int)
+    s.set_defaults(fn=cmd_audit_show)
+    aud.add_parser("verify", help="check the hash chain").set_defaults(fn=cmd_audit_verify)
+
+    sub.add_parser("rotate-master-key", help="re-wrap all data keys under a new master key").set_defaults(
+        fn=cmd_rotate)
+    s = sub.add_parser("demo", help="a local round trip: request, approve, retrieve once")
+    s.add_argument("--port", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(data_dir=args.data_dir)
+        args.fn(settings, args)
+    except (CliError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"error: {exc.detail} ({exc.code})", file=sys.stderr)
+        return 1
+    except crypto.CryptoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"error: permission denied: {exc.filename}; run as the proxy's user", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,97 @@
+"""The proxy's configuration: one typed object, built in one place.
+
+Sources, later wins: defaults, `config.toml` in the data directory, environment
+variables `SECRET_PROXY_*`. Nothing else in the proxy reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_DATA_DIR = "/var/lib/secret-proxy"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    host: str = "127.0.0.1"
+    port: int = 3737
+    pending_timeout_seconds: int = 600
+    default_ttl_seconds: int = 300
+    max_ttl_seconds: int = 3600
+    rate_per_minute: int = 30
+    rate_burst: int = 10
+    max_pending_per_agent: int = 20
+    max_body_bytes: int = 16 * 1024
+    telegram_token: str = field(default="", repr=False)
+    telegram_chat_id: int = 0
+    telegram_approvers: tuple[int, ...] = ()
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_webhook_secret: str = field(default="", repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "proxy.db"
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @property
+    def telegram_enabled(self) -> bool:
+        return bool(self.telegram_token)
+
+
+_ENV_PREFIX = "SECRET_PROXY_"
+
+
+def _coerce(name: str, raw: object) -> object:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    kind = kinds[name]
+    try:
+        if kind == "Path":
+            return Path(str(raw))
+        if kind == "int":
+            return int(raw)  # type: ignore[arg-type]
+        if kind == "tuple[int, ...]":
+            if isinstance(raw, (list, tuple)):
+                return tuple(int(x) for x in raw)
+            return tuple(int(x) for x in str(raw).split(",") if x.strip())
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name!r} has an invalid value; expected {kind}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    data_dir = Path(str(overrides.get("data_dir") or env.get(_ENV_PREFIX + "DATA_DIR") or DEFAULT_DATA_DIR))
+    toml_path = data_dir / "config.toml"
+    if toml_path.is_file():
+        try:
+            loaded = tomllib.loads(toml_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{toml_path} is not valid TOML: {exc}") from None
+        known = {f.name for f in fields(Settings)}
+        for key, raw in loaded.items():
+            if key not in known:
+                raise ConfigError(f"{toml_path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw)
+    for f in fields(Settings):
+        raw = env.get(_ENV_PREFIX + f.name.upper())
+        if raw is not None and raw != "":
+            values[f.name] = _coerce(f.name, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["data_dir"] = data_dir
+    settings = replace(Settings(), **values)
+    if settings.telegram_enabled and not settings.telegram_chat_id:
+        raise ConfigError("SECRET_PROXY_TELEGRAM_TOKEN is set but SECRET_PROXY_TELEGRAM_CHAT_ID is not")
+    return settings

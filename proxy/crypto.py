@@ -1,0 +1,143 @@
+"""Key handling and encryption: the only module that touches raw keys or nonces.
+
+Envelope encryption: every secret gets its own random 256-bit data key; the value
+is sealed with AES-256-GCM under that data key, and the data key is sealed
+("wrapped") under the master key. The secret's name is bound into both as
+associated data, so a ciphertext copied onto another row does not decrypt.
+Rotating the master key re-wraps data keys only; values are never decrypted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_FORMAT = b"\x01"  # version byte in front of every sealed blob
+
+
+class CryptoError(Exception):
+    """A blob did not decrypt: wrong key, wrong name, or tampered data."""
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != KEY_BYTES:
+            raise CryptoError(f"master key must be {KEY_BYTES} bytes, got {len(self.raw)}")
+
+    @property
+    def key_id(self) -> str:
+        """A public fingerprint, so the database can name the key that wraps it."""
+        return hmac.new(self.raw, b"secret-proxy key-id", hashlib.sha256).hexdigest()[:16]
+
+    def derive(self, purpose: str) -> bytes:
+        return hmac.new(self.raw, b"secret-proxy derive:" + purpose.encode(), hashlib.sha256).digest()
+
+    def __repr__(self) -> str:  # never let a key reach a log line through repr()
+        return f"MasterKey(id={self.key_id})"
+
+
+def new_master_key() -> MasterKey:
+    return MasterKey(os.urandom(KEY_BYTES))
+
+
+def write_key_file(path: Path, key: MasterKey) -> None:
+    """Create a key file 0600 from its first byte; refuse to overwrite one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, key.raw.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_key_file(path: Path) -> MasterKey:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise CryptoError(f"no master key at {path}; run `python -m proxy init` first") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise CryptoError(
+                f"master key {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
+                "fix with chmod 600 and consider the key compromised"
+            )
+        text = os.read(fd, 4096).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    try:
+        return MasterKey(bytes.fromhex(text))
+    except ValueError:
+        raise CryptoError(f"master key file {path} is not a hex-encoded 32-byte key") from None
+
+
+def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return _FORMAT + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def _open(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    if len(blob) < 1 + NONCE_BYTES + 16 or blob[:1] != _FORMAT:
+        raise CryptoError("sealed blob is malformed")
+    nonce = blob[1 : 1 + NONCE_BYTES]
+    try:
+        return AESGCM(key).decrypt(nonce, blob[1 + NONCE_BYTES :], aad)
+    except InvalidTag:
+        raise CryptoError("sealed blob failed authentication (wrong key, wrong name, or tampered)") from None
+
+
+def _aad(kind: str, name: str) -> bytes:
+    return f"secret-proxy:{kind}:{name}".encode()
+
+
+@dataclass(frozen=True)
+class Sealed:
+    wrapped_key: bytes
+    ciphertext: bytes
+
+
+def seal(master: MasterKey, name: str, value: bytes) -> Sealed:
+    data_key = os.urandom(KEY_BYTES)
+    return Sealed(
+        wrapped_key=_seal(master.raw, data_key, _aad("data-key", name)),
+        ciphertext=_seal(data_key, value, _aad("value", name)),
+    )
+
+
+def open_sealed(master: MasterKey, name: str, sealed: Sealed) -> bytes:
+    data_key = _open(master.raw, sealed.wrapped_key, _aad("data-key", name))
+    return _open(data_key, sealed.ciphertext, _aad("value", name))
+
+
+def rewrap(old: MasterKey, new: MasterKey, name: str, wrapped_key: bytes) -> bytes:
+    """Move a data key from one master key to another without touching the value."""
+    data_key = _open(old.raw, wrapped_key, _aad("data-key", name))
+    return _seal(new.raw, data_key, _aad("data-key", name))
+
+
+def wrap_raw_key(master: MasterKey, purpose: str, key: bytes) -> bytes:
+    return _seal(master.raw, key, _aad("internal-key", purpose))
+
+
+def unwrap_raw_key(master: MasterKey, purpose: str, blob: bytes) -> bytes:
+    return _open(master.raw, blob, _aad("internal-key", purpose))
+
+
+def hash_token(token: str) -> str:
+    """Agent tokens carry 256 random bits, so a plain SHA-256 cannot be brute-forced."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

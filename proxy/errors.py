@@ -1,0 +1,53 @@
+"""JSON errors with stable codes: `{"error": CODE, "detail": TEXT}`, never HTML."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+# The HTTP status each code answers with; the codes are the API's contract.
+STATUS = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "denied": 403,
+    "not_found": 404,
+    "unknown_secret": 404,
+    "method_not_allowed": 405,
+    "pending": 409,
+    "expired": 410,
+    "already_retrieved": 410,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "rate_limited": 429,
+    "internal_error": 500,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def error_response(code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=STATUS[code], headers=headers)
+
+
+async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.code, exc.detail, exc.headers)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    return error_response(code, str(exc.detail))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The exception text may hold anything; the client gets a fixed message.
+    return error_response("internal_error", "the proxy hit an internal error; see its log")

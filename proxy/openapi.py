@@ -1,0 +1,132 @@
+"""The OpenAPI description served at /openapi.json; docs/api.md says the same in prose."""
+
+from __future__ import annotations
+
+
+def _error(*codes: str) -> dict:
+    return {
+        "description": " or ".join(f"`{c}`" for c in codes),
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_AUTH = [{"bearer": []}]
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+OPENAPI: dict = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "secret-proxy",
+        "version": "1",
+        "description": "Ask for a named secret with a reason; a human approves in Telegram; "
+                       "retrieve the value once.",
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "detail"],
+                "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+            },
+            "NewRequest": {
+                "type": "object",
+                "required": ["secret", "reason"],
+                "properties": {
+                    "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+                    "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                    "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300,
+                                    "description": "How long an approved value stays retrievable."},
+                },
+            },
+            "Created": {
+                "type": "object",
+                "required": ["id", "status", "secret", "expires_at"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "status": {"type": "string", "enum": ["pending"]},
+                    "secret": {"type": "string"},
+                    "expires_at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "RequestStatus": {
+                "type": "object",
+                "required": ["id", "secret", "status", "reason", "created_at", "expires_at",
+                             "decided_at", "decided_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "secret": {"type": "string"},
+                    "status": {"type": "string",
+                               "enum": ["pending", "approved", "denied", "expired", "retrieved"]},
+                    "reason": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "expires_at": {"type": "string", "format": "date-time"},
+                    "decided_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "decided_by": {"type": "string", "nullable": True},
+                },
+            },
+            "SecretValue": {
+                "type": "object",
+                "required": ["secret", "value"],
+                "properties": {"secret": {"type": "string"}, "value": {"type": "string"}},
+            },
+        },
+    },
+    "paths": {
+        "/health": {
+            "get": {
+                "summary": "Liveness; no token needed",
+                "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}},
+            }
+        },
+        "/v1/requests": {
+            "post": {
+                "summary": "Ask for a secret",
+                "security": _AUTH,
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/NewRequest"}}}},
+                "responses": {
+                    "201": {"description": "Pending", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Created"}}}},
+                    "400": _error("invalid_request"),
+                    "401": _error("unauthorized"),
+                    "403": _error("forbidden"),
+                    "404": _error("unknown_secret"),
+                    "413": _error("too_large"),
+                    "429": _error("rate_limited"),
+                },
+            }
+        },
+        "/v1/requests/{id}": {
+            "get": {
+                "summary": "A request's status; `?wait=N` holds until it leaves pending",
+                "security": _AUTH,
+                "parameters": [_ID, {"name": "wait", "in": "query", "required": False,
+                                     "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+                "responses": {
+                    "200": {"description": "Status", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/RequestStatus"}}}},
+                    "400": _error("invalid_request"),
+                    "401": _error("unauthorized"),
+                    "404": _error("not_found"),
+                },
+            }
+        },
+        "/v1/requests/{id}/secret": {
+            "get": {
+                "summary": "The approved value, exactly once",
+                "security": _AUTH,
+                "parameters": [_ID],
+                "responses": {
+                    "200": {"description": "The value", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/SecretValue"}}}},
+                    "401": _error("unauthorized"),
+                    "403": _error("denied"),
+                    "404": _error("not_found"),
+                    "409": _error("pending"),
+                    "410": _error("expired", "already_retrieved"),
+                },
+            }
+        },
+    },
+}

@@ -1,0 +1,513 @@
+"""The encrypted SQLite store: secrets, agents, requests and the audit log.
+
+One database file in the data directory, WAL mode with `synchronous=FULL`, so a
+change the proxy has acknowledged survives `kill -9` or power loss. Every state
+change and its audit entry commit in one transaction. Each thread gets its own
+connection, so the event loop can read while a writer thread commits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import secrets as pysecrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import audit, crypto
+from .config import Settings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+STATUSES = ("pending", "approved", "denied", "expired", "retrieved")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    wrapped_key BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    ttl_seconds INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    decided_at REAL,
+    decided_by TEXT,
+    retrieved_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status, expires_at);
+CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent, status);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    request_id TEXT,
+    secret TEXT,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS telegram_messages (
+    request_id TEXT PRIMARY KEY,
+    chat_id INTEGER NOT NULL,
+    message_id INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class StoreError(Exception):
+    """A refusal with a stable code that the API and the CLI report as is."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    scopes: tuple[str, ...]
+    created_at: float
+    revoked_at: float | None
+
+    def may_request(self, secret: str) -> bool:
+        return any(fnmatch.fnmatchcase(secret, pattern) for pattern in self.scopes)
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    agent: str
+    secret: str
+    reason: str
+    ttl_seconds: int
+    status: str
+    created_at: float
+    expires_at: float
+    decided_at: float | None
+    decided_by: str | None
+    retrieved_at: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    request: Request
+    changed: bool  # False when the request was already decided or expired
+
+
+_REQUEST_COLS = ("id, agent, secret, reason, ttl_seconds, status, created_at, expires_at,"
+                 " decided_at, decided_by, retrieved_at")
+
+
+def init_data_dir(settings: Settings) -> None:
+    """Create the data directory (0700), the master key (0600) and the database."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.key_path.exists():
+        raise StoreError("already_initialized",
+                         f"{settings.key_path} exists; refusing to overwrite a master key")
+    key = crypto.new_master_key()
+    crypto.write_key_file(settings.key_path, key)
+    _fsync_dir(data_dir)
+    store = Store(settings, key)
+    store.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_key_rotation_finished(settings: Settings) -> None:
+    """Finish or undo a rotation that a crash interrupted (see `Store.rotate_master_key`)."""
+    pending = settings.key_path.with_suffix(".key.new")
+    if not pending.exists():
+        return
+    new = crypto.read_key_file(pending)
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+    finally:
+        conn.close()
+    if row and row[0] == new.key_id:
+        os.replace(pending, settings.key_path)
+    else:
+        pending.unlink()
+    _fsync_dir(settings.data_dir)
+
+
+class Store:
+    def __init__(self, settings: Settings, key: crypto.MasterKey | None = None) -> None:
+        self.settings = settings
+        if key is None:
+            ensure_key_rotation_finished(settings)
+            key = crypto.read_key_file(settings.key_path)
+        self._key = key
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._setup()
+        self._audit_key = self._load_audit_key()
+
+    # -- connections -------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.settings.db_path, timeout=10.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _setup(self) -> None:
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        with self.transaction() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('master_key_id', ?)", (self._key.key_id,))
+                wrapped = crypto.wrap_raw_key(self._key, "audit", os.urandom(crypto.KEY_BYTES))
+                conn.execute("INSERT INTO meta VALUES ('audit_key', ?)", (wrapped.hex(),))
+            elif row[0] != self._key.key_id:
+                raise StoreError("wrong_master_key",
+                                 f"{self.settings.key_path} is not the key this database was sealed with")
+
+    def _load_audit_key(self) -> bytes:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()
+        return crypto.unwrap_raw_key(self._key, "audit", bytes.fromhex(row[0]))
+
+    def _audit(self, conn: sqlite3.Connection, actor: str, action: str, request_id: str | None = None,
+               secret: str | None = None, **detail: object) -> None:
+        audit.append(conn, self._audit_key, time.time(), actor, action, request_id, secret, detail)
+
+    def record(self, actor: str, action: str, request_id: str | None = None, secret: str | None = None,
+               **detail: object) -> None:
+        """Audit an event that changes nothing else (a refusal, an operator look-up)."""
+        with self.transaction() as conn:
+            self._audit(conn, actor, action, request_id, secret, **detail)
+
+    # -- secrets -----------------------------------------------------------
+    def set_secret(self, name: str, value: bytes, actor: str) -> None:
+        check_secret_name(name)
+        if not value:
+            raise StoreError("invalid_request", "a secret value must not be empty")
+        sealed = crypto.seal(self._key, name, value)
+        with self.transaction() as conn:
+            existed = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at) VALUES (?, ?, ?, ?)",
+                (name, sealed.wrapped_key, sealed.ciphertext, time.time()),
+            )
+            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed))
+
+    def delete_secret(self, name: str, actor: str) -> None:
+        with self.transaction() as conn:
+            if conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 0:
+                raise StoreError("unknown_secret", f"no secret named {name!r}")
+            self._audit(conn, actor, "secret.deleted", secret=name)
+
+    def list_secrets(self) -> list[tuple[str, float]]:
+        return [tuple(r) for r in self._conn().execute("SELECT name, updated_at FROM secrets ORDER BY name")]
+
+    def secret_exists(self, name: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone() is not None
+
+    # -- agents ------------------------------------------------------------
+    def add_agent(self, name: str, scopes: list[str], actor: str) -> str:
+        if not AGENT_NAME_RE.match(name):
+            raise StoreError("invalid_request", "agent name must match [A-Za-z0-9_.-]{1,64}")
+        scopes = [s.strip() for s in scopes if s.strip()]
+        if not scopes or any(not re.match(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$", s) for s in scopes):
+            raise StoreError("invalid_request",
+                             "give one or more secret-name patterns (letters, digits, _.-, and globs *?[])")
+        token = "spx_" + pysecrets.token_urlsafe(32)
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
+                raise StoreError("agent_exists", f"an agent named {name!r} exists; revoke it first")
+            conn.execute("INSERT INTO agents VALUES (?, ?, ?, ?, NULL)",
+                         (name, crypto.hash_token(token), ",".join(scopes), time.time()))
+            self._audit(conn, actor, "agent.added", agent=name, scopes=scopes)
+        return token
+
+    def revoke_agent(self, name: str, actor: str) -> None:
+        with self.transaction() as conn:
+            # The row goes, so the name can be reused; the audit log keeps the history.
+            if conn.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount == 0:
+                raise StoreError("unknown_agent", f"no agent named {name!r}")
+            self._audit(conn, actor, "agent.revoked", agent=name)
+
+    def list_agents(self) -> list[Agent]:
+        rows = self._conn().execute("SELECT name, scopes, created_at, revoked_at FROM agents ORDER BY name")
+        return [Agent(r[0], tuple(r[1].split(",")), r[2], r[3]) for r in rows]
+
+    def authenticate(self, token: str) -> Agent | None:
+        digest = crypto.hash_token(token)
+        row = self._conn().execute(
+            "SELECT name, scopes, created_at, revoked_at, token_hash FROM agents WHERE token_hash = ?", (digest,)
+        ).fetchone()
+        if row is None or not crypto.tokens_equal(row[4], digest) or row[3] is not None:
+            return None
+        return Agent(row[0], tuple(row[1].split(",")), row[2], row[3])
+
+    # -- requests ----------------------------------------------------------
+    def create_request(self, agent: Agent, secret: str, reason: str, ttl_seconds: int) -> Request:
+        actor = f"agent:{agent.name}"
+        now = time.time()
+        refusal: StoreError | None = None
+        if not agent.may_request(secret):
+            refusal = StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}")
+        elif not self.secret_exists(secret):
+            refusal = StoreError("unknown_secret", f"no secret named {secret!r}")
+        if refusal is not None:
+            self.record(actor, "request.refused", secret=secret, code=refusal.code)
+            raise refusal
+        request_id = "req_" + pysecrets.token_urlsafe(24)
+        with self.transaction() as conn:
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM requests WHERE agent = ? AND status = 'pending' AND expires_at > ?",
+                (agent.name, now),
+            ).fetchone()[0]
+            if pending >= self.settings.max_pending_per_agent:
+                refusal = StoreError(
+                    "rate_limited",
+                    f"agent has {pending} pending requests (limit {self.settings.max_pending_per_agent}); "
+                    "wait for decisions",
+                )
+                self._audit(conn, actor, "request.refused", secret=secret, code="too_many_pending")
+            else:
+                conn.execute(
+                    f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, NULL, NULL)",
+                    (request_id, agent.name, secret, reason, ttl_seconds, now,
+                     now + self.settings.pending_timeout_seconds),
+                )
+                self._audit(conn, actor, "request.created", request_id, secret,
+                            reason=reason, ttl_seconds=ttl_seconds)
+        if refusal is not None:
+            raise refusal
+        return self.get_request(request_id)  # type: ignore[return-value]
+
+    def get_request(self, request_id: str) -> Request | None:
+        row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        req = Request(*row)
+        if req.status in ("pending", "approved") and req.expires_at <= time.time():
+            self.expire_due()
+            return self.get_request(request_id)
+        return req
+
+    def list_requests(self, status: str | None = None) -> list[Request]:
+        self.expire_due()
+        if status is None:
+            rows = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests ORDER BY created_at")
+        else:
+            rows = self._conn().execute(
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE status = ? ORDER BY created_at", (status,))
+        return [Request(*r) for r in rows]
+
+    def expire_due(self) -> list[Request]:
+        """Mark every pending or approved request past its deadline as expired; return them."""
+        now = time.time()
+        due = self._conn().execute(
+            "SELECT id FROM requests WHERE status IN ('pending', 'approved') AND expires_at <= ?", (now,)
+        ).fetchall()
+        if not due:
+            return []
+        expired: list[Request] = []
+        with self.transaction() as conn:
+            for (request_id,) in due:
+                row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
+                before = Request(*row)
+                changed = conn.execute(
+                    "UPDATE requests SET status = 'expired' WHERE id = ? AND status IN ('pending', 'approved')"
+                    " AND expires_at <= ?", (request_id, now)).rowcount
+                if changed:
+                    self._audit(conn, "proxy", "request.expired", request_id, before.secret, was=before.status)
+                    expired.append(Request(*conn.execute(
+                        f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()))
+        return expired
+
+    def decide(self, request_id: str, approve: bool, actor: str) -> Decision:
+        """Approve or deny a pending request. A decision is final: later ones change nothing."""
+        self.expire_due()
+        now = time.time()
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                self._audit(conn, actor, "decision.refused", request_id, code="not_found")
+                refusal = StoreError("not_found", f"no request {request_id!r}")
+            else:
+                req = Request(*row)
+                if req.status != "pending":
+                    self._audit(conn, actor, "decision.refused", request_id, req.secret,
+                                code="already_decided", status=req.status)
+                    return Decision(req, changed=False)
+                status = "approved" if approve else "denied"
+                expires_at = now + req.ttl_seconds if approve else req.expires_at
+                conn.execute(
+                    "UPDATE requests SET status = ?, decided_at = ?, decided_by = ?, expires_at = ? WHERE id = ?",
+                    (status, now, actor, expires_at, request_id),
+                )
+                self._audit(conn, actor, f"request.{status}", request_id, req.secret)
+                refusal = None
+        if refusal is not None:
+            raise refusal
+        return Decision(self.get_request(request_id), changed=True)  # type: ignore[arg-type]
+
+    def retrieve(self, agent: Agent, request_id: str) -> tuple[str, bytes]:
+        """Hand out an approved value once; every other case is a refusal with its own code."""
+        actor = f"agent:{agent.name}"
+        now = time.time()
+        self.expire_due()
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?",
+                               (request_id, agent.name)).fetchone()
+            if row is None:
+                refusal = StoreError("not_found", "no such request")
+                self._audit(conn, actor, "retrieval.refused", request_id, code="not_found")
+            else:
+                req = Request(*row)
+                refusal = _retrieval_refusal(req, now)
+                if refusal is None:
+                    sealed_row = conn.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?",
+                                              (req.secret,)).fetchone()
+                    if sealed_row is None:
+                        refusal = StoreError("unknown_secret", f"secret {req.secret!r} was deleted")
+                if refusal is not None:
+                    self._audit(conn, actor, "retrieval.refused", request_id, req.secret, code=refusal.code)
+                else:
+                    conn.execute("UPDATE requests SET status = 'retrieved', retrieved_at = ? WHERE id = ?",
+                                 (now, request_id))
+                    self._audit(conn, actor, "secret.retrieved", request_id, req.secret)
+        if refusal is not None:
+            raise refusal
+        value = crypto.open_sealed(self._key, req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
+        return req.secret, value
+
+    # -- audit and keys ----------------------------------------------------
+    def audit_entries(self, limit: int | None = None) -> list[audit.AuditEntry]:
+        return audit.entries(self._conn(), limit)
+
+    def audit_verify(self) -> list[str]:
+        return audit.verify(self._conn(), self._audit_key)
+
+    def rotate_master_key(self, actor: str) -> str:
+        """Re-wrap every data key under a fresh master key; values are never decrypted.
+
+        Crash safety: the new key is written beside the old as `master.key.new`, the
+        database commits the re-wrapped keys and the new key id together, then the
+        file is renamed over the old one. `ensure_key_rotation_finished` completes or
+        undoes an interrupted rotation at the next start, by comparing key ids.
+        """
+        new = crypto.new_master_key()
+        pending = self.settings.key_path.with_suffix(".key.new")
+        if pending.exists():
+            pending.unlink()
+        crypto.write_key_file(pending, new)
+        with self.transaction() as conn:
+            for name, wrapped in conn.execute("SELECT name, wrapped_key FROM secrets").fetchall():
+                conn.execute("UPDATE secrets SET wrapped_key = ? WHERE name = ?",
+                             (crypto.rewrap(self._key, new, name, wrapped), name))
+            audit_wrapped = crypto.wrap_raw_key(new, "audit", self._audit_key)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'", (audit_wrapped.hex(),))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'master_key_id'", (new.key_id,))
+            self._audit(conn, actor, "master_key.rotated", old_key_id=self._key.key_id, new_key_id=new.key_id)
+        os.replace(pending, self.settings.key_path)
+        _fsync_dir(self.settings.data_dir)
+        self._key = new
+        return new.key_id
+
+    # -- Telegram message bookkeeping ---------------------------------------
+    def remember_message(self, request_id: str, chat_id: int, message_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO telegram_messages VALUES (?, ?, ?, 0)",
+                         (request_id, chat_id, message_id))
+
+    def messages_to_close(self) -> list[tuple[Request, int, int]]:
+        """Telegram messages still showing buttons for a request that is no longer pending."""
+        self.expire_due()
+        rows = self._conn().execute(
+            f"SELECT {', '.join('r.' + c.strip() for c in _REQUEST_COLS.split(','))}, m.chat_id, m.message_id"
+            " FROM telegram_messages m JOIN requests r ON r.id = m.request_id"
+            " WHERE m.closed = 0 AND r.status != 'pending'"
+        ).fetchall()
+        return [(Request(*r[:11]), r[11], r[12]) for r in rows]
+
+    def mark_message_closed(self, request_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE telegram_messages SET closed = 1 WHERE request_id = ?", (request_id,))
+
+    def unposted_pending(self) -> list[Request]:
+        """Pending requests that no Telegram message shows yet (Telegram was down)."""
+        self.expire_due()
+        rows = self._conn().execute(
+            f"SELECT {_REQUEST_COLS} FROM requests WHERE status = 'pending'"
+            " AND id NOT IN (SELECT request_id FROM telegram_messages) ORDER BY created_at")
+        return [Request(*r) for r in rows]
+
+
+def _retrieval_refusal(req: Request, now: float) -> StoreError | None:
+    if req.status == "pending":
+        return StoreError("pending", "the request is still waiting for a decision")
+    if req.status == "denied":
+        return StoreError("denied", "the request was denied")
+    if req.status == "retrieved":
+        return StoreError("already_retrieved", "the value was already retrieved; make a new request")
+    if req.status == "expired" or req.expires_at <= now:
+        return StoreError("expired", "the request expired; make a new request")
+    return None
+
+
+def check_secret_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise StoreError("invalid_request", "secret name must match [A-Za-z0-9_.-]{1,128}")

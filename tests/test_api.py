@@ -1,0 +1,238 @@
+"""The agent's HTTP API, in process (Starlette's TestClient); docs/api.md is the spec."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
+from proxy.store import Store
+
+from .conftest import SECRET_VALUE, Proxy, make_settings, provision
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ask(client: TestClient, token: str, secret: str = "api-key", reason: str = "deploy", **extra):
+    return client.post("/v1/requests", json={"secret": secret, "reason": reason, **extra}, headers=auth(token))
+
+
+def decide(proxy: Proxy, request_id: str, approve: bool = True, actor: str = "operator:test"):
+    store = Store(proxy.settings)
+    try:
+        return store.decide(request_id, approve, actor)
+    finally:
+        store.close()
+
+
+def test_health_needs_no_token(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_openapi_describes_every_route(client):
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) == {"/health", "/v1/requests", "/v1/requests/{id}", "/v1/requests/{id}/secret"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
+def test_v1_calls_without_a_valid_token_are_unauthorized(client, headers):
+    for method, path in (("POST", "/v1/requests"), ("GET", "/v1/requests/x"), ("GET", "/v1/requests/x/secret")):
+        r = client.request(method, path, headers=headers, json={"secret": "api-key", "reason": "r"})
+        assert r.status_code == 401
+        assert r.json()["error"] == "unauthorized"
+
+
+def test_full_round_trip_retrieves_once(client, proxy_data):
+    r = ask(client, proxy_data.token, ttl_seconds=60)
+    assert r.status_code == 201
+    body = r.json()
+    assert body["status"] == "pending" and body["secret"] == "api-key" and body["expires_at"].endswith("Z")
+    assert len(body["id"]) >= 4 + 32  # "req_" + 24 random bytes in base64url
+
+    rid = body["id"]
+    assert client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token)).json()["error"] == "pending"
+    assert decide(proxy_data, rid).changed
+    status = client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).json()
+    assert status["status"] == "approved" and status["decided_by"] == "operator:test"
+    assert set(status) == {"id", "secret", "status", "reason", "created_at", "expires_at", "decided_at", "decided_by"}
+
+    got = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    assert got.status_code == 200 and got.json() == {"secret": "api-key", "value": SECRET_VALUE}
+    again = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    assert again.status_code == 410 and again.json()["error"] == "already_retrieved"
+    assert client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).json()["status"] == "retrieved"
+
+
+def test_denied_request_refuses_retrieval(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    decide(proxy_data, rid, approve=False)
+    r = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    assert r.status_code == 403 and r.json()["error"] == "denied"
+
+
+def test_a_decision_is_final(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    assert decide(proxy_data, rid, approve=False).changed
+    second = decide(proxy_data, rid, approve=True)
+    assert not second.changed and second.request.status == "denied"
+
+
+@pytest.mark.parametrize("body,why", [
+    ({"reason": "x"}, "missing secret"),
+    ({"secret": "api-key"}, "missing reason"),
+    ({"secret": "api key", "reason": "x"}, "space in name"),
+    ({"secret": "a" * 129, "reason": "x"}, "name too long"),
+    ({"secret": "api-key", "reason": ""}, "empty reason"),
+    ({"secret": "api-key", "reason": "   "}, "blank reason"),
+    ({"secret": "api-key", "reason": "x" * 1001}, "reason too long"),
+    ({"secret": "api-key", "reason": "x", "ttl_seconds": 0}, "ttl zero"),
+    ({"secret": "api-key", "reason": "x", "ttl_seconds": "60"}, "ttl not an int"),
+    ({"secret": 5, "reason": "x"}, "name not a string"),
+])
+def test_invalid_bodies_are_refused(client, proxy_data, body, why):
+    r = client.post("/v1/requests", json=body, headers=auth(proxy_data.token))
+    assert r.status_code == 400, why
+    assert r.json()["error"] == "invalid_request"
+
+
+def test_bad_json_is_invalid_request(client, proxy_data):
+    for raw in (b"{not json", b"[1,2]", b"\xff\xfe"):
+        r = client.post("/v1/requests", content=raw, headers={**auth(proxy_data.token),
+                                                               "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+def test_reason_of_exactly_1000_characters_is_accepted(client, proxy_data):
+    assert ask(client, proxy_data.token, reason="x" * 1000).status_code == 201
+
+
+def test_body_over_16_kib_is_too_large(client, proxy_data):
+    r = client.post("/v1/requests", content=b"{" + b" " * (16 * 1024 + 10) + b"}",
+                    headers={**auth(proxy_data.token), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+
+def test_chunked_body_over_the_limit_is_too_large(client, proxy_data):
+    def chunks():
+        for _ in range(20):
+            yield b" " * 1024
+
+    r = client.post("/v1/requests", content=chunks(), headers={**auth(proxy_data.token),
+                                                               "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+
+def test_scope_is_enforced(client, proxy_data):
+    r = ask(client, proxy_data.token, secret="db-password")
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+
+def test_unknown_secret_in_scope(client, proxy_data):
+    r = ask(client, proxy_data.token, secret="api-missing")
+    assert r.status_code == 404 and r.json()["error"] == "unknown_secret"
+
+
+def test_another_agents_request_looks_unknown(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    decide(proxy_data, rid)
+    for path in (f"/v1/requests/{rid}", f"/v1/requests/{rid}/secret"):
+        r = client.get(path, headers=auth(proxy_data.other_token))
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+    unknown = client.get("/v1/requests/req_doesnotexist", headers=auth(proxy_data.other_token))
+    assert unknown.json() == client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.other_token)).json()
+    # and the owner can still retrieve it: the other agent's attempt consumed nothing
+    assert client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token)).status_code == 200
+
+
+def test_wait_returns_as_soon_as_a_decision_lands(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    threading.Timer(0.5, decide, args=(proxy_data, rid)).start()
+    t0 = time.monotonic()
+    r = client.get(f"/v1/requests/{rid}?wait=20", headers=auth(proxy_data.token))
+    assert r.json()["status"] == "approved"
+    assert time.monotonic() - t0 < 5  # well before the 20 s limit
+
+
+def test_wait_times_out_while_pending(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    t0 = time.monotonic()
+    assert client.get(f"/v1/requests/{rid}?wait=1", headers=auth(proxy_data.token)).json()["status"] == "pending"
+    assert time.monotonic() - t0 >= 0.9
+
+
+@pytest.mark.parametrize("wait", ["61", "-1", "abc"])
+def test_wait_is_bounded(client, proxy_data, wait):
+    rid = ask(client, proxy_data.token).json()["id"]
+    r = client.get(f"/v1/requests/{rid}?wait={wait}", headers=auth(proxy_data.token))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+def test_undecided_request_expires(tmp_path):
+    proxy = provision(make_settings(tmp_path, pending_timeout_seconds=1))
+    with TestClient(create_app(proxy.settings)) as client:
+        rid = ask(client, proxy.token).json()["id"]
+        time.sleep(1.2)
+        assert client.get(f"/v1/requests/{rid}", headers=auth(proxy.token)).json()["status"] == "expired"
+        r = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy.token))
+        assert r.status_code == 410 and r.json()["error"] == "expired"
+        late = decide(proxy, rid)
+        assert not late.changed and late.request.status == "expired"
+
+
+def test_approved_value_expires_after_its_ttl(client, proxy_data):
+    rid = ask(client, proxy_data.token, ttl_seconds=1).json()["id"]
+    decide(proxy_data, rid)
+    time.sleep(1.2)
+    r = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    assert r.status_code == 410 and r.json()["error"] == "expired"
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path):
+    proxy = provision(make_settings(tmp_path, rate_per_minute=6, rate_burst=3))
+    with TestClient(create_app(proxy.settings)) as client:
+        codes = [ask(client, proxy.token).status_code for _ in range(4)]
+        assert codes == [201, 201, 201, 429]
+        r = ask(client, proxy.token)
+        assert r.json()["error"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
+        # another agent is not affected by alice's flood
+        assert ask(client, proxy.other_token, secret="other-key").status_code == 201
+
+
+def test_pending_cap_per_agent(tmp_path):
+    proxy = provision(make_settings(tmp_path, max_pending_per_agent=2, rate_burst=100))
+    with TestClient(create_app(proxy.settings)) as client:
+        assert [ask(client, proxy.token).status_code for _ in range(3)] == [201, 201, 429]
+
+
+def test_unknown_route_is_json_404(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_wrong_method_is_json(client):
+    r = client.delete("/v1/requests")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+def test_refusals_and_retrievals_are_audited(client, proxy_data):
+    ask(client, proxy_data.token, secret="db-password")
+    rid = ask(client, proxy_data.token).json()["id"]
+    decide(proxy_data, rid)
+    client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    store = Store(proxy_data.settings)
+    try:
+        actions = [(e.actor, e.action, e.detail.get("code")) for e in store.audit_entries()]
+    finally:
+        store.close()
+    assert ("agent:alice", "request.refused", "forbidden") in actions
+    assert ("agent:alice", "request.created", None) in actions
+    assert ("operator:test", "request.approved", None) in actions
+    assert ("agent:alice", "secret.retrieved", None) in actions
+    assert ("agent:alice", "retrieval.refused", "already_retrieved") in actions
