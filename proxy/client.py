@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class Reply:
     status: int
     body: dict
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,14 @@ class AgentClient:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return Reply(resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers))
+                return Reply(resp.status, json.loads(resp.read() or b"{}"), _lower(resp.headers))
         except urllib.error.HTTPError as err:
             raw = err.read()
             try:
                 parsed = json.loads(raw)
             except ValueError:
                 parsed = {"error": "not_json", "detail": raw[:200].decode("utf-8", "replace")}
-            return Reply(err.code, parsed, dict(err.headers))
+            return Reply(err.code, parsed, _lower(err.headers))
 
     def health(self) -> Reply:
         return self.call("GET", "/health")
@@ -54,3 +54,7 @@ class AgentClient:
 
     def retrieve(self, request_id: str) -> Reply:
         return self.call("GET", f"/v1/requests/{request_id}/secret")
+
+
+def _lower(headers: object) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}  # type: ignore[attr-defined]

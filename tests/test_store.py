@@ -1,0 +1,213 @@
+"""The encrypted store: envelope encryption, key rotation, no plaintext on disk, the audit chain."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from proxy import crypto
+from proxy.store import Store, StoreError, ensure_key_rotation_finished, init_data_dir
+
+from .conftest import SECRET_VALUE, make_settings, provision
+
+
+def test_init_creates_a_private_dir_and_key(tmp_path):
+    settings = make_settings(tmp_path)
+    init_data_dir(settings)
+    assert stat.S_IMODE(settings.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(settings.key_path.stat().st_mode) == 0o600
+    with pytest.raises(StoreError) as exc:
+        init_data_dir(settings)
+    assert exc.value.code == "already_initialized"
+
+
+def test_key_file_is_never_world_readable_even_under_a_loose_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        crypto.write_key_file(tmp_path / "k", crypto.new_master_key())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
+
+
+def test_a_readable_key_file_is_refused(tmp_path):
+    settings = make_settings(tmp_path)
+    init_data_dir(settings)
+    settings.key_path.chmod(0o644)
+    with pytest.raises(crypto.CryptoError, match="readable by group or others"):
+        Store(settings)
+
+
+def test_ciphertext_moved_to_another_row_does_not_decrypt(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    wrapped, ct = db.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+    db.execute("UPDATE secrets SET wrapped_key=?, ciphertext=? WHERE name='other-key'", (wrapped, ct))
+    db.commit()
+    db.close()
+    store = Store(proxy.settings)
+    try:
+        agent = store.add_agent("mover", ["other-*"], "operator:test")
+        agent_obj = store.authenticate(agent)
+        req = store.create_request(agent_obj, "other-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        with pytest.raises(crypto.CryptoError):
+            store.retrieve(agent_obj, req.id)
+    finally:
+        store.close()
+
+
+def test_wrong_master_key_is_refused(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    with pytest.raises(StoreError) as exc:
+        Store(proxy.settings, crypto.new_master_key())
+    assert exc.value.code == "wrong_master_key"
+
+
+def _files_bytes(settings) -> bytes:
+    blob = b""
+    for path in settings.data_dir.iterdir():
+        if path.name != "master.key":
+            blob += path.read_bytes()
+    return blob
+
+
+def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    store = Store(proxy.settings)
+    try:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "reason", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id) == ("api-key", SECRET_VALUE.encode())
+        # the WAL still holds the pages while this connection is open
+        assert (proxy.settings.data_dir / "proxy.db-wal").exists()
+        on_disk = _files_bytes(proxy.settings)
+    finally:
+        store.close()
+    key_hex = proxy.settings.key_path.read_text().strip()
+    for needle in (SECRET_VALUE, proxy.token, proxy.other_token, key_hex, "hunter2"):
+        assert needle.encode() not in on_disk
+        assert needle.encode("utf-16-le") not in on_disk
+    assert bytes.fromhex(key_hex) not in on_disk
+    assert b"api-key" in on_disk  # the grep itself works: names are stored in clear
+
+
+def test_rotation_rewraps_and_values_still_open(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    store = Store(proxy.settings)
+    old_key = proxy.settings.key_path.read_text()
+    old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+    store.rotate_master_key("operator:test")
+    new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+    store.close()
+    assert proxy.settings.key_path.read_text() != old_key
+    assert stat.S_IMODE(proxy.settings.key_path.stat().st_mode) == 0o600
+    assert new_wrapped[0] != old_wrapped[0] and new_wrapped[1] == old_wrapped[1]  # value untouched
+    store = Store(proxy.settings)  # reopened from the new key file
+    try:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "after rotation", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
+        assert store.audit_verify() == []
+    finally:
+        store.close()
+
+
+def test_rotation_interrupted_before_commit_keeps_the_old_key(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    pending = proxy.settings.key_path.with_suffix(".key.new")
+    crypto.write_key_file(pending, crypto.new_master_key())  # crash: new key written, nothing committed
+    ensure_key_rotation_finished(proxy.settings)
+    assert not pending.exists()
+    store = Store(proxy.settings)
+    store.close()
+
+
+def test_rotation_interrupted_after_commit_finishes_at_next_start(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    store = Store(proxy.settings)
+    real_replace = os.replace
+    os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash before rename"))  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError):
+            store.rotate_master_key("operator:test")
+    finally:
+        os.replace = real_replace  # type: ignore[assignment]
+        store.close()
+    store = Store(proxy.settings)  # must pick up master.key.new
+    try:
+        assert store.list_secrets()
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
+    finally:
+        store.close()
+
+
+def test_tokens_are_stored_only_as_hashes(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    hashes = [r[0] for r in db.execute("SELECT token_hash FROM agents")]
+    db.close()
+    assert crypto.hash_token(proxy.token) in hashes
+    assert proxy.token not in hashes
+
+
+def test_revoked_agent_cannot_authenticate(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    store = Store(proxy.settings)
+    try:
+        assert store.authenticate(proxy.token) is not None
+        store.revoke_agent("alice", "operator:test")
+        assert store.authenticate(proxy.token) is None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2",
+    "UPDATE audit SET detail = '{\"replaced\":true}' WHERE seq = 1",
+    "DELETE FROM audit WHERE seq = 2",
+    "DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)",
+    "UPDATE audit SET seq = 1000 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3;"
+    " UPDATE audit SET seq = 3 WHERE seq = 1000",
+])
+def test_audit_verify_detects_tampering(tmp_path, tamper):
+    proxy = provision(make_settings(tmp_path))
+    store = Store(proxy.settings)
+    assert store.audit_verify() == []
+    store.close()
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.executescript(tamper)
+    db.commit()
+    db.close()
+    store = Store(proxy.settings)
+    try:
+        assert store.audit_verify() != []
+    finally:
+        store.close()
+
+
+def test_audit_rows_swapped_in_place_are_detected(tmp_path):
+    """Swap the contents of two rows, keeping seq order: a reorder that a seq check alone misses."""
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    cols = "ts, actor, action, request_id, secret, detail, prev_hash, hash"
+    a = db.execute(f"SELECT {cols} FROM audit WHERE seq = 2").fetchone()
+    b = db.execute(f"SELECT {cols} FROM audit WHERE seq = 3").fetchone()
+    sets = ", ".join(f"{c.strip()} = ?" for c in cols.split(","))
+    db.execute(f"UPDATE audit SET {sets} WHERE seq = 2", b)
+    db.execute(f"UPDATE audit SET {sets} WHERE seq = 3", a)
+    db.commit()
+    db.close()
+    store = Store(proxy.settings)
+    try:
+        assert store.audit_verify() != []
+    finally:
+        store.close()
