@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime, timezone
 
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import store as st
@@ -110,8 +111,8 @@ async def create_request(request: HttpRequest) -> JSONResponse:
                          "expires_at": iso(req.expires_at)}, status_code=201)
 
 
-def _own_request(state: ProxyState, agent: st.Agent, request_id: str) -> st.Request:
-    req = state.store.get_request(request_id)
+def _own_request(state: ProxyState, agent: st.Agent, request_id: str, just_checked: bool = False) -> st.Request:
+    req = state.store.get_request(request_id, just_checked)
     if req is None or req.agent != agent.name:
         # Another agent's request answers exactly like an unknown one.
         raise ApiError("not_found", "no such request")
@@ -122,19 +123,25 @@ async def get_request(request: HttpRequest) -> JSONResponse:
     state = _state(request)
     agent = authenticate(request)
     request_id = request.path_params["id"]
-    raw_wait = request.query_params.get("wait", "0")
+    # Parsing query parameters costs more than the rest of a poll; most polls have none.
+    raw_wait = request.query_params.get("wait", "0") if request.scope["query_string"] else "0"
     try:
         wait = float(raw_wait)
     except ValueError:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}") from None
     if not 0 <= wait <= MAX_WAIT_SECONDS:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}")
-    req = _own_request(state, agent, request_id)
+    req = _own_request(state, agent, request_id, just_checked=True)
     deadline = time.monotonic() + wait
     while req.status == "pending" and (remaining := deadline - time.monotonic()) > 0:
         await state.changes.wait(min(remaining, state.poll_interval))
         req = _own_request(state, agent, request_id)
-    return JSONResponse(request_view(req))
+    return Response(_rendered_view(req), media_type="application/json")
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendered_view(req: st.Request) -> bytes:
+    return json.dumps(request_view(req), separators=(",", ":")).encode()
 
 
 async def retrieve_secret(request: HttpRequest) -> JSONResponse:
@@ -152,10 +159,11 @@ async def retrieve_secret(request: HttpRequest) -> JSONResponse:
     return JSONResponse({"secret": name, "value": text}, headers={"Cache-Control": "no-store"})
 
 
+# Status polls first: routes are matched in order and polls are the most frequent call.
 ROUTES = [
-    Route("/health", health, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
-    Route("/v1/requests", create_request, methods=["POST"]),
     Route("/v1/requests/{id}", get_request, methods=["GET"]),
     Route("/v1/requests/{id}/secret", retrieve_secret, methods=["GET"]),
+    Route("/v1/requests", create_request, methods=["POST"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]

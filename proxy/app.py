@@ -29,7 +29,8 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            # GET handlers never read a body, and polls are the hot path.
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

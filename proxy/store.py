@@ -201,6 +201,29 @@ class Store:
             raise
         else:
             conn.execute("COMMIT")
+        finally:
+            self._local.cache = None
+
+    def _read_cache(self, fresh: bool = False) -> dict:
+        """Per-thread cache of agents and requests, valid while the database is unchanged.
+
+        `fresh=True` reuses the check just made for the same HTTP call, on the same
+        thread with no await in between, so nothing can have committed meanwhile
+        except another process, which is no different from committing a moment later.
+
+        Status polls are the hot path. SQLite's `data_version` changes whenever
+        another connection (the writer thread, the CLI in another process) commits,
+        and this thread's own commits drop the cache in `transaction`, so a hit is
+        never stale; only the clock can age it, which `get_request` checks.
+        """
+        local = self._local
+        if fresh and getattr(local, "cache", None) is not None:
+            return local.cache
+        version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+        if getattr(local, "cache", None) is None or local.cache_version != version:
+            local.cache = {}
+            local.cache_version = version
+        return local.cache
 
     def close(self) -> None:
         with self._conns_lock:
@@ -292,6 +315,13 @@ class Store:
 
     def authenticate(self, token: str) -> Agent | None:
         digest = crypto.hash_token(token)
+        cache = self._read_cache()
+        key = ("agent", digest)
+        if key not in cache:
+            cache[key] = self._authenticate(digest)
+        return cache[key]
+
+    def _authenticate(self, digest: str) -> Agent | None:
         row = self._conn().execute(
             "SELECT name, scopes, created_at, revoked_at, token_hash FROM agents WHERE token_hash = ?", (digest,)
         ).fetchone()
@@ -336,11 +366,17 @@ class Store:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
 
-    def get_request(self, request_id: str) -> Request | None:
-        row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
-        if row is None:
-            return None
-        req = Request(*row)
+    def get_request(self, request_id: str, just_checked: bool = False) -> Request | None:
+        """`just_checked`: the caller validated the read cache a moment ago (`authenticate`)."""
+        cache = self._read_cache(fresh=just_checked)
+        key = ("request", request_id)
+        req = cache.get(key)
+        if req is None:
+            row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?",
+                                       (request_id,)).fetchone()
+            if row is None:
+                return None
+            req = cache[key] = Request(*row)
         if req.status in ("pending", "approved") and req.expires_at <= time.time():
             self.expire_due()
             return self.get_request(request_id)
