@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
 from .config import Settings
 from .ratelimit import RateLimiter
 from .store import Request, Store
+from .writer import GroupCommitWriter
 
 T = TypeVar("T")
 
@@ -48,12 +48,13 @@ class ProxyState:
     channels: list[ApprovalChannel] = field(default_factory=list)
     poll_interval: float = 0.5
     # One writer thread: commits fsync, and the event loop must not wait on a disk.
-    _writer: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer"))
+    _writer: GroupCommitWriter | None = None
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, lambda: fn(*args, **kwargs))
+        """Run a store change on the writer thread; returns once it is durable."""
+        if self._writer is None:
+            self._writer = GroupCommitWriter(self.store)
+        return await self._writer.submit(lambda: fn(*args, **kwargs))
 
     def announce(self, request: Request) -> None:
         self.changes.notify()
@@ -61,5 +62,6 @@ class ProxyState:
             channel.announce(request)
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.stop()
         self.store.close()

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -192,17 +192,28 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change. Nested inside another transaction it is a savepoint, so
+        the group-commit writer can run many changes under one durable COMMIT."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        begin, commit, rollback = (
+            ("BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",)) if depth == 0
+            else (f"SAVEPOINT sp{depth}", f"RELEASE sp{depth}", (f"ROLLBACK TO sp{depth}", f"RELEASE sp{depth}"))
+        )
+        conn.execute(begin)
+        local.depth = depth + 1
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            for statement in rollback:
+                conn.execute(statement)
             raise
         else:
-            conn.execute("COMMIT")
+            conn.execute(commit)
         finally:
-            self._local.cache = None
+            local.depth = depth
+            local.cache = None
 
     def _read_cache(self, fresh: bool = False) -> dict:
         """Per-thread cache of agents and requests, valid while the database is unchanged.
@@ -378,8 +389,9 @@ class Store:
                 return None
             req = cache[key] = Request(*row)
         if req.status in ("pending", "approved") and req.expires_at <= time.time():
-            self.expire_due()
-            return self.get_request(request_id)
+            # Report it expired without writing: reads run on the event loop, and the
+            # sweeper (or the next write) records the expiry within a second.
+            return replace(req, status="expired")
         return req
 
     def list_requests(self, status: str | None = None) -> list[Request]:
