@@ -97,7 +97,7 @@ class Agent:
         return any(fnmatch.fnmatchcase(secret, pattern) for pattern in self.scopes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: the API memoizes rendering per cached object
 class Request:
     id: str
     agent: str
