@@ -16,7 +16,7 @@ test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
 
 bench: setup
-	$(PY) bench/bench_api.py
+	$(PY) bench/bench_api.py --rounds 5 --seconds 3
 
 clean:
 	rm -rf .venv .pytest_cache

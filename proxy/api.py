@@ -118,8 +118,8 @@ async def create_request(request: HttpRequest) -> JSONResponse:
                          "expires_at": iso(req.expires_at)}, status_code=201)
 
 
-def _own_request(state: ProxyState, agent: st.Agent, request_id: str, just_checked: bool = False) -> st.Request:
-    req = state.store.get_request(request_id, just_checked)
+def _own_request(state: ProxyState, agent: st.Agent, request_id: str) -> st.Request:
+    req = state.store.get_request(request_id)
     if req is None or req.agent != agent.name:
         # Another agent's request answers exactly like an unknown one.
         raise ApiError("not_found", "no such request")
@@ -138,7 +138,7 @@ async def get_request(request: HttpRequest) -> JSONResponse:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}") from None
     if not 0 <= wait <= MAX_WAIT_SECONDS:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}")
-    req = _own_request(state, agent, request_id, just_checked=True)
+    req = _own_request(state, agent, request_id)
     if wait and req.status == "pending":
         deadline = time.monotonic() + wait
         while req.status == "pending" and (remaining := deadline - time.monotonic()) > 0:

@@ -25,6 +25,7 @@ from .config import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
 STATUSES = ("pending", "approved", "denied", "expired", "retrieved")
 
 SCHEMA = """
@@ -170,6 +171,7 @@ class Store:
             key = crypto.read_key_file(settings.key_path)
         self._key = key
         self._local = threading.local()
+        self._epoch = 0  # bumped by every commit in this process; see _read_cache
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._setup()
@@ -211,30 +213,34 @@ class Store:
             raise
         else:
             conn.execute(commit)
+            if depth == 0:
+                self._epoch += 1
         finally:
             local.depth = depth
             local.cache = None
 
-    def _read_cache(self, fresh: bool = False) -> dict:
-        """Per-thread cache of agents and requests, valid while the database is unchanged.
+    def _read_cache(self) -> dict:
+        """Per-thread cache of agents and requests for the hot path, status polls.
 
-        `fresh=True` reuses the check just made for the same HTTP call, on the same
-        thread with no await in between, so nothing can have committed meanwhile
-        except another process, which is no different from committing a moment later.
-
-        Status polls are the hot path. SQLite's `data_version` changes whenever
-        another connection (the writer thread, the CLI in another process) commits,
-        and this thread's own commits drop the cache in `transaction`, so a hit is
-        never stale; only the clock can age it, which `get_request` checks.
+        A commit in this process (the writer thread, this thread) bumps `_epoch`
+        and drops every thread's cache at once. A commit by another process (the
+        CLI over SSH) shows in SQLite's `data_version`, which costs a query, so it
+        is checked at most every `RECHECK_SECONDS`: an approval or a revocation
+        from the CLI reaches the server's reads within that bound. The clock ages
+        cached requests too, which `get_request` checks on every hit.
         """
         local = self._local
-        if fresh and getattr(local, "cache", None) is not None:
-            return local.cache
+        now = time.monotonic()
+        cache = getattr(local, "cache", None)
+        if cache is not None and local.cache_epoch == self._epoch and now - local.checked_at < RECHECK_SECONDS:
+            return cache
+        epoch = self._epoch
         version = self._conn().execute("PRAGMA data_version").fetchone()[0]
-        if getattr(local, "cache", None) is None or local.cache_version != version:
-            local.cache = {}
-            local.cache_version = version
-        return local.cache
+        if cache is None or local.cache_epoch != epoch or local.cache_version != version:
+            cache = local.cache = {}
+            local.cache_epoch, local.cache_version = epoch, version
+        local.checked_at = now
+        return cache
 
     def close(self) -> None:
         with self._conns_lock:
@@ -377,9 +383,8 @@ class Store:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
 
-    def get_request(self, request_id: str, just_checked: bool = False) -> Request | None:
-        """`just_checked`: the caller validated the read cache a moment ago (`authenticate`)."""
-        cache = self._read_cache(fresh=just_checked)
+    def get_request(self, request_id: str) -> Request | None:
+        cache = self._read_cache()
         key = ("request", request_id)
         req = cache.get(key)
         if req is None:

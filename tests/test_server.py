@@ -121,3 +121,18 @@ def test_one_agent_flooding_does_not_starve_health_or_other_agents(tmp_path):
         assert 1 <= len(refusals) <= 5  # audited once per burst of refusals, not 294 times
     finally:
         server.stop()
+
+
+def test_cli_revocation_and_decisions_reach_a_running_server(live, proxy_data):
+    """The server caches reads; another process's commits must still show up at once."""
+    agent = live.agent(proxy_data.token)
+    rid = agent.ask("api-key", "cache check").body["id"]
+    for _ in range(50):  # warm the server's read cache with this exact request
+        assert agent.status(rid).body["status"] == "pending"
+    assert cli(proxy_data.settings.data_dir, "deny", rid).returncode == 0
+    time.sleep(0.05)  # the documented bound for another process's commit is 20 ms
+    assert agent.status(rid).body["status"] == "denied"
+    assert cli(proxy_data.settings.data_dir, "agents", "revoke", "alice").returncode == 0
+    time.sleep(0.05)
+    assert agent.status(rid).status == 401
+    assert agent.ask("api-key", "after revocation").status == 401
