@@ -1,0 +1,118 @@
+"""Step 2: save the agent's VM as internal snapshot `takeover-checkpoint`, then stop it.
+
+The snapshot (disk and RAM, inside the qcow2) is what `rollback` restarts
+from. `quit` then makes QEMU flush and close the qcow2, so the copy in step 3
+reads a consistent, unlocked file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import proc
+from .diskimage import inspect_image
+from .errors import CheckpointError
+from .models import CHECKPOINT_TAG, SourceVM
+from .monitor import Monitor, QMPCommandError
+
+JOB_ID = "takeover-checkpoint-save"
+SAVE_TIMEOUT = 900.0  # RAM state under TCG writes at tens of MB/s; a 4 GiB guest still fits
+QUIT_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    tag: str
+    method: str  # "snapshot-save" or "savevm"
+    save_seconds: float
+    quit_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
+    with Monitor(Path(source.monitor)) as mon:
+        if mon.peer.pid != source.pid or not proc.alive(source.pid, source.pid_start_ticks):
+            raise CheckpointError(f"the monitor now belongs to pid {mon.peer.pid}, not the QEMU checked in step 1 "
+                                  f"(pid {source.pid})", hint="rerun `python -m takeover run` to check the VM again")
+        started = time.monotonic()
+        commands = {c["name"] for c in mon.execute("query-commands")}
+        progress(f"saving snapshot {CHECKPOINT_TAG} (disk and {source.memory_mb} MiB of RAM)")
+        if "snapshot-save" in commands:
+            _save_with_job(mon, source)
+            method = "snapshot-save"
+        else:
+            _save_with_hmp(mon)
+            method = "savevm"
+        save_seconds = time.monotonic() - started
+        progress("stopping the agent's QEMU (quit flushes and closes the disk)")
+        started = time.monotonic()
+        try:
+            mon.execute("quit", timeout=30)
+        except Exception:  # noqa: BLE001 - QEMU may close the socket before answering; we check the pid below
+            pass
+    if not proc.wait_gone(source.pid, source.pid_start_ticks, QUIT_TIMEOUT):
+        raise CheckpointError(f"QEMU pid {source.pid} did not exit within {QUIT_TIMEOUT:.0f} s after quit",
+                              hint="the snapshot is saved; stop that QEMU and rerun `python -m takeover run`")
+    quit_seconds = time.monotonic() - started
+    confirm_checkpoint(source)
+    return CheckpointResult(CHECKPOINT_TAG, method, round(save_seconds, 3), round(quit_seconds, 3))
+
+
+def confirm_checkpoint(source: SourceVM) -> None:
+    """The snapshot must be in the (now closed) disk, or a rollback would have nothing to load."""
+    image = inspect_image(Path(source.disk), force_share=True)
+    if CHECKPOINT_TAG not in image.snapshots:
+        raise CheckpointError(f"{source.disk} has no snapshot {CHECKPOINT_TAG} after the save",
+                              hint="start the agent's VM again (`vm_image launch`) and rerun the takeover")
+
+
+def _save_with_job(mon: Monitor, source: SourceVM) -> None:
+    # A snapshot with this tag from an interrupted earlier attempt would make the job fail.
+    existing = _snapshot_names(mon, source.vmstate_node)
+    if CHECKPOINT_TAG in existing:
+        _run_job(mon, "snapshot-delete", {"job-id": JOB_ID + "-old", "tag": CHECKPOINT_TAG,
+                                          "devices": source.block_nodes})
+    _run_job(mon, "snapshot-save", {"job-id": JOB_ID, "tag": CHECKPOINT_TAG, "vmstate": source.vmstate_node,
+                                    "devices": source.block_nodes})
+
+
+def _snapshot_names(mon: Monitor, node: str) -> set[str]:
+    for block in mon.execute("query-block"):
+        inserted = block.get("inserted") or {}
+        if inserted.get("node-name") == node:
+            return {s.get("name") for s in (inserted.get("image") or {}).get("snapshots") or []}
+    return set()
+
+
+def _run_job(mon: Monitor, command: str, arguments: dict[str, Any]) -> None:
+    job_id = arguments["job-id"]
+    try:
+        mon.execute(command, arguments)
+    except QMPCommandError as exc:
+        raise CheckpointError(f"{command} was refused: {exc}") from None
+    deadline = time.monotonic() + SAVE_TIMEOUT
+    while True:
+        jobs = {j["id"]: j for j in mon.execute("query-jobs")}
+        job = jobs.get(job_id)
+        if job is None:
+            raise CheckpointError(f"the {command} job {job_id} disappeared before it concluded")
+        if job["status"] == "concluded":
+            mon.execute("job-dismiss", {"id": job_id})
+            if job.get("error"):
+                raise CheckpointError(f"{command} failed: {job['error']}")
+            return
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{command} did not finish within {SAVE_TIMEOUT:.0f} s (status {job['status']})")
+        time.sleep(0.2)
+
+
+def _save_with_hmp(mon: Monitor) -> None:
+    # HMP prints errors as text and still "succeeds" at the QMP level; any output is a failure.
+    out = mon.hmp(f"savevm {CHECKPOINT_TAG}", timeout=SAVE_TIMEOUT).strip()
+    if out:
+        raise CheckpointError(f"savevm failed: {out[-300:]}")

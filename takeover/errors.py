@@ -1,0 +1,106 @@
+"""What can go wrong in a takeover, one type per failure an operator must act on.
+
+Every error carries what went wrong (`str(err)`) and what to do about it
+(`err.hint`); the CLI prints both and exits non-zero. `changed` says whether
+anything had been changed when the error happened, so the operator knows
+whether a rerun or a rollback is the next move.
+"""
+
+from __future__ import annotations
+
+
+class TakeoverError(Exception):
+    hint = "read the message above, fix the cause and rerun `python -m takeover run`"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class NotRoot(TakeoverError):
+    hint = "run the takeover as root (it creates root-only files and restarts a VM the agent cannot touch)"
+
+
+class InvalidInput(TakeoverError):
+    hint = "check the command-line option or the file named in the message"
+
+
+class ReadyFileError(TakeoverError):
+    hint = ("wait until the agent's `vm_image launch` has written its ready file, or pass "
+            "--ready-file PATH (or --monitor and --disk explicitly)")
+
+
+class MonitorUnreachable(TakeoverError):
+    hint = "check that the agent's VM is running and that the ready file names its monitor socket"
+
+
+class MonitorNotQMP(TakeoverError):
+    hint = ("the socket named as the VM's monitor does not speak QMP; it may be planted. "
+            "Find the real QEMU monitor socket and pass it with --monitor")
+
+
+class DiskMismatch(TakeoverError):
+    hint = ("the QEMU behind the monitor does not have the disk the ready file names open; "
+            "the ready file or the socket may be planted. Pass the right --monitor and --disk")
+
+
+class UnsafeCommandLine(TakeoverError):
+    hint = ("the source QEMU's command line cannot be replayed safely for a rollback; "
+            "start the agent's VM with a plain qemu-system-x86_64 command line and retry")
+
+
+class DiskFormatError(TakeoverError):
+    hint = ("the host only takes over a self-contained qcow2 (no backing file, no external data file); "
+            "ask the agent to rebuild the image with `vm_image build`")
+
+
+class NotEnoughSpace(TakeoverError):
+    hint = "free space in the host directory's filesystem or choose another --host-dir"
+
+
+class DestinationTaken(TakeoverError):
+    hint = ("the host directory already holds a taken-over VM; choose another --host-dir, "
+            "or stop that VM and move the directory away first")
+
+
+class CheckpointError(TakeoverError):
+    hint = ("the agent's VM is unchanged or still running; check the VM (serial log) and rerun. "
+            "If QEMU has quit, rerun `python -m takeover run`: it resumes after the checkpoint")
+
+
+class CopyError(TakeoverError):
+    hint = ("the host copy was discarded; make sure nothing writes the agent's disk "
+            "(stop the agent's processes) and rerun `python -m takeover run`")
+
+
+class ScrubError(TakeoverError):
+    hint = ("the partly scrubbed copy will be discarded and recopied on the next run; rerun "
+            "`python -m takeover run`, or `python -m takeover rollback` to bring the agent's VM back")
+
+
+class HostKeyError(TakeoverError):
+    hint = "check that ssh-keygen (openssh-client) is installed, then rerun"
+
+
+class RestartError(TakeoverError):
+    hint = ("the new VM did not start; see its serial log in the host directory. Rerun "
+            "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM")
+
+
+class VerifyError(TakeoverError):
+    hint = ("the new VM is not verified, so the agent's disk and checkpoint are kept. Rerun "
+            "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM")
+
+
+class RollbackError(TakeoverError):
+    hint = ("the agent's disk and its `takeover-checkpoint` snapshot are still in place; "
+            "fix the cause and rerun `python -m takeover rollback`")
+
+
+class JournalError(TakeoverError):
+    hint = "look at journal.json in the host directory; it records every step done so far"
+
+
+class InjectedFault(TakeoverError):
+    hint = "a test asked for this failure (--fail-after); rerun without it or roll back"

@@ -1,0 +1,112 @@
+"""Files the host owns: created private from their first byte, written atomically.
+
+Nothing here ever follows a symlink at the last component (O_NOFOLLOW) or
+widens a mode after creation, because the agent shares this machine and may
+have prepared paths in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+from .errors import InvalidInput
+
+# Paths that reach a QEMU or ssh command line. QEMU option values treat ',' specially and
+# ssh options treat spaces and '%' specially, so the host's own paths are kept to this set.
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+
+
+def check_safe_path(path: Path | str, what: str) -> Path:
+    text = str(path)
+    if not SAFE_PATH.match(text) or "/../" in text + "/" or text.endswith("/.."):
+        raise InvalidInput(f"{what} {text!r} must be an absolute path of letters, digits and ._/+- only")
+    return Path(text)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def create_private(path: Path) -> int:
+    """Open a new file for writing, 0600 from its first byte; fails if anything is at `path`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+    return fd
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write `data` to a new 0600 file; with `replace`, atomically replace what is there."""
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
+    if replace:
+        _unlink_quietly(target)
+    fd = create_private(target)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.replace(target, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON so a reader sees the old or the new file, never half of one; 0600 from the start."""
+    write_private(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), replace=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def ensure_host_dir(path: Path) -> Path:
+    """Create or check the host directory: a real directory, owned by us, 0700, under trusted parents.
+
+    An agent on the same machine could have created the directory (or a parent it can
+    write) beforehand to keep a way in, so an existing one must be ours and closed.
+    """
+    path = check_safe_path(path, "host directory")
+    _check_parents(path.parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"host directory {path} exists and is not a directory (a symlink or a file)")
+    if st.st_uid != os.geteuid():
+        raise InvalidInput(f"host directory {path} is owned by uid {st.st_uid}, not by us; someone else "
+                           f"may have prepared it. Remove it or choose another --host-dir")
+    if st.st_mode & 0o022:
+        raise InvalidInput(f"host directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                           f"its contents cannot be trusted. Remove it or choose another --host-dir")
+    os.chmod(path, 0o700, follow_symlinks=False)
+    return path
+
+
+def _check_parents(path: Path) -> None:
+    for parent in [path, *path.parents]:
+        st = os.stat(parent)
+        writable_by_others = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
+        sticky = st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (0, os.geteuid()) or (writable_by_others and not sticky):
+            raise InvalidInput(f"{parent}, a parent of the host directory, can be changed by others "
+                               f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); choose another --host-dir")

@@ -1,0 +1,193 @@
+"""Step 1: find the agent's VM and check it is what the ready file says, before anything changes.
+
+The ready file is the agent's and may lie; so may the socket it names. What we
+believe instead: the kernel (the socket's peer pid and uid, the files that pid
+has open) and QEMU's own answer to `query-block`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import proc
+from .diskimage import inspect_image
+from .errors import DiskMismatch, InvalidInput, NotEnoughSpace, ReadyFileError, UnsafeCommandLine
+from .models import Endpoint, SourceVM
+from .monitor import Monitor
+from .rollback import replay_command
+
+READY_MAGIC = "READY_FOR_TAKEOVER"
+READY_MAX_BYTES = 64 * 1024
+QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    monitor: Path
+    disk: Path
+    proxy: Endpoint
+    pid: int | None = None
+    pidfile: Path | None = None
+    setup_key_pub: Path | None = None
+    memory_mb: int = 256
+    cpus: int = 1
+    path: Path | None = None
+
+
+def read_ready_file(path: Path) -> ReadyInfo:
+    """Parse the ready file: `READY_FOR_TAKEOVER`, a newline, one JSON object (docs/architecture.md)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ReadyFileError(f"no ready file at {path}; the agent's VM has not signalled it is ready") from None
+    except OSError as exc:
+        # ELOOP: a symlink. The file is the agent's, and we are root: never read through its links.
+        raise ReadyFileError(f"cannot open ready file {path} without following links: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReadyFileError(f"ready file {path} is not a regular file")
+        raw = os.read(fd, READY_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > READY_MAX_BYTES:
+        raise ReadyFileError(f"ready file {path} is larger than {READY_MAX_BYTES} bytes")
+    first, _, rest = raw.decode("utf-8", "replace").partition("\n")
+    if first.strip() != READY_MAGIC:
+        raise ReadyFileError(f"ready file {path} does not start with {READY_MAGIC}")
+    try:
+        data = json.loads(rest)
+    except ValueError as exc:
+        raise ReadyFileError(f"ready file {path}: the JSON after the first line is invalid ({exc.msg})") from None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise ReadyFileError(f"ready file {path} is not a version 1 ready file")
+    try:
+        proxy = data.get("proxy") or {"host": "127.0.0.1", "port": 3737}
+        return ReadyInfo(
+            monitor=_abs_path(data["monitor"], "monitor"),
+            disk=_abs_path(data["disk"], "disk"),
+            proxy=Endpoint(str(proxy["host"]), proxy["port"]),
+            pid=_int(data.get("pid"), "pid", 1, 2**22) if data.get("pid") is not None else None,
+            pidfile=_abs_path(data["pidfile"], "pidfile") if data.get("pidfile") else None,
+            setup_key_pub=_abs_path(data["setup_key_pub"], "setup_key_pub") if data.get("setup_key_pub") else None,
+            memory_mb=_int(data.get("memory_mb", 256), "memory_mb", 64, 65536),
+            cpus=_int(data.get("cpus", 1), "cpus", 1, 64),
+            path=path,
+        )
+    except (KeyError, TypeError, InvalidInput) as exc:
+        raise ReadyFileError(f"ready file {path}: missing or invalid field ({exc})") from None
+
+
+def _abs_path(value: Any, what: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise InvalidInput(f"{what} must be an absolute path")
+    return Path(value)
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidInput(f"{what} must be an integer from {low} to {high}")
+    return value
+
+
+def find_and_check_vm(ready: ReadyInfo, host_dir: Path) -> SourceVM:
+    """Connect to the monitor, prove it is the QEMU that has the disk open, and check we can take it."""
+    disk = Path(os.path.realpath(ready.disk))
+    try:
+        disk_st = os.stat(disk)
+    except FileNotFoundError:
+        raise DiskMismatch(f"disk {ready.disk} does not exist") from None
+    if not stat.S_ISREG(disk_st.st_mode):
+        raise DiskMismatch(f"disk {disk} is not a regular file")
+
+    with Monitor(ready.monitor) as mon:
+        peer = mon.peer
+        info = proc.read_process(peer.pid)
+        if not QEMU_EXE.match(os.path.basename(info.exe)):
+            raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe}) is not QEMU")
+        if ready.pid is not None and ready.pid != peer.pid:
+            raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
+                               f"pid {peer.pid}")
+        nodes, vmstate_node = _disk_nodes(mon.execute("query-block"), disk)
+        # QEMU's answer names a path; the kernel's view of the process's open files names inodes.
+        # Both must agree, or the path was swapped between QEMU opening it and now.
+        if (disk_st.st_dev, disk_st.st_ino) not in proc.open_files(peer.pid):
+            raise DiskMismatch(f"QEMU pid {peer.pid} reports {disk} open, but does not hold that file open")
+        commands = {c["name"] for c in mon.execute("query-commands")}
+        status = mon.execute("query-status")
+
+    image = inspect_image(disk, force_share=True)
+    replay_command(list(info.cmdline), str(disk), ready.disk)  # refuses now, not at rollback time
+    check_free_space(host_dir, disk_st, ready.memory_mb)
+
+    notes = []
+    if "snapshot-save" not in commands:
+        notes.append("QEMU has no snapshot-save job; the checkpoint uses HMP savevm")
+    if status.get("status") != "running":
+        notes.append(f"the agent's VM was {status.get('status')!r}, not running")
+    if info.uid == 0:
+        notes.append("the agent's QEMU runs as root: an agent with root on this machine is not contained "
+                     "by the takeover")
+    if image.snapshots:
+        notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
+    agent_files = [str(p) for p in (ready.path, ready.monitor, ready.pidfile) if p is not None]
+    return SourceVM(
+        monitor=str(ready.monitor), disk=str(disk), disk_dev=disk_st.st_dev, disk_ino=disk_st.st_ino,
+        disk_uid=disk_st.st_uid, pid=peer.pid, pid_start_ticks=info.start_ticks, uid=info.uid, gid=info.gid,
+        groups=list(info.groups), cwd=info.cwd, cmdline=list(info.cmdline), proxy=ready.proxy,
+        memory_mb=ready.memory_mb, cpus=ready.cpus, block_nodes=nodes, vmstate_node=vmstate_node,
+        ready_file=str(ready.path) if ready.path else None,
+        pidfile=str(ready.pidfile) if ready.pidfile else None,
+        setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
+        agent_files=agent_files, notes=notes,
+    )
+
+
+def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], str]:
+    """The writable nodes a checkpoint covers, and the node holding our disk (it also gets the RAM state)."""
+    ours, writable = None, []
+    for block in blocks:
+        inserted = block.get("inserted")
+        if not inserted:
+            continue
+        node = inserted.get("node-name", "")
+        filename = inserted.get("file", "")
+        if filename.startswith("/") and os.path.realpath(filename) == str(disk):
+            ours = node
+            if inserted.get("drv") != "qcow2":
+                raise DiskMismatch(f"QEMU opened {disk} as {inserted.get('drv')!r}, not qcow2")
+            if inserted.get("backing_file"):
+                raise DiskMismatch(f"QEMU opened {disk} with a backing file {inserted['backing_file']!r}")
+        if not inserted.get("ro"):
+            writable.append(node)
+    if ours is None:
+        opened = [b.get("inserted", {}).get("file") for b in blocks if b.get("inserted")]
+        raise DiskMismatch(f"the QEMU behind this monitor does not have {disk} open (it has: {opened or 'no disks'})")
+    return writable, ours
+
+
+def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) -> None:
+    # The copy takes the disk's allocated blocks, plus the RAM state the checkpoint adds to it,
+    # plus a margin for the scrub's writes and the journal.
+    needed = disk_st.st_blocks * 512 + memory_mb * 2**20 + 256 * 2**20
+    vfs = os.statvfs(host_dir)
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < needed:
+        raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; the copy needs about {needed / 2**30:.2f} GiB")
+
+
+def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint, memory_mb: int = 256, cpus: int = 1) -> ReadyInfo:
+    """A ReadyInfo from command-line paths, for a VM launched without a ready file."""
+    for path, what in ((monitor, "--monitor"), (disk, "--disk")):
+        if not str(path).startswith("/"):
+            raise InvalidInput(f"{what} must be an absolute path")
+    return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy, memory_mb=memory_mb, cpus=cpus)
+
+
+def must_not_be_replayed(reason: str) -> UnsafeCommandLine:
+    return UnsafeCommandLine(reason)
