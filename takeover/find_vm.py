@@ -17,7 +17,7 @@ from typing import Any
 
 from . import proc
 from .diskimage import inspect_image
-from .errors import DiskMismatch, InvalidInput, NotEnoughSpace, ReadyFileError, UnsafeCommandLine
+from .errors import DiskMismatch, InvalidInput, NotEnoughSpace, ReadyFileError
 from .models import Endpoint, SourceVM
 from .monitor import Monitor
 from .rollback import replay_command
@@ -189,5 +189,3 @@ def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint, memory_mb: int = 
     return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy, memory_mb=memory_mb, cpus=cpus)
 
 
-def must_not_be_replayed(reason: str) -> UnsafeCommandLine:
-    return UnsafeCommandLine(reason)

@@ -1,0 +1,156 @@
+"""The host's own kernel, initrd and kernel modules for the VM it takes over.
+
+The agent's kernel and initrd (named in its ready file) are never used: they
+run before anything we scrubbed and could undo all of it. `vm_image.boot_files`
+produces a trusted kernel and initrd from Debian's packages; the modules for
+that kernel come from the same Debian package, so what the guest kernel may
+load is the host's too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TakeoverError
+from .files import check_safe_path
+
+DEFAULT_APPEND = "root=/dev/vda rw console=ttyS0"
+# Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a
+# fraction of its size (and shrinks what the guest kernel could be talked into loading).
+MODULE_DIRS_LEFT_OUT = ("kernel/drivers/gpu", "kernel/drivers/net/wireless", "kernel/drivers/media",
+                        "kernel/sound", "kernel/drivers/infiniband", "kernel/drivers/staging",
+                        "kernel/drivers/bluetooth", "kernel/net/bluetooth", "kernel/drivers/iio",
+                        "kernel/drivers/hid", "kernel/drivers/input/touchscreen", "kernel/drivers/usb",
+                        "kernel/drivers/net/ethernet", "kernel/drivers/scsi", "kernel/drivers/isdn",
+                        "kernel/drivers/mtd", "kernel/drivers/nfc", "kernel/net/wireless", "kernel/net/mac80211")
+
+
+class BootFilesError(TakeoverError):
+    hint = "check that the Debian kernel package is available (`apt-get download linux-image-amd64` works)"
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path
+    version: str
+    append: str
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": str(self.kernel), "initrd": str(self.initrd), "version": self.version,
+                "append": self.append, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BootFiles":
+        return cls(Path(data["kernel"]), Path(data["initrd"]), data["version"], data["append"], data["source"])
+
+
+def host_boot_files(boot_dir: Path) -> BootFiles:
+    """Kernel and initrd in `boot_dir` (0700, cached across runs), from vm_image.boot_files."""
+    check_safe_path(boot_dir, "boot directory")
+    boot_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(boot_dir, 0o711 if os.stat(boot_dir.parent).st_mode & 0o011 else 0o700)
+    try:
+        from vm_image import boot_files as provider
+    except ImportError:
+        raise BootFilesError("vm_image.boot_files is not available in this checkout",
+                             hint="the host's kernel comes from vm_image.boot_files; update the checkout") from None
+    kernel, initrd, append = _call_provider(provider, boot_dir)
+    for path in (kernel, initrd):
+        check_safe_path(path, "boot file")
+        if not path.is_file():
+            raise BootFilesError(f"vm_image.boot_files did not produce {path}")
+    return BootFiles(kernel, initrd, kernel_version(kernel), append, "vm_image.boot_files")
+
+
+def _call_provider(provider: Any, boot_dir: Path) -> tuple[Path, Path, str]:
+    result = provider.boot_files(boot_dir)
+    kernel = Path(getattr(result, "kernel", None) or result[0])
+    initrd = Path(getattr(result, "initrd", None) or result[1])
+    append = getattr(result, "append", None) or getattr(provider, "KERNEL_APPEND", None) or DEFAULT_APPEND
+    return kernel, initrd, str(append)
+
+
+def kernel_version(kernel: Path) -> str:
+    """The release string (e.g. 6.1.0-56-amd64) from an x86 bzImage's setup header."""
+    with open(kernel, "rb") as f:
+        header = f.read(0x4000 + 0x200)
+    if header[0x202:0x206] != b"HdrS":
+        raise BootFilesError(f"{kernel} is not an x86 bzImage")
+    offset = int.from_bytes(header[0x20E:0x210], "little") + 0x200
+    with open(kernel, "rb") as f:
+        f.seek(offset)
+        text = f.read(256).split(b"\0")[0].decode("ascii", "replace")
+    return text.split()[0]
+
+
+def modules_tarball(boot: BootFiles, boot_dir: Path) -> Path:
+    """A tarball of /lib/modules/VERSION for the host's kernel, from Debian's package; cached."""
+    tarball = boot_dir / f"modules-{boot.version}.tar"
+    if tarball.is_file():
+        return tarball
+    with tempfile.TemporaryDirectory(prefix=".modules-", dir=boot_dir) as tmp:
+        root = Path(tmp)
+        tree = _package_modules(boot.version, root)
+        partial = boot_dir / f".{tarball.name}.partial"
+        with tarfile.open(partial, "w") as tar:
+            tar.add(tree, arcname=boot.version, filter=_module_filter(boot.version))
+        os.chmod(partial, 0o600)
+        os.replace(partial, tarball)
+    return tarball
+
+
+def _module_filter(version: str) -> Any:
+    left_out = tuple(f"{version}/{d}" for d in MODULE_DIRS_LEFT_OUT)
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if info.name.startswith(left_out):
+            return None
+        if info.issym() or info.islnk():
+            return None  # build/ and source/ links point into headers we do not ship
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    return keep
+
+
+def _package_modules(version: str, work: Path) -> Path:
+    """The modules tree of linux-image-VERSION: the host's installed copy if dpkg owns it, else the .deb."""
+    installed = Path("/lib/modules") / version
+    owner = subprocess.run(["dpkg-query", "-S", str(installed / "modules.order")], capture_output=True, text=True)
+    if owner.returncode == 0 and f"linux-image-{version}" in owner.stdout and (installed / "modules.dep").is_file():
+        return installed
+    package = f"linux-image-{version}"
+    cached = sorted(Path("/var/cache/apt/archives").glob(f"{package}_*.deb"))
+    if cached:
+        deb = cached[-1]
+    else:
+        download = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True,
+                                  timeout=900)
+        debs = sorted(work.glob(f"{package}_*.deb"))
+        if download.returncode != 0 or not debs:
+            raise BootFilesError(f"cannot get {package}: {download.stderr.strip()[-300:]}")
+        deb = debs[-1]
+    root = work / "root"
+    unpack = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True, timeout=900)
+    if unpack.returncode != 0:
+        raise BootFilesError(f"dpkg-deb cannot unpack {deb}: {unpack.stderr.strip()}")
+    tree = next((p for p in (root / "lib/modules" / version, root / "usr/lib/modules" / version) if p.is_dir()), None)
+    if tree is None:
+        raise BootFilesError(f"{deb} has no modules for {version}")
+    if shutil.which("depmod") is None:
+        raise BootFilesError("depmod (kmod) is not installed")
+    base = root if (root / "lib/modules").is_dir() else root / "usr"
+    depmod = subprocess.run(["depmod", "-b", str(base), version], capture_output=True, text=True, timeout=300)
+    if depmod.returncode != 0:
+        raise BootFilesError(f"depmod failed for {version}: {depmod.stderr.strip()}")
+    return tree

@@ -1,0 +1,103 @@
+"""`python -m takeover run | rollback | status`: the host takes over the VM an agent built.
+
+Exit status: 0 done; 1 a takeover error (the message says what went wrong and
+what to do); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
+from .errors import TakeoverError
+from .journal import STEPS
+from .models import Endpoint
+from .progress import Progress
+from .runbook import roll_back, run_takeover, status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m takeover", description="take over the secret-proxy VM an agent built")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host-dir", type=Path, default=DEFAULT_HOST_DIR,
+                        help=f"the host's directory for the VM (default {DEFAULT_HOST_DIR}; root, 0700)")
+
+    run = sub.add_parser("run", help="checkpoint, relocate, scrub, re-key, restart and verify (resumes a failed run)")
+    common(run)
+    src = run.add_argument_group("the agent's VM")
+    src.add_argument("--ready-file", type=Path, help="the agent's ready file (STATE/run/ready)")
+    src.add_argument("--monitor", type=Path, help="the QMP socket, instead of a ready file (with --disk)")
+    src.add_argument("--disk", type=Path, help="the VM's qcow2, instead of a ready file (with --monitor)")
+    vm = run.add_argument_group("the host's VM")
+    vm.add_argument("--runner", choices=("qemu", "libvirt"), default="qemu")
+    vm.add_argument("--libvirt-uri", default="qemu:///system")
+    vm.add_argument("--qemu-user", default="secret-proxy-vm",
+                    help="unprivileged user the qemu runner's QEMU switches to (created if missing; 'root' to not switch)")
+    vm.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    vm.add_argument("--proxy-listen", type=Endpoint.parse,
+                    help="HOST:PORT for the proxy (default: the address the agent's VM used)")
+    vm.add_argument("--ssh-listen", type=Endpoint.parse, default=DEFAULT_SSH,
+                    help=f"host-only HOST:PORT forwarded to the VM's SSH (default {DEFAULT_SSH})")
+    vm.add_argument("--proxy-config", type=Path, help="TOML with the proxy's settings (Telegram) to install, 0600")
+    vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
+    vm.add_argument("--no-reinstall-venv", action="store_true",
+                    help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
+    vm.add_argument("--no-replace-modules", action="store_true",
+                    help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
+    vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
+    ag = run.add_argument_group("an agent token, created through the new SSH key")
+    ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
+    ag.add_argument("--agent-secrets", default="*", help="comma-separated secret name patterns (default *)")
+    ag.add_argument("--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)")
+    run.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
+    run.add_argument("--fail-after", choices=STEPS, help=argparse.SUPPRESS)  # tests: fault injection
+
+    rb = sub.add_parser("rollback", help="stop the host's VM and restart the agent's VM from takeover-checkpoint")
+    common(rb)
+    rb.add_argument("--cold", action="store_true", help="boot the agent's disk without its checkpoint")
+
+    st = sub.add_parser("status", help="print the journal's state")
+    common(st)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
+    if args.command != "run":
+        return TakeoverConfig(host_dir=args.host_dir)
+    return TakeoverConfig(
+        host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
+        proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,
+        qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=args.accel,
+        keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
+        agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
+        reinstall_venv=not args.no_reinstall_venv, replace_modules=not args.no_replace_modules,
+        fail_after=args.fail_after,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.command == "run":
+            report, text = run_takeover(cfg, Progress())
+            print(json.dumps(report, indent=2) if args.json else text)
+        elif args.command == "rollback":
+            print(json.dumps(roll_back(cfg, Progress(), cold=args.cold), indent=2))
+        else:
+            print(json.dumps(status(cfg), indent=2))
+    except TakeoverError as err:
+        print(f"takeover: {err}\n  what to do: {err.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("takeover: interrupted; the journal records how far it got. Rerun to resume, or roll back.",
+              file=sys.stderr)
+        return 130
+    return 0

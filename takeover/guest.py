@@ -1,0 +1,261 @@
+"""The agent's filesystem, opened offline with libguestfs, with edits that cannot be redirected.
+
+The filesystem is untrusted: libguestfs parses it inside its own small VM (the
+appliance), never in the host kernel, and we never run the guest's programs.
+Every path we write or delete is first checked component by component, because
+a planted symlink (`/home/proxy/.ssh -> /somewhere`) would otherwise send our
+write elsewhere. Every change is recorded for the report.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import guestfs
+
+from .errors import ScrubError
+
+# Debian 12 merges /usr: /lib, /bin and /sbin are symlinks into /usr. Those links (and only
+# with these targets) are followed; any other symlink on a path we touch is the agent's.
+MERGED_USR = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64",
+              "/lib32": "usr/lib32", "/libx32": "usr/libx32"}
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    action: str  # removed, written, replaced, locked, changed, stripped
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "action": self.action, **({"detail": self.detail} if self.detail else {})}
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+
+
+@dataclass
+class Guest:
+    g: Any  # guestfs.GuestFS
+    changes: list[Change] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # things seen and reported, not changed
+
+    @classmethod
+    def open(cls, disk: Path, *, force_tcg: bool = True) -> "Guest":
+        g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+        # The direct backend: no libvirtd needed, and nothing of ours shared with the appliance.
+        g.set_backend("direct")
+        if force_tcg:
+            g.set_backend_settings(["force_tcg"])
+        g.set_network(False)
+        g.add_drive_opts(str(disk), format="qcow2", readonly=False, cachemode="unsafe")
+        try:
+            g.launch()
+            root = cls._root_device(g)
+            g.mount(root, "/")
+        except RuntimeError as exc:
+            g.close()
+            raise ScrubError(f"libguestfs could not open {disk}: {exc}") from None
+        return cls(g)
+
+    @staticmethod
+    def _root_device(g: Any) -> str:
+        # The contract: one filesystem on the whole disk (root=/dev/vda). Anything else is
+        # not an image vm_image builds, and guessing which partition is root would be unsafe.
+        filesystems = {dev: kind for dev, kind in g.list_filesystems().items() if kind not in ("", "unknown", "swap")}
+        if list(filesystems) != ["/dev/sda"]:
+            raise ScrubError(f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
+                             hint="the host takes over only images built by `vm_image build`")
+        return "/dev/sda"
+
+    def close(self) -> None:
+        try:
+            self.g.sync()
+            self.g.umount_all()
+            self.g.shutdown()  # reports write errors the appliance saw while flushing
+        except RuntimeError as exc:
+            raise ScrubError(f"libguestfs failed while flushing the scrubbed disk: {exc}") from None
+        finally:
+            self.g.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def canonical(self, path: str) -> str:
+        """`path` with a merged-/usr top directory resolved (/lib/modules -> /usr/lib/modules)."""
+        top, sep, rest = path[1:].partition("/")
+        top = "/" + top
+        if top not in MERGED_USR or not sep:
+            return path
+        try:
+            st = self.g.lstatns(top)
+        except RuntimeError:
+            return path
+        if not stat.S_ISLNK(st["st_mode"]):
+            return path
+        target = self.g.readlink(top)
+        if target.strip("/") != MERGED_USR[top]:
+            raise ScrubError(f"{top} in the guest is a symlink to {target!r}, not to /{MERGED_USR[top]}; "
+                             f"the image was tampered with")
+        return "/" + MERGED_USR[top] + "/" + rest
+
+    def lstat(self, path: str) -> Entry | None:
+        path = self.canonical(path)
+        try:
+            st = self.g.lstatns(path)
+        except RuntimeError:
+            return None
+        return Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
+
+    def lexists(self, path: str) -> bool:
+        return self.lstat(path) is not None
+
+    def is_file(self, path: str) -> bool:
+        entry = self.lstat(path)
+        return entry is not None and stat.S_ISREG(entry.mode)
+
+    def is_dir(self, path: str) -> bool:
+        entry = self.lstat(path)
+        return entry is not None and stat.S_ISDIR(entry.mode)
+
+    def read(self, path: str, limit: int = 4 << 20) -> bytes:
+        """A regular file's content; refuses links (we decide what a file is, not the agent)."""
+        path = self.canonical(path)
+        self._check_ancestors(path)
+        entry = self.lstat(path)
+        if entry is None or not stat.S_ISREG(entry.mode):
+            raise ScrubError(f"{path} in the guest is missing or not a regular file")
+        if entry.size > limit:
+            raise ScrubError(f"{path} in the guest is {entry.size} bytes, more than we read ({limit})")
+        return self.g.read_file(path)
+
+    def listdir(self, path: str) -> list[str]:
+        path = self.canonical(path)
+        if not self.is_dir(path) or not self._ancestors_real(path):
+            return []
+        return sorted(self.g.ls(path))
+
+    def walk(self) -> Iterator[Entry]:
+        """Every file, directory and link on the filesystem, with mode and owner."""
+        with tempfile.TemporaryDirectory(prefix="takeover-find-") as tmp:
+            listing = Path(tmp) / "find0"
+            self.g.find0("/", str(listing))
+            names = [n for n in listing.read_bytes().split(b"\0") if n]
+        by_dir: dict[str, list[str]] = defaultdict(list)
+        for raw in names:
+            rel = os.fsdecode(raw)
+            parent, _, base = ("/" + rel).rpartition("/")
+            by_dir[parent or "/"].append(base)
+        for parent, bases in by_dir.items():
+            for start in range(0, len(bases), 500):
+                batch = bases[start:start + 500]
+                for base, st in zip(batch, self.g.lstatnslist(parent, batch), strict=True):
+                    path = parent.rstrip("/") + "/" + base
+                    yield Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
+
+    def xattr_names(self, path: str) -> list[str]:
+        try:
+            return [x["attrname"] for x in self.g.lgetxattrs(path)]
+        except RuntimeError:
+            return []
+
+    # -- changing --------------------------------------------------------------------------
+
+    def remove(self, path: str, why: str) -> bool:
+        """Delete `path` (recursively). If a parent is a planted symlink, delete that link instead."""
+        path = self.canonical(path)
+        link = self._first_link_ancestor(path)
+        if link is not None:
+            self.g.rm(link)
+            self.changes.append(Change(link, "removed", f"symlink on the way to {path}; {why}"))
+            return True
+        if not self.lexists(path):
+            return False
+        self.g.rm_rf(path)
+        self.changes.append(Change(path, "removed", why))
+        return True
+
+    def empty_dir(self, path: str, why: str, keep: tuple[str, ...] = ()) -> None:
+        for name in self.listdir(path):
+            if name not in keep:
+                self.remove(f"{path.rstrip('/')}/{name}", why)
+
+    def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+        """A real directory at `path` with this owner and mode; links or files in the way are removed."""
+        path = self.canonical(path)
+        parts = PurePosixPath(path).parts
+        current = ""
+        for part in parts[1:]:
+            current += "/" + part
+            entry = self.lstat(current)
+            if entry is not None and not stat.S_ISDIR(entry.mode):
+                self.g.rm_rf(current)
+                self.changes.append(Change(current, "removed", "was in the way of a directory we create"))
+                entry = None
+            if entry is None:
+                self.g.mkdir(current)
+                self.g.chmod(0o755, current)
+        self.g.chmod(mode, path)
+        self.g.lchown(uid, gid, path)
+
+    def write(self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0, why: str = "") -> None:
+        path = self.canonical(path)
+        parent = str(PurePosixPath(path).parent)
+        if not self._ancestors_real(path) or not self.is_dir(parent):
+            entry = self.lstat(parent)
+            self.mkdir(parent, stat.S_IMODE(entry.mode) if entry and stat.S_ISDIR(entry.mode) else 0o755)
+        existed = self.lexists(path)
+        entry = self.lstat(path)
+        if entry is not None and not stat.S_ISREG(entry.mode):
+            self.g.rm_rf(path)  # a link or directory where we write a file: never write through it
+        self.g.write(path, data)
+        self.g.chmod(mode, path)
+        self.g.lchown(uid, gid, path)
+        self.changes.append(Change(path, "replaced" if existed else "written", why))
+
+    def chmod(self, path: str, mode: int, why: str) -> None:
+        path = self.canonical(path)
+        self.g.chmod(mode, path)
+        self.changes.append(Change(path, "changed", why))
+
+    def remove_xattr(self, path: str, name: str, why: str) -> None:
+        self.g.lremovexattr(name, path)
+        self.changes.append(Change(path, "stripped", f"{name}: {why}"))
+
+    def tar_in(self, tarball: Path, directory: str, why: str) -> None:
+        directory = self.canonical(directory)
+        self.mkdir(directory, 0o755)
+        self.g.tar_in(str(tarball), directory)
+        self.changes.append(Change(directory, "replaced", why))
+
+    # -- path checks -----------------------------------------------------------------------
+
+    def _first_link_ancestor(self, path: str) -> str | None:
+        current = ""
+        for part in PurePosixPath(path).parts[1:-1]:
+            current += "/" + part
+            entry = self.lstat(current)
+            if entry is None:
+                return None
+            if stat.S_ISLNK(entry.mode):
+                return current
+        return None
+
+    def _ancestors_real(self, path: str) -> bool:
+        return self._first_link_ancestor(path) is None
+
+    def _check_ancestors(self, path: str) -> None:
+        link = self._first_link_ancestor(path)
+        if link is not None:
+            raise ScrubError(f"{link} in the guest is a symlink, on the way to {path}; the image was tampered with")

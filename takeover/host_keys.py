@@ -1,0 +1,92 @@
+"""The host's keys: the VM's new SSH host key (pinned), and the host's own login key.
+
+Both are generated on the host by ssh-keygen in a private (0700) temporary
+directory, so no key ever exists where another user could read it, and the
+agent, which built the VM, never sees either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostKeyError
+from .files import fsync_dir, write_private
+from .models import Endpoint
+
+HOST_KEY = "host_key"
+KNOWN_HOSTS = "known_hosts"
+
+
+@dataclass(frozen=True)
+class HostKeys:
+    vm_host_private: bytes  # goes into the guest as /etc/ssh/ssh_host_ed25519_key, never kept on the host
+    vm_host_public: str
+    vm_host_fingerprint: str
+    login_key: Path  # host_dir/host_key, 0600
+    login_public: str
+    login_fingerprint: str
+    known_hosts: Path
+
+    def to_dict(self) -> dict[str, str]:
+        return {"vm_host_key_fingerprint": self.vm_host_fingerprint, "vm_host_public_key": self.vm_host_public,
+                "login_key": str(self.login_key), "login_public_key": self.login_public,
+                "login_key_fingerprint": self.login_fingerprint, "known_hosts": str(self.known_hosts)}
+
+
+def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
+    """New keys for this takeover; replaces the host's login key and the pinned known_hosts entry."""
+    if shutil.which("ssh-keygen") is None:
+        raise HostKeyError("ssh-keygen is not installed")
+    with tempfile.TemporaryDirectory(prefix=".keys-", dir=host_dir) as tmp:
+        os.chmod(tmp, 0o700)
+        work = Path(tmp)
+        _keygen(work / "vm_host", "secret-proxy-vm host key")
+        _keygen(work / "login", "secret-proxy-vm host login")
+        vm_private = (work / "vm_host").read_bytes()
+        vm_public = (work / "vm_host.pub").read_text().strip()
+        login_public = (work / "login.pub").read_text().strip()
+        # Rename within the host directory: the private key never exists anywhere but 0700/0600 places.
+        os.replace(work / "login", host_dir / HOST_KEY)
+        os.chmod(host_dir / HOST_KEY, 0o600)
+        write_private(host_dir / (HOST_KEY + ".pub"), (login_public + "\n").encode(), replace=True)
+        vm_fp = fingerprint(work / "vm_host.pub")
+        login_fp = fingerprint(host_dir / (HOST_KEY + ".pub"))
+    known_hosts = host_dir / KNOWN_HOSTS
+    key_type, key_b64 = vm_public.split()[:2]
+    write_private(known_hosts, f"{known_hosts_name(ssh)} {key_type} {key_b64}\n".encode(), replace=True)
+    fsync_dir(host_dir)
+    return HostKeys(vm_private, f"{key_type} {key_b64}", vm_fp, host_dir / HOST_KEY, login_public, login_fp, known_hosts)
+
+
+def known_hosts_name(ssh: Endpoint) -> str:
+    # ssh looks a host up as "[host]:port", except on port 22 where it uses the bare host.
+    return ssh.host if ssh.port == 22 else f"[{ssh.host}]:{ssh.port}"
+
+
+def load_host_keys(host_dir: Path) -> tuple[Path, Path]:
+    """The login key and pinned known_hosts of an earlier run."""
+    key, known = host_dir / HOST_KEY, host_dir / KNOWN_HOSTS
+    if not key.is_file() or not known.is_file():
+        raise HostKeyError(f"{key} or {known} is missing; the scrub step creates them",
+                           hint="rerun `python -m takeover run`; it redoes the scrub from a fresh copy")
+    return key, known
+
+
+def _keygen(path: Path, comment: str) -> None:
+    proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise HostKeyError(f"ssh-keygen failed: {proc.stderr.strip()}")
+
+
+def fingerprint(public_key: Path) -> str:
+    proc = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise HostKeyError(f"ssh-keygen cannot read {public_key}: {proc.stderr.strip()}")
+    return proc.stdout.split()[1]

@@ -1,0 +1,101 @@
+"""Step 8: the report: `report.json` in the host directory and a summary for the operator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .files import write_json_atomic
+from .journal import STEPS, Journal
+
+REPORT_NAME = "report.json"
+
+TITLES = {
+    "find_vm": "find and check the agent's VM",
+    "checkpoint": "checkpoint and stop it",
+    "relocate": "copy the disk to the host",
+    "scrub": "scrub and re-key the copy",
+    "restart": "start the VM as the host's",
+    "verify": "verify the new VM",
+    "revoke": "revoke the agent's leftovers",
+    "report": "write the report",
+}
+
+
+def build_report(journal: Journal, host_dir: Path) -> dict[str, Any]:
+    steps = []
+    for step in STEPS:
+        entry = journal.entry(step)
+        steps.append({"step": step, "title": TITLES[step], "status": entry.get("status", "pending"),
+                      "duration_s": entry.get("duration_s")})
+    result = {s: journal.entry(s).get("result") or {} for s in STEPS}
+    source = result["find_vm"]
+    scrub = result["scrub"]
+    restart = result["restart"]
+    return {
+        "version": 1,
+        "finished": time.time(),
+        "host_dir": str(host_dir),
+        "steps": steps,
+        "source": {k: source.get(k) for k in ("disk", "monitor", "pid", "uid", "ready_file", "notes")},
+        "checkpoint": result["checkpoint"],
+        "disk": result["relocate"],
+        "scrub": {"changes": scrub.get("changes", []), "findings": scrub.get("findings", []),
+                  "snapshots_removed": scrub.get("snapshots_removed", []), "seconds": scrub.get("seconds", {}),
+                  "not_blocked": scrub.get("not_blocked", [])},
+        "keys": scrub.get("keys", {}),
+        "vm": {k: restart.get(k) for k in ("runner", "pid", "spec", "uri", "domain", "persistent", "autostart",
+                                             "qemu_user", "monitor", "pidfile")},
+        "verify": result["verify"],
+        "agent_token": result["verify"].get("agent_token"),
+        "revoked": result["revoke"],
+        "files": {
+            "disk": str(host_dir / "disk.qcow2"), "host_key": str(host_dir / "host_key"),
+            "known_hosts": str(host_dir / "known_hosts"), "journal": str(journal.path),
+            "report": str(host_dir / REPORT_NAME), "serial_log": str(host_dir / "serial.log"),
+        },
+    }
+
+
+def write_report(report: dict[str, Any], host_dir: Path) -> Path:
+    path = host_dir / REPORT_NAME
+    write_json_atomic(path, report)
+    return path
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = ["", "Takeover complete." if all(s["status"] == "done" for s in report["steps"][:-1])
+             else "Takeover report (incomplete):", ""]
+    for s in report["steps"]:
+        duration = f"{s['duration_s']:.1f} s" if s.get("duration_s") is not None else "-"
+        lines.append(f"  {s['title']:<34} {s['status']:<8} {duration:>9}")
+    changes = report["scrub"]["changes"]
+    by_action: dict[str, int] = {}
+    for change in changes:
+        by_action[change["action"]] = by_action.get(change["action"], 0) + 1
+    lines += ["", f"Scrub: {len(changes)} changes ({', '.join(f'{n} {a}' for a, n in sorted(by_action.items()))})"]
+    for finding in report["scrub"]["findings"]:
+        lines.append(f"  seen: {finding}")
+    keys = report.get("keys") or {}
+    vm = report["vm"]
+    spec = vm.get("spec") or {}
+    lines += [
+        "",
+        f"VM host key:   {keys.get('vm_host_key_fingerprint', '-')} (pinned in {keys.get('known_hosts', '-')})",
+        f"Host login:    {keys.get('login_key_fingerprint', '-')} ({keys.get('login_key', '-')})",
+        f"Proxy:         http://{spec.get('proxy_listen', '-')} (forwarded to the VM's :3737)",
+        f"SSH:           ssh -i {keys.get('login_key', '-')} -o UserKnownHostsFile={keys.get('known_hosts', '-')} "
+        f"-p {str(spec.get('ssh_listen', ':')).rsplit(':', 1)[-1]} proxy@{str(spec.get('ssh_listen', ':')).rsplit(':', 1)[0]}",
+        f"Runner:        {vm.get('runner')} (pid {vm.get('pid')})"
+        + (f", domain {vm.get('domain')} persistent={vm.get('persistent')} autostart={vm.get('autostart')}"
+           if vm.get("runner") == "libvirt" else ""),
+        f"Disk:          {report['files']['disk']}",
+        f"Report:        {report['files']['report']}",
+    ]
+    token = report.get("agent_token")
+    if token:
+        lines.append(f"Agent token:   {token['agent']} ({token['secrets']}) written to {token['token_file']}")
+    lines += ["", "Not blocked by the takeover (see docs/takeover.md):"]
+    lines += [f"  - {item}" for item in report["scrub"]["not_blocked"]]
+    return "\n".join(lines)

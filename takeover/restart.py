@@ -1,0 +1,364 @@
+"""Step 5: start the VM again as the host's, from the host's disk, with the host's kernel.
+
+Two runners share one description of the VM (`HostVMSpec`):
+
+* `qemu` (default): a plain QEMU process, detached, run as an unprivileged
+  user (`-runas`) under QEMU's seccomp sandbox; its monitor socket, pidfile and
+  logs live in the host directory (0700), created under umask 077.
+* `libvirt`: a persistent libvirt domain with autostart, so the VM comes back
+  when the host reboots. User-mode networking with host forwards is passed
+  through `<qemu:commandline>`, which Debian 12's libvirt 9.0 supports without passt.
+
+Only two ports are forwarded: the proxy, at the address the agent used, and
+SSH, at a host-only address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+from xml.sax.saxutils import escape, quoteattr
+
+from . import proc
+from .errors import RestartError
+from .files import check_safe_path
+from .models import Endpoint
+from .monitor import Monitor
+
+GUEST_PROXY_PORT = 3737
+GUEST_SSH_PORT = 22
+DEFAULT_QEMU_USER = "secret-proxy-vm"
+START_TIMEOUT = 60.0
+# -runas needs setuid, and the process must not fork or exec afterwards; seccomp enforces the latter.
+SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class HostVMSpec:
+    name: str
+    disk: Path
+    kernel: Path
+    initrd: Path
+    append: str
+    memory_mb: int
+    cpus: int
+    accel: str
+    proxy_listen: Endpoint
+    ssh_listen: Endpoint
+    monitor: Path
+    pidfile: Path
+    serial_log: Path
+    qemu_log: Path
+
+    def __post_init__(self) -> None:
+        for path in (self.disk, self.kernel, self.initrd, self.monitor, self.pidfile, self.serial_log, self.qemu_log):
+            check_safe_path(path, "VM file")
+        if self.accel not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be tcg or kvm, not {self.accel!r}")
+        if not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"VM name {self.name!r} must be letters, digits, - and _")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: str(v) if isinstance(v, (Path, Endpoint)) else v for k, v in data.items()}
+
+    def hostfwd(self) -> str:
+        return (f"hostfwd=tcp:{self.proxy_listen.host}:{self.proxy_listen.port}-:{GUEST_PROXY_PORT},"
+                f"hostfwd=tcp:{self.ssh_listen.host}:{self.ssh_listen.port}-:{GUEST_SSH_PORT}")
+
+
+def machine_args(spec: HostVMSpec) -> list[str]:
+    """The guest's hardware, shared by both runners: what the guest sees is the same either way."""
+    disk_file = {"driver": "file", "filename": str(spec.disk), "node-name": "disk0-file"}
+    # "backing": null: QEMU opens no backing file whatever the qcow2 header says (checked anyway).
+    disk_fmt = {"driver": "qcow2", "file": "disk0-file", "node-name": "disk0", "backing": None}
+    return [
+        "-machine", f"q35,accel={spec.accel}", "-cpu", "max",
+        "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append,
+        "-blockdev", json.dumps(disk_file), "-blockdev", json.dumps(disk_fmt),
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-device", "virtio-rng-pci",  # entropy: sshd and Python block on it early in a TCG boot
+    ]
+
+
+def qemu_command(spec: HostVMSpec, qemu_user: str | None) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise RestartError("qemu-system-x86_64 is not installed")
+    return [
+        qemu, "-name", spec.name, *machine_args(spec),
+        "-netdev", f"user,id=net0,{spec.hostfwd()}", "-device", "virtio-net-pci,netdev=net0",
+        "-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0",
+        "-qmp", f"unix:{spec.monitor},server=on,wait=off",
+        "-pidfile", str(spec.pidfile),
+        "-sandbox", SANDBOX,
+        *(["-runas", qemu_user] if qemu_user else []),
+    ]
+
+
+class Runner(Protocol):
+    name: str
+
+    def start(self, spec: HostVMSpec) -> int: ...
+
+    def stop(self, spec: HostVMSpec) -> bool: ...
+
+    def pid(self, spec: HostVMSpec) -> int | None: ...
+
+    def describe(self, spec: HostVMSpec) -> dict[str, Any]: ...
+
+
+class QemuRunner:
+    name = "qemu"
+
+    def __init__(self, qemu_user: str | None = DEFAULT_QEMU_USER) -> None:
+        self.qemu_user = qemu_user
+
+    def start(self, spec: HostVMSpec) -> int:
+        if self.pid(spec) is not None:
+            raise RestartError(f"a QEMU with {spec.disk} is already running (pidfile {spec.pidfile})",
+                               hint="stop it first (`python -m takeover stop`) or let the run use it")
+        for stale in (spec.monitor, spec.pidfile):
+            _unlink(stale)
+        if self.qemu_user:
+            ensure_system_user(self.qemu_user)
+        argv = qemu_command(spec, self.qemu_user)
+        log = os.open(spec.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            # Not -daemonize: the sandbox forbids fork. A new session detaches QEMU from us instead.
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, umask=0o077,
+                                     start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        finally:
+            os.close(log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise RestartError(f"QEMU exited at start (exit {child.returncode}): {_tail(spec.qemu_log)}")
+            if spec.monitor.exists():
+                try:
+                    with Monitor(spec.monitor, timeout=5) as mon:
+                        status = mon.execute("query-status")
+                        if status.get("status") == "running":
+                            return mon.peer.pid
+                except Exception:  # noqa: BLE001 - not ready yet; the loop's deadline bounds this
+                    pass
+            time.sleep(0.2)
+        child.kill()
+        raise RestartError(f"QEMU did not come up within {START_TIMEOUT:.0f} s: {_tail(spec.qemu_log)}")
+
+    def pid(self, spec: HostVMSpec) -> int | None:
+        """The pid of a running QEMU that serves this disk, from the pidfile, checked against /proc."""
+        try:
+            pid = int(spec.pidfile.read_text().strip())
+            info = proc.read_process(pid)
+        except (OSError, ValueError):
+            return None
+        if os.path.basename(info.exe).startswith("qemu-system") and any(str(spec.disk) in a for a in info.cmdline):
+            return pid
+        return None
+
+    def stop(self, spec: HostVMSpec) -> bool:
+        pid = self.pid(spec)
+        if pid is None:
+            return False
+        ticks = proc.start_ticks(pid)
+        try:
+            with Monitor(spec.monitor, timeout=5) as mon:
+                mon.execute("quit", timeout=10)
+        except Exception:  # noqa: BLE001 - the monitor may be gone; fall back to signals below
+            pass
+        if not proc.wait_gone(pid, ticks, 30):
+            proc.terminate(pid, ticks)
+        for stale in (spec.monitor, spec.pidfile):
+            _unlink(stale)
+        return True
+
+    def describe(self, spec: HostVMSpec) -> dict[str, Any]:
+        return {"runner": self.name, "qemu_user": self.qemu_user, "monitor": str(spec.monitor),
+                "pidfile": str(spec.pidfile), "qemu_log": str(spec.qemu_log),
+                "command": qemu_command(spec, self.qemu_user)}
+
+
+class LibvirtRunner:
+    name = "libvirt"
+
+    def __init__(self, uri: str = "qemu:///system") -> None:
+        self.uri = uri
+
+    def _connect(self) -> Any:
+        import libvirt
+
+        try:
+            return libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise RestartError(f"cannot connect to libvirt at {self.uri}: {exc}",
+                               hint="start libvirtd (and virtlogd), or use --runner qemu") from None
+
+    def domain_xml(self, spec: HostVMSpec) -> str:
+        return libvirt_domain_xml(spec)
+
+    def start(self, spec: HostVMSpec) -> int:
+        import libvirt
+
+        conn = self._connect()
+        try:
+            try:
+                old = conn.lookupByName(spec.name)
+            except libvirt.libvirtError:
+                old = None
+            if old is not None:
+                if old.isActive():
+                    raise RestartError(f"libvirt domain {spec.name} is already running",
+                                       hint="stop it first (`virsh destroy`) or rerun `python -m takeover run`")
+                old.undefine()
+            dom = conn.defineXML(self.domain_xml(spec))
+            dom.setAutostart(1)
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                raise RestartError(f"libvirt could not start {spec.name}: {exc}") from None
+            pid = self.pid(spec)
+            if pid is None:
+                raise RestartError(f"libvirt started {spec.name} but its QEMU pid is unknown")
+            return pid
+        finally:
+            conn.close()
+
+    def pid(self, spec: HostVMSpec) -> int | None:
+        for run_dir in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+            try:
+                pid = int(Path(run_dir, f"{spec.name}.pid").read_text().strip())
+            except (OSError, ValueError):
+                continue
+            try:
+                info = proc.read_process(pid)
+            except OSError:
+                return None
+            if any(str(spec.disk) in a for a in info.cmdline):
+                return pid
+        return None
+
+    def stop(self, spec: HostVMSpec) -> bool:
+        import libvirt
+
+        conn = self._connect()
+        try:
+            try:
+                dom = conn.lookupByName(spec.name)
+            except libvirt.libvirtError:
+                return False
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            return True
+        finally:
+            conn.close()
+
+    def describe(self, spec: HostVMSpec) -> dict[str, Any]:
+        import libvirt
+
+        conn = self._connect()
+        try:
+            dom = conn.lookupByName(spec.name)
+            return {"runner": self.name, "uri": self.uri, "domain": spec.name, "persistent": bool(dom.isPersistent()),
+                    "autostart": bool(dom.autostart()), "active": bool(dom.isActive())}
+        except libvirt.libvirtError as exc:
+            return {"runner": self.name, "uri": self.uri, "domain": spec.name, "error": str(exc)}
+        finally:
+            conn.close()
+
+
+def libvirt_domain_xml(spec: HostVMSpec) -> str:
+    """A persistent domain of type 'qemu' (TCG) or 'kvm', user networking through qemu:commandline."""
+    domain_type = "kvm" if spec.accel == "kvm" else "qemu"
+    extra = ["-netdev", f"user,id=net0,{spec.hostfwd()}", "-device", "virtio-net-pci,netdev=net0,addr=0x10"]
+    args = "\n".join(f"    <qemu:arg value={quoteattr(a)}/>" for a in extra)
+    return f"""<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{escape(spec.name)}</name>
+  <memory unit='MiB'>{spec.memory_mb}</memory>
+  <vcpu>{spec.cpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(spec.kernel))}</kernel>
+    <initrd>{escape(str(spec.initrd))}</initrd>
+    <cmdline>{escape(spec.append)}</cmdline>
+  </os>
+  <cpu mode='maximum'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>restart</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file={quoteattr(str(spec.disk))}/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path={quoteattr(str(spec.serial_log))}/>
+      <target port='0'/>
+    </serial>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+{args}
+  </qemu:commandline>
+</domain>
+"""
+
+
+def ensure_system_user(name: str) -> None:
+    """The unprivileged user QEMU switches to after opening its files (created once, no login)."""
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    proc_ = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", "/usr/sbin/nologin", "--comment", "secret-proxy-vm QEMU", name],
+                           capture_output=True, text=True, timeout=60)
+    if proc_.returncode != 0:
+        raise RestartError(f"cannot create the system user {name!r} for QEMU: {proc_.stderr.strip()}",
+                           hint="create it yourself (useradd --system) or pass --qemu-user root")
+
+
+def make_runner(name: str, *, qemu_user: str | None, libvirt_uri: str) -> Runner:
+    if name == "qemu":
+        return QemuRunner(qemu_user)
+    if name == "libvirt":
+        return LibvirtRunner(libvirt_uri)
+    raise ValueError(f"unknown runner {name!r}")
+
+
+def restart_as_host(spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    progress(f"starting {spec.name} with the {runner.name} runner")
+    if runner.stop(spec):
+        progress("stopped a host VM left by an earlier attempt")
+    started = time.monotonic()
+    pid = runner.start(spec)
+    return {"pid": pid, "pid_start_ticks": proc.start_ticks(pid), "start_seconds": round(time.monotonic() - started, 3),
+            "spec": spec.to_dict(), **runner.describe(spec)}
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _tail(path: Path, limit: int = 800) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip() or "(no output)"
+    except OSError:
+        return "(no output)"

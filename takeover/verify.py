@@ -1,0 +1,246 @@
+"""Step 6: prove the host's VM is the one answering, and that only the host can log in.
+
+* /health answers through the forwarded proxy port, and the socket listening
+  there belongs to the host's QEMU (an agent could otherwise squat the port
+  with a fake proxy while QEMU was down);
+* SSH with the host's key succeeds with strict host key checking against the
+  pinned known_hosts, and the key the VM shows is the one the host made;
+* the agent's setup key is refused, and the server offers no password login.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import proc
+from .errors import InvalidInput, VerifyError
+from .files import create_private, write_all
+from .models import Endpoint
+
+BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SECRET_PATTERNS = re.compile(r"^[A-Za-z0-9_.*?-]+(,[A-Za-z0-9_.*?-]+)*$")
+CLI = "/usr/local/bin/secret-proxy"
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    endpoint: Endpoint
+    key: Path
+    known_hosts: Path
+    user: str = "proxy"
+
+    def argv(self, *remote: str, key: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+        # -F /dev/null: no user or system ssh_config can add options, keys or a ProxyCommand.
+        return ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "HostKeyAlgorithms=ssh-ed25519", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", *extra,
+                "-i", str(key or self.key), "-p", str(self.endpoint.port),
+                f"{self.user}@{self.endpoint.host}", "--", *remote]
+
+    def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*remote), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+
+def verify_host_vm(proxy: Endpoint, ssh: SSHTarget, qemu_pid: int, *, setup_key_pub: str | None,
+                   agent_uid: int | None, timeout: float = BOOT_TIMEOUT,
+                   progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    started = time.monotonic()
+    alive = _pid_alive(qemu_pid)
+    progress(f"waiting for {proxy.url}/health (the guest is booting)")
+    health_s = wait_for_health(proxy, timeout, alive)
+    owners = listener_pids(proxy)
+    if qemu_pid not in owners:
+        raise VerifyError(f"{proxy} is answered by pid(s) {sorted(owners) or 'unknown'}, not by the host's QEMU "
+                          f"(pid {qemu_pid}); another process holds the proxy's port")
+    progress("checking SSH with the host's key and the pinned host key")
+    ssh_s = wait_for_ssh(ssh, timeout - (time.monotonic() - started), alive)
+    shown = host_key_shown(ssh.endpoint)
+    pinned = pinned_key(ssh.known_hosts)
+    if shown != pinned:
+        raise VerifyError(f"the VM shows host key {shown!r}, not the pinned one")
+    keys = ssh.run("cat", ".ssh/authorized_keys")
+    if keys.returncode != 0 or len([line for line in keys.stdout.splitlines() if line.strip()]) != 1:
+        raise VerifyError(f"the proxy user's authorized_keys is not exactly the host's key: {keys.stdout!r}")
+    service = ssh.run("systemctl", "is-active", "secret-proxy")
+    if service.stdout.strip() != "active":
+        raise VerifyError(f"secret-proxy.service is {service.stdout.strip() or service.stderr.strip()!r} in the VM")
+    methods = offered_methods(ssh)
+    if methods != ["publickey"]:
+        raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
+    agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid)
+    return {"health_seconds": round(health_s, 3), "ssh_seconds": round(ssh_s, 3), "listener_pids": sorted(owners),
+            "host_key": shown, "auth_methods": methods, "agent_key": agent_key,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _pid_alive(pid: int) -> Callable[[], bool]:
+    try:
+        ticks = proc.start_ticks(pid)
+    except OSError:
+        return lambda: False
+    return lambda: proc.alive(pid, ticks)
+
+
+def wait_for_health(proxy: Endpoint, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(proxy.url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        if not alive():
+            raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered")
+        time.sleep(1)
+    raise VerifyError(f"{proxy.url}/health did not answer within {timeout:.0f} s")
+
+
+def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < max(timeout, 30):
+        result = ssh.run("true", timeout=60)
+        if result.returncode == 0:
+            return time.monotonic() - started
+        last = result.stderr.strip()
+        if "Host key verification failed" in last or "REMOTE HOST IDENTIFICATION HAS CHANGED" in last:
+            raise VerifyError(f"the VM's SSH host key is not the pinned one: {last}")
+        if not alive():
+            raise VerifyError("the host's QEMU exited before SSH answered")
+        time.sleep(2)
+    raise VerifyError(f"SSH with the host's key did not work: {last}")
+
+
+def host_key_shown(endpoint: Endpoint) -> str:
+    result = subprocess.run(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(endpoint.port), endpoint.host],
+                            capture_output=True, text=True, timeout=60)
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == "ssh-ed25519":
+            return f"{parts[1]} {parts[2]}"
+    raise VerifyError(f"ssh-keyscan got no ed25519 host key from {endpoint}: {result.stderr.strip()}")
+
+
+def pinned_key(known_hosts: Path) -> str:
+    parts = known_hosts.read_text().split()
+    return f"{parts[1]} {parts[2]}"
+
+
+def offered_methods(ssh: SSHTarget) -> list[str]:
+    """The authentication methods sshd offers, from a login attempt with no usable key."""
+    result = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", "PubkeyAuthentication=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10",
+         "-p", str(ssh.endpoint.port), f"{ssh.user}@{ssh.endpoint.host}", "true"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
+    if result.returncode == 0 or match is None:
+        raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")
+    return match.group(1).split(",")
+
+
+def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid: int | None) -> str:
+    """Log in with the agent's own setup key; it must be refused."""
+    if not setup_key_pub:
+        return "no setup key named in the ready file; not tried"
+    private = read_agent_private_key(Path(setup_key_pub).with_suffix(""), agent_uid)
+    if private is None:
+        return f"no readable private key next to {setup_key_pub}; not tried"
+    with tempfile.TemporaryDirectory(prefix="takeover-agentkey-") as tmp:
+        key = Path(tmp) / "setup_key"
+        fd = create_private(key)
+        try:
+            write_all(fd, private)
+        finally:
+            os.close(fd)
+        result = subprocess.run(ssh.argv("true", key=key), capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+    if result.returncode == 0:
+        raise VerifyError("the agent's setup key still logs in to the VM")
+    if "Permission denied" not in result.stderr:
+        raise VerifyError(f"the agent's setup key failed for an unexpected reason: {result.stderr.strip()!r}")
+    return "refused"
+
+
+def read_agent_private_key(path: Path, agent_uid: int | None) -> bytes | None:
+    """The agent's setup key, read without following links and only if the agent owns it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 16384 or (agent_uid is not None and st.st_uid != agent_uid):
+            return None
+        return os.read(fd, 16384)
+    finally:
+        os.close(fd)
+
+
+def listener_pids(endpoint: Endpoint) -> set[int]:
+    """Pids holding a listening TCP socket on `endpoint`'s port (from /proc/net/tcp{,6})."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == endpoint.port:  # 0A: LISTEN
+                inodes.add(f"socket:[{inode}]")
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    pids.add(int(entry.name))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Path) -> dict[str, str]:
+    """`secret-proxy agents add NAME --secrets PATTERNS` over the host's SSH; token to a new 0600 file."""
+    if not AGENT_NAME.match(name):
+        raise InvalidInput(f"agent name {name!r} must match {AGENT_NAME.pattern}")
+    if not SECRET_PATTERNS.match(patterns):
+        raise InvalidInput(f"secret patterns {patterns!r} must be comma-separated globs of [A-Za-z0-9_.*?-]")
+    # ssh joins the remote words into one shell line; both values are checked above, and the
+    # patterns are quoted so the remote shell does not expand their globs.
+    result = ssh.run(CLI, "agents", "add", name, "--secrets", f"'{patterns}'")
+    token = result.stdout.strip()
+    if result.returncode != 0 or not token or len(token.split()) != 1:
+        raise VerifyError(f"`secret-proxy agents add {name}` failed in the VM: {result.stderr.strip()[-300:]}")
+    fd = create_private(token_file)
+    try:
+        write_all(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"agent": name, "secrets": patterns, "token_file": str(token_file)}
+
+
+def which_ssh() -> None:
+    for tool in ("ssh", "ssh-keyscan"):
+        if shutil.which(tool) is None:
+            raise VerifyError(f"{tool} is not installed on the host", hint="apt-get install openssh-client")

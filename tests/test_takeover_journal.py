@@ -1,0 +1,108 @@
+"""The journal: atomic, private, and it decides where a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from takeover.config import TakeoverConfig
+from takeover.errors import DestinationTaken, JournalError
+from takeover.files import ensure_host_dir
+from takeover.journal import DONE, ROLLED_BACK, STEPS, Journal, check_destination, first_step_to_run, steps_to_run
+from takeover.runbook import open_journal
+
+
+@pytest.fixture
+def host_dir(tmp_path):
+    return ensure_host_dir(tmp_path / "host")
+
+
+def finished(journal, *steps):
+    for step in steps:
+        journal.begin(step)
+        journal.finish(step, {"ok": step})
+
+
+def test_journal_is_written_atomically_and_private(host_dir):
+    journal = Journal.new(host_dir, {"runner": "qemu"})
+    finished(journal, "find_vm")
+    st = os.stat(journal.path)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert [p.name for p in host_dir.iterdir()] == ["journal.json"]  # no temp files left
+    loaded = Journal.load(host_dir)
+    assert loaded.done("find_vm") and loaded.result("find_vm") == {"ok": "find_vm"}
+    assert loaded.entry("find_vm")["duration_s"] >= 0
+
+
+def test_a_fresh_run_starts_at_step_1(host_dir):
+    assert first_step_to_run(Journal.new(host_dir, {})) == "find_vm"
+
+
+@pytest.mark.parametrize("done, unfinished, resume_at", [
+    ([], "find_vm", "find_vm"),
+    # the live VM must be checked again before anything is sent to its monitor
+    (["find_vm"], "checkpoint", "find_vm"),
+    (["find_vm", "checkpoint"], "relocate", "relocate"),
+    # a half-scrubbed copy is never trusted: copy again
+    (["find_vm", "checkpoint", "relocate"], "scrub", "relocate"),
+    (["find_vm", "checkpoint", "relocate", "scrub"], "restart", "restart"),
+    # a VM that failed verification is restarted
+    (["find_vm", "checkpoint", "relocate", "scrub", "restart"], "verify", "restart"),
+    (["find_vm", "checkpoint", "relocate", "scrub", "restart", "verify"], "revoke", "revoke"),
+])
+def test_rerun_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
+    journal = Journal.new(host_dir, {})
+    finished(journal, *done)
+    journal.begin(unfinished)
+    journal.fail(unfinished, RuntimeError("boom"))
+    assert first_step_to_run(journal) == resume_at
+    assert steps_to_run(journal) == list(STEPS[STEPS.index(resume_at):])
+
+
+def test_everything_done_means_nothing_to_run(host_dir):
+    journal = Journal.new(host_dir, {})
+    finished(journal, *STEPS)
+    assert first_step_to_run(journal) is None
+
+
+def test_a_finished_takeover_is_not_overwritten(host_dir):
+    journal = Journal.new(host_dir, {})
+    journal.set_state(DONE)
+    with pytest.raises(DestinationTaken, match="already holds a taken-over VM"):
+        check_destination(Journal.load(host_dir))
+    with pytest.raises(DestinationTaken):
+        open_journal(TakeoverConfig(host_dir=host_dir), host_dir)
+
+
+def test_a_disk_without_a_journal_is_not_overwritten(host_dir):
+    (host_dir / "disk.qcow2").write_bytes(b"someone's VM")
+    with pytest.raises(DestinationTaken, match="no journal"):
+        open_journal(TakeoverConfig(host_dir=host_dir), host_dir)
+
+
+def test_a_rolled_back_journal_is_archived_and_a_new_run_starts(host_dir):
+    old = Journal.new(host_dir, {})
+    finished(old, "find_vm")
+    old.set_state(ROLLED_BACK)
+    journal = open_journal(TakeoverConfig(host_dir=host_dir), host_dir)
+    assert first_step_to_run(journal) == "find_vm"
+    assert any(p.name.startswith("journal-rolled_back-") for p in host_dir.iterdir())
+
+
+def test_an_in_progress_journal_is_resumed(host_dir):
+    old = Journal.new(host_dir, {})
+    finished(old, "find_vm", "checkpoint")
+    journal = open_journal(TakeoverConfig(host_dir=host_dir), host_dir)
+    assert first_step_to_run(journal) == "relocate"
+
+
+def test_a_corrupt_journal_is_a_clear_error(host_dir):
+    (host_dir / "journal.json").write_text("{not json")
+    with pytest.raises(JournalError, match="not valid JSON"):
+        Journal.load(host_dir)
+    (host_dir / "journal.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(JournalError, match="not a version 1"):
+        Journal.load(host_dir)

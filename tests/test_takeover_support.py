@@ -1,0 +1,93 @@
+"""Support for the takeover tests (no tests here): tiny qcow2 images, QEMU with only a monitor, fake sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from takeover import proc
+
+
+def make_qcow2(path: Path, size: str = "64M", *extra: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size], check=True)
+    return path
+
+
+@dataclass
+class MonitorOnlyQemu:
+    """A QEMU with `-machine none`: no guest, but a real QMP monitor and a real open qcow2."""
+
+    pid: int
+    ticks: int
+    monitor: Path
+    disk: Path
+    pidfile: Path
+
+    def alive(self) -> bool:
+        return proc.alive(self.pid, self.ticks)
+
+    def kill(self) -> None:
+        proc.terminate(self.pid, self.ticks, grace=5)
+
+
+def start_monitor_only_qemu(workdir: Path, disk: Path, *, user: str | None = None) -> MonitorOnlyQemu:
+    monitor, pidfile = workdir / "qmp.sock", workdir / "qemu.pid"
+    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+            "-drive", f"file={disk},if=none,id=d0,format=qcow2",
+            "-qmp", f"unix:{monitor},server=on,wait=off", "-daemonize", "-pidfile", str(pidfile)]
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    subprocess.run(argv, check=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip() and monitor.exists()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("QEMU did not write its pidfile")
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile)
+
+
+@contextmanager
+def fake_socket_server(path: Path, greeting: bytes | None) -> Iterator[Path]:
+    """A unix socket that answers every connection with `greeting` (or stays silent), then hangs up."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                if greeting is not None:
+                    conn.sendall(greeting)
+                stop.wait(3)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        os.unlink(path)
+
+
+def write_ready(path: Path, **fields: object) -> Path:
+    import json
+
+    data = {"version": 1, **fields}
+    path.write_text("READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n")
+    return path
