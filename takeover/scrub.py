@@ -73,6 +73,7 @@ class ScrubResult:
 class ProxyIds:
     uid: int
     gid: int
+    homes: tuple[str, ...] = ()  # every home directory /etc/passwd named before the scrub
 
 
 def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None] = lambda _: None) -> ScrubResult:
@@ -138,6 +139,8 @@ def remove_internal_snapshots(disk: Path) -> list[str]:
 def scrub_accounts(guest: Guest) -> ProxyIds:
     """One root, a proxy user that is not root, and no usable password anywhere."""
     lines = guest.read("/etc/passwd").decode("utf-8", "replace").splitlines()
+    homes = tuple(sorted({f[5].rstrip("/") for f in (line.split(":") for line in lines)
+                          if len(f) == 7 and f[5].startswith("/")}))
     kept, proxy = [], None
     for line in lines:
         fields = line.split(":")
@@ -173,7 +176,7 @@ def scrub_accounts(guest: Guest) -> ProxyIds:
     if guest.is_file("/etc/gshadow"):
         _lock_passwords(guest, "/etc/gshadow", name_field=0, password_field=1, proxy_password="!")
     _drop_supplementary_groups(guest, proxy)
-    return proxy
+    return ProxyIds(proxy.uid, proxy.gid, homes)
 
 
 def _lock_passwords(guest: Guest, path: str, name_field: int, password_field: int, proxy_password: str) -> None:
@@ -243,7 +246,7 @@ def scrub_privilege_grants(guest: Guest) -> None:
 
 def rekey_ssh(guest: Guest, keys: HostKeys, proxy: ProxyIds) -> None:
     """Only the host's key logs in, only as proxy; the VM proves itself with a host key the host made."""
-    for home in _home_dirs(guest):
+    for home in _home_dirs(guest, proxy.homes):
         for name in ("authorized_keys", "authorized_keys2", "rc", "environment"):
             guest.remove(f"{home}/.ssh/{name}", "SSH login material of the agent's era")
     guest.remove("/etc/ssh/sshrc", "runs at every SSH login")
@@ -265,13 +268,10 @@ def rekey_ssh(guest: Guest, keys: HostKeys, proxy: ProxyIds) -> None:
                 proxy.uid, proxy.gid, why="only the host's login key")
 
 
-def _home_dirs(guest: Guest) -> list[str]:
-    homes = {"/root", PROXY_HOME}
+def _home_dirs(guest: Guest, passwd_homes: tuple[str, ...]) -> list[str]:
+    # Homes named in /etc/passwd before the scrub changed it, plus every directory under /home.
+    homes = {"/root", PROXY_HOME, *passwd_homes}
     homes.update(f"/home/{name}" for name in guest.listdir("/home"))
-    for line in guest.read("/etc/passwd").decode("utf-8", "replace").splitlines():
-        fields = line.split(":")
-        if len(fields) == 7 and fields[5].startswith("/"):
-            homes.add(fields[5].rstrip("/") or "")
     return sorted(homes)
 
 
