@@ -53,17 +53,34 @@ class BootFiles:
         return cls(Path(data["kernel"]), Path(data["initrd"]), data["version"], data["append"], data["source"])
 
 
-def host_boot_files(boot_dir: Path) -> BootFiles:
-    """Kernel and initrd in `boot_dir` (0700, cached across runs), from vm_image.boot_files."""
+def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | None = None,
+                    append: str | None = None) -> BootFiles:
+    """Kernel and initrd in `boot_dir` (cached across runs), from vm_image.boot_files.
+
+    An operator may name their own kernel and initrd instead (--kernel/--initrd): they are
+    copied into the host directory, so the VM never boots from a path someone else can change.
+    """
     check_safe_path(boot_dir, "boot directory")
     boot_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(boot_dir, 0o711 if os.stat(boot_dir.parent).st_mode & 0o011 else 0o700)
+    if kernel is not None and initrd is not None:
+        copies = []
+        for src, name in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
+            dst = boot_dir / name
+            partial = boot_dir / f".{name}.partial"
+            shutil.copyfile(src, partial, follow_symlinks=True)
+            os.chmod(partial, 0o644)
+            os.replace(partial, dst)
+            copies.append(dst)
+        return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or DEFAULT_APPEND,
+                         f"operator: {kernel}, {initrd}")
     try:
         from vm_image import boot_files as provider
     except ImportError:
         raise BootFilesError("vm_image.boot_files is not available in this checkout",
                              hint="the host's kernel comes from vm_image.boot_files; update the checkout") from None
-    kernel, initrd, append = _call_provider(provider, boot_dir)
+    kernel, initrd, provided_append = _call_provider(provider, boot_dir)
+    append = append or provided_append
     for path in (kernel, initrd):
         check_safe_path(path, "boot file")
         if not path.is_file():

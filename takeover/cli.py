@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
     vm.add_argument("--no-replace-modules", action="store_true",
                     help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
+    vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
+    vm.add_argument("--initrd", type=Path, help="the initrd for --kernel")
+    vm.add_argument("--kernel-append", help="kernel command line (default: vm_image's, or root=/dev/vda rw console=ttyS0)")
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
         agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv, replace_modules=not args.no_replace_modules,
-        fail_after=args.fail_after,
+        kernel=args.kernel, initrd=args.initrd, kernel_append=args.kernel_append, fail_after=args.fail_after,
     )
 
 

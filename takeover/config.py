@@ -37,6 +37,9 @@ class TakeoverConfig:
     boot_timeout: float = 600.0
     reinstall_venv: bool = True
     replace_modules: bool = True
+    kernel: Path | None = None  # the operator's own kernel and initrd instead of vm_image.boot_files
+    initrd: Path | None = None
+    kernel_append: str | None = None
     fail_after: str | None = None  # tests only: fail right after this step (hidden option)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pwd
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
@@ -66,8 +66,8 @@ class HostVMSpec:
             raise ValueError(f"VM name {self.name!r} must be letters, digits, - and _")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {k: str(v) if isinstance(v, (Path, Endpoint)) else v for k, v in data.items()}
+        return {f.name: (str(v) if isinstance(v, (Path, Endpoint)) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
 
     def hostfwd(self) -> str:
         return (f"hostfwd=tcp:{self.proxy_listen.host}:{self.proxy_listen.port}-:{GUEST_PROXY_PORT},"

@@ -193,7 +193,8 @@ def check_port_free(endpoint: Endpoint) -> None:
 def boot_files(ctx: Context) -> BootFiles:
     if "boot" not in ctx.cache:
         ctx.note("preparing the host's own kernel and initrd")
-        ctx.cache["boot"] = host_boot_files(ctx.host_dir / "boot")
+        cfg = ctx.cfg
+        ctx.cache["boot"] = host_boot_files(ctx.host_dir / "boot", cfg.kernel, cfg.initrd, cfg.kernel_append)
     return ctx.cache["boot"]
 
 
@@ -252,6 +253,11 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     if cfg.agent_name is not None and (not AGENT_NAME.match(cfg.agent_name) or not SECRET_PATTERNS.match(cfg.agent_secrets)):
         raise InvalidInput(f"--agent-name must match {AGENT_NAME.pattern} and --agent-secrets {SECRET_PATTERNS.pattern}")
     proxy_config = read_proxy_config(cfg.proxy_config) if cfg.proxy_config else None
+    if (cfg.kernel is None) != (cfg.initrd is None):
+        raise InvalidInput("--kernel and --initrd go together")
+    for path in (cfg.kernel, cfg.initrd):
+        if path is not None and not path.is_file():
+            raise InvalidInput(f"{path} is not a file")
     which_ssh()
     host_dir = prepare_host_dir(cfg)
     journal = open_journal(cfg, host_dir)

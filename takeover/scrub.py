@@ -164,7 +164,7 @@ def scrub_accounts(guest: Guest) -> ProxyIds:
                                             f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash"))
                 fields[5], fields[6] = PROXY_HOME, "/bin/bash"
             proxy = ProxyIds(uid, int(fields[3]))
-        elif fields[6] not in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false", "/bin/sync"):
+        elif name != "root" and fields[6] not in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false", "/bin/sync"):
             guest.findings.append(f"account {name!r} (uid {uid}) has login shell {fields[6]}; it cannot log in "
                                   f"(password locked, SSH allows only {PROXY_USER})")
         kept.append(":".join(fields))
@@ -189,8 +189,9 @@ def _lock_passwords(guest: Guest, path: str, name_field: int, password_field: in
         if len(fields) < 2:
             continue
         want = proxy_password if fields[name_field] == PROXY_USER else "!*"
-        if fields[password_field] != want:
-            if fields[password_field] not in ("*", "!", "!*", "") or fields[name_field] == PROXY_USER:
+        old = fields[password_field]
+        if old != want:
+            if not old.startswith(("!", "*")) and old:  # a hash: a password that worked until now
                 locked.append(fields[name_field])
             fields[password_field] = want
         if path == "/etc/shadow" and fields[name_field] == PROXY_USER and len(fields) >= 8 and fields[7]:
@@ -198,7 +199,7 @@ def _lock_passwords(guest: Guest, path: str, name_field: int, password_field: in
         out.append(":".join(fields))
     if out != lines:
         guest.write(path, _text(out), 0o640, 0, _group_id(guest, "shadow"),
-                    why=f"every password locked; had a usable or changed password: {', '.join(locked) or 'none'}")
+                    why=f"every password locked; had a password until now: {', '.join(locked) or 'none'}")
 
 
 def _drop_supplementary_groups(guest: Guest, proxy: ProxyIds) -> None:

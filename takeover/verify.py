@@ -74,9 +74,10 @@ def verify_host_vm(proxy: Endpoint, ssh: SSHTarget, qemu_pid: int, *, setup_key_
     keys = ssh.run("cat", ".ssh/authorized_keys")
     if keys.returncode != 0 or len([line for line in keys.stdout.splitlines() if line.strip()]) != 1:
         raise VerifyError(f"the proxy user's authorized_keys is not exactly the host's key: {keys.stdout!r}")
-    service = ssh.run("systemctl", "is-active", "secret-proxy")
-    if service.stdout.strip() != "active":
-        raise VerifyError(f"secret-proxy.service is {service.stdout.strip() or service.stderr.strip()!r} in the VM")
+    # The operator CLI over the host's key works on the fresh data directory (and its audit chain is intact).
+    audit = ssh.run(CLI, "audit", "verify")
+    if audit.returncode != 0 or "intact" not in audit.stdout:
+        raise VerifyError(f"`secret-proxy audit verify` failed in the VM: {(audit.stdout + audit.stderr).strip()[-300:]}")
     methods = offered_methods(ssh)
     if methods != ["publickey"]:
         raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
