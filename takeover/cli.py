@@ -17,7 +17,7 @@ from .errors import TakeoverError
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
-from .runbook import roll_back, run_takeover, status
+from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="print the journal's state")
     common(st)
+    common(sub.add_parser("start", help="start the taken-over VM again (e.g. after a host reboot)"))
+    common(sub.add_parser("stop", help="stop the taken-over VM (a libvirt domain stays defined, with autostart)"))
     return p
 
 
@@ -94,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(report, indent=2) if args.json else text)
         elif args.command == "rollback":
             print(json.dumps(roll_back(cfg, Progress(), cold=args.cold), indent=2))
+        elif args.command == "start":
+            print(json.dumps(start_host_vm(cfg), indent=2))
+        elif args.command == "stop":
+            print(json.dumps(stop_host_vm(cfg), indent=2))
         else:
             print(json.dumps(status(cfg), indent=2))
     except TakeoverError as err:

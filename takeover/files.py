@@ -62,6 +62,14 @@ def write_json_atomic(path: Path, data: object) -> None:
     write_private(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), replace=True)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HostKeyError
-from .files import fsync_dir, write_private
+from .files import fsync_dir, fsync_file, write_private
 from .models import Endpoint
 
 HOST_KEY = "host_key"
@@ -53,6 +53,7 @@ def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
         # Rename within the host directory: the private key never exists anywhere but 0700/0600 places.
         os.replace(work / "login", host_dir / HOST_KEY)
         os.chmod(host_dir / HOST_KEY, 0o600)
+        fsync_file(host_dir / HOST_KEY)
         write_private(host_dir / (HOST_KEY + ".pub"), (login_public + "\n").encode(), replace=True)
         vm_fp = fingerprint(work / "vm_host.pub")
         login_fp = fingerprint(host_dir / (HOST_KEY + ".pub"))

@@ -110,7 +110,7 @@ class Runner(Protocol):
 
     def start(self, spec: HostVMSpec) -> int: ...
 
-    def stop(self, spec: HostVMSpec) -> bool: ...
+    def stop(self, spec: HostVMSpec, undefine: bool = True) -> bool: ...
 
     def pid(self, spec: HostVMSpec) -> int | None: ...
 
@@ -166,7 +166,7 @@ class QemuRunner:
             return pid
         return None
 
-    def stop(self, spec: HostVMSpec) -> bool:
+    def stop(self, spec: HostVMSpec, undefine: bool = True) -> bool:
         pid = self.pid(spec)
         if pid is None:
             return False
@@ -247,7 +247,8 @@ class LibvirtRunner:
                 return pid
         return None
 
-    def stop(self, spec: HostVMSpec) -> bool:
+    def stop(self, spec: HostVMSpec, undefine: bool = True) -> bool:
+        """Destroy the domain if running; with `undefine`, forget it too (a run replaces it)."""
         import libvirt
 
         conn = self._connect()
@@ -256,10 +257,12 @@ class LibvirtRunner:
                 dom = conn.lookupByName(spec.name)
             except libvirt.libvirtError:
                 return False
-            if dom.isActive():
+            active = bool(dom.isActive())
+            if active:
                 dom.destroy()
-            dom.undefine()
-            return True
+            if undefine:
+                dom.undefine()
+            return active or undefine
         finally:
             conn.close()
 

@@ -348,6 +348,34 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
     return {"rolled_back": True, "detail": detail, "seconds": round(time.monotonic() - started, 3)}
 
 
+def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
+    require_root()
+    journal = Journal.load(cfg.host_dir)
+    if journal is None or not journal.done("verify"):
+        raise JournalError(f"{cfg.host_dir} holds no verified takeover",
+                           hint="run `python -m takeover run` first (or rerun it to finish)")
+    options = journal.data.get("options", {})
+    runner = make_runner(options.get("runner", "qemu"), qemu_user=options.get("qemu_user"),
+                         libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
+    return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner
+
+
+def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
+    """Start the taken-over VM again (after a host reboot: the qemu runner has no autostart)."""
+    spec, runner = _finished_vm(cfg)
+    pid = runner.pid(spec)
+    if pid is not None:
+        return {"started": False, "pid": pid, "detail": "already running"}
+    pid = runner.start(spec)
+    seconds = wait_for_health(spec.proxy_listen.url)
+    return {"started": True, "pid": pid, "health_seconds": round(seconds, 3)}
+
+
+def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
+    spec, runner = _finished_vm(cfg)
+    return {"stopped": runner.stop(spec, undefine=False)}
+
+
 def status(cfg: TakeoverConfig) -> dict[str, Any]:
     journal = Journal.load(cfg.host_dir)
     if journal is None:

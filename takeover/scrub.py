@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from .diskimage import QEMU_IMG, inspect_image
 from .errors import ScrubError
+from .files import fsync_file
 from .guest import Change, Guest
 from .host_keys import HostKeys
 from . import guest_files
@@ -111,6 +112,9 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
         raise
     t = time.monotonic()
     guest.close()
+    # The appliance wrote through the host's page cache; the journal will say "scrubbed", so
+    # the scrubbed bytes must be on disk first, or a crash could leave a half-scrubbed disk behind.
+    fsync_file(disk)
     timings["flush"] = round(time.monotonic() - t, 3)
     not_blocked = list(NOT_BLOCKED)
     if plan.venv_tar is None:

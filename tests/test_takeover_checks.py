@@ -20,12 +20,14 @@ from takeover.diskimage import inspect_image
 from takeover.errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError,
                              UnsafeCommandLine)
 from takeover.files import ensure_host_dir
+from takeover.journal import Journal, first_step_to_run
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.revoke import remove_agent_file
 from takeover.rollback import replay_command, start_source_vm
+from takeover.runbook import recover_interrupted_checkpoint
 
 from .test_takeover_support import fake_socket_server, make_qcow2, start_monitor_only_qemu, write_ready
 
@@ -341,3 +343,25 @@ def test_unsafe_paths_never_reach_a_command_line(tmp_path):
         HostVMSpec(**{**spec(tmp_path).__dict__, "disk": Path("/tmp/a,b.qcow2")})
 
 
+
+
+def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_dir, qemu):
+    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
+    journal = Journal.new(host_dir, {})
+    journal.begin("find_vm")
+    journal.finish("find_vm", source.to_dict())
+    journal.begin("checkpoint")
+    save_checkpoint_and_stop(source)  # ... and the takeover died before journaling it
+    recover_interrupted_checkpoint(journal)
+    assert journal.done("checkpoint") and first_step_to_run(journal) == "relocate"
+
+
+def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu):
+    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
+    journal = Journal.new(host_dir, {})
+    journal.begin("find_vm")
+    journal.finish("find_vm", source.to_dict())
+    journal.begin("checkpoint")
+    recover_interrupted_checkpoint(journal)
+    assert not journal.done("checkpoint") and first_step_to_run(journal) == "find_vm"
+    assert qemu.alive()

@@ -114,13 +114,19 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     proxy_toml.write_text("pending_timeout_seconds = 900\n")
     os.chmod(proxy_toml, 0o600)
     token_file = tmp_path / "alice.token"
-    result = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                      "--ssh-listen", f"127.0.0.1:{ssh_port}", "--proxy-config", str(proxy_toml),
-                      "--agent-name", "alice", "--agent-secrets", "api-*", "--token-file", str(token_file),
-                      *host_kernel_args())
+    args = ["run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
+            "--ssh-listen", f"127.0.0.1:{ssh_port}", "--proxy-config", str(proxy_toml),
+            "--agent-name", "alice", "--agent-secrets", "api-*", "--token-file", str(token_file), *host_kernel_args()]
+    # The first run dies after the scrub; the rerun resumes there instead of starting over.
+    interrupted = takeover(*args, "--fail-after", "scrub")
+    assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
+    result = takeover(*args)
     print_durations(host_dir)
     try:
         assert result.returncode == 0, result.stderr
+        assert "copy the disk to the host: done in an earlier run" in result.stderr
+        history = json.loads((host_dir / "journal.json").read_text())["history"]
+        assert [h["step"] for h in history if h["event"] == "started"].count("scrub") == 1
         assert "Takeover complete." in result.stdout
         report = json.loads((host_dir / "report.json").read_text())
         assert [s["status"] for s in report["steps"]] == ["done"] * len(STEPS)
@@ -160,6 +166,12 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert info.uid != 0 and info.uid != agent_vm.uid
         assert str(host_dir / "disk.qcow2") in " ".join(info.cmdline)
         assert str(agent_vm.state) not in " ".join(info.cmdline)
+
+        # The operator can stop and start the host's VM (the qemu runner has no autostart).
+        assert json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout) == {"stopped": True}
+        started = json.loads(takeover("start", "--host-dir", str(host_dir)).stdout)
+        assert started["started"] is True
+        assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
         again = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir))
