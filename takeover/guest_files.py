@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The proxy's unit and CLI wrapper are vm_image's text, written again by the host (one source for both).
+from vm_image.guest_files import UNIT, WRAPPER  # noqa: F401
+
 HEADER = "# Written by the host's takeover (python -m takeover); what the agent left here is gone.\n"
 
 # Only the host's key, only as proxy, no passwords, no PAM (its stack is the agent's), no
@@ -50,38 +53,4 @@ PS1='\\u@\\h:\\w\\$ '
 PROFILE = HEADER + """\
 PATH="/usr/local/bin:/usr/bin:/bin"
 export PATH
-"""
-
-# The operator CLI with the service's data directory. -I: no current directory, no user site,
-# no PYTHON* variables on sys.path, so nothing in the caller's directory or environment is imported.
-WRAPPER = """#!/bin/sh
-# Written by the host's takeover: the proxy's operator CLI with the service's data directory.
-exec /opt/secret-proxy/venv/bin/python -I -m proxy --data-dir /var/lib/secret-proxy "$@"
-"""
-
-# The host's own unit for the proxy, used when vm_image does not ship one (docs/architecture.md).
-UNIT = """\
-# Written by the host's takeover (python -m takeover).
-[Unit]
-Description=secret-proxy: secret approvals for AI agents
-After=network.target
-
-[Service]
-Type=simple
-User=proxy
-Group=proxy
-Environment=SECRET_PROXY_DATA_DIR=/var/lib/secret-proxy
-ExecStartPre=/bin/sh -c 'test -e /var/lib/secret-proxy/master.key || exec /opt/secret-proxy/venv/bin/python -I -m proxy init'
-ExecStart=/opt/secret-proxy/venv/bin/python -I -m proxy serve --host 0.0.0.0 --port 3737
-Restart=on-failure
-RestartSec=2
-NoNewPrivileges=yes
-PrivateTmp=yes
-ProtectSystem=strict
-ProtectHome=yes
-ReadWritePaths=/var/lib/secret-proxy
-UMask=0077
-
-[Install]
-WantedBy=multi-user.target
 """

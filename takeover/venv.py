@@ -1,30 +1,18 @@
 """The proxy's venv, rebuilt on the host from the locked wheels, to replace the agent's copy.
 
-The venv is the code that holds the master key; the agent built it and could
-have changed any file in it (or added a .pth that runs at every start). The
-host rebuilds it from `uv.lock` (hashes required) and its own checkout of
-`proxy/`, for the guest's Python (Debian 12's python3.11, the same as the
-host's), and the scrub puts it in place owned by root, so the proxy user
-cannot change its own code either.
+The builder is vm_image's (one recipe for both sides); here its errors become
+takeover errors with the takeover's advice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import TakeoverError
+from vm_image import proxy_venv
+from vm_image.errors import VmImageError
 
-ROOT = Path(__file__).resolve().parent.parent
-GUEST_VENV = "/opt/secret-proxy/venv"
-GUEST_PYTHON = "/usr/bin/python3.11"
+from .errors import TakeoverError
 
 
 class VenvError(TakeoverError):
@@ -33,60 +21,7 @@ class VenvError(TakeoverError):
 
 
 def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _: None) -> Path:
-    """A tarball of the venv's contents (paths relative to /opt/secret-proxy/venv); cached by input hash."""
-    work_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(work_dir, 0o700)
-    digest = _inputs_digest()
-    tarball = work_dir / f"venv-{digest[:16]}.tar"
-    if tarball.is_file():
-        return tarball
-    uv = shutil.which("uv")
-    if uv is None:
-        raise VenvError("uv is not installed on the host")
-    if not Path(GUEST_PYTHON).exists():
-        raise VenvError(f"{GUEST_PYTHON} is not on the host; the venv must be built for the guest's Python")
-    progress("building the proxy's venv from uv.lock on the host")
-    with tempfile.TemporaryDirectory(prefix=".venv-build-", dir=work_dir) as tmp:
-        stage = Path(tmp) / "stage"
-        venv = stage / GUEST_VENV.lstrip("/")
-        requirements = Path(tmp) / "requirements.txt"
-        _run([uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt",
-                       "--no-header", "--project", str(ROOT), "-o", str(requirements)])
-        _run([uv, "venv", "--quiet", "--relocatable", "--python", GUEST_PYTHON, str(venv)])
-        _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin/python"), "--require-hashes",
-              "--no-deps", "--link-mode", "copy", "--no-compile", "-r", str(requirements)])
-        site = venv / "lib/python3.11/site-packages"
-        shutil.copytree(ROOT / "proxy", site / "proxy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # Byte-compile here, with the guest's paths in the code objects: the venv is read-only for
-        # the proxy user, so the guest could never write its own caches (slow starts under TCG).
-        _run([GUEST_PYTHON, "-m", "compileall", "-q", "-j", "0", "-s", str(stage), "-p", "/", str(venv / "lib")])
-        for activate in venv.glob("bin/activate*"):
-            activate.unlink()  # they name the staging path; nobody activates a service's venv
-        partial = work_dir / f".{tarball.name}.partial"
-        with tarfile.open(partial, "w") as tar:
-            tar.add(venv, arcname=".", filter=_root_owned)
-        os.chmod(partial, 0o600)
-        os.replace(partial, tarball)
-    return tarball
-
-
-def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    info.mode &= 0o755  # no group/other write, no setuid
-    return info
-
-
-def _inputs_digest() -> str:
-    h = hashlib.sha256()
-    for path in [ROOT / "uv.lock", ROOT / "pyproject.toml", *sorted((ROOT / "proxy").rglob("*.py"))]:
-        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(sys.version.encode())
-    return h.hexdigest()
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    if proc.returncode != 0:
-        raise VenvError(f"{' '.join(argv[:3])} failed: {proc.stderr.strip()[-500:]}")
-    return proc
+    try:
+        return proxy_venv.build_proxy_venv(work_dir, progress)
+    except VmImageError as exc:
+        raise VenvError(str(exc)) from None

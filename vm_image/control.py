@@ -1,0 +1,104 @@
+"""`vm_image status` and `vm_image stop`: is the VM up and answering; shut it down cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from . import proc, qmp
+from .errors import VmImageError
+from .launch import READY_MARKER
+from .layout import Layout
+
+
+def read_ready(path: Path) -> dict[str, Any]:
+    try:
+        marker, _, body = path.read_text().partition("\n")
+    except OSError:
+        return {}
+    if marker.strip() != READY_MARKER:
+        return {}
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {}
+
+
+def status(layout: Layout) -> dict[str, Any]:
+    """What a user checks: is QEMU running, what does QMP say, does the proxy answer."""
+    pid = proc.running_qemu(layout.pidfile)
+    ready = read_ready(layout.ready)
+    report: dict[str, Any] = {"state_dir": str(layout.state), "running": pid is not None, "pid": pid,
+                              "ready_file": str(layout.ready) if ready else None, "qmp_status": None,
+                              "health": None}
+    if pid is None:
+        return report
+    try:
+        report["qmp_status"] = qmp.execute(layout.monitor, "query-status", timeout=5).get("status")
+    except VmImageError as exc:
+        report["qmp_status"] = f"unreachable: {exc}"
+    if ready:
+        url = f"http://{ready['proxy']['host']}:{ready['proxy']['port']}"
+        report["proxy_url"] = url
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                report["health"] = json.loads(resp.read()).get("status")
+        except (OSError, ValueError) as exc:
+            report["health"] = f"no answer: {exc}"
+    return report
+
+
+def stop(layout: Layout, timeout: float = 60, note: Callable[[str], None] = lambda _: None) -> str:
+    """system_powerdown, then `quit` after `timeout`, then SIGKILL; removes the run files. Returns how it ended."""
+    pid = proc.running_qemu(layout.pidfile)
+    how = "not running"
+    if pid is not None:
+        how = _stop_pid(layout, pid, timeout, note)
+    remove_run_files(layout)
+    return how
+
+
+def _stop_pid(layout: Layout, pid: int, timeout: float, note: Callable[[str], None]) -> str:
+    try:
+        qmp.execute(layout.monitor, "system_powerdown", timeout=5)
+        note(f"asked the guest to power down (waiting up to {timeout:.0f} s)")
+        if _wait_exit(pid, timeout):
+            return "powered down"
+    except VmImageError as exc:
+        note(f"no clean power-down: {exc}")
+    try:
+        qmp.execute(layout.monitor, "quit", timeout=5)
+        if _wait_exit(pid, 10):
+            return "quit through QMP"
+    except VmImageError:
+        pass
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        return "exited"
+    _wait_exit(pid, 10)
+    return "killed"
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.is_qemu(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def remove_run_files(layout: Layout) -> None:
+    """The ready file, pidfile and a stale monitor socket; only once no QEMU of ours runs."""
+    if proc.running_qemu(layout.pidfile):
+        raise VmImageError("QEMU is still running; not removing its files")
+    for path in (layout.ready, layout.pidfile, layout.monitor):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,63 @@
+"""The files our build writes into the guest, in full (docs/architecture.md, "The guest").
+
+`takeover` writes the same unit and wrapper again after its scrub, so what runs
+the proxy is the host's text whatever the agent did to the image.
+"""
+
+from __future__ import annotations
+
+PROXY_UID = PROXY_GID = 13  # Debian's base-passwd has `proxy` at 13 in every image
+PROXY_HOME = "/home/proxy"
+DATA_DIR = "/var/lib/secret-proxy"
+VENV = "/opt/secret-proxy/venv"
+PROXY_PORT = 3737
+
+# The operator CLI with the service's data directory. -I: no current directory, no user site,
+# no PYTHON* variables on sys.path, so nothing in the caller's directory or environment is imported.
+WRAPPER = f"""#!/bin/sh
+# The proxy's operator CLI with the service's data directory.
+exec {VENV}/bin/python -I -m proxy --data-dir {DATA_DIR} "$@"
+"""
+
+UNIT = f"""\
+# secret-proxy.service (vm_image; rewritten by the host's takeover).
+[Unit]
+Description=secret-proxy: secret approvals for AI agents
+After=network.target
+
+[Service]
+Type=simple
+User=proxy
+Group=proxy
+Environment=SECRET_PROXY_DATA_DIR={DATA_DIR}
+ExecStartPre=/bin/sh -c 'test -e {DATA_DIR}/master.key || exec {VENV}/bin/python -I -m proxy init'
+ExecStart={VENV}/bin/python -I -m proxy serve --host 0.0.0.0 --port {PROXY_PORT}
+Restart=on-failure
+RestartSec=2
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=strict
+ProtectHome=yes
+ReadWritePaths={DATA_DIR}
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# QEMU's user-mode network answers DHCP at once; the guest is always 10.0.2.15.
+NETWORK = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n"
+
+# The agent's phase: its setup key as `proxy`, nothing else. The takeover replaces all of sshd's config.
+SSHD_DROPIN = """\
+# vm_image: key-only SSH, as the proxy user only.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+PermitEmptyPasswords no
+AllowUsers proxy
+"""
+
+FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+HOSTNAME = "secret-proxy-vm\n"
+HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\tsecret-proxy-vm\n::1\tlocalhost ip6-localhost ip6-loopback\n"

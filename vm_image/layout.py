@@ -1,0 +1,80 @@
+"""Where `vm_image` keeps everything: one state directory (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+
+def default_state_dir(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("SECRET_PROXY_VM_STATE"):
+        return Path(env["SECRET_PROXY_VM_STATE"])
+    return Path(env.get("HOME", "/nonexistent")) / ".local/state/secret-proxy-vm"
+
+
+@dataclass(frozen=True)
+class Layout:
+    state: Path
+
+    def __post_init__(self) -> None:
+        if not self.state.is_absolute():
+            object.__setattr__(self, "state", self.state.absolute())
+        if any(c in str(self.state) for c in "\n\0,"):
+            # QEMU's option syntax uses commas; a path with one would be parsed as two options.
+            raise BadInput(f"state directory {self.state!r} contains a comma, newline or NUL")
+
+    @property
+    def image(self) -> Path:
+        return self.state / "image"
+
+    @property
+    def run(self) -> Path:
+        return self.state / "run"
+
+    @property
+    def cache(self) -> Path:
+        return self.state / "cache"
+
+    @property
+    def disk(self) -> Path:
+        return self.image / "disk.qcow2"
+
+    @property
+    def kernel(self) -> Path:
+        return self.image / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.image / "initrd.img"
+
+    @property
+    def manifest(self) -> Path:
+        return self.image / "manifest.json"
+
+    @property
+    def setup_key(self) -> Path:
+        return self.image / "setup_key"
+
+    @property
+    def monitor(self) -> Path:
+        return self.run / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run / "qemu.pid"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run / "serial.log"
+
+    @property
+    def ready(self) -> Path:
+        return self.run / "ready"
+
+    def make_dirs(self) -> None:
+        for path in (self.state, self.image, self.run, self.cache):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,107 @@
+"""The QEMU command line for the agent's VM, as a pure function of its configuration (unit-tested)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput, MissingTool
+
+QEMU = "qemu-system-x86_64"
+GUEST_SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    disk: Path
+    kernel: Path
+    initrd: Path
+    append: str
+    monitor: Path
+    pidfile: Path
+    serial_log: Path
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 3737
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = 2222
+    guest_proxy_port: int = 3737
+    memory_mb: int = 256
+    cpus: int = 1
+    accel: str = "tcg"  # "kvm" or "tcg"
+    tcg_cache_mb: int = 64  # TCG reserves 1 GiB for translated code by default; 64 MB is plenty for this guest
+
+
+def kvm_usable() -> bool:
+    """KVM only when /dev/kvm opens read-write for this user (exists is not enough: permissions, nesting)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def choose_accel(requested: str) -> str:
+    if requested not in ("auto", "kvm", "tcg"):
+        raise BadInput(f"--accel must be auto, kvm or tcg, not {requested!r}")
+    if requested == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    if requested == "kvm" and not kvm_usable():
+        raise BadInput("--accel kvm: /dev/kvm is missing or not usable by this user",
+                       hint="use --accel tcg (slower), or add this user to the kvm group")
+    return requested
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise MissingTool(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86 (or run `make setup`)")
+    return path
+
+
+def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
+    for name in ("disk", "kernel", "initrd", "monitor", "pidfile", "serial_log"):
+        _check_option_path(name, getattr(cfg, name))
+    for name in ("proxy_host", "ssh_host"):
+        if not _is_ipv4(getattr(cfg, name)):
+            raise BadInput(f"{name.replace('_', ' ')} {getattr(cfg, name)!r} is not an IPv4 address")
+    for name in ("proxy_port", "ssh_port"):
+        if not 1 <= getattr(cfg, name) <= 65535:
+            raise BadInput(f"{name.replace('_', ' ')} {getattr(cfg, name)} is not a TCP port")
+    if not 128 <= cfg.memory_mb <= 65536 or not 1 <= cfg.cpus <= 64:
+        raise BadInput(f"memory {cfg.memory_mb} MB / {cfg.cpus} vCPUs is out of range (128 MB-64 GB, 1-64)")
+    if cfg.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    elif cfg.accel == "tcg":
+        accel = ["-accel", f"tcg,tb-size={cfg.tcg_cache_mb}", "-cpu", "max"]
+    else:
+        raise BadInput(f"accelerator {cfg.accel!r} is not kvm or tcg")
+    forwards = (f"hostfwd=tcp:{cfg.proxy_host}:{cfg.proxy_port}-:{cfg.guest_proxy_port},"
+                f"hostfwd=tcp:{cfg.ssh_host}:{cfg.ssh_port}-:{GUEST_SSH_PORT}")
+    return [
+        binary, "-name", "secret-proxy-vm", "-machine", "q35", *accel,
+        "-m", str(cfg.memory_mb), "-smp", str(cfg.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.append,
+        "-drive", f"file={cfg.disk},if=virtio,format=qcow2,discard=unmap",
+        "-netdev", f"user,id=net0,{forwards}", "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+        "-serial", f"file:{cfg.serial_log}",
+        "-qmp", f"unix:{cfg.monitor},server=on,wait=off",
+        "-pidfile", str(cfg.pidfile), "-daemonize",
+    ]
+
+
+def _check_option_path(name: str, path: Path) -> None:
+    text = str(path)
+    if not path.is_absolute():
+        raise BadInput(f"{name} path {text!r} must be absolute")
+    if any(c in text for c in ",\n\0"):
+        raise BadInput(f"{name} path {text!r} contains a comma, newline or NUL, which QEMU's options cannot hold")
+
+
+def _is_ipv4(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 and str(int(p)) == p for p in parts)
