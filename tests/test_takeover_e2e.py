@@ -32,17 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-e2e-0123456789"
 
 
-def host_kernel_args() -> list[str]:
-    """vm_image.boot_files provides the host's kernel when it exists; until then, the host's own /boot."""
-    try:
-        from vm_image import boot_files  # noqa: F401
-        return []
-    except ImportError:
-        kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-        kernel = kernels[-1]
-        return ["--kernel", str(kernel), "--initrd", str(kernel).replace("vmlinuz-", "initrd.img-")]
-
-
 def takeover(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT,
                             timeout=1800)
@@ -84,20 +73,19 @@ def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) 
 
 
 @pytest.fixture
-def agent_vm(tmp_path_factory) -> AgentVM:
-    # The agent's state lives where the agent can write and root can look: its own directory.
-    state = Path(tempfile.mkdtemp(prefix="agent-state-", dir="/var/tmp"))
-    vm = launch_agent_vm(state)
+def agent_vm() -> AgentVM:
+    """The agent builds (cached) and launches its VM with vm_image, as the unprivileged agent user."""
+    vm = launch_agent_vm()
     try:
-        wait_health(vm.url, 600)
+        wait_health(vm.url, 60)
         yield vm
     finally:
         try:
-            pid = int((state / "run/qemu.pid").read_text())
+            pid = int((vm.state / "run/qemu.pid").read_text())
             proc.terminate(pid, proc.start_ticks(pid), grace=5)
         except (OSError, ValueError):
             pass
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(vm.state, ignore_errors=True)
 
 
 def print_durations(host_dir: Path) -> None:
@@ -116,7 +104,7 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     token_file = tmp_path / "alice.token"
     args = ["run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
             "--ssh-listen", f"127.0.0.1:{ssh_port}", "--proxy-config", str(proxy_toml),
-            "--agent-name", "alice", "--agent-secrets", "api-*", "--token-file", str(token_file), *host_kernel_args()]
+            "--agent-name", "alice", "--agent-secrets", "api-*", "--token-file", str(token_file)]
     # The first run dies after the scrub; the rerun resumes there instead of starting over.
     interrupted = takeover(*args, "--fail-after", "scrub")
     assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
@@ -209,7 +197,7 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
 
     host_dir = tmp_path / "host"
     failed = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                      "--ssh-listen", f"127.0.0.1:{free_port()}", "--fail-after", "relocate", *host_kernel_args())
+                      "--ssh-listen", f"127.0.0.1:{free_port()}", "--fail-after", "relocate")
     assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
@@ -255,8 +243,7 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
     ssh_port = free_port()
     try:
         result = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                          "--runner", "libvirt", "--libvirt-uri", libvirtd, "--ssh-listen", f"127.0.0.1:{ssh_port}",
-                          *host_kernel_args())
+                          "--runner", "libvirt", "--libvirt-uri", libvirtd, "--ssh-listen", f"127.0.0.1:{ssh_port}")
         print_durations(host_dir)
         assert result.returncode == 0, result.stderr
         conn = libvirt.open(libvirtd)

@@ -16,7 +16,7 @@ from .build import build
 from .control import status, stop
 from .errors import VmImageError
 from .launch import launch
-from .layout import Layout, default_state_dir
+from .layout import Layout, default_cache_dir, default_state_dir
 from .progress import Steps
 
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", type=Path, default=None,
                         help="where the image and the running VM's files live "
                              "(default $SECRET_PROXY_VM_STATE or ~/.local/state/secret-proxy-vm)")
+        sp.add_argument("--cache-dir", type=Path, default=None,
+                        help="build cache: root filesystem, venv, kernel (default $SECRET_PROXY_VM_CACHE or STATE/cache)")
 
     def build_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mirror", help="Debian mirror URL (default: the one apt uses)")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        layout = Layout(args.state_dir or default_state_dir())
+        layout = Layout(args.state_dir or default_state_dir(), args.cache_dir or default_cache_dir())
         return COMMANDS[args.command](args, layout)
     except VmImageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -94,7 +94,7 @@ def build_initrd(busybox: Path, modules: list[Path], out: Path) -> Path:
     partial = out.with_name(f".{out.name}.partial")
     with open(partial, "wb") as f:
         # mtime=0: the same inputs give the same bytes, so the manifest's hash is reproducible.
-        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+        with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
             gz.write(archive.finish())
     partial.replace(out)
     return out

@@ -9,6 +9,11 @@ from pathlib import Path
 from .errors import BadInput
 
 
+def default_cache_dir(env: dict[str, str] | None = None) -> Path | None:
+    env = os.environ if env is None else env
+    return Path(env["SECRET_PROXY_VM_CACHE"]) if env.get("SECRET_PROXY_VM_CACHE") else None
+
+
 def default_state_dir(env: dict[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get("SECRET_PROXY_VM_STATE"):
@@ -19,13 +24,18 @@ def default_state_dir(env: dict[str, str] | None = None) -> Path:
 @dataclass(frozen=True)
 class Layout:
     state: Path
+    cache_dir: Path | None = None  # shared between state directories (tests); default STATE/cache
 
     def __post_init__(self) -> None:
-        if not self.state.is_absolute():
-            object.__setattr__(self, "state", self.state.absolute())
-        if any(c in str(self.state) for c in "\n\0,"):
-            # QEMU's option syntax uses commas; a path with one would be parsed as two options.
-            raise BadInput(f"state directory {self.state!r} contains a comma, newline or NUL")
+        for name in ("state", "cache_dir"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            if not path.is_absolute():
+                object.__setattr__(self, name, path.absolute())
+            if any(c in str(path) for c in "\n\0,"):
+                # QEMU's option syntax uses commas; a path with one would be parsed as two options.
+                raise BadInput(f"directory {str(path)!r} contains a comma, newline or NUL")
 
     @property
     def image(self) -> Path:
@@ -37,7 +47,7 @@ class Layout:
 
     @property
     def cache(self) -> Path:
-        return self.state / "cache"
+        return self.cache_dir or self.state / "cache"
 
     @property
     def disk(self) -> Path:

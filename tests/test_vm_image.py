@@ -1,0 +1,247 @@
+"""vm_image: the QEMU command line, the initrd, bad input refused before anything starts, and a real
+build and boot by the unprivileged agent user under TCG."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vm_image import qemu_command
+from vm_image.errors import BadInput
+from vm_image.initrd import build_initrd, module_closure
+from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
+
+from .vm_fixtures import as_agent, launch_agent_vm, vm_image_as_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(tmp_path: Path, **changes) -> VmConfig:
+    base = dict(disk=tmp_path / "disk.qcow2", kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img",
+                append="root=/dev/vda rw console=ttyS0", monitor=tmp_path / "qmp.sock", pidfile=tmp_path / "qemu.pid",
+                serial_log=tmp_path / "serial.log")
+    return VmConfig(**{**base, **changes})
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_tcg_command_line_caps_the_translation_cache_and_forwards_only_loopback(tmp_path):
+    argv = qemu_argv(config(tmp_path, accel="tcg", proxy_port=4000, ssh_port=4022, memory_mb=256))
+    assert option(argv, "-accel") == ["tcg,tb-size=64"] and option(argv, "-cpu") == ["max"]
+    assert option(argv, "-m") == ["256"]
+    netdev = option(argv, "-netdev")[0]
+    assert "hostfwd=tcp:127.0.0.1:4000-:3737" in netdev and "hostfwd=tcp:127.0.0.1:4022-:22" in netdev
+    assert option(argv, "-qmp") == [f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off"]
+    assert option(argv, "-pidfile") == [str(tmp_path / "qemu.pid")] and "-daemonize" in argv
+    assert option(argv, "-serial") == [f"file:{tmp_path / 'serial.log'}"]
+    assert option(argv, "-drive") == [f"file={tmp_path / 'disk.qcow2'},if=virtio,format=qcow2,discard=unmap"]
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+def test_kvm_command_line_uses_the_host_cpu(tmp_path):
+    argv = qemu_argv(config(tmp_path, accel="kvm"))
+    assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"disk": Path("/x/a,b.qcow2")}, "comma"),
+    ({"monitor": Path("relative/qmp.sock")}, "absolute"),
+    ({"proxy_host": "localhost"}, "IPv4"),
+    ({"proxy_host": "127.0.0.1,hostfwd=tcp::1-:22"}, "IPv4"),
+    ({"ssh_port": 70000}, "TCP port"),
+    ({"memory_mb": 64}, "out of range"),
+])
+def test_values_that_would_change_the_qemu_command_are_refused(tmp_path, changes, message):
+    with pytest.raises(BadInput, match=message):
+        qemu_argv(config(tmp_path, **changes))
+
+
+def test_asking_for_kvm_without_a_usable_dev_kvm_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(qemu_command, "kvm_usable", lambda: False)
+    assert choose_accel("auto") == "tcg"
+    with pytest.raises(BadInput, match="/dev/kvm"):
+        choose_accel("kvm")
+
+
+def fake_module(path: Path, depends: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF...\0license=GPL\0depends=" + depends.encode() + b"\0vermagic=6.1\0")
+    return path
+
+
+def test_module_closure_loads_dependencies_first(tmp_path):
+    mods = tmp_path / "6.1.0-test"
+    fake_module(mods / "kernel/drivers/virtio/virtio.ko", "")
+    fake_module(mods / "kernel/drivers/virtio/virtio_ring.ko", "virtio")
+    fake_module(mods / "kernel/drivers/virtio/virtio_pci.ko", "virtio_ring,virtio")
+    fake_module(mods / "kernel/drivers/char/hw_random/virtio-rng.ko", "virtio_ring,virtio")
+    (mods / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    order = [p.name for p in module_closure(mods, ["virtio_pci", "virtio_rng", "ext4"])]
+    assert order == ["virtio.ko", "virtio_ring.ko", "virtio_pci.ko", "virtio-rng.ko"]
+    with pytest.raises(FileNotFoundError, match="nosuch"):
+        module_closure(mods, ["nosuch"])
+    fake_module(mods / "kernel/a.ko", "b")
+    fake_module(mods / "kernel/b.ko", "a")
+    with pytest.raises(ValueError, match="cycle"):
+        module_closure(mods, ["a"])
+
+
+def read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """Parse a newc cpio archive the way the kernel does: {name: (mode, data)}."""
+    entries, at = {}, 0
+    while True:
+        assert data[at:at + 6] == b"070701", f"bad magic at {at}"
+        fields = [int(data[at + 6 + 8 * i: at + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[at + 110: at + 110 + namesize - 1].decode()
+        at += 110 + namesize
+        at += -at % 4
+        body = data[at: at + size]
+        at += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (mode, body)
+
+
+def test_initrd_is_a_newc_archive_with_init_busybox_and_modules_in_order(tmp_path):
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF busybox")
+    mods = [fake_module(tmp_path / "m/virtio.ko", ""), fake_module(tmp_path / "m/virtio_blk.ko", "virtio")]
+    out = build_initrd(busybox, mods, tmp_path / "initrd.img")
+    entries = read_newc(gzip.decompress(out.read_bytes()))
+    assert entries["init"][0] & 0o777 == 0o755 and b"switch_root /newroot /sbin/init" in entries["init"][1]
+    assert entries["bin/busybox"][1] == b"\x7fELF busybox"
+    assert entries["modules.order"][1] == b"virtio.ko\nvirtio_blk.ko\n"
+    assert entries["modules/virtio_blk.ko"][1] == mods[1].read_bytes()
+    assert build_initrd(busybox, mods, tmp_path / "again.img").read_bytes() == out.read_bytes()  # reproducible
+
+
+def vm_image(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vm_image", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env=env)
+
+
+def fake_built_image(state: Path) -> None:
+    (state / "image").mkdir(parents=True)
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (state / "image" / name).write_bytes(b"x")
+
+
+def test_launch_without_an_image_says_to_build_first(tmp_path):
+    result = vm_image("launch", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 1
+    assert "the image is not built" in result.stderr and "python -m vm_image build" in result.stderr
+
+
+def test_launch_on_a_taken_port_fails_before_starting_anything(tmp_path):
+    state = tmp_path / "state"
+    fake_built_image(state)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = vm_image("launch", "--state-dir", str(state), "--port", str(port), "--accel", "tcg")
+    assert result.returncode == 1 and f"127.0.0.1:{port} is already in use" in result.stderr
+    assert "--port" in result.stderr
+    assert not (state / "run/qemu.pid").exists() and not (state / "run/serial.log").exists()
+
+
+def test_launch_refuses_an_existing_monitor_path(tmp_path):
+    state = tmp_path / "state"
+    fake_built_image(state)
+    (state / "run").mkdir()
+    (state / "run/qmp.sock").write_text("planted")
+    result = vm_image("launch", "--state-dir", str(state), "--accel", "tcg")
+    assert result.returncode == 1 and "qmp.sock already exists" in result.stderr
+    assert (state / "run/qmp.sock").read_text() == "planted"
+
+
+def test_launch_without_qemu_names_the_package(tmp_path):
+    state = tmp_path / "state"
+    fake_built_image(state)
+    env = {"PATH": "/nonexistent", "HOME": str(tmp_path)}
+    result = vm_image("launch", "--state-dir", str(state), env=env)
+    assert result.returncode == 1 and "apt-get install qemu-system-x86" in result.stderr
+
+
+def test_build_refuses_a_silly_disk_size_before_building(tmp_path):
+    result = vm_image("build", "--state-dir", str(tmp_path / "state"), "--disk-size", "10K")
+    assert result.returncode == 1 and "between 512M and 64G" in result.stderr
+    assert not (tmp_path / "state/cache").exists()
+
+
+def test_status_of_a_vm_that_does_not_run(tmp_path):
+    result = vm_image("status", "--state-dir", str(tmp_path / "state"), "--json")
+    assert result.returncode == 3 and json.loads(result.stdout)["running"] is False
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_agent_builds_launches_and_stops_the_vm():
+    vm = launch_agent_vm(memory_mb=256)
+    try:
+        ready_text = vm.ready.read_text()
+        assert ready_text.startswith("READY_FOR_TAKEOVER\n")
+        ready = vm.ready_data
+        assert ready["monitor"] == str(vm.state / "run/qmp.sock") and ready["disk"] == str(vm.state / "image/disk.qcow2")
+        assert ready["proxy"] == {"host": "127.0.0.1", "port": vm.proxy_port} and ready["memory_mb"] == 256
+        print(f"\nboot to healthy under {ready['accel']}: {ready['boot_seconds']} s", file=sys.stderr)
+
+        assert get_json(vm.url + "/health") == (200, {"status": "ok"})
+        assert get_json(vm.url + "/v1/requests/x")[0] == 401
+
+        # QMP answers on the agent's socket, from the agent's QEMU.
+        qmp = as_agent([sys.executable, "-c", "import sys; from vm_image import qmp; from pathlib import Path; "
+                        "print(qmp.execute(Path(sys.argv[1]), 'query-status')['status'])", ready["monitor"]])
+        assert qmp.stdout.strip() == "running", qmp.stderr
+
+        # SSH: the setup key logs in as proxy; the host key is the one the manifest names.
+        who = vm.ssh_as_agent("id -un; stat -c '%a %U' /var/lib/secret-proxy; ps -o user= -C python3.11 | sort -u")
+        assert who.returncode == 0, who.stderr
+        assert who.stdout.split("\n")[:3] == ["proxy", "700 proxy", "proxy"]
+        manifest = json.loads((vm.state / "image/manifest.json").read_text())
+        scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(vm.ssh_port), "127.0.0.1"],
+                              capture_output=True, text=True, timeout=60)
+        fingerprint = subprocess.run(["ssh-keygen", "-lf", "-"], input=scan.stdout, capture_output=True, text=True)
+        assert fingerprint.stdout.split()[1] == manifest["ssh"]["host_key_fingerprint"]
+        password = as_agent(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                             "-o", "UserKnownHostsFile=/dev/null", "-o", "PreferredAuthentications=password",
+                             "-p", str(vm.ssh_port), "root@127.0.0.1", "true"], timeout=60)
+        assert password.returncode == 255 and "publickey" in password.stderr and "password" not in password.stderr
+
+        # The manifest: inputs and outputs a user can check; the disk is small.
+        assert manifest["disk"]["bytes"] < 400 * 2**20
+        assert "cryptography" in manifest["inputs"]["wheels"] and manifest["inputs"]["wheels"]["cryptography"]["sha256"]
+        assert manifest["inputs"]["debian_packages"]["openssh-server"]
+        assert "/opt/secret-proxy/venv/lib/python3.11/site-packages/proxy/store.py" in manifest["files"]
+
+        status = json.loads(vm_image_as_agent("status", "--state-dir", str(vm.state), "--json").stdout)
+        assert status["running"] and status["qmp_status"] == "running" and status["health"] == "ok"
+    finally:
+        stopped = vm_image_as_agent("stop", "--state-dir", str(vm.state), "--timeout", "60", timeout=180)
+    assert stopped.returncode == 0 and "VM powered down" in stopped.stdout
+    assert not any((vm.state / "run" / n).exists() for n in ("qmp.sock", "qemu.pid", "ready"))
+
+    # A second build with unchanged inputs reuses the image instead of rebuilding.
+    again = vm_image_as_agent("build", "--state-dir", "/var/tmp/secret-proxy-vm-tests/agent-image",
+                              "--cache-dir", "/var/tmp/secret-proxy-vm-tests/agent-cache")
+    assert again.returncode == 0 and "inputs unchanged: reusing" in again.stderr

@@ -1,0 +1,133 @@
+"""The agent's VM for the slow tests, made the way an agent makes it.
+
+An unprivileged `agent` user runs `python -m vm_image build` (once per test
+run; vm_image's own cache makes later runs quick) and `python -m vm_image
+launch` for each test, on a copy of that image in a fresh state directory.
+Nothing here builds or boots anything by other means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_USER = "agent"
+# Where the agent works and root can look (not under /tmp/pytest-of-root, which is 0700).
+TEST_ROOT = Path("/var/tmp/secret-proxy-vm-tests")
+IMAGE_STATE = TEST_ROOT / "agent-image"
+AGENT_CACHE = TEST_ROOT / "agent-cache"
+
+
+NETWORK_ENV = {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
+               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"}
+
+
+@dataclass(frozen=True)
+class AgentUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+def ensure_agent_user() -> AgentUser:
+    """The `agent` user (created if missing; useradd also gives it the subordinate ids mmdebstrap needs)."""
+    try:
+        entry = pwd.getpwnam(AGENT_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", AGENT_USER], check=True,
+                       capture_output=True)
+        entry = pwd.getpwnam(AGENT_USER)
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    for path in (IMAGE_STATE, AGENT_CACHE):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return AgentUser(AGENT_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+
+
+def as_agent(argv: list[str], *, timeout: float = 1800, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command as the agent, in its home, with a plain environment (nothing of root's)."""
+    user = ensure_agent_user()
+    env = {"HOME": str(user.home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "USER": user.name}
+    # How this machine reaches PyPI (proxy, CA bundle, index) is the machine's, not root's: pass it on.
+    env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith(("UV_", "PIP_INDEX"))})
+    return subprocess.run(["runuser", "-u", user.name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                           *argv], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=user.home)
+
+
+def vm_image_as_agent(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    result = as_agent([sys.executable, "-m", "vm_image", *args], timeout=timeout)
+    sys.stderr.write(result.stderr)
+    return result
+
+
+def agent_image() -> Path:
+    """The agent's built image (its state directory); `vm_image build` as the agent, reused when unchanged."""
+    ensure_agent_user()
+    result = vm_image_as_agent("build", "--state-dir", str(IMAGE_STATE), "--cache-dir", str(AGENT_CACHE))
+    if result.returncode != 0:
+        raise RuntimeError(f"vm_image build failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
+    return IMAGE_STATE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AgentVM:
+    """The agent's VM as `vm_image launch` leaves it: running as the agent, with a ready file."""
+
+    state: Path
+    ready: Path
+    proxy_port: int
+    ssh_port: int
+    uid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def ready_data(self) -> dict:
+        return json.loads(self.ready.read_text().split("\n", 1)[1])
+
+    def ssh_as_agent(self, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """What the agent can do with its setup key (run as the agent user)."""
+        return as_agent(
+            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
+             "-o", "ConnectTimeout=30", "-i", str(self.state / "image/setup_key"), "-p", str(self.ssh_port),
+             "proxy@127.0.0.1", "--", *remote], stdin=stdin, timeout=120)
+
+    def stop(self) -> None:
+        vm_image_as_agent("stop", "--state-dir", str(self.state), "--timeout", "20", timeout=120)
+
+
+def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
+    """A copy of the agent's image in a fresh state directory, started as the agent with `vm_image launch`."""
+    user = ensure_agent_user()
+    image = agent_image()
+    if state is None:
+        state = Path(tempfile.mkdtemp(prefix="agent-state-", dir=TEST_ROOT))
+        os.chown(state, user.uid, user.gid)
+    copied = as_agent(["cp", "-a", "--sparse=always", str(image / "image"), str(state / "image")], timeout=300)
+    if copied.returncode != 0:
+        raise RuntimeError(f"copying the agent's image failed: {copied.stderr}")
+    proxy_port, ssh_port = free_port(), free_port()
+    result = vm_image_as_agent("launch", "--state-dir", str(state), "--port", str(proxy_port),
+                               "--ssh-port", str(ssh_port), "--memory", str(memory_mb), "--accel", "tcg",
+                               timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"vm_image launch failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
+    return AgentVM(state, state / "run/ready", proxy_port, ssh_port, user.uid)
