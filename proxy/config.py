@@ -36,6 +36,8 @@ class Settings:
     telegram_approvers: tuple[int, ...] = ()
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_secret: str = field(default="", repr=False)
+    # The longest wait between attempts to reach Telegram while it is down.
+    telegram_retry_max_seconds: float = 30.0
 
     @property
     def db_path(self) -> Path:
@@ -61,6 +63,8 @@ def _coerce(name: str, raw: object) -> object:
             return Path(str(raw))
         if kind == "int":
             return int(raw)  # type: ignore[arg-type]
+        if kind == "float":
+            return float(raw)  # type: ignore[arg-type]
         if kind == "tuple[int, ...]":
             if isinstance(raw, (list, tuple)):
                 return tuple(int(x) for x in raw)
@@ -94,4 +98,6 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     settings = replace(Settings(), **values)
     if settings.telegram_enabled and not settings.telegram_chat_id:
         raise ConfigError("SECRET_PROXY_TELEGRAM_TOKEN is set but SECRET_PROXY_TELEGRAM_CHAT_ID is not")
+    if settings.telegram_retry_max_seconds <= 0:
+        raise ConfigError("telegram_retry_max_seconds must be a positive number of seconds")
     return settings

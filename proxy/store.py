@@ -536,6 +536,12 @@ class Store:
         ).fetchall()
         return [(Request(*r[:11]), r[11], r[12]) for r in rows]
 
+    def telegram_message(self, request_id: str) -> tuple[int, int] | None:
+        """(chat id, message id) of the message that shows the request, to bind taps to it."""
+        row = self._conn().execute("SELECT chat_id, message_id FROM telegram_messages WHERE request_id = ?",
+                                   (request_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def mark_message_closed(self, request_id: str) -> None:
         with self.transaction() as conn:
             conn.execute("UPDATE telegram_messages SET closed = 1 WHERE request_id = ?", (request_id,))
