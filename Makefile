@@ -1,12 +1,18 @@
 # The README's Quick start: `make demo` runs the main job, `make test` the whole suite.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-local test test-fast bench clean
 
 setup:
 	./scripts/setup.sh
 
+# The whole story as root: an agent user builds and launches the VM, the host takes it over,
+# the agent asks for a secret, an approver approves, the agent retrieves it once (scripts/demo.py).
 demo: setup
+	$(PY) scripts/demo.py
+
+# Only the proxy, on loopback, without a VM: one request, a CLI approval, one retrieval.
+demo-local: setup
 	$(PY) -m proxy demo
 
 test: setup
@@ -18,5 +24,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/bench_api.py --rounds 5 --seconds 3
 
+# Stops and removes the demo's VMs, their files and the demo users, then the venv.
 clean:
+	if [ -x $(PY) ]; then $(PY) scripts/demo.py --clean; fi
 	rm -rf .venv .pytest_cache

@@ -9,8 +9,9 @@ from typing import Callable, Iterator, TextIO
 
 
 class Steps:
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, stream: TextIO = sys.stderr, label: str = "") -> None:
         self.total = total
+        self.label = label  # tells this display's steps from those of a command it runs
         self.stream = stream
         self.number = 0
         self.seconds: dict[str, float] = {}
@@ -21,12 +22,13 @@ class Steps:
     @contextmanager
     def step(self, title: str) -> Iterator[Callable[[str], None]]:
         self.number += 1
-        print(f"[{self.number}/{self.total}] {title} ...", file=self.stream, flush=True)
+        print(f"[{self.label}{self.number}/{self.total}] {title} ...", file=self.stream, flush=True)
         start = time.monotonic()
         try:
             yield self.note
         except BaseException:
-            print(f"      FAILED after {time.monotonic() - start:.1f} s", file=self.stream, flush=True)
+            print(f"      {self.label}step {self.number} FAILED after {time.monotonic() - start:.1f} s",
+                  file=self.stream, flush=True)
             raise
         self.seconds[title] = round(time.monotonic() - start, 1)
-        print(f"      done in {self.seconds[title]:.1f} s", file=self.stream, flush=True)
+        print(f"      {self.label}done in {self.seconds[title]:.1f} s", file=self.stream, flush=True)

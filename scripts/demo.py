@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""`make demo`: the whole story on this machine, playing the agent, the host and the approver.
+
+1. agent (an unprivileged `agent` user): build the image and start the VM (`vm_image up`)
+2. host (root): take the VM over (`takeover run`), store a demo secret and make the agent a token
+3. agent: ask for the secret with a reason, and wait
+4. approver: approve, in Telegram when SECRET_PROXY_TELEGRAM_* are set, else with the CLI over SSH
+5. agent: retrieve the value once; a second retrieval, the disk, the monitor and SSH all fail
+
+`--clean` stops and removes everything the demo made (the VMs, their files, the users).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vm_image.progress import Steps  # noqa: E402
+
+PYTHON = str(ROOT / ".venv/bin/python")
+SECRET_NAME = "demo-api-key"
+AGENT_NAME = "demo-agent"
+QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
+NETWORK_ENV = {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
+               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+TELEGRAM_ENV = ("SECRET_PROXY_TELEGRAM_TOKEN", "SECRET_PROXY_TELEGRAM_CHAT_ID", "SECRET_PROXY_TELEGRAM_APPROVERS",
+                "SECRET_PROXY_TELEGRAM_API_URL")
+
+# What the agent runs: Debian's python3 in isolated mode, so nothing of the host's is on its path.
+AGENT_HTTP = r"""
+import json, sys, urllib.request, urllib.error
+method, url, token = sys.argv[1:4]
+body = sys.stdin.read().encode() or None
+req = urllib.request.Request(url, method=method, data=body,
+                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=90) as r:
+        print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"{}")}))
+"""
+AGENT_TRY = {
+    "read the host's disk": "open(sys.argv[1], 'rb').read(1)",
+    "connect to the host's monitor": "import socket; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agent-user", default="agent")
+    p.add_argument("--host-dir", type=Path, default=Path("/var/lib/secret-proxy-vm"))
+    p.add_argument("--port", type=int, default=3737, help="the proxy's port on 127.0.0.1")
+    p.add_argument("--agent-ssh-port", type=int, default=2222)
+    p.add_argument("--host-ssh-port", type=int, default=2223)
+    p.add_argument("--approve-timeout", type=float, default=600, help="seconds to wait for a Telegram approval")
+    p.add_argument("--clean", action="store_true", help="stop and remove everything the demo made")
+    return p.parse_args(argv)
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.steps = Steps(total=8, stream=sys.stdout, label="demo ")
+        self.user = args.agent_user
+        self.host_dir: Path = args.host_dir
+        self.url = f"http://127.0.0.1:{args.port}"
+
+    # -- the roles ---------------------------------------------------------------------------
+    def as_agent(self, argv: list[str], stdin: str = "", capture: bool = True,
+                 timeout: float = 1800) -> subprocess.CompletedProcess:
+        home = pwd.getpwnam(self.user).pw_dir
+        env = {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "USER": self.user}
+        env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith("UV_")})
+        return subprocess.run(["runuser", "-u", self.user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                               *argv], input=stdin, capture_output=capture, text=True, timeout=timeout, cwd=home)
+
+    def agent_http(self, method: str, path: str, token: str, body: dict | None = None) -> dict:
+        result = self.as_agent(["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, self.url + path, token],
+                               stdin=json.dumps(body) if body else "")
+        if result.returncode != 0:
+            raise SystemExit(f"demo: the agent's HTTP call failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+             "-o", f"UserKnownHostsFile={self.host_dir / 'known_hosts'}", "-o", "IdentitiesOnly=yes",
+             "-o", "LogLevel=ERROR", "-i", str(self.host_dir / "host_key"), "-p", str(self.args.host_ssh_port),
+             "proxy@127.0.0.1", "--", *remote], input=stdin, capture_output=True, text=True, timeout=120)
+
+    @property
+    def agent_state(self) -> Path:
+        return Path(pwd.getpwnam(self.user).pw_dir) / ".local/state/secret-proxy-vm"
+
+    # -- the story ---------------------------------------------------------------------------
+    def run(self) -> None:
+        started = time.monotonic()
+        with self.steps.step(f"agent ({self.user}): build the image and start the VM — python -m vm_image up"):
+            self.ensure_agent_user()
+            up = self.as_agent([PYTHON, "-m", "vm_image", "up", "--port", str(self.args.port),
+                                "--ssh-port", str(self.args.agent_ssh_port)], capture=False)
+            if up.returncode != 0:
+                raise SystemExit("demo: vm_image up failed (its error is above)")
+        ready = self.agent_state / "run/ready"
+        with self.steps.step("host (root): take the VM over — python -m takeover run") as note:
+            token_file = self.host_dir / f"agent-{AGENT_NAME}.token"
+            argv = [PYTHON, "-m", "takeover", "run", "--ready-file", str(ready), "--host-dir", str(self.host_dir),
+                    "--ssh-listen", f"127.0.0.1:{self.args.host_ssh_port}", "--agent-name", AGENT_NAME,
+                    "--agent-secrets", "demo-*", "--token-file", str(token_file)]
+            telegram = self.telegram_config()
+            if telegram:
+                argv += ["--proxy-config", str(telegram)]
+                note("Telegram settings from SECRET_PROXY_TELEGRAM_* go into the VM (0600, owner proxy)")
+            if subprocess.run(argv, cwd=ROOT).returncode != 0:
+                raise SystemExit("demo: the takeover failed (its error is above); `python -m takeover rollback` "
+                                 "brings the agent's VM back")
+        with self.steps.step(f"host: store the secret {SECRET_NAME!r} through the host's SSH key") as note:
+            value = "sk-demo-" + secrets.token_urlsafe(24)
+            self.stored_hash = hashlib.sha256(value.encode()).hexdigest()
+            stored = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "set", SECRET_NAME, stdin=value)
+            if stored.returncode != 0:
+                raise SystemExit(f"demo: storing the secret failed: {stored.stderr.strip()}")
+            note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
+                 f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)")
+            token = self.hand_token_to_agent(token_file)
+            note(f"the agent's token is in {pwd.getpwnam(self.user).pw_dir}/{AGENT_NAME}.token (0600, {self.user})")
+        with self.steps.step("agent: ask for the secret, with a reason") as note:
+            asked = self.agent_http("POST", "/v1/requests", token,
+                                    {"secret": SECRET_NAME, "reason": "demo: call the API once"})
+            if asked["status"] != 201:
+                raise SystemExit(f"demo: the request was refused: {asked}")
+            request_id = asked["body"]["id"]
+            note(f"POST /v1/requests → 201 {asked['body']['status']}, id {request_id}")
+        with self.steps.step("approver: approve") as note:
+            self.approve(request_id, token, note, bool(telegram))
+        with self.steps.step("agent: retrieve the value, once") as note:
+            got = self.agent_http("GET", f"/v1/requests/{request_id}/secret", token)
+            if got["status"] != 200:
+                raise SystemExit(f"demo: retrieval failed: {got}")
+            value_hash = hashlib.sha256(got["body"]["value"].encode()).hexdigest()
+            match = "the value the host stored" if value_hash == self.stored_hash else "A DIFFERENT VALUE"
+            note(f"GET …/secret → 200: {len(got['body']['value'])} characters, {match} (value not shown)")
+            again = self.agent_http("GET", f"/v1/requests/{request_id}/secret", token)
+            note(f"again → {again['status']} {again['body'].get('error')}")
+            if again["status"] != 410:
+                raise SystemExit("demo: a second retrieval was not refused")
+        with self.steps.step("agent: every other way in is closed") as note:
+            self.check_agent_is_locked_out(note)
+        with self.steps.step("where everything is") as note:
+            note(f"proxy for the agent: {self.url}  (token in ~{self.user}/{AGENT_NAME}.token)")
+            note(f"the host's VM: {self.host_dir} (disk, monitor, keys, report.json)")
+            note(f"operate it: ssh -i {self.host_dir}/host_key -o UserKnownHostsFile={self.host_dir}/known_hosts "
+                 f"-p {self.args.host_ssh_port} proxy@127.0.0.1 secret-proxy --help")
+            note(f"stop it: {PYTHON} -m takeover stop --host-dir {self.host_dir}")
+            note("remove everything the demo made: make clean")
+        print(f"\ndemo complete in {time.monotonic() - started:.0f} s; step times: "
+              + ", ".join(f"{s:.0f} s" for s in self.steps.seconds.values()))
+
+    def ensure_agent_user(self) -> None:
+        try:
+            pwd.getpwnam(self.user)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", self.user], check=True)
+
+    def telegram_config(self) -> Path | None:
+        if not os.environ.get("SECRET_PROXY_TELEGRAM_TOKEN"):
+            return None
+        lines = [f"telegram_token = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_TOKEN'])}",
+                 f"telegram_chat_id = {int(os.environ.get('SECRET_PROXY_TELEGRAM_CHAT_ID', '0'))}",
+                 "telegram_approvers = [" + ", ".join(
+                     str(int(x)) for x in os.environ.get("SECRET_PROXY_TELEGRAM_APPROVERS", "").split(",") if x.strip())
+                 + "]"]
+        if os.environ.get("SECRET_PROXY_TELEGRAM_API_URL"):
+            lines.append(f"telegram_api_url = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_API_URL'])}")
+        path = Path("/root/.secret-proxy-demo-telegram.toml")
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # holds the bot token: 0600 from the start
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def hand_token_to_agent(self, token_file: Path) -> str:
+        token = token_file.read_text().strip()
+        entry = pwd.getpwnam(self.user)
+        dest = Path(entry.pw_dir) / f"{AGENT_NAME}.token"
+        dest.unlink(missing_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchown(fd, entry.pw_uid, entry.pw_gid)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+    def approve(self, request_id: str, token: str, note, telegram: bool) -> None:
+        if telegram:
+            note("the request is in your Telegram chat: tap Approve (waiting for it)")
+        else:
+            command = ["/usr/local/bin/secret-proxy", "approve", request_id]
+            note("no Telegram configured: the CLI approval channel, over the host's SSH key:")
+            note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
+                 f"secret-proxy approve {request_id}")
+            done = self.host_ssh(*command)
+            if done.returncode != 0:
+                raise SystemExit(f"demo: approving failed: {done.stderr.strip()}")
+        deadline = time.monotonic() + self.args.approve_timeout
+        while time.monotonic() < deadline:
+            seen = self.agent_http("GET", f"/v1/requests/{request_id}?wait=60", token)
+            status = seen["body"].get("status")
+            if status != "pending":
+                note(f"agent's GET ?wait=60 → {status} by {seen['body'].get('decided_by')}")
+                if status != "approved":
+                    raise SystemExit(f"demo: the request was {status}, not approved")
+                return
+        raise SystemExit("demo: nobody approved in time")
+
+    def check_agent_is_locked_out(self, note) -> None:
+        for what, code in AGENT_TRY.items():
+            target = self.host_dir / ("disk.qcow2" if "disk" in what else "qmp.sock")
+            tried = self.as_agent(["/usr/bin/python3", "-I", "-c", "import sys\n" + code, str(target)])
+            last = (tried.stderr.strip().splitlines() or ["succeeded"])[-1]
+            note(f"{what} ({target}): {last}")
+            if tried.returncode == 0:
+                raise SystemExit(f"demo: the agent could {what}")
+        setup_key = self.agent_state / "image/setup_key"
+        login = self.as_agent(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                               "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-i", str(setup_key),
+                               "-p", str(self.args.host_ssh_port), "proxy@127.0.0.1", "true"], timeout=60)
+        note(f"SSH with its setup key: {(login.stderr.strip().splitlines() or ['logged in'])[-1]}")
+        if login.returncode == 0:
+            raise SystemExit("demo: the agent's setup key still logs in")
+        old = self.agent_state / "run/qmp.sock"
+        note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
+
+
+def reset(args: argparse.Namespace) -> None:
+    """Before a second run: stop both VMs and remove the host's directory; keep the agent's build cache."""
+    subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT,
+                   capture_output=True)
+    shutil.rmtree(args.host_dir, ignore_errors=True)
+    try:
+        state = Path(pwd.getpwnam(args.agent_user).pw_dir) / ".local/state/secret-proxy-vm"
+    except KeyError:
+        return
+    subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop", "--state-dir",
+                    str(state), "--timeout", "20"], cwd="/", capture_output=True)
+
+
+def clean(args: argparse.Namespace) -> None:
+    """Stop and remove what the demo made: the host's VM and directory, the agent's VM and user."""
+    if (args.host_dir / "journal.json").exists():
+        subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT)
+        shutil.rmtree(args.host_dir, ignore_errors=True)
+        print(f"removed {args.host_dir}")
+    try:
+        home = Path(pwd.getpwnam(args.agent_user).pw_dir)
+    except KeyError:
+        home = None
+    if home is not None:
+        state = home / ".local/state/secret-proxy-vm"
+        if state.exists():
+            subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop",
+                            "--state-dir", str(state), "--timeout", "20"], cwd="/")
+        subprocess.run(["pkill", "-u", args.agent_user], check=False)
+        subprocess.run(["userdel", "--remove", args.agent_user], check=False, capture_output=True)
+        print(f"removed the user {args.agent_user} and its home")
+    for user in (QEMU_USER,):
+        if subprocess.run(["id", user], capture_output=True).returncode == 0:
+            subprocess.run(["pkill", "-u", user], check=False)
+            subprocess.run(["userdel", user], check=False, capture_output=True)
+            print(f"removed the user {user}")
+    Path("/root/.secret-proxy-demo-telegram.toml").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("demo: run as root (it creates an agent user and takes over a VM as the host)", file=sys.stderr)
+        return 1
+    if args.clean:
+        clean(args)
+        return 0
+    if (args.host_dir / "journal.json").exists():
+        print(f"demo: a previous demo's VM is in {args.host_dir}; stopping and removing it first")
+        reset(args)
+    Demo(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
