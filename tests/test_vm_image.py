@@ -215,7 +215,9 @@ def test_agent_builds_launches_and_stops_the_vm():
         assert qmp.stdout.strip() == "running", qmp.stderr
 
         # SSH: the setup key logs in as proxy; the host key is the one the manifest names.
-        who = vm.ssh_as_agent("id -un; stat -c '%a %U' /var/lib/secret-proxy; ps -o user= -C python3.11 | sort -u")
+        who = vm.ssh_as_agent("id -un; stat -c '%a %U' /var/lib/secret-proxy; for d in /proc/[0-9]*; do "
+                              "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && stat -c %U $d; "
+                              "done | sort -u")
         assert who.returncode == 0, who.stderr
         assert who.stdout.split("\n")[:3] == ["proxy", "700 proxy", "proxy"]
         manifest = json.loads((vm.state / "image/manifest.json").read_text())

@@ -1,0 +1,138 @@
+"""The whole story, every role played for real, under TCG (issue 6; docs/threat-model.md).
+
+`scripts/demo.py` (what `make demo` runs) plays the agent user building and
+launching its VM, root taking it over, the host storing a secret and handing the
+agent a token, the agent asking and waiting, and the agent's retrieval and
+lockout checks. The proxy in the VM talks to a Bot API emulator on the host
+(10.0.2.2 from the guest); here an approver taps Approve after a stranger's tap
+is refused. Then the attacks of the threat model that can be played on one
+machine are played and fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from takeover import proc
+
+from .telegram_emulator import BotApiEmulator
+from .vm_fixtures import as_agent, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "4242:story-bot-token-that-the-agent-must-never-see"
+CHAT, APPROVER, STRANGER = -100777, 4001, 4666
+
+AGENT_HTTP = r"""
+import json, sys, urllib.request, urllib.error
+method, url, token, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+body = sys.stdin.read().encode() or None
+codes = []
+for _ in range(n):
+    req = urllib.request.Request(url, method=method, data=body,
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            codes.append([r.status, r.read().decode()])
+    except urllib.error.HTTPError as e:
+        codes.append([e.code, e.read().decode()])
+print(json.dumps(codes))
+"""
+
+
+def agent_http(method: str, url: str, token: str = "", body: dict | None = None, times: int = 1) -> list:
+    done = as_agent(["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
+                    stdin=json.dumps(body) if body else "", timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_whole_story_with_a_telegram_approver(tmp_path):
+    emu = BotApiEmulator(TOKEN)
+    emu.add_chat(CHAT, "supergroup", "Approvers")
+    emu.add_user(APPROVER, "Ada", "ada")
+    emu.add_user(STRANGER, "Mallory", "mallory")
+    emu.start("127.0.0.1", 0)
+    host_dir = Path("/var/lib") / f"secret-proxy-vm-story-{os.getpid()}"
+    port = free_port()
+    env = {**os.environ, "SECRET_PROXY_TELEGRAM_TOKEN": TOKEN, "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
+           "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
+           # QEMU's user network: the guest reaches the host's 127.0.0.1 as 10.0.2.2.
+           "SECRET_PROXY_TELEGRAM_API_URL": f"http://10.0.2.2:{emu.port}"}
+    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--host-dir", str(host_dir), "--port", str(port),
+                             "--agent-ssh-port", str(free_port()), "--host-ssh-port", str(free_port()),
+                             "--approve-timeout", "300"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    taps: dict = {}
+
+    def approver() -> None:
+        # The request appears in the chat with two buttons; a stranger taps first, then the approver.
+        message = emu.wait_for(lambda: next((m for m in emu.messages(CHAT) if m.get("reply_markup")), None),
+                               timeout=1200, what="the request's message in the approvers' chat")
+        approve = message["reply_markup"]["inline_keyboard"][0][0]
+        taps["message"] = message
+        taps["stranger"] = emu.tap(STRANGER, CHAT, message["message_id"], approve["callback_data"])
+        emu.wait_for(lambda: emu.answer_for(taps["stranger"]), 60, "the answer to the stranger's tap")
+        taps["approver"] = emu.tap(APPROVER, CHAT, message["message_id"], approve["callback_data"])
+
+    tapper = threading.Thread(target=approver, daemon=True)
+    tapper.start()
+    started = time.monotonic()
+    try:
+        output, _ = demo.communicate(timeout=1500)
+        sys.stderr.write(output)
+        print(f"\nthe story took {time.monotonic() - started:.0f} s", file=sys.stderr)
+        assert demo.returncode == 0, output[-3000:]
+
+        # The approval came from Telegram: a stranger was refused, the approver decided.
+        assert f"approved by telegram:{APPROVER}" in output
+        assert "not" in emu.answer_for(taps["stranger"])["text"].lower()
+        closed = emu.message(CHAT, taps["message"]["message_id"])
+        assert not (closed.get("reply_markup") or {}).get("inline_keyboard") and "Approved" in closed["text"]
+        # The agent got the host's value once; its every other way in was closed (checked by the demo).
+        assert "the value the host stored" in output and "again → 410 already_retrieved" in output
+        for line in ("read the host's disk", "connect to the host's monitor"):
+            assert any(line in ln and "PermissionError" in ln for ln in output.splitlines()), line
+        assert "SSH with its setup key: " in output and "Permission denied" in output
+
+        # The Telegram token never reached anything the agent can see.
+        assert TOKEN not in output
+        token = (Path("/home/agent") / "demo-agent.token").read_text().strip()
+        url = f"http://127.0.0.1:{port}"
+        for path in ("/health", "/openapi.json"):
+            assert TOKEN.split(":")[1] not in agent_http("GET", url + path)[0][1]
+
+        # Flood: the agent is throttled, health and the approved flow keep answering.
+        flood = agent_http("POST", url + "/v1/requests", token, {"secret": "demo-api-key", "reason": "flood"}, 150)
+        codes = [c for c, _ in flood]
+        assert 429 in codes and set(codes) <= {201, 429}
+        assert agent_http("GET", url + "/health")[0][0] == 200
+
+        # Self-approval: the agent cannot reach the proxy's CLI (SSH is the host's) and its token decides nothing.
+        pending = json.loads(next(body for c, body in flood if c == 201))["id"]
+        for forged in (f"/v1/requests/{pending}/approve", f"/v1/requests/{pending}"):
+            assert agent_http("POST", url + forged, token, {"approve": True})[0][0] in (404, 405)
+        assert json.loads(agent_http("GET", f"{url}/v1/requests/{pending}", token)[0][1])["status"] == "pending"
+
+        # The VM runs the host's kernel from the host's directory, as an unprivileged user, not the agent.
+        pid = int((host_dir / "qemu.pid").read_text())
+        info = proc.read_process(pid)
+        kernel = info.cmdline[info.cmdline.index("-kernel") + 1]
+        assert kernel.startswith(str(host_dir)) and "/home/agent" not in " ".join(info.cmdline)
+        assert info.uid not in (0, os.stat("/home/agent").st_uid)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        subprocess.run([sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)], cwd=ROOT,
+                       capture_output=True, timeout=300)
+        subprocess.run(["rm", "-rf", str(host_dir)], check=False)
+        emu.stop()
