@@ -98,7 +98,7 @@ def main() -> None:
                           opts.connections, token, None)
             guest = ssh(layout, ssh_port, "grep -E 'MemTotal|MemAvailable' /proc/meminfo; for d in /proc/[0-9]*; do "
                                           "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && "
-                                          "cat $d/status; done")
+                                          "cat $d/status; done; true")
             mem = dict(re.findall(r"(MemTotal|MemAvailable):\s+(\d+) kB", guest))
             qemu_pid = proc.read_pid(layout.pidfile)
             qemu_rss = rss_mb(Path(f"/proc/{qemu_pid}/status").read_text())

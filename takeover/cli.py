@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
-from .errors import TakeoverError
+from .errors import InvalidInput, TakeoverError
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--libvirt-uri", default="qemu:///system")
     vm.add_argument("--qemu-user", default="secret-proxy-vm",
                     help="unprivileged user the qemu runner's QEMU switches to (created if missing; 'root' to not switch)")
-    vm.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    vm.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                    help="kvm when /dev/kvm is usable, else tcg (default auto)")
     vm.add_argument("--proxy-listen", type=Endpoint.parse,
                     help="HOST:PORT for the proxy (default: the address the agent's VM used)")
     vm.add_argument("--ssh-listen", type=Endpoint.parse, default=DEFAULT_SSH,
@@ -72,13 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_accel(requested: str) -> str:
+    from vm_image.qemu_command import kvm_usable  # one KVM check for both sides
+
+    if requested == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    if requested == "kvm" and not kvm_usable():
+        raise InvalidInput("--accel kvm: /dev/kvm is missing or not usable", hint="use --accel tcg (slower)")
+    return requested
+
+
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     if args.command != "run":
         return TakeoverConfig(host_dir=args.host_dir)
     return TakeoverConfig(
         host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
         proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,
-        qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=args.accel,
+        qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=resolve_accel(args.accel),
         keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
         agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv, replace_modules=not args.no_replace_modules,
