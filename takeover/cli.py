@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
+from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError
 from .journal import STEPS
 from .models import Endpoint
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
     vm.add_argument("--no-reinstall-venv", action="store_true",
                     help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
+    vm.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                    help=f"the host's own build of the guest system, reused by later takeovers (default {DEFAULT_CACHE_DIR})")
+    vm.add_argument("--keep-agent-system", action="store_true",
+                    help="scrub the agent's filesystem in place instead of rebuilding it from the host's own build "
+                         "of Debian (faster; the agent's /usr is then reported as not blocked)")
     vm.add_argument("--no-replace-modules", action="store_true",
                     help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
     vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
@@ -92,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=resolve_accel(args.accel),
         keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
         agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
-        reinstall_venv=not args.no_reinstall_venv, replace_modules=not args.no_replace_modules,
+        reinstall_venv=not args.no_reinstall_venv, rebuild_system=not args.keep_agent_system,
+        cache_dir=args.cache_dir, replace_modules=not args.no_replace_modules,
         kernel=args.kernel, initrd=args.initrd, kernel_append=args.kernel_append, fail_after=args.fail_after,
     )
 

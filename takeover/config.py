@@ -12,6 +12,7 @@ from .errors import InvalidInput
 from .models import Endpoint
 
 DEFAULT_HOST_DIR = Path("/var/lib/secret-proxy-vm")
+DEFAULT_CACHE_DIR = Path("/var/cache/secret-proxy-vm")  # the host's own system build, shared by takeovers
 DEFAULT_SSH = Endpoint("127.0.0.1", 2223)
 VM_NAME = "secret-proxy-vm"
 
@@ -36,6 +37,8 @@ class TakeoverConfig:
     vm_name: str = VM_NAME
     boot_timeout: float = 600.0
     reinstall_venv: bool = True
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    rebuild_system: bool = True  # replace the agent's filesystem with the host's own build (scrub.rebuild_system)
     replace_modules: bool = True
     kernel: Path | None = None  # the operator's own kernel and initrd instead of vm_image.boot_files
     initrd: Path | None = None

@@ -20,7 +20,7 @@ from .boot import BootFiles, host_boot_files, modules_tarball
 from .checkpoint import save_checkpoint_and_stop
 from .config import TakeoverConfig, read_proxy_config
 from .diskimage import inspect_image
-from .errors import (DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, RollbackError,
+from .errors import (DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, RollbackError, ScrubError,
                      TakeoverError)
 from .files import ensure_host_dir
 from .find_vm import explicit_ready, find_and_check_vm, read_ready_file
@@ -111,16 +111,34 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     boot = boot_files(ctx)
     modules = modules_tarball(boot, ctx.host_dir / "boot") if cfg.replace_modules else None
     venv = build_proxy_venv(ctx.host_dir / "venv", ctx.note) if cfg.reinstall_venv else None
+    system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
     plan = ScrubPlan(keys=keys, proxy_config=ctx.proxy_config, unit=UNIT, wrapper=WRAPPER,
-                     modules_tar=modules, venv_tar=venv, force_tcg=cfg.accel != "kvm")
+                     modules_tar=modules, venv_tar=venv, system_tar=system, system_overlay=overlay,
+                     force_tcg=cfg.accel != "kvm")
     result = scrub_and_rekey(ctx.host_dir / DISK_NAME, plan, ctx.note).to_dict()
     ctx.note(f"{len(result['changes'])} changes recorded")
     inspect_image(ctx.host_dir / DISK_NAME)  # the scrub must leave a clean, self-contained qcow2
     result["keys"] = keys.to_dict()
     result["boot"] = boot.to_dict()
     return result
+
+
+def host_system(ctx: Context) -> tuple[Path, Path]:
+    """The host's own build of the guest's base system (cached in --cache-dir) and our files over it."""
+    from vm_image.disk import write_system_overlay
+    from vm_image.errors import VmImageError
+    from vm_image.rootfs import base_rootfs
+
+    cache = ensure_host_dir(ctx.cfg.cache_dir)  # root's own, 0700: what is in it goes into every VM
+    try:
+        system = base_rootfs(cache, progress=ctx.note)
+    except VmImageError as exc:
+        raise ScrubError(f"cannot build the host's own system image: {exc}",
+                         hint="check that apt can reach Debian's archive, or pass --keep-agent-system "
+                              "(the report then lists the agent's /usr as not blocked)") from None
+    return system, write_system_overlay(ctx.host_dir / "system-overlay.tar")
 
 
 def step_restart(ctx: Context) -> dict[str, Any]:

@@ -33,14 +33,18 @@ PROXY_DATA = "/var/lib/secret-proxy"
 PROXY_VENV = "/opt/secret-proxy/venv"
 
 # What the scrub leaves in place, for docs/threat-model.md. Each line: what, and why it is open.
-NOT_BLOCKED = [
+# The first four hold only when the agent's system is kept (--keep-agent-system); by default the
+# filesystem is rebuilt from the host's own build of the same Debian system, and they do not apply.
+AGENT_SYSTEM_KEPT = [
     "Programs and libraries outside the proxy's venv (/usr: sshd, systemd, python3, libc, PAM modules) are the "
-    "agent's build; a replaced binary keeps its privileges. They are not compared with Debian's packages yet.",
+    "agent's build; a replaced binary keeps its privileges. They are not compared with Debian's packages.",
     "Unit files, generators, udev rules and tmpfiles under /usr/lib and /lib are the agent's build; only /etc "
     "(where local configuration lives) and the enable links are scrubbed.",
     "PAM configuration (/etc/pam.d) is the agent's; sshd no longer uses PAM (UsePAM no), but other services do.",
     "System CA certificates (/etc/ssl, /usr/share/ca-certificates) are the agent's; code that trusts the system "
     "store could be intercepted.",
+]
+NOT_BLOCKED = [
     "The guest has user-mode networking with outbound access; planted code that survived could call out.",
     "QEMU runs the scrubbed guest; a QEMU escape would land as the QEMU process's user on the host.",
 ]
@@ -55,6 +59,8 @@ class ScrubPlan:
     fs_device: str = "/dev/vda"
     modules_tar: Path | None = None  # trusted /lib/modules tree for the host's kernel
     venv_tar: Path | None = None  # proxy venv built on the host from locked wheels
+    system_tar: Path | None = None  # the host's own build of the base system (vm_image.rootfs); None keeps the agent's
+    system_overlay: Path | None = None  # our guest's files over it (vm_image.disk.write_system_overlay)
     force_tcg: bool = True
 
 
@@ -94,6 +100,8 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
         return out
 
     try:
+        if plan.system_tar is not None:
+            timed("system", lambda: rebuild_system(guest, plan.system_tar, plan.system_overlay))
         ids = timed("accounts", lambda: scrub_accounts(guest))
         timed("sudo", lambda: scrub_privilege_grants(guest))
         timed("ssh", lambda: rekey_ssh(guest, plan.keys, ids))
@@ -116,7 +124,7 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
     # the scrubbed bytes must be on disk first, or a crash could leave a half-scrubbed disk behind.
     fsync_file(disk)
     timings["flush"] = round(time.monotonic() - t, 3)
-    not_blocked = list(NOT_BLOCKED)
+    not_blocked = (AGENT_SYSTEM_KEPT if plan.system_tar is None else []) + list(NOT_BLOCKED)
     if plan.venv_tar is None:
         not_blocked.insert(0, f"The proxy's venv ({PROXY_VENV}) is the agent's build and was not reinstalled "
                               f"from the host's wheels: its code runs as the proxy user and can read the new "
@@ -124,6 +132,25 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
     if plan.modules_tar is None:
         not_blocked.insert(0, "Kernel modules under /lib/modules are the agent's; the guest kernel may load them.")
     return ScrubResult([c.to_dict() for c in guest.changes], guest.findings, not_blocked, snapshots, timings)
+
+
+def rebuild_system(guest: Guest, system_tar: Path, overlay_tar: Path | None) -> None:
+    """Replace the agent's whole filesystem with the host's own build of the same Debian system.
+
+    Checking every file the agent's build left against Debian's archive would be a long,
+    leaky list; a filesystem the host made itself from Debian's signed packages has nothing
+    of the agent's in it. The steps after this one still run: they find nothing to remove,
+    and write the host's keys, configuration, venv and modules as before.
+    """
+    g = guest.g
+    g.umount_all()
+    g.mkfs("ext4", "/dev/sda", label="secret-proxy")
+    g.mount("/dev/sda", "/")
+    g.tar_in(str(system_tar), "/")
+    if overlay_tar is not None:
+        g.tar_in(str(overlay_tar), "/")
+    guest.changes.append(Change("/", "replaced", "the agent's whole filesystem, by the host's own build of "
+                                                 "Debian 12 from Debian's signed packages"))
 
 
 def remove_internal_snapshots(disk: Path) -> list[str]:

@@ -143,9 +143,9 @@ def planted_tarball(path: Path) -> Path:
     return path
 
 
-def build_planted_image(workdir: Path) -> Path:
+def build_planted_image(workdir: Path, size: str = "256M") -> Path:
     disk = workdir / "agent.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "256M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend("direct")
     g.set_backend_settings(["force_tcg"])
@@ -357,3 +357,46 @@ def test_every_change_is_recorded_with_a_reason(scrubbed):
     assert all(c["action"] in ("removed", "written", "replaced", "changed", "stripped") for c in result.changes)
     assert all(c.get("detail") for c in result.changes if c["action"] != "written")
     assert result.not_blocked and all(isinstance(x, str) for x in result.not_blocked)
+
+
+# -- the default: the agent's filesystem replaced by the host's own build -------------------------
+
+HOST_SYSTEM_CACHE = Path("/var/tmp/secret-proxy-vm-tests/host-system")
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    from vm_image.disk import write_system_overlay
+    from vm_image.rootfs import base_rootfs
+
+    work = tmp_path_factory.mktemp("rebuild")
+    disk = build_planted_image(work, size="2G")
+    HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
+    system = base_rootfs(HOST_SYSTEM_CACHE)
+    host_dir = ensure_host_dir(work / "host")
+    keys = generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223))
+    plan = ScrubPlan(keys=keys, proxy_config=b'telegram_chat_id = 7\n', unit=UNIT, wrapper=WRAPPER,
+                     venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
+                     system_tar=system, system_overlay=write_system_overlay(work / "overlay.tar"))
+    result = scrub_and_rekey(disk, plan)
+    reader = Reader(disk)
+    yield result, reader, keys, system
+    reader.g.close()
+
+
+def test_rebuilt_system_keeps_nothing_the_agent_planted(rebuilt):
+    result, reader, keys, system = rebuilt
+    for planted in ("/usr/local/bin/rootshell", "/etc/sudoers.d/90-agent", "/etc/ssh/sshrc", "/etc/doas.conf",
+                    "/usr/lib/modules/6.1.0-99-agent/kernel/evil.ko", "/etc/polkit-1/rules.d/49-agent.rules"):
+        assert not reader.exists(planted), planted
+    assert "toor" not in reader.text("/etc/passwd") and "agent:" not in reader.text("/etc/passwd")
+    # What is there is the host's build from Debian's packages, byte for byte.
+    with tarfile.open(system) as tar:
+        sshd = tar.extractfile("./usr/sbin/sshd").read()
+    assert reader.g.read_file("/usr/sbin/sshd") == sshd
+    assert reader.text("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == \
+        keys.vm_host_public.split()[:2]
+    assert keys.login_public.split()[1] in reader.text("/home/proxy/.ssh/authorized_keys")
+    assert reader.text("/var/lib/secret-proxy/config.toml") == "telegram_chat_id = 7\n"
+    assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()
+    assert not any("/usr" in line and "agent's build" in line for line in result.not_blocked)

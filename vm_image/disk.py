@@ -42,37 +42,57 @@ class Overlay:
     host_key_pub: bytes
 
 
+class _TarWriter:
+    """Entries with explicit owners and modes: nothing depends on who runs the build."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+
+    def add(self, path: str, mode: int, data: bytes | None = None, owner: int = 0, link: str | None = None) -> None:
+        info = tarfile.TarInfo("./" + path.lstrip("/"))
+        info.mode, info.uid, info.gid = mode, owner, owner
+        if link is not None:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            self.tar.addfile(info)
+        elif data is None:
+            info.type = tarfile.DIRTYPE
+            self.tar.addfile(info)
+        else:
+            info.size = len(data)
+            self.tar.addfile(info, io.BytesIO(data))
+
+
+def _system_files(w: _TarWriter) -> None:
+    """What every guest of ours has over the base: identity, network, the proxy's service, its user's dirs."""
+    w.add("/etc/hostname", 0o644, gf.HOSTNAME.encode())
+    w.add("/etc/hosts", 0o644, gf.HOSTS.encode())
+    w.add("/etc/fstab", 0o644, gf.FSTAB.encode())
+    w.add("/etc/systemd/network/10-virtio.network", 0o644, gf.NETWORK.encode())
+    w.add("/etc/ssh/sshd_config.d/10-secret-proxy.conf", 0o644, gf.SSHD_DROPIN.encode())
+    w.add("/etc/systemd/system/secret-proxy.service", 0o644, gf.UNIT.encode())
+    w.add("/etc/systemd/system/multi-user.target.wants/secret-proxy.service", 0o777,
+          link="/etc/systemd/system/secret-proxy.service")
+    w.add("/usr/local/bin/secret-proxy", 0o755, gf.WRAPPER.encode())
+    w.add(gf.PROXY_HOME, 0o750, owner=gf.PROXY_UID)
+    w.add(gf.PROXY_HOME + "/.ssh", 0o700, owner=gf.PROXY_UID)
+    w.add(gf.DATA_DIR, 0o700, owner=gf.PROXY_UID)
+    w.add(os.path.dirname(gf.VENV), 0o755)
+
+
+def write_system_overlay(out: Path) -> Path:
+    """The files of our guest without keys or venv: for the host, which adds its own of those."""
+    with tarfile.open(out, "w") as tar:
+        _system_files(_TarWriter(tar))
+    return out
+
+
 def write_overlay(overlay: Overlay, out: Path) -> Path:
     with tarfile.open(out, "w") as tar:
-        def add(path: str, mode: int, data: bytes | None = None, owner: int = 0, link: str | None = None) -> None:
-            info = tarfile.TarInfo("./" + path.lstrip("/"))
-            info.mode, info.uid, info.gid = mode, owner, owner
-            if link is not None:
-                info.type, info.linkname = tarfile.SYMTYPE, link
-                tar.addfile(info)
-            elif data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-        add("/etc/hostname", 0o644, gf.HOSTNAME.encode())
-        add("/etc/hosts", 0o644, gf.HOSTS.encode())
-        add("/etc/fstab", 0o644, gf.FSTAB.encode())
-        add("/etc/systemd/network/10-virtio.network", 0o644, gf.NETWORK.encode())
-        add("/etc/ssh/sshd_config.d/10-secret-proxy.conf", 0o644, gf.SSHD_DROPIN.encode())
-        add("/etc/ssh/ssh_host_ed25519_key", 0o600, overlay.host_key)
-        add("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, overlay.host_key_pub)
-        add("/etc/systemd/system/secret-proxy.service", 0o644, gf.UNIT.encode())
-        add("/etc/systemd/system/multi-user.target.wants/secret-proxy.service", 0o777,
-            link="/etc/systemd/system/secret-proxy.service")
-        add("/usr/local/bin/secret-proxy", 0o755, gf.WRAPPER.encode())
-        add(gf.PROXY_HOME, 0o750, owner=gf.PROXY_UID)
-        add(gf.PROXY_HOME + "/.ssh", 0o700, owner=gf.PROXY_UID)
-        add(gf.PROXY_HOME + "/.ssh/authorized_keys", 0o600, overlay.setup_key_pub, owner=gf.PROXY_UID)
-        add(gf.DATA_DIR, 0o700, owner=gf.PROXY_UID)
-        add(os.path.dirname(gf.VENV), 0o755)
+        w = _TarWriter(tar)
+        _system_files(w)
+        w.add("/etc/ssh/ssh_host_ed25519_key", 0o600, overlay.host_key)
+        w.add("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, overlay.host_key_pub)
+        w.add(gf.PROXY_HOME + "/.ssh/authorized_keys", 0o600, overlay.setup_key_pub, owner=gf.PROXY_UID)
         with tarfile.open(overlay.venv_tar) as venv:
             for member in venv.getmembers():
                 data = venv.extractfile(member) if member.isfile() else None

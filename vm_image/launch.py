@@ -35,8 +35,8 @@ def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3
     with steps.step("checks before starting QEMU") as note:
         binary = qemu_binary()
         cfg = _preflight(layout, proxy_host, proxy_port, ssh_port, memory_mb, cpus, choose_accel(accel))
-        if cfg.accel == "tcg":
-            note("no usable /dev/kvm: running under TCG software emulation (boots take ~30 s instead of ~3 s)")
+        if cfg.accel == "tcg" and accel == "auto":
+            note("no usable KVM: running under TCG software emulation (boots take ~20-30 s instead of a few)")
     with steps.step(f"starting QEMU ({cfg.accel}, {memory_mb} MB, {cpus} vCPU)") as note:
         for stale in (layout.ready, layout.serial_log, layout.pidfile):
             stale.unlink(missing_ok=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from .errors import BadInput, MissingTool
 
 QEMU = "qemu-system-x86_64"
 GUEST_SSH_PORT = 22
+PROBE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,34 @@ class VmConfig:
     tcg_cache_mb: int = 64  # TCG reserves 1 GiB for translated code by default; 64 MB is plenty for this guest
 
 
+@functools.lru_cache(maxsize=1)
 def kvm_usable() -> bool:
-    """KVM only when /dev/kvm opens read-write for this user (exists is not enough: permissions, nesting)."""
+    """KVM only when /dev/kvm opens read-write for this user *and* QEMU can start a vCPU on it.
+
+    Opening is not enough: under nested virtualization /dev/kvm can exist and open while
+    QEMU aborts at the first vCPU reset ("failed to set MSR"). So a paused QEMU is started
+    on KVM for a moment: still alive after PROBE_SECONDS means usable.
+    """
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
     os.close(fd)
-    return True
+    binary = shutil.which(QEMU)
+    if binary is None:
+        return False
+    probe = subprocess.Popen([binary, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
+                              "-no-user-config", "-display", "none", "-S", "-monitor", "none", "-serial", "none"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe.wait(PROBE_SECONDS)
+        return False  # it ended on its own: KVM refused it
+    except subprocess.TimeoutExpired:
+        return True
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
 
 
 def choose_accel(requested: str) -> str:
