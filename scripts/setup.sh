@@ -10,7 +10,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils mmdebstrap uidmap debian-archive-keyring
   libguestfs-tools linux-image-amd64 openssh-client openssh-server
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
-  sqlite3 curl ca-certificates wrk
+  sqlite3 curl ca-certificates wrk genisoimage
 )
 
 missing=()

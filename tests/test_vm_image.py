@@ -4,11 +4,13 @@ build and boot by the unprivileged agent user under TCG."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -247,3 +249,98 @@ def test_agent_builds_launches_and_stops_the_vm():
     again = vm_image_as_agent("build", "--state-dir", "/var/tmp/secret-proxy-vm-tests/agent-image",
                               "--cache-dir", "/var/tmp/secret-proxy-vm-tests/agent-cache")
     assert again.returncode == 0 and "inputs unchanged: reusing" in again.stderr
+
+
+# -- --base-image: a cloud image with a cloud-init NoCloud seed --------------------------------
+
+SETUP_PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHl0dGhpc2lzYXRlc3RrZXlub3RyZWFsbHlhbmtleQ vm_image setup key"
+
+
+def test_user_data_is_cloud_config_with_the_key_as_a_file_and_no_default_user():
+    from vm_image.cloud_init import PROVISION, user_data
+
+    text = user_data(SETUP_PUB)
+    assert text.startswith("#cloud-config\n")
+    config = json.loads(text.split("\n", 1)[1])  # JSON is YAML: what cloud-init reads
+    files = {f["path"]: f for f in config["write_files"]}
+    assert files["/home/proxy/.ssh/authorized_keys"]["content"] == SETUP_PUB + "\n"
+    assert files["/home/proxy/.ssh/authorized_keys"]["permissions"] == "0600"
+    assert "ExecStart=/opt/secret-proxy/venv/bin/python -I -m proxy serve" in \
+        files["/etc/systemd/system/secret-proxy.service"]["content"]
+    assert config["users"] == [] and config["ssh_pwauth"] is False and config["disable_root"] is True
+    assert config["runcmd"] == [["sh", "-c", PROVISION]] and SETUP_PUB not in PROVISION
+
+
+@pytest.mark.parametrize("bad", [SETUP_PUB + "\nruncmd: [reboot]", "ssh-ed25519 AAAA$(reboot)", "", "hello"])
+def test_a_setup_key_that_is_not_one_key_line_is_refused(bad):
+    from vm_image.cloud_init import user_data
+
+    with pytest.raises(BadInput, match="single OpenSSH public key"):
+        user_data(bad)
+
+
+def test_seed_is_an_iso_labelled_cidata_with_user_data_meta_data_and_the_venv(tmp_path):
+    from vm_image.cloud_init import make_seed, user_data
+
+    venv = tmp_path / "venv.tar"
+    venv.write_bytes(b"venv tarball")
+    seed = make_seed(tmp_path / "seed.iso", SETUP_PUB, venv, tmp_path)
+    info = subprocess.run(["isoinfo", "-d", "-i", str(seed)], capture_output=True, text=True, check=True).stdout
+    assert "Volume id: cidata" in info
+    listing = subprocess.run(["isoinfo", "-R", "-f", "-i", str(seed)], capture_output=True, text=True).stdout.split()
+    assert sorted(listing) == ["/meta-data", "/proxy-venv.tar", "/user-data"]
+    extracted = subprocess.run(["isoinfo", "-R", "-x", "/user-data", "-i", str(seed)], capture_output=True,
+                               text=True).stdout
+    assert extracted == user_data(SETUP_PUB)
+    meta = json.loads(subprocess.run(["isoinfo", "-R", "-x", "/meta-data", "-i", str(seed)], capture_output=True,
+                                     text=True).stdout)
+    assert meta["instance-id"].startswith("secret-proxy-") and meta["local-hostname"] == "secret-proxy-vm"
+
+
+def test_base_image_boots_its_own_bootloader_with_the_seed_read_only(tmp_path):
+    argv = qemu_argv(config(tmp_path, kernel=None, initrd=None, seed=tmp_path / "seed.iso"))
+    assert "-kernel" not in argv and "-initrd" not in argv and "-append" not in argv
+    assert f"file={tmp_path / 'seed.iso'},if=virtio,format=raw,readonly=on" in option(argv, "-drive")
+
+
+def test_base_image_that_is_not_an_image_is_refused(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a disk\n" * 100)
+    result = vm_image("build", "--state-dir", str(tmp_path / "state"), "--base-image", str(text))
+    assert result.returncode == 1 and "is not a disk image" in result.stderr
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    layered = tmp_path / "layered.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(layered)],
+                   check=True)
+    result = vm_image("build", "--state-dir", str(tmp_path / "state"), "--base-image", str(layered))
+    assert result.returncode == 1 and "backing file of its own" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_agent_runs_the_proxy_on_a_cloud_image_through_cloud_init():
+    from .cloud_image import cloud_base_image
+    from .vm_fixtures import AGENT_CACHE, TEST_ROOT, AgentVM, ensure_agent_user, free_port
+
+    base = cloud_base_image()
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    user = ensure_agent_user()
+    state = Path(tempfile.mkdtemp(prefix="agent-cloud-", dir=TEST_ROOT))
+    os.chown(state, user.uid, user.gid)
+    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
+    try:
+        up = vm_image_as_agent("up", "--state-dir", str(state), "--cache-dir", str(AGENT_CACHE), "--base-image",
+                               str(base), "--port", str(vm.proxy_port), "--ssh-port", str(vm.ssh_port),
+                               "--memory", "512", "--accel", "tcg", "--timeout", "900")
+        assert up.returncode == 0, up.stderr[-3000:]
+        print(f"\ncloud image to healthy under TCG: {vm.ready_data['boot_seconds']} s", file=sys.stderr)
+        assert get_json(vm.url + "/health") == (200, {"status": "ok"})
+        who = vm.ssh_as_agent("id -un; stat -c '%U %a' /opt/secret-proxy/venv/bin/python3 /var/lib/secret-proxy")
+        assert who.returncode == 0, who.stderr
+        assert who.stdout.split("\n")[:3] == ["proxy", "root 777", "proxy 700"]  # python3 is a symlink
+        manifest = json.loads((state / "image/manifest.json").read_text())
+        assert manifest["mode"] == "base-image" and manifest["disk"]["backing_file"] == str(base)
+    finally:
+        vm.stop()
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the overlay took every write

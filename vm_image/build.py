@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import guest_files, proc
+from .base_image import prepare_base_image
 from .boot_files import boot_files
 from .disk import Overlay, assemble_disk, write_overlay
 from .errors import BadInput, BuildFailed, MissingTool
@@ -30,7 +31,7 @@ MANIFEST_VERSION = 1
 
 
 def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", force: bool = False,
-          steps: Steps | None = None) -> dict[str, Any]:
+          base_image: Path | None = None, steps: Steps | None = None) -> dict[str, Any]:
     """Build (or reuse) the image in `layout.image`; returns its manifest."""
     steps = steps or Steps(total=5)
     _check_disk_size(disk_size)
@@ -39,6 +40,9 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
     if running:
         raise BadInput(f"the VM (pid {running}) is running from {layout.disk}",
                        hint="stop it first: python -m vm_image stop")
+    if base_image is not None:
+        with steps.step(f"overlay and cloud-init seed for {base_image.name}") as note:
+            return prepare_base_image(layout, base_image, _new_setup_key, note)
     started = time.monotonic()
     with steps.step("kernel and initrd from Debian's packages") as note:
         boot = boot_files(layout.cache / "boot", note)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--mirror", help="Debian mirror URL (default: the one apt uses)")
         sp.add_argument("--disk-size", default="2G", help="virtual size of the guest's disk (default 2G; sparse)")
         sp.add_argument("--force", action="store_true", help="rebuild even if no input changed (new setup key)")
+        sp.add_argument("--base-image", type=Path, default=None,
+                        help="use this cloud image (qcow2 or raw, Debian 12-compatible) under a copy-on-write "
+                             "overlay, provisioned by cloud-init from a NoCloud seed, instead of building one")
 
     def launch_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--host", default="127.0.0.1", help="host address the proxy is forwarded to (default 127.0.0.1)")
@@ -82,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build(args: argparse.Namespace, layout: Layout, steps: Steps | None = None) -> int:
     manifest = build(layout, mirror=args.mirror, disk_size=args.disk_size, force=args.force,
-                     steps=steps or Steps(total=5))
+                     base_image=args.base_image, steps=steps or Steps(total=5))
     disk = manifest["disk"]
     print(f"image: {disk['path']} ({disk['bytes'] / 2**20:.0f} MB qcow2, {disk['virtual_size']} virtual)")
     print(f"manifest: {layout.manifest}")
-    print(f"setup key: {layout.setup_key} ({manifest['ssh']['setup_key_fingerprint']})")
+    print(f"setup key: {layout.setup_key} ({manifest['ssh'].get('setup_key_fingerprint', 'new')})")
     return 0
 
 
@@ -99,7 +102,7 @@ def _launch(args: argparse.Namespace, layout: Layout, steps: Steps | None = None
 
 
 def _up(args: argparse.Namespace, layout: Layout) -> int:
-    steps = Steps(total=8)
+    steps = Steps(total=4 if args.base_image else 8)
     _build(args, layout, steps)
     return _launch(args, layout, steps)
 

@@ -73,7 +73,9 @@ def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3
 
 def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, memory_mb: int, cpus: int,
                accel: str) -> VmConfig:
-    for path in (layout.disk, layout.kernel, layout.initrd):
+    manifest = _read_json(layout.manifest)
+    from_base = manifest.get("mode") == "base-image"
+    for path in (layout.disk, layout.seed) if from_base else (layout.disk, layout.kernel, layout.initrd):
         if not path.is_file():
             raise BadInput(f"{path} does not exist: the image is not built",
                            hint="run `python -m vm_image build` (or `up`, which builds and launches)")
@@ -84,11 +86,11 @@ def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, 
     if os.path.lexists(layout.monitor):
         raise BadInput(f"the monitor path {layout.monitor} already exists (left by a QEMU that did not exit cleanly?)",
                        hint="`python -m vm_image stop` removes stale files when no VM runs")
-    manifest = _read_json(layout.manifest)
-    append = manifest.get("kernel", {}).get("append") or "root=/dev/vda rw console=ttyS0 panic=-1"
-    cfg = VmConfig(layout.disk, layout.kernel, layout.initrd, append, layout.monitor, layout.pidfile,
-                   layout.serial_log, proxy_host=proxy_host, proxy_port=proxy_port, ssh_port=ssh_port,
-                   memory_mb=memory_mb, cpus=cpus, accel=accel)
+    append = (manifest.get("kernel") or {}).get("append") or "root=/dev/vda rw console=ttyS0 panic=-1"
+    cfg = VmConfig(layout.disk, None if from_base else layout.kernel, None if from_base else layout.initrd, append,
+                   layout.monitor, layout.pidfile, layout.serial_log, proxy_host=proxy_host, proxy_port=proxy_port,
+                   ssh_port=ssh_port, memory_mb=memory_mb, cpus=cpus, accel=accel,
+                   seed=layout.seed if from_base else None)
     qemu_argv(cfg)  # validates every value before anything starts
     if proxy_port == ssh_port:
         raise BadInput(f"the proxy and SSH cannot both be forwarded from port {proxy_port}")

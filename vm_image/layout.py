@@ -62,6 +62,10 @@ class Layout:
         return self.image / "initrd.img"
 
     @property
+    def seed(self) -> Path:
+        return self.image / "seed.iso"
+
+    @property
     def manifest(self) -> Path:
         return self.image / "manifest.json"
 

@@ -74,6 +74,9 @@ def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _:
         os.chmod(partial, 0o600)
         shutil.copyfile(requirements, requirements_file(tarball))
         os.replace(partial, tarball)
+    for stale in work_dir.glob("venv-*"):  # builds for inputs that changed: 50 MB each
+        if stale not in (tarball, requirements_file(tarball)):
+            stale.unlink()
     return tarball
 
 

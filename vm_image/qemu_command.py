@@ -19,8 +19,8 @@ PROBE_SECONDS = 2.0
 @dataclass(frozen=True)
 class VmConfig:
     disk: Path
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: the image boots with its own bootloader (--base-image)
+    initrd: Path | None
     append: str
     monitor: Path
     pidfile: Path
@@ -34,6 +34,7 @@ class VmConfig:
     cpus: int = 1
     accel: str = "tcg"  # "kvm" or "tcg"
     tcg_cache_mb: int = 64  # TCG reserves 1 GiB for translated code by default; 64 MB is plenty for this guest
+    seed: Path | None = None  # cloud-init NoCloud seed, attached read-only (--base-image)
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,8 +86,9 @@ def qemu_binary() -> str:
 
 
 def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
-    for name in ("disk", "kernel", "initrd", "monitor", "pidfile", "serial_log"):
-        _check_option_path(name, getattr(cfg, name))
+    for name in ("disk", "kernel", "initrd", "monitor", "pidfile", "serial_log", "seed"):
+        if getattr(cfg, name) is not None:
+            _check_option_path(name, getattr(cfg, name))
     for name in ("proxy_host", "ssh_host"):
         if not _is_ipv4(getattr(cfg, name)):
             raise BadInput(f"{name.replace('_', ' ')} {getattr(cfg, name)!r} is not an IPv4 address")
@@ -101,14 +103,16 @@ def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
         accel = ["-accel", f"tcg,tb-size={cfg.tcg_cache_mb}", "-cpu", "max"]
     else:
         raise BadInput(f"accelerator {cfg.accel!r} is not kvm or tcg")
+    boot = ["-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.append] if cfg.kernel else []
+    seed = ["-drive", f"file={cfg.seed},if=virtio,format=raw,readonly=on"] if cfg.seed else []
     forwards = (f"hostfwd=tcp:{cfg.proxy_host}:{cfg.proxy_port}-:{cfg.guest_proxy_port},"
                 f"hostfwd=tcp:{cfg.ssh_host}:{cfg.ssh_port}-:{GUEST_SSH_PORT}")
     return [
         binary, "-name", "secret-proxy-vm", "-machine", "q35", *accel,
         "-m", str(cfg.memory_mb), "-smp", str(cfg.cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.append,
-        "-drive", f"file={cfg.disk},if=virtio,format=qcow2,discard=unmap",
+        *boot,
+        "-drive", f"file={cfg.disk},if=virtio,format=qcow2,discard=unmap", *seed,
         "-netdev", f"user,id=net0,{forwards}", "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
         "-serial", f"file:{cfg.serial_log}",

@@ -69,4 +69,7 @@ def base_rootfs(cache_dir: Path, mirror: str | None = None,
         raise BuildFailed(f"mmdebstrap failed: {proc.stderr.strip()[-800:]}", hint=hint)
     os.chmod(partial, 0o644)
     os.replace(partial, tarball)
+    for stale in cache_dir.glob("rootfs-*.tar"):  # built for inputs that changed: 200 MB each
+        if stale != tarball:
+            stale.unlink()
     return tarball
