@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -240,6 +241,23 @@ def test_agent_builds_launches_and_stops_the_vm():
 
         status = json.loads(vm_image_as_agent("status", "--state-dir", str(vm.state), "--json").stdout)
         assert status["running"] and status["qmp_status"] == "running" and status["health"] == "ok"
+
+        # A proxy that dies is restarted by systemd (Restart=on-failure): kill -9 it, a new one answers.
+        find_pid = ("for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null | "
+                    "grep -q '[m] proxy serve' && echo ${d#/proc/}; done; true")
+        before = vm.ssh_as_agent(find_pid).stdout.split()
+        assert len(before) == 1, before
+        assert vm.ssh_as_agent(f"kill -9 {before[0]}").returncode == 0
+        deadline = time.monotonic() + 120
+        while True:
+            after = vm.ssh_as_agent(find_pid).stdout.split()
+            try:
+                if after and after != before and get_json(vm.url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass  # still starting
+            assert time.monotonic() < deadline, "the proxy did not come back after kill -9"
+            time.sleep(1)
     finally:
         stopped = vm_image_as_agent("stop", "--state-dir", str(vm.state), "--timeout", "60", timeout=180)
     assert stopped.returncode == 0 and "VM powered down" in stopped.stdout
