@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -51,10 +52,19 @@ def proxy_data(tmp_path: Path) -> Proxy:
     return provision(make_settings(tmp_path))
 
 
-@pytest.fixture
-def client(proxy_data: Proxy) -> Iterator[TestClient]:
-    with TestClient(create_app(proxy_data.settings)) as c:
-        yield c
+@pytest.fixture(params=["in-process", "uvicorn"])
+def client(request: pytest.FixtureRequest, proxy_data: Proxy) -> Iterator[httpx.Client]:
+    """Every API test runs twice: in process (Starlette's TestClient) and over real HTTP to `proxy serve`."""
+    if request.param == "in-process":
+        with TestClient(create_app(proxy_data.settings)) as c:
+            yield c
+        return
+    server = start_server(proxy_data.settings)
+    try:
+        with httpx.Client(base_url=server.url, timeout=90) as c:
+            yield c
+    finally:
+        server.stop()
 
 
 def cli(data_dir: Path, *args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""The agent's HTTP API, in process (Starlette's TestClient); docs/api.md is the spec."""
+"""The agent's HTTP API, in process and over real HTTP to uvicorn (the `client` fixture runs both); docs/api.md is the spec."""
 
 from __future__ import annotations
 
