@@ -1,4 +1,7 @@
-"""The agent's HTTP API, in process and over real HTTP to uvicorn (the `client` fixture runs both); docs/api.md is the spec."""
+"""The agent's HTTP API, in process and over real HTTP to uvicorn (the `client` fixture runs both).
+
+docs/api.md is the spec.
+"""
 
 from __future__ import annotations
 
