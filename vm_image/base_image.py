@@ -17,6 +17,7 @@ from typing import Any, Callable
 from . import guest_files
 from .cloud_init import make_seed
 from .errors import BadInput, BuildFailed, MissingTool
+from .keys import new_setup_key
 from .layout import Layout
 from .manifest import file_sha256, tar_file_hashes, write_manifest
 from .proxy_venv import build_proxy_venv, locked_wheels
@@ -47,8 +48,7 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def prepare_base_image(layout: Layout, base: Path, new_setup_key: Callable[[Path], bytes],
-                       note: Callable[[str], None]) -> dict[str, Any]:
+def prepare_base_image(layout: Layout, base: Path, note: Callable[[str], None]) -> dict[str, Any]:
     base = base.absolute()
     if "," in str(base):
         raise BadInput(f"--base-image path {base} contains a comma, which QEMU's options cannot hold")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +19,10 @@ from . import guest_files, proc
 from .base_image import prepare_base_image
 from .boot_files import boot_files
 from .disk import Overlay, assemble_disk, write_overlay
-from .errors import BadInput, BuildFailed, MissingTool
+from .errors import BadInput
+from .keys import fingerprint, new_host_key, new_setup_key
 from .layout import Layout
-from .manifest import file_sha256, installed_packages, tar_file_hashes, write_manifest
+from .manifest import file_sha256, installed_packages, read_json, tar_file_hashes, write_manifest
 from .progress import Steps
 from .proxy_venv import build_proxy_venv, locked_wheels
 from .rootfs import SUITE, base_rootfs
@@ -42,7 +42,7 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
                        hint="stop it first: python -m vm_image stop")
     if base_image is not None:
         with steps.step(f"overlay and cloud-init seed for {base_image.name}") as note:
-            return prepare_base_image(layout, base_image, _new_setup_key, note)
+            return prepare_base_image(layout, base_image, note)
     started = time.monotonic()
     with steps.step("kernel and initrd from Debian's packages") as note:
         boot = boot_files(layout.cache / "boot", note)
@@ -51,7 +51,7 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
     with steps.step("the proxy's venv from uv.lock (hash-checked wheels)") as note:
         venv = build_proxy_venv(layout.cache / "venv", note)
     key = _inputs_key(boot.key, rootfs.name, venv.name, disk_size)
-    previous = _read_manifest(layout.manifest)
+    previous = read_json(layout.manifest)
     if not force and previous.get("inputs_key") == key and _outputs_present(layout):
         with steps.step("image") as note:
             note(f"inputs unchanged: reusing {layout.disk} (pass --force to rebuild with a new setup key)")
@@ -59,10 +59,10 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
     with steps.step("disk: base + proxy + this build's keys → qcow2") as note:
         for stale in (layout.manifest, layout.disk):
             stale.unlink(missing_ok=True)
-        setup_pub = _new_setup_key(layout.setup_key)
+        setup_pub = new_setup_key(layout.setup_key)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=layout.cache) as tmp:
             work = Path(tmp)
-            host_key, host_pub = _new_host_key(work)
+            host_key, host_pub = new_host_key(work)
             overlay = write_overlay(Overlay(venv, setup_pub, host_key, host_pub), work / "overlay.tar")
             note(f"assembling a {disk_size} ext4 filesystem and converting it to qcow2")
             assemble_disk(rootfs, overlay, work, layout.disk, disk_size)
@@ -85,8 +85,8 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
                  "bytes": layout.disk.stat().st_size, "sha256": file_sha256(layout.disk)},
         "kernel": {"path": str(layout.kernel), "sha256": file_sha256(layout.kernel), "append": boot.append},
         "initrd": {"path": str(layout.initrd), "sha256": file_sha256(layout.initrd)},
-        "ssh": {"setup_key": str(layout.setup_key), "setup_key_fingerprint": _fingerprint(layout.setup_key),
-                "host_key_fingerprint": _fingerprint(layout.image / "host_key.pub")},
+        "ssh": {"setup_key": str(layout.setup_key), "setup_key_fingerprint": fingerprint(layout.setup_key),
+                "host_key_fingerprint": fingerprint(layout.image / "host_key.pub")},
     }
     write_manifest(layout.manifest, manifest)
     return manifest
@@ -98,13 +98,6 @@ def _inputs_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps([*parts, *texts]).encode()).hexdigest()
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _outputs_present(layout: Layout) -> bool:
     return all(p.is_file() for p in (layout.disk, layout.kernel, layout.initrd, layout.setup_key))
 
@@ -113,34 +106,3 @@ def _check_disk_size(size: str) -> None:
     number, unit = size[:-1], size[-1:]
     if unit not in ("M", "G") or not number.isdigit() or not (512 <= int(number) * (1024 if unit == "G" else 1) <= 65536):
         raise BadInput(f"disk size {size!r} is not between 512M and 64G (write it like 2G or 1536M)")
-
-
-def _ssh_keygen(path: Path, comment: str) -> None:
-    if shutil.which("ssh-keygen") is None:
-        raise MissingTool("ssh-keygen is not installed (package openssh-client)")
-    result = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise BuildFailed(f"ssh-keygen failed: {result.stderr.strip()}")
-
-
-def _new_setup_key(path: Path) -> bytes:
-    """A fresh key per build: the agent's way in until the host takes over (ssh-keygen creates it 0600)."""
-    for old in (path, path.with_name(path.name + ".pub")):
-        old.unlink(missing_ok=True)
-    _ssh_keygen(path, "vm_image setup key")
-    return path.with_name(path.name + ".pub").read_bytes()
-
-
-def _new_host_key(work: Path) -> tuple[bytes, bytes]:
-    """The guest's SSH host key, made per build so no two images share one (the private half stays only in the guest)."""
-    path = work / "ssh_host_ed25519_key"
-    _ssh_keygen(path, "root@secret-proxy-vm")
-    private, public = path.read_bytes(), path.with_name(path.name + ".pub").read_bytes()
-    path.unlink()
-    return private, public
-
-
-def _fingerprint(path: Path) -> str:
-    result = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True, timeout=30)
-    return result.stdout.split()[1] if result.returncode == 0 and result.stdout else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from . import proc
+from .boot_files import KERNEL_APPEND
 from .errors import BadInput, LaunchFailed
 from .layout import Layout
+from .manifest import read_json, write_text_atomic
 from .progress import Steps
 from .qemu_command import VmConfig, choose_accel, qemu_argv, qemu_binary
 
@@ -73,7 +76,7 @@ def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3
 
 def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, memory_mb: int, cpus: int,
                accel: str) -> VmConfig:
-    manifest = _read_json(layout.manifest)
+    manifest = read_json(layout.manifest)
     from_base = manifest.get("mode") == "base-image"
     for path in (layout.disk, layout.seed) if from_base else (layout.disk, layout.kernel, layout.initrd):
         if not path.is_file():
@@ -86,7 +89,7 @@ def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, 
     if os.path.lexists(layout.monitor):
         raise BadInput(f"the monitor path {layout.monitor} already exists (left by a QEMU that did not exit cleanly?)",
                        hint="`python -m vm_image stop` removes stale files when no VM runs")
-    append = (manifest.get("kernel") or {}).get("append") or "root=/dev/vda rw console=ttyS0 panic=-1"
+    append = (manifest.get("kernel") or {}).get("append") or KERNEL_APPEND
     cfg = VmConfig(layout.disk, None if from_base else layout.kernel, None if from_base else layout.initrd, append,
                    layout.monitor, layout.pidfile, layout.serial_log, proxy_host=proxy_host, proxy_port=proxy_port,
                    ssh_port=ssh_port, memory_mb=memory_mb, cpus=cpus, accel=accel,
@@ -146,9 +149,7 @@ def check_api_refuses_anonymous(url: str) -> None:
 
 
 def write_ready(path: Path, ready: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(f"{READY_MARKER}\n{json.dumps(ready)}\n")
-    os.replace(partial, path)
+    write_text_atomic(path, f"{READY_MARKER}\n{json.dumps(ready)}\n")
 
 
 def serial_tail(log: Path, lines: int = 15) -> str:
@@ -169,8 +170,6 @@ def _last_line(log: Path) -> str:
 
 
 def _strip_ansi(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\x1bM|\r", "", text)
 
 
@@ -179,13 +178,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, 9)
     except OSError:
         pass
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _json_or_empty(data: bytes) -> dict[str, Any]:

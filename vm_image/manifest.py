@@ -41,7 +41,21 @@ def file_sha256(path: Path) -> str:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    return write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Readers see the old file or the new one, never half of one."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    partial.write_text(text)
     os.replace(partial, path)
     return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is missing or not JSON (a manifest from an interrupted build)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
