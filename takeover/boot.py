@@ -18,10 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vm_image import debs
+from vm_image.boot_files import boot_files as vm_image_boot_files
+from vm_image.errors import VmImageError
+
 from .errors import TakeoverError
 from .files import check_safe_path
 
 DEFAULT_APPEND = "root=/dev/vda rw console=ttyS0"
+APT_ARCHIVES = Path("/var/cache/apt/archives")  # a .deb apt already fetched (and checked) on this host
 # Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a
 # fraction of its size (and shrinks what the guest kernel could be talked into loading).
 MODULE_DIRS_LEFT_OUT = ("kernel/drivers/gpu", "kernel/drivers/net/wireless", "kernel/drivers/media",
@@ -75,25 +80,11 @@ def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | N
         return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or DEFAULT_APPEND,
                          f"operator: {kernel}, {initrd}")
     try:
-        from vm_image import boot_files as provider
-    except ImportError:
-        raise BootFilesError("vm_image.boot_files is not available in this checkout",
-                             hint="the host's kernel comes from vm_image.boot_files; update the checkout") from None
-    kernel, initrd, provided_append = _call_provider(provider, boot_dir)
-    append = append or provided_append
-    for path in (kernel, initrd):
-        check_safe_path(path, "boot file")
-        if not path.is_file():
-            raise BootFilesError(f"vm_image.boot_files did not produce {path}")
-    return BootFiles(kernel, initrd, kernel_version(kernel), append, "vm_image.boot_files")
-
-
-def _call_provider(provider: Any, boot_dir: Path) -> tuple[Path, Path, str]:
-    result = provider.boot_files(boot_dir)
-    kernel = Path(getattr(result, "kernel", None) or result[0])
-    initrd = Path(getattr(result, "initrd", None) or result[1])
-    append = getattr(result, "append", None) or getattr(provider, "KERNEL_APPEND", None) or DEFAULT_APPEND
-    return kernel, initrd, str(append)
+        provided = vm_image_boot_files(boot_dir)
+    except VmImageError as exc:
+        raise BootFilesError(f"cannot prepare the host's kernel and initrd: {exc}") from None
+    return BootFiles(provided.kernel, provided.initrd, kernel_version(provided.kernel), append or provided.append,
+                     "vm_image.boot_files")
 
 
 def kernel_version(kernel: Path) -> str:
@@ -146,24 +137,14 @@ def _package_modules(version: str, work: Path) -> Path:
     owner = subprocess.run(["dpkg-query", "-S", str(installed / "modules.order")], capture_output=True, text=True)
     if owner.returncode == 0 and f"linux-image-{version}" in owner.stdout and (installed / "modules.dep").is_file():
         return installed
-    package = f"linux-image-{version}"
-    cached = sorted(Path("/var/cache/apt/archives").glob(f"{package}_*.deb"))
-    if cached:
-        deb = cached[-1]
-    else:
-        download = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True,
-                                  timeout=900)
-        debs = sorted(work.glob(f"{package}_*.deb"))
-        if download.returncode != 0 or not debs:
-            raise BootFilesError(f"cannot get {package}: {download.stderr.strip()[-300:]}")
-        deb = debs[-1]
-    root = work / "root"
-    unpack = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True, timeout=900)
-    if unpack.returncode != 0:
-        raise BootFilesError(f"dpkg-deb cannot unpack {deb}: {unpack.stderr.strip()}")
+    try:
+        deb = debs.fetch(f"linux-image-{version}", work / "debs", also_look_in=APT_ARCHIVES)
+        root = debs.unpack(deb, work / "root")
+    except VmImageError as exc:
+        raise BootFilesError(f"cannot get the modules of {version}: {exc}") from None
     tree = next((p for p in (root / "lib/modules" / version, root / "usr/lib/modules" / version) if p.is_dir()), None)
     if tree is None:
-        raise BootFilesError(f"{deb} has no modules for {version}")
+        raise BootFilesError(f"linux-image-{version} has no modules for {version}")
     if shutil.which("depmod") is None:
         raise BootFilesError("depmod (kmod) is not installed")
     base = root if (root / "lib/modules").is_dir() else root / "usr"

@@ -79,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_accel(requested: str) -> str:
-    from vm_image.qemu_command import kvm_usable  # one KVM check for both sides
+    from vm_image.errors import VmImageError
+    from vm_image.qemu_command import choose_accel  # one KVM check for both sides
 
-    if requested == "auto":
-        return "kvm" if kvm_usable() else "tcg"
-    if requested == "kvm" and not kvm_usable():
-        raise InvalidInput("--accel kvm: /dev/kvm is missing or not usable", hint="use --accel tcg (slower)")
-    return requested
+    try:
+        return choose_accel(requested)
+    except VmImageError as exc:
+        raise InvalidInput(str(exc), hint="use --accel tcg (slower)") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:

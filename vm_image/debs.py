@@ -35,13 +35,14 @@ def depends_on(package: str, prefix: str) -> str:
     raise BuildFailed(f"{package} depends on no {prefix}* package")
 
 
-def fetch(package: str, dest: Path) -> Path:
-    """Download `package`'s .deb into `dest` (or reuse one already there) and return its path."""
+def fetch(package: str, dest: Path, also_look_in: Path | None = None) -> Path:
+    """Download `package`'s .deb into `dest` (or reuse one already there, or in `also_look_in`)."""
     _check_name(package)
     dest.mkdir(parents=True, exist_ok=True)
-    existing = sorted(dest.glob(f"{package}_*.deb"))
-    if existing:
-        return existing[-1]
+    for where in (dest, also_look_in):
+        existing = sorted(where.glob(f"{package}_*.deb")) if where else []
+        if existing:
+            return existing[-1]
     _run(["apt-get", "download", "-q", package], cwd=dest)
     found = sorted(dest.glob(f"{package}_*.deb"))
     if not found:
