@@ -27,30 +27,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vm_image.layout import default_state_dir  # noqa: E402
 from vm_image.progress import Steps  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python")
 SECRET_NAME = "demo-api-key"
 AGENT_NAME = "demo-agent"
 QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
+# How this machine reaches PyPI and Debian (proxy, CA bundle, index) is the machine's, not root's: the agent gets it.
 NETWORK_ENV = {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
-               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
-TELEGRAM_ENV = ("SECRET_PROXY_TELEGRAM_TOKEN", "SECRET_PROXY_TELEGRAM_CHAT_ID", "SECRET_PROXY_TELEGRAM_APPROVERS",
-                "SECRET_PROXY_TELEGRAM_API_URL")
+               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"}
 
 # What the agent runs: Debian's python3 in isolated mode, so nothing of the host's is on its path.
+# argv: METHOD URL TOKEN [TIMES]; body on stdin; prints [[status, body text], ...].
 AGENT_HTTP = r"""
 import json, sys, urllib.request, urllib.error
 method, url, token = sys.argv[1:4]
+times = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 body = sys.stdin.read().encode() or None
-req = urllib.request.Request(url, method=method, data=body,
-                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-try:
-    with urllib.request.urlopen(req, timeout=90) as r:
-        print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
-except urllib.error.HTTPError as e:
-    print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"{}")}))
+replies = []
+for _ in range(times):
+    req = urllib.request.Request(url, method=method, data=body,
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=90) as r:
+            replies.append([r.status, r.read().decode()])
+    except urllib.error.HTTPError as e:
+        replies.append([e.code, e.read().decode()])
+print(json.dumps(replies))
 """
+
+
+def agent_env(user: str) -> dict[str, str]:
+    """A plain environment for the agent user: nothing of root's but how the machine reaches the network."""
+    env = {"HOME": pwd.getpwnam(user).pw_dir, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "USER": user}
+    env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith(("UV_", "PIP_INDEX"))})
+    return env
+
+
+def run_as_agent(user: str, argv: list[str], *, stdin: str = "", capture: bool = True,
+                 timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = agent_env(user)
+    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+                          input=stdin, capture_output=capture, text=True, timeout=timeout, cwd=env["HOME"])
+
+
+def agent_http(user: str, method: str, url: str, token: str = "", body: dict | None = None,
+               times: int = 1) -> list[tuple[int, str]]:
+    """`times` HTTP calls made by the agent user, each reply as (status, body text)."""
+    result = run_as_agent(user, ["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
+                          stdin=json.dumps(body) if body else "", timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"the agent's HTTP call failed: {result.stderr.strip()}")
+    return [(status, text) for status, text in json.loads(result.stdout)]
+
+
 AGENT_TRY = {
     "read the host's disk": "open(sys.argv[1], 'rb').read(1)",
     "connect to the host's monitor": "import socket; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
@@ -80,18 +112,14 @@ class Demo:
     # -- the roles ---------------------------------------------------------------------------
     def as_agent(self, argv: list[str], stdin: str = "", capture: bool = True,
                  timeout: float = 1800) -> subprocess.CompletedProcess:
-        home = pwd.getpwnam(self.user).pw_dir
-        env = {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "USER": self.user}
-        env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith("UV_")})
-        return subprocess.run(["runuser", "-u", self.user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                               *argv], input=stdin, capture_output=capture, text=True, timeout=timeout, cwd=home)
+        return run_as_agent(self.user, argv, stdin=stdin, capture=capture, timeout=timeout)
 
     def agent_http(self, method: str, path: str, token: str, body: dict | None = None) -> dict:
-        result = self.as_agent(["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, self.url + path, token],
-                               stdin=json.dumps(body) if body else "")
-        if result.returncode != 0:
-            raise SystemExit(f"demo: the agent's HTTP call failed: {result.stderr.strip()}")
-        return json.loads(result.stdout)
+        try:
+            status, text = agent_http(self.user, method, self.url + path, token, body)[0]
+        except RuntimeError as exc:
+            raise SystemExit(f"demo: {exc}") from None
+        return {"status": status, "body": json.loads(text or "{}")}
 
     def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -102,7 +130,7 @@ class Demo:
 
     @property
     def agent_state(self) -> Path:
-        return Path(pwd.getpwnam(self.user).pw_dir) / ".local/state/secret-proxy-vm"
+        return default_state_dir({"HOME": pwd.getpwnam(self.user).pw_dir})
 
     # -- the story ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -243,34 +271,32 @@ class Demo:
         note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
 
 
+def agent_state_dir(user: str) -> Path | None:
+    """Where `vm_image` keeps the agent's image and running VM (its default state directory)."""
+    try:
+        return default_state_dir({"HOME": pwd.getpwnam(user).pw_dir})
+    except KeyError:
+        return None
+
+
 def reset(args: argparse.Namespace) -> None:
-    """Before a second run: stop both VMs and remove the host's directory; keep the agent's build cache."""
+    """Stop both VMs and remove the host's directory; keep the agent's build cache (a second run starts here)."""
     subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT,
                    capture_output=True)
     shutil.rmtree(args.host_dir, ignore_errors=True)
-    try:
-        state = Path(pwd.getpwnam(args.agent_user).pw_dir) / ".local/state/secret-proxy-vm"
-    except KeyError:
-        return
-    subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop", "--state-dir",
-                    str(state), "--timeout", "20"], cwd="/", capture_output=True)
+    state = agent_state_dir(args.agent_user)
+    if state is not None and state.exists():
+        subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop", "--state-dir",
+                        str(state), "--timeout", "20"], cwd="/", capture_output=True)
 
 
 def clean(args: argparse.Namespace) -> None:
     """Stop and remove what the demo made: the host's VM and directory, the agent's VM and user."""
-    if (args.host_dir / "journal.json").exists():
-        subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT)
-        shutil.rmtree(args.host_dir, ignore_errors=True)
+    had_host_vm = (args.host_dir / "journal.json").exists()
+    reset(args)
+    if had_host_vm:
         print(f"removed {args.host_dir}")
-    try:
-        home = Path(pwd.getpwnam(args.agent_user).pw_dir)
-    except KeyError:
-        home = None
-    if home is not None:
-        state = home / ".local/state/secret-proxy-vm"
-        if state.exists():
-            subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop",
-                            "--state-dir", str(state), "--timeout", "20"], cwd="/")
+    if agent_state_dir(args.agent_user) is not None:
         subprocess.run(["pkill", "-u", args.agent_user], check=False)
         subprocess.run(["userdel", "--remove", args.agent_user], check=False, capture_output=True)
         print(f"removed the user {args.agent_user} and its home")

@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -82,13 +82,32 @@ class LiveServer:
         return AgentClient(self.url, token, timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, output: Callable[[], str], timeout: float = 30) -> None:
+    """Until `url`/health answers; a proxy that exits first fails with the end of its `output()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("proxy exited: " + output()[-2000:])
+        try:
+            if AgentClient(url, timeout=1).health().status == 200:
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"proxy did not answer /health within {timeout:.0f} s")
 
 
 def start_server(settings: Settings, extra_env: dict | None = None) -> LiveServer:
@@ -97,17 +116,12 @@ def start_server(settings: Settings, extra_env: dict | None = None) -> LiveServe
     process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = LiveServer(process, f"http://127.0.0.1:{port}", settings)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("proxy exited: " + process.stderr.read().decode()[-2000:])
-        try:
-            if AgentClient(server.url, timeout=1).health().status == 200:
-                return server
-        except OSError:
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError("proxy did not answer /health within 30 s")
+    try:
+        wait_until_serving(server.url, process, lambda: process.stderr.read().decode())
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture

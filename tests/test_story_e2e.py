@@ -24,7 +24,9 @@ import pytest
 from takeover import proc
 
 from .telegram_emulator import BotApiEmulator
-from .vm_fixtures import as_agent, free_port
+from scripts import demo
+
+from .vm_fixtures import AGENT_USER, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -32,28 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "4242:story-bot-token-that-the-agent-must-never-see"
 CHAT, APPROVER, STRANGER = -100777, 4001, 4666
 
-AGENT_HTTP = r"""
-import json, sys, urllib.request, urllib.error
-method, url, token, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-body = sys.stdin.read().encode() or None
-codes = []
-for _ in range(n):
-    req = urllib.request.Request(url, method=method, data=body,
-                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            codes.append([r.status, r.read().decode()])
-    except urllib.error.HTTPError as e:
-        codes.append([e.code, e.read().decode()])
-print(json.dumps(codes))
-"""
-
-
 def agent_http(method: str, url: str, token: str = "", body: dict | None = None, times: int = 1) -> list:
-    done = as_agent(["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
-                    stdin=json.dumps(body) if body else "", timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return demo.agent_http(AGENT_USER, method, url, token, body, times)
 
 
 def test_the_whole_story_with_a_telegram_approver(tmp_path):

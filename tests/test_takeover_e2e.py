@@ -24,7 +24,10 @@ from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
 from takeover.runbook import vm_spec
 
-from .test_takeover_support import AGENT_USER, AgentVM, free_port, launch_agent_vm, wait_health
+from scripts import demo
+
+from . import vm_fixtures
+from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -41,27 +44,12 @@ def takeover(*args: str) -> subprocess.CompletedProcess:
 
 def as_agent(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run Python as the agent user (Debian's python3, nothing of ours on its path)."""
-    return subprocess.run(["runuser", "-u", AGENT_USER, "--", "/usr/bin/python3", "-I", "-c", code, *args],
-                          capture_output=True, text=True, timeout=120, cwd="/")
-
-
-AGENT_HTTP = """
-import json, sys, urllib.request, urllib.error
-method, url, token, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
-                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-try:
-    with urllib.request.urlopen(req, timeout=30) as r:
-        print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
-except urllib.error.HTTPError as e:
-    print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"{}")}))
-"""
+    return vm_fixtures.as_agent(["/usr/bin/python3", "-I", "-c", code, *args], timeout=120)
 
 
 def agent_http(method: str, url: str, token: str = "", body: dict | None = None) -> dict:
-    result = as_agent(AGENT_HTTP, method, url, token, json.dumps(body) if body else "")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    status, text = demo.agent_http(AGENT_USER, method, url, token, body)[0]
+    return {"status": status, "body": json.loads(text or "{}")}
 
 
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -75,9 +63,8 @@ def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) 
 @pytest.fixture
 def agent_vm() -> AgentVM:
     """The agent builds (cached) and launches its VM with vm_image, as the unprivileged agent user."""
-    vm = launch_agent_vm()
+    vm = launch_agent_vm()  # returns once the proxy answers /health (vm_image launch waits for it)
     try:
-        wait_health(vm.url, 60)
         yield vm
     finally:
         try:

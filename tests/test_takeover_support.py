@@ -1,4 +1,7 @@
-"""Support for the takeover tests (no tests here): tiny qcow2 images, QEMU with only a monitor, fake sockets."""
+"""Support for the takeover tests (no tests here): tiny qcow2 images, QEMU with only a monitor, fake sockets.
+
+The agent's VM for the end-to-end tests comes from tests/vm_fixtures.py (vm_image, run as the agent).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 from takeover import proc
-
-# The agent's VM for the end-to-end tests comes from tests/vm_fixtures.py (vm_image, run as the agent).
-from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm  # noqa: F401
 
 
 def make_qcow2(path: Path, size: str = "64M", *extra: str) -> Path:
@@ -94,17 +94,3 @@ def write_ready(path: Path, **fields: object) -> Path:
     data = {"version": 1, **fields}
     path.write_text("READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n")
     return path
-
-
-def wait_health(url: str, timeout: float = 600) -> float:
-    import urllib.request
-
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"{url}/health did not answer within {timeout} s")

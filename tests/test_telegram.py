@@ -28,7 +28,7 @@ from proxy.demo import free_port
 from proxy.store import Store
 from proxy.telegram_bot import REFUSALS
 
-from .conftest import ROOT, SECRET_VALUE, Proxy, cli, make_settings, provision
+from .conftest import ROOT, SECRET_VALUE, Proxy, cli, make_settings, provision, stop_process, wait_until_serving
 from .telegram_emulator import BotApiEmulator, EmulatorControl, parse_html
 
 TOKEN = "987654321:AAE-tEsT-bOt-ToKeN-never-logged-0123456789"
@@ -73,13 +73,7 @@ class Rig:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
         self.emu.stop()
         logs = self.logs()
         for token in self.tokens_to_hide:
@@ -118,18 +112,15 @@ def start_rig(tmp: Path, env: dict[str, str] | None = None, *, proxy_token: str 
         process = subprocess.Popen([sys.executable, "-c", DEBUG_SERVE, "serve", "--port", str(port)], cwd=ROOT,
                                    env=base, stdout=log, stderr=log)
     rig = Rig(emu, data, f"http://127.0.0.1:{port}", process, log_path, (TOKEN, proxy_token))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
+    try:
+        wait_until_serving(rig.url, process, rig.logs)
+    except RuntimeError:
+        if process.poll() is None:
+            rig.stop()
+        else:
             emu.stop()
-            raise RuntimeError("proxy exited: " + rig.logs()[-2000:])
-        try:
-            if AgentClient(rig.url, timeout=1).health().status == 200:
-                return rig
-        except OSError:
-            time.sleep(0.05)
-    rig.stop()
-    raise RuntimeError("proxy did not answer /health within 30 s")
+        raise
+    return rig
 
 
 def wait_until_polling(rig: Rig) -> None:

@@ -8,7 +8,6 @@ Nothing here builds or boots anything by other means.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import socket
@@ -18,16 +17,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.demo import run_as_agent
+from vm_image.control import read_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_USER = "agent"
 # Where the agent works and root can look (not under /tmp/pytest-of-root, which is 0700).
 TEST_ROOT = Path("/var/tmp/secret-proxy-vm-tests")
 IMAGE_STATE = TEST_ROOT / "agent-image"
 AGENT_CACHE = TEST_ROOT / "agent-cache"
-
-
-NETWORK_ENV = {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
-               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"}
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,8 @@ def ensure_agent_user() -> AgentUser:
 
 
 def as_agent(argv: list[str], *, timeout: float = 1800, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """Run a command as the agent, in its home, with a plain environment (nothing of root's)."""
-    user = ensure_agent_user()
-    env = {"HOME": str(user.home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "USER": user.name}
-    # How this machine reaches PyPI (proxy, CA bundle, index) is the machine's, not root's: pass it on.
-    env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith(("UV_", "PIP_INDEX"))})
-    return subprocess.run(["runuser", "-u", user.name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                           *argv], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=user.home)
+    """Run a command as the agent, in its home, with a plain environment (the demo's way: one recipe)."""
+    return run_as_agent(ensure_agent_user().name, argv, stdin=stdin or "", timeout=timeout)
 
 
 def vm_image_as_agent(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -100,7 +93,7 @@ class AgentVM:
 
     @property
     def ready_data(self) -> dict:
-        return json.loads(self.ready.read_text().split("\n", 1)[1])
+        return read_ready(self.ready)
 
     def ssh_as_agent(self, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         """What the agent can do with its setup key (run as the agent user)."""
