@@ -92,6 +92,8 @@ AGENT_TRY = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agent-user", default="agent")
+    p.add_argument("--agent-state", type=Path, default=None,
+                   help="the agent's vm_image state directory (default: its own default); the token goes there too")
     p.add_argument("--host-dir", type=Path, default=Path("/var/lib/secret-proxy-vm"))
     p.add_argument("--port", type=int, default=3737, help="the proxy's port on 127.0.0.1")
     p.add_argument("--agent-ssh-port", type=int, default=2222)
@@ -130,15 +132,22 @@ class Demo:
 
     @property
     def agent_state(self) -> Path:
-        return default_state_dir({"HOME": pwd.getpwnam(self.user).pw_dir})
+        return self.args.agent_state or default_state_dir({"HOME": pwd.getpwnam(self.user).pw_dir})
+
+    @property
+    def agent_token_file(self) -> Path:
+        """Where the agent finds its token: its home, or beside its state when the demo was given one."""
+        home = self.args.agent_state or Path(pwd.getpwnam(self.user).pw_dir)
+        return home / f"{AGENT_NAME}.token"
 
     # -- the story ---------------------------------------------------------------------------
     def run(self) -> None:
         started = time.monotonic()
         with self.steps.step(f"agent ({self.user}): build the image and start the VM — python -m vm_image up"):
             self.ensure_agent_user()
-            up = self.as_agent([PYTHON, "-m", "vm_image", "up", "--port", str(self.args.port),
-                                "--ssh-port", str(self.args.agent_ssh_port)], capture=False)
+            up = self.as_agent([PYTHON, "-m", "vm_image", "up", "--state-dir", str(self.agent_state),
+                                "--port", str(self.args.port), "--ssh-port", str(self.args.agent_ssh_port)],
+                               capture=False)
             if up.returncode != 0:
                 raise SystemExit("demo: vm_image up failed (its error is above)")
         ready = self.agent_state / "run/ready"
@@ -163,7 +172,7 @@ class Demo:
             note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
                  f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)")
             token = self.hand_token_to_agent(token_file)
-            note(f"the agent's token is in {pwd.getpwnam(self.user).pw_dir}/{AGENT_NAME}.token (0600, {self.user})")
+            note(f"the agent's token is in {self.agent_token_file} (0600, {self.user})")
         with self.steps.step("agent: ask for the secret, with a reason") as note:
             asked = self.agent_http("POST", "/v1/requests", token,
                                     {"secret": SECRET_NAME, "reason": "demo: call the API once"})
@@ -187,7 +196,7 @@ class Demo:
         with self.steps.step("agent: every other way in is closed") as note:
             self.check_agent_is_locked_out(note)
         with self.steps.step("where everything is") as note:
-            note(f"proxy for the agent: {self.url}  (token in ~{self.user}/{AGENT_NAME}.token)")
+            note(f"proxy for the agent: {self.url}  (token in {self.agent_token_file})")
             note(f"the host's VM: {self.host_dir} (disk, monitor, keys, report.json)")
             note(f"operate it: ssh -i {self.host_dir}/host_key -o UserKnownHostsFile={self.host_dir}/known_hosts "
                  f"-p {self.args.host_ssh_port} proxy@127.0.0.1 secret-proxy --help")
@@ -212,7 +221,7 @@ class Demo:
                  + "]"]
         if os.environ.get("SECRET_PROXY_TELEGRAM_API_URL"):
             lines.append(f"telegram_api_url = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_API_URL'])}")
-        path = Path("/root/.secret-proxy-demo-telegram.toml")
+        path = telegram_config_path(self.args)
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # holds the bot token: 0600 from the start
         with os.fdopen(fd, "w") as f:
@@ -222,7 +231,7 @@ class Demo:
     def hand_token_to_agent(self, token_file: Path) -> str:
         token = token_file.read_text().strip()
         entry = pwd.getpwnam(self.user)
-        dest = Path(entry.pw_dir) / f"{AGENT_NAME}.token"
+        dest = self.agent_token_file
         dest.unlink(missing_ok=True)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.fchown(fd, entry.pw_uid, entry.pw_gid)
@@ -271,6 +280,11 @@ class Demo:
         note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
 
 
+def telegram_config_path(args: argparse.Namespace) -> Path:
+    """Root's own file with the bot token, one per host directory so a test's demo leaves a running demo's alone."""
+    return Path("/root") / f".{args.host_dir.name}-demo-telegram.toml"
+
+
 def agent_state_dir(user: str) -> Path | None:
     """Where `vm_image` keeps the agent's image and running VM (its default state directory)."""
     try:
@@ -284,7 +298,7 @@ def reset(args: argparse.Namespace) -> None:
     subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT,
                    capture_output=True)
     shutil.rmtree(args.host_dir, ignore_errors=True)
-    state = agent_state_dir(args.agent_user)
+    state = args.agent_state or agent_state_dir(args.agent_user)
     if state is not None and state.exists():
         subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop", "--state-dir",
                         str(state), "--timeout", "20"], cwd="/", capture_output=True)
@@ -305,7 +319,7 @@ def clean(args: argparse.Namespace) -> None:
             subprocess.run(["pkill", "-u", user], check=False)
             subprocess.run(["userdel", user], check=False, capture_output=True)
             print(f"removed the user {user}")
-    Path("/root/.secret-proxy-demo-telegram.toml").unlink(missing_ok=True)
+    telegram_config_path(args).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

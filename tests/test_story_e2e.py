@@ -26,6 +26,7 @@ from takeover import proc
 from .telegram_emulator import BotApiEmulator
 from scripts import demo
 
+from . import vm_fixtures
 from .vm_fixtures import AGENT_USER, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -50,7 +51,13 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
            "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
            # QEMU's user network: the guest reaches the host's 127.0.0.1 as 10.0.2.2.
            "SECRET_PROXY_TELEGRAM_API_URL": f"http://10.0.2.2:{emu.port}"}
+    # Its own state directory, ports and host directory: a demo left running by `make demo` is left alone.
+    agent_state = vm_fixtures.TEST_ROOT / f"story-state-{os.getpid()}"
+    agent = vm_fixtures.ensure_agent_user()
+    agent_state.mkdir(mode=0o700, exist_ok=True)
+    os.chown(agent_state, agent.uid, agent.gid)
     demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--host-dir", str(host_dir), "--port", str(port),
+                             "--agent-state", str(agent_state),
                              "--agent-ssh-port", str(free_port()), "--host-ssh-port", str(free_port()),
                              "--approve-timeout", "300"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -88,7 +95,7 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
 
         # The Telegram token never reached anything the agent can see.
         assert TOKEN not in output
-        token = (Path("/home/agent") / "demo-agent.token").read_text().strip()
+        token = (agent_state / "demo-agent.token").read_text().strip()
         url = f"http://127.0.0.1:{port}"
         for path in ("/health", "/openapi.json"):
             assert TOKEN.split(":")[1] not in agent_http("GET", url + path)[0][1]
@@ -116,5 +123,5 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
             demo.kill()
         subprocess.run([sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)], cwd=ROOT,
                        capture_output=True, timeout=300)
-        subprocess.run(["rm", "-rf", str(host_dir)], check=False)
+        subprocess.run(["rm", "-rf", str(host_dir), str(agent_state)], check=False)
         emu.stop()

@@ -149,7 +149,8 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
-        again = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir))
+        again = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
+                         "--ssh-listen", f"127.0.0.1:{free_port()}")
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
     finally:
         stop_host_vm(host_dir)

@@ -23,7 +23,7 @@ from vm_image.errors import BadInput
 from vm_image.initrd import build_initrd, module_closure
 from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
 
-from .vm_fixtures import as_agent, launch_agent_vm, vm_image_as_agent
+from .vm_fixtures import as_agent, free_port, launch_agent_vm, vm_image_as_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,6 +141,11 @@ def fake_built_image(state: Path) -> None:
         (state / "image" / name).write_bytes(b"x")
 
 
+def free_ports() -> list[str]:
+    """Ports of the test's own, so that a demo left running on the defaults is never in the way."""
+    return ["--port", str(free_port()), "--ssh-port", str(free_port())]
+
+
 def test_launch_without_an_image_says_to_build_first(tmp_path):
     result = vm_image("launch", "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 1
@@ -165,7 +170,7 @@ def test_launch_refuses_an_existing_monitor_path(tmp_path):
     fake_built_image(state)
     (state / "run").mkdir()
     (state / "run/qmp.sock").write_text("planted")
-    result = vm_image("launch", "--state-dir", str(state), "--accel", "tcg")
+    result = vm_image("launch", "--state-dir", str(state), "--accel", "tcg", *free_ports())
     assert result.returncode == 1 and "qmp.sock already exists" in result.stderr
     assert (state / "run/qmp.sock").read_text() == "planted"
 
@@ -174,7 +179,7 @@ def test_launch_without_qemu_names_the_package(tmp_path):
     state = tmp_path / "state"
     fake_built_image(state)
     env = {"PATH": "/nonexistent", "HOME": str(tmp_path)}
-    result = vm_image("launch", "--state-dir", str(state), env=env)
+    result = vm_image("launch", "--state-dir", str(state), *free_ports(), env=env)
     assert result.returncode == 1 and "apt-get install qemu-system-x86" in result.stderr
 
 
