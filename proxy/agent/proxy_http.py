@@ -105,8 +105,11 @@ def _error_for(status: int, body: dict, retry_after: str | None, request_id: str
         return Denied("an approver denied the request", request_id=request_id)
     if code in ("expired", "already_retrieved"):
         return Expired(f"the request is {code.replace('_', ' ')} ({detail})", request_id=request_id)
-    return Refused(message, code=code, retry_after=_seconds(retry_after), hint=HINTS.get(code, ""),
-                   request_id=request_id)
+    seconds = _seconds(retry_after)
+    hint = HINTS.get(code, "")
+    if seconds is not None:
+        hint = f"wait {seconds:g} s (the proxy's Retry-After), then ask again"
+    return Refused(message, code=code, retry_after=seconds, hint=hint, request_id=request_id)
 
 
 HINTS = {
@@ -114,7 +117,7 @@ HINTS = {
                     "have revoked it",
     "forbidden": "this agent may not ask for that secret; ask the operator to widen its scope",
     "unknown_secret": "check the secret's name; the operator stores secrets with `python -m proxy secrets set`",
-    "rate_limited": "wait as long as Retry-After says, then ask again",
+    "rate_limited": "wait a minute, then ask again",
     "not_found": "check the request id; it must be one of this agent's requests",
     "invalid_request": "check the name ([A-Za-z0-9_.-], at most 128) and the reason (1-1000 characters)",
 }
