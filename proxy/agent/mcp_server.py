@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Callable
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from . import approval
@@ -79,7 +80,7 @@ def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float) -> di
         return {"status": "expired", "id": exc.request_id, "detail": exc.message,
                 "what_to_do": "ask again with request_secret if you still need it"}
     except AgentError as exc:
-        raise ValueError(str(exc)) from None  # the SDK turns it into an isError result with this text
+        raise ToolError(str(exc)) from None  # an isError result with this text, for the model to act on
     return {"status": "approved", "id": request_id, "secret": view.get("secret"), "value": value}
 
 
