@@ -237,6 +237,47 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
     assert "asking again in 1 s" in result.stderr
 
 
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A listener that notes every request it gets, and answers with a redirect to `target` if the server has one."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.seen.append((self.path, self.headers.get("Authorization")))  # type: ignore[attr-defined]
+        target = getattr(self.server, "target", None)
+        self.send_response(307 if target else 502)
+        if target:
+            self.send_header("Location", target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def recorder(target: str | None = None) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.seen = []  # type: ignore[attr-defined]
+    server.target = target  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_token_goes_only_to_the_proxy_url_not_to_a_proxy_or_a_redirect(token_path: Path,
+                                                                          proxy_data: Proxy) -> None:
+    elsewhere = recorder()  # stands for an HTTP proxy in the environment, and for a redirect's target
+    redirecting = recorder(target=f"http://127.0.0.1:{elsewhere.server_port}")
+    try:
+        hop = f"http://127.0.0.1:{elsewhere.server_port}"
+        env = agent_env(f"http://127.0.0.1:{redirecting.server_port}", token_path,
+                        HTTP_PROXY=hop, http_proxy=hop, HTTPS_PROXY=hop, https_proxy=hop, ALL_PROXY=hop)
+        result = run_agent(env, "status", "req_abc")
+    finally:
+        redirecting.shutdown()
+        elsewhere.shutdown()
+    assert result.returncode == errors.EXIT_UNREACHABLE  # a redirect is not an answer
+    assert redirecting.seen == [("/v1/requests/req_abc", f"Bearer {proxy_data.token}")]
+    assert elsewhere.seen == []
+
+
 # -- bad usage --------------------------------------------------------------------------------
 def test_missing_configuration_is_named(tmp_path: Path) -> None:
     no_url = run_agent({"PATH": os.defpath}, "get", "api-key", "--reason", "r")

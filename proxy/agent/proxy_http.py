@@ -50,6 +50,10 @@ class ProxyApi:
 
     def _call(self, method: str, path: str, body: dict | None = None, request_id: str | None = None) -> dict:
         status, headers, raw = self._exchange(method, path, body)
+        if 300 <= status < 400:
+            raise Unreachable(f"the proxy answered with a redirect (HTTP {status}), which is never followed: the "
+                              "token goes only to SECRET_PROXY_URL", request_id=request_id,
+                              hint="set SECRET_PROXY_URL to the address the proxy itself answers at")
         try:
             parsed = json.loads(raw) if raw else {}
         except ValueError:
