@@ -10,7 +10,6 @@ agent ask a second time and the human approve twice.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import Denied, Expired, Refused, TimedOut, Unreachable
@@ -19,14 +18,6 @@ from .proxy_http import ProxyApi
 RECONNECT_PAUSE_SECONDS = 2.0
 MIN_POLL_SECONDS = 0.5  # against a proxy that answers `pending` at once instead of holding the call
 Progress = Callable[[str], None]
-
-
-@dataclass
-class Clock:
-    """Monotonic time and sleep, in one object so that the loop reads plainly."""
-
-    now: Callable[[], float] = field(default=time.monotonic)
-    sleep: Callable[[float], None] = field(default=time.sleep)
 
 
 def ask(api: ProxyApi, secret: str, reason: str) -> str:
@@ -38,13 +29,11 @@ def ask(api: ProxyApi, secret: str, reason: str) -> str:
     return request_id
 
 
-def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: Progress = lambda _: None,
-                      clock: Clock | None = None) -> dict:
+def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: Progress = lambda _: None) -> dict:
     """The request as the proxy shows it once it has left `pending`; TimedOut if still pending at `timeout`."""
-    clock = clock or Clock()
-    deadline = clock.now() + max(0.0, timeout)
+    deadline = time.monotonic() + max(0.0, timeout)
     while True:
-        started = clock.now()
+        started = time.monotonic()
         remaining = max(0.0, deadline - started)
         try:
             view = api.status(request_id, wait=remaining)
@@ -54,22 +43,22 @@ def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: 
             pause = RECONNECT_PAUSE_SECONDS
             if isinstance(exc, Refused) and exc.retry_after is not None:
                 pause = exc.retry_after
-            left = deadline - clock.now()
+            left = deadline - time.monotonic()
             if left <= 0:
                 raise
             progress(f"{exc.message}; asking again in {min(pause, left):.0f} s")
-            clock.sleep(min(pause, left))
+            time.sleep(min(pause, left))
             continue
         if view.get("status") != "pending":
             return view
-        if clock.now() >= deadline:
+        if time.monotonic() >= deadline:
             raise TimedOut(f"no decision within {timeout:g} s; request {request_id} is still pending",
                            hint=f"wait longer with `secret-proxy-agent wait {request_id}`, or ask a human to "
                                 f"approve it", request_id=request_id)
-        if clock.now() - started < MIN_POLL_SECONDS:
-            clock.sleep(max(0.0, min(MIN_POLL_SECONDS, deadline - clock.now())))
+        if time.monotonic() - started < MIN_POLL_SECONDS:
+            time.sleep(max(0.0, min(MIN_POLL_SECONDS, deadline - time.monotonic())))
         else:
-            progress(f"still pending ({deadline - clock.now():.0f} s left)")
+            progress(f"still pending ({deadline - time.monotonic():.0f} s left)")
 
 
 def value_of_decided(api: ProxyApi, view: dict) -> str:
