@@ -37,5 +37,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import guestfs' 2>/dev/nu
   rm -rf .venv
   "$UV" venv -q --python /usr/bin/python3 --system-site-packages .venv
 fi
-"$UV" sync -q --frozen --extra host --python .venv/bin/python
+"$UV" sync -q --frozen --extra host --extra agent --python .venv/bin/python
 echo "setup: ready (.venv on $(.venv/bin/python --version))"

@@ -1,0 +1,144 @@
+"""The MCP server (`python -m proxy.agent mcp`), driven by the mcp SDK's own client over stdio,
+against a real `proxy serve`; every decision is the operator CLI's, in another process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from mcp import ClientSession, StdioServerParameters, stdio_client
+
+from proxy.agent import errors
+from tests.conftest import ROOT, SECRET_VALUE, LiveServer, Proxy
+from tests.test_agent_tool import agent_env, decide, decide_when_asked, pending_ids, run_agent, token_file
+from vm_image.proxy_venv import find_uv
+
+Session = Callable[[ClientSession], Awaitable[Any]]
+
+
+def with_mcp_server(env: dict[str, str], play: Session) -> Any:
+    """Starts the MCP server as an MCP client does (a child on stdio), initializes, and plays `play`."""
+    params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.agent", "mcp"], env=env, cwd=ROOT)
+
+    async def run() -> Any:
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=90) as session:
+                await session.initialize()
+                return await play(session)
+
+    return asyncio.run(run())
+
+
+def outcome(result: Any) -> dict:
+    assert not result.is_error, result.content
+    return result.structured_content or json.loads(result.content[0].text)
+
+
+@pytest.fixture
+def mcp_env(live: LiveServer, proxy_data: Proxy, tmp_path: Path) -> dict[str, str]:
+    return agent_env(live.url, token_file(tmp_path, proxy_data.token), SECRET_PROXY_MCP_WAIT="30")
+
+
+def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(mcp_env: dict) -> None:
+    async def play(session: ClientSession) -> Any:
+        return (await session.list_tools()).tools, session.initialize_result
+
+    tools, _ = with_mcp_server(mcp_env, play)
+    by_name = {tool.name: tool for tool in tools}
+    assert set(by_name) == {"request_secret", "wait_for_decision"}  # brokered calls come with issue 14
+    asking = by_name["request_secret"]
+    assert "A human approves every use" in asking.description
+    assert asking.input_schema["required"] == ["name", "reason"]
+    reason_help = asking.input_schema["properties"]["reason"]["description"]
+    assert "what you will do with the secret, where, and why now" in reason_help
+    assert "wait_for_decision" in asking.description and "pending" in by_name["wait_for_decision"].description
+
+
+def test_request_secret_returns_the_value_when_a_human_approves_during_the_wait(mcp_env: dict,
+                                                                               live: LiveServer) -> None:
+    approver = decide_when_asked(live.settings.data_dir)
+
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("request_secret", {"name": "api-key", "reason": "deploy web-api to staging"})
+
+    result = outcome(with_mcp_server(mcp_env, play))
+    approver.join(5)
+    assert result["status"] == "approved" and result["value"] == SECRET_VALUE
+    assert result["secret"] == "api-key" and result["id"].startswith("req_")
+
+
+def test_a_pending_request_is_picked_up_by_wait_for_decision(mcp_env: dict, live: LiveServer) -> None:
+    mcp_env["SECRET_PROXY_MCP_WAIT"] = "1"
+
+    async def play(session: ClientSession) -> Any:
+        first = outcome(await session.call_tool("request_secret", {"name": "api-key", "reason": "nightly backup"}))
+        assert first["status"] == "pending" and "wait_for_decision" in first["what_to_do"]
+        assert pending_ids(live.settings.data_dir) == [first["id"]]
+        decide(live.settings.data_dir, first["id"])  # the approver, meanwhile
+        second = outcome(await session.call_tool("wait_for_decision", {"id": first["id"]}))
+        third = outcome(await session.call_tool("wait_for_decision", {"id": first["id"]}))
+        return first, second, third
+
+    first, second, third = with_mcp_server(mcp_env, play)
+    assert "value" not in first
+    assert second == {"status": "approved", "id": first["id"], "secret": "api-key", "value": SECRET_VALUE}
+    assert third["status"] == "expired" and "value" not in third  # handed out once
+
+
+def test_a_denial_returns_no_value(mcp_env: dict, live: LiveServer) -> None:
+    approver = decide_when_asked(live.settings.data_dir, "deny")
+
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("request_secret", {"name": "api-key", "reason": "read the billing data"})
+
+    result = outcome(with_mcp_server(mcp_env, play))
+    approver.join(5)
+    assert result["status"] == "denied" and "value" not in result
+    assert "do not ask again" in result["what_to_do"]
+
+
+@pytest.mark.parametrize("arguments,says", [
+    ({"name": "api-missing", "reason": "r"}, "unknown_secret"),
+    ({"name": "db-password", "reason": "r"}, "forbidden"),
+])
+def test_a_refusal_is_a_tool_error_that_says_what_to_do(mcp_env: dict, arguments: dict, says: str) -> None:
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("request_secret", arguments)
+
+    result = with_mcp_server(mcp_env, play)
+    assert result.is_error
+    text = result.content[0].text
+    assert says in text and "what to do:" in text
+
+
+def test_a_bad_request_id_is_a_tool_error(mcp_env: dict) -> None:
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("wait_for_decision", {"id": "../../health"})
+
+    result = with_mcp_server(mcp_env, play)
+    assert result.is_error and "not a request id" in result.content[0].text
+
+
+def test_the_mcp_server_names_missing_configuration() -> None:
+    result = run_agent({"PATH": "/usr/bin:/bin"}, "mcp", timeout=30)
+    assert result.returncode == errors.EXIT_USAGE and "SECRET_PROXY_URL is not set" in result.stderr
+
+
+def test_the_guest_venv_does_not_get_the_mcp_sdk() -> None:
+    """vm_image/proxy_venv.py exports the guest's requirements from uv.lock without extras."""
+    uv = find_uv()
+    assert uv, "uv is installed by scripts/setup.sh"
+
+    def export(*extra: str) -> str:
+        return subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format",
+                               "requirements-txt", "--no-header", "--project", str(ROOT), *extra],
+                              capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    guest = {line.split("==")[0] for line in export().splitlines() if "==" in line}
+    assert "starlette" in guest and "mcp" not in guest and "pydantic" not in guest
+    assert "mcp" in {line.split("==")[0] for line in export("--extra", "agent").splitlines() if "==" in line}
