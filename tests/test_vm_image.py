@@ -243,6 +243,8 @@ def test_agent_builds_launches_and_stops_the_vm():
         assert "cryptography" in manifest["inputs"]["wheels"] and manifest["inputs"]["wheels"]["cryptography"]["sha256"]
         assert manifest["inputs"]["debian_packages"]["openssh-server"]
         assert "/opt/secret-proxy/venv/lib/python3.11/site-packages/proxy/store.py" in manifest["files"]
+        # The agent's own tool (proxy/agent) runs outside the VM: none of it is in the guest.
+        assert not [f for f in manifest["files"] if "/site-packages/proxy/agent" in f]
 
         status = json.loads(vm_image_as_agent("status", "--state-dir", str(vm.state), "--json").stdout)
         assert status["running"] and status["qmp_status"] == "running" and status["health"] == "ok"

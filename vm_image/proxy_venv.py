@@ -62,7 +62,7 @@ def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _:
         _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin/python"), "--require-hashes",
               "--no-deps", "--link-mode", "copy", "--no-compile", "-r", str(requirements)])
         site = venv / "lib/python3.11/site-packages"
-        shutil.copytree(ROOT / "proxy", site / "proxy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(ROOT / "proxy", site / "proxy", ignore=_not_for_the_guest)
         # Byte-compile here, with the guest's paths in the code objects: the venv is read-only for
         # the proxy user, so the guest could never write its own caches (slow starts under TCG).
         _run([GUEST_PYTHON, "-m", "compileall", "-q", "-j", "0", "-s", str(stage), "-p", "/", str(venv / "lib")])
@@ -106,9 +106,21 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+def _not_for_the_guest(directory: str, names: list[str]) -> set[str]:
+    # proxy/agent is the agent's own tool: it runs outside the VM and has no business in the guest.
+    skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
+    if Path(directory) == ROOT / "proxy":
+        skip.add("agent")
+    return skip
+
+
+def _guest_sources() -> list[Path]:
+    return sorted(p for p in (ROOT / "proxy").rglob("*.py") if (ROOT / "proxy/agent") not in p.parents)
+
+
 def _inputs_digest() -> str:
     h = hashlib.sha256()
-    for path in [ROOT / "uv.lock", ROOT / "pyproject.toml", *sorted((ROOT / "proxy").rglob("*.py"))]:
+    for path in [ROOT / "uv.lock", ROOT / "pyproject.toml", *_guest_sources()]:
         h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(sys.version.encode())
     return h.hexdigest()
