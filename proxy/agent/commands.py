@@ -29,9 +29,9 @@ from .proxy_http import ProxyApi
 
 PROG = "secret-proxy-agent"
 DEFAULT_TIMEOUT_SECONDS = 600.0  # the proxy's default pending timeout: waiting longer finds it expired
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # the API's secret names (docs/api.md)
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # the API's secret names (docs/api.md)
 MAX_REASON_CHARS = 1000
-ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+ENV_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Never handed on to exec's COMMAND: it gets the one value it asked for, not the power to ask for more.
 WITHHELD_FROM_CHILD = ("SECRET_PROXY_TOKEN",)
 
@@ -108,7 +108,7 @@ def _api() -> ProxyApi:
 
 
 def _check_asking(args: argparse.Namespace) -> None:
-    if not NAME_RE.match(args.name):
+    if not NAME_RE.fullmatch(args.name):
         raise UsageError(f"not a secret name: {args.name!r}", hint="names are [A-Za-z0-9_.-], 1-128 characters")
     if not args.reason.strip() or len(args.reason) > MAX_REASON_CHARS:
         raise UsageError(f"--reason must be 1-{MAX_REASON_CHARS} characters",
@@ -141,7 +141,7 @@ def _prepare_exec(command: list[str], var: str) -> dict[str, str]:
     if not command:
         raise UsageError("exec needs a command after --",
                          hint=f"{PROG} exec NAME --reason TEXT --env VAR -- COMMAND [ARG...]")
-    if not ENV_VAR_RE.match(var):
+    if not ENV_VAR_RE.fullmatch(var):
         raise UsageError(f"not an environment variable name: {var!r}", hint="use letters, digits and _")
     env = {k: v for k, v in os.environ.items() if k not in WITHHELD_FROM_CHILD}
     if shutil.which(command[0], path=env.get("PATH", os.defpath)) is None:
