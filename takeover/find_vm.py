@@ -193,7 +193,8 @@ def check_pidfile(path: Path, pid: int) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} without following links: {exc.strerror}") from None
+        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} without following links: "
+                             f"{exc.strerror}") from None
     try:
         text = os.read(fd, 64).decode("ascii", "replace").strip()
     finally:

@@ -151,7 +151,8 @@ def test_the_disk_is_found_through_a_symlinked_name(tmp_path, host_dir, qemu):
 
 def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_dir, qemu):
     source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
-    assert source.pid == qemu.pid and source.uid == pwd.getpwnam(AGENT).pw_uid and source.cmdline[0].endswith("qemu-system-x86_64")
+    assert source.pid == qemu.pid and source.uid == pwd.getpwnam(AGENT).pw_uid
+    assert source.cmdline[0].endswith("qemu-system-x86_64")
     assert source.block_nodes == [source.vmstate_node]
     result = save_checkpoint_and_stop(source)
     assert result.method == "snapshot-save"
