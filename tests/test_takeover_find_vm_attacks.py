@@ -22,6 +22,7 @@ from typing import Iterator
 
 import pytest
 
+from takeover import proc
 from takeover.agent_owner import HostBoundary
 from takeover.errors import (InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError, UnsafeProxyAddress,
                              UntrustedQemu)
@@ -389,6 +390,33 @@ def test_the_real_qemu_running_the_agents_library_is_refused(host_dir):
     try:
         with pytest.raises(UntrustedQemu, match="runs code from .*libz.so.1.*owned by uid"):
             find_and_check_vm(explicit_ready(vm.monitor, disk), host_dir)
+    finally:
+        vm.kill()
+        remove_workdir(workdir)
+
+
+# -- the honest case, with vm_image's own QEMU command line ----------------------------------------
+
+
+def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
+    """vm_image's real command line (q35, virtio, both forwards, daemonized), paused with -S so no guest runs:
+    its modules and libraries are the host's, its files the agent's, its proxy forward on loopback."""
+    from vm_image.qemu_command import VmConfig, qemu_argv
+
+    workdir = agent_workdir(AGENT)
+    disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
+    cfg = VmConfig(disk=disk, kernel=None, initrd=None, append="", monitor=workdir / "qmp.sock",
+                   pidfile=workdir / "qemu.pid", serial_log=workdir / "serial.log", proxy_port=free_port(),
+                   ssh_port=free_port(), memory_mb=256, accel="tcg")
+    as_user(AGENT, *qemu_argv(cfg, "/usr/bin/qemu-system-x86_64"), "-S")
+    pid = int(cfg.pidfile.read_text())
+    vm = MonitorOnlyQemu(pid, proc.start_ticks(pid), cfg.monitor, disk, cfg.pidfile, cfg.proxy_port)
+    try:
+        ready = agent_writes_ready(workdir, monitor=str(cfg.monitor), disk=str(disk), pid=pid,
+                                   pidfile=str(cfg.pidfile), proxy={"host": "127.0.0.1", "port": cfg.proxy_port})
+        source = find_and_check_vm(read_ready_file(ready), host_dir)
+        assert (source.pid, source.uid, source.proxy) == (pid, pwd.getpwnam(AGENT).pw_uid,
+                                                          Endpoint("127.0.0.1", cfg.proxy_port))
     finally:
         vm.kill()
         remove_workdir(workdir)
