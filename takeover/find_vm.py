@@ -77,11 +77,11 @@ def read_ready_file(path: Path) -> ReadyInfo:
     if not isinstance(data, dict) or data.get("version") != 1:
         raise ReadyFileError(f"ready file {path} is not a version 1 ready file")
     try:
-        proxy = data.get("proxy") or {"host": "127.0.0.1", "port": 3737}
+        proxy = data.get("proxy")  # absent: the address the agent's QEMU forwards (proxy_address)
         return ReadyInfo(
             monitor=_abs_path(data["monitor"], "monitor"),
             disk=_abs_path(data["disk"], "disk"),
-            proxy=Endpoint(str(proxy["host"]), proxy["port"]),
+            proxy=Endpoint(str(proxy["host"]), proxy["port"]) if proxy else None,
             pid=_int(data.get("pid"), "pid", 1, 2**22) if data.get("pid") is not None else None,
             pidfile=_abs_path(data["pidfile"], "pidfile") if data.get("pidfile") else None,
             setup_key_pub=_abs_path(data["setup_key_pub"], "setup_key_pub") if data.get("setup_key_pub") else None,
