@@ -105,7 +105,11 @@ def executable_files(pid: int) -> list[tuple[str, os.stat_result]]:
         if fields[0] in seen:
             continue
         seen.add(fields[0])
-        found.append((fields[5], os.stat(f"/proc/{pid}/map_files/{fields[0]}")))
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+        except PermissionError:  # map_files needs CAP_SYS_ADMIN; without it, the path as mapped
+            st = os.stat(fields[5].removesuffix(" (deleted)"))
+        found.append((fields[5], st))
     return found
 
 

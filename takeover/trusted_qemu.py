@@ -57,6 +57,13 @@ def root_controlled(path: Path) -> bool:
 
 def check_host_qemu(pid: int) -> Path:
     """The host binary the process runs; refuses a process that is not the host's QEMU."""
+    try:
+        return _check_host_qemu(pid)
+    except OSError as exc:  # it exited, or /proc would not tell: either way nothing is proven
+        raise UntrustedQemu(f"cannot inspect QEMU pid {pid} in /proc ({exc.strerror or exc})") from None
+
+
+def _check_host_qemu(pid: int) -> Path:
     exe = os.stat(f"/proc/{pid}/exe")  # the inode the process was started from, even if renamed or deleted
     trusted = host_qemu_binaries()
     binary = trusted.get((exe.st_dev, exe.st_ino))
