@@ -25,7 +25,7 @@ from .diskimage import inspect_image
 from .errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, NotEnoughSpace, NotTheAgentsVM,
                      ReadyFileError)
 from .models import Endpoint, SourceVM
-from .monitor import Monitor
+from .monitor import Monitor, Peer
 from .proxy_address import choose_proxy_address, confirmed_forwards
 from .rollback import replay_command
 from .trusted_qemu import check_host_qemu
@@ -121,36 +121,12 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
     if not stat.S_ISREG(disk_st.st_mode):
         raise DiskMismatch(f"disk {disk} is not a regular file")
 
-    # Whose VM is it? Answered from the files before anything is sent to the monitor.
-    check_outside_host_dirs([("ready file", ready.path), ("monitor socket", ready.monitor), ("disk", ready.disk),
-                             ("pidfile", ready.pidfile), ("setup key", ready.setup_key_pub)], boundary)
-    socket_st = agent_file(ready.monitor, "monitor socket", "socket", missing=MonitorUnreachable,
-                           wrong_kind=MonitorNotQMP)
-    owners = [("monitor socket", socket_st.st_uid), ("disk", disk_st.st_uid)]
-    if ready.path is not None and ready.owner is not None:
-        owners.insert(0, ("ready file", ready.owner))
-    if ready.pidfile is not None:
-        owners.append(("pidfile", agent_file(ready.pidfile, "pidfile", "file").st_uid))
-    owner = one_owner(owners)
-    check_not_host_account(owner, boundary)
-    check_groups(owner, (), boundary)
+    owner = whose_vm(ready, disk_st, boundary)  # from the files, before anything is sent to the monitor
 
     with Monitor(ready.monitor) as mon:
         peer = mon.peer
         info = proc.read_process(peer.pid)
-        if peer.uid != owner:
-            raise NotTheAgentsVM(f"the monitor {str(ready.monitor)!r} is served by pid {peer.pid} of uid {peer.uid}, "
-                                 f"but the VM's files are uid {owner}'s")
-        check_process_ids(info.uids, info.gids, owner, peer.pid)
-        check_groups(owner, (*info.gids, *info.groups), boundary)
-        if not QEMU_EXE.match(os.path.basename(info.exe)):
-            raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe!r}) is not QEMU")
-        check_host_qemu(peer.pid)
-        if ready.pid is not None and ready.pid != peer.pid:
-            raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
-                               f"pid {peer.pid}")
-        if ready.pidfile is not None:
-            check_pidfile(ready.pidfile, peer.pid)
+        check_the_process(ready, peer, info, owner, boundary)
         nodes, vmstate_node = _disk_nodes(mon.execute("query-block"), disk)
         # QEMU's answer names a path; the kernel's view of the process's open files names inodes.
         # Both must agree, or the path was swapped between QEMU opening it and now.
@@ -186,6 +162,41 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
         agent_files=agent_files, notes=notes,
     )
+
+
+def whose_vm(ready: ReadyInfo, disk_st: os.stat_result, boundary: HostBoundary) -> int:
+    """The one unprivileged owner of the ready file, socket, disk and pidfile, none in a host directory."""
+    check_outside_host_dirs([("ready file", ready.path), ("monitor socket", ready.monitor), ("disk", ready.disk),
+                             ("pidfile", ready.pidfile), ("setup key", ready.setup_key_pub)], boundary)
+    socket_st = agent_file(ready.monitor, "monitor socket", "socket", missing=MonitorUnreachable,
+                           wrong_kind=MonitorNotQMP)
+    owners = [("monitor socket", socket_st.st_uid), ("disk", disk_st.st_uid)]
+    if ready.path is not None and ready.owner is not None:
+        owners.insert(0, ("ready file", ready.owner))
+    if ready.pidfile is not None:
+        owners.append(("pidfile", agent_file(ready.pidfile, "pidfile", "file").st_uid))
+    owner = one_owner(owners)
+    check_not_host_account(owner, boundary)
+    check_groups(owner, (), boundary)
+    return owner
+
+
+def check_the_process(ready: ReadyInfo, peer: Peer, info: proc.ProcessInfo, owner: int,
+                      boundary: HostBoundary) -> None:
+    """The socket's peer is the owner's, in no privileged group, runs the host's QEMU, and is the pid named."""
+    if peer.uid != owner:
+        raise NotTheAgentsVM(f"the monitor {str(ready.monitor)!r} is served by pid {peer.pid} of uid {peer.uid}, "
+                             f"but the VM's files are uid {owner}'s")
+    check_process_ids(info.uids, info.gids, owner, peer.pid)
+    check_groups(owner, (*info.gids, *info.groups), boundary)
+    if not QEMU_EXE.match(os.path.basename(info.exe)):
+        raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe!r}) is not QEMU")
+    check_host_qemu(peer.pid)
+    if ready.pid is not None and ready.pid != peer.pid:
+        raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
+                           f"pid {peer.pid}")
+    if ready.pidfile is not None:
+        check_pidfile(ready.pidfile, peer.pid)
 
 
 def check_pidfile(path: Path, pid: int) -> None:
