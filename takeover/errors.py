@@ -104,3 +104,26 @@ class JournalError(TakeoverError):
 
 class InjectedFault(TakeoverError):
     hint = "a test asked for this failure (--fail-after); rerun without it or roll back"
+
+
+class NotTheAgentsVM(TakeoverError):
+    hint = ("the ready file must name the agent's own VM: its ready file, monitor socket, disk, pidfile and QEMU "
+            "process all owned by one unprivileged user, none of them in a host directory. Ask the agent to start "
+            "its VM again with `python -m vm_image up` as its own user and pass that user's ready file")
+
+
+class PrivilegedAgent(TakeoverError):
+    hint = ("take the agent's user out of those groups (`gpasswd -d USER GROUP` for each), have the agent log in "
+            "again and restart its VM (a running process keeps the groups it started with), then rerun")
+
+
+class UntrustedQemu(TakeoverError):
+    hint = ("the agent's VM must run the host's own QEMU (the qemu-system-x86 package's binary and root-owned "
+            "libraries); ask the agent to start it with `python -m vm_image up`, which uses "
+            "/usr/bin/qemu-system-x86_64. If the package was upgraded since, the agent must restart its VM")
+
+
+class UnsafeProxyAddress(TakeoverError):
+    hint = ("the host decides where the proxy listens: by default the agent's own loopback address with a port "
+            ">= 1024, as the agent's QEMU really forwarded it. To choose another address, pass "
+            "--proxy-listen HOST:PORT")

@@ -1,8 +1,11 @@
 """Step 1: find the agent's VM and check it is what the ready file says, before anything changes.
 
 The ready file is the agent's and may lie; so may the socket it names. What we
-believe instead: the kernel (the socket's peer pid and uid, the files that pid
-has open) and QEMU's own answer to `query-block`.
+believe instead: the kernel (the socket's peer pid and uid, the owners of the
+files, the binary the process runs, the files it has open, the addresses it
+listens on) and QEMU's own answer to `query-block` where the kernel confirms it.
+Whose VM it is and who the agent is: `agent_owner`; whether the process is the
+host's QEMU: `trusted_qemu`; where the proxy will listen: `proxy_address`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from . import proc
+from .agent_owner import (HostBoundary, agent_file, check_groups, check_not_host_account, check_outside_host_dirs,
+                          check_process_ids, one_owner)
 from .diskimage import inspect_image
-from .errors import DiskMismatch, InvalidInput, NotEnoughSpace, ReadyFileError
+from .errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, NotEnoughSpace, NotTheAgentsVM,
+                     ReadyFileError)
 from .models import Endpoint, SourceVM
-from .monitor import Monitor
+from .monitor import Monitor, Peer
+from .proxy_address import choose_proxy_address, confirmed_forwards
 from .rollback import replay_command
+from .trusted_qemu import check_host_qemu
 
 READY_MAGIC = "READY_FOR_TAKEOVER"
 READY_MAX_BYTES = 64 * 1024
@@ -31,13 +39,14 @@ QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
 class ReadyInfo:
     monitor: Path
     disk: Path
-    proxy: Endpoint
+    proxy: Endpoint | None  # the agent's claim; None: take the address its QEMU forwards
     pid: int | None = None
     pidfile: Path | None = None
     setup_key_pub: Path | None = None
     memory_mb: int = 256
     cpus: int = 1
     path: Path | None = None
+    owner: int | None = None  # the ready file's owner, from fstat of the descriptor it was read through
 
 
 def read_ready_file(path: Path) -> ReadyInfo:
@@ -50,7 +59,8 @@ def read_ready_file(path: Path) -> ReadyInfo:
         # ELOOP: a symlink. The file is the agent's, and we are root: never read through its links.
         raise ReadyFileError(f"cannot open ready file {path} without following links: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ReadyFileError(f"ready file {path} is not a regular file")
         raw = os.read(fd, READY_MAX_BYTES + 1)
     finally:
@@ -67,17 +77,18 @@ def read_ready_file(path: Path) -> ReadyInfo:
     if not isinstance(data, dict) or data.get("version") != 1:
         raise ReadyFileError(f"ready file {path} is not a version 1 ready file")
     try:
-        proxy = data.get("proxy") or {"host": "127.0.0.1", "port": 3737}
+        proxy = data.get("proxy")  # absent: the address the agent's QEMU forwards (proxy_address)
         return ReadyInfo(
             monitor=_abs_path(data["monitor"], "monitor"),
             disk=_abs_path(data["disk"], "disk"),
-            proxy=Endpoint(str(proxy["host"]), proxy["port"]),
+            proxy=Endpoint(str(proxy["host"]), proxy["port"]) if proxy else None,
             pid=_int(data.get("pid"), "pid", 1, 2**22) if data.get("pid") is not None else None,
             pidfile=_abs_path(data["pidfile"], "pidfile") if data.get("pidfile") else None,
             setup_key_pub=_abs_path(data["setup_key_pub"], "setup_key_pub") if data.get("setup_key_pub") else None,
             memory_mb=_int(data.get("memory_mb", 256), "memory_mb", 64, 65536),
             cpus=_int(data.get("cpus", 1), "cpus", 1, 64),
             path=path,
+            owner=st.st_uid,
         )
     except (KeyError, TypeError, InvalidInput) as exc:
         raise ReadyFileError(f"ready file {path}: missing or invalid field ({exc})") from None
@@ -95,8 +106,13 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
-def find_and_check_vm(ready: ReadyInfo, host_dir: Path) -> SourceVM:
-    """Connect to the monitor, prove it is the QEMU that has the disk open, and check we can take it."""
+def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary | None = None,
+                      proxy_listen: Endpoint | None = None) -> SourceVM:
+    """Prove the monitor, the disk and the process are one unprivileged user's own VM, and that we can take it.
+
+    `proxy_listen` is the operator's --proxy-listen; without it the proxy keeps the agent's address, checked.
+    """
+    boundary = boundary or HostBoundary.for_takeover(host_dir)
     disk = Path(os.path.realpath(ready.disk))
     try:
         disk_st = os.stat(disk)
@@ -105,14 +121,12 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path) -> SourceVM:
     if not stat.S_ISREG(disk_st.st_mode):
         raise DiskMismatch(f"disk {disk} is not a regular file")
 
+    owner = whose_vm(ready, disk_st, boundary)  # from the files, before anything is sent to the monitor
+
     with Monitor(ready.monitor) as mon:
         peer = mon.peer
         info = proc.read_process(peer.pid)
-        if not QEMU_EXE.match(os.path.basename(info.exe)):
-            raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe}) is not QEMU")
-        if ready.pid is not None and ready.pid != peer.pid:
-            raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
-                               f"pid {peer.pid}")
+        check_the_process(ready, peer, info, owner, boundary)
         nodes, vmstate_node = _disk_nodes(mon.execute("query-block"), disk)
         # QEMU's answer names a path; the kernel's view of the process's open files names inodes.
         # Both must agree, or the path was swapped between QEMU opening it and now.
@@ -120,7 +134,10 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path) -> SourceVM:
             raise DiskMismatch(f"QEMU pid {peer.pid} reports {disk} open, but does not hold that file open")
         commands = {c["name"] for c in mon.execute("query-commands")}
         status = mon.execute("query-status")
+        usernet = mon.hmp("info usernet", timeout=30) if "human-monitor-command" in commands else ""
+        forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
 
+    proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
     image = inspect_image(disk, force_share=True)
     replay_command(list(info.cmdline), str(disk), ready.disk)  # refuses now, not at rollback time
     check_free_space(host_dir, disk_st, ready.memory_mb)
@@ -130,22 +147,71 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path) -> SourceVM:
         notes.append("QEMU has no snapshot-save job; the checkpoint uses HMP savevm")
     if status.get("status") != "running":
         notes.append(f"the agent's VM was {status.get('status')!r}, not running")
-    if info.uid == 0:
-        notes.append("the agent's QEMU runs as root: an agent with root on this machine is not contained "
-                     "by the takeover")
+    if proxy_listen is not None:
+        notes.append(f"the proxy listens at {proxy_listen} (--proxy-listen), not where the agent's VM had it")
     if image.snapshots:
         notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
     agent_files = [str(p) for p in (ready.path, ready.monitor, ready.pidfile) if p is not None]
     return SourceVM(
         monitor=str(ready.monitor), disk=str(disk), disk_dev=disk_st.st_dev, disk_ino=disk_st.st_ino,
         disk_uid=disk_st.st_uid, pid=peer.pid, pid_start_ticks=info.start_ticks, uid=info.uid, gid=info.gid,
-        groups=list(info.groups), cwd=info.cwd, cmdline=list(info.cmdline), proxy=ready.proxy,
+        groups=list(info.groups), cwd=info.cwd, cmdline=list(info.cmdline), proxy=proxy,
         memory_mb=ready.memory_mb, cpus=ready.cpus, block_nodes=nodes, vmstate_node=vmstate_node,
         ready_file=str(ready.path) if ready.path else None,
         pidfile=str(ready.pidfile) if ready.pidfile else None,
         setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
         agent_files=agent_files, notes=notes,
     )
+
+
+def whose_vm(ready: ReadyInfo, disk_st: os.stat_result, boundary: HostBoundary) -> int:
+    """The one unprivileged owner of the ready file, socket, disk and pidfile, none in a host directory."""
+    check_outside_host_dirs([("ready file", ready.path), ("monitor socket", ready.monitor), ("disk", ready.disk),
+                             ("pidfile", ready.pidfile), ("setup key", ready.setup_key_pub)], boundary)
+    socket_st = agent_file(ready.monitor, "monitor socket", "socket", missing=MonitorUnreachable,
+                           wrong_kind=MonitorNotQMP)
+    owners = [("monitor socket", socket_st.st_uid), ("disk", disk_st.st_uid)]
+    if ready.path is not None and ready.owner is not None:
+        owners.insert(0, ("ready file", ready.owner))
+    if ready.pidfile is not None:
+        owners.append(("pidfile", agent_file(ready.pidfile, "pidfile", "file").st_uid))
+    owner = one_owner(owners)
+    check_not_host_account(owner, boundary)
+    check_groups(owner, (), boundary)
+    return owner
+
+
+def check_the_process(ready: ReadyInfo, peer: Peer, info: proc.ProcessInfo, owner: int,
+                      boundary: HostBoundary) -> None:
+    """The socket's peer is the owner's, in no privileged group, runs the host's QEMU, and is the pid named."""
+    if peer.uid != owner:
+        raise NotTheAgentsVM(f"the monitor {str(ready.monitor)!r} is served by pid {peer.pid} of uid {peer.uid}, "
+                             f"but the VM's files are uid {owner}'s")
+    check_process_ids(info.uids, info.gids, owner, peer.pid)
+    check_groups(owner, (*info.gids, *info.groups), boundary)
+    if not QEMU_EXE.match(os.path.basename(info.exe)):
+        raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe!r}) is not QEMU")
+    check_host_qemu(peer.pid)
+    if ready.pid is not None and ready.pid != peer.pid:
+        raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
+                           f"pid {peer.pid}")
+    if ready.pidfile is not None:
+        check_pidfile(ready.pidfile, peer.pid)
+
+
+def check_pidfile(path: Path, pid: int) -> None:
+    """The pidfile (already checked to be the owner's regular file) names the monitor's pid."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} without following links: "
+                             f"{exc.strerror}") from None
+    try:
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if text != str(pid):
+        raise NotTheAgentsVM(f"the pidfile {str(path)!r} names {text[:20]!r}, but the monitor belongs to pid {pid}")
 
 
 def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], str]:
@@ -181,7 +247,8 @@ def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) ->
         raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; the copy needs about {needed / 2**30:.2f} GiB")
 
 
-def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint, memory_mb: int = 256, cpus: int = 1) -> ReadyInfo:
+def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None, memory_mb: int = 256,
+                   cpus: int = 1) -> ReadyInfo:
     """A ReadyInfo from command-line paths, for a VM launched without a ready file."""
     for path, what in ((monitor, "--monitor"), (disk, "--disk")):
         if not str(path).startswith("/"):

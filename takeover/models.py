@@ -17,7 +17,10 @@ class Endpoint:
     port: int
 
     def __post_init__(self) -> None:
-        # Both end up in a QEMU hostfwd rule and in URLs: only an IP literal and a real port.
+        # Both end up in a QEMU hostfwd rule and in URLs: only an IP literal and a real port. Python
+        # accepts an IPv6 scope id after '%' with any text in it ("1::%,hostfwd=..."): never one here.
+        if not isinstance(self.host, str) or "%" in self.host:
+            raise InvalidInput(f"address {self.host!r} is not a plain IP address (no IPv6 scope id)")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +25,20 @@ class ProcessInfo:
     exe: str
     cwd: str
     cmdline: tuple[str, ...]
+    uids: tuple[int, ...] = ()  # real, effective, saved, filesystem: a setuid process has more than one
+    gids: tuple[int, ...] = ()
 
 
 def read_process(pid: int) -> ProcessInfo:
     base = Path(f"/proc/{pid}")
     status = _status_fields(base / "status")
-    uid = int(status["Uid"].split()[0])
-    gid = int(status["Gid"].split()[0])
+    uids = tuple(int(u) for u in status["Uid"].split())
+    gids = tuple(int(g) for g in status["Gid"].split())
     groups = tuple(int(g) for g in status.get("Groups", "").split())
     raw = (base / "cmdline").read_bytes()
     cmdline = tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]) if raw else ()
-    return ProcessInfo(pid, start_ticks(pid), uid, gid, groups,
-                       os.readlink(base / "exe"), os.readlink(base / "cwd"), cmdline)
+    return ProcessInfo(pid, start_ticks(pid), uids[0], gids[0], groups,
+                       os.readlink(base / "exe"), os.readlink(base / "cwd"), cmdline, uids, gids)
 
 
 def start_ticks(pid: int) -> int:
@@ -88,6 +92,59 @@ def open_files(pid: int) -> list[tuple[int, int]]:
             continue
         found.append((st.st_dev, st.st_ino))
     return found
+
+
+def executable_files(pid: int) -> list[tuple[str, os.stat_result]]:
+    """Every file mapped executable into the process (its binary, the loader, each library), with the
+    kernel's stat of the mapped inode itself (/proc/PID/map_files), not of whatever the path names now."""
+    found, seen = [], set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+            continue  # anonymous (TCG's translated code), [vdso], [vsyscall]
+        if fields[0] in seen:
+            continue
+        seen.add(fields[0])
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+        except PermissionError:  # map_files needs CAP_SYS_ADMIN; without it, the path as mapped
+            st = os.stat(fields[5].removesuffix(" (deleted)"))
+        found.append((fields[5], st))
+    return found
+
+
+def listening_tcp(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process holds in LISTEN, as the kernel sees it
+    (the process's own network namespace: /proc/PID/net), whatever the process says about itself."""
+    inodes = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            addr_hex, port_hex = local.rsplit(":", 1)
+            found.add((_kernel_address(addr_hex, family), int(port_hex, 16)))
+    return found
+
+
+def _kernel_address(text: str, family: int) -> str:
+    # /proc/net/tcp prints each 32-bit word of the address in host byte order.
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    return socket.inet_ntop(family, words)
 
 
 def _status_fields(path: Path) -> dict[str, str]:

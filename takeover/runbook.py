@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import proc
+from .agent_owner import HostBoundary
 from .boot import BootFiles, host_boot_files, modules_tarball
 from .checkpoint import save_checkpoint_and_stop
 from .config import TakeoverConfig, read_proxy_config
@@ -72,12 +73,12 @@ def step_find_vm(ctx: Context) -> dict[str, Any]:
     if cfg.monitor or cfg.disk:
         if not (cfg.monitor and cfg.disk):
             raise InvalidInput("--monitor and --disk go together")
-        ready = explicit_ready(cfg.monitor, cfg.disk, cfg.proxy_listen or Endpoint("127.0.0.1", 3737))
+        ready = explicit_ready(cfg.monitor, cfg.disk)  # the proxy: where the agent's QEMU forwards it
     else:
         ready = read_ready_file(cfg.ready_file or default_ready_file())
-    source = find_and_check_vm(ready, ctx.host_dir)
-    if cfg.proxy_listen is not None:
-        source.proxy = cfg.proxy_listen
+    # The VM must be one unprivileged user's, outside every host directory (agent_owner's docstring).
+    boundary = HostBoundary.for_takeover(ctx.host_dir, cfg.qemu_user, extra_dirs=(cfg.cache_dir,))
+    source = find_and_check_vm(ready, ctx.host_dir, boundary, proxy_listen=cfg.proxy_listen)
     if cfg.ssh_listen.port == source.proxy.port and cfg.ssh_listen.host == source.proxy.host:
         raise InvalidInput(f"--ssh-listen {cfg.ssh_listen} is the proxy's address")
     check_port_free(cfg.ssh_listen)

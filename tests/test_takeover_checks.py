@@ -29,10 +29,12 @@ from takeover.revoke import remove_agent_file
 from takeover.rollback import replay_command, start_source_vm
 from takeover.runbook import recover_interrupted_checkpoint
 
-from .test_takeover_support import fake_socket_server, make_qcow2, start_monitor_only_qemu, write_ready
+from .test_takeover_support import (agent_workdir, fake_socket_server, make_qcow2, remove_workdir,
+                                   start_monitor_only_qemu, write_ready)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = Endpoint("127.0.0.1", 3737)
+AGENT = "nobody"  # step 1 takes only an unprivileged user's VM: these QEMUs run as one
 
 
 @pytest.fixture
@@ -41,10 +43,18 @@ def host_dir(tmp_path):
 
 
 @pytest.fixture
-def qemu(tmp_path):
-    vm = start_monitor_only_qemu(tmp_path, make_qcow2(tmp_path / "agent.qcow2"))
+def qemu():
+    workdir = agent_workdir(AGENT)
+    vm = start_monitor_only_qemu(workdir, make_qcow2(workdir / "agent.qcow2", owner=AGENT), user=AGENT)
     yield vm
     vm.kill()
+    remove_workdir(workdir)
+
+
+def chown_to_agent(*paths: Path) -> None:
+    entry = pwd.getpwnam(AGENT)
+    for path in paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 # -- the ready file ------------------------------------------------------------------------------
@@ -94,10 +104,11 @@ def test_ready_file_fields_are_parsed(tmp_path):
 
 
 def test_a_socket_that_sends_garbage_is_not_qmp(tmp_path, host_dir):
-    disk = make_qcow2(tmp_path / "d.qcow2")
+    disk = make_qcow2(tmp_path / "d.qcow2", owner=AGENT)
     with fake_socket_server(tmp_path / "fake.sock", b"HTTP/1.1 200 OK\r\n\r\nhello\n") as sock:
+        chown_to_agent(sock)
         with pytest.raises(MonitorNotQMP, match="does not speak QMP"):
-            find_and_check_vm(explicit_ready(sock, disk, PROXY), host_dir)
+            find_and_check_vm(explicit_ready(sock, disk), host_dir)
 
 
 def test_a_silent_socket_is_not_qmp(tmp_path):
@@ -118,14 +129,15 @@ def test_a_missing_socket_is_unreachable(tmp_path):
 
 
 def test_a_qemu_without_the_named_disk_is_refused(tmp_path, host_dir, qemu):
-    other = make_qcow2(tmp_path / "other.qcow2")
+    other = make_qcow2(tmp_path / "other.qcow2", owner=AGENT)
     with pytest.raises(DiskMismatch, match="does not have .*other.qcow2 open"):
-        find_and_check_vm(explicit_ready(qemu.monitor, other, PROXY), host_dir)
+        find_and_check_vm(explicit_ready(qemu.monitor, other), host_dir)
     assert qemu.alive()  # nothing was changed
 
 
 def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
     ready = write_ready(tmp_path / "ready", monitor=str(qemu.monitor), disk=str(qemu.disk), pid=qemu.pid + 1)
+    chown_to_agent(ready)
     with pytest.raises(DiskMismatch, match="belongs to pid"):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
@@ -133,13 +145,14 @@ def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
 def test_the_disk_is_found_through_a_symlinked_name(tmp_path, host_dir, qemu):
     link = tmp_path / "alias.qcow2"
     link.symlink_to(qemu.disk)
-    source = find_and_check_vm(explicit_ready(qemu.monitor, link, PROXY), host_dir)
+    source = find_and_check_vm(explicit_ready(qemu.monitor, link), host_dir)
     assert source.disk == str(qemu.disk) and source.pid == qemu.pid
 
 
 def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_dir, qemu):
-    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
-    assert source.pid == qemu.pid and source.uid == 0 and source.cmdline[0].endswith("qemu-system-x86_64")
+    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
+    assert source.pid == qemu.pid and source.uid == pwd.getpwnam(AGENT).pw_uid
+    assert source.cmdline[0].endswith("qemu-system-x86_64")
     assert source.block_nodes == [source.vmstate_node]
     result = save_checkpoint_and_stop(source)
     assert result.method == "snapshot-save"
@@ -147,17 +160,19 @@ def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_d
     assert CHECKPOINT_TAG in inspect_image(qemu.disk).snapshots
 
 
-def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(tmp_path, host_dir):
-    disk = make_qcow2(tmp_path / "agent.qcow2")
-    subprocess.run(["qemu-img", "snapshot", "-c", CHECKPOINT_TAG, str(disk)], check=True)
-    vm = start_monitor_only_qemu(tmp_path, disk)
+def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(host_dir):
+    workdir = agent_workdir(AGENT)
+    disk = make_qcow2(workdir / "agent.qcow2", owner=AGENT)
+    subprocess.run(["runuser", "-u", AGENT, "--", "qemu-img", "snapshot", "-c", CHECKPOINT_TAG, str(disk)], check=True)
+    vm = start_monitor_only_qemu(workdir, disk, user=AGENT)
     try:
-        source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+        source = find_and_check_vm(explicit_ready(vm.monitor, disk), host_dir)
         assert any("already had snapshots" in n for n in source.notes)
         save_checkpoint_and_stop(source)
         assert inspect_image(disk).snapshots == (CHECKPOINT_TAG,)
     finally:
         vm.kill()
+        remove_workdir(workdir)
 
 
 # -- rollback's replay of the agent's command line -----------------------------------------------
@@ -190,7 +205,7 @@ def test_rollback_replays_the_agents_qemu_as_the_agent(tmp_path, host_dir):
     os.chown(disk, nobody.pw_uid, nobody.pw_gid)
     vm = start_monitor_only_qemu(agent_dir, disk, user="nobody")
     try:
-        source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+        source = find_and_check_vm(explicit_ready(vm.monitor, disk), host_dir)
         assert source.uid == nobody.pw_uid
         save_checkpoint_and_stop(source)
         start_source_vm(source, host_dir / "rollback-qemu.log")
@@ -261,8 +276,9 @@ def test_cli_without_a_ready_file_says_what_to_do(tmp_path):
 
 
 def test_cli_with_a_planted_socket_refuses(tmp_path):
-    disk = make_qcow2(tmp_path / "d.qcow2")
+    disk = make_qcow2(tmp_path / "d.qcow2", owner=AGENT)
     with fake_socket_server(tmp_path / "planted.sock", b"\x00\x01garbage\n") as sock:
+        chown_to_agent(sock)
         result = run_cli("run", "--host-dir", str(tmp_path / "host"), "--monitor", str(sock), "--disk", str(disk))
     assert result.returncode == 1 and "does not speak QMP" in result.stderr
 
@@ -346,7 +362,7 @@ def test_unsafe_paths_never_reach_a_command_line(tmp_path):
 
 
 def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_dir, qemu):
-    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
+    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
     journal = Journal.new(host_dir, {})
     journal.begin("find_vm")
     journal.finish("find_vm", source.to_dict())
@@ -357,7 +373,7 @@ def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_di
 
 
 def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu):
-    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
+    source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
     journal = Journal.new(host_dir, {})
     journal.begin("find_vm")
     journal.finish("find_vm", source.to_dict())

@@ -6,8 +6,11 @@ The agent's VM for the end-to-end tests comes from tests/vm_fixtures.py (vm_imag
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -18,9 +21,42 @@ from typing import Iterator
 from takeover import proc
 
 
-def make_qcow2(path: Path, size: str = "64M", *extra: str) -> Path:
+def make_qcow2(path: Path, size: str = "64M", *extra: str, owner: str | None = None) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size], check=True)
+    if owner:
+        entry = pwd.getpwnam(owner)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
     return path
+
+
+def ensure_user(name: str, *groups: str) -> pwd.struct_passwd:
+    """An unprivileged Unix user (no home, no login shell), created if missing, in exactly `groups`."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
+                       capture_output=True)
+    subprocess.run(["usermod", "--groups", ",".join(groups), name], check=True, capture_output=True)
+    return pwd.getpwnam(name)
+
+
+def agent_workdir(user: str) -> Path:
+    """A directory of `user`'s own under /tmp (pytest's tmp_path is root's, 0700: no other user gets in)."""
+    entry = pwd.getpwnam(user)
+    path = Path(tempfile.mkdtemp(prefix=f"takeover-{user}-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -32,6 +68,7 @@ class MonitorOnlyQemu:
     monitor: Path
     disk: Path
     pidfile: Path
+    proxy_port: int  # forwarded to the guest's proxy port like vm_image's VM (127.0.0.1:PORT -> :3737)
 
     def alive(self) -> bool:
         return proc.alive(self.pid, self.ticks)
@@ -40,21 +77,28 @@ class MonitorOnlyQemu:
         proc.terminate(self.pid, self.ticks, grace=5)
 
 
-def start_monitor_only_qemu(workdir: Path, disk: Path, *, user: str | None = None) -> MonitorOnlyQemu:
+def start_monitor_only_qemu(workdir: Path, disk: Path, *, user: str | None = None, proxy: str = "127.0.0.1",
+                            proxy_port: int | None = None, wrap: tuple[str, ...] = (),
+                            env: dict[str, str] | None = None) -> MonitorOnlyQemu:
+    """`user` runs it (runuser: the account's groups); or `wrap` is the command that starts it (setpriv, unshare)."""
     monitor, pidfile = workdir / "qmp.sock", workdir / "qemu.pid"
+    proxy_port = proxy_port or free_port()
     argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
             "-drive", f"file={disk},if=none,id=d0,format=qcow2",
+            "-netdev", f"user,id=net0,hostfwd=tcp:{proxy}:{proxy_port}-:3737",
             "-qmp", f"unix:{monitor},server=on,wait=off", "-daemonize", "-pidfile", str(pidfile)]
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
-    subprocess.run(argv, check=True, timeout=60)
+    argv = [*wrap, *argv]
+    subprocess.run(argv, check=True, timeout=60, capture_output=True,
+                   env=None if env is None else {**os.environ, **env})
     deadline = time.monotonic() + 20
     while not (pidfile.exists() and pidfile.read_text().strip() and monitor.exists()):
         if time.monotonic() > deadline:
             raise RuntimeError("QEMU did not write its pidfile")
         time.sleep(0.05)
     pid = int(pidfile.read_text())
-    return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile)
+    return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile, proxy_port)
 
 
 @contextmanager
