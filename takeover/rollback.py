@@ -105,7 +105,14 @@ def agent_workdir(source: SourceVM) -> str:
 def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = True) -> int | None:
     """Start the agent's QEMU again as the agent, in a session of its own; returns once it daemonized
     (None) or, for a QEMU that stays in the foreground, its pid once it survived a moment."""
-    argv = replay_argv(source, load_checkpoint)
+    try:
+        argv = replay_argv(source, load_checkpoint)
+    except UnsafeCommandLine as exc:
+        # Step 1 accepted this command line: the agent changed its files since. Nothing was started.
+        raise RollbackError(f"the agent's QEMU command line is no longer replayable: {exc}",
+                            hint=f"nothing was started and the agent's disk and {CHECKPOINT_TAG} snapshot are "
+                                 f"untouched; the agent can start its VM itself (`python -m vm_image launch`), or "
+                                 f"fix the files named above and rerun `python -m takeover rollback`") from None
     workdir = agent_workdir(source)
     env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline

@@ -33,12 +33,12 @@ import pytest
 
 from takeover import proc
 from takeover.checkpoint import save_checkpoint_and_stop
-from takeover.errors import UnsafeCommandLine
+from takeover.errors import RollbackError, UnsafeCommandLine
 from takeover.files import ensure_host_dir
 from takeover.find_vm import explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
-from takeover.rollback import replay_command
+from takeover.rollback import replay_command, start_source_vm
 from vm_image.qemu_command import VmConfig, qemu_argv
 
 from .test_takeover_support import MonitorOnlyQemu, make_qcow2
@@ -278,6 +278,40 @@ def test_step_1_refuses_a_vm_whose_command_line_names_a_host_device(agent_dir, t
         vm.kill()
 
 
+def test_rollback_refuses_files_the_agent_swapped_after_step_1(agent_dir, tmp_path):
+    # Step 1 accepted the command line; then the agent points its pidfile at root's file and forces
+    # the rollback. The rollback starts nothing and says why.
+    disk = make_qcow2(agent_dir / "agent.qcow2")
+    os.chown(disk, NOBODY.pw_uid, NOBODY.pw_gid)
+    vm = start_agent_qemu(agent_dir, disk)
+    host_dir = ensure_host_dir(tmp_path / "host")
+    shadow = Path("/etc/shadow").read_bytes()
+    try:
+        source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+        save_checkpoint_and_stop(source)
+        vm.pidfile.unlink(missing_ok=True)
+        _agent_link(agent_dir, "/etc/shadow").rename(vm.pidfile)
+        with pytest.raises(RollbackError, match="no longer replayable.*-pidfile.*leads to '/etc/shadow'") as err:
+            start_source_vm(source, host_dir / "rollback-qemu.log")
+        assert "nothing was started" in err.value.hint
+        assert Path("/etc/shadow").read_bytes() == shadow
+        assert not (host_dir / "rollback-qemu.log").exists()
+        assert qemus_using(disk) == []
+    finally:
+        vm.kill()
+
+
+def qemus_using(disk: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(disk) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 # -- the replay itself, started from root's terminal --------------------------------------------
 
 ROLLBACK_SNIPPET = """
@@ -383,3 +417,79 @@ def kill_from_pidfile(pidfile: Path) -> None:
             proc.terminate(pid, proc.start_ticks(pid), grace=5)
     except (OSError, ValueError):
         pass
+
+
+# -- end to end: `takeover rollback` typed in root's terminal, the agent's real VM ---------------
+
+
+class SessionWatcher(threading.Thread):
+    """Looks through /proc, as the agent could, for any process of `uid` in root's session or on root's
+    terminal while the rollback runs (QEMU's own parent waits there while the daemon loads the state)."""
+
+    def __init__(self, terminal: RootTerminal, uid: int) -> None:
+        super().__init__(daemon=True)
+        self.terminal, self.uid = terminal, uid
+        self.breaches: list[str] = []
+        self.agent_qemus: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    st = proc_stat(int(entry.name))
+                    if st.session == self.terminal.session or st.tty_nr == self.terminal.tty_nr:
+                        uid = proc.read_process(st.pid).uid
+                        if uid == self.uid:
+                            self.breaches.append(f"pid {st.pid} ({Path(entry.path, 'comm').read_text().strip()}): "
+                                                 f"session {st.session}, tty_nr {st.tty_nr}")
+                    elif entry.stat().st_uid == self.uid and \
+                            Path(entry.path, "comm").read_text().startswith("qemu-system"):
+                        self.agent_qemus.add(st.pid)
+                except (OSError, ValueError):
+                    continue
+            time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_session(tmp_path):
+    from .test_takeover_e2e import takeover
+    from .vm_fixtures import free_port, launch_agent_vm
+
+    agent_vm = launch_agent_vm()
+    terminal, watcher = None, None
+    try:
+        host_dir = tmp_path / "host"
+        old_pid = int((agent_vm.state / "run/qemu.pid").read_text())
+        # The agent wants a rollback: it makes the takeover fail once its VM is checkpointed and stopped.
+        failed = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
+                          "--ssh-listen", f"127.0.0.1:{free_port()}", "--fail-after", "checkpoint")
+        assert failed.returncode == 1 and "failing on purpose after step 'checkpoint'" in failed.stderr
+
+        terminal = RootTerminal([sys.executable, "-m", "takeover", "rollback", "--host-dir", str(host_dir)])
+        watcher = SessionWatcher(terminal, agent_vm.uid)
+        watcher.start()
+        assert terminal.wait(900) == 0, terminal.text()
+        watcher.done.set()
+        watcher.join(10)
+        assert "the agent's VM is back from its checkpoint" in terminal.text()
+
+        assert watcher.breaches == [], "the agent's processes ran in root's terminal session"
+        with Monitor(agent_vm.state / "run/qmp.sock") as mon:
+            qemu_pid = mon.peer.pid
+        assert qemu_pid != old_pid and qemu_pid in watcher.agent_qemus  # the watcher did see the replay
+        assert_outside_roots_terminal(qemu_pid, terminal, agent_vm.uid)
+        assert "-loadvm" in proc.read_process(qemu_pid).cmdline
+    finally:
+        if watcher is not None:
+            watcher.done.set()
+        if terminal is not None and terminal.process.poll() is None:
+            terminal.process.kill()
+        try:
+            pid = int((agent_vm.state / "run/qemu.pid").read_text())
+            proc.terminate(pid, proc.start_ticks(pid), grace=5)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(agent_vm.state, ignore_errors=True)
