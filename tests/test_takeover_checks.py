@@ -17,8 +17,7 @@ from takeover import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image
-from takeover.errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError,
-                             UnsafeCommandLine)
+from takeover.errors import DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError
 from takeover.files import ensure_host_dir
 from takeover.journal import Journal, first_step_to_run
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file

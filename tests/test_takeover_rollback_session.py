@@ -159,7 +159,8 @@ def replace_option(argv: list[str], option: str, value: str) -> list[str]:
 def test_vm_images_own_command_line_is_replayed_with_the_checkpoint(agent_dir):
     for seed in (False, True):
         argv = vm_image_argv(agent_dir, seed=seed)
-        replay = replay_command([*argv, "-S", "-loadvm", "old"], str(agent_dir / "disk.qcow2"), owner=NOBODY.pw_uid)
+        stale = ["-S", "-loadvm", "old", "--incoming", "tcp:0:4444"]  # dropped: they would replace the checkpoint
+        replay = replay_command([*argv, *stale], str(agent_dir / "disk.qcow2"), owner=NOBODY.pw_uid)
         assert replay[1:] == [*argv[1:], "-loadvm", CHECKPOINT_TAG]
         assert replay[0] == shutil.which("qemu-system-x86_64")
 
