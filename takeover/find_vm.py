@@ -139,7 +139,7 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
 
     proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
     image = inspect_image(disk, force_share=True)
-    replay_command(list(info.cmdline), str(disk), ready.disk)  # refuses now, not at rollback time
+    replay_command(list(info.cmdline), str(disk), ready.disk, owner=info.uid)  # refuses now, not at rollback
     check_free_space(host_dir, disk_st, ready.memory_mb)
 
     notes = []

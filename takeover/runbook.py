@@ -348,8 +348,8 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
         if not has_checkpoint and not cold:
             raise RollbackError(f"{disk} has no {CHECKPOINT_TAG} snapshot",
                                 hint="rerun with --cold to boot the agent's disk without its saved state")
-        progress.note(f"starting the agent's QEMU again as uid {source.uid}"
-                      + (f" from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)"))
+        progress.note(f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
+                      f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)"))
         start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=has_checkpoint and not cold)
         try:
             seconds = wait_for_health(source.proxy.url)
