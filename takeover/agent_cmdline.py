@@ -149,11 +149,10 @@ def _hostfwd(value: str, owner: int, checked: Checked) -> None:
         host = ipaddress.IPv4Address(match["host"])
     except ValueError:
         raise Refused(f"{match['host']!r} is not an IPv4 address") from None
-    if not host.is_loopback:
-        # An empty or 0.0.0.0 address listens on every interface; the replay only recreates loopback forwards.
-        raise Refused(f"the forward listens on {host}, not on loopback")
-    if not all(1 <= int(match[p]) <= 65535 for p in ("port", "gport")):
-        raise Refused("a forward's port is not a TCP port")
+    del host  # any IPv4 literal: the replay runs as the agent with no capabilities, so it can listen only
+    # where the agent itself could (the host's own forwards are decided in step 1, not here).
+    if not 1024 <= int(match["port"]) <= 65535 or not 1 <= int(match["gport"]) <= 65535:
+        raise Refused("a forward's host port must be 1024-65535 (the agent cannot bind lower ones itself)")
 
 
 def _chardev(kinds: frozenset[str]) -> Check:
@@ -244,7 +243,7 @@ ALLOWED: dict[str, Check | None] = {
         "cache": _word(choices=frozenset({"none", "writeback", "writethrough", "directsync", "unsafe"})),
         "id": _word(),
     }, required=("file",)),
-    # User-mode network with loopback TCP forwards only: no guestfwd (runs a command), smb, tftp or bootfile.
+    # User-mode network with TCP forwards only: no guestfwd (runs a command), smb, tftp or bootfile.
     "-netdev": _props(_word(choices=frozenset({"user"})), {"id": _word(), "hostfwd": _hostfwd,
                                                            "restrict": _word(choices=frozenset({"on", "off"}))}),
     # The guest's NIC, disk and entropy device; none takes a host file (no romfile).

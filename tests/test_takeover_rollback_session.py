@@ -41,12 +41,11 @@ from takeover.monitor import Monitor
 from takeover.rollback import replay_command, start_source_vm
 from vm_image.qemu_command import VmConfig, qemu_argv
 
-from .test_takeover_support import MonitorOnlyQemu, make_qcow2
+from .test_takeover_support import MonitorOnlyQemu, make_qcow2, start_monitor_only_qemu
 
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parent.parent
-PROXY = Endpoint("127.0.0.1", 3737)
 NOBODY = pwd.getpwnam("nobody")
 
 
@@ -208,8 +207,8 @@ REFUSED = {
         lambda a, d: [*a, "-drive", f"file={d}/disk.qcow2,backing.file.filename=/etc/shadow"], "'backing.file"),
     "a guestfwd that runs a command": (
         lambda a, d: [*a, "-netdev", "user,id=n1,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"], "'guestfwd'"),
-    "a forward on every interface": (
-        lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp:0.0.0.0:8443-:3737"], "not on loopback"),
+    "a forward on a privileged port": (
+        lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp:0.0.0.0:443-:3737"], "must be 1024-65535"),
     "a forward with no address": (lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp::8443-:3737"], "-netdev"),
     "a NIC with a ROM file": (
         lambda a, d: [*a, "-device", "virtio-net-pci,netdev=net0,romfile=/etc/shadow"], "'romfile'"),
@@ -248,18 +247,12 @@ def test_replay_refuses_the_agents_files_for_another_uid(agent_dir):
 
 
 def start_agent_qemu(agent_dir: Path, disk: Path, *extra: str) -> MonitorOnlyQemu:
-    """nobody's QEMU with no guest (`-machine none`), a QMP monitor and the disk, plus `extra` options."""
-    monitor, pidfile = agent_dir / "qmp.sock", agent_dir / "qemu.pid"
-    subprocess.run(["runuser", "-u", "nobody", "--", "qemu-system-x86_64", "-machine", "none", "-nodefaults",
-                    "-display", "none", "-drive", f"file={disk},if=none,id=d0,format=qcow2",
-                    "-qmp", f"unix:{monitor},server=on,wait=off", *extra, "-daemonize", "-pidfile", str(pidfile)],
-                   check=True, timeout=60, cwd="/")
-    deadline = time.monotonic() + 20
-    while not (pidfile.exists() and pidfile.read_text().strip() and monitor.exists()):
-        assert time.monotonic() < deadline, "QEMU did not write its pidfile"
-        time.sleep(0.05)
-    pid = int(pidfile.read_text())
-    return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile)
+    """nobody's QEMU with no guest (`-machine none`), a QMP monitor, the disk and a proxy forward, plus `extra`."""
+    return start_monitor_only_qemu(agent_dir, disk, user="nobody", extra=extra)
+
+
+def proxy_of(vm: MonitorOnlyQemu) -> Endpoint:
+    return Endpoint("127.0.0.1", vm.proxy_port)
 
 
 def test_step_1_refuses_a_vm_whose_command_line_names_a_host_device(agent_dir, tmp_path):
@@ -271,7 +264,7 @@ def test_step_1_refuses_a_vm_whose_command_line_names_a_host_device(agent_dir, t
     host_dir = ensure_host_dir(tmp_path / "host")
     try:
         with pytest.raises(UnsafeCommandLine, match="-serial '/dev/null'"):
-            find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+            find_and_check_vm(explicit_ready(vm.monitor, disk, proxy_of(vm)), host_dir)
         assert vm.alive()
         with Monitor(vm.monitor) as mon:
             assert mon.execute("query-status")["status"] == "running"
@@ -288,7 +281,7 @@ def test_rollback_refuses_files_the_agent_swapped_after_step_1(agent_dir, tmp_pa
     host_dir = ensure_host_dir(tmp_path / "host")
     shadow = Path("/etc/shadow").read_bytes()
     try:
-        source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+        source = find_and_check_vm(explicit_ready(vm.monitor, disk, proxy_of(vm)), host_dir)
         save_checkpoint_and_stop(source)
         vm.pidfile.unlink(missing_ok=True)
         _agent_link(agent_dir, "/etc/shadow").rename(vm.pidfile)
@@ -360,7 +353,7 @@ def test_rollback_from_roots_terminal_gives_the_agents_qemu_no_terminal_and_no_s
     os.chmod(probe, 0o755)
     terminal, replayed = None, None
     try:
-        source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
+        source = find_and_check_vm(explicit_ready(vm.monitor, disk, proxy_of(vm)), host_dir)
         save_checkpoint_and_stop(source)
         (host_dir / "source.json").write_text(json.dumps(source.to_dict()))
         log = host_dir / "rollback-qemu.log"

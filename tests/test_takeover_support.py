@@ -79,14 +79,14 @@ class MonitorOnlyQemu:
 
 def start_monitor_only_qemu(workdir: Path, disk: Path, *, user: str | None = None, proxy: str = "127.0.0.1",
                             proxy_port: int | None = None, wrap: tuple[str, ...] = (),
-                            env: dict[str, str] | None = None) -> MonitorOnlyQemu:
+                            env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> MonitorOnlyQemu:
     """`user` runs it (runuser: the account's groups); or `wrap` is the command that starts it (setpriv, unshare)."""
     monitor, pidfile = workdir / "qmp.sock", workdir / "qemu.pid"
     proxy_port = proxy_port or free_port()
     argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
             "-drive", f"file={disk},if=none,id=d0,format=qcow2",
             "-netdev", f"user,id=net0,hostfwd=tcp:{proxy}:{proxy_port}-:3737",
-            "-qmp", f"unix:{monitor},server=on,wait=off", "-daemonize", "-pidfile", str(pidfile)]
+            "-qmp", f"unix:{monitor},server=on,wait=off", *extra, "-daemonize", "-pidfile", str(pidfile)]
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
     argv = [*wrap, *argv]
