@@ -47,8 +47,10 @@ def choose_accel(requested: str, probe: kvm_probe.Probe = kvm_probe.Probe()) -> 
     if verdict.runs:
         return "kvm"
     if requested == "kvm":
+        cache = (probe.cache_dir or kvm_probe.cache_dir_for(probe.uid)) / kvm_probe.CACHE_NAME
         raise BadInput(f"--accel kvm: KVM does not run guests for this user here: {verdict.detail}",
-                       hint="use --accel tcg (slower); if /dev/kvm does not open, add this user to the kvm group")
+                       hint=f"use --accel tcg (slower); if /dev/kvm does not open, add this user to the kvm "
+                            f"group; the verdict is kept until the host reboots or {cache} is deleted")
     return "tcg"
 
 
