@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import guestfs
 
+from .appliance import LAUNCH_TIMEOUT, SESSION_TIMEOUT, ApplianceLog, Watchdog
 from .errors import ScrubError
 
 # Debian 12 merges /usr: /lib, /bin and /sbin are symlinks into /usr. Those links (and only
@@ -51,24 +52,53 @@ class Guest:
     g: Any  # guestfs.GuestFS
     changes: list[Change] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # things seen and reported, not changed
+    watchdog: Watchdog = field(default_factory=Watchdog)
+    log: ApplianceLog | None = None
+    session_timeout: float = SESSION_TIMEOUT
 
     @classmethod
-    def open(cls, disk: Path, *, force_tcg: bool = True) -> "Guest":
+    def open(cls, disk: Path, *, force_tcg: bool = True, launch_timeout: float = LAUNCH_TIMEOUT,
+             session_timeout: float = SESSION_TIMEOUT) -> "Guest":
+        """The disk, mounted in a libguestfs appliance that runs with the accelerator the takeover chose.
+
+        `force_tcg` is the takeover's choice (TCG unless the KVM probe saw a guest run): libguestfs's
+        own default, `accel=kvm:tcg`, would take a KVM that opens and then runs nothing.
+        """
         g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+        log = ApplianceLog(g)
         # The direct backend: no libvirtd needed, and nothing of ours shared with the appliance.
         g.set_backend("direct")
         if force_tcg:
             g.set_backend_settings(["force_tcg"])
         g.set_network(False)
         g.add_drive_opts(str(disk), format="qcow2", readonly=False, cachemode="unsafe")
+        watchdog = Watchdog()
+        watchdog.arm_launch(launch_timeout)
         try:
             g.launch()
+        except RuntimeError as exc:
+            fired = watchdog.disarm()
+            g.close()
+            if fired:
+                raise _launch_timeout(disk, launch_timeout, force_tcg, log) from None
+            raise ScrubError(f"libguestfs could not start its appliance for {disk}: {exc}\n"
+                             f"last lines of its log:\n{log.tail()}") from None
+        if watchdog.disarm():
+            g.close()
+            raise _launch_timeout(disk, launch_timeout, force_tcg, log)
+        watchdog.arm_session(session_timeout, g.get_pid())
+        try:
             root = cls._root_device(g)
             g.mount(root, "/")
         except RuntimeError as exc:
+            watchdog.disarm()
             g.close()
             raise ScrubError(f"libguestfs could not open {disk}: {exc}") from None
-        return cls(g)
+        except BaseException:
+            watchdog.disarm()
+            g.close()
+            raise
+        return cls(g, watchdog=watchdog, log=log, session_timeout=session_timeout)
 
     @staticmethod
     def _root_device(g: Any) -> str:
@@ -86,8 +116,12 @@ class Guest:
             self.g.umount_all()
             self.g.shutdown()  # reports write errors the appliance saw while flushing
         except RuntimeError as exc:
+            if self.watchdog.fired:
+                raise ScrubError(f"the libguestfs session was stopped after {self.session_timeout:.0f} s: "
+                                 f"{exc}") from None
             raise ScrubError(f"libguestfs failed while flushing the scrubbed disk: {exc}") from None
         finally:
+            self.watchdog.disarm()
             self.g.close()
 
     # -- reading ---------------------------------------------------------------------------
@@ -259,3 +293,14 @@ class Guest:
         link = self._first_link_ancestor(path)
         if link is not None:
             raise ScrubError(f"{link} in the guest is a symlink, on the way to {path}; the image was tampered with")
+
+
+def _launch_timeout(disk: Path, seconds: float, force_tcg: bool, log: ApplianceLog) -> ScrubError:
+    accel = "TCG (software emulation)" if force_tcg else "KVM, else TCG"
+    hint = ("rerun `python -m takeover run --accel tcg`: a KVM that opens but runs no guest (dmesg: kvm-pvm) "
+            "hangs the appliance" if not force_tcg else
+            "the host may be overloaded, or QEMU/libguestfs broken: run `libguestfs-test-tool` and read its "
+            "output, then rerun `python -m takeover run` (it resumes at the scrub)")
+    return ScrubError(f"libguestfs's appliance for {disk} did not start within {seconds:.0f} s under {accel}; "
+                      f"it was stopped. Last lines of its log (LIBGUESTFS_DEBUG=1 shows everything):\n{log.tail()}",
+                      hint=hint)

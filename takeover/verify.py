@@ -50,8 +50,18 @@ class SSHTarget:
                 f"{self.user}@{self.endpoint.host}", "--", *remote]
 
     def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*remote), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return run_bounded(self.argv(*remote), timeout)
+
+
+class SSHTimeout(VerifyError):
+    """An ssh or ssh-keyscan that did not finish in time (the guest accepted but never answered)."""
+
+
+def run_bounded(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SSHTimeout(f"`{argv[0]}` to the VM did not finish within {timeout:.0f} s") from None
 
 
 def verify_host_vm(proxy: Endpoint, ssh: SSHTarget, qemu_pid: int, *, setup_key_pub: str | None,
@@ -114,7 +124,10 @@ def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lam
     started = time.monotonic()
     last = ""
     while time.monotonic() - started < max(timeout, 30):
-        result = ssh.run("true", timeout=60)
+        try:
+            result = ssh.run("true", timeout=60)
+        except SSHTimeout as exc:  # a guest still booting may accept and then stall; try again
+            result = subprocess.CompletedProcess([], 255, "", str(exc))
         if result.returncode == 0:
             return time.monotonic() - started
         last = result.stderr.strip()
@@ -127,8 +140,7 @@ def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lam
 
 
 def host_key_shown(endpoint: Endpoint) -> str:
-    result = subprocess.run(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(endpoint.port), endpoint.host],
-                            capture_output=True, text=True, timeout=60)
+    result = run_bounded(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(endpoint.port), endpoint.host])
     for line in result.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[1] == "ssh-ed25519":
@@ -143,12 +155,11 @@ def pinned_key(known_hosts: Path) -> str:
 
 def offered_methods(ssh: SSHTarget) -> list[str]:
     """The authentication methods sshd offers, from a login attempt with no usable key."""
-    result = subprocess.run(
+    result = run_bounded(
         ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
          "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
          "-o", "PubkeyAuthentication=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10",
-         "-p", str(ssh.endpoint.port), f"{ssh.user}@{ssh.endpoint.host}", "true"],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+         "-p", str(ssh.endpoint.port), f"{ssh.user}@{ssh.endpoint.host}", "true"])
     match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
     if result.returncode == 0 or match is None:
         raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")
@@ -169,8 +180,7 @@ def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid
             write_all(fd, private)
         finally:
             os.close(fd)
-        result = subprocess.run(ssh.argv("true", key=key), capture_output=True, text=True, timeout=60,
-                                stdin=subprocess.DEVNULL)
+        result = run_bounded(ssh.argv("true", key=key))
     if result.returncode == 0:
         raise VerifyError("the agent's setup key still logs in to the VM")
     if "Permission denied" not in result.stderr:

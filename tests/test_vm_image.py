@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from vm_image import qemu_command
 from vm_image.errors import BadInput
 from vm_image.initrd import build_initrd, module_closure
+from vm_image.kvm_probe import Probe
 from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
 
 from .vm_fixtures import as_agent, free_port, launch_agent_vm, vm_image_as_agent
@@ -70,11 +70,11 @@ def test_values_that_would_change_the_qemu_command_are_refused(tmp_path, changes
         qemu_argv(config(tmp_path, **changes))
 
 
-def test_asking_for_kvm_without_a_usable_dev_kvm_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(qemu_command, "kvm_usable", lambda: False)
-    assert choose_accel("auto") == "tcg"
-    with pytest.raises(BadInput, match="/dev/kvm"):
-        choose_accel("kvm")
+def test_asking_for_kvm_without_a_usable_dev_kvm_is_a_clear_error(tmp_path):
+    no_kvm = Probe(device=tmp_path / "kvm", cache_dir=tmp_path / "cache")  # a /dev/kvm that does not exist
+    assert choose_accel("auto", no_kvm) == "tcg"
+    with pytest.raises(BadInput, match="kvm does not open"):
+        choose_accel("kvm", no_kvm)
 
 
 def fake_module(path: Path, depends: str) -> Path:

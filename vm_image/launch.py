@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ from .qemu_command import VmConfig, choose_accel, qemu_argv, qemu_binary
 
 READY_MARKER = "READY_FOR_TAKEOVER"
 READY_VERSION = 1
+START_TIMEOUT = 120.0  # QEMU daemonizes once its devices are set up: seconds, even on a busy host
 
 
 def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3737, ssh_port: int = 2222,
@@ -43,9 +45,7 @@ def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3
     with steps.step(f"starting QEMU ({cfg.accel}, {memory_mb} MB, {cpus} vCPU)") as note:
         for stale in (layout.ready, layout.serial_log, layout.pidfile):
             stale.unlink(missing_ok=True)
-        result = subprocess.run(qemu_argv(cfg, binary), capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise LaunchFailed(f"QEMU did not start: {result.stderr.strip()[-600:]}")
+        start_qemu(qemu_argv(cfg, binary), layout.pidfile)
         pid = proc.read_pid(layout.pidfile)
         if pid is None:
             raise LaunchFailed(f"QEMU started but wrote no pid to {layout.pidfile}")
@@ -102,6 +102,28 @@ def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, 
             raise BadInput(f"{host}:{port} is already in use", hint=f"choose another port with {what}")
     layout.make_dirs()
     return cfg
+
+
+def start_qemu(argv: list[str], pidfile: Path, timeout: float = START_TIMEOUT) -> None:
+    """Run the daemonizing QEMU until its parent returns, within `timeout`.
+
+    Its output goes to a file, not a pipe: a QEMU stuck before it daemonizes keeps
+    its stdout open, and reading a pipe after a timeout would then wait for ever.
+    """
+    with tempfile.TemporaryFile() as out:
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pid = proc.running_qemu(pidfile)
+            if pid is not None:
+                _kill(pid)
+            raise LaunchFailed(f"QEMU did not finish starting within {timeout:.0f} s (it was stopped)",
+                               hint="see whether the host is overloaded or QEMU hangs at start "
+                                    "(run the same command with --accel tcg), then launch again") from None
+        out.seek(0)
+        output = out.read().decode(errors="replace")
+    if result.returncode != 0:
+        raise LaunchFailed(f"QEMU did not start: {output.strip()[-600:]}")
 
 
 def port_free(host: str, port: int) -> bool:

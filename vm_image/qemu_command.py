@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import kvm_probe
 from .errors import BadInput, MissingTool
 
 QEMU = "qemu-system-x86_64"
 GUEST_SSH_PORT = 22
-PROBE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -37,45 +34,24 @@ class VmConfig:
     seed: Path | None = None  # cloud-init NoCloud seed, attached read-only (--base-image)
 
 
-@functools.lru_cache(maxsize=1)
-def kvm_usable() -> bool:
-    """KVM only when /dev/kvm opens read-write for this user *and* QEMU can start a vCPU on it.
+def choose_accel(requested: str, probe: kvm_probe.Probe = kvm_probe.Probe()) -> str:
+    """The accelerator for `requested` (auto, kvm or tcg); vm_image and the takeover both ask here.
 
-    Opening is not enough: under nested virtualization /dev/kvm can exist and open while
-    QEMU aborts at the first vCPU reset ("failed to set MSR"). So a paused QEMU is started
-    on KVM for a moment: still alive after PROBE_SECONDS means usable.
+    KVM only when a test guest really runs on it (kvm_probe; the verdict is kept for this boot).
     """
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    binary = shutil.which(QEMU)
-    if binary is None:
-        return False
-    probe = subprocess.Popen([binary, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
-                              "-no-user-config", "-display", "none", "-S", "-monitor", "none", "-serial", "none"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        probe.wait(PROBE_SECONDS)
-        return False  # it ended on its own: KVM refused it
-    except subprocess.TimeoutExpired:
-        return True
-    finally:
-        if probe.poll() is None:
-            probe.kill()
-            probe.wait()
-
-
-def choose_accel(requested: str) -> str:
     if requested not in ("auto", "kvm", "tcg"):
         raise BadInput(f"--accel must be auto, kvm or tcg, not {requested!r}")
-    if requested == "auto":
-        return "kvm" if kvm_usable() else "tcg"
-    if requested == "kvm" and not kvm_usable():
-        raise BadInput("--accel kvm: /dev/kvm is missing or not usable by this user",
-                       hint="use --accel tcg (slower), or add this user to the kvm group")
-    return requested
+    if requested == "tcg":
+        return "tcg"
+    verdict = kvm_probe.kvm_verdict(probe)
+    if verdict.runs:
+        return "kvm"
+    if requested == "kvm":
+        cache = (probe.cache_dir or kvm_probe.cache_dir_for(probe.uid)) / kvm_probe.CACHE_NAME
+        raise BadInput(f"--accel kvm: KVM does not run guests for this user here: {verdict.detail}",
+                       hint=f"use --accel tcg (slower); if /dev/kvm does not open, add this user to the kvm "
+                            f"group; the verdict is kept until the host reboots or {cache} is deleted")
+    return "tcg"
 
 
 def qemu_binary() -> str:
