@@ -49,8 +49,9 @@ def choose_accel(requested: str, probe: kvm_probe.Probe = kvm_probe.Probe()) -> 
     if requested == "kvm":
         cache = (probe.cache_dir or kvm_probe.cache_dir_for(probe.uid)) / kvm_probe.CACHE_NAME
         raise BadInput(f"--accel kvm: KVM does not run guests for this user here: {verdict.detail}",
-                       hint=f"use --accel tcg (slower); if /dev/kvm does not open, add this user to the kvm "
-                            f"group; the verdict is kept until the host reboots or {cache} is deleted")
+                       hint=f"use --accel tcg (slower; the takeover refuses an agent in the kvm group, so an "
+                            f"agent's VM runs under TCG); the verdict is kept until the host reboots or {cache} "
+                            f"is deleted")
     return "tcg"
 
 
