@@ -1,7 +1,7 @@
 # The README's Quick start: `make demo` runs the main job, `make test` the whole suite.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-local test test-fast bench clean
+.PHONY: setup demo demo-local test test-fast lint bench clean
 
 setup:
 	./scripts/setup.sh
@@ -17,6 +17,13 @@ demo-local: setup
 
 test: setup
 	$(PY) -m pytest -v --durations=15
+
+# Lint and types (CI runs this before the tests): ruff for lint and format; mypy strict for the proxy.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy --strict proxy
+	$(PY) -m mypy vm_image takeover
 
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
