@@ -35,15 +35,12 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 def provision(settings: Settings) -> Proxy:
     init_data_dir(settings)
-    store = Store(settings)
-    try:
+    with Store(settings) as store:
         store.set_secret("api-key", SECRET_VALUE.encode(), "operator:test")
         store.set_secret("other-key", b"other-value", "operator:test")
         store.set_secret("db-password", b"hunter2", "operator:test")
         alice = store.add_agent("alice", ["api-*"], "operator:test")
         bob = store.add_agent("bob", ["other-*"], "operator:test")
-    finally:
-        store.close()
     return Proxy(settings, alice, bob)
 
 

@@ -53,11 +53,10 @@ def test_approve_deny_and_finality(tmp_path):
     proxy = provision(make_settings(tmp_path))
     from proxy.store import Store
 
-    store = Store(proxy.settings)
-    agent = store.authenticate(proxy.token)
-    first = store.create_request(agent, "api-key", "one", 60)
-    second = store.create_request(agent, "api-key", "two", 60)
-    store.close()
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        first = store.create_request(agent, "api-key", "one", 60)
+        second = store.create_request(agent, "api-key", "two", 60)
     data = proxy.settings.data_dir
     pending = cli(data, "requests", "list", "--status", "pending").stdout.decode()
     assert first.id in pending and second.id in pending

@@ -26,7 +26,7 @@ def test_round_trip_over_real_http_with_cli_approval(live, proxy_data):
     waited = agent.status(rid, wait=20)
     approver.join()
     assert waited.body["status"] == "approved"
-    assert waited.body["decided_by"].startswith("operator:")
+    assert waited.body["decided_by"] == "operator"
     got = agent.retrieve(rid)
     assert got.status == 200 and got.body["value"] == SECRET_VALUE
     assert got.headers.get("cache-control") == "no-store"
@@ -44,7 +44,7 @@ def test_errors_are_json_over_real_http(live, proxy_data):
 def test_acknowledged_requests_and_decisions_survive_kill_9(tmp_path):
     proxy = provision(make_settings(tmp_path))
     env = {"SECRET_PROXY_RATE_BURST": "100000", "SECRET_PROXY_RATE_PER_MINUTE": "600000",
-           "SECRET_PROXY_MAX_PENDING_PER_AGENT": "100000"}
+           "SECRET_PROXY_MAX_PENDING_PER_AGENT": "100000", "SECRET_PROXY_POLL_BURST": "100000"}
     server = start_server(proxy.settings, env)
     agent = server.agent(proxy.token)
     acknowledged: list[str] = []
@@ -83,11 +83,8 @@ def test_acknowledged_requests_and_decisions_survive_kill_9(tmp_path):
         assert agent.retrieve(decided).body["value"] == SECRET_VALUE
     finally:
         server.stop()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.audit_verify() == []
-    finally:
-        store.close()
 
 
 def test_one_agent_flooding_does_not_starve_health_or_other_agents(tmp_path):
@@ -113,12 +110,9 @@ def test_one_agent_flooding_does_not_starve_health_or_other_agents(tmp_path):
         assert other.status == 201
         assert statuses.count(201) <= 6 and statuses.count(429) >= 294
         assert all(r and int(r) >= 1 for r in refused)
-        store = Store(proxy.settings)
-        try:
+        with Store(proxy.settings) as store:
             refusals = [e for e in store.audit_entries() if e.detail.get("code") == "rate_limited"]
-        finally:
-            store.close()
-        assert 1 <= len(refusals) <= 5  # audited once per burst of refusals, not 294 times
+        assert len(refusals) == 1  # the first of the window now; the other 293+ as one count when it closes
     finally:
         server.stop()
 

@@ -48,16 +48,13 @@ def test_ciphertext_moved_to_another_row_does_not_decrypt(tmp_path):
     db.execute("UPDATE secrets SET wrapped_key=?, ciphertext=? WHERE name='other-key'", (wrapped, ct))
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         agent = store.add_agent("mover", ["other-*"], "operator:test")
         agent_obj = store.authenticate(agent)
         req = store.create_request(agent_obj, "other-key", "r", 60)
         store.decide(req.id, True, "operator:test")
         with pytest.raises(crypto.CryptoError):
             store.retrieve(agent_obj, req.id)
-    finally:
-        store.close()
 
 
 def test_wrong_master_key_is_refused(tmp_path):
@@ -77,8 +74,7 @@ def _files_bytes(settings) -> bytes:
 
 def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "reason", 60)
         store.decide(req.id, True, "operator:test")
@@ -86,8 +82,6 @@ def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
         # the WAL still holds the pages while this connection is open
         assert (proxy.settings.data_dir / "proxy.db-wal").exists()
         on_disk = _files_bytes(proxy.settings)
-    finally:
-        store.close()
     key_hex = proxy.settings.key_path.read_text().strip()
     for needle in (SECRET_VALUE, proxy.token, proxy.other_token, key_hex, "hunter2"):
         assert needle.encode() not in on_disk
@@ -98,24 +92,20 @@ def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
 
 def test_rotation_rewraps_and_values_still_open(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
     old_key = proxy.settings.key_path.read_text()
-    old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
-    store.rotate_master_key("operator:test")
-    new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
-    store.close()
+    with Store(proxy.settings) as store:
+        old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        store.rotate_master_key("operator:test")
+        new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
     assert proxy.settings.key_path.read_text() != old_key
     assert stat.S_IMODE(proxy.settings.key_path.stat().st_mode) == 0o600
     assert new_wrapped[0] != old_wrapped[0] and new_wrapped[1] == old_wrapped[1]  # value untouched
-    store = Store(proxy.settings)  # reopened from the new key file
-    try:
+    with Store(proxy.settings) as store:  # reopened from the new key file
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "after rotation", 60)
         store.decide(req.id, True, "operator:test")
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
         assert store.audit_verify() == []
-    finally:
-        store.close()
 
 
 def test_rotation_interrupted_before_commit_keeps_the_old_key(tmp_path):
@@ -124,30 +114,25 @@ def test_rotation_interrupted_before_commit_keeps_the_old_key(tmp_path):
     crypto.write_key_file(pending, crypto.new_master_key())  # crash: new key written, nothing committed
     ensure_key_rotation_finished(proxy.settings)
     assert not pending.exists()
-    store = Store(proxy.settings)
-    store.close()
+    with Store(proxy.settings):
+        pass
 
 
 def test_rotation_interrupted_after_commit_finishes_at_next_start(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
     real_replace = os.replace
     os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash before rename"))  # type: ignore[assignment]
     try:
-        with pytest.raises(OSError):
+        with Store(proxy.settings) as store, pytest.raises(OSError):
             store.rotate_master_key("operator:test")
     finally:
         os.replace = real_replace  # type: ignore[assignment]
-        store.close()
-    store = Store(proxy.settings)  # must pick up master.key.new
-    try:
+    with Store(proxy.settings) as store:  # must pick up master.key.new
         assert store.list_secrets()
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "r", 60)
         store.decide(req.id, True, "operator:test")
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
-    finally:
-        store.close()
 
 
 def test_tokens_are_stored_only_as_hashes(tmp_path):
@@ -161,13 +146,10 @@ def test_tokens_are_stored_only_as_hashes(tmp_path):
 
 def test_revoked_agent_cannot_authenticate(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.authenticate(proxy.token) is not None
         store.revoke_agent("alice", "operator:test")
         assert store.authenticate(proxy.token) is None
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("tamper", [
@@ -180,18 +162,14 @@ def test_revoked_agent_cannot_authenticate(tmp_path):
 ])
 def test_audit_verify_detects_tampering(tmp_path, tamper):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    assert store.audit_verify() == []
-    store.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
     db = sqlite3.connect(proxy.settings.db_path)
     db.executescript(tamper)
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.audit_verify() != []
-    finally:
-        store.close()
 
 
 def test_audit_rows_swapped_in_place_are_detected(tmp_path):
@@ -206,8 +184,5 @@ def test_audit_rows_swapped_in_place_are_detected(tmp_path):
     db.execute(f"UPDATE audit SET {sets} WHERE seq = 3", a)
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.audit_verify() != []
-    finally:
-        store.close()
