@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from proxy.client import AgentClient
 from proxy.store import Store
@@ -130,3 +133,85 @@ def test_cli_revocation_and_decisions_reach_a_running_server(live, proxy_data):
     time.sleep(0.05)
     assert agent.status(rid).status == 401
     assert agent.ask("api-key", "after revocation").status == 401
+
+
+def test_rotating_the_master_key_with_the_cli_while_serving(live, proxy_data):
+    """The server keeps the key it started with; after a rotation it must follow, not answer 500."""
+    agent, data = live.agent(proxy_data.token), proxy_data.settings.data_dir
+    before = agent.ask("api-key", "approved before the rotation").body["id"]
+    assert cli(data, "approve", before).returncode == 0
+    rotated = cli(data, "rotate-master-key")
+    assert rotated.returncode == 0, rotated.stderr
+    got = agent.retrieve(before)
+    assert got.status == 200 and got.body["value"] == SECRET_VALUE
+    after = agent.ask("api-key", "asked after the rotation").body["id"]
+    assert cli(data, "approve", after).returncode == 0
+    assert agent.retrieve(after).body["value"] == SECRET_VALUE
+    assert cli(data, "audit", "verify").returncode == 0
+
+
+def test_a_retrieval_that_cannot_decrypt_is_not_recorded(live, proxy_data):
+    agent, data = live.agent(proxy_data.token), proxy_data.settings.data_dir
+    rid = agent.ask("api-key", "the value will not decrypt").body["id"]
+    assert cli(data, "approve", rid).returncode == 0
+    db = sqlite3.connect(proxy_data.settings.db_path)
+    good = db.execute("SELECT ciphertext FROM secrets WHERE name = 'api-key'").fetchone()[0]
+    db.execute("UPDATE secrets SET ciphertext = ? WHERE name = 'api-key'", (good[:-1] + bytes([good[-1] ^ 1]),))
+    db.commit()
+    failed = agent.retrieve(rid)
+    assert failed.status == 500 and failed.body["error"] == "internal_error"
+    assert agent.status(rid).body["status"] == "approved"
+    with Store(proxy_data.settings) as store:
+        assert "secret.retrieved" not in [e.action for e in store.audit_entries() if e.request_id == rid]
+    db.execute("UPDATE secrets SET ciphertext = ? WHERE name = 'api-key'", (good,))
+    db.commit()
+    db.close()
+    assert agent.retrieve(rid).body["value"] == SECRET_VALUE  # still approved: retrievable once it decrypts
+
+
+@pytest.mark.parametrize("proxy_settings", [{"max_waits_per_agent": 4}])
+def test_waiting_calls_per_agent_are_capped_and_others_are_still_served(live, proxy_data):
+    agent = live.agent(proxy_data.token)
+    rid = agent.ask("api-key", "held by many waits").body["id"]
+    with ThreadPoolExecutor(4) as pool:
+        held = [pool.submit(agent.status, rid, 20) for _ in range(4)]
+        time.sleep(0.5)
+        for _ in range(5):  # a fifth wait, once the four are held
+            extra = agent.status(rid, wait=1)
+            if extra.status == 429:
+                break
+        assert extra.status == 429 and extra.body["error"] == "rate_limited" and extra.headers["retry-after"]
+        assert AgentClient(live.url).health().status == 200
+        bob = live.agent(proxy_data.other_token)
+        bob_rid = bob.ask("other-key", "not held up").body["id"]
+        assert bob.status(bob_rid, wait=0.2).body["status"] == "pending"
+        assert agent.status(rid).status == 200  # a poll without wait still answers
+        assert cli(proxy_data.settings.data_dir, "approve", rid).returncode == 0
+        assert [f.result(10).body["status"] for f in held] == ["approved"] * 4
+
+
+def test_a_cli_approval_reaches_the_waiting_agent_at_once(live, proxy_data):
+    """No poll interval: the CLI's commit wakes the waiter through inotify on the data directory."""
+    agent = live.agent(proxy_data.token)
+    latencies = []
+    for n in range(8):
+        rid = agent.ask("api-key", f"latency {n}").body["id"]
+        answered: dict = {}
+
+        def wait(rid: str = rid) -> None:
+            reply = agent.status(rid, wait=20)
+            answered.update(at=time.time(), status=reply.body["status"])
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        assert cli(proxy_data.settings.data_dir, "approve", rid).returncode == 0
+        waiter.join(20)
+        assert answered["status"] == "approved"
+        db = sqlite3.connect(proxy_data.settings.db_path)
+        decided_at = db.execute("SELECT decided_at FROM requests WHERE id = ?", (rid,)).fetchone()[0]
+        db.close()
+        latencies.append(answered["at"] - decided_at)
+    latencies.sort()
+    # A 0.5 s poll gave a median near 0.25 s; decided_at is taken before the CLI's fsync.
+    assert latencies[len(latencies) // 2] < 0.1 and latencies[-1] < 0.3, latencies

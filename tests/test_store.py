@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -186,3 +187,113 @@ def test_audit_rows_swapped_in_place_are_detected(tmp_path):
     db.close()
     with Store(proxy.settings) as store:
         assert store.audit_verify() != []
+
+
+def _truncate_and_rewrite_head(db_path, keep: int) -> None:
+    """The issue's attack: delete the last entries, then point the head at what is left."""
+    db = sqlite3.connect(db_path)
+    db.execute("DELETE FROM audit WHERE seq > ?", (keep,))
+    last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if last is None:
+        db.execute("DELETE FROM meta WHERE key = 'audit_head'")
+    else:
+        head = json.loads(db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()[0])
+        head.update(seq=last[0], hash=last[1])  # the old MAC stays: the attacker cannot make a new one
+        db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps(head),))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("keep", [3, 0])
+def test_truncating_the_audit_log_and_rewriting_its_head_is_detected(tmp_path, keep):
+    proxy = provision(make_settings(tmp_path))
+    _truncate_and_rewrite_head(proxy.settings.db_path, keep)
+    with Store(proxy.settings) as store:
+        problems = store.audit_verify()
+    assert problems and ("head" in problems[0])
+
+
+def test_an_empty_log_with_a_forged_genesis_head_is_detected(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("DELETE FROM audit")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'",
+               (json.dumps({"seq": 0, "hash": "0" * 64, "mac": "0" * 64}),))
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == ["the recorded head of the log does not match its MAC (rewritten)"]
+
+
+def test_a_fresh_database_verifies_and_so_does_each_append(tmp_path):
+    settings = make_settings(tmp_path)
+    init_data_dir(settings)
+    with Store(settings) as store:
+        assert store.audit_entries() == [] and store.audit_verify() == []
+        store.set_secret("k", b"v", "operator:test")
+        assert store.audit_verify() == []
+
+
+def test_a_version_1_database_is_migrated(tmp_path):
+    """Schema 1: `agents.revoked_at` and an audit head without a MAC."""
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("ALTER TABLE agents ADD COLUMN revoked_at REAL")
+    last_hash = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (last_hash,))
+    db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
+        assert store.authenticate(proxy.token) is not None
+    db = sqlite3.connect(proxy.settings.db_path)
+    assert "revoked_at" not in [c[1] for c in db.execute("PRAGMA table_info(agents)")]
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    db.close()
+
+
+def test_a_truncated_version_1_log_is_not_blessed_by_the_migration(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    last_hash = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (last_hash,))
+    db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() != []
+
+
+def test_a_running_store_follows_a_rotation_made_by_another(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    with Store(proxy.settings) as server:
+        agent = server.authenticate(proxy.token)
+        req = server.create_request(agent, "api-key", "before rotation", 60)
+        server.decide(req.id, True, "operator:test")
+        with Store(proxy.settings) as cli:
+            cli.rotate_master_key("operator:test")
+        assert server.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
+        assert server.audit_verify() == []
+
+
+def test_a_value_that_does_not_decrypt_is_not_recorded_as_retrieved(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        store._conn().execute("UPDATE secrets SET ciphertext = ? WHERE name = 'api-key'", (b"\x01" + b"0" * 40,))
+        with pytest.raises(crypto.CryptoError):
+            store.retrieve(agent, req.id)
+        assert store.get_request(req.id).status == "approved"
+        assert "secret.retrieved" not in [e.action for e in store.audit_entries()]
+
+
+def test_key_bytes_stay_inside_crypto():
+    key, audit_key = crypto.new_master_key(), crypto.new_audit_key()
+    for obj in (key, audit_key):
+        assert not hasattr(obj, "raw") and not hasattr(obj, "__dict__")
+        assert "_raw" not in repr(obj)
+    assert not hasattr(crypto.MasterKey, "derive")

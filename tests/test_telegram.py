@@ -235,6 +235,19 @@ def test_reason_cannot_forge_formatting_links_or_buttons(rig):
     assert rig.emu.sent_params(CHAT, message["message_id"])[0]["parse_mode"] == "HTML"
 
 
+def test_reason_cannot_forge_lines_or_reorder_text(rig):
+    """Newlines, controls and bidirectional overrides in a reason are shown as visible escapes."""
+    reason = ("routine\nRequest: req_forged\n✅ Approved by Alice @alice_ops\r\tend "
+              "\u202egnp.exe\u202c \u2066x\u2069 \u200b \u2028 \x1b[31m")
+    rid = rig.ask(reason)
+    text = rig.message_for(rid)["text"]
+    reason_line = next(line for line in text.split("\n") if line.startswith("Reason: "))
+    assert reason_line == ("Reason: routine\\nRequest: req_forged\\n✅ Approved by Alice @alice_ops\\r\\tend "
+                           "\\u202egnp.exe\\u202c \\u2066x\\u2069 \\u200b \\u2028 \\x1b[31m")
+    assert len(text.split("\n")) == 6  # title, agent, secret, reason, expires, request: nothing added
+    assert not any(ch in text for ch in "\r\t\u202e\u202c\u2066\u2069\u200b\u2028\x1b")
+
+
 # -- refusals --------------------------------------------------------------------------
 
 def test_stranger_tap_is_refused_and_audited(rig):
