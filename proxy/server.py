@@ -45,4 +45,4 @@ def serve(settings: Settings, host: str, port: int) -> None:
              host, port, loop, http, limit, settings.data_dir)
     # Access logs stay off: request ids are bearer-like and logs leave the VM.
     uvicorn.run(app, host=host, port=port, loop=loop, http=http, access_log=False,
-                log_level="info", timeout_graceful_shutdown=5, limit_concurrency=limit, backlog=2048)
+                log_level="info", timeout_graceful_shutdown=5, limit_concurrency=limit)

@@ -198,7 +198,7 @@ def test_a_cli_approval_reaches_the_waiting_agent_at_once(live, proxy_data):
         rid = agent.ask("api-key", f"latency {n}").body["id"]
         answered: dict = {}
 
-        def wait(rid: str = rid) -> None:
+        def wait(rid: str = rid, answered: dict = answered) -> None:
             reply = agent.status(rid, wait=20)
             answered.update(at=time.time(), status=reply.body["status"])
 
