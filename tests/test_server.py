@@ -118,6 +118,9 @@ def test_one_agent_flooding_does_not_starve_health_or_other_agents(tmp_path):
         assert len(refusals) == 1  # the first of the window now; the other 293+ as one count when it closes
     finally:
         server.stop()
+    with Store(proxy.settings) as store:  # a stopping server audits the counts of its open windows
+        counted = [e for e in store.audit_entries() if e.detail.get("code") == "rate_limited"]
+    assert len(counted) == 2 and 1 + counted[1].detail["repeated"] == statuses.count(429)
 
 
 def test_cli_revocation_and_decisions_reach_a_running_server(live, proxy_data):
