@@ -218,3 +218,24 @@ def test_a_cli_approval_reaches_the_waiting_agent_at_once(live, proxy_data):
     latencies.sort()
     # A 0.5 s poll gave a median near 0.25 s; decided_at is taken before the CLI's fsync.
     assert latencies[len(latencies) // 2] < 0.1 and latencies[-1] < 0.3, latencies
+
+
+def test_the_connection_limit_stays_below_the_open_files_limit(tmp_path):
+    """uvicorn's limit_concurrency must leave room for the database and Telegram under LimitNOFILE."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    probe = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
+             "from proxy.config import Settings; from proxy.server import connection_limit;"
+             "print(connection_limit(Settings()), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+
+    def limits(soft: int, hard: int) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", probe, str(soft), str(hard)], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        return [int(x) for x in out.stdout.split()]
+
+    assert limits(4096, 4096) == [2048, 4096]  # the guest's unit: LimitNOFILE=4096
+    assert limits(1024, 4096) == [2048, 4096]  # the soft limit is raised to the hard one
+    assert limits(1024, 1024) == [960, 1024]  # too few files: fewer connections, never more than fit
