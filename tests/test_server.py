@@ -239,3 +239,23 @@ def test_the_connection_limit_stays_below_the_open_files_limit(tmp_path):
     assert limits(4096, 4096) == [2048, 4096]  # the guest's unit: LimitNOFILE=4096
     assert limits(1024, 4096) == [2048, 4096]  # the soft limit is raised to the hard one
     assert limits(1024, 1024) == [960, 1024]  # too few files: fewer connections, never more than fit
+
+
+@pytest.mark.parametrize("proxy_settings", [{"max_connections": 20}])
+def test_connections_that_never_send_a_request_are_closed(live, proxy_data):
+    """Idle connections fill the connection limit (503 for everyone) only for a few seconds."""
+    import socket
+
+    idle = [socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) for _ in range(25)]
+    try:
+        time.sleep(0.3)
+        assert AgentClient(live.url, timeout=5).call("GET", "/health").status == 503  # uvicorn's, plain text
+        idle[0].settimeout(10)
+        started = time.monotonic()
+        assert idle[0].recv(1) == b""  # closed by the server
+        assert time.monotonic() - started < 8
+        assert AgentClient(live.url, timeout=5).health().status == 200
+        assert live.agent(proxy_data.token).ask("api-key", "after the idle flood").status == 201
+    finally:
+        for s in idle:
+            s.close()
