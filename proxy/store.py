@@ -161,17 +161,32 @@ def ensure_key_rotation_finished(settings: Settings) -> None:
     pending = settings.key_path.with_suffix(".key.new")
     if not pending.exists():
         return
-    new = crypto.read_key_file(pending)
-    conn = sqlite3.connect(settings.db_path)
+    # Under the write lock: a rotation running in another process holds it from before it writes
+    # the pending file until its commit, so a proxy starting meanwhile waits instead of deleting it.
+    conn = sqlite3.connect(settings.db_path, timeout=30.0, isolation_level=None)
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not pending.exists():
+                return  # that rotation finished meanwhile
+            new = crypto.read_key_file(pending)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+            if row and row[0] == new.key_id:
+                _replace_if_present(pending, settings.key_path)
+            else:
+                pending.unlink(missing_ok=True)
+        finally:
+            conn.execute("ROLLBACK")
     finally:
         conn.close()
-    if row and row[0] == new.key_id:
-        os.replace(pending, settings.key_path)
-    else:
-        pending.unlink()
     _fsync_dir(settings.data_dir)
+
+
+def _replace_if_present(pending: Path, key_path: Path) -> None:
+    try:
+        os.replace(pending, key_path)
+    except FileNotFoundError:
+        pass  # the rotating process renamed it right after its commit
 
 
 class Store:
@@ -585,25 +600,26 @@ class Store:
     def rotate_master_key(self, actor: str) -> str:
         """Re-wrap every data key under a fresh master key; values are never decrypted.
 
-        Crash safety: the new key is written beside the old as `master.key.new`, the
-        database commits the re-wrapped keys and the new key id together, then the
-        file is renamed over the old one. `ensure_key_rotation_finished` completes or
-        undoes an interrupted rotation at the next start, by comparing key ids.
+        Crash safety: holding the write lock, the new key is written beside the old as
+        `master.key.new`, the database commits the re-wrapped keys and the new key id
+        together, then the file is renamed over the old one. `ensure_key_rotation_finished`
+        completes or undoes an interrupted rotation at the next start, by comparing key
+        ids under the same lock. A running proxy follows the new key (`_current_key`).
         """
         new = crypto.new_master_key()
         pending = self.settings.key_path.with_suffix(".key.new")
-        if pending.exists():
-            pending.unlink()
-        crypto.write_key_file(pending, new)
-        with self.transaction() as conn:
+        with self.transaction() as conn:  # the write lock first: see ensure_key_rotation_finished
+            old = self._current_key(conn)
+            pending.unlink(missing_ok=True)
+            crypto.write_key_file(pending, new)
             for name, wrapped in conn.execute("SELECT name, wrapped_key FROM secrets").fetchall():
                 conn.execute("UPDATE secrets SET wrapped_key = ? WHERE name = ?",
-                             (crypto.rewrap(self._key, new, name, wrapped), name))
+                             (crypto.rewrap(old, new, name, wrapped), name))
             audit_wrapped = crypto.wrap_audit_key(new, self._audit_key)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'", (audit_wrapped.hex(),))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'master_key_id'", (new.key_id,))
-            self._audit(conn, actor, "master_key.rotated", old_key_id=self._key.key_id, new_key_id=new.key_id)
-        os.replace(pending, self.settings.key_path)
+            self._audit(conn, actor, "master_key.rotated", old_key_id=old.key_id, new_key_id=new.key_id)
+        _replace_if_present(pending, self.settings.key_path)
         _fsync_dir(self.settings.data_dir)
         self._key = new
         return new.key_id

@@ -297,3 +297,36 @@ def test_key_bytes_stay_inside_crypto():
         assert not hasattr(obj, "raw") and not hasattr(obj, "__dict__")
         assert "_raw" not in repr(obj)
     assert not hasattr(crypto.MasterKey, "derive")
+
+
+def test_a_proxy_starting_during_a_rotation_waits_for_it_instead_of_deleting_the_new_key(tmp_path):
+    """A start in the middle of a rotation used to delete master.key.new before the rotation committed."""
+    import threading
+
+    proxy = provision(make_settings(tmp_path))
+    pending = proxy.settings.key_path.with_suffix(".key.new")
+    with Store(proxy.settings) as rotating:
+        starters: list[threading.Thread] = []
+        real_rewrap = crypto.rewrap
+
+        def slow_rewrap(*args):  # the rotation, holding the write lock with the new key written
+            starting = threading.Thread(target=ensure_key_rotation_finished, args=(proxy.settings,))
+            starting.start()
+            starting.join(0.5)
+            assert starting.is_alive() and pending.exists()  # the starting proxy waits
+            starters.append(starting)
+            return real_rewrap(*args)
+
+        crypto.rewrap = slow_rewrap  # type: ignore[assignment]
+        try:
+            new_id = rotating.rotate_master_key("operator:test")
+        finally:
+            crypto.rewrap = real_rewrap  # type: ignore[assignment]
+        for starting in starters:
+            starting.join(10)
+    assert crypto.read_key_file(proxy.settings.key_path).key_id == new_id and not pending.exists()
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
