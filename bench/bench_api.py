@@ -83,22 +83,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spx-bench-") as tmp:
         settings = load_settings(env={}, data_dir=Path(tmp) / "data")
         init_data_dir(settings)
-        store = Store(settings)
-        store.set_secret("bench-key", b"sk-bench-" + os.urandom(16).hex().encode(), "operator:bench")
-        token = store.add_agent("bench", ["bench-*"], "operator:bench")
-        agent = store.authenticate(token)
-        assert agent is not None
-        poll_id = store.create_request(agent, "bench-key", "poll", 3600).id
-        ids = []
-        # Prepared straight through the store: the benchmark measures serving, not setup.
-        with store.transaction() as conn:
-            now = time.time()
-            for i in range(opts.retrievals):
-                rid = f"req_bench{i:08d}"
-                conn.execute("INSERT INTO requests VALUES (?, 'bench', 'bench-key', 'r', 3600, 'approved',"
-                             " ?, ?, ?, 'operator:bench', NULL)", (rid, now, now + 3600, now))
-                ids.append(rid)
-        store.close()
+        with Store(settings) as store:
+            store.set_secret("bench-key", b"sk-bench-" + os.urandom(16).hex().encode(), "operator:bench")
+            token = store.add_agent("bench", ["bench-*"], "operator:bench")
+            agent = store.authenticate(token)
+            assert agent is not None
+            poll_id = store.create_request(agent, "bench-key", "poll", 3600).id
+            ids = []
+            # Prepared straight through the store: the benchmark measures serving, not setup.
+            with store.transaction() as conn:
+                now = time.time()
+                for i in range(opts.retrievals):
+                    rid = f"req_bench{i:027d}"  # the shape the proxy issues: req_ + 32 characters
+                    conn.execute("INSERT INTO requests VALUES (?, 'bench', 'bench-key', 'r', 3600, 'approved',"
+                                 " ?, ?, ?, 'operator:bench', NULL)", (rid, now, now + 3600, now))
+                    ids.append(rid)
 
         script = Path(tmp) / "retrieve.lua"
         script.write_text("ids = {" + ",".join(f'"{i}"' for i in ids) + "}\n" + textwrap.dedent("""
@@ -111,7 +110,10 @@ def main() -> None:
         (Path(tmp) / "bare_app.py").write_text(BARE_APP)
 
         bare_env = dict(os.environ, PYTHONPATH=f"{tmp}:{ROOT}")
-        proxy_env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir))
+        # One agent at full speed: its per-agent budgets (docs/api.md) are lifted for the measurement.
+        proxy_env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir),
+                         SECRET_PROXY_POLL_BURST="100000000", SECRET_PROXY_POLL_RATE_PER_MINUTE="100000000",
+                         SECRET_PROXY_RETRIEVE_BURST="100000000", SECRET_PROXY_RETRIEVE_RATE_PER_MINUTE="100000000")
         uvicorn_args = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
         bare_port, proxy_port = free_port(), free_port()
         servers = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from datetime import datetime, timezone
 
@@ -11,13 +12,19 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import crypto
 from . import store as st
 from .errors import ApiError
 from .openapi import OPENAPI
+from .ratelimit import RateLimiter
 from .state import ProxyState
+
+log = logging.getLogger("proxy")
 
 MAX_WAIT_SECONDS = 60
 MAX_REASON_CHARS = 1000
+# A waiter also looks again this often, in case a wake-up was lost; wake-ups are the fast path.
+WAIT_SLICE_SECONDS = 5.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -35,8 +42,15 @@ def request_view(req: st.Request) -> dict:
         "created_at": iso(req.created_at),
         "expires_at": iso(req.expires_at),
         "decided_at": iso(req.decided_at),
-        "decided_by": req.decided_by,
+        "decided_by": decider_role(req.decided_by),
     }
+
+
+def decider_role(actor: str | None) -> str | None:
+    """What kind of person decided, not who: an approver's Telegram id is not the agent's business."""
+    if actor is None:
+        return None
+    return {"telegram": "approver", "operator": "operator"}.get(actor.partition(":")[0], "proxy")
 
 
 def _state(request: HttpRequest) -> ProxyState:
@@ -78,6 +92,23 @@ def _refusal(exc: st.StoreError, headers: dict[str, str] | None = None) -> ApiEr
     return ApiError(exc.code, exc.detail, headers)
 
 
+async def _within_budget(state: ProxyState, agent: st.Agent, limiter: RateLimiter, action: str) -> None:
+    allowed, retry_after = limiter.take(agent.name)
+    if not allowed:
+        await state.refused(agent, action, "rate_limited")
+        raise ApiError("rate_limited", f"too many calls of this kind; retry in {retry_after} s",
+                       {"Retry-After": str(retry_after)})
+
+
+async def _request_id(state: ProxyState, agent: st.Agent, request: HttpRequest, action: str) -> str:
+    """The path's id, if it has the shape the proxy issues; anything else is refused before a look-up."""
+    request_id = request.path_params["id"]
+    if not st.REQUEST_ID_RE.fullmatch(request_id):
+        await state.refused(agent, action, "malformed_id")
+        raise ApiError("malformed_id", "not a request id: ids are req_ followed by 32 characters [A-Za-z0-9_-]")
+    return request_id
+
+
 async def health(request: HttpRequest) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -92,25 +123,24 @@ async def create_request(request: HttpRequest) -> JSONResponse:
     body = await _json_body(request)
     secret, reason = body.get("secret"), body.get("reason")
     ttl = body.get("ttl_seconds", state.settings.default_ttl_seconds)
-    if not isinstance(secret, str) or not st.NAME_RE.match(secret):
+    if not isinstance(secret, str) or not st.NAME_RE.fullmatch(secret):
         raise ApiError("invalid_request", "`secret` must be a name matching [A-Za-z0-9_.-]{1,128}")
     if not isinstance(reason, str) or not reason.strip():
         raise ApiError("invalid_request", "`reason` must be a non-empty string")
     if len(reason) > MAX_REASON_CHARS:
         raise ApiError("invalid_request", f"`reason` must be at most {MAX_REASON_CHARS} characters")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape; SQLite cannot store it
+        raise ApiError("invalid_request", "`reason` must be valid Unicode text") from None
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= state.settings.max_ttl_seconds:
         raise ApiError("invalid_request",
                        f"`ttl_seconds` must be an integer from 1 to {state.settings.max_ttl_seconds}")
-    allowed, retry_after, first_refusal = state.limiter.take(agent.name)
-    if not allowed:
-        if first_refusal:
-            await state.write(state.store.record, f"agent:{agent.name}", "request.refused",
-                              None, secret, code="rate_limited")
-        raise ApiError("rate_limited", f"too many requests; retry in {retry_after} s",
-                       {"Retry-After": str(retry_after)})
+    await _within_budget(state, agent, state.limits.create, "request.refused")
     try:
         req = await state.write(state.store.create_request, agent, secret, reason, ttl)
     except st.StoreError as exc:
+        await state.refused(agent, "request.refused", exc.kind, secret=exc.secret)
         headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
         raise _refusal(exc, headers) from None
     state.announce(req)
@@ -126,10 +156,9 @@ def _own_request(state: ProxyState, agent: st.Agent, request_id: str) -> st.Requ
     return req
 
 
-async def get_request(request: HttpRequest) -> JSONResponse:
+async def get_request(request: HttpRequest) -> Response:
     state = _state(request)
     agent = authenticate(request, state)
-    request_id = request.path_params["id"]
     # Parsing query parameters costs more than the rest of a poll; most polls have none.
     raw_wait = request.query_params.get("wait", "0") if request.scope["query_string"] else "0"
     try:
@@ -138,12 +167,26 @@ async def get_request(request: HttpRequest) -> JSONResponse:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}") from None
     if not 0 <= wait <= MAX_WAIT_SECONDS:
         raise ApiError("invalid_request", f"`wait` must be a number of seconds up to {MAX_WAIT_SECONDS}")
+    # A poll with `?wait=` takes one token, however many wake-ups it sees.
+    await _within_budget(state, agent, state.limits.poll, "status.refused")
+    request_id = await _request_id(state, agent, request, "status.refused")
     req = _own_request(state, agent, request_id)
     if wait and req.status == "pending":
-        deadline = time.monotonic() + wait
-        while req.status == "pending" and (remaining := deadline - time.monotonic()) > 0:
-            await state.changes.wait(min(remaining, state.poll_interval))
-            req = _own_request(state, agent, request_id)
+        waits = state.limits.waits
+        if waits[agent.name] >= state.limits.max_waits:
+            await state.refused(agent, "status.refused", "too_many_waits")
+            raise ApiError("rate_limited", f"this agent already holds {state.limits.max_waits} waiting calls; "
+                           "wait on fewer requests at once", {"Retry-After": "1"})
+        waits[agent.name] += 1
+        try:
+            deadline = time.monotonic() + wait
+            while req.status == "pending" and (remaining := deadline - time.monotonic()) > 0:
+                await state.changes.wait(request_id, min(remaining, WAIT_SLICE_SECONDS))
+                req = _own_request(state, agent, request_id)
+        finally:
+            waits[agent.name] -= 1
+            if not waits[agent.name]:
+                del waits[agent.name]
     return Response(_rendered_view(req), media_type="application/json")
 
 
@@ -155,16 +198,25 @@ def _rendered_view(req: st.Request) -> bytes:
 async def retrieve_secret(request: HttpRequest) -> JSONResponse:
     state = _state(request)
     agent = authenticate(request)
+    await _within_budget(state, agent, state.limits.retrieve, "retrieval.refused")
+    request_id = await _request_id(state, agent, request, "retrieval.refused")
+    # Most refusals are known from a read; only an approved request goes to the writer.
+    req = state.store.get_request(request_id)
+    refusal = st.StoreError("not_found", "no such request") if req is None or req.agent != agent.name \
+        else st.retrieval_refusal(req)
     try:
-        name, value = await state.write(state.store.retrieve, agent, request.path_params["id"])
+        if refusal is not None:
+            raise refusal
+        name, value = await state.write(state.store.retrieve, agent, request_id)
     except st.StoreError as exc:
+        await state.refused(agent, "retrieval.refused", exc.kind, request_id, exc.secret)
         raise _refusal(exc) from None
-    state.changes.notify()
-    try:
-        text = value.decode()
-    except UnicodeDecodeError:
-        raise ApiError("internal_error", "the stored value is not UTF-8 text") from None
-    return JSONResponse({"secret": name, "value": text}, headers={"Cache-Control": "no-store"})
+    except crypto.CryptoError:
+        # Nothing was recorded: the request is still approved and can be retrieved once this is fixed.
+        log.error("retrieval of %s failed: its value does not decrypt under the master key", request_id)
+        await state.refused(agent, "retrieval.refused", "decrypt_failed", request_id, req.secret if req else None)
+        raise ApiError("internal_error", "the value could not be decrypted; the request stays approved") from None
+    return JSONResponse({"secret": name, "value": value.decode()}, headers={"Cache-Control": "no-store"})
 
 
 # Status polls first: routes are matched in order and polls are the most frequent call.

@@ -14,9 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import errors
 from .api import ROUTES
 from .config import Settings
-from .ratelimit import RateLimiter
 from .state import ProxyState
 from .store import Store
+from .watch import DirectoryWatch
 
 log = logging.getLogger("proxy")
 
@@ -55,24 +55,36 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-async def sweep_expired(state: ProxyState, every: float = 1.0) -> None:
-    """Expire undecided requests on time, even when nobody asks about them."""
+async def sweep(state: ProxyState, every: float = 1.0) -> None:
+    """Every second: expire undecided requests on time, even when nobody asks about them; audit the
+    counted repeats of refusals whose window closed; look at the change feed in case a wake-up was lost."""
     while True:
         try:
-            if await state.write(state.store.expire_due):
-                state.changes.notify()
+            await state.write(state.store.expire_due)
+            await state.audit_repeats()
         except Exception:  # a failing sweep must not end the sweeper
-            log.exception("expiry sweep failed; retrying")
+            log.exception("sweep failed; retrying")
+        state.look_for_changes()
+        await asyncio.sleep(every)
+
+
+async def poll_changes(state: ProxyState, every: float = 0.05) -> None:
+    """Where inotify is unavailable: look at the change feed often instead."""
+    while True:
+        state.look_for_changes()
         await asyncio.sleep(every)
 
 
 def create_app(settings: Settings, store: Store | None = None, *, background: bool = True) -> Starlette:
     store = store or Store(settings)
-    state = ProxyState(settings, store, RateLimiter(settings.rate_per_minute, settings.rate_burst))
+    state = ProxyState.create(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(sweep_expired(state))] if background else []
+        tasks = [asyncio.create_task(sweep(state))] if background else []
+        watch = DirectoryWatch(settings.data_dir, state.look_for_changes)
+        if not watch.start():
+            tasks.append(asyncio.create_task(poll_changes(state)))
         bot = None
         if background and settings.telegram_enabled:
             from .telegram_bot import TelegramChannel
@@ -89,6 +101,11 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
                 await bot.stop()
             for task in tasks:
                 task.cancel()
+            watch.stop()
+            try:
+                await state.audit_repeats(closing=True)
+            except Exception:
+                log.exception("could not audit the counted refusals at shutdown")
             state.close()
 
     app = Starlette(

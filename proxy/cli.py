@@ -55,44 +55,44 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
         value = sys.stdin.buffer.read()
         if value.endswith(b"\n"):
             value = value[:-1]  # `echo value |` adds a newline nobody means as part of a key
-    with _store(settings) as store:
+    with Store(settings) as store:
         store.set_secret(args.name, value, operator())
     print(f"stored {args.name}")
 
 
 def cmd_secrets_list(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         for name, updated in store.list_secrets():
             print(f"{name}\t{_when(updated)}")
 
 
 def cmd_secrets_delete(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         store.delete_secret(args.name, operator())
     print(f"deleted {args.name}")
 
 
 def cmd_agents_add(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         token = store.add_agent(args.name, args.secrets.split(","), operator())
     # The one time the token is shown: it is stored only as a hash.
     print(token)
 
 
 def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         for agent in store.list_agents():
             print(f"{agent.name}\t{','.join(agent.scopes)}\t{_when(agent.created_at)}")
 
 
 def cmd_agents_revoke(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         store.revoke_agent(args.name, operator())
     print(f"revoked {args.name}")
 
 
 def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         rows = store.list_requests(args.status)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
@@ -102,7 +102,7 @@ def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _decide(settings: Settings, request_id: str, approve: bool) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         decision = store.decide(request_id, approve, operator())
     req = decision.request
     if not decision.changed:
@@ -119,14 +119,14 @@ def cmd_deny(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_audit_show(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         for e in store.audit_entries(args.limit):
             detail = json.dumps(e.detail, sort_keys=True) if e.detail else ""
             print(f"{e.seq}\t{_when(e.ts)}\t{e.actor}\t{e.action}\t{e.request_id or '-'}\t{e.secret or '-'}\t{detail}")
 
 
 def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         problems = store.audit_verify()
         count = len(store.audit_entries())
     if problems:
@@ -137,7 +137,7 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> None:
-    with _store(settings) as store:
+    with Store(settings) as store:
         key_id = store.rotate_master_key(operator())
     print(f"master key rotated; new key id {key_id}")
 
@@ -146,18 +146,6 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(port=args.port)
-
-
-class _store:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def __enter__(self) -> Store:
-        self.store = Store(self.settings)
-        return self.store
-
-    def __exit__(self, *exc: object) -> None:
-        self.store.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,12 +30,21 @@ class Settings:
     rate_per_minute: int = 30
     rate_burst: int = 10
     max_pending_per_agent: int = 20
+    # Status polls and retrievals have budgets of their own; a `?wait=` poll takes one token however long it waits.
+    poll_rate_per_minute: int = 1200
+    poll_burst: int = 120
+    retrieve_rate_per_minute: int = 120
+    retrieve_burst: int = 20
+    max_waits_per_agent: int = 32
+    # uvicorn answers 503 above this many connections; `serve` keeps it below the open-files limit.
+    max_connections: int = 2048
+    # Refusals of one kind from one agent: the first is audited at once, the rest as one counted entry per window.
+    refusal_audit_window_seconds: float = 60.0
     max_body_bytes: int = 16 * 1024
     telegram_token: str = field(default="", repr=False)
     telegram_chat_id: int = 0
     telegram_approvers: tuple[int, ...] = ()
     telegram_api_url: str = "https://api.telegram.org"
-    telegram_webhook_secret: str = field(default="", repr=False)
     # The longest wait between attempts to reach Telegram while it is down.
     telegram_retry_max_seconds: float = 30.0
 
@@ -98,6 +107,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     settings = replace(Settings(), **values)
     if settings.telegram_enabled and not settings.telegram_chat_id:
         raise ConfigError("SECRET_PROXY_TELEGRAM_TOKEN is set but SECRET_PROXY_TELEGRAM_CHAT_ID is not")
+    if settings.refusal_audit_window_seconds <= 0:
+        raise ConfigError("refusal_audit_window_seconds must be a positive number of seconds")
     if settings.telegram_retry_max_seconds <= 0:
         raise ConfigError("telegram_retry_max_seconds must be a positive number of seconds")
     return settings

@@ -27,24 +27,49 @@ class CryptoError(Exception):
     """A blob did not decrypt: wrong key, wrong name, or tampered data."""
 
 
-@dataclass(frozen=True)
 class MasterKey:
-    raw: bytes
+    """The key that wraps every data key and the audit key. Its bytes never leave this module."""
 
-    def __post_init__(self) -> None:
-        if len(self.raw) != KEY_BYTES:
-            raise CryptoError(f"master key must be {KEY_BYTES} bytes, got {len(self.raw)}")
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_BYTES:
+            raise CryptoError(f"master key must be {KEY_BYTES} bytes, got {len(raw)}")
+        self._raw = raw
 
     @property
     def key_id(self) -> str:
         """A public fingerprint, so the database can name the key that wraps it."""
-        return hmac.new(self.raw, b"secret-proxy key-id", hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self._raw, b"secret-proxy key-id", hashlib.sha256).hexdigest()[:16]
 
-    def derive(self, purpose: str) -> bytes:
-        return hmac.new(self.raw, b"secret-proxy derive:" + purpose.encode(), hashlib.sha256).digest()
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MasterKey) and hmac.compare_digest(self._raw, other._raw)
+
+    def __hash__(self) -> int:
+        return hash(self.key_id)
 
     def __repr__(self) -> str:  # never let a key reach a log line through repr()
         return f"MasterKey(id={self.key_id})"
+
+
+class AuditKey:
+    """The key that authenticates the audit chain and its head; only `mac` and `verify` use it."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_BYTES:
+            raise CryptoError(f"audit key must be {KEY_BYTES} bytes, got {len(raw)}")
+        self._raw = raw
+
+    def mac(self, message: bytes) -> str:
+        return hmac.new(self._raw, message, hashlib.sha256).hexdigest()
+
+    def verify(self, message: bytes, digest: str) -> bool:
+        return hmac.compare_digest(digest, self.mac(message))
+
+    def __repr__(self) -> str:
+        return "AuditKey(<hidden>)"
 
 
 def new_master_key() -> MasterKey:
@@ -55,7 +80,7 @@ def write_key_file(path: Path, key: MasterKey) -> None:
     """Create a key file 0600 from its first byte; refuse to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, key.raw.hex().encode() + b"\n")
+        os.write(fd, key._raw.hex().encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -110,28 +135,32 @@ class Sealed:
 def seal(master: MasterKey, name: str, value: bytes) -> Sealed:
     data_key = os.urandom(KEY_BYTES)
     return Sealed(
-        wrapped_key=_seal(master.raw, data_key, _aad("data-key", name)),
+        wrapped_key=_seal(master._raw, data_key, _aad("data-key", name)),
         ciphertext=_seal(data_key, value, _aad("value", name)),
     )
 
 
 def open_sealed(master: MasterKey, name: str, sealed: Sealed) -> bytes:
-    data_key = _open(master.raw, sealed.wrapped_key, _aad("data-key", name))
+    data_key = _open(master._raw, sealed.wrapped_key, _aad("data-key", name))
     return _open(data_key, sealed.ciphertext, _aad("value", name))
 
 
 def rewrap(old: MasterKey, new: MasterKey, name: str, wrapped_key: bytes) -> bytes:
     """Move a data key from one master key to another without touching the value."""
-    data_key = _open(old.raw, wrapped_key, _aad("data-key", name))
-    return _seal(new.raw, data_key, _aad("data-key", name))
+    data_key = _open(old._raw, wrapped_key, _aad("data-key", name))
+    return _seal(new._raw, data_key, _aad("data-key", name))
 
 
-def wrap_raw_key(master: MasterKey, purpose: str, key: bytes) -> bytes:
-    return _seal(master.raw, key, _aad("internal-key", purpose))
+def new_audit_key() -> AuditKey:
+    return AuditKey(os.urandom(KEY_BYTES))
 
 
-def unwrap_raw_key(master: MasterKey, purpose: str, blob: bytes) -> bytes:
-    return _open(master.raw, blob, _aad("internal-key", purpose))
+def wrap_audit_key(master: MasterKey, key: AuditKey) -> bytes:
+    return _seal(master._raw, key._raw, _aad("internal-key", "audit"))
+
+
+def unwrap_audit_key(master: MasterKey, blob: bytes) -> AuditKey:
+    return AuditKey(_open(master._raw, blob, _aad("internal-key", "audit")))
 
 
 def hash_token(token: str) -> str:

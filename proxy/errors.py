@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse
 # The HTTP status each code answers with; the codes are the API's contract.
 STATUS = {
     "invalid_request": 400,
+    "malformed_id": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "denied": 403,

@@ -11,7 +11,9 @@ def _error(*codes: str) -> dict:
 
 
 _AUTH = [{"bearer": []}]
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^req_[A-Za-z0-9_-]{32}$"}}
+_LIMITED = {**_error("rate_limited"), "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 
 OPENAPI: dict = {
     "openapi": "3.0.3",
@@ -62,7 +64,8 @@ OPENAPI: dict = {
                     "created_at": {"type": "string", "format": "date-time"},
                     "expires_at": {"type": "string", "format": "date-time"},
                     "decided_at": {"type": "string", "format": "date-time", "nullable": True},
-                    "decided_by": {"type": "string", "nullable": True},
+                    "decided_by": {"type": "string", "nullable": True, "enum": ["approver", "operator", None],
+                                   "description": "The role that decided, not the person."},
                 },
             },
             "SecretValue": {
@@ -93,7 +96,7 @@ OPENAPI: dict = {
                     "403": _error("forbidden"),
                     "404": _error("unknown_secret"),
                     "413": _error("too_large"),
-                    "429": _error("rate_limited"),
+                    "429": _LIMITED,
                 },
             }
         },
@@ -106,9 +109,10 @@ OPENAPI: dict = {
                 "responses": {
                     "200": {"description": "Status", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/RequestStatus"}}}},
-                    "400": _error("invalid_request"),
+                    "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
                     "404": _error("not_found"),
+                    "429": _LIMITED,
                 },
             }
         },
@@ -120,11 +124,14 @@ OPENAPI: dict = {
                 "responses": {
                     "200": {"description": "The value", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/SecretValue"}}}},
+                    "400": _error("malformed_id"),
                     "401": _error("unauthorized"),
                     "403": _error("denied"),
                     "404": _error("not_found"),
                     "409": _error("pending"),
                     "410": _error("expired", "already_retrieved"),
+                    "429": _LIMITED,
+                    "500": _error("internal_error"),
                 },
             }
         },

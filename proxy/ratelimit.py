@@ -1,4 +1,4 @@
-"""Per-agent token buckets for request creation."""
+"""Per-agent token buckets: one set for each kind of call (create, poll, retrieve)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 class _Bucket:
     tokens: float
     updated: float
-    refused_since_refill: bool = False
 
 
 @dataclass
@@ -20,13 +19,8 @@ class RateLimiter:
     burst: int
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
-    def take(self, key: str, now: float | None = None) -> tuple[bool, int, bool]:
-        """Take one token for `key`.
-
-        Returns (allowed, retry_after_seconds, first_refusal). `first_refusal` is
-        true for the first refusal after a success, so a flood is audited once,
-        not once per refused call.
-        """
+    def take(self, key: str, now: float | None = None) -> tuple[bool, int]:
+        """Take one token for `key`: (allowed, seconds until one is available again)."""
         now = time.monotonic() if now is None else now
         rate = self.per_minute / 60.0
         bucket = self._buckets.get(key)
@@ -36,9 +30,6 @@ class RateLimiter:
         bucket.updated = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
-            bucket.refused_since_refill = False
-            return True, 0, False
-        first = not bucket.refused_since_refill
-        bucket.refused_since_refill = True
+            return True, 0
         retry = math.ceil((1.0 - bucket.tokens) / rate) if rate > 0 else 60
-        return False, max(1, retry), first
+        return False, max(1, retry)

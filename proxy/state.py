@@ -3,34 +3,74 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
 from .config import Settings
 from .ratelimit import RateLimiter
-from .store import Request, Store
+from .refusals import RefusalCounter
+from .store import Agent, Request, Store
 from .writer import GroupCommitWriter
 
 T = TypeVar("T")
+log = logging.getLogger("proxy")
 
 
 class Changes:
-    """Wakes everyone waiting on `?wait=` when any request changes in this process.
+    """Wakes the `?wait=` calls of a request when it changes, whichever process changed it.
 
-    Decisions made by another process (the CLI over SSH) are seen by polling,
-    which is why waiters also wake on a short timeout.
+    Every change to a request commits together with an audit entry naming it, so the
+    audit log is the feed: `check()` reads the entries after the last one it saw and
+    wakes the waiters of the requests they name, and no waiter polls. Our own writes
+    check when they return (`ProxyState.write`); another process's commit (the CLI
+    over SSH) is noticed through inotify (`proxy/watch.py`), and the sweeper checks
+    every second in case an event was missed.
     """
 
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seq = store.last_audit_seq()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._any = asyncio.Event()
 
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+    def check(self) -> None:
+        seq, request_ids = self.store.changes_since(self._seq)
+        if seq == self._seq:
+            return
+        self._seq = seq
+        self.store.invalidate()  # another process's commit: drop reads cached before it
+        for request_id in set(request_ids):
+            for waiter in self._waiters.get(request_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._any.set()
+        self._any = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+    async def wait(self, request_id: str, timeout: float) -> None:
+        """Until the request changes or `timeout` passes."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, set()).add(waiter)
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(request_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[request_id]
+
+    async def wait_any(self, timeout: float) -> None:
+        """Until any request changes or `timeout` passes (the Telegram bot's sync loop)."""
+        try:
+            await asyncio.wait_for(self._any.wait(), timeout)
         except asyncio.TimeoutError:
             pass
 
@@ -40,24 +80,65 @@ class ApprovalChannel(Protocol):
 
 
 @dataclass
+class Limits:
+    """Per-agent budgets for each kind of call, and the count of calls held in `?wait=`."""
+
+    create: RateLimiter
+    poll: RateLimiter
+    retrieve: RateLimiter
+    max_waits: int
+    waits: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Limits":
+        return cls(RateLimiter(s.rate_per_minute, s.rate_burst), RateLimiter(s.poll_rate_per_minute, s.poll_burst),
+                   RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst), s.max_waits_per_agent)
+
+
+@dataclass
 class ProxyState:
     settings: Settings
     store: Store
-    limiter: RateLimiter
-    changes: Changes = field(default_factory=Changes)
+    limits: Limits
+    changes: Changes
+    refusals: RefusalCounter
     channels: list[ApprovalChannel] = field(default_factory=list)
-    poll_interval: float = 0.5
     # One writer thread: commits fsync, and the event loop must not wait on a disk.
     _writer: GroupCommitWriter | None = None
 
+    @classmethod
+    def create(cls, settings: Settings, store: Store) -> "ProxyState":
+        return cls(settings, store, Limits.from_settings(settings), Changes(store),
+                   RefusalCounter(settings.refusal_audit_window_seconds))
+
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a store change on the writer thread; returns once it is durable."""
+        """Run a store change on the writer thread; returns once it is durable, waiters woken."""
         if self._writer is None:
             self._writer = GroupCommitWriter(self.store)
-        return await self._writer.submit(lambda: fn(*args, **kwargs))
+        try:
+            return await self._writer.submit(lambda: fn(*args, **kwargs))
+        finally:
+            self.look_for_changes()
+
+    def look_for_changes(self) -> None:
+        try:
+            self.changes.check()
+        except Exception:  # a failed look must not fail the write that triggered it; the sweeper looks again
+            log.exception("reading the change feed failed")
+
+    async def refused(self, agent: Agent, action: str, code: str, request_id: str | None = None,
+                      secret: str | None = None) -> None:
+        """Audit a refused call: the first of its kind in a window now, the repeats as a count later."""
+        actor = f"agent:{agent.name}"
+        if self.refusals.note(actor, action, code):
+            await self.write(self.store.record, actor, action, request_id, secret, code=code)
+
+    async def audit_repeats(self, closing: bool = False) -> None:
+        for r in self.refusals.close_all() if closing else self.refusals.due():
+            await self.write(self.store.record, r.actor, r.action, None, None, code=r.code,
+                             repeated=r.count, window_seconds=r.window_seconds)
 
     def announce(self, request: Request) -> None:
-        self.changes.notify()
         for channel in self.channels:
             channel.announce(request)
 

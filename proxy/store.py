@@ -23,8 +23,13 @@ from typing import Iterator
 from . import audit, crypto
 from .config import Settings
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
+# The only shape `create_request` issues: "req_" + 24 random bytes in base64url.
+REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]{32}")
+SCHEMA_VERSION = 2
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
 STATUSES = ("pending", "approved", "denied", "expired", "retrieved")
 
@@ -40,8 +45,7 @@ CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
     scopes TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -79,12 +83,20 @@ CREATE TABLE IF NOT EXISTS telegram_messages (
 
 
 class StoreError(Exception):
-    """A refusal with a stable code that the API and the CLI report as is."""
+    """A refusal with a stable code that the API and the CLI report as is.
 
-    def __init__(self, code: str, detail: str) -> None:
+    `kind` is what the audit log calls it when it differs from the code (a full
+    pending queue answers `rate_limited`, audited as `too_many_pending`); `secret`
+    names the secret involved, for that entry. Refusals of an agent's call are
+    audited by the caller (`proxy/refusals.py`), which counts repeats.
+    """
+
+    def __init__(self, code: str, detail: str, *, kind: str | None = None, secret: str | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.kind = kind or code
+        self.secret = secret
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,6 @@ class Agent:
     name: str
     scopes: tuple[str, ...]
     created_at: float
-    revoked_at: float | None
 
     def may_request(self, secret: str) -> bool:
         return any(fnmatch.fnmatchcase(secret, pattern) for pattern in self.scopes)
@@ -133,8 +144,8 @@ def init_data_dir(settings: Settings) -> None:
     key = crypto.new_master_key()
     crypto.write_key_file(settings.key_path, key)
     _fsync_dir(data_dir)
-    store = Store(settings, key)
-    store.close()
+    with Store(settings, key):
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,17 +161,32 @@ def ensure_key_rotation_finished(settings: Settings) -> None:
     pending = settings.key_path.with_suffix(".key.new")
     if not pending.exists():
         return
-    new = crypto.read_key_file(pending)
-    conn = sqlite3.connect(settings.db_path)
+    # Under the write lock: a rotation running in another process holds it from before it writes
+    # the pending file until its commit, so a proxy starting meanwhile waits instead of deleting it.
+    conn = sqlite3.connect(settings.db_path, timeout=30.0, isolation_level=None)
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not pending.exists():
+                return  # that rotation finished meanwhile
+            new = crypto.read_key_file(pending)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
+            if row and row[0] == new.key_id:
+                _replace_if_present(pending, settings.key_path)
+            else:
+                pending.unlink(missing_ok=True)
+        finally:
+            conn.execute("ROLLBACK")
     finally:
         conn.close()
-    if row and row[0] == new.key_id:
-        os.replace(pending, settings.key_path)
-    else:
-        pending.unlink()
     _fsync_dir(settings.data_dir)
+
+
+def _replace_if_present(pending: Path, key_path: Path) -> None:
+    try:
+        os.replace(pending, key_path)
+    except FileNotFoundError:
+        pass  # the rotating process renamed it right after its commit
 
 
 class Store:
@@ -176,6 +202,12 @@ class Store:
         self._conns_lock = threading.Lock()
         self._setup()
         self._audit_key = self._load_audit_key()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- connections -------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -242,6 +274,10 @@ class Store:
         local.checked_at = now
         return cache
 
+    def invalidate(self) -> None:
+        """Drop every thread's read cache: another process committed (see `changes_since`)."""
+        self._epoch += 1
+
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
@@ -255,16 +291,40 @@ class Store:
         with self.transaction() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
             if row is None:
+                audit_key = crypto.new_audit_key()
                 conn.execute("INSERT INTO meta VALUES ('master_key_id', ?)", (self._key.key_id,))
-                wrapped = crypto.wrap_raw_key(self._key, "audit", os.urandom(crypto.KEY_BYTES))
-                conn.execute("INSERT INTO meta VALUES ('audit_key', ?)", (wrapped.hex(),))
+                conn.execute("INSERT INTO meta VALUES ('audit_key', ?)",
+                             (crypto.wrap_audit_key(self._key, audit_key).hex(),))
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                audit.write_head(conn, audit_key, 0, audit.GENESIS)
             elif row[0] != self._key.key_id:
                 raise StoreError("wrong_master_key",
                                  f"{self.settings.key_path} is not the key this database was sealed with")
+            else:
+                self._migrate(conn)
 
-    def _load_audit_key(self) -> bytes:
-        row = self._conn().execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()
-        return crypto.unwrap_raw_key(self._key, "audit", bytes.fromhex(row[0]))
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring a database written by an older proxy to SCHEMA_VERSION, in the caller's transaction."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 1
+        if version < 2:
+            # 1 -> 2: `agents.revoked_at` was never set (revoking deletes the row), and the audit
+            # head gains a MAC. The old head is blessed only if it names the last entry, so a log
+            # truncated before the upgrade still fails `audit verify`.
+            if "revoked_at" in [c[1] for c in conn.execute("PRAGMA table_info(agents)")]:
+                conn.execute("ALTER TABLE agents DROP COLUMN revoked_at")
+            audit_key = self._load_audit_key(conn)
+            head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+            last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None and head is None:
+                audit.write_head(conn, audit_key, 0, audit.GENESIS)
+            elif last is not None and head is not None and head[0] == last[1]:
+                audit.write_head(conn, audit_key, last[0], last[1])
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _load_audit_key(self, conn: sqlite3.Connection | None = None) -> crypto.AuditKey:
+        row = (conn or self._conn()).execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()
+        return crypto.unwrap_audit_key(self._key, bytes.fromhex(row[0]))
 
     def _audit(self, conn: sqlite3.Connection, actor: str, action: str, request_id: str | None = None,
                secret: str | None = None, **detail: object) -> None:
@@ -304,17 +364,17 @@ class Store:
 
     # -- agents ------------------------------------------------------------
     def add_agent(self, name: str, scopes: list[str], actor: str) -> str:
-        if not AGENT_NAME_RE.match(name):
+        if not AGENT_NAME_RE.fullmatch(name):
             raise StoreError("invalid_request", "agent name must match [A-Za-z0-9_.-]{1,64}")
         scopes = [s.strip() for s in scopes if s.strip()]
-        if not scopes or any(not re.match(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$", s) for s in scopes):
+        if not scopes or any(not SCOPE_RE.fullmatch(s) for s in scopes):
             raise StoreError("invalid_request",
                              "give one or more secret-name patterns (letters, digits, _.-, and globs *?[])")
         token = "spx_" + pysecrets.token_urlsafe(32)
         with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
                 raise StoreError("agent_exists", f"an agent named {name!r} exists; revoke it first")
-            conn.execute("INSERT INTO agents VALUES (?, ?, ?, ?, NULL)",
+            conn.execute("INSERT INTO agents (name, token_hash, scopes, created_at) VALUES (?, ?, ?, ?)",
                          (name, crypto.hash_token(token), ",".join(scopes), time.time()))
             self._audit(conn, actor, "agent.added", agent=name, scopes=scopes)
         return token
@@ -327,37 +387,38 @@ class Store:
             self._audit(conn, actor, "agent.revoked", agent=name)
 
     def list_agents(self) -> list[Agent]:
-        rows = self._conn().execute("SELECT name, scopes, created_at, revoked_at FROM agents ORDER BY name")
-        return [Agent(r[0], tuple(r[1].split(",")), r[2], r[3]) for r in rows]
+        rows = self._conn().execute("SELECT name, scopes, created_at FROM agents ORDER BY name")
+        return [Agent(r[0], tuple(r[1].split(",")), r[2]) for r in rows]
 
     def authenticate(self, token: str) -> Agent | None:
         digest = crypto.hash_token(token)
         cache = self._read_cache()
         key = ("agent", digest)
-        if key not in cache:
-            cache[key] = self._authenticate(digest)
-        return cache[key]
+        agent = cache.get(key)
+        if agent is None:
+            agent = self._authenticate(digest)
+            if agent is not None:  # unknown tokens are not cached: a flood of them would grow the cache
+                cache[key] = agent
+        return agent
 
     def _authenticate(self, digest: str) -> Agent | None:
         row = self._conn().execute(
-            "SELECT name, scopes, created_at, revoked_at, token_hash FROM agents WHERE token_hash = ?", (digest,)
+            "SELECT name, scopes, created_at, token_hash FROM agents WHERE token_hash = ?", (digest,)
         ).fetchone()
-        if row is None or not crypto.tokens_equal(row[4], digest) or row[3] is not None:
+        if row is None or not crypto.tokens_equal(row[3], digest):
             return None
-        return Agent(row[0], tuple(row[1].split(",")), row[2], row[3])
+        return Agent(row[0], tuple(row[1].split(",")), row[2])
 
     # -- requests ----------------------------------------------------------
     def create_request(self, agent: Agent, secret: str, reason: str, ttl_seconds: int) -> Request:
+        """A new pending request; a refusal raises StoreError and writes nothing."""
         actor = f"agent:{agent.name}"
         now = time.time()
         refusal: StoreError | None = None
         if not agent.may_request(secret):
-            refusal = StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}")
-        elif not self.secret_exists(secret):
-            refusal = StoreError("unknown_secret", f"no secret named {secret!r}")
-        if refusal is not None:
-            self.record(actor, "request.refused", secret=secret, code=refusal.code)
-            raise refusal
+            raise StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}", secret=secret)
+        if not self.secret_exists(secret):
+            raise StoreError("unknown_secret", f"no secret named {secret!r}", secret=secret)
         request_id = "req_" + pysecrets.token_urlsafe(24)
         with self.transaction() as conn:
             pending = conn.execute(
@@ -368,9 +429,8 @@ class Store:
                 refusal = StoreError(
                     "rate_limited",
                     f"agent has {pending} pending requests (limit {self.settings.max_pending_per_agent}); "
-                    "wait for decisions",
+                    "wait for decisions", kind="too_many_pending", secret=secret,
                 )
-                self._audit(conn, actor, "request.refused", secret=secret, code="too_many_pending")
             else:
                 conn.execute(
                     f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, NULL, NULL)",
@@ -458,7 +518,12 @@ class Store:
         return Decision(self.get_request(request_id), changed=True)  # type: ignore[arg-type]
 
     def retrieve(self, agent: Agent, request_id: str) -> tuple[str, bytes]:
-        """Hand out an approved value once; every other case is a refusal with its own code."""
+        """Hand out an approved value once; every other case is a refusal with its own code.
+
+        The value is decrypted (and checked to be text) inside the transaction that marks
+        the request retrieved, so a value that cannot be handed out leaves it approved.
+        A refusal writes nothing; the caller audits it.
+        """
         actor = f"agent:{agent.name}"
         now = time.time()
         self.expire_due()
@@ -466,28 +531,66 @@ class Store:
             row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?",
                                (request_id, agent.name)).fetchone()
             if row is None:
-                refusal = StoreError("not_found", "no such request")
-                self._audit(conn, actor, "retrieval.refused", request_id, code="not_found")
-            else:
-                req = Request(*row)
-                refusal = _retrieval_refusal(req, now)
-                if refusal is None:
-                    sealed_row = conn.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?",
-                                              (req.secret,)).fetchone()
-                    if sealed_row is None:
-                        refusal = StoreError("unknown_secret", f"secret {req.secret!r} was deleted")
-                if refusal is not None:
-                    self._audit(conn, actor, "retrieval.refused", request_id, req.secret, code=refusal.code)
-                else:
-                    conn.execute("UPDATE requests SET status = 'retrieved', retrieved_at = ? WHERE id = ?",
-                                 (now, request_id))
-                    self._audit(conn, actor, "secret.retrieved", request_id, req.secret)
-        if refusal is not None:
-            raise refusal
-        value = crypto.open_sealed(self._key, req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
+                raise StoreError("not_found", "no such request")
+            req = Request(*row)
+            refusal = _retrieval_refusal(req, now)
+            if refusal is not None:
+                raise refusal
+            sealed_row = conn.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?",
+                                      (req.secret,)).fetchone()
+            if sealed_row is None:
+                raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
+            value = crypto.open_sealed(self._current_key(conn), req.secret,
+                                       crypto.Sealed(sealed_row[0], sealed_row[1]))
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                raise StoreError("internal_error", "the stored value is not UTF-8 text; store it again as text",
+                                 kind="not_text", secret=req.secret) from None
+            conn.execute("UPDATE requests SET status = 'retrieved', retrieved_at = ? WHERE id = ?",
+                         (now, request_id))
+            self._audit(conn, actor, "secret.retrieved", request_id, req.secret)
         return req.secret, value
 
+    def _current_key(self, conn: sqlite3.Connection) -> crypto.MasterKey:
+        """The key the database is sealed with now: the CLI may have rotated it since we started.
+
+        Read inside a transaction, so a rotation cannot commit meanwhile. The rotation writes
+        `master.key.new` before its commit and renames it after, so the new key is in one of
+        the two files whenever the database names it.
+        """
+        key_id = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()[0]
+        if key_id == self._key.key_id:
+            return self._key
+        for path in (self.settings.key_path, self.settings.key_path.with_suffix(".key.new")):
+            try:
+                key = crypto.read_key_file(path)
+            except (crypto.CryptoError, OSError):
+                continue
+            if key.key_id == key_id:
+                self._key = key
+                return key
+        raise StoreError("internal_error", f"the database is sealed with master key {key_id}, which is in "
+                         f"neither {self.settings.key_path} nor master.key.new; restore that key file",
+                         kind="master_key_missing")
+
     # -- audit and keys ----------------------------------------------------
+    def last_audit_seq(self) -> int:
+        row = self._conn().execute("SELECT MAX(seq) FROM audit").fetchone()
+        return row[0] or 0
+
+    def changes_since(self, seq: int) -> tuple[int, list[str]]:
+        """The request ids that entries after `seq` name, committed by any process, and the new last seq.
+
+        Every change to a request is audited in its own transaction, so the log is also the
+        feed of changes that wakes waiting agents (`proxy/state.py`).
+        """
+        rows = self._conn().execute("SELECT seq, request_id FROM audit WHERE seq > ? ORDER BY seq",
+                                    (seq,)).fetchall()
+        if not rows:
+            return seq, []
+        return rows[-1][0], [r[1] for r in rows if r[1] is not None]
+
     def audit_entries(self, limit: int | None = None) -> list[audit.AuditEntry]:
         return audit.entries(self._conn(), limit)
 
@@ -497,25 +600,26 @@ class Store:
     def rotate_master_key(self, actor: str) -> str:
         """Re-wrap every data key under a fresh master key; values are never decrypted.
 
-        Crash safety: the new key is written beside the old as `master.key.new`, the
-        database commits the re-wrapped keys and the new key id together, then the
-        file is renamed over the old one. `ensure_key_rotation_finished` completes or
-        undoes an interrupted rotation at the next start, by comparing key ids.
+        Crash safety: holding the write lock, the new key is written beside the old as
+        `master.key.new`, the database commits the re-wrapped keys and the new key id
+        together, then the file is renamed over the old one. `ensure_key_rotation_finished`
+        completes or undoes an interrupted rotation at the next start, by comparing key
+        ids under the same lock. A running proxy follows the new key (`_current_key`).
         """
         new = crypto.new_master_key()
         pending = self.settings.key_path.with_suffix(".key.new")
-        if pending.exists():
-            pending.unlink()
-        crypto.write_key_file(pending, new)
-        with self.transaction() as conn:
+        with self.transaction() as conn:  # the write lock first: see ensure_key_rotation_finished
+            old = self._current_key(conn)
+            pending.unlink(missing_ok=True)
+            crypto.write_key_file(pending, new)
             for name, wrapped in conn.execute("SELECT name, wrapped_key FROM secrets").fetchall():
                 conn.execute("UPDATE secrets SET wrapped_key = ? WHERE name = ?",
-                             (crypto.rewrap(self._key, new, name, wrapped), name))
-            audit_wrapped = crypto.wrap_raw_key(new, "audit", self._audit_key)
+                             (crypto.rewrap(old, new, name, wrapped), name))
+            audit_wrapped = crypto.wrap_audit_key(new, self._audit_key)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'", (audit_wrapped.hex(),))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'master_key_id'", (new.key_id,))
-            self._audit(conn, actor, "master_key.rotated", old_key_id=self._key.key_id, new_key_id=new.key_id)
-        os.replace(pending, self.settings.key_path)
+            self._audit(conn, actor, "master_key.rotated", old_key_id=old.key_id, new_key_id=new.key_id)
+        _replace_if_present(pending, self.settings.key_path)
         _fsync_dir(self.settings.data_dir)
         self._key = new
         return new.key_id
@@ -557,16 +661,22 @@ class Store:
 
 def _retrieval_refusal(req: Request, now: float) -> StoreError | None:
     if req.status == "pending":
-        return StoreError("pending", "the request is still waiting for a decision")
+        return StoreError("pending", "the request is still waiting for a decision", secret=req.secret)
     if req.status == "denied":
-        return StoreError("denied", "the request was denied")
+        return StoreError("denied", "the request was denied", secret=req.secret)
     if req.status == "retrieved":
-        return StoreError("already_retrieved", "the value was already retrieved; make a new request")
+        return StoreError("already_retrieved", "the value was already retrieved; make a new request",
+                          secret=req.secret)
     if req.status == "expired" or req.expires_at <= now:
-        return StoreError("expired", "the request expired; make a new request")
+        return StoreError("expired", "the request expired; make a new request", secret=req.secret)
     return None
 
 
+def retrieval_refusal(req: Request) -> StoreError | None:
+    """Why a retrieval of `req` would be refused now, from a read; None if it may go ahead."""
+    return _retrieval_refusal(req, time.time())
+
+
 def check_secret_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise StoreError("invalid_request", "secret name must match [A-Za-z0-9_.-]{1,128}")

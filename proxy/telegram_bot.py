@@ -20,6 +20,7 @@ import html
 import logging
 import re
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,12 +34,12 @@ from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, Invali
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes
 
 from .state import ProxyState
-from .store import Request
+from .store import REQUEST_ID_RE, Request
 
 log = logging.getLogger("proxy.telegram")
 
 # Callback data is "a:<id>" or "d:<id>"; ids are "req_" + 32 URL-safe characters, so 38 bytes (limit 64).
-CALLBACK_RE = re.compile(r"([ad]):(req_[A-Za-z0-9_-]{32})")
+CALLBACK_RE = re.compile(rf"([ad]):({REQUEST_ID_RE.pattern})")
 POLL_TIMEOUT_SECONDS = 10  # long-poll length; stop() cancels a poll in flight, so it never waits this out
 FIRST_RETRY_SECONDS = 0.5
 SYNC_EVERY_SECONDS = 1.0  # catches decisions made by another process (the CLI) and expiry
@@ -118,12 +119,36 @@ def display_name(user: TelegramUser) -> str:
     return f"{name} @{user.username}" if user.username else name
 
 
+# Characters that could make a reason look like more than one line of text, or like the proxy's own
+# lines: controls (newlines, tabs, escapes), line and paragraph separators, bidirectional overrides and
+# isolates, zero-width and other invisible format characters, and lone surrogates.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
+def visible(text: str) -> str:
+    """`text` with every invisible or line-breaking character shown as a Python-style escape."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) not in _HIDDEN_CATEGORIES:
+            out.append(ch)
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _shown(text: str) -> str:
+    # Every agent-controlled field is escaped: the agent must not be able to forge markup, links, buttons or lines.
+    return html.escape(visible(text))
+
+
 def _request_lines(req: Request) -> list[str]:
-    # Every agent-controlled field is escaped: the agent must not be able to forge markup, links or buttons.
     return [
-        f"Agent: <code>{html.escape(req.agent)}</code>",
-        f"Secret: <code>{html.escape(req.secret)}</code>",
-        f"Reason: {html.escape(req.reason)}",
+        f"Agent: <code>{_shown(req.agent)}</code>",
+        f"Secret: <code>{_shown(req.secret)}</code>",
+        f"Reason: {_shown(req.reason)}",
     ]
 
 
@@ -168,8 +193,8 @@ def render_pending_list(requests: list[Request]) -> str:
     lines = [f"<b>{len(requests)} pending request{'s' if len(requests) != 1 else ''}</b>"]
     for req in requests[:PENDING_LIST_MAX]:
         reason = req.reason if len(req.reason) <= PENDING_REASON_CHARS else req.reason[:PENDING_REASON_CHARS] + "…"
-        lines.append(f"\n<code>{html.escape(req.id)}</code>\n<code>{html.escape(req.agent)}</code> asks for "
-                     f"<code>{html.escape(req.secret)}</code>: {html.escape(reason)}\n"
+        lines.append(f"\n<code>{html.escape(req.id)}</code>\n<code>{_shown(req.agent)}</code> asks for "
+                     f"<code>{_shown(req.secret)}</code>: {_shown(reason)}\n"
                      f"expires {utc(req.expires_at)}")
     if len(requests) > PENDING_LIST_MAX:
         lines.append(f"\n… and {len(requests) - PENDING_LIST_MAX} more "
@@ -420,7 +445,7 @@ class TelegramChannel:
     async def _wait_for_work(self) -> None:
         assert self._wake is not None
         woken = asyncio.ensure_future(self._wake.wait())
-        changed = asyncio.ensure_future(self.state.changes.wait(self.sync_every))
+        changed = asyncio.ensure_future(self.state.changes.wait_any(self.sync_every))
         try:
             await asyncio.wait({woken, changed}, timeout=self.sync_every, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -517,8 +542,8 @@ class TelegramChannel:
             assert request_id is not None
             approve = parsed.group(1) == "a"  # type: ignore[union-attr]
             # Durable before the approver hears back: the writer returns after the COMMIT.
+            # The write wakes the agent's `?wait=` when it returns (ProxyState.write).
             decision = await self.state.write(self.store.decide, request_id, approve, actor)
-            self.state.changes.notify()
             self._wake_sync()
             if decision.changed:
                 await self._answer(query.id, "Approved." if approve else "Denied.", alert=False)

@@ -33,23 +33,31 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     return load_settings(env={}, data_dir=tmp_path / "data", **overrides)
 
 
-def provision(settings: Settings) -> Proxy:
+def provision(settings: Settings, config: dict | None = None) -> Proxy:
+    """A data directory with three secrets and two agents; `config` goes to its config.toml,
+    where `proxy serve` in another process reads it too."""
     init_data_dir(settings)
-    store = Store(settings)
-    try:
+    if config:
+        (settings.data_dir / "config.toml").write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
+    with Store(settings) as store:
         store.set_secret("api-key", SECRET_VALUE.encode(), "operator:test")
         store.set_secret("other-key", b"other-value", "operator:test")
         store.set_secret("db-password", b"hunter2", "operator:test")
         alice = store.add_agent("alice", ["api-*"], "operator:test")
         bob = store.add_agent("bob", ["other-*"], "operator:test")
-    finally:
-        store.close()
     return Proxy(settings, alice, bob)
 
 
 @pytest.fixture
-def proxy_data(tmp_path: Path) -> Proxy:
-    return provision(make_settings(tmp_path))
+def proxy_settings() -> dict:
+    """Settings for `proxy_data` (and so `client` and `live`); override with
+    `@pytest.mark.parametrize("proxy_settings", [{"rate_burst": 3}])`."""
+    return {}
+
+
+@pytest.fixture
+def proxy_data(tmp_path: Path, proxy_settings: dict) -> Proxy:
+    return provision(make_settings(tmp_path, **proxy_settings), proxy_settings)
 
 
 @pytest.fixture(params=["in-process", "uvicorn"])

@@ -16,6 +16,8 @@ from proxy.store import Store
 
 from .conftest import SECRET_VALUE, Proxy, make_settings, provision
 
+WELL_FORMED_UNKNOWN = "req_" + "x" * 32
+
 
 def auth(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
@@ -26,11 +28,8 @@ def ask(client: TestClient, token: str, secret: str = "api-key", reason: str = "
 
 
 def decide(proxy: Proxy, request_id: str, approve: bool = True, actor: str = "operator:test"):
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         return store.decide(request_id, approve, actor)
-    finally:
-        store.close()
 
 
 def test_health_needs_no_token(client):
@@ -62,7 +61,7 @@ def test_full_round_trip_retrieves_once(client, proxy_data):
     assert client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token)).json()["error"] == "pending"
     assert decide(proxy_data, rid).changed
     status = client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).json()
-    assert status["status"] == "approved" and status["decided_by"] == "operator:test"
+    assert status["status"] == "approved" and status["decided_by"] == "operator"
     assert set(status) == {"id", "secret", "status", "reason", "created_at", "expires_at", "decided_at", "decided_by"}
 
     got = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
@@ -97,6 +96,7 @@ def test_a_decision_is_final(client, proxy_data):
     ({"secret": "api-key", "reason": "x", "ttl_seconds": 0}, "ttl zero"),
     ({"secret": "api-key", "reason": "x", "ttl_seconds": "60"}, "ttl not an int"),
     ({"secret": 5, "reason": "x"}, "name not a string"),
+    ({"secret": "api-key\n", "reason": "x"}, "newline after the name ($ would let it through)"),
 ])
 def test_invalid_bodies_are_refused(client, proxy_data, body, why):
     r = client.post("/v1/requests", json=body, headers=auth(proxy_data.token))
@@ -147,7 +147,7 @@ def test_another_agents_request_looks_unknown(client, proxy_data):
     for path in (f"/v1/requests/{rid}", f"/v1/requests/{rid}/secret"):
         r = client.get(path, headers=auth(proxy_data.other_token))
         assert r.status_code == 404 and r.json()["error"] == "not_found"
-    unknown = client.get("/v1/requests/req_doesnotexist", headers=auth(proxy_data.other_token))
+    unknown = client.get(f"/v1/requests/{WELL_FORMED_UNKNOWN}", headers=auth(proxy_data.other_token))
     assert unknown.json() == client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.other_token)).json()
     # and the owner can still retrieve it: the other agent's attempt consumed nothing
     assert client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token)).status_code == 200
@@ -229,13 +229,98 @@ def test_refusals_and_retrievals_are_audited(client, proxy_data):
     decide(proxy_data, rid)
     client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
     client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
-    store = Store(proxy_data.settings)
-    try:
+    with Store(proxy_data.settings) as store:
         actions = [(e.actor, e.action, e.detail.get("code")) for e in store.audit_entries()]
-    finally:
-        store.close()
     assert ("agent:alice", "request.refused", "forbidden") in actions
     assert ("agent:alice", "request.created", None) in actions
     assert ("operator:test", "request.approved", None) in actions
     assert ("agent:alice", "secret.retrieved", None) in actions
     assert ("agent:alice", "retrieval.refused", "already_retrieved") in actions
+
+
+def audit_entries(proxy: Proxy) -> list:
+    with Store(proxy.settings) as store:
+        return store.audit_entries()
+
+
+def db_bytes(proxy: Proxy) -> int:
+    return sum(p.stat().st_size for p in proxy.settings.data_dir.glob("proxy.db*"))
+
+
+def test_a_lone_surrogate_in_a_reason_is_invalid_not_a_500(client, proxy_data):
+    r = client.post("/v1/requests", content=b'{"secret": "api-key", "reason": "x \\ud800 y"}',
+                    headers={**auth(proxy_data.token), "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+def test_decided_by_names_a_role_not_a_person(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    decide(proxy_data, rid, actor="telegram:123456789")
+    status = client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).json()
+    assert status["decided_by"] == "approver" and "123456789" not in str(status)
+
+
+def test_a_flood_of_malformed_ids_costs_no_lookup_and_one_audit_entry(client, proxy_data):
+    """The issue's measurement: 300 retrievals of a 6,000-character id grew the database by 6 MB."""
+    before = db_bytes(proxy_data)
+    huge = "req_" + "A" * 6000
+    seen: dict = {}
+    for _ in range(300):
+        r = client.get(f"/v1/requests/{huge}/secret", headers=auth(proxy_data.token))
+        key = (r.status_code, r.json()["error"])
+        seen[key] = seen.get(key, 0) + 1
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+    assert set(seen) == {(400, "malformed_id"), (429, "rate_limited")}
+    assert 20 <= seen[(400, "malformed_id")] <= 30  # retrieve_burst is 20, refilled at 2/s meanwhile
+    mine = [e for e in audit_entries(proxy_data) if e.actor == "agent:alice"]
+    assert [(e.action, e.detail) for e in mine] == [("retrieval.refused", {"code": "malformed_id"}),
+                                                    ("retrieval.refused", {"code": "rate_limited"})]
+    assert all("AAAAAAAA" not in repr(e) for e in mine)  # the raw path never reaches the database
+    assert db_bytes(proxy_data) - before < 100_000
+
+
+@pytest.mark.parametrize("proxy_settings", [{"poll_burst": 20, "poll_rate_per_minute": 6}])
+def test_polls_and_retrievals_have_their_own_budgets(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    polls = [client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)) for _ in range(25)]
+    assert [r.status_code for r in polls].count(200) in (20, 21)
+    assert polls[-1].status_code == 429 and polls[-1].json()["error"] == "rate_limited"
+    assert int(polls[-1].headers["Retry-After"]) >= 1
+    # creating and retrieving are budgeted apart, and another agent is untouched
+    assert ask(client, proxy_data.token).status_code == 201
+    r = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
+    assert r.status_code == 409 and r.json()["error"] == "pending"
+    rid_bob = ask(client, proxy_data.other_token, secret="other-key").json()["id"]
+    assert client.get(f"/v1/requests/{rid_bob}", headers=auth(proxy_data.other_token)).status_code == 200
+
+
+@pytest.mark.parametrize("proxy_settings", [{"poll_burst": 2, "poll_rate_per_minute": 1}])
+def test_a_wait_takes_one_token_however_long_it_waits(client, proxy_data):
+    rid = ask(client, proxy_data.token).json()["id"]
+    threading.Timer(1.2, decide, args=(proxy_data, rid)).start()  # the sweeper looks in meanwhile
+    assert client.get(f"/v1/requests/{rid}?wait=10", headers=auth(proxy_data.token)).json()["status"] == "approved"
+    assert client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).status_code == 200
+    assert client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).status_code == 429
+
+
+@pytest.mark.parametrize("proxy_settings", [{"refusal_audit_window_seconds": 1.0}])
+def test_repeated_refusals_are_audited_as_one_counted_entry_per_window(client, proxy_data):
+    for _ in range(50):
+        r = ask(client, proxy_data.token, secret="db-password")  # outside alice's scope
+        if r.status_code == 429:
+            break
+        assert r.status_code == 403
+    for _ in range(30):
+        client.get(f"/v1/requests/{WELL_FORMED_UNKNOWN}/secret", headers=auth(proxy_data.token))
+    time.sleep(2.5)  # the window closes; the sweeper writes the counts
+    mine = [e for e in audit_entries(proxy_data) if e.actor == "agent:alice" and "refused" in e.action]
+    counted: dict = {}
+    for e in mine:
+        key = (e.action, e.detail["code"])
+        counted[key] = counted.get(key, 0) + e.detail.get("repeated", 1)
+    assert counted[("request.refused", "forbidden")] in (10, 11)  # the create burst; then rate_limited
+    assert counted[("request.refused", "rate_limited")] == 1
+    assert counted[("retrieval.refused", "not_found")] + counted[("retrieval.refused", "rate_limited")] == 30
+    assert 20 <= counted[("retrieval.refused", "not_found")] <= 23  # the retrieve burst, then 429
+    assert len(mine) <= 2 * len(counted)

@@ -53,11 +53,10 @@ def test_approve_deny_and_finality(tmp_path):
     proxy = provision(make_settings(tmp_path))
     from proxy.store import Store
 
-    store = Store(proxy.settings)
-    agent = store.authenticate(proxy.token)
-    first = store.create_request(agent, "api-key", "one", 60)
-    second = store.create_request(agent, "api-key", "two", 60)
-    store.close()
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        first = store.create_request(agent, "api-key", "one", 60)
+        second = store.create_request(agent, "api-key", "two", 60)
     data = proxy.settings.data_dir
     pending = cli(data, "requests", "list", "--status", "pending").stdout.decode()
     assert first.id in pending and second.id in pending
@@ -111,3 +110,29 @@ def test_demo_runs_end_to_end():
     r = subprocess.run([sys.executable, "-m", "proxy", "demo"], cwd=ROOT, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert b"demo passed" in r.stdout
+
+
+def test_audit_verify_detects_a_truncated_log_with_a_rewritten_head(tmp_path):
+    """Delete the last entries with sqlite3 and set the head to the new last hash: the issue's attack."""
+    import json
+
+    proxy = provision(make_settings(tmp_path))
+    data = proxy.settings.data_dir
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("DELETE FROM audit WHERE seq > 2")
+    seq, digest = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    head = json.loads(db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()[0])
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'",
+               (json.dumps({**head, "seq": seq, "hash": digest}),))
+    db.commit()
+    db.close()
+    bad = cli(data, "audit", "verify")
+    assert bad.returncode != 0 and b"NOT intact" in bad.stderr and b"head" in bad.stderr
+
+    db = sqlite3.connect(proxy.settings.db_path)  # and all of them, head included
+    db.execute("DELETE FROM audit")
+    db.execute("DELETE FROM meta WHERE key = 'audit_head'")
+    db.commit()
+    db.close()
+    gone = cli(data, "audit", "verify")
+    assert gone.returncode != 0 and b"head of the log is missing" in gone.stderr

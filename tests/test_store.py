@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -48,16 +49,13 @@ def test_ciphertext_moved_to_another_row_does_not_decrypt(tmp_path):
     db.execute("UPDATE secrets SET wrapped_key=?, ciphertext=? WHERE name='other-key'", (wrapped, ct))
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         agent = store.add_agent("mover", ["other-*"], "operator:test")
         agent_obj = store.authenticate(agent)
         req = store.create_request(agent_obj, "other-key", "r", 60)
         store.decide(req.id, True, "operator:test")
         with pytest.raises(crypto.CryptoError):
             store.retrieve(agent_obj, req.id)
-    finally:
-        store.close()
 
 
 def test_wrong_master_key_is_refused(tmp_path):
@@ -77,8 +75,7 @@ def _files_bytes(settings) -> bytes:
 
 def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "reason", 60)
         store.decide(req.id, True, "operator:test")
@@ -86,8 +83,6 @@ def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
         # the WAL still holds the pages while this connection is open
         assert (proxy.settings.data_dir / "proxy.db-wal").exists()
         on_disk = _files_bytes(proxy.settings)
-    finally:
-        store.close()
     key_hex = proxy.settings.key_path.read_text().strip()
     for needle in (SECRET_VALUE, proxy.token, proxy.other_token, key_hex, "hunter2"):
         assert needle.encode() not in on_disk
@@ -98,24 +93,20 @@ def test_no_secret_value_or_token_in_the_database_or_its_wal(tmp_path):
 
 def test_rotation_rewraps_and_values_still_open(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
     old_key = proxy.settings.key_path.read_text()
-    old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
-    store.rotate_master_key("operator:test")
-    new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
-    store.close()
+    with Store(proxy.settings) as store:
+        old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        store.rotate_master_key("operator:test")
+        new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
     assert proxy.settings.key_path.read_text() != old_key
     assert stat.S_IMODE(proxy.settings.key_path.stat().st_mode) == 0o600
     assert new_wrapped[0] != old_wrapped[0] and new_wrapped[1] == old_wrapped[1]  # value untouched
-    store = Store(proxy.settings)  # reopened from the new key file
-    try:
+    with Store(proxy.settings) as store:  # reopened from the new key file
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "after rotation", 60)
         store.decide(req.id, True, "operator:test")
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
         assert store.audit_verify() == []
-    finally:
-        store.close()
 
 
 def test_rotation_interrupted_before_commit_keeps_the_old_key(tmp_path):
@@ -124,30 +115,25 @@ def test_rotation_interrupted_before_commit_keeps_the_old_key(tmp_path):
     crypto.write_key_file(pending, crypto.new_master_key())  # crash: new key written, nothing committed
     ensure_key_rotation_finished(proxy.settings)
     assert not pending.exists()
-    store = Store(proxy.settings)
-    store.close()
+    with Store(proxy.settings):
+        pass
 
 
 def test_rotation_interrupted_after_commit_finishes_at_next_start(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
     real_replace = os.replace
     os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash before rename"))  # type: ignore[assignment]
     try:
-        with pytest.raises(OSError):
+        with Store(proxy.settings) as store, pytest.raises(OSError):
             store.rotate_master_key("operator:test")
     finally:
         os.replace = real_replace  # type: ignore[assignment]
-        store.close()
-    store = Store(proxy.settings)  # must pick up master.key.new
-    try:
+    with Store(proxy.settings) as store:  # must pick up master.key.new
         assert store.list_secrets()
         agent = store.authenticate(proxy.token)
         req = store.create_request(agent, "api-key", "r", 60)
         store.decide(req.id, True, "operator:test")
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
-    finally:
-        store.close()
 
 
 def test_tokens_are_stored_only_as_hashes(tmp_path):
@@ -161,13 +147,10 @@ def test_tokens_are_stored_only_as_hashes(tmp_path):
 
 def test_revoked_agent_cannot_authenticate(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.authenticate(proxy.token) is not None
         store.revoke_agent("alice", "operator:test")
         assert store.authenticate(proxy.token) is None
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("tamper", [
@@ -180,18 +163,14 @@ def test_revoked_agent_cannot_authenticate(tmp_path):
 ])
 def test_audit_verify_detects_tampering(tmp_path, tamper):
     proxy = provision(make_settings(tmp_path))
-    store = Store(proxy.settings)
-    assert store.audit_verify() == []
-    store.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
     db = sqlite3.connect(proxy.settings.db_path)
     db.executescript(tamper)
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.audit_verify() != []
-    finally:
-        store.close()
 
 
 def test_audit_rows_swapped_in_place_are_detected(tmp_path):
@@ -206,8 +185,148 @@ def test_audit_rows_swapped_in_place_are_detected(tmp_path):
     db.execute(f"UPDATE audit SET {sets} WHERE seq = 3", a)
     db.commit()
     db.close()
-    store = Store(proxy.settings)
-    try:
+    with Store(proxy.settings) as store:
         assert store.audit_verify() != []
-    finally:
-        store.close()
+
+
+def _truncate_and_rewrite_head(db_path, keep: int) -> None:
+    """The issue's attack: delete the last entries, then point the head at what is left."""
+    db = sqlite3.connect(db_path)
+    db.execute("DELETE FROM audit WHERE seq > ?", (keep,))
+    last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if last is None:
+        db.execute("DELETE FROM meta WHERE key = 'audit_head'")
+    else:
+        head = json.loads(db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()[0])
+        head.update(seq=last[0], hash=last[1])  # the old MAC stays: the attacker cannot make a new one
+        db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps(head),))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("keep", [3, 0])
+def test_truncating_the_audit_log_and_rewriting_its_head_is_detected(tmp_path, keep):
+    proxy = provision(make_settings(tmp_path))
+    _truncate_and_rewrite_head(proxy.settings.db_path, keep)
+    with Store(proxy.settings) as store:
+        problems = store.audit_verify()
+    assert problems and ("head" in problems[0])
+
+
+def test_an_empty_log_with_a_forged_genesis_head_is_detected(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("DELETE FROM audit")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'",
+               (json.dumps({"seq": 0, "hash": "0" * 64, "mac": "0" * 64}),))
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == ["the recorded head of the log does not match its MAC (rewritten)"]
+
+
+def test_a_fresh_database_verifies_and_so_does_each_append(tmp_path):
+    settings = make_settings(tmp_path)
+    init_data_dir(settings)
+    with Store(settings) as store:
+        assert store.audit_entries() == [] and store.audit_verify() == []
+        store.set_secret("k", b"v", "operator:test")
+        assert store.audit_verify() == []
+
+
+def test_a_version_1_database_is_migrated(tmp_path):
+    """Schema 1: `agents.revoked_at` and an audit head without a MAC."""
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("ALTER TABLE agents ADD COLUMN revoked_at REAL")
+    last_hash = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (last_hash,))
+    db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
+        assert store.authenticate(proxy.token) is not None
+    db = sqlite3.connect(proxy.settings.db_path)
+    assert "revoked_at" not in [c[1] for c in db.execute("PRAGMA table_info(agents)")]
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    db.close()
+
+
+def test_a_truncated_version_1_log_is_not_blessed_by_the_migration(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    last_hash = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (last_hash,))
+    db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() != []
+
+
+def test_a_running_store_follows_a_rotation_made_by_another(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    with Store(proxy.settings) as server:
+        agent = server.authenticate(proxy.token)
+        req = server.create_request(agent, "api-key", "before rotation", 60)
+        server.decide(req.id, True, "operator:test")
+        with Store(proxy.settings) as cli:
+            cli.rotate_master_key("operator:test")
+        assert server.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
+        assert server.audit_verify() == []
+
+
+def test_a_value_that_does_not_decrypt_is_not_recorded_as_retrieved(tmp_path):
+    proxy = provision(make_settings(tmp_path))
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        store._conn().execute("UPDATE secrets SET ciphertext = ? WHERE name = 'api-key'", (b"\x01" + b"0" * 40,))
+        with pytest.raises(crypto.CryptoError):
+            store.retrieve(agent, req.id)
+        assert store.get_request(req.id).status == "approved"
+        assert "secret.retrieved" not in [e.action for e in store.audit_entries()]
+
+
+def test_key_bytes_stay_inside_crypto():
+    key, audit_key = crypto.new_master_key(), crypto.new_audit_key()
+    for obj in (key, audit_key):
+        assert not hasattr(obj, "raw") and not hasattr(obj, "__dict__")
+        assert "_raw" not in repr(obj)
+    assert not hasattr(crypto.MasterKey, "derive")
+
+
+def test_a_proxy_starting_during_a_rotation_waits_for_it_instead_of_deleting_the_new_key(tmp_path):
+    """A start in the middle of a rotation used to delete master.key.new before the rotation committed."""
+    import threading
+
+    proxy = provision(make_settings(tmp_path))
+    pending = proxy.settings.key_path.with_suffix(".key.new")
+    with Store(proxy.settings) as rotating:
+        starters: list[threading.Thread] = []
+        real_rewrap = crypto.rewrap
+
+        def slow_rewrap(*args):  # the rotation, holding the write lock with the new key written
+            starting = threading.Thread(target=ensure_key_rotation_finished, args=(proxy.settings,))
+            starting.start()
+            starting.join(0.5)
+            assert starting.is_alive() and pending.exists()  # the starting proxy waits
+            starters.append(starting)
+            return real_rewrap(*args)
+
+        crypto.rewrap = slow_rewrap  # type: ignore[assignment]
+        try:
+            new_id = rotating.rotate_master_key("operator:test")
+        finally:
+            crypto.rewrap = real_rewrap  # type: ignore[assignment]
+        for starting in starters:
+            starting.join(10)
+    assert crypto.read_key_file(proxy.settings.key_path).key_id == new_id and not pending.exists()
+    with Store(proxy.settings) as store:
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "r", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()

@@ -83,10 +83,11 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         assert demo.returncode == 0, output[-3000:]
 
         # The approval came from Telegram: a stranger was refused, the approver decided.
-        assert f"approved by telegram:{APPROVER}" in output
+        assert "approved by approver" in output  # the agent learns a role, not the approver's id
         assert "not" in emu.answer_for(taps["stranger"])["text"].lower()
         closed = emu.message(CHAT, taps["message"]["message_id"])
         assert not (closed.get("reply_markup") or {}).get("inline_keyboard") and "Approved" in closed["text"]
+        assert str(APPROVER) in closed["text"]  # the approvers see who decided
         # The agent got the host's value once; its every other way in was closed (checked by the demo).
         assert "the value the host stored" in output and "again → 410 already_retrieved" in output
         for line in ("read the host's disk", "connect to the host's monitor"):

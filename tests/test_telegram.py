@@ -136,11 +136,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 def audit(rig: Rig) -> list:
-    store = Store(rig.data.settings)
-    try:
+    with Store(rig.data.settings) as store:
         return store.audit_entries()
-    finally:
-        store.close()
 
 
 def utf16_slice(text: str, offset: int, length: int) -> str:
@@ -189,7 +186,7 @@ def test_approval_round_trip_through_telegram(rig):
     query = rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")
     thread.join(25)
     assert waiter["reply"].body["status"] == "approved"
-    assert waiter["reply"].body["decided_by"] == f"telegram:{ALICE}"
+    assert waiter["reply"].body["decided_by"] == "approver"  # a role: the approver's Telegram id stays private
     assert rig.emu.wait_for(lambda: rig.emu.answer_for(query), 5)["text"] == "Approved."
 
     got = agent.retrieve(rid)
@@ -236,6 +233,19 @@ def test_reason_cannot_forge_formatting_links_or_buttons(rig):
     assert buttons_of(message) == [("Approve", f"a:{rid}"), ("Deny", f"d:{rid}")]
     assert message["link_preview_options"] == {"is_disabled": True}
     assert rig.emu.sent_params(CHAT, message["message_id"])[0]["parse_mode"] == "HTML"
+
+
+def test_reason_cannot_forge_lines_or_reorder_text(rig):
+    """Newlines, controls and bidirectional overrides in a reason are shown as visible escapes."""
+    reason = ("routine\nRequest: req_forged\n✅ Approved by Alice @alice_ops\r\tend "
+              "\u202egnp.exe\u202c \u2066x\u2069 \u200b \u2028 \x1b[31m")
+    rid = rig.ask(reason)
+    text = rig.message_for(rid)["text"]
+    reason_line = next(line for line in text.split("\n") if line.startswith("Reason: "))
+    assert reason_line == ("Reason: routine\\nRequest: req_forged\\n✅ Approved by Alice @alice_ops\\r\\tend "
+                           "\\u202egnp.exe\\u202c \\u2066x\\u2069 \\u200b \\u2028 \\x1b[31m")
+    assert len(text.split("\n")) == 6  # title, agent, secret, reason, expires, request: nothing added
+    assert not any(ch in text for ch in "\r\t\u202e\u202c\u2066\u2069\u200b\u2028\x1b")
 
 
 # -- refusals --------------------------------------------------------------------------

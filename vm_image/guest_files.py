@@ -34,6 +34,8 @@ ExecStartPre=/bin/sh -c 'test -e {DATA_DIR}/master.key || exec {VENV}/bin/python
 ExecStart={VENV}/bin/python -I -m proxy serve --host 0.0.0.0 --port {PROXY_PORT}
 Restart=on-failure
 RestartSec=2
+# Above the proxy's connection limit (max_connections, 2048): a flood gets 503s, not a failing accept().
+LimitNOFILE=4096
 NoNewPrivileges=yes
 PrivateTmp=yes
 ProtectSystem=strict

@@ -1,0 +1,85 @@
+"""Notice another process's commit to the database at once, with inotify (Linux, via ctypes).
+
+A commit by the CLI (over SSH, in another process) writes the database's WAL, and
+the CLI closes the file when it is done; both raise inotify events on the data
+directory. The first write comes before the commit is visible to readers (SQLite
+publishes it in the shared-memory index after its fsync, which raises no event),
+so one event is followed by a second look a little later, and the close event
+comes after the commit in any case. Where inotify is missing the caller polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("proxy")
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+SECOND_LOOK_SECONDS = 0.01
+
+
+class DirectoryWatch:
+    """Calls `on_change` on the event loop after files in `directory` are written."""
+
+    def __init__(self, directory: Path, on_change: Callable[[], object]) -> None:
+        self.directory = directory
+        self.on_change = on_change
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._second_look: asyncio.TimerHandle | None = None
+
+    def start(self) -> bool:
+        """Start watching; False when inotify is unavailable (not Linux, or out of watches)."""
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return False
+        fd = init(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            log.warning("inotify unavailable (%s); waiting agents learn of CLI decisions by polling",
+                        os.strerror(ctypes.get_errno()))
+            return False
+        mask = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+        if add_watch(fd, os.fsencode(self.directory), mask) < 0:
+            log.warning("cannot watch %s (%s); waiting agents learn of CLI decisions by polling",
+                        self.directory, os.strerror(ctypes.get_errno()))
+            os.close(fd)
+            return False
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(fd, self._on_readable)
+        return True
+
+    def stop(self) -> None:
+        if self._second_look is not None:
+            self._second_look.cancel()
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def _on_readable(self) -> None:
+        try:
+            while os.read(self._fd, 65536):  # drain: many events, one look
+                pass
+        except BlockingIOError:
+            pass
+        self.on_change()
+        if self._second_look is None and self._loop is not None:
+            self._second_look = self._loop.call_later(SECOND_LOOK_SECONDS, self._look_again)
+
+    def _look_again(self) -> None:
+        self._second_look = None
+        self.on_change()
