@@ -129,9 +129,10 @@ def test_a_kvm_that_runs_guests_is_chosen_and_kept(tmp_path):
 
 
 def test_a_qemu_that_refuses_kvm_at_once_means_tcg(tmp_path):
-    qemu = stand_in(tmp_path / "refusing-kvm", "echo 'failed to initialize kvm' >&2; exit 1")
+    qemu = stand_in(tmp_path / "refusing-kvm", "echo 'failed to initialize kvm: Permission denied' >&2; exit 1")
     verdict = kvm_verdict(probe_with(qemu, tmp_path / "cache"))
     assert not verdict.runs and "exited with status 1" in verdict.detail
+    assert "QEMU said: failed to initialize kvm" in verdict.detail
     assert verdict.seconds < 1
 
 
