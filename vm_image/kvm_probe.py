@@ -67,12 +67,13 @@ class Probe:
     uid: int = field(default_factory=os.getuid)
 
 
-def kvm_usable(probe: Probe = Probe()) -> bool:
+def kvm_usable(probe: Probe | None = None) -> bool:
     """KVM only when /dev/kvm opens read-write for this user and a guest really runs on it."""
     return kvm_verdict(probe).runs
 
 
-def kvm_verdict(probe: Probe = Probe()) -> Verdict:
+def kvm_verdict(probe: Probe | None = None) -> Verdict:
+    probe = probe or Probe()
     try:
         fd = os.open(probe.device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
