@@ -68,7 +68,11 @@ class Watchdog:
     def arm_launch(self, seconds: float) -> None:
         """Before `launch()`: on expiry, kill every child of ours that was not there before."""
         before = set(_children(os.getpid()))
-        self._arm(seconds, "launch", lambda: [pid for pid, ticks in _children(os.getpid()) if (pid, ticks) not in before])
+
+        def started_since() -> list[int]:
+            return [pid for pid, ticks in _children(os.getpid()) if (pid, ticks) not in before]
+
+        self._arm(seconds, "launch", started_since)
 
     def arm_session(self, seconds: float, appliance_pid: int) -> None:
         """After a launch: on expiry, kill the appliance's QEMU (the pid, at its start time) and nothing else."""

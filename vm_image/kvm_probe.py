@@ -2,11 +2,13 @@
 
 Opening /dev/kvm proves little: on a paravirtual KVM (dmesg `kvm-pvm: loaded`, no
 vmx/svm in /proc/cpuinfo) QEMU starts, and even a paused QEMU looks healthy, but an
-ordinary guest's vCPU spins at 100 % forever and prints nothing. So the probe boots
-real guest code: a 64 KiB firmware of our own whose reset vector writes a marker
-(with a fresh nonce) to the serial port and then exits QEMU through isa-debug-exit.
-The marker within PROBE_SECONDS means guests run; silence means they do not, and the
-caller uses TCG.
+ordinary guest's vCPU spins at 100 % forever and prints nothing (there it runs
+real-mode code, then hangs at the switch to protected mode). So the probe boots real
+guest code: a 64 KiB firmware of our own that goes from the reset vector through
+protected mode to long mode with paging, as a Linux boot does, then writes a marker
+(with a fresh nonce) to the serial port and exits QEMU through isa-debug-exit. The
+marker within PROBE_SECONDS means guests run; anything else means they do not, and
+the caller uses TCG.
 
 The verdict is cached per boot of the host (/proc/sys/kernel/random/boot_id), per uid
 and per QEMU binary, in a directory only that uid can write (root: /run/secret-proxy-vm,
@@ -50,7 +52,7 @@ FIRMWARE_CODE = bytes.fromhex(
 @dataclass(frozen=True)
 class Verdict:
     runs: bool
-    detail: str  # what was seen, for the user: "marker after 0.3 s", "no output within 5 s"
+    detail: str  # what was seen, for the user: how far the test guest got, or why QEMU stopped
     seconds: float
 
 
@@ -65,12 +67,13 @@ class Probe:
     uid: int = field(default_factory=os.getuid)
 
 
-def kvm_usable(probe: Probe = Probe()) -> bool:
+def kvm_usable(probe: Probe | None = None) -> bool:
     """KVM only when /dev/kvm opens read-write for this user and a guest really runs on it."""
     return kvm_verdict(probe).runs
 
 
-def kvm_verdict(probe: Probe = Probe()) -> Verdict:
+def kvm_verdict(probe: Probe | None = None) -> Verdict:
+    probe = probe or Probe()
     try:
         fd = os.open(probe.device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -94,15 +97,15 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
     marker = f"spvm-guest-runs-{secrets.token_hex(4)}"
     cpu = "host" if accel == "kvm" else "max"
     with tempfile.TemporaryDirectory(prefix="spvm-kvm-probe-") as tmp:
-        firmware, serial = Path(tmp) / "probe.bin", Path(tmp) / "serial.out"
+        firmware, serial, log = Path(tmp) / "probe.bin", Path(tmp) / "serial.out", Path(tmp) / "qemu.log"
         firmware.write_bytes(probe_firmware(marker))
         argv = [binary, "-machine", "q35", "-accel", accel, "-cpu", cpu, "-m", "32", "-nodefaults",
                 "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot", "-bios", str(firmware),
                 "-serial", f"file:{serial}", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
         started = time.monotonic()
         # A new session, so a stand-in that forks (or QEMU's helpers) is killed with its group.
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(log, "wb") as out:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         try:
             code = child.wait(deadline)
         except subprocess.TimeoutExpired:
@@ -114,14 +117,16 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
             seen = serial.read_bytes()[:4096].decode("ascii", "replace")
         except OSError:
             seen = ""
+        said = log.read_bytes()[-300:].decode(errors="replace").strip().splitlines()
     if marker in seen and code == (EXIT_CODE << 1) | 1:
         return Verdict(True, f"a test guest ran under {accel} (real, protected and long mode) and answered "
                              f"after {seconds:.1f} s", seconds)
     if code is None:
         return Verdict(False, f"a test guest under {accel} did not finish within {deadline:.0f} s: "
                               f"{_stages(seen)}", seconds)
+    why = f" (QEMU said: {said[-1]})" if said else ""
     return Verdict(False, f"QEMU with -accel {accel} exited with status {code} before the test guest answered: "
-                          f"{_stages(seen)}", seconds)
+                          f"{_stages(seen)}{why}", seconds)
 
 
 def probe_firmware(marker: str) -> bytes:

@@ -34,11 +34,12 @@ class VmConfig:
     seed: Path | None = None  # cloud-init NoCloud seed, attached read-only (--base-image)
 
 
-def choose_accel(requested: str, probe: kvm_probe.Probe = kvm_probe.Probe()) -> str:
+def choose_accel(requested: str, probe: kvm_probe.Probe | None = None) -> str:
     """The accelerator for `requested` (auto, kvm or tcg); vm_image and the takeover both ask here.
 
     KVM only when a test guest really runs on it (kvm_probe; the verdict is kept for this boot).
     """
+    probe = probe or kvm_probe.Probe()
     if requested not in ("auto", "kvm", "tcg"):
         raise BadInput(f"--accel must be auto, kvm or tcg, not {requested!r}")
     if requested == "tcg":
