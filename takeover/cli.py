@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError
+from .files import check_trusted_parent
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
@@ -45,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HOST:PORT for the proxy (default: the address the agent's VM used)")
     vm.add_argument("--ssh-listen", type=Endpoint.parse, default=DEFAULT_SSH,
                     help=f"host-only HOST:PORT forwarded to the VM's SSH (default {DEFAULT_SSH})")
-    vm.add_argument("--proxy-config", type=Path, help="TOML with the proxy's settings (Telegram) to install, 0600")
+    vm.add_argument("--proxy-config", type=Path,
+                    help="TOML with the proxy's settings (Telegram) to install: root's, 0600, in root-only directories")
+    vm.add_argument("--allow-telegram-api-url", metavar="URL",
+                    help="accept this telegram_api_url in --proxy-config (a Bot API server you run yourself); "
+                         "any URL but https://api.telegram.org is refused without it")
     vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
     vm.add_argument("--no-reinstall-venv", action="store_true",
                     help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
@@ -91,11 +96,14 @@ def resolve_accel(requested: str) -> str:
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     if args.command != "run":
         return TakeoverConfig(host_dir=args.host_dir)
+    if args.token_file is not None:
+        check_trusted_parent(args.token_file, "--token-file")  # refuse now, not after the VM is taken over
     return TakeoverConfig(
         host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
         proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=resolve_accel(args.accel),
-        keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
+        keep_source=args.keep_source, proxy_config=args.proxy_config,
+        allow_telegram_api_url=args.allow_telegram_api_url, agent_name=args.agent_name,
         agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv, rebuild_system=not args.keep_agent_system,
         cache_dir=args.cache_dir, replace_modules=not args.no_replace_modules,

@@ -270,7 +270,8 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     progress = progress or Progress()
     if cfg.agent_name is not None and (not AGENT_NAME.match(cfg.agent_name) or not SECRET_PATTERNS.match(cfg.agent_secrets)):
         raise InvalidInput(f"--agent-name must match {AGENT_NAME.pattern} and --agent-secrets {SECRET_PATTERNS.pattern}")
-    proxy_config = read_proxy_config(cfg.proxy_config) if cfg.proxy_config else None
+    proxy_config = (read_proxy_config(cfg.proxy_config, allow_telegram_api_url=cfg.allow_telegram_api_url)
+                    if cfg.proxy_config else None)
     if (cfg.kernel is None) != (cfg.initrd is None):
         raise InvalidInput("--kernel and --initrd go together")
     for path in (cfg.kernel, cfg.initrd):
