@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from .files import check_trusted_parent
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
+from .terminal import show
 from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
 
 
@@ -111,27 +113,37 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     )
 
 
+def json_text(data: object) -> str:
+    # ensure_ascii escapes every control and non-ASCII character but DEL; escape that too, and the
+    # text stays valid JSON that `show` passes through unchanged.
+    return json.dumps(data, indent=2).replace("\x7f", "\\u007f")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every line below reaches root's terminal through `show`, which escapes control sequences:
+    # paths, names and answers in these messages may be the agent's.
     try:
         cfg = config_from_args(args)
         if args.command == "run":
             report, text = run_takeover(cfg, Progress())
-            print(json.dumps(report, indent=2) if args.json else text)
+            show(json_text(report) if args.json else text)
         elif args.command == "rollback":
-            print(json.dumps(roll_back(cfg, Progress(), cold=args.cold), indent=2))
+            show(json_text(roll_back(cfg, Progress(), cold=args.cold)))
         elif args.command == "start":
-            print(json.dumps(start_host_vm(cfg), indent=2))
+            show(json_text(start_host_vm(cfg)))
         elif args.command == "stop":
-            print(json.dumps(stop_host_vm(cfg), indent=2))
+            show(json_text(stop_host_vm(cfg)))
         else:
-            print(json.dumps(status(cfg), indent=2))
+            show(json_text(status(cfg)))
     except TakeoverError as err:
-        print(f"takeover: {err}\n  what to do: {err.hint}", file=sys.stderr)
+        show(f"takeover: {err}\n  what to do: {err.hint}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("takeover: interrupted; the journal records how far it got. Rerun to resume, or roll back.",
-              file=sys.stderr)
+        show("takeover: interrupted; the journal records how far it got. Rerun to resume, or roll back.", sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug; its traceback may quote the agent's strings, so escape it too
+        show(traceback.format_exc(), sys.stderr)
+        return 1
     return 0
