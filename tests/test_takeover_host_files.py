@@ -1,9 +1,11 @@
-"""The operator's files and screen against an agent on the same machine (issue 11; docs/threat-model.md).
+"""The operator's files, screen and ports against an agent on the same machine (issue 11; docs/threat-model.md).
 
-Each attack is played by a real unprivileged user (`nobody`) on real files and
-directories: a proxy config or token file reached through a directory or link
-the agent controls, a Bot API URL that points back at the host, and control
-sequences in strings the agent wrote that would otherwise reach root's terminal.
+Each attack is played by a real unprivileged user (`nobody`) on real files,
+directories, processes and ports: a proxy config or token file reached through
+a directory or link the agent controls, a Bot API URL that points back at the
+host, control sequences in strings the agent wrote that would otherwise reach
+root's terminal, and, after a host reboot, an agent's process at the old pid
+of the host's QEMU while the agent holds the proxy's port.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import os
 import pwd
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -19,15 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from takeover.config import read_proxy_config
+from takeover import proc
+from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
-from takeover.files import create_private_under_trusted_dirs
-from takeover.models import Endpoint
+from takeover.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
+from takeover.journal import DONE, STEPS, Journal
+from takeover.models import Endpoint, SourceVM
+from takeover.relocate import DISK_NAME
 from takeover.report import summary
+from takeover.restart import QemuIdentity, current_boot_id, identity_path, read_identity
+from takeover.runbook import _finished_vm
 from takeover.terminal import printable
 from takeover.verify import SSHTarget, create_agent_token
 
-from .test_takeover_support import write_ready
+from .test_takeover_support import MonitorOnlyQemu, make_qcow2
+from .vm_fixtures import free_port
 
 pytestmark = pytest.mark.root
 
@@ -246,3 +256,155 @@ def test_summary_keeps_each_agent_string_on_its_own_escaped_line(work):
     text = summary(report)
     assert "\x1b" not in text
     assert "  seen: /home/agent/.bashrc\\x0aTakeover complete.\\x1b[2J" in text.splitlines()
+
+
+# -- `takeover start` after a host reboot: stale pidfiles and squatted ports -----------------------
+
+AGENT_PROXY = r"""
+import http.server, os, sys
+class Fake(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # a fake proxy: /health 200, so a start that believed it would look healthy
+        self.send_response(200); self.end_headers(); self.wfile.write(b'{"status": "ok"}')
+    def log_message(self, *a): pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Fake)
+print(os.getpid(), flush=True)
+server.serve_forever()
+"""
+
+
+def halting_kernel(path: Path) -> Path:
+    """A multiboot image of four instructions (cli; hlt): QEMU really runs it, and it idles at once."""
+    magic, flags, base = 0x1BADB002, 0x00010000, 0x100000  # flags: load addresses given in the header
+    header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF, base, base, 0, 0, base + 32)
+    root_file(path, "", 0o600)
+    path.write_bytes(header + bytes([0xFA, 0xF4, 0xEB, 0xFD]) + bytes(28))
+    return path
+
+
+@pytest.fixture
+def finished(work):
+    """A host directory as a finished takeover leaves it, built by hand: journal, disk, boot files."""
+    host_dir = ensure_host_dir(work / "host")
+    make_qcow2(host_dir / DISK_NAME)
+    boot = host_dir / "boot"
+    boot.mkdir(mode=0o700)
+    kernel = halting_kernel(boot / "vmlinuz")
+    root_file(boot / "initrd.img", "initrd", 0o600)
+    proxy, ssh = Endpoint("127.0.0.1", free_port()), Endpoint("127.0.0.1", free_port())
+    journal = Journal.new(host_dir, {"runner": "qemu", "qemu_user": None, "accel": "tcg", "ssh_listen": str(ssh)})
+    source = SourceVM(monitor="/nonexistent/qmp.sock", disk="/nonexistent/disk.qcow2", disk_dev=0, disk_ino=0,
+                      disk_uid=agent_ids()[0], pid=1, pid_start_ticks=0, uid=agent_ids()[0], gid=agent_ids()[1],
+                      groups=[], cwd="/", cmdline=[], proxy=proxy, memory_mb=64, cpus=1, block_nodes=[],
+                      vmstate_node="")
+    results = {"find_vm": source.to_dict(),
+               "scrub": {"boot": {"kernel": str(kernel), "initrd": str(boot / "initrd.img"), "version": "test",
+                                  "append": "console=ttyS0", "source": "test"}}}
+    for step in STEPS:
+        journal.begin(step)
+        journal.finish(step, results.get(step, {}))
+    journal.set_state(DONE)
+    spec, runner = _finished_vm(TakeoverConfig(host_dir=host_dir))
+    assert spec.ssh_listen == ssh and spec.proxy_listen == proxy
+    yield host_dir, spec, runner
+    runner.stop(spec)
+
+
+def agent_listens(port: int) -> tuple[subprocess.Popen, int]:
+    """The agent serves a fake proxy on `port`; returns the process and the server's own pid."""
+    server = subprocess.Popen(["runuser", "-u", AGENT, "--", sys.executable, "-c", AGENT_PROXY, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    return server, int(server.stdout.readline())
+
+
+def stop_server(server: subprocess.Popen, pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)  # the server itself: runuser does not pass SIGKILL on
+    except ProcessLookupError:
+        pass
+    server.wait(30)
+
+
+def agent_qemu_naming(work: Path, disk: Path) -> MonitorOnlyQemu:
+    """A real QEMU of the agent's whose command line carries the host's disk path (as a -name)."""
+    home = agent_dir(work / "agent-qemu")
+    monitor, pidfile = home / "qmp.sock", home / "qemu.pid"
+    subprocess.run(["runuser", "-u", AGENT, "--", "qemu-system-x86_64", "-machine", "none", "-nodefaults",
+                    "-display", "none", "-name", f"decoy-{disk}", "-qmp", f"unix:{monitor},server=on,wait=off",
+                    "-daemonize", "-pidfile", str(pidfile)], check=True, timeout=60)
+    pid = int(pidfile.read_text())
+    return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile)
+
+
+def test_start_after_a_reboot_ignores_the_agents_process_at_the_old_pid_and_names_the_squatter(work, finished):
+    host_dir, spec, runner = finished
+    decoy = agent_qemu_naming(work, spec.disk)
+    proxy_squatter, proxy_pid = agent_listens(spec.proxy_listen.port)
+    ssh_squatter, ssh_pid = agent_listens(spec.ssh_listen.port)
+    try:
+        # After the reboot the pidfile names the old pid, which is now the agent's QEMU with the disk's path in
+        # its arguments. Before: "already running", while the agent served the proxy's port.
+        spec.pidfile.write_text(f"{decoy.pid}\n")
+        assert runner.pid(spec) is None
+        # Even an identity recorded at start does not carry over a reboot (another boot id).
+        write_json_atomic(identity_path(spec), QemuIdentity("another-boot", decoy.pid, decoy.ticks, 0,
+                                                            "/usr/bin/qemu-system-x86_64", 0, 0).to_dict())
+        assert runner.pid(spec) is None
+
+        result = takeover_cli("start", "--host-dir", str(host_dir))
+        assert result.returncode == 1, result.stdout
+        assert "already running" not in result.stdout
+        uid = agent_ids()[0]
+        assert f"{spec.proxy_listen} (the proxy's port) is held by pid {proxy_pid} (uid {uid} {AGENT}" in result.stderr
+        assert "what to do:" in result.stderr
+
+        stop_server(proxy_squatter, proxy_pid)
+        result = takeover_cli("start", "--host-dir", str(host_dir))
+        assert result.returncode == 1
+        assert f"{spec.ssh_listen} (the host's SSH forward) is held by pid {ssh_pid} (uid {uid}" in result.stderr
+        assert decoy.alive()  # refused without touching anyone's process
+        assert not any(str(spec.disk) in arg and "decoy" not in arg
+                       for pid in proc_pids() for arg in cmdline(pid))  # no host QEMU was started
+    finally:
+        stop_server(proxy_squatter, proxy_pid)
+        stop_server(ssh_squatter, ssh_pid)
+        decoy.kill()
+
+
+def test_start_knows_the_hosts_qemu_by_pid_start_time_owner_and_binary(work, finished):
+    host_dir, spec, runner = finished
+    pid = runner.start(spec)  # the real runner, a real QEMU (running a guest that only halts)
+    st = os.stat(identity_path(spec))
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o600
+    identity = read_identity(identity_path(spec))
+    assert (identity.pid, identity.start_ticks, identity.uid) == (pid, proc.start_ticks(pid), 0)
+    assert identity.boot_id == current_boot_id()
+    assert runner.pid(spec) == pid
+
+    result = takeover_cli("start", "--host-dir", str(host_dir))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"started": False, "pid": pid, "detail": "already running"}
+
+    # The record names this process only: a pidfile of another's, or an owner not root's or QEMU's, does not match.
+    decoy = agent_qemu_naming(work, spec.disk)
+    try:
+        spec.pidfile.write_text(f"{decoy.pid}\n")
+        assert runner.pid(spec) == pid
+        write_json_atomic(identity_path(spec), {**identity.to_dict(), "pid": decoy.pid,
+                                                "start_ticks": decoy.ticks})
+        assert runner.pid(spec) is None  # right boot, start time and binary, but the agent's uid
+    finally:
+        decoy.kill()
+    write_json_atomic(identity_path(spec), identity.to_dict())
+    assert runner.stop(spec) and not proc.alive(pid, identity.start_ticks)
+    assert not identity_path(spec).exists()
+
+
+def proc_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
