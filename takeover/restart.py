@@ -37,10 +37,11 @@ from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from . import proc
-from .errors import RestartError
+from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
 from .monitor import Monitor
+from .verify import listener_pids, wait_for_health
 
 GUEST_PROXY_PORT = 3737
 GUEST_SSH_PORT = 22
@@ -170,8 +171,6 @@ def exe_inode(pid: int) -> tuple[int, int]:
 
 def port_holders(endpoint: Endpoint) -> list[str]:
     """Who listens on `endpoint`'s port: "pid N (uid U user, EXE)" from /proc/net/tcp and /proc/*/fd."""
-    from .verify import listener_pids
-
     found = []
     for pid in sorted(listener_pids(endpoint)):
         try:
@@ -196,10 +195,10 @@ def check_port_free(endpoint: Endpoint, what: str) -> None:
             return
         except OSError as exc:
             reason = exc.strerror
-    holders = port_holders(endpoint)
+    holders = ", ".join(port_holders(endpoint)) or f"a process this host cannot name ({reason})"
     raise RestartError(
-        f"{endpoint} ({what}) is held by {', '.join(holders) if holders else f'a process this host cannot name ({reason})'}; "
-        f"the host's VM must listen there, and whoever holds it could pose as the {what}",
+        f"{endpoint} ({what}) is held by {holders}; the host's VM must listen there, and whoever holds it "
+        f"would answer in the VM's place",
         hint=f"find and stop that process (`ss -ltnp 'sport = :{endpoint.port}'`); if it is the agent's, it is "
              f"posing as the VM. Then rerun `python -m takeover start`")
 
@@ -211,9 +210,6 @@ def check_ports_free(spec: HostVMSpec) -> None:
 
 def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
     """/health answers through the proxy's port, and the only process listening there is the host's QEMU."""
-    from .errors import VerifyError
-    from .verify import listener_pids, wait_for_health
-
     ticks = proc.start_ticks(pid)
     try:
         seconds = wait_for_health(spec.proxy_listen, timeout, lambda: proc.alive(pid, ticks))
