@@ -132,9 +132,9 @@ def open_trusted_dir(path: Path, what: str) -> int:
             try:
                 nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
-                kind = ("a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
-                        else exc.strerror)
-                raise InvalidInput(f"{what}: {walked} is {kind}; the path must be real directories, no links",
+                kind = ("is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                        else f"cannot be opened ({exc.strerror})")
+                raise InvalidInput(f"{what}: {walked} {kind}; the path must be real directories, no links",
                                    hint=f"give {what} a path of plain root-owned directories") from None
             os.close(fd)
             fd = nxt
