@@ -19,8 +19,8 @@ from .files import check_trusted_parent
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
-from .terminal import show
 from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
+from .terminal import show
 
 
 def build_parser() -> argparse.ArgumentParser:
