@@ -394,6 +394,10 @@ def test_start_knows_the_hosts_qemu_by_pid_start_time_owner_and_binary(work, fin
         assert runner.pid(spec) is None  # right boot, start time and binary, but the agent's uid
     finally:
         decoy.kill()
+    # A host directory from before the record: its pidfile is believed only for root's (or QEMU's) own QEMU.
+    identity_path(spec).unlink()
+    spec.pidfile.write_text(f"{pid}\n")
+    assert runner.pid(spec) == pid
     write_json_atomic(identity_path(spec), identity.to_dict())
     assert runner.stop(spec) and not proc.alive(pid, identity.start_ticks)
     assert not identity_path(spec).exists()
