@@ -377,8 +377,10 @@ def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
     runner = make_runner(options.get("runner", "qemu"), qemu_user=options.get("qemu_user"),
                          libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
     # The VM as the run made it: its SSH forward and accelerator, not this command's defaults.
+    saved_ssh = options.get("ssh_listen")  # TakeoverConfig.to_dict keeps an Endpoint as {"host", "port"}
     cfg = replace(cfg, accel=options.get("accel", cfg.accel),
-                  ssh_listen=Endpoint.parse(options["ssh_listen"]) if options.get("ssh_listen") else cfg.ssh_listen)
+                  ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict)
+                  else cfg.ssh_listen)
     return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner
 
 

@@ -291,7 +291,8 @@ def finished(work):
     kernel = halting_kernel(boot / "vmlinuz")
     root_file(boot / "initrd.img", "initrd", 0o600)
     proxy, ssh = Endpoint("127.0.0.1", free_port()), Endpoint("127.0.0.1", free_port())
-    journal = Journal.new(host_dir, {"runner": "qemu", "qemu_user": None, "accel": "tcg", "ssh_listen": str(ssh)})
+    options = TakeoverConfig(host_dir=host_dir, ssh_listen=ssh, qemu_user=None, accel="tcg").to_dict()
+    journal = Journal.new(host_dir, options)  # what `takeover run` records
     source = SourceVM(monitor="/nonexistent/qmp.sock", disk="/nonexistent/disk.qcow2", disk_dev=0, disk_ino=0,
                       disk_uid=agent_ids()[0], pid=1, pid_start_ticks=0, uid=agent_ids()[0], gid=agent_ids()[1],
                       groups=[], cwd="/", cmdline=[], proxy=proxy, memory_mb=64, cpus=1, block_nodes=[],
