@@ -159,6 +159,10 @@ class Demo:
             telegram = self.telegram_config()
             if telegram:
                 argv += ["--proxy-config", str(telegram)]
+                if os.environ.get("SECRET_PROXY_TELEGRAM_API_URL"):
+                    # The operator chose this Bot API (the story test's emulator): say so to the takeover,
+                    # which refuses any URL but Telegram's own without it.
+                    argv += ["--allow-telegram-api-url", os.environ["SECRET_PROXY_TELEGRAM_API_URL"]]
                 note("Telegram settings from SECRET_PROXY_TELEGRAM_* go into the VM (0600, owner proxy)")
             if subprocess.run(argv, cwd=ROOT).returncode != 0:
                 raise SystemExit("demo: the takeover failed (its error is above); `python -m takeover rollback` "

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError
+from .files import check_trusted_parent
 from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
 from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
+from .terminal import show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HOST:PORT for the proxy (default: the address the agent's VM used)")
     vm.add_argument("--ssh-listen", type=Endpoint.parse, default=DEFAULT_SSH,
                     help=f"host-only HOST:PORT forwarded to the VM's SSH (default {DEFAULT_SSH})")
-    vm.add_argument("--proxy-config", type=Path, help="TOML with the proxy's settings (Telegram) to install, 0600")
+    vm.add_argument("--proxy-config", type=Path,
+                    help="TOML with the proxy's settings (Telegram) to install: root's, 0600, in root-only directories")
+    vm.add_argument("--allow-telegram-api-url", metavar="URL",
+                    help="accept this telegram_api_url in --proxy-config (a Bot API server you run yourself); "
+                         "any URL but https://api.telegram.org is refused without it")
     vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
     vm.add_argument("--no-reinstall-venv", action="store_true",
                     help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
@@ -91,11 +98,14 @@ def resolve_accel(requested: str) -> str:
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     if args.command != "run":
         return TakeoverConfig(host_dir=args.host_dir)
+    if args.token_file is not None:
+        check_trusted_parent(args.token_file, "--token-file")  # refuse now, not after the VM is taken over
     return TakeoverConfig(
         host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
         proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=resolve_accel(args.accel),
-        keep_source=args.keep_source, proxy_config=args.proxy_config, agent_name=args.agent_name,
+        keep_source=args.keep_source, proxy_config=args.proxy_config,
+        allow_telegram_api_url=args.allow_telegram_api_url, agent_name=args.agent_name,
         agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv, rebuild_system=not args.keep_agent_system,
         cache_dir=args.cache_dir, replace_modules=not args.no_replace_modules,
@@ -103,27 +113,37 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     )
 
 
+def json_text(data: object) -> str:
+    # ensure_ascii escapes every control and non-ASCII character but DEL; escape that too, and the
+    # text stays valid JSON that `show` passes through unchanged.
+    return json.dumps(data, indent=2).replace("\x7f", "\\u007f")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every line below reaches root's terminal through `show`, which escapes control sequences:
+    # paths, names and answers in these messages may be the agent's.
     try:
         cfg = config_from_args(args)
         if args.command == "run":
             report, text = run_takeover(cfg, Progress())
-            print(json.dumps(report, indent=2) if args.json else text)
+            show(json_text(report) if args.json else text)
         elif args.command == "rollback":
-            print(json.dumps(roll_back(cfg, Progress(), cold=args.cold), indent=2))
+            show(json_text(roll_back(cfg, Progress(), cold=args.cold)))
         elif args.command == "start":
-            print(json.dumps(start_host_vm(cfg), indent=2))
+            show(json_text(start_host_vm(cfg)))
         elif args.command == "stop":
-            print(json.dumps(stop_host_vm(cfg), indent=2))
+            show(json_text(stop_host_vm(cfg)))
         else:
-            print(json.dumps(status(cfg), indent=2))
+            show(json_text(status(cfg)))
     except TakeoverError as err:
-        print(f"takeover: {err}\n  what to do: {err.hint}", file=sys.stderr)
+        show(f"takeover: {err}\n  what to do: {err.hint}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("takeover: interrupted; the journal records how far it got. Rerun to resume, or roll back.",
-              file=sys.stderr)
+        show("takeover: interrupted; the journal records how far it got. Rerun to resume, or roll back.", sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug; its traceback may quote the agent's strings, so escape it too
+        show(traceback.format_exc(), sys.stderr)
+        return 1
     return 0

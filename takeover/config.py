@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .files import read_root_only_file
 from .models import Endpoint
 
 DEFAULT_HOST_DIR = Path("/var/lib/secret-proxy-vm")
 DEFAULT_CACHE_DIR = Path("/var/cache/secret-proxy-vm")  # the host's own system build, shared by takeovers
 DEFAULT_SSH = Endpoint("127.0.0.1", 2223)
 VM_NAME = "secret-proxy-vm"
+TELEGRAM_API_URL = "https://api.telegram.org"
+PROXY_CONFIG_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class TakeoverConfig:
     accel: str = "tcg"
     keep_source: bool = False
     proxy_config: Path | None = None
+    allow_telegram_api_url: str | None = None  # the operator's yes to a Bot API other than Telegram's own
     agent_name: str | None = None
     agent_secrets: str = "*"
     token_file: Path | None = None
@@ -49,14 +52,22 @@ class TakeoverConfig:
         return {k: (str(v) if isinstance(v, (Path, Endpoint)) else v) for k, v in asdict(self).items()}
 
 
-def read_proxy_config(path: Path) -> bytes:
-    """The host's proxy settings (Telegram token, chat, approvers): checked here, copied into the VM."""
+def read_proxy_config(path: Path, *, allow_telegram_api_url: str | None = None) -> bytes:
+    """The host's proxy settings (Telegram token, chat, approvers): checked here, copied into the VM.
+
+    The file holds the bot token, so it is read once, without following links, from a
+    descriptor checked to be root's and 0600, in directories only root can change
+    (`files.read_root_only_file`). Its `telegram_api_url` decides who approves: from the
+    guest, 10.0.2.2 is the host's loopback, where the agent can serve a fake Bot API that
+    approves its own requests. So any URL but Telegram's own needs the operator to name
+    it again on the command line.
+    """
     from proxy.config import Settings  # the host's copy of the proxy defines which settings exist
 
+    raw = read_root_only_file(path, "--proxy-config", PROXY_CONFIG_MAX_BYTES)
     try:
-        raw = path.read_bytes()
         data = tomllib.loads(raw.decode())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidInput(f"--proxy-config {path}: not a readable TOML file ({exc})") from None
     known = set(Settings.__dataclass_fields__)
     unknown = sorted(set(data) - known)
@@ -64,6 +75,19 @@ def read_proxy_config(path: Path) -> bytes:
         raise InvalidInput(f"--proxy-config {path}: unknown settings {unknown}; known: {sorted(known)}")
     if "data_dir" in data:
         raise InvalidInput(f"--proxy-config {path}: data_dir is fixed in the VM; remove it")
-    if os.stat(path).st_mode & 0o077:
-        raise InvalidInput(f"--proxy-config {path} is readable by others; it holds the Telegram token. chmod 600 it")
+    check_telegram_api_url(data.get("telegram_api_url", TELEGRAM_API_URL), allow_telegram_api_url, path)
     return raw
+
+
+def check_telegram_api_url(url: object, allowed: str | None, path: Path) -> None:
+    if not isinstance(url, str):
+        raise InvalidInput(f"--proxy-config {path}: telegram_api_url must be a string")
+    if url.rstrip("/") == TELEGRAM_API_URL:
+        return
+    if allowed is not None and url.rstrip("/") == allowed.rstrip("/"):
+        return
+    raise InvalidInput(
+        f"--proxy-config {path} sends the bot to {url!r}, not to Telegram ({TELEGRAM_API_URL}); whoever "
+        f"answers there decides every approval (10.0.2.2 is this host's loopback, where any local user can listen)",
+        hint=f"if you run that Bot API server yourself, pass --allow-telegram-api-url {url}; "
+             f"else remove telegram_api_url from the file")

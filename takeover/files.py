@@ -2,11 +2,15 @@
 
 Nothing here ever follows a symlink at the last component (O_NOFOLLOW) or
 widens a mode after creation, because the agent shares this machine and may
-have prepared paths in advance.
+have prepared paths in advance. The operator's own files (`--proxy-config`,
+`--token-file`) are reached by walking the path one directory at a time from
+`/` without following any link, each directory root's and closed to others, so
+nothing the agent can write stands anywhere on the way.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -108,6 +112,101 @@ def ensure_host_dir(path: Path) -> Path:
                            f"its contents cannot be trusted. Remove it or choose another --host-dir")
     os.chmod(path, 0o700, follow_symlinks=False)
     return path
+
+
+def open_trusted_dir(path: Path, what: str) -> int:
+    """A descriptor of directory `path`, reached from / without following any symlink.
+
+    Every directory on the way must be root's and writable by no one else (a sticky
+    directory such as /tmp is accepted: others cannot rename or remove root's entries
+    in it). The walk holds each directory open while it opens the next, so no one can
+    swap a component between the check and the use.
+    """
+    absolute = Path(os.path.abspath(path))  # lexical; with no symlinks allowed, the kernel agrees
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = Path("/")
+    try:
+        _check_trusted_dir(fd, walked, what)
+        for name in absolute.parts[1:]:
+            walked = walked / name
+            try:
+                nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                kind = ("is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                        else f"cannot be opened ({exc.strerror})")
+                raise InvalidInput(f"{what}: {walked} {kind}; the path must be real directories, no links",
+                                   hint=f"give {what} a path of plain root-owned directories") from None
+            os.close(fd)
+            fd = nxt
+            _check_trusted_dir(fd, walked, what)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_trusted_dir(fd: int, path: Path, what: str) -> None:
+    st = os.fstat(fd)
+    writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if st.st_uid != 0 or writable_by_others:
+        raise InvalidInput(f"{what}: the directory {path} is owned by uid {st.st_uid}, mode "
+                           f"{stat.S_IMODE(st.st_mode):o}; someone other than root can change what is in it",
+                           hint=f"put {what} in a directory that only root can write (e.g. /root)")
+
+
+def read_root_only_file(path: Path, what: str, limit: int) -> bytes:
+    """Read an operator's secret file: one open without following links, checked on that descriptor.
+
+    It must be a regular file owned by root, mode 0600 or narrower, in directories only
+    root can change (see `open_trusted_dir`); the bytes come from the descriptor checked.
+    """
+    absolute = Path(os.path.abspath(path))
+    dir_fd = open_trusted_dir(absolute.parent, what)
+    try:
+        try:
+            fd = os.open(absolute.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            kind = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
+            raise InvalidInput(f"{what} {path}: cannot open it without following links ({kind})") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{what} {path} is not a regular file")
+        if st.st_uid != 0:
+            raise InvalidInput(f"{what} {path} is owned by uid {st.st_uid}, not root",
+                               hint=f"chown root:root {path} (and check who wrote it)")
+        if st.st_mode & 0o077:
+            raise InvalidInput(f"{what} {path} is readable by others or writable by them (mode "
+                               f"{stat.S_IMODE(st.st_mode):o}), and it holds a secret", hint=f"chmod 600 {path}")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise InvalidInput(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def check_trusted_parent(path: Path, what: str) -> None:
+    """Refuse early a file path whose directories are not all root's (see `open_trusted_dir`)."""
+    os.close(open_trusted_dir(Path(os.path.abspath(path)).parent, what))
+
+
+def create_private_under_trusted_dirs(path: Path, what: str) -> int:
+    """Create a new 0600 file at `path`, every directory above it root's and no link on the way."""
+    absolute = Path(os.path.abspath(path))
+    dir_fd = open_trusted_dir(absolute.parent, what)
+    try:
+        fd = os.open(absolute.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+    except FileExistsError:
+        raise InvalidInput(f"{what} {path} already exists (a file or a link); it is never overwritten",
+                           hint="remove it or name a new file") from None
+    finally:
+        os.close(dir_fd)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def _check_parents(path: Path) -> None:

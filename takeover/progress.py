@@ -1,4 +1,7 @@
-"""The progress display: one line per step as it starts and ends, notes indented beneath."""
+"""The progress display: one line per step as it starts and ends, notes indented beneath.
+
+Every line goes through `terminal.printable`: notes and errors quote the agent's strings.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import TextIO
 
 from .journal import STEPS
 from .report import TITLES
+from .terminal import printable
 
 
 class Progress:
@@ -16,7 +20,7 @@ class Progress:
         self.started: dict[str, float] = {}
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(printable(text), file=self.stream, flush=True)
 
     def begin(self, step: str) -> None:
         self.started[step] = time.monotonic()

@@ -8,6 +8,7 @@ from typing import Any
 
 from .files import write_json_atomic
 from .journal import STEPS, Journal
+from .terminal import printable
 
 REPORT_NAME = "report.json"
 
@@ -65,6 +66,11 @@ def write_report(report: dict[str, Any], host_dir: Path) -> Path:
 
 
 def summary(report: dict[str, Any]) -> str:
+    """The operator's summary; each line is escaped on its own, so a value with a newline stays one line."""
+    return "\n".join(printable(line) for line in _summary_lines(report))
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = ["", "Takeover complete." if all(s["status"] == "done" for s in report["steps"][:-1])
              else "Takeover report (incomplete):", ""]
     for s in report["steps"]:
@@ -98,4 +104,4 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"Agent token:   {token['agent']} ({token['secrets']}) written to {token['token_file']}")
     lines += ["", "Not blocked by the takeover (see docs/takeover.md):"]
     lines += [f"  - {item}" for item in report["scrub"]["not_blocked"]]
-    return "\n".join(lines)
+    return lines

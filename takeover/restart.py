@@ -11,6 +11,14 @@ Two runners share one description of the VM (`HostVMSpec`):
 
 Only two ports are forwarded: the proxy, at the address the agent used, and
 SSH, at a host-only address.
+
+The qemu runner knows its QEMU by more than a pid, which the next boot hands to
+anyone: at start it records, root-owned in the host directory, the boot id, the
+pid and its start time, the uid and the inode of the QEMU binary; a process is
+the host's VM only if all of them still match and its command line names the
+host's disk. Before starting, both forwarded ports must be free: a process
+holding one (an agent posing as the proxy while the VM was down) is named and
+refused, never talked to.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import json
 import os
 import pwd
 import shutil
+import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, fields
@@ -27,15 +37,17 @@ from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from . import proc
-from .errors import RestartError
-from .files import check_safe_path
+from .errors import RestartError, VerifyError
+from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
 from .monitor import Monitor
+from .verify import listener_pids, wait_for_health
 
 GUEST_PROXY_PORT = 3737
 GUEST_SSH_PORT = 22
 DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
+HEALTH_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 # -runas needs setuid, and the process must not fork or exec afterwards; seccomp enforces the latter.
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
@@ -107,6 +119,111 @@ def qemu_command(spec: HostVMSpec, qemu_user: str | None) -> list[str]:
     ]
 
 
+IDENTITY_NAME = "qemu.identity.json"
+
+
+@dataclass(frozen=True)
+class QemuIdentity:
+    """Who the host's QEMU is, recorded when the qemu runner started it."""
+
+    boot_id: str  # /proc/sys/kernel/random/boot_id: a pid from an earlier boot names nothing now
+    pid: int
+    start_ticks: int
+    uid: int
+    exe: str
+    exe_dev: int
+    exe_ino: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def current_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def identity_path(spec: HostVMSpec) -> Path:
+    return spec.pidfile.with_name(IDENTITY_NAME)
+
+
+def read_identity(path: Path) -> QemuIdentity | None:
+    """The recorded identity, if the file is root's own and 0600 (it lives in the 0700 host directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            return None
+        data = json.loads(os.read(fd, 65536))
+        return QemuIdentity(**{f.name: data[f.name] for f in fields(QemuIdentity)})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def exe_inode(pid: int) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}/exe")  # the running binary's inode, even if its file was replaced since
+    return st.st_dev, st.st_ino
+
+
+def port_holders(endpoint: Endpoint) -> list[str]:
+    """Who listens on `endpoint`'s port: "pid N (uid U user, EXE)" from /proc/net/tcp and /proc/*/fd."""
+    found = []
+    for pid in sorted(listener_pids(endpoint)):
+        try:
+            info = proc.read_process(pid)
+        except OSError:
+            continue
+        try:
+            user = pwd.getpwuid(info.uid).pw_name
+        except KeyError:
+            user = "?"
+        found.append(f"pid {pid} (uid {info.uid} {user}, {info.exe})")
+    return found
+
+
+def check_port_free(endpoint: Endpoint, what: str) -> None:
+    """Refuse to start while anyone holds a port the host's QEMU is to listen on."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU's slirp does: TIME_WAIT is no holder
+        try:
+            sock.bind((endpoint.host, endpoint.port))
+            return
+        except OSError as exc:
+            reason = exc.strerror
+    holders = ", ".join(port_holders(endpoint)) or f"a process this host cannot name ({reason})"
+    raise RestartError(
+        f"{endpoint} ({what}) is held by {holders}; the host's VM must listen there, and whoever holds it "
+        f"would answer in the VM's place",
+        hint=f"find and stop that process (`ss -ltnp 'sport = :{endpoint.port}'`); if it is the agent's, it is "
+             f"posing as the VM. Then rerun `python -m takeover start`")
+
+
+def check_ports_free(spec: HostVMSpec) -> None:
+    check_port_free(spec.proxy_listen, "the proxy's port")
+    check_port_free(spec.ssh_listen, "the host's SSH forward")
+
+
+def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
+    """/health answers through the proxy's port, and the only process listening there is the host's QEMU."""
+    ticks = proc.start_ticks(pid)
+    try:
+        seconds = wait_for_health(spec.proxy_listen, timeout, lambda: proc.alive(pid, ticks))
+    except VerifyError as exc:
+        raise RestartError(f"the host's VM (pid {pid}) is not serving: {exc}; see {spec.serial_log}",
+                           hint="read the serial log; then `python -m takeover stop` and `start` again") from None
+    holders = listener_pids(spec.proxy_listen)
+    if holders != {pid}:
+        raise RestartError(f"{spec.proxy_listen} is answered by pid(s) {sorted(holders) or 'unknown'}, not only by "
+                           f"the host's QEMU (pid {pid})",
+                           hint="stop the other process, then `python -m takeover stop` and `start` again")
+    return {"health_seconds": round(seconds, 3), "listener_pids": sorted(holders)}
+
+
 class Runner(Protocol):
     name: str
 
@@ -129,7 +246,7 @@ class QemuRunner:
         if self.pid(spec) is not None:
             raise RestartError(f"a QEMU with {spec.disk} is already running (pidfile {spec.pidfile})",
                                hint="stop it first (`python -m takeover stop`) or let the run use it")
-        for stale in (spec.monitor, spec.pidfile):
+        for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             _unlink(stale)
         if self.qemu_user:
             ensure_system_user(self.qemu_user)
@@ -141,6 +258,15 @@ class QemuRunner:
                                      start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         finally:
             os.close(log)
+        pid = self._wait_running(spec, child)
+        try:
+            self._record_identity(spec, pid, argv[0])
+        except BaseException:
+            child.kill()
+            raise
+        return pid
+
+    def _wait_running(self, spec: HostVMSpec, child: subprocess.Popen) -> int:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if child.poll() is not None:
@@ -157,16 +283,58 @@ class QemuRunner:
         child.kill()
         raise RestartError(f"QEMU did not come up within {START_TIMEOUT:.0f} s: {_tail(spec.qemu_log)}")
 
+    def _record_identity(self, spec: HostVMSpec, pid: int, binary: str) -> None:
+        info = proc.read_process(pid)
+        dev, ino = exe_inode(pid)
+        binary_st = os.stat(binary)
+        if (dev, ino) != (binary_st.st_dev, binary_st.st_ino) or info.uid not in self.allowed_uids():
+            raise RestartError(f"the QEMU answering at {spec.monitor} (pid {pid}, uid {info.uid}, {info.exe}) "
+                               f"is not the one just started from {binary}")
+        identity = QemuIdentity(current_boot_id(), pid, info.start_ticks, info.uid, info.exe, dev, ino)
+        write_json_atomic(identity_path(spec), identity.to_dict())
+
+    def allowed_uids(self) -> set[int]:
+        """Root, and the unprivileged user QEMU switches to: the agent can run neither."""
+        uids = {0}
+        if self.qemu_user:
+            try:
+                uids.add(pwd.getpwnam(self.qemu_user).pw_uid)
+            except KeyError:
+                pass
+        return uids
+
     def pid(self, spec: HostVMSpec) -> int | None:
-        """The pid of a running QEMU that serves this disk, from the pidfile, checked against /proc."""
+        """The pid of the host's running QEMU for this disk, or None.
+
+        Identified by the record made at start (boot id, pid, start time, uid, binary inode),
+        checked against /proc; a pid alone is anyone's after a reboot. A host directory from
+        before the record existed falls back to its pidfile, with the uid and the binary checked.
+        """
+        identity = read_identity(identity_path(spec))
+        if identity is not None:
+            if identity.boot_id != current_boot_id() or not proc.alive(identity.pid, identity.start_ticks):
+                return None
+            pid, exe = identity.pid, (identity.exe_dev, identity.exe_ino)
+        else:
+            try:
+                pid = int(spec.pidfile.read_text().strip())
+                binary = shutil.which("qemu-system-x86_64")
+                binary_st = os.stat(binary) if binary else None
+            except (OSError, ValueError):
+                return None
+            if binary_st is None:
+                return None
+            exe = (binary_st.st_dev, binary_st.st_ino)
         try:
-            pid = int(spec.pidfile.read_text().strip())
             info = proc.read_process(pid)
+            running = exe_inode(pid)
         except (OSError, ValueError):
             return None
-        if os.path.basename(info.exe).startswith("qemu-system") and any(str(spec.disk) in a for a in info.cmdline):
-            return pid
-        return None
+        if info.uid not in self.allowed_uids() or running != exe:
+            return None
+        if not any(str(spec.disk) in a for a in info.cmdline):
+            return None
+        return pid
 
     def stop(self, spec: HostVMSpec, undefine: bool = True) -> bool:
         pid = self.pid(spec)
@@ -180,7 +348,7 @@ class QemuRunner:
             pass
         if not proc.wait_gone(pid, ticks, 30):
             proc.terminate(pid, ticks)
-        for stale in (spec.monitor, spec.pidfile):
+        for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             _unlink(stale)
         return True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ from .models import CHECKPOINT_TAG, Endpoint, SourceVM
 from .progress import Progress
 from .relocate import DISK_NAME, PARTIAL_NAME, relocate_disk
 from .report import build_report, summary, write_report
-from .restart import HostVMSpec, Runner, make_runner, restart_as_host
+from .restart import HostVMSpec, Runner, check_ports_free, make_runner, restart_as_host, wait_until_serving
 from .revoke import revoke_agent_access
 from .rollback import start_source_vm, wait_for_health
 from .scrub import ScrubPlan, scrub_and_rekey
@@ -271,7 +271,8 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     progress = progress or Progress()
     if cfg.agent_name is not None and (not AGENT_NAME.match(cfg.agent_name) or not SECRET_PATTERNS.match(cfg.agent_secrets)):
         raise InvalidInput(f"--agent-name must match {AGENT_NAME.pattern} and --agent-secrets {SECRET_PATTERNS.pattern}")
-    proxy_config = read_proxy_config(cfg.proxy_config) if cfg.proxy_config else None
+    proxy_config = (read_proxy_config(cfg.proxy_config, allow_telegram_api_url=cfg.allow_telegram_api_url)
+                    if cfg.proxy_config else None)
     if (cfg.kernel is None) != (cfg.initrd is None):
         raise InvalidInput("--kernel and --initrd go together")
     for path in (cfg.kernel, cfg.initrd):
@@ -376,18 +377,29 @@ def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
     options = journal.data.get("options", {})
     runner = make_runner(options.get("runner", "qemu"), qemu_user=options.get("qemu_user"),
                          libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
+    # The VM as the run made it: its SSH forward and accelerator, not this command's defaults.
+    saved_ssh = options.get("ssh_listen")  # TakeoverConfig.to_dict keeps an Endpoint as {"host", "port"}
+    cfg = replace(cfg, accel=options.get("accel", cfg.accel),
+                  ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict)
+                  else cfg.ssh_listen)
     return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner
 
 
 def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
-    """Start the taken-over VM again (after a host reboot: the qemu runner has no autostart)."""
+    """Start the taken-over VM again (after a host reboot: the qemu runner has no autostart).
+
+    "Already running" only for the QEMU the runner itself identifies (pid, start time, owner,
+    binary; `QemuRunner.pid`), never for whatever a stale pidfile names. Both forwarded ports must
+    be free before the start, and the proxy's must be the new QEMU's once /health answers: while
+    the VM was down, anyone could have taken the port to pose as the proxy.
+    """
     spec, runner = _finished_vm(cfg)
     pid = runner.pid(spec)
     if pid is not None:
         return {"started": False, "pid": pid, "detail": "already running"}
+    check_ports_free(spec)
     pid = runner.start(spec)
-    seconds = wait_for_health(spec.proxy_listen.url)
-    return {"started": True, "pid": pid, "health_seconds": round(seconds, 3)}
+    return {"started": True, "pid": pid, **wait_until_serving(spec, pid)}
 
 
 def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:

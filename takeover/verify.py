@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from . import proc
 from .errors import InvalidInput, VerifyError
-from .files import create_private, write_all
+from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from .models import Endpoint
 
 BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
@@ -231,18 +231,24 @@ def listener_pids(endpoint: Endpoint) -> set[int]:
 
 
 def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Path) -> dict[str, str]:
-    """`secret-proxy agents add NAME --secrets PATTERNS` over the host's SSH; token to a new 0600 file."""
+    """`secret-proxy agents add NAME --secrets PATTERNS` over the host's SSH; token to a new 0600 file.
+
+    The file is created 0600 with O_EXCL and O_NOFOLLOW in a directory reached from / without
+    following any link, every directory root's: a symlinked directory the agent planted on the
+    path would otherwise carry the token to a place it can read.
+    """
     if not AGENT_NAME.match(name):
         raise InvalidInput(f"agent name {name!r} must match {AGENT_NAME.pattern}")
     if not SECRET_PATTERNS.match(patterns):
         raise InvalidInput(f"secret patterns {patterns!r} must be comma-separated globs of [A-Za-z0-9_.*?-]")
     # ssh joins the remote words into one shell line; both values are checked above, and the
     # patterns are quoted so the remote shell does not expand their globs.
+    check_trusted_parent(token_file, "--token-file")  # before the agent exists in the VM
     result = ssh.run(CLI, "agents", "add", name, "--secrets", f"'{patterns}'")
     token = result.stdout.strip()
     if result.returncode != 0 or not token or len(token.split()) != 1:
         raise VerifyError(f"`secret-proxy agents add {name}` failed in the VM: {result.stderr.strip()[-300:]}")
-    fd = create_private(token_file)
+    fd = create_private_under_trusted_dirs(token_file, "--token-file")
     try:
         write_all(fd, (token + "\n").encode())
         os.fsync(fd)
