@@ -68,7 +68,7 @@ class MonitorOnlyQemu:
     monitor: Path
     disk: Path
     pidfile: Path
-    proxy_port: int  # forwarded to the guest's proxy port like vm_image's VM (127.0.0.1:PORT -> :3737)
+    proxy_port: int = 0  # forwarded to the guest's proxy port like vm_image's VM (127.0.0.1:PORT -> :3737); 0: none
 
     def alive(self) -> bool:
         return proc.alive(self.pid, self.ticks)
