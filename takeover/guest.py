@@ -53,7 +53,7 @@ class Guest:
     findings: list[str] = field(default_factory=list)  # things seen and reported, not changed
 
     @classmethod
-    def open(cls, disk: Path, *, force_tcg: bool = True) -> "Guest":
+    def open(cls, disk: Path, *, force_tcg: bool = True, mount_root: bool = True) -> "Guest":
         g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
         # The direct backend: no libvirtd needed, and nothing of ours shared with the appliance.
         g.set_backend("direct")
@@ -63,8 +63,8 @@ class Guest:
         g.add_drive_opts(str(disk), format="qcow2", readonly=False, cachemode="unsafe")
         try:
             g.launch()
-            root = cls._root_device(g)
-            g.mount(root, "/")
+            if mount_root:  # not when the whole filesystem is about to be replaced (scrub.rebuild_system)
+                g.mount(cls._root_device(g), "/")
         except RuntimeError as exc:
             g.close()
             raise ScrubError(f"libguestfs could not open {disk}: {exc}") from None
@@ -77,7 +77,8 @@ class Guest:
         filesystems = {dev: kind for dev, kind in g.list_filesystems().items() if kind not in ("", "unknown", "swap")}
         if list(filesystems) != ["/dev/sda"]:
             raise ScrubError(f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
-                             hint="the host takes over only images built by `vm_image build`")
+                             hint="the host takes over only images built by `vm_image build`; a cloud image's "
+                                  "disk (`--base-image`) only without --keep-agent-system")
         return "/dev/sda"
 
     def close(self) -> None:

@@ -41,8 +41,24 @@ def host_dir(tmp_path):
 
 
 @pytest.fixture
-def qemu(tmp_path):
-    vm = start_monitor_only_qemu(tmp_path, make_qcow2(tmp_path / "agent.qcow2"))
+def agent_dir():
+    """A directory of the unprivileged `nobody`: the takeover reads an agent's disk only as its owner."""
+    nobody = pwd.getpwnam("nobody")
+    path = Path(tempfile.mkdtemp(prefix="takeover-agent-", dir="/tmp"))
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def nobodys_qcow2(path):
+    make_qcow2(path)
+    os.chown(path, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    return path
+
+
+@pytest.fixture
+def qemu(agent_dir):
+    vm = start_monitor_only_qemu(agent_dir, nobodys_qcow2(agent_dir / "agent.qcow2"), user="nobody")
     yield vm
     vm.kill()
 
@@ -130,8 +146,8 @@ def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
 
-def test_the_disk_is_found_through_a_symlinked_name(tmp_path, host_dir, qemu):
-    link = tmp_path / "alias.qcow2"
+def test_the_disk_is_found_through_a_symlinked_name(agent_dir, host_dir, qemu):
+    link = agent_dir / "alias.qcow2"
     link.symlink_to(qemu.disk)
     source = find_and_check_vm(explicit_ready(qemu.monitor, link, PROXY), host_dir)
     assert source.disk == str(qemu.disk) and source.pid == qemu.pid
@@ -139,7 +155,8 @@ def test_the_disk_is_found_through_a_symlinked_name(tmp_path, host_dir, qemu):
 
 def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_dir, qemu):
     source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk, PROXY), host_dir)
-    assert source.pid == qemu.pid and source.uid == 0 and source.cmdline[0].endswith("qemu-system-x86_64")
+    assert source.pid == qemu.pid and source.uid == pwd.getpwnam("nobody").pw_uid
+    assert source.cmdline[0].endswith("qemu-system-x86_64")
     assert source.block_nodes == [source.vmstate_node]
     result = save_checkpoint_and_stop(source)
     assert result.method == "snapshot-save"
@@ -147,10 +164,10 @@ def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_d
     assert CHECKPOINT_TAG in inspect_image(qemu.disk).snapshots
 
 
-def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(tmp_path, host_dir):
-    disk = make_qcow2(tmp_path / "agent.qcow2")
+def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(agent_dir, host_dir):
+    disk = nobodys_qcow2(agent_dir / "agent.qcow2")
     subprocess.run(["qemu-img", "snapshot", "-c", CHECKPOINT_TAG, str(disk)], check=True)
-    vm = start_monitor_only_qemu(tmp_path, disk)
+    vm = start_monitor_only_qemu(agent_dir, disk, user="nobody")
     try:
         source = find_and_check_vm(explicit_ready(vm.monitor, disk, PROXY), host_dir)
         assert any("already had snapshots" in n for n in source.notes)
