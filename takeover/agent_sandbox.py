@@ -146,10 +146,10 @@ def _read_bounded(child: subprocess.Popen, deadline: float, name: str) -> tuple[
 
 
 def _kill_group(child: subprocess.Popen) -> None:
-    # The sandbox is its own session and process group: anything it started goes with it.
-    if child.poll() is None:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.wait()
+    # The sandbox is its own session and process group: anything it started goes with it,
+    # even when the first process has already exited.
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()

@@ -344,3 +344,55 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the user's image was never written
     print(f"\ncloud takeover steps (s): "
           f"{ {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_table(tmp_path):
+    """A cloud image's disk is partitioned; the agent's filesystem in it may be built to hurt its parser.
+
+    With the rebuild (the default) the appliance never mounts it: the disk is wiped and formatted whole.
+    """
+    import guestfs
+
+    from takeover.guest_files import UNIT, WRAPPER
+    from takeover.host_keys import generate_host_keys
+    from takeover.scrub import ScrubPlan, scrub_and_rekey
+    from vm_image.disk import write_system_overlay
+    from vm_image.rootfs import base_rootfs
+
+    from .test_takeover_scrub import HOST_SYSTEM_CACHE
+
+    raw = tmp_path / "agent.raw"
+    with open(raw, "wb") as f:
+        f.truncate(2 * 2**30)
+        # An MBR with one Linux partition from 1 MiB to the end, holding an "ext4" that is garbage
+        # after its magic number: mounting it would hand ext4 a hostile superblock.
+        entry = struct.pack("<B3sB3sII", 0x80, b"\0\0\0", 0x83, b"\0\0\0", 2048, 4 * 2**20 - 2048)
+        f.seek(446)
+        f.write(entry + bytes(48) + b"\x55\xaa")
+        f.seek(2**20)
+        f.write(os.urandom(2**20))
+        f.seek(2**20 + 1024 + 0x38)
+        f.write(b"\x53\xef")  # ext2/3/4 superblock magic
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
+    HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
+    host_dir = tmp_path / "host"
+    host_dir.mkdir(mode=0o700)
+    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None, unit=UNIT,
+                     wrapper=WRAPPER, system_tar=base_rootfs(HOST_SYSTEM_CACHE),
+                     system_overlay=write_system_overlay(tmp_path / "overlay.tar"))
+    result = scrub_and_rekey(disk, plan)
+    assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend("direct")
+    g.set_backend_settings(["force_tcg"])
+    g.add_drive_opts(str(disk), format="qcow2", readonly=True)
+    g.launch()
+    try:
+        assert g.list_partitions() == [] and g.list_filesystems() == {"/dev/sda": "ext4"}
+        g.mount_ro("/dev/sda", "/")
+        assert g.is_file("/usr/sbin/sshd") and "proxy:" in g.cat("/etc/passwd")
+    finally:
+        g.close()
