@@ -309,7 +309,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         assert json.loads((state / "image/manifest.json").read_text())["disk"]["backing_file"] == str(base)
 
         result = takeover("run", "--ready-file", str(vm.ready), "--host-dir", str(host_dir),
-                          "--ssh-listen", f"127.0.0.1:{ssh_port}", "--agent-name", "alice",
+                          "--ssh-listen", f"127.0.0.1:{ssh_port}", "--accel", "tcg", "--agent-name", "alice",
                           "--agent-secrets", "api-*", "--token-file", str(token_file))
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())
