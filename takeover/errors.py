@@ -51,8 +51,9 @@ class UnsafeCommandLine(TakeoverError):
 
 
 class DiskFormatError(TakeoverError):
-    hint = ("the host only takes over a self-contained qcow2 (no backing file, no external data file); "
-            "ask the agent to rebuild the image with `vm_image build`")
+    hint = ("the host takes over a qcow2 disk, alone or over at most two qcow2 or raw backing files the "
+            "agent's own user can read, and with no external data file; ask the agent to rebuild the image "
+            "with `vm_image build`")
 
 
 class NotEnoughSpace(TakeoverError):

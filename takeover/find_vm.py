@@ -21,7 +21,7 @@ from typing import Any
 from . import proc
 from .agent_owner import (HostBoundary, agent_file, check_groups, check_not_host_account, check_outside_host_dirs,
                           check_process_ids, one_owner)
-from .diskimage import inspect_image
+from .diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image
 from .errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, NotEnoughSpace, NotTheAgentsVM,
                      ReadyFileError)
 from .models import Endpoint, SourceVM
@@ -227,8 +227,19 @@ def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], st
             ours = node
             if inserted.get("drv") != "qcow2":
                 raise DiskMismatch(f"QEMU opened {disk} as {inserted.get('drv')!r}, not qcow2")
-            if inserted.get("backing_file"):
-                raise DiskMismatch(f"QEMU opened {disk} with a backing file {inserted['backing_file']!r}")
+            # A cloud image's overlay sits on the user's base image: allowed. The chain is read later
+            # only as the agent (relocate, diskimage); QEMU's own view is held to the same rule here.
+            depth = inserted.get("backing_file_depth") or 0
+            if not isinstance(depth, int) or depth > MAX_BACKING_FILES:
+                raise DiskMismatch(f"QEMU opened {disk} over {depth} backing files; at most {MAX_BACKING_FILES} "
+                                   f"are taken over", hint=AGENT_HINT)
+            image = (inserted.get("image") or {}).get("backing-image")
+            while isinstance(image, dict):
+                if image.get("format") not in ACCEPTED_FORMATS:
+                    raise DiskMismatch(f"{disk} has a backing file {image.get('filename')!r} in format "
+                                       f"{image.get('format')!r}; accepted: {' and '.join(ACCEPTED_FORMATS)}",
+                                       hint=AGENT_HINT)
+                image = image.get("backing-image")
         if not inserted.get("ro"):
             writable.append(node)
     if ours is None:

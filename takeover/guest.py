@@ -57,8 +57,8 @@ class Guest:
     session_timeout: float = SESSION_TIMEOUT
 
     @classmethod
-    def open(cls, disk: Path, *, force_tcg: bool = True, launch_timeout: float = LAUNCH_TIMEOUT,
-             session_timeout: float = SESSION_TIMEOUT) -> "Guest":
+    def open(cls, disk: Path, *, force_tcg: bool = True, mount_root: bool = True,
+             launch_timeout: float = LAUNCH_TIMEOUT, session_timeout: float = SESSION_TIMEOUT) -> "Guest":
         """The disk, mounted in a libguestfs appliance that runs with the accelerator the takeover chose.
 
         `force_tcg` is the takeover's choice (TCG unless the KVM probe saw a guest run): libguestfs's
@@ -88,8 +88,8 @@ class Guest:
             raise _launch_timeout(disk, launch_timeout, force_tcg, log)
         watchdog.arm_session(session_timeout, g.get_pid())
         try:
-            root = cls._root_device(g)
-            g.mount(root, "/")
+            if mount_root:  # not when the whole filesystem is about to be replaced (scrub.rebuild_system)
+                g.mount(cls._root_device(g), "/")
         except RuntimeError as exc:
             watchdog.disarm()
             g.close()
@@ -107,7 +107,8 @@ class Guest:
         filesystems = {dev: kind for dev, kind in g.list_filesystems().items() if kind not in ("", "unknown", "swap")}
         if list(filesystems) != ["/dev/sda"]:
             raise ScrubError(f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
-                             hint="the host takes over only images built by `vm_image build`")
+                             hint="the host takes over only images built by `vm_image build`; a cloud image's "
+                                  "disk (`--base-image`) only without --keep-agent-system")
         return "/dev/sda"
 
     def close(self) -> None:

@@ -1,42 +1,65 @@
-"""Step 3: copy the agent's disk into the host directory, private from its first byte.
+"""Step 3: bring the agent's disk into the host directory as a qcow2 root made, private from its first byte.
 
-The copy is created 0600 (O_CREAT|O_EXCL, so nothing prepared at that name is
-reused), written under a temporary name, kept sparse, fsynced, compared with
-the source (size and sha256), checked to be a self-contained qcow2, and only
-then linked into place. The source is opened once, without following links,
-and must be the very inode QEMU had open in step 1.
+Root never parses what the agent wrote. The agent's disk and its backing files
+(a cloud image's overlay sits on the user's base image) are read only by
+`qemu-img` running as the agent, sandboxed (takeover/agent_sandbox.py): first
+`qemu-img info` on each file of the chain (diskimage.inspect_agent_disk: qcow2
+on top, qcow2 or raw below, at most two backing files, each readable by the
+agent), then `qemu-img convert` of exactly that chain into raw bytes. Those
+bytes travel over a socketpair to a small NBD server in this process
+(takeover/nbd_sink.py), which writes them into `HOST_DIR/.disk.raw.partial`,
+created here O_EXCL, 0600, root:root, within a byte budget that leaves the
+filesystem room. Root's own `qemu-img convert -f raw` then makes the qcow2:
+every qcow2 structure in the host's copy is root's, and a raw source has none
+to parse. The result is checked to be a self-contained qcow2, 0600, root's,
+and only then linked into place as `disk.qcow2`.
+
+The agent can ptrace its sandboxed qemu-img and send any bytes: that only
+changes the disk's content, which was the agent's anyway and which the scrub
+treats as hostile (by default it replaces the whole filesystem). The agent has
+no descriptor for, and no path to, any file root writes here.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
+import socket
 import stat
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .diskimage import inspect_image
+from .agent_sandbox import AgentUser, SandboxError, run_as_agent
+from .diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
 from .errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
-from .files import create_private, fsync_dir
+from .files import fsync_dir
+from .nbd_sink import SinkError, serve_writes
 
 DISK_NAME = "disk.qcow2"
 PARTIAL_NAME = ".disk.qcow2.partial"
+RAW_NAME = ".disk.raw.partial"
 CHUNK = 1 << 20
-ZERO_CHUNK = bytes(CHUNK)
 SPACE_MARGIN = 256 * 2**20
+MAX_VIRTUAL_SIZE = 2**40  # 1 TiB: a larger "disk" is not a VM vm_image made
+FLATTEN_TIMEOUT = 3600.0
+IDLE_TIMEOUT = 300.0
+CONVERT_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
 class RelocateResult:
     path: str
     size: int
-    sha256: str
+    sha256: str  # of the host's qcow2, as written
     allocated: int  # bytes on disk of the copy (st_blocks * 512)
-    source_allocated: int
+    source_allocated: int  # the agent's disk and its backing files, as qemu-img (run as the agent) reports
     seconds: float
+    virtual_size: int = 0
+    backing_files: list[str] = field(default_factory=list)
+    agent_uid: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -44,149 +67,156 @@ class RelocateResult:
 
 def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int, int] | None = None,
                   progress: Callable[[str], None] = lambda _: None) -> RelocateResult:
-    """Copy `source_disk` to `host_dir/disk.qcow2`; see the module docstring for the guarantees."""
+    """Flatten `source_disk` (and its backing files) into `host_dir/disk.qcow2`; see the module docstring."""
     started = time.monotonic()
-    final = host_dir / DISK_NAME
-    partial = host_dir / PARTIAL_NAME
+    final, partial, raw = host_dir / DISK_NAME, host_dir / PARTIAL_NAME, host_dir / RAW_NAME
     if os.path.lexists(final):
         raise DestinationTaken(f"{final} already exists")
-    try:
-        os.unlink(partial)  # a copy an interrupted run left behind; never trusted, never resumed
-    except FileNotFoundError:
-        pass
+    for leftover in (partial, raw):  # from an interrupted run; never trusted, never resumed
+        _remove(leftover)
 
+    src_st = _agent_disk_stat(source_disk, expect_inode)
+    agent = AgentUser.owner_of(src_st, f"the agent's disk {source_disk}")
+    image = inspect_agent_disk(source_disk, agent)
+    if not 0 < image.virtual_size <= MAX_VIRTUAL_SIZE:
+        raise DiskFormatError(f"the agent's disk {source_disk} claims a size of {image.virtual_size} bytes; "
+                              f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)")
+    budget = _space_budget(host_dir, image)
+    chain = ", ".join(b.path for b in image.backing) or "none"
+    progress(f"flattening the agent's disk as uid {agent.uid} (backing files: {chain}; "
+             f"{image.virtual_size / 2**30:.1f} GiB virtual)")
     try:
-        src = os.open(source_disk, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CopyError(f"cannot open the agent's disk {source_disk} without following links: {exc.strerror}") from None
-    try:
-        src_st = os.fstat(src)
-        if not stat.S_ISREG(src_st.st_mode):
-            raise CopyError(f"{source_disk} is not a regular file")
-        if expect_inode is not None and (src_st.st_dev, src_st.st_ino) != tuple(expect_inode):
-            raise CopyError(f"{source_disk} is not the file QEMU had open in step 1; it was replaced",
-                            hint="rerun `python -m takeover rollback` and find out who replaced it")
-        _check_space(host_dir, src_st)
-        dst = create_private(partial)
-        try:
-            if os.geteuid() == 0:
-                os.fchown(dst, 0, 0)
-            copied_hash = _copy_sparse(src, dst, src_st.st_size, progress)
-            os.fsync(dst)
-        finally:
-            os.close(dst)
-        progress("verifying the copy against the source")
-        copy_hash = _sha256_file(partial)
-        source_hash = _sha256_fd(src)
+        sink = _flatten(source_disk, image, agent, raw, budget)
+        progress(f"{sink.allocated / 2**20:.0f} MiB of data; converting to the host's own qcow2")
+        _convert_raw(raw, partial, image.virtual_size)
+        _remove(raw)
+        _check_private(partial)
+        inspect_image(partial)  # root's own file now: a self-contained qcow2, or refused
+        digest = _sha256_file(partial)
+        # link() fails if the final name exists, where rename() would silently replace it.
+        os.link(partial, final)
+        os.unlink(partial)
+        fsync_dir(host_dir)
     except BaseException:
+        _remove(raw)
         _remove(partial)
         raise
-    finally:
-        os.close(src)
-
-    size = os.stat(partial).st_size
-    if size != src_st.st_size or copy_hash != copied_hash:
-        _remove(partial)
-        raise CopyError(f"the copy of {source_disk} does not match what was read "
-                        f"(size {size} vs {src_st.st_size}); the host filesystem may be failing")
-    if source_hash != copied_hash:
-        _remove(partial)
-        raise CopyError(f"{source_disk} changed while it was being copied; something still writes it")
-    try:
-        inspect_image(partial)  # authoritative: the copy is what the host will boot
-    except DiskFormatError:
-        _remove(partial)
-        raise
-    # link() fails if the final name exists, where rename() would silently replace it.
-    os.link(partial, final)
-    os.unlink(partial)
-    fsync_dir(host_dir)
     copy_st = os.stat(final)
-    return RelocateResult(str(final), size, copy_hash, copy_st.st_blocks * 512, src_st.st_blocks * 512,
-                          round(time.monotonic() - started, 3))
+    return RelocateResult(str(final), copy_st.st_size, digest, copy_st.st_blocks * 512, image.chain_allocated,
+                          round(time.monotonic() - started, 3), image.virtual_size,
+                          [b.path for b in image.backing], agent.uid)
 
 
-def _check_space(host_dir: Path, src_st: os.stat_result) -> None:
-    needed = src_st.st_blocks * 512 + SPACE_MARGIN
+def _agent_disk_stat(source_disk: Path, expect_inode: tuple[int, int] | None) -> os.stat_result:
+    # lstat, not open: root does not even open a path the agent controls (it could be a device).
+    try:
+        st = os.lstat(source_disk)
+    except OSError as exc:
+        raise CopyError(f"cannot stat the agent's disk {source_disk}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CopyError(f"the agent's disk {source_disk} is now a symlink; the takeover does not read the agent's "
+                        f"disk without following links through its names", hint="pass the disk's real path")
+    if not stat.S_ISREG(st.st_mode):
+        raise CopyError(f"{source_disk} is not a regular file")
+    if expect_inode is not None and (st.st_dev, st.st_ino) != tuple(expect_inode):
+        raise CopyError(f"{source_disk} is not the file QEMU had open in step 1; it was replaced",
+                        hint="rerun `python -m takeover rollback` and find out who replaced it")
+    return st
+
+
+def _space_budget(host_dir: Path, image: ImageInfo) -> int:
+    """Bytes the raw file may take: half of what is free (the qcow2 made from it needs as much again)."""
     vfs = os.statvfs(host_dir)
     free = vfs.f_bavail * vfs.f_frsize
+    data = min(image.chain_allocated, image.virtual_size)
+    needed = 2 * data + SPACE_MARGIN
     if free < needed:
-        raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; copying the disk needs "
-                             f"{needed / 2**30:.2f} GiB")
+        raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; flattening the agent's disk needs "
+                             f"about {needed / 2**30:.2f} GiB")
+    return min(image.virtual_size, (free - SPACE_MARGIN) // 2)
 
 
-def _copy_sparse(src: int, dst: int, size: int, progress: Callable[[str], None]) -> str:
-    """Copy the data extents of `src`, leaving holes (and all-zero chunks) unwritten; hash every byte.
-
-    Returns the sha256 of the logical content read, zeros of the holes included.
-    """
-    digest = hashlib.sha256()
-    offset = 0
-    last_report = time.monotonic()
-    while offset < size:
-        data_start = _seek(src, offset, os.SEEK_DATA, size)
-        _hash_zeros(digest, data_start - offset)
-        if data_start >= size:
-            break
-        data_end = min(_seek(src, data_start, os.SEEK_HOLE, size), size)
-        pos = data_start
-        while pos < data_end:
-            chunk = os.pread(src, min(CHUNK, data_end - pos), pos)
-            if not chunk:
-                raise CopyError("the agent's disk shrank while it was being copied")
-            digest.update(chunk)
-            if chunk.count(0) != len(chunk):  # an all-zero chunk stays a hole in the copy
-                _pwrite_all(dst, chunk, pos)
-            pos += len(chunk)
-            if time.monotonic() - last_report > 5:
-                progress(f"copied {pos / 2**20:.0f} of {size / 2**20:.0f} MiB")
-                last_report = time.monotonic()
-        offset = data_end
-    os.ftruncate(dst, size)  # keeps a trailing hole, and the exact size
-    return digest.hexdigest()
-
-
-def _seek(fd: int, offset: int, whence: int, size: int) -> int:
+def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, budget: int):
+    """The agent's `qemu-img convert` (sandboxed) writes raw bytes over NBD into `raw` (root's file)."""
+    fd = os.open(raw, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    outcome: dict[str, Any] = {}
     try:
-        return os.lseek(fd, offset, whence)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # no more data after offset
-            return size
-        raise
+        os.fchmod(fd, 0o600)
+        os.fchown(fd, 0, 0)
+        os.ftruncate(fd, image.virtual_size)
+        target = f"driver=raw,file.driver=nbd,file.server.type=fd,file.server.str={theirs.fileno()}"
+        argv = [QEMU_IMG, "convert", "-n", "--target-is-zero", "--target-image-opts",
+                image.chain_spec(source_disk), target]
+
+        def serve(_child: subprocess.Popen) -> None:
+            theirs.close()  # the sandbox holds its end; ours sees EOF when it exits
+            try:
+                outcome["sink"] = serve_writes(ours, fd, image.virtual_size, budget=budget,
+                                               idle_timeout=IDLE_TIMEOUT,
+                                               deadline=time.monotonic() + FLATTEN_TIMEOUT)
+            except SinkError as exc:
+                outcome["error"] = exc
+            finally:
+                ours.close()  # a qemu-img still writing gets EPIPE and exits
+
+        result = run_as_agent(argv, agent, timeout=FLATTEN_TIMEOUT, pass_fds=(theirs.fileno(),),
+                              while_running=serve)
+        error = outcome.get("error")
+        if error is not None and error.over_budget:
+            raise NotEnoughSpace(f"the agent's disk did not fit in {budget / 2**20:.0f} MiB of the host "
+                                 f"directory ({error}); the partial copy was removed")
+        if result.returncode != 0:
+            raise CopyError(f"qemu-img convert, run as the agent, failed: {result.error_text()}"
+                            + (f" (the host's side: {error})" if error else ""),
+                            hint="make sure the agent's VM has stopped (nothing else may hold its disk), "
+                                 "then rerun `python -m takeover run`")
+        if error is not None or "sink" not in outcome:
+            raise CopyError(f"the agent's qemu-img ended without a clean NBD session: {error}")
+        os.fsync(fd)
+        return outcome["sink"]
+    except SandboxError as exc:
+        raise CopyError(str(exc), hint=exc.hint) from None
+    finally:
+        theirs.close()
+        ours.close()
+        os.close(fd)
 
 
-def _hash_zeros(digest: Any, count: int) -> None:
-    while count > 0:
-        n = min(count, CHUNK)
-        digest.update(ZERO_CHUNK[:n])
-        count -= n
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _sha256_file(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _convert_raw(raw: Path, partial: Path, virtual_size: int) -> None:
+    """Root's qemu-img makes the qcow2 from raw bytes (format forced: nothing in them is parsed)."""
+    if os.stat(raw).st_size != virtual_size:
+        raise CopyError(f"{raw} changed size while it was written")
+    proc = subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "--", str(raw), str(partial)],
+                          capture_output=True, text=True, timeout=CONVERT_TIMEOUT, umask=0o077,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        if "No space left" in proc.stderr:
+            raise NotEnoughSpace(f"the host directory filled up while making the qcow2: {proc.stderr.strip()[-300:]}")
+        raise CopyError(f"qemu-img could not make the host's qcow2: {proc.stderr.strip()[-300:]}")
+    fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return _sha256_fd(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _sha256_fd(fd: int) -> str:
+def _check_private(path: Path) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
+        raise CopyError(f"{path} is not a regular 0600 file of root's (mode {stat.S_IMODE(st.st_mode):o}, "
+                        f"uid {st.st_uid}); refused")
+
+
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, CHUNK, offset)
-        if not chunk:
-            return digest.hexdigest()
-        digest.update(chunk)
-        offset += len(chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, CHUNK):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def _remove(path: Path) -> None:

@@ -90,7 +90,7 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
     timings["snapshots"] = round(time.monotonic() - started, 3)
     progress("starting libguestfs (about 40 s under TCG)")
     started = time.monotonic()
-    guest = Guest.open(disk, force_tcg=plan.force_tcg)
+    guest = Guest.open(disk, force_tcg=plan.force_tcg, mount_root=plan.system_tar is None)
     timings["launch"] = round(time.monotonic() - started, 3)
     def timed(name: str, step: Callable[[], Any]) -> Any:
         progress(f"scrub: {name.replace('_', ' ')}")
@@ -144,6 +144,7 @@ def rebuild_system(guest: Guest, system_tar: Path, overlay_tar: Path | None) -> 
     """
     g = guest.g
     g.umount_all()
+    g.wipefs("/dev/sda")  # a cloud image's partition table goes too: the host boots one filesystem, root=/dev/vda
     g.mkfs("ext4", "/dev/sda", label="secret-proxy")
     g.mount("/dev/sda", "/")
     g.tar_in(str(system_tar), "/")

@@ -141,8 +141,8 @@ def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
 
-def test_the_disk_is_found_through_a_symlinked_name(tmp_path, host_dir, qemu):
-    link = tmp_path / "alias.qcow2"
+def test_the_disk_is_found_through_a_symlinked_name(host_dir, qemu):
+    link = qemu.disk.parent / "alias.qcow2"
     link.symlink_to(qemu.disk)
     source = find_and_check_vm(explicit_ready(qemu.monitor, link), host_dir)
     assert source.disk == str(qemu.disk) and source.pid == qemu.pid

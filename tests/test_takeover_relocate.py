@@ -1,21 +1,51 @@
-"""Step 3, relocation: private from the first byte, sparse, verified, and only self-contained qcow2."""
+"""Step 3, relocation: the agent's disk (and any backing file) is read only by the agent's own user, and
+arrives in the host directory as a self-contained qcow2 root made, 0600 root:root, or not at all.
+
+Real qemu-img, a real unprivileged user (`spvm-ct-1`), a real sandbox; nothing mocked but the numbers
+that make a filesystem look full.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
+import pwd
 import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from takeover import relocate
+from takeover.agent_sandbox import SandboxError
 from takeover.diskimage import inspect_image
 from takeover.errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
 from takeover.files import ensure_host_dir
-from takeover.relocate import DISK_NAME, PARTIAL_NAME, relocate_disk
+from takeover.relocate import DISK_NAME, relocate_disk
 
-from .test_takeover_support import make_qcow2
+pytestmark = pytest.mark.root
+AGENT = "spvm-ct-1"
+
+
+@pytest.fixture(scope="session")
+def agent_user() -> pwd.struct_passwd:
+    """A real unprivileged account, ours alone (created once; kept for later runs)."""
+    try:
+        return pwd.getpwnam(AGENT)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT],
+                       check=True, capture_output=True)
+        return pwd.getpwnam(AGENT)
+
+
+@pytest.fixture
+def agent_dir(agent_user):
+    """The agent's own directory, where it can reach (not under root's 0700 pytest temp)."""
+    path = Path(tempfile.mkdtemp(prefix="spvm-ct-agent-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    os.chown(path, agent_user.pw_uid, agent_user.pw_gid)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @pytest.fixture
@@ -23,110 +53,182 @@ def host_dir(tmp_path):
     return ensure_host_dir(tmp_path / "host")
 
 
-def sparse_qcow2(path):
-    # metadata preallocation: the file's apparent size is the virtual size, but it is mostly holes
-    make_qcow2(path, "256M", "-o", "preallocation=metadata")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 3M", str(path)], check=True,
-                   capture_output=True)
+def as_agent(agent_user, *argv: str) -> None:
+    subprocess.run(["setpriv", f"--reuid={agent_user.pw_uid}", f"--regid={agent_user.pw_gid}", "--clear-groups",
+                    "--", *argv], check=True, capture_output=True, cwd="/")
+
+
+def agent_image(agent_user, path: Path, size: str = "64M", *extra: str, fill: str | None = None) -> Path:
+    """A qcow2 the agent makes itself (qemu-img as the agent), optionally with `write -P` data in it."""
+    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size)
+    if fill:
+        as_agent(agent_user, "qemu-io", "-f", "qcow2", "-c", fill, str(path))
     return path
 
 
-def test_copy_is_0600_root_from_its_first_byte(tmp_path, host_dir, monkeypatch):
-    source = sparse_qcow2(tmp_path / "agent.qcow2")
-    seen = {}
-    real_copy = relocate._copy_sparse
+def leftovers(host_dir: Path) -> list[str]:
+    return sorted(p.name for p in host_dir.iterdir())
 
-    def spy(src, dst, size, progress):
-        st = os.fstat(dst)
-        seen.update(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, size=st.st_size)
-        return real_copy(src, dst, size, progress)
 
-    monkeypatch.setattr(relocate, "_copy_sparse", spy)
-    old = os.umask(0)  # a careless umask must not widen the mode
+def test_a_cloud_overlay_is_flattened_into_a_self_contained_root_0600_qcow2(agent_user, agent_dir, host_dir):
+    base = agent_image(agent_user, agent_dir / "base.qcow2", fill="write -P 0x41 0 1M")
+    top = agent_image(agent_user, agent_dir / "disk.qcow2", "64M", "-b", str(base), "-F", "qcow2",
+                      fill="write -P 0x42 2M 1M")
+    old = os.umask(0)  # a careless umask must not widen any file the host writes
     try:
-        result = relocate_disk(source, host_dir)
+        result = relocate_disk(top, host_dir)
     finally:
         os.umask(old)
-    assert seen == {"mode": 0o600, "uid": 0, "size": 0}
-    st = os.stat(result.path)
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0 and st.st_gid == 0
-    assert not (host_dir / PARTIAL_NAME).exists()
+    copy = host_dir / DISK_NAME
+    st = os.stat(copy)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (0, 0)
+    assert leftovers(host_dir) == [DISK_NAME]  # no raw or partial file stays behind
+    info = inspect_image(copy)  # root's own file: a self-contained qcow2, or this raises
+    assert info.format == "qcow2" and info.backing == () and info.virtual_size == 64 * 2**20
+    assert result.backing_files == [str(base)] and result.agent_uid == agent_user.pw_uid
+    same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(top), str(copy)],
+                          capture_output=True, text=True)
+    assert same.returncode == 0, same.stdout + same.stderr  # the chain's content, both layers
+    assert st.st_blocks * 512 < 16 * 2**20  # holes stay holes
 
 
-def test_sparse_source_stays_sparse_and_hash_matches(tmp_path, host_dir):
-    source = sparse_qcow2(tmp_path / "agent.qcow2")
-    src = os.stat(source)
-    assert src.st_blocks * 512 < src.st_size // 4, "the fixture should be mostly holes"
-    result = relocate_disk(source, host_dir)
-    copy = os.stat(result.path)
-    assert copy.st_size == src.st_size
-    assert copy.st_blocks <= src.st_blocks + 64  # not filled in
-    assert result.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert hashlib.sha256((host_dir / DISK_NAME).read_bytes()).hexdigest() == result.sha256
-    assert inspect_image(host_dir / DISK_NAME).format == "qcow2"
+def test_the_raw_file_is_root_0600_from_its_first_byte(agent_user, agent_dir, host_dir, monkeypatch):
+    top = agent_image(agent_user, agent_dir / "disk.qcow2", fill="write -P 0x5a 1M 1M")
+    seen = {}
+    real = relocate.serve_writes
+
+    def spy(sock, fd, size, **kwargs):
+        st = os.fstat(fd)
+        seen.update(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, blocks=st.st_blocks)
+        return real(sock, fd, size, **kwargs)
+
+    monkeypatch.setattr(relocate, "serve_writes", spy)
+    relocate_disk(top, host_dir)
+    assert seen == {"mode": 0o600, "uid": 0, "blocks": 0}
 
 
-def test_refuses_a_backing_file(tmp_path, host_dir):
-    base = make_qcow2(tmp_path / "base.qcow2")
-    overlay = make_qcow2(tmp_path / "overlay.qcow2", "64M", "-b", str(base), "-F", "qcow2")
-    with pytest.raises(DiskFormatError, match="backing file"):
-        relocate_disk(overlay, host_dir)
-    assert list(host_dir.iterdir()) == []  # nothing half-copied is left
+@pytest.mark.parametrize("target", ["/etc/shadow", "root-only"])
+def test_a_backing_file_the_agent_cannot_read_is_refused_and_nothing_of_it_reaches_the_host(
+        agent_user, agent_dir, host_dir, tmp_path, target):
+    if target == "root-only":
+        secret = tmp_path / "root-only.raw"  # under root's 0700 pytest directory, and 0600 itself
+        secret.write_bytes(b"ROOT-ONLY-MARKER" * 65536)
+        os.chmod(secret, 0o600)
+        target = str(secret)
+    # The agent writes the header itself; -u: qemu-img (as the agent) cannot open the target either.
+    evil = agent_image(agent_user, agent_dir / "disk.qcow2", "1M", "-u", "-b", target, "-F", "raw")
+    with pytest.raises(DiskFormatError, match="cannot be read by the agent's own user") as err:
+        relocate_disk(evil, host_dir)
+    assert target in str(err.value) and "Permission denied" in str(err.value)
+    assert leftovers(host_dir) == []
 
 
-def test_refuses_an_external_data_file(tmp_path, host_dir):
-    disk = make_qcow2(tmp_path / "d.qcow2", "64M", "-o", f"data_file={tmp_path / 'data.raw'}")
+def test_a_backing_file_swapped_for_root_only_after_the_check_still_reads_nothing(agent_user, agent_dir, host_dir,
+                                                                                 tmp_path, monkeypatch):
+    # The check is not the boundary; the sandbox is. The agent passes the check with a harmless
+    # base, then points the same name at a root-only file before the conversion opens it.
+    secret = tmp_path / "root-only.raw"
+    secret.write_bytes(b"ROOT-ONLY-MARKER" * 65536)
+    os.chmod(secret, 0o600)
+    base = agent_image(agent_user, agent_dir / "base.raw.qcow2", "1M")
+    top = agent_image(agent_user, agent_dir / "disk.qcow2", "1M", "-b", str(base), "-F", "qcow2")
+    real = relocate.inspect_agent_disk
+
+    def then_swap(*args, **kwargs):
+        info = real(*args, **kwargs)
+        os.unlink(base)
+        os.symlink(secret, base)
+        return info
+
+    monkeypatch.setattr(relocate, "inspect_agent_disk", then_swap)
+    with pytest.raises(CopyError, match="Permission denied"):
+        relocate_disk(top, host_dir)
+    assert leftovers(host_dir) == []
+
+
+def test_a_backing_file_named_by_a_json_spec_is_refused(agent_user, agent_dir, host_dir):
+    spec = 'json:{"driver":"raw","file":{"driver":"file","filename":"/etc/shadow"}}'
+    evil = agent_image(agent_user, agent_dir / "disk.qcow2", "1M", "-u", "-b", spec, "-F", "raw")
+    with pytest.raises(DiskFormatError, match="not as an absolute path"):
+        relocate_disk(evil, host_dir)
+    assert leftovers(host_dir) == []
+
+
+def test_a_backing_chain_deeper_than_two_is_refused(agent_user, agent_dir, host_dir):
+    below = agent_image(agent_user, agent_dir / "0.qcow2", "1M")
+    for level in range(1, 4):
+        below = agent_image(agent_user, agent_dir / f"{level}.qcow2", "1M", "-b", str(below), "-F", "qcow2")
+    with pytest.raises(DiskFormatError, match="more than 2 backing files"):
+        relocate_disk(below, host_dir)
+    assert leftovers(host_dir) == []
+    # two are fine: a cloud image's overlay over a base that is itself an overlay
+    ok = agent_dir / "2.qcow2"
+    assert relocate_disk(ok, host_dir).backing_files == [str(agent_dir / "1.qcow2"), str(agent_dir / "0.qcow2")]
+
+
+def test_a_backing_file_in_another_format_is_refused(agent_user, agent_dir, host_dir):
+    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "vmdk", str(agent_dir / "base.vmdk"), "1M")
+    top = agent_image(agent_user, agent_dir / "disk.qcow2", "1M", "-b", str(agent_dir / "base.vmdk"), "-F", "vmdk")
+    with pytest.raises(DiskFormatError, match="'vmdk'"):
+        relocate_disk(top, host_dir)
+    assert leftovers(host_dir) == []
+
+
+def test_a_raw_base_under_a_qcow2_overlay_is_taken(agent_user, agent_dir, host_dir):
+    raw = agent_dir / "base.raw"
+    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "raw", str(raw), "4M")
+    as_agent(agent_user, "qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64k", str(raw))
+    top = agent_image(agent_user, agent_dir / "disk.qcow2", "4M", "-b", str(raw), "-F", "raw")
+    result = relocate_disk(top, host_dir)
+    assert result.backing_files == [str(raw)]
+    assert subprocess.run(["qemu-img", "compare", str(top), str(host_dir / DISK_NAME)]).returncode == 0
+
+
+def test_an_external_data_file_is_refused(agent_user, agent_dir, host_dir):
+    disk = agent_image(agent_user, agent_dir / "d.qcow2", "1M", "-o", f"data_file={agent_dir / 'data.raw'}")
     with pytest.raises(DiskFormatError, match="external file"):
         relocate_disk(disk, host_dir)
-    assert list(host_dir.iterdir()) == []
+    assert leftovers(host_dir) == []
 
 
-def test_refuses_raw_and_other_formats(tmp_path, host_dir):
-    raw = tmp_path / "disk.raw"
-    raw.write_bytes(b"\0" * 1024 * 1024)
-    with pytest.raises(DiskFormatError, match="not qcow2"):
+def test_a_raw_top_is_refused(agent_user, agent_dir, host_dir):
+    raw = agent_dir / "disk.raw"
+    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "raw", str(raw), "1M")
+    with pytest.raises(DiskFormatError, match="qcow2"):
         relocate_disk(raw, host_dir)
-    assert list(host_dir.iterdir()) == []
+    assert leftovers(host_dir) == []
 
 
-def test_refuses_when_the_destination_holds_a_disk(tmp_path, host_dir):
+def test_a_root_owned_disk_is_not_read_as_root(tmp_path, host_dir):
+    disk = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    with pytest.raises(SandboxError, match="owned by root"):
+        relocate_disk(disk, host_dir)
+    assert leftovers(host_dir) == []
+
+
+def test_refuses_when_the_destination_holds_a_disk(agent_user, agent_dir, host_dir):
     (host_dir / DISK_NAME).write_bytes(b"taken")
     with pytest.raises(DestinationTaken):
-        relocate_disk(make_qcow2(tmp_path / "a.qcow2"), host_dir)
+        relocate_disk(agent_image(agent_user, agent_dir / "a.qcow2"), host_dir)
     assert (host_dir / DISK_NAME).read_bytes() == b"taken"
 
 
-def test_refuses_a_source_replaced_since_step_1(tmp_path, host_dir):
-    source = make_qcow2(tmp_path / "a.qcow2")
+def test_refuses_a_source_replaced_since_step_1(agent_user, agent_dir, host_dir):
     with pytest.raises(CopyError, match="replaced"):
-        relocate_disk(source, host_dir, expect_inode=(0, 1))
+        relocate_disk(agent_image(agent_user, agent_dir / "a.qcow2"), host_dir, expect_inode=(0, 1))
 
 
-def test_does_not_follow_a_symlinked_source(tmp_path, host_dir):
-    target = make_qcow2(tmp_path / "real.qcow2")
-    link = tmp_path / "link.qcow2"
+def test_does_not_follow_a_symlinked_source(agent_user, agent_dir, host_dir):
+    target = agent_image(agent_user, agent_dir / "real.qcow2")
+    link = agent_dir / "link.qcow2"
     link.symlink_to(target)
     with pytest.raises(CopyError, match="without following links"):
         relocate_disk(link, host_dir)
 
 
-def test_a_source_changed_during_the_copy_is_refused(tmp_path, host_dir, monkeypatch):
-    source = make_qcow2(tmp_path / "a.qcow2")
-    real_hash = relocate._sha256_file
-
-    def agent_writes_meanwhile(path):
-        with open(source, "ab") as f:
-            f.write(b"planted")
-        return real_hash(path)
-
-    monkeypatch.setattr(relocate, "_sha256_file", agent_writes_meanwhile)
-    with pytest.raises(CopyError, match="changed while it was being copied"):
-        relocate_disk(source, host_dir)
-    assert list(host_dir.iterdir()) == []
-
-
-def test_not_enough_space_is_refused_before_copying(tmp_path, host_dir, monkeypatch):
-    source = make_qcow2(tmp_path / "a.qcow2")
+def test_not_enough_space_is_refused_before_writing(agent_user, agent_dir, host_dir, monkeypatch):
+    source = agent_image(agent_user, agent_dir / "a.qcow2", fill="write -P 1 0 4M")
     real = os.statvfs
 
     class Full:
@@ -136,4 +238,26 @@ def test_not_enough_space_is_refused_before_copying(tmp_path, host_dir, monkeypa
     monkeypatch.setattr(relocate.os, "statvfs", lambda p: Full(real(p)))
     with pytest.raises(NotEnoughSpace):
         relocate_disk(source, host_dir)
-    assert list(host_dir.iterdir()) == []
+    assert leftovers(host_dir) == []
+
+
+def test_data_past_the_budget_stops_the_flattening_and_is_removed(agent_user, agent_dir, host_dir, monkeypatch):
+    # The agent's own report of its allocation is only an estimate; the NBD server counts what lands.
+    source = agent_image(agent_user, agent_dir / "a.qcow2", fill="write -P 7 0 8M")
+    monkeypatch.setattr(relocate, "_space_budget", lambda host_dir, image: 2 * 2**20)
+    with pytest.raises(NotEnoughSpace, match="did not fit in 2 MiB"):
+        relocate_disk(source, host_dir)
+    assert leftovers(host_dir) == []
+
+
+def test_a_disk_still_held_by_a_running_qemu_is_not_copied(agent_user, agent_dir, host_dir):
+    from .test_takeover_support import start_monitor_only_qemu
+
+    disk = agent_image(agent_user, agent_dir / "a.qcow2")
+    vm = start_monitor_only_qemu(agent_dir, disk, user=AGENT)
+    try:
+        with pytest.raises(CopyError, match="lock"):
+            relocate_disk(disk, host_dir)
+    finally:
+        vm.kill()
+    assert leftovers(host_dir) == []
