@@ -272,3 +272,25 @@ def test_secrets_set_stores_a_policy_and_show_prints_it_never_the_value(tmp_path
     plain = cli(data, "secrets", "set", "plain", stdin=b"v")
     assert plain.returncode == 0
     assert "no use policy" in cli(data, "secrets", "show", "plain").stdout.decode()
+
+
+def test_a_version_2_database_gains_policies_and_its_secrets_stay_retrieve_only(tmp_path):
+    import sqlite3
+
+    proxy = provision(make_settings(tmp_path))
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("ALTER TABLE secrets DROP COLUMN policy")
+    db.execute("DROP TABLE calls")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.get_policy("api-key") is None and store.audit_verify() == []
+        agent = store.authenticate(proxy.token)
+        req = store.create_request(agent, "api-key", "after the upgrade", 60)
+        store.decide(req.id, True, "operator:test")
+        assert store.retrieve(agent, req.id) == ("api-key", SECRET_VALUE.encode())
+        assert store.get_call(req.id) is None
+    db = sqlite3.connect(proxy.settings.db_path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    db.close()
