@@ -31,7 +31,9 @@ MAX_HEADERS = 50
 HEADER_VALUE_RE = re.compile(r"[\x20-\x7e\x80-\xff\t]{0,8192}")
 # Headers the proxy owns: framing, routing and hop-by-hop ones; the agent may not set them.
 RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
-                    "upgrade", "expect", "proxy-authorization", "proxy-connection"}
+                    "upgrade", "expect", "proxy-authorization", "proxy-connection",
+                    # a compressed answer would carry the value past redaction
+                    "accept-encoding"}
 # Cloud metadata endpoints; all but the IPv6 one are also link-local or private, listed to be plain.
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
             ipaddress.ip_address("100.100.100.200")}

@@ -154,18 +154,25 @@ def _request_lines(req: Request, call: Call | None = None) -> list[str]:
     ]
 
 
+CALL_PATH_CHARS = 600
+
+
 def _call_lines(call: Call | None) -> list[str]:
     """What a brokered call will do with the secret: the approver approves exactly this, once."""
     if call is None:
         return []
     target = call.target
     port = "" if (target.scheme, target.port) in (("https", 443), ("http", 80)) else f":{target.port}"
-    query = " (with a query string)" if target.query else ""
+    path = target.path_and_query
+    if len(path) > CALL_PATH_CHARS:  # a message holds 4096 characters; the CLI shows the whole URL
+        path = f"{path[:CALL_PATH_CHARS]}… ({len(path)} characters; see `python -m proxy requests list`)"
+    names = ", ".join(sorted({name for name, _ in call.headers}, key=str.lower)) or "none"
     return [
         "Use: <b>one call made by the proxy</b>; the agent never sees the value",
         f"Call: <code>{_shown(call.method)}</code> to <code>{_shown(target.scheme + '://' + target.host + port)}"
         f"</code>",
-        f"Path: <code>{_shown(target.path)}</code>{query}",
+        f"Path: <code>{_shown(path)}</code>",
+        f"Headers: {_shown(names)}",
         f"Body: {call.body_size} bytes, SHA-256 <code>{call.body_sha256[:16]}…</code>",
     ]
 

@@ -229,7 +229,8 @@ def test_a_secret_without_a_policy_cannot_be_used_in_a_call(rig):
 
 
 def test_the_agent_may_not_set_the_injected_header_or_framing(rig):
-    for headers in ({"Authorization": "Bearer mine"}, {"Host": "evil"}, {"X-A": "b\r\nX-Injected: 1"}):
+    for headers in ({"Authorization": "Bearer mine"}, {"Host": "evil"}, {"X-A": "b\r\nX-Injected: 1"},
+                    {"Accept-Encoding": "gzip"}):
         refused = rig.ask(rig.base + "/v1/x", headers=headers)
         assert refused.status_code == 400 and refused.json()["error"] == "invalid_request", headers
 
