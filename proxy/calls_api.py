@@ -108,9 +108,9 @@ async def make_call(request: HttpRequest) -> JSONResponse:
     request_id = await _request_id(state, agent, request, "call.refused")
     body = await _json_body(request)
     req = state.store.get_request(request_id)
-    if req is None or req.agent != agent.name:
+    if req is None or req.agent != agent.name or state.store.get_call(request_id) is None:
         await state.refused(agent, "call.refused", "not_found", request_id)
-        raise ApiError("not_found", "no such request")
+        raise ApiError("not_found", "no such call request")
     try:
         call, data = _checked_call(state, body, state.store.get_policy(req.secret), hash_allowed=False)
         assert data is not None

@@ -295,3 +295,14 @@ def test_a_version_2_database_gains_policies_and_its_secrets_stay_retrieve_only(
     db = sqlite3.connect(proxy.settings.db_path)
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     db.close()
+
+
+def test_a_retrieval_request_cannot_be_made_into_a_call(rig):
+    asked = rig.http.post("/v1/requests", json={"secret": "api-query", "reason": "read it"})
+    rid = asked.json()["id"]
+    with Store(rig.data.settings) as store:
+        store.decide(rid, True, "operator:test")
+    count = rig.up.connections
+    refused = rig.make(rid, rig.base + "/v1/x")
+    assert refused.status_code == 404 and refused.json()["error"] == "not_found"
+    assert rig.up.connections == count
