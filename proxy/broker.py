@@ -109,8 +109,11 @@ def check_headers(headers: object, injection: Injection | None) -> tuple[tuple[s
     return tuple(sorted(out, key=lambda h: (h[0].lower(), h[1])))
 
 
-def check_call(policy: Policy | None, method: object, url: object, headers: object) -> tuple[Target, Destination,
-                                                                                             tuple[tuple[str, str], ...]]:
+Headers = tuple[tuple[str, str], ...]
+
+
+def check_call(policy: Policy | None, method: object, url: object,
+               headers: object) -> tuple[Target, Destination, Headers]:
     """Refuse a call the policy does not allow, before anyone is asked and before any connection."""
     if policy is None or not policy.destinations or policy.injection is None:
         raise BrokerError("no_policy", "this secret has no use policy; the operator must add one with "

@@ -367,8 +367,8 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 (name, sealed.wrapped_key, sealed.ciphertext, time.time(), policy.to_json() if policy else None),
             )
-            extra = {"policy": policy.lines()} if policy else {}
-            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed), **extra)
+            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed),
+                        policy=policy.lines() if policy else None)
 
     def get_policy(self, name: str) -> Policy | None:
         row = self._conn().execute("SELECT policy FROM secrets WHERE name = ?", (name,)).fetchone()

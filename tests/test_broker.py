@@ -134,7 +134,8 @@ def test_the_approved_call_runs_once_and_replay_is_refused(rig):
 def test_an_altered_call_is_refused_and_the_destination_sees_nothing(rig, change):
     url = rig.base + "/v1/items"
     rid = rig.approved(url, body=b"approved body")
-    altered = {"body": dict(url=url, body=b"other body"), "path": dict(url=rig.base + "/v1/admin", body=b"approved body"),
+    altered = {"body": dict(url=url, body=b"other body"),
+               "path": dict(url=rig.base + "/v1/admin", body=b"approved body"),
                "method": dict(url=url, method="PUT", body=b"approved body"),
                "header": dict(url=url, body=b"approved body", headers={"Content-Type": "text/evil"})}[change]
     count = rig.up.connections
