@@ -181,16 +181,18 @@ class _PinnedConnection(http.client.HTTPSConnection):
 
 
 def _inject(target: Target, headers: tuple[tuple[str, str], ...], injection: Injection,
-            value: bytes) -> tuple[str, list[tuple[str, str]]]:
+            value: bytes) -> tuple[str, list[tuple[str, str | bytes]]]:
     text = value.decode("utf-8", "surrogateescape")
     path = target.path_and_query
-    out = list(headers)
+    out: list[tuple[str, str | bytes]] = list(headers)
     if injection.kind == "header":
-        out.append((injection.name, injection.template.replace("{value}", text)))
+        # Bytes, so a value that is not Latin-1 goes out as its own UTF-8 rather than failing to encode.
+        before, _, after = injection.template.partition("{value}")
+        out.append((injection.name, before.encode() + value + after.encode()))
     elif injection.kind == "query":
         from urllib.parse import quote
 
-        param = f"{injection.name}={quote(text, safe='')}"
+        param = f"{injection.name}={quote(text, safe='', errors='surrogateescape')}"
         path = target.path + "?" + (f"{target.query}&{param}" if target.query else param)
     else:
         token = base64.b64encode(injection.name.encode() + b":" + value).decode()

@@ -132,7 +132,9 @@ def parse_url(url: str) -> Target:
     segments = decoded.split("/")
     if "." in segments or ".." in segments or "//" in decoded:
         raise PolicyError("the URL's path must not contain . or .. segments or //")
-    return Target(scheme, host, port or (443 if scheme == "https" else 80), path, parts.query)
+    if port == 0:
+        raise PolicyError("the URL's port must be from 1 to 65535")
+    return Target(scheme, host, port if port is not None else (443 if scheme == "https" else 80), path, parts.query)
 
 
 def parse_destination(url: str, allow_private: bool = False) -> Destination:

@@ -31,8 +31,7 @@ def forms(value: bytes, extra: tuple[bytes, ...] = ()) -> list[bytes]:
                     quote_plus(text, safe="", errors="surrogateescape")):
             found.add(url.encode())
             found.add(_LOWER_HEX.sub(lambda m: m.group(0).lower(), url).encode())
-    # Short forms of a tiny value would shred unrelated text; four bytes is the floor of any real key.
-    return sorted((f for f in found if len(f) >= 4), key=len, reverse=True)
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(data: bytes, spellings: list[bytes]) -> tuple[bytes, int]:
