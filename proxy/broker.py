@@ -225,6 +225,8 @@ def execute(policy: Policy, call: Call, body: bytes, value: bytes, limits: Limit
             conn.putheader("Content-Length", str(len(body)))
         conn.putheader("Accept-Encoding", "identity")  # a compressed body could hide the value from redaction
         conn.endheaders(body or None)
+        if conn.sock is not None:  # the answer's head, too, within what is left of the deadline
+            conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
         response = conn.getresponse()
         chunks: list[bytes] = []
         size = 0

@@ -131,6 +131,8 @@ def _decide(settings: Settings, request_id: str, approve: bool) -> None:
     print(f"{req.status} {req.id} ({req.agent} asked for {req.secret})")
     if call is not None:
         print(f"  call: {call.method} {call.url} (body {call.body_size} bytes, sha256 {call.body_sha256})")
+        for name, value in call.headers:
+            print(f"  header: {name}: {value!r}")
 
 
 def cmd_approve(settings: Settings, args: argparse.Namespace) -> None:

@@ -307,3 +307,23 @@ def test_a_retrieval_request_cannot_be_made_into_a_call(rig):
     refused = rig.make(rid, rig.base + "/v1/x")
     assert refused.status_code == 404 and refused.json()["error"] == "not_found"
     assert rig.up.connections == count
+
+
+def test_concurrent_attempts_at_one_approved_call_make_it_once(rig):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = rig.base + "/v1/race"
+    rid = rig.approved(url)
+    before = len([r for r in rig.up.requests if r.path == "/v1/race"])
+
+    def attempt(_: int) -> int:
+        with httpx.Client(base_url=rig.server.url, timeout=30,
+                          headers={"Authorization": f"Bearer {rig.data.token}"}) as http:
+            return http.post(f"/v1/requests/{rid}/call", json={
+                "method": "POST", "url": url, "headers": {"Content-Type": "application/json"},
+                "body_base64": base64.b64encode(b"{}").decode()}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(attempt, range(8)))
+    assert codes == [200] + [410] * 7
+    assert len([r for r in rig.up.requests if r.path == "/v1/race"]) == before + 1
