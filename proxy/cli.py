@@ -65,6 +65,8 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
     print(f"stored {args.name}")
     for line in policy.lines() if policy else []:
         print(f"  {line}")
+    if policy and any(d.scheme == "http" for d in policy.destinations):
+        print("warning: an http:// destination gets the value unencrypted; prefer https://", file=sys.stderr)
 
 
 def cmd_secrets_show(settings: Settings, args: argparse.Namespace) -> None:
@@ -112,7 +114,9 @@ def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
     with Store(settings) as store:
         rows = store.list_requests(args.status)
         if args.json:
-            print(json.dumps([r.__dict__ for r in rows], indent=2))
+            calls = {r.id: store.get_call(r.id) for r in rows}
+            print(json.dumps([{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None}
+                              for r in rows], indent=2))
             return
         calls = {r.id: store.get_call(r.id) for r in rows}
     for r in rows:

@@ -327,3 +327,12 @@ def test_concurrent_attempts_at_one_approved_call_make_it_once(rig):
         codes = sorted(pool.map(attempt, range(8)))
     assert codes == [200] + [410] * 7
     assert len([r for r in rig.up.requests if r.path == "/v1/race"]) == before + 1
+
+
+def test_requests_list_json_names_the_call(rig):
+    url = rig.base + "/v1/listed"
+    created = rig.ask(url)
+    listed = json.loads(cli(rig.data.settings.data_dir, "requests", "list", "--json").stdout)
+    mine = [r for r in listed if r["id"] == created.json()["id"]][0]
+    assert mine["call"]["url"] == url and mine["call"]["method"] == "POST"
+    assert SECRET_VALUE not in json.dumps(listed)
