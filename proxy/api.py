@@ -219,11 +219,17 @@ async def retrieve_secret(request: HttpRequest) -> JSONResponse:
     return JSONResponse({"secret": name, "value": value.decode()}, headers={"Cache-Control": "no-store"})
 
 
-# Status polls first: routes are matched in order and polls are the most frequent call.
-ROUTES = [
-    Route("/v1/requests/{id}", get_request, methods=["GET"]),
-    Route("/v1/requests/{id}/secret", retrieve_secret, methods=["GET"]),
-    Route("/v1/requests", create_request, methods=["POST"]),
-    Route("/health", health, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
-]
+def routes() -> list[Route]:
+    from .calls_api import create_call, make_call  # it builds on this module's helpers
+
+    # Status polls first: routes are matched in order and polls are the most frequent call.
+    return [
+        Route("/v1/requests/{id}", get_request, methods=["GET"]),
+        Route("/v1/requests/{id}/secret", retrieve_secret, methods=["GET"]),
+        Route("/v1/requests", create_request, methods=["POST"]),
+        Route("/v1/calls", create_call, methods=["POST"]),
+        Route("/v1/requests/{id}/call", make_call, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+

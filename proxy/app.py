@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
-from .api import ROUTES
+from .api import routes
 from .config import Settings
 from .state import ProxyState
 from .store import Store
@@ -24,18 +24,22 @@ log = logging.getLogger("proxy")
 class BodyLimit:
     """Refuse bodies over the limit with 413 before reading them into memory."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, call_max_bytes: int = 0) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.plain_max_bytes = max_bytes
+        self.call_max_bytes = max(max_bytes, call_max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             # GET handlers never read a body, and polls are the hot path.
             await self.app(scope, receive, send)
             return
+        # Brokered calls carry the call's body in base64; every other route keeps the small limit.
+        path = scope["path"]
+        limit = self.call_max_bytes if path == "/v1/calls" or path.endswith("/call") else self.plain_max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
 
@@ -44,14 +48,14 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise errors.ApiError("too_large", f"the body is over {self.max_bytes} bytes")
+                if seen > limit:
+                    raise errors.ApiError("too_large", f"the body is over {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = errors.error_response("too_large", f"the body is over {self.max_bytes} bytes")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = errors.error_response("too_large", f"the body is over {limit} bytes")
         await response(scope, receive, send)
 
 
@@ -109,7 +113,7 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
             state.close()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=routes(),
         exception_handlers={
             errors.ApiError: errors.on_api_error,
             HTTPException: errors.on_http_exception,
@@ -118,5 +122,6 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
         lifespan=lifespan,
     )
     app.state.proxy = state
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       call_max_bytes=settings.broker_max_request_bytes * 4 // 3 + settings.max_body_bytes)
     return app

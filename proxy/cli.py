@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import crypto
 from .config import ConfigError, Settings, load_settings
+from .policy import PolicyError, build_policy
 from .store import STATUSES, Store, StoreError, init_data_dir
 
 
@@ -49,6 +50,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
+    try:  # checked before the value is read: a typo in a flag must not cost the operator a paste
+        policy = build_policy(args.allow, args.allow_private, args.inject, args.broker_only)
+    except PolicyError as exc:
+        raise CliError(f"{exc}; see `python -m proxy secrets set --help`") from None
     if sys.stdin.isatty():
         value = getpass.getpass(f"value for {args.name}: ").encode()
     else:
@@ -56,8 +61,22 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
         if value.endswith(b"\n"):
             value = value[:-1]  # `echo value |` adds a newline nobody means as part of a key
     with Store(settings) as store:
-        store.set_secret(args.name, value, operator())
+        store.set_secret(args.name, value, operator(), policy)
     print(f"stored {args.name}")
+    for line in policy.lines() if policy else []:
+        print(f"  {line}")
+    if policy and any(d.scheme == "http" for d in policy.destinations):
+        print("warning: an http:// destination gets the value unencrypted; prefer https://", file=sys.stderr)
+
+
+def cmd_secrets_show(settings: Settings, args: argparse.Namespace) -> None:
+    with Store(settings) as store:
+        if not store.secret_exists(args.name):
+            raise StoreError("unknown_secret", f"no secret named {args.name!r}")
+        policy = store.get_policy(args.name)
+    print(args.name)
+    for line in policy.lines() if policy else ["no use policy: retrievable with approval, never brokered"]:
+        print(f"  {line}")
 
 
 def cmd_secrets_list(settings: Settings, args: argparse.Namespace) -> None:
@@ -94,20 +113,30 @@ def cmd_agents_revoke(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
     with Store(settings) as store:
         rows = store.list_requests(args.status)
-    if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
-        return
+        if args.json:
+            calls = {r.id: store.get_call(r.id) for r in rows}
+            print(json.dumps([{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None}
+                              for r in rows], indent=2))
+            return
+        calls = {r.id: store.get_call(r.id) for r in rows}
     for r in rows:
-        print(f"{r.id}\t{r.status}\t{r.agent}\t{r.secret}\t{_when(r.created_at)}\t{r.reason!r}")
+        call = calls[r.id]
+        use = f"\tcall {call.method} {call.url} body {call.body_size} B sha256 {call.body_sha256[:16]}…" if call else ""
+        print(f"{r.id}\t{r.status}\t{r.agent}\t{r.secret}\t{_when(r.created_at)}\t{r.reason!r}{use}")
 
 
 def _decide(settings: Settings, request_id: str, approve: bool) -> None:
     with Store(settings) as store:
         decision = store.decide(request_id, approve, operator())
+        call = store.get_call(request_id)
     req = decision.request
     if not decision.changed:
         raise CliError(f"request {request_id} is already {req.status}; a decision is final")
     print(f"{req.status} {req.id} ({req.agent} asked for {req.secret})")
+    if call is not None:
+        print(f"  call: {call.method} {call.url} (body {call.body_size} bytes, sha256 {call.body_sha256})")
+        for name, value in call.headers:
+            print(f"  header: {name}: {value!r}")
 
 
 def cmd_approve(settings: Settings, args: argparse.Namespace) -> None:
@@ -160,9 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     secrets = sub.add_parser("secrets", help="manage secret values").add_subparsers(dest="sub", required=True)
-    s = secrets.add_parser("set", help="store a value read from stdin")
+    s = secrets.add_parser("set", help="store a value read from stdin, with how it may be used")
     s.add_argument("name")
+    s.add_argument("--allow", action="append", default=[], metavar="URL",
+                   help="a destination for brokered calls: https://host[:port][/path/prefix] (repeatable)")
+    s.add_argument("--allow-private", action="append", default=[], metavar="URL",
+                   help="like --allow, and the host may resolve to a loopback or private address")
+    s.add_argument("--inject", metavar="SPEC",
+                   help="how the value goes into a call: 'Header: ...{value}...', 'query:NAME' or 'basic:USER'")
+    s.add_argument("--broker-only", action="store_true", help="never hand the value out; only use it in calls")
     s.set_defaults(fn=cmd_secrets_set)
+    s = secrets.add_parser("show", help="a secret's use policy (never its value)")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_secrets_show)
     secrets.add_parser("list", help="list names (never values)").set_defaults(fn=cmd_secrets_list)
     s = secrets.add_parser("delete")
     s.add_argument("name")

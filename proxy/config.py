@@ -41,6 +41,14 @@ class Settings:
     # Refusals of one kind from one agent: the first is audited at once, the rest as one counted entry per window.
     refusal_audit_window_seconds: float = 60.0
     max_body_bytes: int = 16 * 1024
+    # Brokered calls (proxy/broker.py): the request body the agent may send, the answer it may get,
+    # the whole call's time, the CA bundle for TLS ("" = the system's), and the budget of calls.
+    broker_max_request_bytes: int = 256 * 1024
+    broker_max_response_bytes: int = 1024 * 1024
+    broker_timeout_seconds: float = 30.0
+    broker_ca_file: str = ""
+    call_rate_per_minute: int = 30
+    call_burst: int = 10
     telegram_token: str = field(default="", repr=False)
     telegram_chat_id: int = 0
     telegram_approvers: tuple[int, ...] = ()

@@ -59,13 +59,54 @@ OPENAPI: dict = {
                     "id": {"type": "string"},
                     "secret": {"type": "string"},
                     "status": {"type": "string",
-                               "enum": ["pending", "approved", "denied", "expired", "retrieved"]},
+                               "enum": ["pending", "approved", "denied", "expired", "retrieved", "used"],
+                               "description": "`used`: an approved brokered call was made."},
                     "reason": {"type": "string"},
                     "created_at": {"type": "string", "format": "date-time"},
                     "expires_at": {"type": "string", "format": "date-time"},
                     "decided_at": {"type": "string", "format": "date-time", "nullable": True},
                     "decided_by": {"type": "string", "nullable": True, "enum": ["approver", "operator", None],
                                    "description": "The role that decided, not the person."},
+                },
+            },
+            "CallSpec": {
+                "type": "object",
+                "required": ["method", "url"],
+                "properties": {
+                    "method": {"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                                          "OPTIONS"]},
+                    "url": {"type": "string", "description": "http(s) URL within a destination of the secret's "
+                            "policy; no user info, fragment, dot segments or encoded slashes"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "Not Host, framing headers, nor the header the secret goes in."},
+                    "body_base64": {"type": "string", "format": "byte"},
+                    "body_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                    "description": "Instead of body_base64 when asking (with body_size)."},
+                    "body_size": {"type": "integer", "minimum": 0},
+                },
+            },
+            "NewCall": {
+                "allOf": [{"$ref": "#/components/schemas/CallSpec"}, {
+                    "type": "object",
+                    "required": ["secret", "reason"],
+                    "properties": {
+                        "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+                        "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                        "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300,
+                                        "description": "How long the approved call may be made."},
+                    },
+                }],
+            },
+            "CallAnswer": {
+                "type": "object",
+                "required": ["status", "headers", "body_base64", "redactions"],
+                "properties": {
+                    "status": {"type": "integer", "description": "The destination's HTTP status"},
+                    "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"},
+                                                           "minItems": 2, "maxItems": 2}},
+                    "body_base64": {"type": "string", "format": "byte"},
+                    "redactions": {"type": "integer",
+                                   "description": "How many occurrences of the secret were removed"},
                 },
             },
             "SecretValue": {
@@ -132,6 +173,48 @@ OPENAPI: dict = {
                     "410": _error("expired", "already_retrieved"),
                     "429": _LIMITED,
                     "500": _error("internal_error"),
+                },
+            }
+        },
+        "/v1/calls": {
+            "post": {
+                "summary": "Ask to use a secret in one exact HTTP call that the proxy will make",
+                "security": _AUTH,
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/NewCall"}}}},
+                "responses": {
+                    "201": {"description": "Pending", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Created"}}}},
+                    "400": _error("invalid_request"),
+                    "401": _error("unauthorized"),
+                    "403": _error("forbidden", "no_policy", "destination_not_allowed"),
+                    "404": _error("unknown_secret"),
+                    "413": _error("too_large"),
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/v1/requests/{id}/call": {
+            "post": {
+                "summary": "Make the approved call, exactly once; the answer has the secret redacted",
+                "security": _AUTH,
+                "parameters": [_ID],
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/CallSpec"}}}},
+                "responses": {
+                    "200": {"description": "The destination's answer", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/CallAnswer"}}}},
+                    "400": _error("invalid_request", "malformed_id"),
+                    "401": _error("unauthorized"),
+                    "403": _error("denied", "call_mismatch", "destination_not_allowed", "address_not_allowed",
+                                  "no_policy"),
+                    "404": _error("not_found"),
+                    "409": _error("pending"),
+                    "410": _error("expired", "already_used"),
+                    "413": _error("too_large"),
+                    "429": _LIMITED,
+                    "502": _error("upstream_unreachable", "tls_failed", "response_too_large"),
+                    "504": _error("upstream_timeout"),
                 },
             }
         },

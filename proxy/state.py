@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
+from .broker import system_resolver
 from .config import Settings
 from .ratelimit import RateLimiter
 from .refusals import RefusalCounter
@@ -87,12 +88,14 @@ class Limits:
     poll: RateLimiter
     retrieve: RateLimiter
     max_waits: int
+    call: RateLimiter
     waits: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Limits":
         return cls(RateLimiter(s.rate_per_minute, s.rate_burst), RateLimiter(s.poll_rate_per_minute, s.poll_burst),
-                   RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst), s.max_waits_per_agent)
+                   RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst), s.max_waits_per_agent,
+                   RateLimiter(s.call_rate_per_minute, s.call_burst))
 
 
 @dataclass
@@ -103,6 +106,8 @@ class ProxyState:
     changes: Changes
     refusals: RefusalCounter
     channels: list[ApprovalChannel] = field(default_factory=list)
+    # How brokered calls resolve host names; a test may swap in a fake DNS answer.
+    resolver: Callable[[str, int], list[str]] = system_resolver
     # One writer thread: commits fsync, and the event loop must not wait on a disk.
     _writer: GroupCommitWriter | None = None
 

@@ -9,6 +9,7 @@ connection, so the event loop can read while a writer thread commits.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import secrets as pysecrets
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 from . import audit, crypto
+from .broker import Call
 from .config import Settings
+from .policy import Policy
 
 # Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -29,9 +32,9 @@ AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 # The only shape `create_request` issues: "req_" + 24 random bytes in base64url.
 REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]{32}")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
-STATUSES = ("pending", "approved", "denied", "expired", "retrieved")
+STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,7 +42,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
     wrapped_key BLOB NOT NULL,
     ciphertext BLOB NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    policy TEXT
 );
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
@@ -72,6 +76,14 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calls (
+    request_id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    url TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    body_size INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS telegram_messages (
     request_id TEXT PRIMARY KEY,
@@ -320,6 +332,12 @@ class Store:
                 audit.write_head(conn, audit_key, 0, audit.GENESIS)
             elif last is not None and head is not None and head[0] == last[1]:
                 audit.write_head(conn, audit_key, last[0], last[1])
+        if version < 3:
+            # 2 -> 3: a secret may carry a use policy (brokered calls); the `calls` table is new and
+            # was created by SCHEMA. Existing secrets get none: retrievable as before, never brokered.
+            if "policy" not in [c[1] for c in conn.execute("PRAGMA table_info(secrets)")]:
+                conn.execute("ALTER TABLE secrets ADD COLUMN policy TEXT")
+        if version < SCHEMA_VERSION:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _load_audit_key(self, conn: sqlite3.Connection | None = None) -> crypto.AuditKey:
@@ -337,7 +355,7 @@ class Store:
             self._audit(conn, actor, action, request_id, secret, **detail)
 
     # -- secrets -----------------------------------------------------------
-    def set_secret(self, name: str, value: bytes, actor: str) -> None:
+    def set_secret(self, name: str, value: bytes, actor: str, policy: Policy | None = None) -> None:
         check_secret_name(name)
         if not value:
             raise StoreError("invalid_request", "a secret value must not be empty")
@@ -345,10 +363,24 @@ class Store:
         with self.transaction() as conn:
             existed = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
             conn.execute(
-                "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at) VALUES (?, ?, ?, ?)",
-                (name, sealed.wrapped_key, sealed.ciphertext, time.time()),
+                "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at, policy)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, sealed.wrapped_key, sealed.ciphertext, time.time(), policy.to_json() if policy else None),
             )
-            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed))
+            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed),
+                        policy=policy.lines() if policy else None)
+
+    def get_policy(self, name: str) -> Policy | None:
+        row = self._conn().execute("SELECT policy FROM secrets WHERE name = ?", (name,)).fetchone()
+        return Policy.from_json(row[0]) if row and row[0] else None
+
+    def get_call(self, request_id: str) -> Call | None:
+        """The exact call a request asks to make, or None for a plain retrieval request."""
+        row = self._conn().execute("SELECT method, url, headers, body_sha256, body_size FROM calls"
+                                   " WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        return Call(row[0], row[1], tuple((h[0], h[1]) for h in json.loads(row[2])), row[3], row[4])
 
     def delete_secret(self, name: str, actor: str) -> None:
         with self.transaction() as conn:
@@ -410,8 +442,11 @@ class Store:
         return Agent(row[0], tuple(row[1].split(",")), row[2])
 
     # -- requests ----------------------------------------------------------
-    def create_request(self, agent: Agent, secret: str, reason: str, ttl_seconds: int) -> Request:
-        """A new pending request; a refusal raises StoreError and writes nothing."""
+    def create_request(self, agent: Agent, secret: str, reason: str, ttl_seconds: int,
+                       call: Call | None = None) -> Request:
+        """A new pending request (to retrieve, or to make `call`); a refusal raises StoreError and writes nothing.
+
+        The caller has checked `call` against the secret's policy (`broker.check_call`)."""
         actor = f"agent:{agent.name}"
         now = time.time()
         refusal: StoreError | None = None
@@ -419,6 +454,9 @@ class Store:
             raise StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}", secret=secret)
         if not self.secret_exists(secret):
             raise StoreError("unknown_secret", f"no secret named {secret!r}", secret=secret)
+        if call is None and (policy := self.get_policy(secret)) is not None and policy.broker_only:
+            raise StoreError("broker_only", f"{secret!r} can only be used in a brokered call (POST /v1/calls), "
+                             "never retrieved", secret=secret)
         request_id = "req_" + pysecrets.token_urlsafe(24)
         with self.transaction() as conn:
             pending = conn.execute(
@@ -437,8 +475,15 @@ class Store:
                     (request_id, agent.name, secret, reason, ttl_seconds, now,
                      now + self.settings.pending_timeout_seconds),
                 )
+                call_detail: dict[str, object] = {}
+                if call is not None:
+                    conn.execute("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?)",
+                                 (request_id, call.method, call.url, json.dumps(call.headers), call.body_sha256,
+                                  call.body_size))
+                    call_detail = {"call": {"method": call.method, "url": call.url, "body_sha256": call.body_sha256,
+                                            "body_size": call.body_size}}
                 self._audit(conn, actor, "request.created", request_id, secret,
-                            reason=reason, ttl_seconds=ttl_seconds)
+                            reason=reason, ttl_seconds=ttl_seconds, **call_detail)
         if refusal is not None:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
@@ -536,6 +581,12 @@ class Store:
             refusal = _retrieval_refusal(req, now)
             if refusal is not None:
                 raise refusal
+            if conn.execute("SELECT 1 FROM calls WHERE request_id = ?", (request_id,)).fetchone():
+                raise StoreError("broker_only", "this request approved a call, not a retrieval; make it with "
+                                 f"POST /v1/requests/{request_id}/call", secret=req.secret)
+            if (policy := self.get_policy(req.secret)) is not None and policy.broker_only:
+                raise StoreError("broker_only", f"{req.secret!r} can only be used in a brokered call, never "
+                                 "retrieved", secret=req.secret)
             sealed_row = conn.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?",
                                       (req.secret,)).fetchone()
             if sealed_row is None:
@@ -551,6 +602,45 @@ class Store:
                          (now, request_id))
             self._audit(conn, actor, "secret.retrieved", request_id, req.secret)
         return req.secret, value
+
+    def claim_call(self, agent: Agent, request_id: str, call: Call) -> tuple[str, bytes, Policy]:
+        """Use up an approved call request, if `call` is exactly the one approved; return what making it needs.
+
+        Claimed before the call is made, in one transaction with its audit entry, so two
+        concurrent executions cannot both pass: one approval, one call. A call that differs
+        from the approved one (method, URL, headers, body) is refused and leaves the approval
+        unused. The policy is read again here: the operator may have narrowed it since.
+        """
+        actor = f"agent:{agent.name}"
+        now = time.time()
+        self.expire_due()
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?",
+                               (request_id, agent.name)).fetchone()
+            approved = self.get_call(request_id) if row else None
+            if row is None or approved is None:
+                raise StoreError("not_found", "no such call request")
+            req = Request(*row)
+            refusal = _retrieval_refusal(req, now)
+            if refusal is not None:
+                raise refusal
+            if approved != call:
+                differs = [f for f in ("method", "url", "headers", "body_sha256", "body_size")
+                           if getattr(approved, f) != getattr(call, f)]
+                raise StoreError("call_mismatch", f"this call is not the one approved (its {', '.join(differs)} "
+                                 "differ); ask for a new approval", secret=req.secret)
+            sealed_row = conn.execute("SELECT wrapped_key, ciphertext, policy FROM secrets WHERE name = ?",
+                                      (req.secret,)).fetchone()
+            if sealed_row is None:
+                raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
+            if not sealed_row[2]:
+                raise StoreError("no_policy", f"secret {req.secret!r} no longer has a use policy", secret=req.secret)
+            policy = Policy.from_json(sealed_row[2])
+            value = crypto.open_sealed(self._current_key(conn), req.secret,
+                                       crypto.Sealed(sealed_row[0], sealed_row[1]))
+            conn.execute("UPDATE requests SET status = 'used', retrieved_at = ? WHERE id = ?", (now, request_id))
+            self._audit(conn, actor, "call.started", request_id, req.secret, method=call.method, url=call.url)
+        return req.secret, value, policy
 
     def _current_key(self, conn: sqlite3.Connection) -> crypto.MasterKey:
         """The key the database is sealed with now: the CLI may have rotated it since we started.
@@ -666,6 +756,9 @@ def _retrieval_refusal(req: Request, now: float) -> StoreError | None:
         return StoreError("denied", "the request was denied", secret=req.secret)
     if req.status == "retrieved":
         return StoreError("already_retrieved", "the value was already retrieved; make a new request",
+                          secret=req.secret)
+    if req.status == "used":
+        return StoreError("already_used", "the approved call was already made; ask again for another",
                           secret=req.secret)
     if req.status == "expired" or req.expires_at <= now:
         return StoreError("expired", "the request expired; make a new request", secret=req.secret)

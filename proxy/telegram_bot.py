@@ -34,6 +34,7 @@ from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, Invali
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes
 
 from .state import ProxyState
+from .broker import Call
 from .store import REQUEST_ID_RE, Request
 
 log = logging.getLogger("proxy.telegram")
@@ -144,24 +145,48 @@ def _shown(text: str) -> str:
     return html.escape(visible(text))
 
 
-def _request_lines(req: Request) -> list[str]:
+def _request_lines(req: Request, call: Call | None = None) -> list[str]:
     return [
         f"Agent: <code>{_shown(req.agent)}</code>",
         f"Secret: <code>{_shown(req.secret)}</code>",
+        *_call_lines(call),
         f"Reason: {_shown(req.reason)}",
     ]
 
 
-def render_pending(req: Request) -> str:
+CALL_PATH_CHARS = 600
+
+
+def _call_lines(call: Call | None) -> list[str]:
+    """What a brokered call will do with the secret: the approver approves exactly this, once."""
+    if call is None:
+        return []
+    target = call.target
+    port = "" if (target.scheme, target.port) in (("https", 443), ("http", 80)) else f":{target.port}"
+    path = target.path_and_query
+    if len(path) > CALL_PATH_CHARS:  # a message holds 4096 characters; the CLI shows the whole URL
+        path = f"{path[:CALL_PATH_CHARS]}… ({len(path)} characters; see `python -m proxy requests list`)"
+    names = ", ".join(sorted({name for name, _ in call.headers}, key=str.lower)) or "none"
+    return [
+        "Use: <b>one call made by the proxy</b>; the agent never sees the value",
+        f"Call: <code>{_shown(call.method)}</code> to <code>{_shown(target.scheme + '://' + target.host + port)}"
+        f"</code>",
+        f"Path: <code>{_shown(path)}</code>",
+        f"Headers: {_shown(names)}",
+        f"Body: {call.body_size} bytes, SHA-256 <code>{call.body_sha256[:16]}…</code>",
+    ]
+
+
+def render_pending(req: Request, call: Call | None = None) -> str:
     return "\n".join([
-        "<b>Secret request</b>",
-        *_request_lines(req),
+        "<b>Secret use request</b>" if call else "<b>Secret request</b>",
+        *_request_lines(req, call),
         f"Expires: {utc(req.expires_at)} if undecided",
         f"Request: <code>{html.escape(req.id)}</code>",
     ])
 
 
-def render_closed(req: Request, names: dict[int, str]) -> str:
+def render_closed(req: Request, names: dict[int, str], call: Call | None = None) -> str:
     if req.decided_at is not None and req.status == "denied":
         title, outcome = "Denied", f"❌ Denied by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
     elif req.decided_at is not None:
@@ -169,8 +194,8 @@ def render_closed(req: Request, names: dict[int, str]) -> str:
     else:
         title, outcome = "Expired", f"⌛ Expired undecided at {utc(req.expires_at)}"
     return "\n".join([
-        f"<b>Secret request: {title}</b>",
-        *_request_lines(req),
+        f"<b>Secret {'use ' if call else ''}request: {title}</b>",
+        *_request_lines(req, call),
         f"Request: <code>{html.escape(req.id)}</code>",
         outcome,
     ])
@@ -475,7 +500,7 @@ class TelegramChannel:
         assert self._app is not None
         try:
             message = await self._app.bot.send_message(
-                self.chat_id, render_pending(req), parse_mode=ParseMode.HTML, reply_markup=buttons(req.id),
+                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML, reply_markup=buttons(req.id),
                 link_preview_options=NO_PREVIEW)
         except BadRequest as exc:
             if _chat_level(exc):
@@ -490,7 +515,7 @@ class TelegramChannel:
         assert self._app is not None
         try:
             await self._app.bot.edit_message_text(
-                render_closed(req, self._names), chat_id=chat_id, message_id=message_id,
+                render_closed(req, self._names, self.store.get_call(req.id)), chat_id=chat_id, message_id=message_id,
                 parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW, reply_markup=None)
         except BadRequest as exc:
             text = exc.message.lower()

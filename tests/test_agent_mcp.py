@@ -50,7 +50,7 @@ def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(mcp_env:
 
     tools, _ = with_mcp_server(mcp_env, play)
     by_name = {tool.name: tool for tool in tools}
-    assert set(by_name) == {"request_secret", "wait_for_decision"}  # brokered calls come with issue 14
+    assert set(by_name) == {"request_secret", "wait_for_decision", "use_secret_in_call"}
     asking = by_name["request_secret"]
     assert "A human approves every use" in asking.description
     assert asking.input_schema["required"] == ["name", "reason"]

@@ -39,12 +39,14 @@ def test_health_needs_no_token(client):
 
 def test_openapi_describes_every_route(client):
     spec = client.get("/openapi.json").json()
-    assert set(spec["paths"]) == {"/health", "/v1/requests", "/v1/requests/{id}", "/v1/requests/{id}/secret"}
+    assert set(spec["paths"]) == {"/health", "/v1/requests", "/v1/requests/{id}", "/v1/requests/{id}/secret",
+                                  "/v1/calls", "/v1/requests/{id}/call"}
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
 def test_v1_calls_without_a_valid_token_are_unauthorized(client, headers):
-    for method, path in (("POST", "/v1/requests"), ("GET", "/v1/requests/x"), ("GET", "/v1/requests/x/secret")):
+    for method, path in (("POST", "/v1/requests"), ("GET", "/v1/requests/x"), ("GET", "/v1/requests/x/secret"),
+                         ("POST", "/v1/calls"), ("POST", "/v1/requests/x/call")):
         r = client.request(method, path, headers=headers, json={"secret": "api-key", "reason": "r"})
         assert r.status_code == 401
         assert r.json()["error"] == "unauthorized"

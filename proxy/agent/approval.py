@@ -29,6 +29,14 @@ def ask(api: ProxyApi, secret: str, reason: str) -> str:
     return request_id
 
 
+def ask_call(api: ProxyApi, secret: str, reason: str, call: dict) -> str:
+    """A new call request's id."""
+    request_id = api.ask_call(secret, reason, call).get("id")
+    if not isinstance(request_id, str):
+        raise Unreachable("the proxy's answer to a new call request holds no id")
+    return request_id
+
+
 def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: Progress = lambda _: None) -> dict:
     """The request as the proxy shows it once it has left `pending`; TimedOut if still pending at `timeout`."""
     deadline = time.monotonic() + max(0.0, timeout)
@@ -59,6 +67,18 @@ def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: 
             time.sleep(max(0.0, min(MIN_POLL_SECONDS, deadline - time.monotonic())))
         else:
             progress(f"still pending ({deadline - time.monotonic():.0f} s left)")
+
+
+def call_of_decided(api: ProxyApi, view: dict, call: dict) -> dict:
+    """The answer of an approved call, which the proxy makes now (once); Denied or Expired otherwise."""
+    request_id, status = str(view.get("id")), view.get("status")
+    if status == "approved":
+        return api.make_call(request_id, call)
+    if status == "denied":
+        raise Denied(f"request {request_id} was denied", request_id=request_id)
+    if status == "used":
+        raise Expired(f"request {request_id}'s call was made already", request_id=request_id)
+    raise Expired(f"request {request_id} expired before it was decided or used", request_id=request_id)
 
 
 def value_of_decided(api: ProxyApi, view: dict) -> str:

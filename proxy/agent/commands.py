@@ -3,6 +3,9 @@
 get NAME --reason TEXT      ask, wait for a human, print the value once on stdout
 exec NAME --reason TEXT --env VAR -- COMMAND...
                             the same, then run COMMAND with the value in VAR of its environment only
+call NAME --reason TEXT -X METHOD URL [-H 'Name: value'...] [--data @FILE|TEXT]
+                            ask to use a secret in one call that the proxy makes; the answer's body on
+                            stdout, its status and headers on stderr; the value is never seen here
 wait ID                     go on waiting for a request that `get` gave up on; the value on stdout
 status ID                   one of this agent's requests, as JSON (never a value)
 mcp                         the MCP server over stdio (needs the `agent` extra)
@@ -15,6 +18,7 @@ only, so Debian's python3 runs this with nothing installed.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -59,6 +63,14 @@ def parser() -> argparse.ArgumentParser:
     e = asking("exec", "ask for a secret and run COMMAND with the value in one environment variable")
     e.add_argument("--env", required=True, metavar="VAR", help="the environment variable COMMAND finds it in")
     e.usage = f"{PROG} exec NAME --reason TEXT --env VAR [--timeout S] -- COMMAND [ARG...]"
+    c = asking("call", "ask to use a secret in one HTTP call that the proxy makes for you; you get the answer, "
+                       "never the value")
+    c.add_argument("-X", "--method", default="GET", help="the HTTP method (default GET)")
+    c.add_argument("url", metavar="URL", help="the exact URL, e.g. https://api.example.com/v1/items")
+    c.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
+                   help="a header to send (repeatable); the proxy adds the secret's own header itself")
+    c.add_argument("--data", metavar="@FILE|TEXT", help="the body: TEXT as is, @FILE read from a file, @- stdin")
+    c.usage = f"{PROG} call NAME --reason TEXT -X METHOD URL [-H 'Name: value']... [--data @FILE]"
     w = sub.add_parser("wait", help="wait on for a request that `get` stopped waiting for; print its value")
     w.add_argument("id", metavar="ID")
     w.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="S")
@@ -87,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "wait":
             return _print_value(api, args.id, args.timeout)
         _check_asking(args)
+        if args.command == "call":
+            return _call(api, args)
         if args.command == "get":
             request_id = _ask(api, args.name, args.reason, args.timeout)
             return _print_value(api, request_id, args.timeout)
@@ -134,6 +148,46 @@ def _print_value(api: ProxyApi, request_id: str, timeout: float) -> int:
     sys.stdout.write(value + ("\n" if sys.stdout.isatty() else ""))
     sys.stdout.flush()
     return 0
+
+
+def _call(api: ProxyApi, args: argparse.Namespace) -> int:
+    call = call_spec(args.method, args.url, args.header, args.data)
+    request_id = approval.ask_call(api, args.name, args.reason, call)
+    say(f"asked to use {args.name!r} in {call['method']} {call['url']}: request {request_id}; waiting up to "
+        f"{args.timeout:g} s for a human to decide")
+    view = approval.wait_for_decision(api, request_id, args.timeout, progress=say)
+    answer = approval.call_of_decided(api, view, call)
+    say(f"request {request_id} approved; the proxy made the call: HTTP {answer.get('status')}")
+    for name, value in answer.get("headers", []):
+        say(f"  {name}: {value}")
+    if answer.get("redactions"):
+        say(f"  ({answer['redactions']} occurrence(s) of the secret were removed from the answer)")
+    sys.stdout.buffer.write(base64.b64decode(answer.get("body_base64", "")))
+    sys.stdout.flush()
+    return 0
+
+
+def call_spec(method: str, url: str, headers: list[str], data: str | None) -> dict:
+    """The call as the API takes it, from curl-like arguments; every mistake caught before asking."""
+    parsed: dict[str, str] = {}
+    for header in headers:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"not a header: {header!r}", hint="write -H 'Name: value'")
+        parsed[name.strip()] = value.strip()
+    body = b""
+    if data is not None:
+        if data == "@-":
+            body = sys.stdin.buffer.read()
+        elif data.startswith("@"):
+            try:
+                with open(data[1:], "rb") as f:
+                    body = f.read()
+            except OSError as exc:
+                raise UsageError(f"cannot read {data[1:]!r}: {exc.strerror}", hint="check the file after @") from None
+        else:
+            body = data.encode()
+    return {"method": method.upper(), "url": url, "headers": parsed, "body_base64": base64.b64encode(body).decode()}
 
 
 def _prepare_exec(command: list[str], var: str) -> dict[str, str]:

@@ -5,11 +5,14 @@ a decision off: `request_secret` asks and waits up to SECRET_PROXY_MCP_WAIT
 seconds; if no human has decided by then it answers `pending` with the request
 id, and `wait_for_decision` waits again. A value is returned only for an
 approved request (retrieved then, once); refusals come back as tool errors
-that say what to do. Brokered calls (`use_secret_in_call`) come with issue 14.
+that say what to do. `use_secret_in_call` asks to use a secret in one exact HTTP call that
+the proxy makes: the model gets the answer, never the value; a call still pending is
+remembered here, so `wait_for_decision` on its id makes the call once approved.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Callable
 
 from mcp.server.mcpserver import MCPServer
@@ -48,28 +51,68 @@ Returns the same shapes as request_secret: approved (with the value, once), deni
 (call again). Do not create a new request while one is pending: the human would have to decide twice."""
 
 
+USE_SECRET_IN_CALL = f"""\
+Use a secret in one HTTP call that the secret proxy makes for you: you never see the value. The proxy puts the
+secret into the call the way the operator configured (e.g. an Authorization header), only toward destinations
+the operator listed. A human approves this exact call (method, URL, headers, body) once; a different call needs
+a new approval. Returns {{"status": "done", "http_status", "headers", "body"}} (any occurrence of the secret in
+the answer is redacted), "denied", or {{"status": "pending", "id"}}: then call wait_for_decision with that id.
+Do not put an Authorization header in `headers`: the proxy adds it. `body` is text (e.g. JSON), or "" for none.
+{REASON_GUIDE}"""
+
+
 def build_server(config: AgentConfig) -> MCPServer:
     api = ProxyApi(config.url, config.token)
     server = MCPServer("secret-proxy", instructions=INSTRUCTIONS)
+    calls: dict[str, dict] = {}  # call requests of this session still to be made, by id
 
     # Sync tools: the SDK runs them in a worker thread, so a held long poll never blocks the session.
     @server.tool(description=REQUEST_SECRET)
     def request_secret(name: Annotated[str, Field(description=NAME_HELP)],
                        reason: Annotated[str, Field(description=REASON_GUIDE)]) -> dict:
-        return _outcome(api, lambda: approval.ask(api, name, reason), config.mcp_wait_seconds)
+        return _outcome(api, lambda: approval.ask(api, name, reason), config.mcp_wait_seconds, calls)
 
     @server.tool(description=WAIT_FOR_DECISION)
     def wait_for_decision(id: Annotated[str, Field(description=ID_HELP)]) -> dict:  # noqa: A002 - the model's name
-        return _outcome(api, lambda: id, config.mcp_wait_seconds)
+        return _outcome(api, lambda: id, config.mcp_wait_seconds, calls)
+
+    @server.tool(description=USE_SECRET_IN_CALL)
+    def use_secret_in_call(name: Annotated[str, Field(description=NAME_HELP)],
+                           reason: Annotated[str, Field(description=REASON_GUIDE)],
+                           method: Annotated[str, Field(description="GET, POST, PUT, PATCH, DELETE, HEAD")],
+                           url: Annotated[str, Field(description="the exact https URL, query string included")],
+                           headers: Annotated[dict[str, str] | None, Field(description="headers to send")] = None,
+                           body: Annotated[str, Field(description="the request body as text; empty for none")] = ""
+                           ) -> dict:
+        call = {"method": method.upper(), "url": url, "headers": headers or {},
+                "body_base64": base64.b64encode(body.encode()).decode()}
+        try:
+            request_id = approval.ask_call(api, name, reason, call)
+        except AgentError as exc:
+            raise ToolError(str(exc)) from None
+        calls[request_id] = call
+        return _outcome(api, lambda: request_id, config.mcp_wait_seconds, calls)
 
     return server
 
 
-def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float) -> dict:
+def _call_answer(answer: dict) -> dict:
+    raw = base64.b64decode(answer.get("body_base64", ""))
+    try:
+        body: dict = {"body": raw.decode()}
+    except UnicodeDecodeError:
+        body = {"body_base64": answer.get("body_base64", "")}
+    return {"status": "done", "http_status": answer.get("status"), "headers": answer.get("headers", []),
+            "redactions": answer.get("redactions", 0), **body}
+
+
+def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float, calls: dict[str, dict]) -> dict:
     """What a tool returns: the decision, or pending; refusals become tool errors (AgentError's text)."""
     try:
         request_id = request_id_of()
         view = approval.wait_for_decision(api, request_id, wait)
+        if request_id in calls:
+            return _call_answer(approval.call_of_decided(api, view, calls.pop(request_id)))
         value = approval.value_of_decided(api, view)
     except TimedOut as exc:
         return {"status": "pending", "id": exc.request_id,

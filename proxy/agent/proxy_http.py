@@ -23,7 +23,7 @@ REQUEST_ID_RE = re.compile(r"^req_[A-Za-z0-9_-]{1,64}$")
 MAX_WAIT_SECONDS = 60  # the API's own bound on ?wait= (docs/api.md)
 READ_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 15
 CONNECT_TIMEOUT_SECONDS = 10.0
-MAX_REPLY_BYTES = 1024 * 1024
+MAX_REPLY_BYTES = 4 * 1024 * 1024  # a brokered call's answer, in base64 inside JSON
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,14 @@ class ProxyApi:
     def ask(self, secret: str, reason: str) -> dict:
         """POST /v1/requests: {"id", "status", "secret", "expires_at"}."""
         return self._call("POST", "/v1/requests", {"secret": secret, "reason": reason})
+
+    def ask_call(self, secret: str, reason: str, call: dict) -> dict:
+        """POST /v1/calls: ask to use a secret in one exact call (method, url, headers, body_base64)."""
+        return self._call("POST", "/v1/calls", {"secret": secret, "reason": reason, **call})
+
+    def make_call(self, request_id: str, call: dict) -> dict:
+        """POST /v1/requests/ID/call: the proxy makes the approved call; {"status", "headers", "body_base64"}."""
+        return self._call("POST", f"/v1/requests/{_checked_id(request_id)}/call", call, request_id=request_id)
 
     def status(self, request_id: str, wait: float = 0) -> dict:
         """GET /v1/requests/ID, held by the proxy up to `wait` seconds while pending."""
@@ -107,7 +115,7 @@ def _error_for(status: int, body: dict, retry_after: str | None, request_id: str
                            request_id=request_id)
     if code == "denied":
         return Denied("an approver denied the request", request_id=request_id)
-    if code in ("expired", "already_retrieved"):
+    if code in ("expired", "already_retrieved", "already_used"):
         return Expired(f"the request is {code.replace('_', ' ')} ({detail})", request_id=request_id)
     seconds = _seconds(retry_after)
     hint = HINTS.get(code, "")
@@ -123,6 +131,14 @@ HINTS = {
     "unknown_secret": "check the secret's name; the operator stores secrets with `python -m proxy secrets set`",
     "rate_limited": "wait a minute, then ask again",
     "not_found": "check the request id; it must be one of this agent's requests",
+    "destination_not_allowed": "the operator's policy for this secret does not list that URL; use a listed "
+                               "destination or ask the operator (`python -m proxy secrets show NAME`)",
+    "address_not_allowed": "the destination resolves to a private or loopback address the policy does not allow",
+    "no_policy": "this secret has no use policy: it cannot be used in calls; ask for it with `get`, or ask the "
+                 "operator to add a policy",
+    "broker_only": "this secret is never handed out; use it with `call` (or the MCP tool use_secret_in_call)",
+    "call_mismatch": "make exactly the call that was approved (same method, URL, headers and body), or ask again",
+    "too_large": "the call's body is over the proxy's limit (broker_max_request_bytes)",
     "invalid_request": "check the name ([A-Za-z0-9_.-], at most 128) and the reason (1-1000 characters)",
 }
 

@@ -1,0 +1,151 @@
+"""The brokered-call routes: ask to use a secret in one exact call, then have the proxy make it.
+
+`POST /v1/calls` checks the call against the secret's policy (an unlisted destination is
+refused here, before anyone is asked and before any connection) and creates a pending
+request that shows the approver the call. `POST /v1/requests/{id}/call`, with the same
+call and the body itself, claims the approval (once) and makes the call (`proxy/broker.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+
+from . import broker, crypto
+from . import store as st
+from .api import (MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate,
+                  iso)
+from .errors import ApiError
+
+log = logging.getLogger("proxy")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _body(body: dict, max_bytes: int, *, hash_allowed: bool) -> tuple[bytes | None, str, int]:
+    """(body bytes or None, sha256, size) from `body_base64`, or from `body_sha256` + `body_size`."""
+    encoded = body.get("body_base64")
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            raise ApiError("invalid_request", "`body_base64` must be a base64 string")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError("invalid_request", "`body_base64` is not valid base64") from None
+        if len(data) > max_bytes:
+            raise ApiError("too_large", f"the call's body is over {max_bytes} bytes (broker_max_request_bytes)")
+        return data, broker.sha256(data), len(data)
+    digest, size = body.get("body_sha256"), body.get("body_size")
+    if digest is None and size is None:
+        return b"", broker.sha256(b""), 0
+    if not hash_allowed:
+        raise ApiError("invalid_request", "send the call's body itself as `body_base64`")
+    if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest) or isinstance(size, bool) \
+            or not isinstance(size, int) or not 0 <= size <= max_bytes:
+        raise ApiError("invalid_request", "`body_sha256` must be 64 lower-case hex digits and `body_size` "
+                       f"an integer from 0 to {max_bytes}")
+    return None, digest, size
+
+
+def _checked_call(state, body: dict, policy, *, hash_allowed: bool) -> tuple[broker.Call, bytes | None]:
+    try:
+        target, _, headers = broker.check_call(policy, body.get("method"), body.get("url"), body.get("headers"))
+    except broker.BrokerError as exc:
+        raise ApiError(exc.code, exc.detail) from None
+    data, digest, size = _body(body, state.settings.broker_max_request_bytes, hash_allowed=hash_allowed)
+    return broker.Call(body["method"], body["url"], headers, digest, size), data
+
+
+async def create_call(request: HttpRequest) -> JSONResponse:
+    state = _state(request)
+    agent = authenticate(request)
+    body = await _json_body(request)
+    secret, reason = body.get("secret"), body.get("reason")
+    ttl = body.get("ttl_seconds", state.settings.default_ttl_seconds)
+    if not isinstance(secret, str) or not st.NAME_RE.fullmatch(secret):
+        raise ApiError("invalid_request", "`secret` must be a name matching [A-Za-z0-9_.-]{1,128}")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+        raise ApiError("invalid_request", f"`reason` must be a non-empty string of at most {MAX_REASON_CHARS} "
+                       "characters")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        raise ApiError("invalid_request", "`reason` must be valid Unicode text") from None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= state.settings.max_ttl_seconds:
+        raise ApiError("invalid_request",
+                       f"`ttl_seconds` must be an integer from 1 to {state.settings.max_ttl_seconds}")
+    await _within_budget(state, agent, state.limits.create, "call.refused")
+    if not agent.may_request(secret):
+        await state.refused(agent, "call.refused", "forbidden", secret=secret)
+        raise ApiError("forbidden", f"agent {agent.name!r} may not use {secret!r}")
+    try:
+        call, _ = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=True)
+    except ApiError as exc:
+        await state.refused(agent, "call.refused", exc.code, secret=secret)
+        raise
+    try:
+        req = await state.write(state.store.create_request, agent, secret, reason, ttl, call)
+    except st.StoreError as exc:
+        await state.refused(agent, "call.refused", exc.kind, secret=exc.secret)
+        headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
+        raise _refusal(exc, headers) from None
+    state.announce(req)
+    return JSONResponse({"id": req.id, "status": req.status, "secret": req.secret,
+                         "expires_at": iso(req.expires_at),
+                         "call": {"method": call.method, "url": call.url, "body_sha256": call.body_sha256,
+                                  "body_size": call.body_size}}, status_code=201)
+
+
+async def make_call(request: HttpRequest) -> JSONResponse:
+    state = _state(request)
+    agent = authenticate(request)
+    await _within_budget(state, agent, state.limits.call, "call.refused")
+    request_id = await _request_id(state, agent, request, "call.refused")
+    body = await _json_body(request)
+    req = state.store.get_request(request_id)
+    if req is None or req.agent != agent.name or state.store.get_call(request_id) is None:
+        await state.refused(agent, "call.refused", "not_found", request_id)
+        raise ApiError("not_found", "no such call request")
+    try:
+        call, data = _checked_call(state, body, state.store.get_policy(req.secret), hash_allowed=False)
+        assert data is not None
+        secret, value, policy = await state.write(state.store.claim_call, agent, request_id, call)
+    except ApiError as exc:
+        await state.refused(agent, "call.refused", exc.code, request_id, req.secret)
+        raise
+    except st.StoreError as exc:
+        # An altered call is audited every time, not folded into a count: it is an attempt to be looked at.
+        if exc.code == "call_mismatch":
+            await state.write(state.store.record, f"agent:{agent.name}", "call.refused", request_id, req.secret,
+                              code=exc.code, detail=exc.detail)
+        else:
+            await state.refused(agent, "call.refused", exc.kind, request_id, exc.secret)
+        raise _refusal(exc) from None
+    except crypto.CryptoError:
+        log.error("call %s: the value does not decrypt under the master key", request_id)
+        raise ApiError("internal_error", "the value could not be decrypted") from None
+    limits = broker.Limits(state.settings.broker_max_request_bytes, state.settings.broker_max_response_bytes,
+                           state.settings.broker_timeout_seconds, state.settings.broker_ca_file)
+    target = call.target
+    audit = {"method": call.method, "host": target.host, "port": target.port, "path": target.path,
+             "request_size": call.body_size, "request_sha256": call.body_sha256}
+    try:
+        answer = await asyncio.to_thread(broker.execute, policy, call, data, value, limits, state.resolver)
+    except broker.BrokerError as exc:
+        await state.write(state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret,
+                          code=exc.code, **audit)
+        raise ApiError(exc.code, exc.detail) from None
+    finally:
+        del value
+    await state.write(state.store.record, f"agent:{agent.name}", "call.completed", request_id, secret,
+                      status=answer.status, address=answer.address, response_size=len(answer.body),
+                      response_sha256=broker.sha256(answer.body), redactions=answer.redactions,
+                      elapsed_ms=round(answer.elapsed_seconds * 1000), **audit)
+    return JSONResponse({"status": answer.status, "headers": [list(h) for h in answer.headers],
+                         "body_base64": base64.b64encode(answer.body).decode(), "redactions": answer.redactions},
+                        headers={"Cache-Control": "no-store"})

@@ -1,0 +1,113 @@
+"""Brokered calls from the agent's tools and with a Telegram approval: `secret-proxy-agent call`, the MCP tool
+`use_secret_in_call`, and a tap on the Bot API emulator, each against a real `proxy serve` and a real HTTPS
+destination on 127.0.0.1. The value must reach the destination and appear in nothing the agent gets."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from mcp import ClientSession
+
+from proxy.policy import build_policy
+from proxy.store import Store
+
+from .broker_upstream import Upstream, make_ca
+from .conftest import SECRET_VALUE
+from .test_agent_mcp import outcome, with_mcp_server
+from .test_agent_tool import agent_env, decide_when_asked, run_agent, token_file
+from .test_broker import Rig
+from .test_telegram import ALICE, CHAT, start_rig, wait_until_polling
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    r = Rig(tmp_path_factory.mktemp("broker-agent"))
+    yield r
+    logs = r.stop()
+    assert SECRET_VALUE not in logs
+
+
+@pytest.fixture
+def env(rig: Rig, tmp_path: Path) -> dict[str, str]:
+    return agent_env(rig.server.url, token_file(tmp_path, rig.data.token), SECRET_PROXY_MCP_WAIT="30")
+
+
+def test_the_call_command_prints_the_answer_and_never_the_value(rig: Rig, env: dict, tmp_path: Path) -> None:
+    body = tmp_path / "release.json"
+    body.write_bytes(b'{"tag": "v2"}')
+    url = rig.base + "/v1/releases"
+    approver = decide_when_asked(rig.data.settings.data_dir)
+    result = run_agent(env, "call", "api-call", "--reason", "publish release v2", "-X", "POST", url,
+                       "-H", "Content-Type: application/json", "--data", f"@{body}")
+    approver.join(5)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == "/v1/releases" and "HTTP 200" in result.stderr
+    assert SECRET_VALUE not in result.stdout + result.stderr
+    seen = rig.up.requests[-1]
+    assert seen.body == b'{"tag": "v2"}' and seen.headers["Authorization"] == f"Bearer {SECRET_VALUE}"
+
+
+def test_the_call_command_exits_6_for_an_unlisted_destination(rig: Rig, env: dict) -> None:
+    result = run_agent(env, "call", "api-call", "--reason", "r", f"https://localhost:{rig.other.port}/v1/x")
+    assert result.returncode == 6 and "destination_not_allowed" in result.stderr
+    assert rig.other.connections == 0
+
+
+def test_get_of_a_broker_only_secret_exits_6_and_says_to_use_call(env: dict) -> None:
+    result = run_agent(env, "get", "api-call", "--reason", "r")
+    assert result.returncode == 6 and "broker_only" in result.stderr and "call" in result.stderr
+
+
+def test_the_mcp_tool_makes_the_call_and_returns_the_redacted_answer(rig: Rig, env: dict) -> None:
+    approver = decide_when_asked(rig.data.settings.data_dir)
+
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("use_secret_in_call", {
+            "name": "api-call", "reason": "check what the API echoes", "method": "GET", "url": rig.base + "/v1/leak"})
+
+    result = outcome(with_mcp_server(env, play))
+    approver.join(5)
+    assert result["status"] == "done" and result["http_status"] == 200
+    assert result["body"].count("[REDACTED]") == 3 and SECRET_VALUE not in json.dumps(result)
+
+
+def test_a_telegram_tap_approves_one_call_shown_with_its_destination(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    up = Upstream(ca).start()
+    tg = start_rig(tmp_path / "tg", {"SECRET_PROXY_BROKER_CA_FILE": str(ca.ca_file)})
+    try:
+        wait_until_polling(tg)
+        url = f"https://localhost:{up.port}/v1/issues"
+        with Store(tg.data.settings) as store:
+            store.set_secret("api-gh", SECRET_VALUE.encode(), "operator:test",
+                             build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: token {value}",
+                                          True))
+        http = httpx.Client(base_url=tg.url, headers={"Authorization": f"Bearer {tg.data.token}"}, timeout=30)
+        call = {"method": "POST", "url": url, "headers": {}, "body_base64": base64.b64encode(b"hello").decode()}
+        created = http.post("/v1/calls", json={"secret": "api-gh", "reason": "file <b>issue</b> #7", **call})
+        assert created.status_code == 201, created.text
+        rid = created.json()["id"]
+        message = tg.message_for(rid)
+        text = message["text"]
+        for shown in ("api-gh", "POST", f"https://localhost:{up.port}", "/v1/issues", "5 bytes",
+                      "2cf24dba5fb0a30e", "file <b>issue</b> #7", "never sees the value"):
+            assert shown in text, shown
+        assert not [e for e in message.get("entities", []) if e["type"] == "bold" and "issue" in
+                    text[e["offset"]:e["offset"] + e["length"]]]  # the reason's markup is escaped
+        tg.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")
+        assert http.get(f"/v1/requests/{rid}?wait=10").json()["status"] == "approved"
+        made = http.post(f"/v1/requests/{rid}/call", json=call)
+        assert made.status_code == 200 and made.json()["status"] == 200, made.text
+        assert up.requests[-1].headers["Authorization"] == f"token {SECRET_VALUE}"
+        assert SECRET_VALUE not in made.text
+        again = http.post(f"/v1/requests/{rid}/call", json=call)
+        assert again.json()["error"] == "already_used" and len(up.requests) == 1
+        http.close()
+    finally:
+        tg.stop()  # also checks that the value is nowhere in the proxy's DEBUG log
+        up.stop()
