@@ -3,11 +3,15 @@
 
 1. agent (an unprivileged `agent` user): build the image and start the VM (`vm_image up`)
 2. host (root): take the VM over (`takeover run`), store a demo secret and make the agent a token
-3. agent: ask for the secret with a reason, and wait
+3. agent: ask for the secret with a reason and wait (`secret-proxy-agent get`)
 4. approver: approve, in Telegram when SECRET_PROXY_TELEGRAM_* are set, else with the CLI over SSH
-5. agent: retrieve the value once; a second retrieval, the disk, the monitor and SSH all fail
+5. agent: gets the value once; a second retrieval fails
+6. agent: uses a broker-only key in one API call the proxy makes (`secret-proxy-agent call`), after
+   an approval: it gets the API's answer, never the key
+7. agent: the disk, the monitor and SSH all fail
 
 `--clean` stops and removes everything the demo made (the VMs, their files, the users).
+
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +40,8 @@ from vm_image.progress import Steps  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python")
 SECRET_NAME = "demo-api-key"
+BROKERED_NAME = "demo-api-token"  # broker-only: the agent may use it in calls, never hold it
+AGENT_TOOL = str(ROOT / "proxy/agent")  # the agent's command, run by Debian's python3 with nothing installed
 AGENT_NAME = "demo-agent"
 QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
 # How this machine reaches PyPI and Debian (proxy, CA bundle, index) is the machine's, not root's: the agent gets it.
@@ -106,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.steps = Steps(total=8, stream=sys.stdout, label="demo ")
+        self.steps = Steps(total=9, stream=sys.stdout, label="demo ")
         self.user = args.agent_user
         self.host_dir: Path = args.host_dir
         self.url = f"http://127.0.0.1:{args.port}"
@@ -124,11 +134,12 @@ class Demo:
         return {"status": status, "body": json.loads(text or "{}")}
 
     def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
+        # ssh hands the remote shell one string: quote each word so spaces and braces arrive as given.
         return subprocess.run(
             ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
              "-o", f"UserKnownHostsFile={self.host_dir / 'known_hosts'}", "-o", "IdentitiesOnly=yes",
              "-o", "LogLevel=ERROR", "-i", str(self.host_dir / "host_key"), "-p", str(self.args.host_ssh_port),
-             "proxy@127.0.0.1", "--", *remote], input=stdin, capture_output=True, text=True, timeout=120)
+             "proxy@127.0.0.1", "--", shlex.join(remote)], input=stdin, capture_output=True, text=True, timeout=120)
 
     @property
     def agent_state(self) -> Path:
@@ -169,34 +180,49 @@ class Demo:
                                  "brings the agent's VM back")
         with self.steps.step(f"host: store the secret {SECRET_NAME!r} through the host's SSH key") as note:
             value = "sk-demo-" + secrets.token_urlsafe(24)
+            self.api_token = "sk-api-" + secrets.token_urlsafe(24)
             self.stored_hash = hashlib.sha256(value.encode()).hexdigest()
             stored = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "set", SECRET_NAME, stdin=value)
             if stored.returncode != 0:
                 raise SystemExit(f"demo: storing the secret failed: {stored.stderr.strip()}")
             note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
                  f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)")
-            token = self.hand_token_to_agent(token_file)
+            self.api = StandInApi(self.api_token)
+            stored = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "set", BROKERED_NAME,
+                                   "--allow-private", f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/",
+                                   "--inject", "Authorization: Bearer {value}", "--broker-only", stdin=self.api_token)
+            if stored.returncode != 0:
+                raise SystemExit(f"demo: storing the broker-only secret failed: {stored.stderr.strip()}")
+            note(f"$ … secret-proxy secrets set {BROKERED_NAME} --allow-private http://{GUEST_SEES_HOST}:"
+                 f"{self.api.port}/v1/ --inject 'Authorization: Bearer {{value}}' --broker-only < key")
+            note(f"(a stand-in API on this machine at 127.0.0.1:{self.api.port}, {GUEST_SEES_HOST} from the guest: "
+                 "no outside network here)")
+            self.hand_token_to_agent(token_file)
+            token = self.token
             note(f"the agent's token is in {self.agent_token_file} (0600, {self.user})")
-        with self.steps.step("agent: ask for the secret, with a reason") as note:
-            asked = self.agent_http("POST", "/v1/requests", token,
-                                    {"secret": SECRET_NAME, "reason": "demo: call the API once"})
-            if asked["status"] != 201:
-                raise SystemExit(f"demo: the request was refused: {asked}")
-            request_id = asked["body"]["id"]
-            note(f"POST /v1/requests → 201 {asked['body']['status']}, id {request_id}")
+        with self.steps.step("agent: ask for the secret, with a reason, and wait — secret-proxy-agent get") as note:
+            note(f"$ SECRET_PROXY_URL={self.url} SECRET_PROXY_TOKEN_FILE={self.agent_token_file} \\")
+            note(f"  python3 -I {AGENT_TOOL} get {SECRET_NAME} --reason 'demo: call the API once'")
+            asking = self.agent_tool("get", SECRET_NAME, "--reason", "demo: call the API once")
+            request_id = self.request_id_from(asking, note)
         with self.steps.step("approver: approve") as note:
-            self.approve(request_id, token, note, bool(telegram))
-        with self.steps.step("agent: retrieve the value, once") as note:
-            got = self.agent_http("GET", f"/v1/requests/{request_id}/secret", token)
-            if got["status"] != 200:
-                raise SystemExit(f"demo: retrieval failed: {got}")
-            value_hash = hashlib.sha256(got["body"]["value"].encode()).hexdigest()
+            self.approve(request_id, note, bool(telegram))
+        with self.steps.step("agent: receives the value, once") as note:
+            value, errors = asking.communicate(timeout=self.args.approve_timeout + 120)
+            for line in errors.splitlines():
+                note(line)
+            if asking.returncode != 0:
+                raise SystemExit(f"demo: secret-proxy-agent get exited {asking.returncode}")
+            value_hash = hashlib.sha256(value.encode()).hexdigest()
             match = "the value the host stored" if value_hash == self.stored_hash else "A DIFFERENT VALUE"
-            note(f"GET …/secret → 200: {len(got['body']['value'])} characters, {match} (value not shown)")
+            note(f"stdout: {len(value)} characters, {match} (value not shown)")
             again = self.agent_http("GET", f"/v1/requests/{request_id}/secret", token)
-            note(f"again → {again['status']} {again['body'].get('error')}")
+            note(f"GET …/{request_id}/secret again → {again['status']} {again['body'].get('error')}")
             if again["status"] != 410:
                 raise SystemExit("demo: a second retrieval was not refused")
+        with self.steps.step(f"agent: use {BROKERED_NAME!r} in one API call, never holding it — "
+                             "secret-proxy-agent call") as note:
+            self.brokered_call(note, bool(telegram))
         with self.steps.step("agent: every other way in is closed") as note:
             self.check_agent_is_locked_out(note)
         with self.steps.step("where everything is") as note:
@@ -241,29 +267,64 @@ class Demo:
         os.fchown(fd, entry.pw_uid, entry.pw_gid)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
+        self.token = token
         return token
 
-    def approve(self, request_id: str, token: str, note, telegram: bool) -> None:
+    def approve(self, request_id: str, note, telegram: bool) -> None:
         if telegram:
-            note("the request is in your Telegram chat: tap Approve (waiting for it)")
-        else:
-            command = ["/usr/local/bin/secret-proxy", "approve", request_id]
-            note("no Telegram configured: the CLI approval channel, over the host's SSH key:")
-            note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
-                 f"secret-proxy approve {request_id}")
-            done = self.host_ssh(*command)
-            if done.returncode != 0:
-                raise SystemExit(f"demo: approving failed: {done.stderr.strip()}")
-        deadline = time.monotonic() + self.args.approve_timeout
-        while time.monotonic() < deadline:
-            seen = self.agent_http("GET", f"/v1/requests/{request_id}?wait=60", token)
-            status = seen["body"].get("status")
-            if status != "pending":
-                note(f"agent's GET ?wait=60 → {status} by {seen['body'].get('decided_by')}")
-                if status != "approved":
-                    raise SystemExit(f"demo: the request was {status}, not approved")
-                return
-        raise SystemExit("demo: nobody approved in time")
+            note("the request is in your Telegram chat: tap Approve (the agent's command waits for it)")
+            return
+        command = ["/usr/local/bin/secret-proxy", "approve", request_id]
+        note("no Telegram configured: the CLI approval channel, over the host's SSH key:")
+        note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
+             f"secret-proxy approve {request_id}")
+        done = self.host_ssh(*command)
+        if done.returncode != 0:
+            raise SystemExit(f"demo: approving failed: {done.stderr.strip()}")
+
+    # -- the agent's command -----------------------------------------------------------------
+    def agent_tool(self, *args: str) -> subprocess.Popen:
+        """`secret-proxy-agent ARGS` as the agent: Debian's python3, nothing installed, only its token file."""
+        env = {**agent_env(self.user), "SECRET_PROXY_URL": self.url,
+               "SECRET_PROXY_TOKEN_FILE": str(self.agent_token_file)}
+        return subprocess.Popen(["runuser", "-u", self.user, "--", "env", "-i",
+                                 *(f"{k}={v}" for k, v in env.items()), "/usr/bin/python3", "-I", AGENT_TOOL, *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=env["HOME"])
+
+    def request_id_from(self, tool: subprocess.Popen, note) -> str:
+        """The request id the agent's command prints on stderr when it has asked."""
+        assert tool.stderr is not None
+        line = tool.stderr.readline()
+        note(line.rstrip())
+        match = re.search(r"request (req_[A-Za-z0-9_-]+)", line)
+        if not match:
+            rest = tool.communicate(timeout=60)[1]
+            raise SystemExit(f"demo: the agent's command did not ask (exit {tool.returncode}): {line}{rest}")
+        return match.group(1)
+
+    def brokered_call(self, note, telegram: bool) -> None:
+        url = f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/whoami"
+        note(f"$ python3 -I {AGENT_TOOL} call {BROKERED_NAME} --reason 'demo: who am I at the API' -X GET {url}")
+        calling = self.agent_tool("call", BROKERED_NAME, "--reason", "demo: who am I at the API", "-X", "GET", url)
+        request_id = self.request_id_from(calling, note)
+        self.approve(request_id, note, telegram)
+        body, errors = calling.communicate(timeout=self.args.approve_timeout + 120)
+        for line in errors.splitlines():
+            note(line)
+        if calling.returncode != 0:
+            raise SystemExit(f"demo: secret-proxy-agent call exited {calling.returncode}")
+        note(f"stdout (the API's answer, as the agent got it): {body.strip()}")
+        if self.api_token in body or self.api_token in errors:
+            raise SystemExit("demo: the broker-only key reached the agent")
+        if not self.api.calls or not self.api.calls[-1]["authorized"]:
+            raise SystemExit("demo: the API did not receive the key")
+        note(f"the API saw {len(self.api.calls)} call, with the right key; the agent never held it")
+        tried = self.agent_http("POST", "/v1/requests", self.token,
+                                {"secret": BROKERED_NAME, "reason": "demo: may I just have it?"})
+        note(f"asking to retrieve {BROKERED_NAME} instead → {tried['status']} {tried['body'].get('error')}")
+        if tried["status"] < 400:
+            raise SystemExit("demo: a broker-only secret could be asked for retrieval")
 
     def check_agent_is_locked_out(self, note) -> None:
         for what, code in AGENT_TRY.items():
@@ -282,6 +343,40 @@ class Demo:
             raise SystemExit("demo: the agent's setup key still logs in")
         old = self.agent_state / "run/qmp.sock"
         note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
+
+
+GUEST_SEES_HOST = "10.0.2.2"  # QEMU's user network: the guest reaches the host's loopback here
+
+
+class StandInApi:
+    """An HTTP API on the host's loopback that wants `Bearer KEY` and says whether it got it.
+
+    It answers with the Authorization header it received, so the demo shows the proxy removed the
+    key from the answer before the agent saw it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.calls: list[dict[str, object]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+                authorized = secrets.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}")
+                api.calls.append({"path": self.path, "authorized": authorized})
+                body = json.dumps({"user": "demo-agent@example" if authorized else None,
+                                   "authorization_received": self.headers.get("Authorization", "")}).encode()
+                self.send_response(200 if authorized else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass  # it would print the key's header
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def telegram_config_path(args: argparse.Namespace) -> Path:

@@ -72,6 +72,13 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         taps["stranger"] = emu.tap(STRANGER, CHAT, message["message_id"], approve["callback_data"])
         emu.wait_for(lambda: emu.answer_for(taps["stranger"]), 60, "the answer to the stranger's tap")
         taps["approver"] = emu.tap(APPROVER, CHAT, message["message_id"], approve["callback_data"])
+        # Then the brokered call: a message of its own, showing the call; the approver approves it too.
+        call = emu.wait_for(lambda: next((m for m in emu.messages(CHAT) if m.get("reply_markup")
+                                          and m["message_id"] != message["message_id"]), None),
+                            timeout=600, what="the brokered call's message")
+        taps["call_message"] = call
+        taps["call"] = emu.tap(APPROVER, CHAT, call["message_id"],
+                               call["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
 
     tapper = threading.Thread(target=approver, daemon=True)
     tapper.start()
@@ -90,6 +97,10 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         assert str(APPROVER) in closed["text"]  # the approvers see who decided
         # The agent got the host's value once; its every other way in was closed (checked by the demo).
         assert "the value the host stored" in output and "again → 410 already_retrieved" in output
+        # The brokered call: the approver saw the call; the agent got the API's answer, never the key.
+        assert "GET" in taps["call_message"]["text"] and "/v1/whoami" in taps["call_message"]["text"]
+        assert "the API saw 1 call, with the right key; the agent never held it" in output
+        assert "[REDACTED]" in output and "broker_only" in output
         for line in ("read the host's disk", "connect to the host's monitor"):
             assert any(line in ln and "PermissionError" in ln for ln in output.splitlines()), line
         assert "SSH with its setup key: " in output and "Permission denied" in output
