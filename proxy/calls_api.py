@@ -19,8 +19,7 @@ from starlette.responses import JSONResponse
 
 from . import broker, crypto
 from . import store as st
-from .api import (MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate,
-                  iso)
+from .api import MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate, iso
 from .errors import ApiError
 
 log = logging.getLogger("proxy")

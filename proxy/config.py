@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
 
 DEFAULT_DATA_DIR = "/var/lib/secret-proxy"
 

@@ -16,10 +16,10 @@ import secrets as pysecrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from . import audit, crypto
 from .broker import Call
@@ -215,7 +215,7 @@ class Store:
         self._setup()
         self._audit_key = self._load_audit_key()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,19 +22,26 @@ import re
 import time
 import unicodedata
 import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Awaitable
+from datetime import UTC, datetime
 
-from telegram import (BotCommand, BotCommandScopeChat, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions,
-                      MaybeInaccessibleMessage, Update)
+from telegram import (
+    BotCommand,
+    BotCommandScopeChat,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    LinkPreviewOptions,
+    MaybeInaccessibleMessage,
+    Update,
+)
 from telegram import User as TelegramUser
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes
 
-from .state import ProxyState
 from .broker import Call
+from .state import ProxyState
 from .store import REQUEST_ID_RE, Request
 
 log = logging.getLogger("proxy.telegram")
@@ -112,7 +119,7 @@ class TokenRedactor(logging.Filter):
 
 
 def utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def display_name(user: TelegramUser) -> str:
@@ -500,8 +507,8 @@ class TelegramChannel:
         assert self._app is not None
         try:
             message = await self._app.bot.send_message(
-                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML, reply_markup=buttons(req.id),
-                link_preview_options=NO_PREVIEW)
+                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML,
+                reply_markup=buttons(req.id), link_preview_options=NO_PREVIEW)
         except BadRequest as exc:
             if _chat_level(exc):
                 raise _unavailable(exc, self.chat_id) from None

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .store import Store
 
@@ -33,7 +34,7 @@ class _Job:
 @dataclass
 class GroupCommitWriter:
     store: Store
-    _queue: "queue.SimpleQueue[_Job | None]" = field(default_factory=queue.SimpleQueue)
+    _queue: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:

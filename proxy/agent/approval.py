@@ -10,7 +10,7 @@ agent ask a second time and the human approve twice.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import Denied, Expired, Refused, TimedOut, Unreachable
 from .proxy_http import ProxyApi

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import approval
 from .config import load_config

@@ -13,7 +13,8 @@ remembered here, so `wait_for_decision` on its id makes the call once approved.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
