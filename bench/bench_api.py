@@ -137,7 +137,7 @@ def main() -> None:
                 proc.wait()
 
     bare, poll, retrieval = (statistics.median(rows[k]) for k in ("bare", "poll", "retrieval"))
-    ratios = [p / b for p, b in zip(rows["poll"], rows["bare"])]
+    ratios = [p / b for p, b in zip(rows["poll"], rows["bare"], strict=True)]
     print(f"rounds: {opts.rounds} x {opts.seconds} s, {opts.connections} connections, medians")
     print(f"bare Starlette JSON endpoint            : {bare:8.0f} req/s  (1.00)")
     print(f"status poll (GET /v1/requests/ID)       : {poll:8.0f} req/s  ({poll / bare:.2f} of bare;"

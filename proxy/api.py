@@ -6,7 +6,8 @@ import functools
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -30,10 +31,10 @@ WAIT_SLICE_SECONDS = 5.0
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def request_view(req: st.Request) -> dict:
+def request_view(req: st.Request) -> dict[str, Any]:
     return {
         "id": req.id,
         "secret": req.secret,
@@ -54,12 +55,14 @@ def decider_role(actor: str | None) -> str | None:
 
 
 def _state(request: HttpRequest) -> ProxyState:
-    return request.app.state.proxy
+    state: ProxyState = request.app.state.proxy
+    return state
 
 
 def _authorization(request: HttpRequest) -> str:
     # Straight from the ASGI scope: building a Headers object costs more than a poll's lookup.
-    for name, value in request.scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for name, value in headers:
         if name == b"authorization":
             return value.decode("latin-1")
     return ""
@@ -75,7 +78,7 @@ def authenticate(request: HttpRequest, state: ProxyState | None = None) -> st.Ag
     return agent
 
 
-async def _json_body(request: HttpRequest) -> dict:
+async def _json_body(request: HttpRequest) -> dict[str, Any]:
     if "json" not in request.headers.get("content-type", "application/json"):
         raise ApiError("invalid_request", "send the body as application/json")
     raw = await request.body()
@@ -102,7 +105,7 @@ async def _within_budget(state: ProxyState, agent: st.Agent, limiter: RateLimite
 
 async def _request_id(state: ProxyState, agent: st.Agent, request: HttpRequest, action: str) -> str:
     """The path's id, if it has the shape the proxy issues; anything else is refused before a look-up."""
-    request_id = request.path_params["id"]
+    request_id: str = request.path_params["id"]
     if not st.REQUEST_ID_RE.fullmatch(request_id):
         await state.refused(agent, action, "malformed_id")
         raise ApiError("malformed_id", "not a request id: ids are req_ followed by 32 characters [A-Za-z0-9_-]")

@@ -16,6 +16,7 @@ import hmac
 import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 from .crypto import AuditKey
 
@@ -30,7 +31,7 @@ class AuditEntry:
     action: str
     request_id: str | None
     secret: str | None
-    detail: dict
+    detail: dict[str, Any]
     prev_hash: str
     hash: str
 
@@ -53,7 +54,7 @@ def write_head(conn: sqlite3.Connection, key: AuditKey, seq: int, digest: str) -
 
 
 def append(conn: sqlite3.Connection, key: AuditKey, ts: float, actor: str, action: str,
-           request_id: str | None = None, secret: str | None = None, detail: dict | None = None) -> int:
+           request_id: str | None = None, secret: str | None = None, detail: dict[str, Any] | None = None) -> int:
     """Append within the caller's transaction, so the entry lands with the change it records."""
     row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)

@@ -20,8 +20,8 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import redact
 from .policy import Destination, Injection, Policy, PolicyError, Target, parse_url

@@ -13,21 +13,23 @@ import base64
 import binascii
 import logging
 import re
+from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
 from . import broker, crypto
 from . import store as st
-from .api import (MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate,
-                  iso)
+from .api import MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate, iso
 from .errors import ApiError
+from .policy import Policy
+from .state import ProxyState
 
 log = logging.getLogger("proxy")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def _body(body: dict, max_bytes: int, *, hash_allowed: bool) -> tuple[bytes | None, str, int]:
+def _body(body: dict[str, Any], max_bytes: int, *, hash_allowed: bool) -> tuple[bytes | None, str, int]:
     """(body bytes or None, sha256, size) from `body_base64`, or from `body_sha256` + `body_size`."""
     encoded = body.get("body_base64")
     if encoded is not None:
@@ -52,7 +54,8 @@ def _body(body: dict, max_bytes: int, *, hash_allowed: bool) -> tuple[bytes | No
     return None, digest, size
 
 
-def _checked_call(state, body: dict, policy, *, hash_allowed: bool) -> tuple[broker.Call, bytes | None]:
+def _checked_call(state: ProxyState, body: dict[str, Any], policy: Policy | None, *,
+                  hash_allowed: bool) -> tuple[broker.Call, bytes | None]:
     try:
         target, _, headers = broker.check_call(policy, body.get("method"), body.get("url"), body.get("headers"))
     except broker.BrokerError as exc:

@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timezone
-from typing import Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from . import crypto
 from .config import ConfigError, Settings, load_settings
@@ -35,7 +35,7 @@ def operator() -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> None:

@@ -6,12 +6,13 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Reply:
     status: int
-    body: dict
+    body: dict[str, Any]
     headers: dict[str, str]  # names lower-cased
 
 
@@ -21,7 +22,7 @@ class AgentClient:
     token: str = ""
     timeout: float = 75.0
 
-    def call(self, method: str, path: str, body: dict | None = None) -> Reply:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Reply:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url.rstrip("/") + path, data=data, method=method)
         if data is not None:
@@ -43,7 +44,7 @@ class AgentClient:
         return self.call("GET", "/health")
 
     def ask(self, secret: str, reason: str, ttl_seconds: int | None = None) -> Reply:
-        body: dict = {"secret": secret, "reason": reason}
+        body: dict[str, Any] = {"secret": secret, "reason": reason}
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         return self.call("POST", "/v1/requests", body)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 DEFAULT_DATA_DIR = "/var/lib/secret-proxy"
 
@@ -78,10 +79,10 @@ def _coerce(name: str, raw: object) -> object:
     try:
         if kind == "Path":
             return Path(str(raw))
-        if kind == "int":
-            return int(raw)  # type: ignore[arg-type]
-        if kind == "float":
-            return float(raw)  # type: ignore[arg-type]
+        if kind in ("int", "float"):
+            if not isinstance(raw, (str, int, float)):  # a TOML list, table or date
+                raise ValueError(raw)
+            return int(raw) if kind == "int" else float(raw)
         if kind == "tuple[int, ...]":
             if isinstance(raw, (list, tuple)):
                 return tuple(int(x) for x in raw)
@@ -93,7 +94,7 @@ def _coerce(name: str, raw: object) -> object:
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     env = os.environ if env is None else env
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # field name -> value of that field's type (_coerce checks it)
     data_dir = Path(str(overrides.get("data_dir") or env.get(_ENV_PREFIX + "DATA_DIR") or DEFAULT_DATA_DIR))
     toml_path = data_dir / "config.toml"
     if toml_path.is_file():

@@ -22,7 +22,8 @@ from .client import AgentClient
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _cli(data_dir: Path, *args: str, stdin: bytes | None = None) -> str:
@@ -68,7 +69,8 @@ def run_demo(port: int = 0) -> None:
                 except OSError:
                     pass
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the proxy did not start: " + (server.stderr.read() or b"").decode()[-2000:])
+                    errors = server.stderr.read() if server.stderr else b""
+                    raise SystemExit("the proxy did not start: " + errors.decode()[-2000:])
                 time.sleep(0.1)
             _done(t, "GET /health answered ok")
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
 
-def _error(*codes: str) -> dict:
+
+def _error(*codes: str) -> dict[str, Any]:
     return {
         "description": " or ".join(f"`{c}`" for c in codes),
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
 
 
-_AUTH = [{"bearer": []}]
+_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": "^req_[A-Za-z0-9_-]{32}$"}}
 _LIMITED = {**_error("rate_limited"), "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 
-OPENAPI: dict = {
+OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
         "title": "secret-proxy",

@@ -32,7 +32,7 @@ class Destination:
     path_prefix: str  # "/" for any path
     allow_private: bool = False  # may resolve to loopback/private/link-local addresses
 
-    def allows(self, url: "Target") -> bool:
+    def allows(self, url: Target) -> bool:
         if (url.scheme, url.host, url.port) != (self.scheme, self.host, self.port):
             return False
         prefix = self.path_prefix
@@ -63,14 +63,14 @@ class Policy:
     injection: Injection | None
     broker_only: bool = False
 
-    def destination_for(self, url: "Target") -> Destination | None:
+    def destination_for(self, url: Target) -> Destination | None:
         return next((d for d in self.destinations if d.allows(url)), None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Policy":
+    def from_json(cls, text: str) -> Policy:
         raw = json.loads(text)
         injection = Injection(**raw["injection"]) if raw.get("injection") else None
         return cls(tuple(Destination(**d) for d in raw["destinations"]), injection, bool(raw["broker_only"]))

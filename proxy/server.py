@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import resource
@@ -41,7 +42,7 @@ def _silent_connections_close(protocol: type) -> type:
     which would hold a slot of the connection limit for as long as its client likes. Start the same
     keep-alive timer (5 s) when the connection is made; the first byte received cancels it."""
 
-    class Protocol(protocol):  # type: ignore[misc, valid-type]
+    class Protocol(protocol):  # type: ignore[misc]  # a base chosen at run time: uvicorn's h11 or httptools protocol
         def connection_made(self, transport: object) -> None:
             super().connection_made(transport)
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
@@ -53,10 +54,15 @@ def _silent_connections_close(protocol: type) -> type:
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    base: type[asyncio.Protocol]
     if importlib.util.find_spec("httptools"):
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
     else:
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base = H11Protocol
     http = _silent_connections_close(base)
     limit = connection_limit(settings)
     log.info("serving on http://%s:%d (loop=%s, http=%s, connections<=%d, data=%s)",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .broker import system_resolver
 from .config import Settings
@@ -59,7 +60,7 @@ class Changes:
         self._waiters.setdefault(request_id, set()).add(waiter)
         try:
             await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             waiters = self._waiters.get(request_id)
@@ -72,7 +73,7 @@ class Changes:
         """Until any request changes or `timeout` passes (the Telegram bot's sync loop)."""
         try:
             await asyncio.wait_for(self._any.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -92,7 +93,7 @@ class Limits:
     waits: Counter[str] = field(default_factory=Counter)
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "Limits":
+    def from_settings(cls, s: Settings) -> Limits:
         return cls(RateLimiter(s.rate_per_minute, s.rate_burst), RateLimiter(s.poll_rate_per_minute, s.poll_burst),
                    RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst), s.max_waits_per_agent,
                    RateLimiter(s.call_rate_per_minute, s.call_burst))
@@ -112,7 +113,7 @@ class ProxyState:
     _writer: GroupCommitWriter | None = None
 
     @classmethod
-    def create(cls, settings: Settings, store: Store) -> "ProxyState":
+    def create(cls, settings: Settings, store: Store) -> ProxyState:
         return cls(settings, store, Limits.from_settings(settings), Changes(store),
                    RefusalCounter(settings.refusal_audit_window_seconds))
 

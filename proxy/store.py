@@ -16,10 +16,10 @@ import secrets as pysecrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from . import audit, crypto
 from .broker import Call
@@ -215,7 +215,7 @@ class Store:
         self._setup()
         self._audit_key = self._load_audit_key()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -263,7 +263,7 @@ class Store:
             local.depth = depth
             local.cache = None
 
-    def _read_cache(self) -> dict:
+    def _read_cache(self) -> dict[tuple[str, str], Agent | Request]:
         """Per-thread cache of agents and requests for the hot path, status polls.
 
         A commit in this process (the writer thread, this thread) bumps `_epoch`
@@ -275,7 +275,7 @@ class Store:
         """
         local = self._local
         now = time.monotonic()
-        cache = getattr(local, "cache", None)
+        cache: dict[tuple[str, str], Agent | Request] | None = getattr(local, "cache", None)
         if cache is not None and local.cache_epoch == self._epoch and now - local.checked_at < RECHECK_SECONDS:
             return cache
         epoch = self._epoch
@@ -426,11 +426,12 @@ class Store:
         digest = crypto.hash_token(token)
         cache = self._read_cache()
         key = ("agent", digest)
-        agent = cache.get(key)
-        if agent is None:
-            agent = self._authenticate(digest)
-            if agent is not None:  # unknown tokens are not cached: a flood of them would grow the cache
-                cache[key] = agent
+        hit = cache.get(key)
+        if isinstance(hit, Agent):  # an "agent" key only ever holds an Agent
+            return hit
+        agent = self._authenticate(digest)
+        if agent is not None:  # unknown tokens are not cached: a flood of them would grow the cache
+            cache[key] = agent
         return agent
 
     def _authenticate(self, digest: str) -> Agent | None:
@@ -491,8 +492,10 @@ class Store:
     def get_request(self, request_id: str) -> Request | None:
         cache = self._read_cache()
         key = ("request", request_id)
-        req = cache.get(key)
-        if req is None:
+        hit = cache.get(key)
+        if isinstance(hit, Request):  # a "request" key only ever holds a Request
+            req = hit
+        else:
             row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?",
                                        (request_id,)).fetchone()
             if row is None:

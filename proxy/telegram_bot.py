@@ -22,22 +22,34 @@ import re
 import time
 import unicodedata
 import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Awaitable
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
-from telegram import (BotCommand, BotCommandScopeChat, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions,
-                      MaybeInaccessibleMessage, Update)
+from telegram import (
+    BotCommand,
+    BotCommandScopeChat,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    LinkPreviewOptions,
+    MaybeInaccessibleMessage,
+    Update,
+)
 from telegram import User as TelegramUser
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, InvalidToken, RetryAfter, TelegramError
-from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes
+from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, ExtBot
 
-from .state import ProxyState
 from .broker import Call
+from .state import ProxyState
 from .store import REQUEST_ID_RE, Request
 
 log = logging.getLogger("proxy.telegram")
+
+# What Application.builder()...job_queue(None).build() makes: the default bot and context, no job queue.
+BotApp: TypeAlias = Application[ExtBot[None], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any],
+                                 dict[Any, Any], None]
 
 # Callback data is "a:<id>" or "d:<id>"; ids are "req_" + 32 URL-safe characters, so 38 bytes (limit 64).
 CALLBACK_RE = re.compile(rf"([ad]):({REQUEST_ID_RE.pattern})")
@@ -80,7 +92,7 @@ class Backoff:
     failures: int = 0
 
     def next_delay(self) -> float:
-        delay = min(self.cap, self.first * (2 ** self.failures))
+        delay: float = min(self.cap, self.first * (2 ** self.failures))
         self.failures += 1
         return delay
 
@@ -112,7 +124,7 @@ class TokenRedactor(logging.Filter):
 
 
 def utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def display_name(user: TelegramUser) -> str:
@@ -301,8 +313,8 @@ class TelegramChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._ready: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._app: Application | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._app: BotApp | None = None
         self._last_poll_warning = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -351,7 +363,7 @@ class TelegramChannel:
         except RuntimeError:
             pass  # the loop is closing; the next start posts it
 
-    def _build_application(self) -> Application:
+    def _build_application(self) -> BotApp:
         app = (
             Application.builder()
             .token(self._token)
@@ -500,8 +512,8 @@ class TelegramChannel:
         assert self._app is not None
         try:
             message = await self._app.bot.send_message(
-                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML, reply_markup=buttons(req.id),
-                link_preview_options=NO_PREVIEW)
+                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML,
+                reply_markup=buttons(req.id), link_preview_options=NO_PREVIEW)
         except BadRequest as exc:
             if _chat_level(exc):
                 raise _unavailable(exc, self.chat_id) from None

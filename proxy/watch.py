@@ -15,8 +15,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger("proxy")
 

@@ -13,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 from .store import Store
 
 MAX_BATCH = 128
+
+T = TypeVar("T")
 
 
 @dataclass
 class _Job:
     fn: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future[Any]
     result: Any = None
     error: BaseException | None = None
 
@@ -33,20 +36,20 @@ class _Job:
 @dataclass
 class GroupCommitWriter:
     store: Store
-    _queue: "queue.SimpleQueue[_Job | None]" = field(default_factory=queue.SimpleQueue)
+    _queue: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
-    async def submit(self, fn: Callable[[], Any]) -> Any:
+    async def submit(self, fn: Callable[[], T]) -> T:
         if self._thread is None:
             self.start()
         loop = asyncio.get_running_loop()
-        job = _Job(fn, loop, loop.create_future())
-        self._queue.put(job)
-        return await job.future
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, loop, future))
+        return await future
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -50,8 +50,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -243,7 +244,7 @@ class BotApiEmulator:
         self._conn_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------
-    def start(self, host: str = "127.0.0.1", port: int = 0, *, control_port: int | None = None) -> "BotApiEmulator":
+    def start(self, host: str = "127.0.0.1", port: int = 0, *, control_port: int | None = None) -> BotApiEmulator:
         """Listen on host:port (0 picks a free port); with control_port, also serve the control API."""
         self._host = host
         self._listen(port)

@@ -95,9 +95,11 @@ def test_rotation_rewraps_and_values_still_open(tmp_path):
     proxy = provision(make_settings(tmp_path))
     old_key = proxy.settings.key_path.read_text()
     with Store(proxy.settings) as store:
-        old_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        old_wrapped = store._conn().execute(
+            "SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
         store.rotate_master_key("operator:test")
-        new_wrapped = store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        new_wrapped = store._conn().execute(
+            "SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
     assert proxy.settings.key_path.read_text() != old_key
     assert stat.S_IMODE(proxy.settings.key_path.stat().st_mode) == 0o600
     assert new_wrapped[0] != old_wrapped[0] and new_wrapped[1] == old_wrapped[1]  # value untouched

@@ -10,7 +10,8 @@ agent ask a second time and the human approve twice.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import Denied, Expired, Refused, TimedOut, Unreachable
 from .proxy_http import ProxyApi
@@ -29,7 +30,7 @@ def ask(api: ProxyApi, secret: str, reason: str) -> str:
     return request_id
 
 
-def ask_call(api: ProxyApi, secret: str, reason: str, call: dict) -> str:
+def ask_call(api: ProxyApi, secret: str, reason: str, call: dict[str, Any]) -> str:
     """A new call request's id."""
     request_id = api.ask_call(secret, reason, call).get("id")
     if not isinstance(request_id, str):
@@ -37,7 +38,8 @@ def ask_call(api: ProxyApi, secret: str, reason: str, call: dict) -> str:
     return request_id
 
 
-def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: Progress = lambda _: None) -> dict:
+def wait_for_decision(api: ProxyApi, request_id: str, timeout: float,
+                      progress: Progress = lambda _: None) -> dict[str, Any]:
     """The request as the proxy shows it once it has left `pending`; TimedOut if still pending at `timeout`."""
     deadline = time.monotonic() + max(0.0, timeout)
     while True:
@@ -69,7 +71,7 @@ def wait_for_decision(api: ProxyApi, request_id: str, timeout: float, progress: 
             progress(f"still pending ({deadline - time.monotonic():.0f} s left)")
 
 
-def call_of_decided(api: ProxyApi, view: dict, call: dict) -> dict:
+def call_of_decided(api: ProxyApi, view: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     """The answer of an approved call, which the proxy makes now (once); Denied or Expired otherwise."""
     request_id, status = str(view.get("id")), view.get("status")
     if status == "approved":
@@ -81,7 +83,7 @@ def call_of_decided(api: ProxyApi, view: dict, call: dict) -> dict:
     raise Expired(f"request {request_id} expired before it was decided or used", request_id=request_id)
 
 
-def value_of_decided(api: ProxyApi, view: dict) -> str:
+def value_of_decided(api: ProxyApi, view: dict[str, Any]) -> str:
     """The value of an approved request (retrieved now, once); Denied or Expired otherwise."""
     request_id, status = str(view.get("id")), view.get("status")
     if status == "approved":

@@ -24,7 +24,8 @@ import os
 import re
 import shutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import approval
 from .config import load_config
@@ -167,7 +168,7 @@ def _call(api: ProxyApi, args: argparse.Namespace) -> int:
     return 0
 
 
-def call_spec(method: str, url: str, headers: list[str], data: str | None) -> dict:
+def call_spec(method: str, url: str, headers: list[str], data: str | None) -> dict[str, Any]:
     """The call as the API takes it, from curl-like arguments; every mistake caught before asking."""
     parsed: dict[str, str] = {}
     for header in headers:

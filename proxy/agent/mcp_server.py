@@ -13,7 +13,8 @@ remembered here, so `wait_for_decision` on its id makes the call once approved.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -64,16 +65,16 @@ Do not put an Authorization header in `headers`: the proxy adds it. `body` is te
 def build_server(config: AgentConfig) -> MCPServer:
     api = ProxyApi(config.url, config.token)
     server = MCPServer("secret-proxy", instructions=INSTRUCTIONS)
-    calls: dict[str, dict] = {}  # call requests of this session still to be made, by id
+    calls: dict[str, dict[str, Any]] = {}  # call requests of this session still to be made, by id
 
     # Sync tools: the SDK runs them in a worker thread, so a held long poll never blocks the session.
     @server.tool(description=REQUEST_SECRET)
     def request_secret(name: Annotated[str, Field(description=NAME_HELP)],
-                       reason: Annotated[str, Field(description=REASON_GUIDE)]) -> dict:
+                       reason: Annotated[str, Field(description=REASON_GUIDE)]) -> dict[str, Any]:
         return _outcome(api, lambda: approval.ask(api, name, reason), config.mcp_wait_seconds, calls)
 
     @server.tool(description=WAIT_FOR_DECISION)
-    def wait_for_decision(id: Annotated[str, Field(description=ID_HELP)]) -> dict:  # noqa: A002 - the model's name
+    def wait_for_decision(id: Annotated[str, Field(description=ID_HELP)]) -> dict[str, Any]:  # noqa: A002 - the model's name
         return _outcome(api, lambda: id, config.mcp_wait_seconds, calls)
 
     @server.tool(description=USE_SECRET_IN_CALL)
@@ -83,7 +84,7 @@ def build_server(config: AgentConfig) -> MCPServer:
                            url: Annotated[str, Field(description="the exact https URL, query string included")],
                            headers: Annotated[dict[str, str] | None, Field(description="headers to send")] = None,
                            body: Annotated[str, Field(description="the request body as text; empty for none")] = ""
-                           ) -> dict:
+                           ) -> dict[str, Any]:
         call = {"method": method.upper(), "url": url, "headers": headers or {},
                 "body_base64": base64.b64encode(body.encode()).decode()}
         try:
@@ -96,17 +97,18 @@ def build_server(config: AgentConfig) -> MCPServer:
     return server
 
 
-def _call_answer(answer: dict) -> dict:
+def _call_answer(answer: dict[str, Any]) -> dict[str, Any]:
     raw = base64.b64decode(answer.get("body_base64", ""))
     try:
-        body: dict = {"body": raw.decode()}
+        body: dict[str, Any] = {"body": raw.decode()}
     except UnicodeDecodeError:
         body = {"body_base64": answer.get("body_base64", "")}
     return {"status": "done", "http_status": answer.get("status"), "headers": answer.get("headers", []),
             "redactions": answer.get("redactions", 0), **body}
 
 
-def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float, calls: dict[str, dict]) -> dict:
+def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float,
+             calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What a tool returns: the decision, or pending; refusals become tool errors (AgentError's text)."""
     try:
         request_id = request_id_of()

@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .errors import Denied, Expired, Refused, Unreachable, UsageError
@@ -32,19 +33,19 @@ class ProxyApi:
     token: str
     timeout: float = READ_TIMEOUT_SECONDS
 
-    def ask(self, secret: str, reason: str) -> dict:
+    def ask(self, secret: str, reason: str) -> dict[str, Any]:
         """POST /v1/requests: {"id", "status", "secret", "expires_at"}."""
         return self._call("POST", "/v1/requests", {"secret": secret, "reason": reason})
 
-    def ask_call(self, secret: str, reason: str, call: dict) -> dict:
+    def ask_call(self, secret: str, reason: str, call: dict[str, Any]) -> dict[str, Any]:
         """POST /v1/calls: ask to use a secret in one exact call (method, url, headers, body_base64)."""
         return self._call("POST", "/v1/calls", {"secret": secret, "reason": reason, **call})
 
-    def make_call(self, request_id: str, call: dict) -> dict:
+    def make_call(self, request_id: str, call: dict[str, Any]) -> dict[str, Any]:
         """POST /v1/requests/ID/call: the proxy makes the approved call; {"status", "headers", "body_base64"}."""
         return self._call("POST", f"/v1/requests/{_checked_id(request_id)}/call", call, request_id=request_id)
 
-    def status(self, request_id: str, wait: float = 0) -> dict:
+    def status(self, request_id: str, wait: float = 0) -> dict[str, Any]:
         """GET /v1/requests/ID, held by the proxy up to `wait` seconds while pending."""
         query = f"?wait={min(wait, MAX_WAIT_SECONDS):.1f}" if wait > 0 else ""
         return self._call("GET", f"/v1/requests/{_checked_id(request_id)}{query}", request_id=request_id)
@@ -56,7 +57,8 @@ class ProxyApi:
             raise Unreachable("the proxy's answer holds no value", request_id=request_id)
         return str(body.get("secret", "")), body["value"]
 
-    def _call(self, method: str, path: str, body: dict | None = None, request_id: str | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              request_id: str | None = None) -> dict[str, Any]:
         status, headers, raw = self._exchange(method, path, body)
         if 300 <= status < 400:
             raise Unreachable(f"the proxy answered with a redirect (HTTP {status}), which is never followed: the "
@@ -74,13 +76,16 @@ class ProxyApi:
             return parsed
         raise _error_for(status, parsed, headers.get("retry-after"), request_id)
 
-    def _exchange(self, method: str, path: str, body: dict | None) -> tuple[int, dict[str, str], bytes]:
+    def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, str], bytes]:
         parts = urlsplit(self.url)
+        host = parts.hostname
+        if not host:  # load_config refuses such a URL already; a ProxyApi built by hand might not
+            raise UsageError(f"not an http(s) base URL: {self.url!r}", hint="set it like http://127.0.0.1:3737")
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=CONNECT_TIMEOUT_SECONDS, context=ssl.create_default_context())
+                host, parts.port, timeout=CONNECT_TIMEOUT_SECONDS, context=ssl.create_default_context())
         else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=CONNECT_TIMEOUT_SECONDS)
+            conn = http.client.HTTPConnection(host, parts.port, timeout=CONNECT_TIMEOUT_SECONDS)
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         data = None
         if body is not None:
@@ -106,7 +111,7 @@ def _checked_id(request_id: str) -> str:
     return quote(request_id, safe="")
 
 
-def _error_for(status: int, body: dict, retry_after: str | None, request_id: str | None) -> Exception:
+def _error_for(status: int, body: dict[str, Any], retry_after: str | None, request_id: str | None) -> Exception:
     code = str(body.get("error", f"http_{status}"))
     detail = str(body.get("detail", ""))[:500]
     message = f"the proxy refused: {code} ({detail})" if detail else f"the proxy refused: {code}"
