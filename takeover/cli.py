@@ -98,8 +98,10 @@ def resolve_accel(requested: str) -> str:
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     if args.command != "run":
         return TakeoverConfig(host_dir=args.host_dir)
-    if args.token_file is not None:
-        check_trusted_parent(args.token_file, "--token-file")  # refuse now, not after the VM is taken over
+    if args.token_file is not None and args.token_file.parent != args.host_dir:
+        # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
+        # that directory itself (root's, 0700) and checks the path again before writing.
+        check_trusted_parent(args.token_file, "--token-file")
     return TakeoverConfig(
         host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
         proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,

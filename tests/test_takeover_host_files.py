@@ -189,6 +189,14 @@ def test_token_file_through_the_agents_symlinked_directory_is_refused(work):
     assert list(loot.iterdir()) == []
 
 
+def test_token_file_in_a_host_dir_not_yet_made_gets_past_the_early_check(work):
+    # The demo's way: the token goes into --host-dir, which the takeover itself creates (root, 0700).
+    host = work / "host-not-yet"
+    result = takeover_cli("run", "--host-dir", str(host), "--ready-file", str(work / "no-ready"),
+                          "--agent-name", "alice", "--token-file", str(host / "alice.token"))
+    assert "--token-file" not in result.stderr and "no ready file" in result.stderr
+
+
 def test_token_file_in_the_agents_directory_is_refused_before_the_agent_is_made(work):
     loot = agent_dir(work / "loot")
     ssh = SSHTarget(Endpoint("127.0.0.1", 9), work / "no-key", work / "no-known-hosts")
