@@ -120,12 +120,10 @@ async def openapi(request: HttpRequest) -> JSONResponse:
     return JSONResponse(OPENAPI)
 
 
-async def create_request(request: HttpRequest) -> JSONResponse:
-    state = _state(request)
-    agent = authenticate(request)
-    body = await _json_body(request)
+def asked_fields(body: dict[str, Any], default_ttl: int, max_ttl: int) -> tuple[str, str, int]:
+    """The secret's name, the reason and the time to live of a new request (a retrieval or a call), checked."""
     secret, reason = body.get("secret"), body.get("reason")
-    ttl = body.get("ttl_seconds", state.settings.default_ttl_seconds)
+    ttl = body.get("ttl_seconds", default_ttl)
     if not isinstance(secret, str) or not st.NAME_RE.fullmatch(secret):
         raise ApiError("invalid_request", "`secret` must be a name matching [A-Za-z0-9_.-]{1,128}")
     if not isinstance(reason, str) or not reason.strip():
@@ -136,9 +134,16 @@ async def create_request(request: HttpRequest) -> JSONResponse:
         reason.encode()
     except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape; SQLite cannot store it
         raise ApiError("invalid_request", "`reason` must be valid Unicode text") from None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= state.settings.max_ttl_seconds:
-        raise ApiError("invalid_request",
-                       f"`ttl_seconds` must be an integer from 1 to {state.settings.max_ttl_seconds}")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= max_ttl:
+        raise ApiError("invalid_request", f"`ttl_seconds` must be an integer from 1 to {max_ttl}")
+    return secret, reason, ttl
+
+
+async def create_request(request: HttpRequest) -> JSONResponse:
+    state = _state(request)
+    agent = authenticate(request)
+    body = await _json_body(request)
+    secret, reason, ttl = asked_fields(body, state.settings.default_ttl_seconds, state.settings.max_ttl_seconds)
     await _within_budget(state, agent, state.limits.create, "request.refused")
     try:
         req = await state.write(state.store.create_request, agent, secret, reason, ttl)

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from . import broker, crypto
 from . import store as st
-from .api import MAX_REASON_CHARS, _json_body, _refusal, _request_id, _state, _within_budget, authenticate, iso
+from .api import _json_body, _refusal, _request_id, _state, _within_budget, asked_fields, authenticate, iso
 from .errors import ApiError
 from .policy import Policy
 from .state import ProxyState
@@ -68,20 +68,7 @@ async def create_call(request: HttpRequest) -> JSONResponse:
     state = _state(request)
     agent = authenticate(request)
     body = await _json_body(request)
-    secret, reason = body.get("secret"), body.get("reason")
-    ttl = body.get("ttl_seconds", state.settings.default_ttl_seconds)
-    if not isinstance(secret, str) or not st.NAME_RE.fullmatch(secret):
-        raise ApiError("invalid_request", "`secret` must be a name matching [A-Za-z0-9_.-]{1,128}")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
-        raise ApiError("invalid_request", f"`reason` must be a non-empty string of at most {MAX_REASON_CHARS} "
-                       "characters")
-    try:
-        reason.encode()
-    except UnicodeEncodeError:
-        raise ApiError("invalid_request", "`reason` must be valid Unicode text") from None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= state.settings.max_ttl_seconds:
-        raise ApiError("invalid_request",
-                       f"`ttl_seconds` must be an integer from 1 to {state.settings.max_ttl_seconds}")
+    secret, reason, ttl = asked_fields(body, state.settings.default_ttl_seconds, state.settings.max_ttl_seconds)
     await _within_budget(state, agent, state.limits.create, "call.refused")
     if not agent.may_request(secret):
         await state.refused(agent, "call.refused", "forbidden", secret=secret)
