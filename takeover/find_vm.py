@@ -19,11 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from . import proc
-from .agent_owner import (HostBoundary, agent_file, check_groups, check_not_host_account, check_outside_host_dirs,
-                          check_process_ids, one_owner)
+from .agent_owner import (
+    HostBoundary,
+    agent_file,
+    check_groups,
+    check_not_host_account,
+    check_outside_host_dirs,
+    check_process_ids,
+    one_owner,
+)
+from .agent_read import NotAgentFile, read_regular
 from .diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image
-from .errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, NotEnoughSpace, NotTheAgentsVM,
-                     ReadyFileError)
+from .errors import (
+    DiskMismatch,
+    InvalidInput,
+    MonitorNotQMP,
+    MonitorUnreachable,
+    NotEnoughSpace,
+    NotTheAgentsVM,
+    ReadyFileError,
+)
 from .models import Endpoint, SourceVM
 from .monitor import Monitor, Peer
 from .proxy_address import choose_proxy_address, confirmed_forwards
@@ -52,21 +67,14 @@ class ReadyInfo:
 def read_ready_file(path: Path) -> ReadyInfo:
     """Parse the ready file: `READY_FOR_TAKEOVER`, a newline, one JSON object (docs/architecture.md)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        raw, st = read_regular(path, READY_MAX_BYTES)
     except FileNotFoundError:
         raise ReadyFileError(f"no ready file at {path}; the agent's VM has not signalled it is ready") from None
+    except NotAgentFile as exc:
+        raise ReadyFileError(f"ready file: {exc}") from None
     except OSError as exc:
         # ELOOP: a symlink. The file is the agent's, and we are root: never read through its links.
         raise ReadyFileError(f"cannot open ready file {path} without following links: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ReadyFileError(f"ready file {path} is not a regular file")
-        raw = os.read(fd, READY_MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > READY_MAX_BYTES:
-        raise ReadyFileError(f"ready file {path} is larger than {READY_MAX_BYTES} bytes")
     first, _, rest = raw.decode("utf-8", "replace").partition("\n")
     if first.strip() != READY_MAGIC:
         raise ReadyFileError(f"ready file {path} does not start with {READY_MAGIC}")
@@ -202,14 +210,11 @@ def check_the_process(ready: ReadyInfo, peer: Peer, info: proc.ProcessInfo, owne
 def check_pidfile(path: Path, pid: int) -> None:
     """The pidfile (already checked to be the owner's regular file) names the monitor's pid."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        raw, _ = read_regular(path, 64)
     except OSError as exc:
-        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} without following links: "
-                             f"{exc.strerror}") from None
-    try:
-        text = os.read(fd, 64).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
+        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} as a regular file without following links: "
+                             f"{exc.strerror or exc}") from None
+    text = raw.decode("ascii", "replace").strip()
     if text != str(pid):
         raise NotTheAgentsVM(f"the pidfile {str(path)!r} names {text[:20]!r}, but the monitor belongs to pid {pid}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import proc
+from .agent_read import read_regular
 from .errors import InvalidInput, VerifyError
 from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from .models import Endpoint
@@ -191,16 +191,9 @@ def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid
 def read_agent_private_key(path: Path, agent_uid: int | None) -> bytes | None:
     """The agent's setup key, read without following links and only if the agent owns it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return read_regular(path, 16384, owner=agent_uid)[0]
+    except OSError:  # missing, a link, not a regular file, not the agent's, or too large: not tried
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > 16384 or (agent_uid is not None and st.st_uid != agent_uid):
-            return None
-        return os.read(fd, 16384)
-    finally:
-        os.close(fd)
 
 
 def listener_pids(endpoint: Endpoint) -> set[int]:

@@ -8,17 +8,19 @@ python serving QMP. Each must be refused at step 1 with nothing changed.
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import hashlib
 import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -27,9 +29,10 @@ from takeover.agent_owner import HostBoundary
 from takeover.errors import (InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError, UnsafeProxyAddress,
                              UntrustedQemu)
 from takeover.files import ensure_host_dir
-from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
+from takeover.find_vm import check_pidfile, explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import Endpoint
 from takeover.monitor import Monitor
+from takeover.verify import read_agent_private_key
 from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
 
 from .test_takeover_support import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
@@ -420,3 +423,50 @@ def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
     finally:
         vm.kill()
         remove_workdir(workdir)
+
+
+# -- a device behind the agent's directory link --------------------------------------------------
+
+
+def _opens_of(node: Path) -> Callable[[], int]:
+    """Counts the opens of `node` from now on (inotify IN_OPEN; an O_PATH open is not one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, str(node).encode(), 0x20) >= 0  # IN_OPEN
+
+    def count() -> int:
+        try:
+            return len(os.read(fd, 65536)) // 16  # one 16-byte event each (no name for a watched file)
+        except BlockingIOError:
+            return 0
+        finally:
+            os.close(fd)
+    return count
+
+
+@pytest.mark.parametrize("target", ["ready", "pidfile", "setup_key"])
+def test_root_never_opens_a_device_the_agent_points_at_through_a_linked_directory(tmp_path, target):
+    """`O_NOFOLLOW` guards the last component only: the agent's `l -> DEVDIR` would make root open the
+    device (a watchdog reboots the host when closed). Root pins the name with O_PATH and opens only a
+    regular file. A private node with /dev/null's numbers stands in for the device, so its opens can be
+    counted."""
+    devdir = tmp_path / "dev"
+    devdir.mkdir()
+    node = devdir / "watchdog"
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    home = agent_workdir(AGENT)
+    try:
+        link = home / "l"
+        subprocess.run(["runuser", "-u", AGENT, "--", "ln", "-s", str(devdir), str(link)], check=True)
+        opens = _opens_of(node)
+        if target == "ready":
+            with pytest.raises(ReadyFileError, match="not a regular file"):
+                read_ready_file(link / "watchdog")
+        elif target == "pidfile":
+            with pytest.raises(NotTheAgentsVM, match="regular file"):
+                check_pidfile(link / "watchdog", os.getpid())
+        else:
+            assert read_agent_private_key(link / "watchdog", None) is None
+        assert opens() == 0
+    finally:
+        remove_workdir(home)
