@@ -65,7 +65,7 @@ def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] =
 
 def confirm_checkpoint(source: SourceVM) -> None:
     """The snapshot must be in the (now closed) disk, or a rollback would have nothing to load."""
-    image = inspect_image(Path(source.disk), force_share=True)
+    image = inspect_image(Path(source.disk), force_share=True, owner=source.uid)
     if CHECKPOINT_TAG not in image.snapshots:
         raise CheckpointError(f"{source.disk} has no snapshot {CHECKPOINT_TAG} after the save",
                               hint="start the agent's VM again (`vm_image launch`) and rerun the takeover")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,18 +70,23 @@ def _node(fmt: str, path: str, backing: dict[str, Any] | None) -> dict[str, Any]
     return node
 
 
-def inspect_image(path: Path, *, force_share: bool = False) -> ImageInfo:
+def inspect_image(path: Path, *, force_share: bool = False, owner: int | None = None) -> ImageInfo:
     """Check `path` and return its facts; raise DiskFormatError (or SandboxError) if it is refused.
 
     `force_share` reads an image a running QEMU holds locked, and marks the agent's disk
-    (step 1's preflight, the checkpoint's confirmation, rollback).
+    (step 1's preflight, the checkpoint's confirmation, rollback). `owner` is the agent's uid
+    pinned in step 1: the name must still be that user's regular file, not a link, so that a
+    name swapped since cannot make the sandbox run as someone else.
     """
     if not str(path).startswith("/"):
         raise DiskFormatError(f"disk path {path} is not absolute")  # a relative "json:" name would be parsed
     try:
-        st = os.stat(path)
+        st = os.stat(path) if owner is None else os.lstat(path)
     except OSError as exc:
         raise DiskFormatError(f"cannot stat {path}: {exc.strerror}") from None
+    if owner is not None and (not stat.S_ISREG(st.st_mode) or st.st_uid != owner):
+        raise DiskFormatError(f"the agent's disk {path} is no longer a regular file of uid {owner} (it was in "
+                              f"step 1)", hint="the agent changed its disk's name since step 1; rerun the takeover")
     if st.st_uid == 0 and not force_share:
         return _inspect_own(path)
     return inspect_agent_disk(path, AgentUser.owner_of(st, f"the agent's disk {path}"), force_share=force_share)

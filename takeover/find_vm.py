@@ -146,7 +146,7 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
 
     proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
-    image = inspect_image(disk, force_share=True)
+    image = inspect_image(disk, force_share=True, owner=info.uid)
     replay_command(list(info.cmdline), str(disk), ready.disk, owner=info.uid)  # refuses now, not at rollback
     check_free_space(host_dir, disk_st, ready.memory_mb)
 

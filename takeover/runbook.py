@@ -260,7 +260,7 @@ def recover_interrupted_checkpoint(journal: Journal) -> None:
     source = SourceVM.from_dict(journal.result("find_vm"))
     if proc.alive(source.pid, source.pid_start_ticks):
         return  # still running: step 1 is redone and checks it again
-    if CHECKPOINT_TAG in inspect_image(Path(source.disk), force_share=True).snapshots:
+    if CHECKPOINT_TAG in inspect_image(Path(source.disk), force_share=True, owner=source.uid).snapshots:
         journal.begin("checkpoint")
         journal.finish("checkpoint", {"tag": CHECKPOINT_TAG, "method": "recovered after an interrupted run"})
 
@@ -345,7 +345,7 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
         disk = Path(source.disk)
         if not disk.exists():
             raise RollbackError(f"the agent's disk {disk} is gone; it cannot be restarted")
-        has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True).snapshots
+        has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True, owner=source.uid).snapshots
         if not has_checkpoint and not cold:
             raise RollbackError(f"{disk} has no {CHECKPOINT_TAG} snapshot",
                                 hint="rerun with --cold to boot the agent's disk without its saved state")

@@ -26,8 +26,9 @@ import pytest
 
 from takeover import proc
 from takeover.agent_owner import HostBoundary
-from takeover.errors import (InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError, UnsafeProxyAddress,
-                             UntrustedQemu)
+from takeover.errors import (DiskFormatError, InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError,
+                             UnsafeProxyAddress, UntrustedQemu)
+from takeover.diskimage import inspect_image
 from takeover.files import ensure_host_dir
 from takeover.find_vm import check_pidfile, explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import Endpoint
@@ -470,3 +471,23 @@ def test_root_never_opens_a_device_the_agent_points_at_through_a_linked_director
         assert opens() == 0
     finally:
         remove_workdir(home)
+
+
+def test_a_disk_name_swapped_after_step_1_cannot_make_the_sandbox_run_as_another_user(host_dir):
+    """After step 1 the agent turns its disk's name into a link to another user's qcow2: the sandbox
+    would take that owner's uid and groups. The owner pinned in step 1 decides, and a link is refused."""
+    vm, workdir = run_vm(AGENT)
+    other = agent_workdir(OTHER)
+    try:
+        source = find_and_check_vm(explicit_ready(vm.monitor, vm.disk), host_dir)
+        victim = make_qcow2(other / "victim.qcow2", owner=OTHER)
+        vm.kill()
+        swapped = Path(source.disk)
+        swapped.unlink()
+        subprocess.run(["runuser", "-u", AGENT, "--", "ln", "-s", str(victim), str(swapped)], check=True)
+        with pytest.raises(DiskFormatError, match=f"no longer a regular file of uid {source.uid}"):
+            inspect_image(swapped, force_share=True, owner=source.uid)
+    finally:
+        vm.kill()
+        remove_workdir(workdir)
+        remove_workdir(other)
