@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -173,19 +175,35 @@ def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid
     private = read_agent_private_key(Path(setup_key_pub).with_suffix(""), agent_uid)
     if private is None:
         return f"no readable private key next to {setup_key_pub}; not tried"
+    if agent_uid is None:
+        return "the agent's uid is unknown; not tried"
+    # The key is the agent's text: the ssh that parses it runs as the agent, never as root.
     with tempfile.TemporaryDirectory(prefix="takeover-agentkey-") as tmp:
-        key = Path(tmp) / "setup_key"
-        fd = create_private(key)
-        try:
-            write_all(fd, private)
-        finally:
-            os.close(fd)
-        result = run_bounded(ssh.argv("true", key=key))
+        gid = _primary_gid(agent_uid)
+        os.chown(tmp, agent_uid, gid)
+        key, known_hosts = Path(tmp) / "setup_key", Path(tmp) / "known_hosts"
+        for path, data in ((key, private), (known_hosts, ssh.known_hosts.read_bytes())):
+            fd = create_private(path)
+            try:
+                write_all(fd, data)
+                os.fchown(fd, agent_uid, gid)
+            finally:
+                os.close(fd)
+        as_agent = ["setpriv", f"--reuid={agent_uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+                    "--inh-caps=-all", "--", "env", "-i", f"HOME={tmp}", "PATH=/usr/bin:/bin"]
+        result = run_bounded([*as_agent, *dataclasses.replace(ssh, known_hosts=known_hosts).argv("true", key=key)])
     if result.returncode == 0:
         raise VerifyError("the agent's setup key still logs in to the VM")
     if "Permission denied" not in result.stderr:
         raise VerifyError(f"the agent's setup key failed for an unexpected reason: {result.stderr.strip()!r}")
     return "refused"
+
+
+def _primary_gid(uid: int) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
 
 
 def read_agent_private_key(path: Path, agent_uid: int | None) -> bytes | None:
