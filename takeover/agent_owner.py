@@ -39,6 +39,8 @@ PRIVILEGED_GROUPS = {
     "libvirt-qemu": "libvirt QEMU's own group: its VMs' disks and memory",
     "docker": "starts containers as root: root on the host",
     "lxd": "starts privileged containers: root on the host",
+    "incus-admin": "starts privileged containers: root on the host",
+    "admin": "becomes root (sudo's group on older Ubuntu)",
     "sudo": "becomes root",
     "wheel": "becomes root where su or sudo allow wheel",
     "adm": "reads every system log",
