@@ -16,10 +16,11 @@ from typing import Sequence
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError
 from .files import check_trusted_parent
-from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
-from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
+from .rollback import roll_back
+from .runbook import run_takeover, start_host_vm, status, stop_host_vm
+from .steps import NAMES
 from .terminal import show
 
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--agent-secrets", default="*", help="comma-separated secret name patterns (default *)")
     ag.add_argument("--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)")
     run.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
-    run.add_argument("--fail-after", choices=STEPS, help=argparse.SUPPRESS)  # tests: fault injection
+    run.add_argument("--fail-after", choices=NAMES, help=argparse.SUPPRESS)  # tests: fault injection
 
     rb = sub.add_parser("rollback", help="stop the host's VM and restart the agent's VM from takeover-checkpoint")
     common(rb)

@@ -27,7 +27,7 @@ from .errors import (DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachab
 from .models import Endpoint, SourceVM
 from .monitor import Monitor, Peer
 from .proxy_address import choose_proxy_address, confirmed_forwards
-from .rollback import replay_command
+from .replay import replay_command
 from .trusted_qemu import check_host_qemu
 
 READY_MAGIC = "READY_FOR_TAKEOVER"

@@ -9,8 +9,7 @@ import sys
 import time
 from typing import TextIO
 
-from .journal import STEPS
-from .report import TITLES
+from .steps import NAMES, TITLES
 from .terminal import printable
 
 
@@ -24,7 +23,7 @@ class Progress:
 
     def begin(self, step: str) -> None:
         self.started[step] = time.monotonic()
-        self._print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]} ...")
+        self._print(f"[{NAMES.index(step) + 1}/{len(NAMES)}] {TITLES[step]} ...")
 
     def note(self, text: str) -> None:
         self._print(f"      {text}")
@@ -35,7 +34,7 @@ class Progress:
         return seconds
 
     def skip(self, step: str, why: str) -> None:
-        self._print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]}: {why}")
+        self._print(f"[{NAMES.index(step) + 1}/{len(NAMES)}] {TITLES[step]}: {why}")
 
     def fail(self, step: str, error: BaseException) -> None:
         seconds = time.monotonic() - self.started.get(step, time.monotonic())

@@ -19,14 +19,15 @@ from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image
 from takeover.errors import DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError
 from takeover.files import ensure_host_dir
-from takeover.journal import Journal, first_step_to_run
+from takeover.journal import Journal
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.revoke import remove_agent_file
-from takeover.rollback import start_source_vm
+from takeover.replay import start_source_vm
 from takeover.runbook import recover_interrupted_checkpoint
+from takeover.steps import first_step_to_run
 
 from .test_takeover_support import (agent_workdir, fake_socket_server, make_qcow2, remove_workdir,
                                    start_monitor_only_qemu, write_ready)

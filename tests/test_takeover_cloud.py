@@ -32,7 +32,7 @@ from takeover.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.relocate import DISK_NAME, relocate_disk
-from takeover.rollback import start_source_vm
+from takeover.replay import start_source_vm
 
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 from .test_takeover_support import start_monitor_only_qemu
