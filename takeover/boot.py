@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from vm_image import debs
+from vm_image.boot_files import KERNEL_APPEND
 from vm_image.boot_files import boot_files as vm_image_boot_files
-from vm_image.errors import VmImageError
 
-from .errors import TakeoverError
+from .errors import TakeoverError, from_vm_image
 from .files import check_safe_path
 
-DEFAULT_APPEND = "root=/dev/vda rw console=ttyS0"
 APT_ARCHIVES = Path("/var/cache/apt/archives")  # a .deb apt already fetched (and checked) on this host
 # Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a
 # fraction of its size (and shrinks what the guest kernel could be talked into loading).
@@ -77,12 +76,10 @@ def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | N
             os.chmod(partial, 0o644)
             os.replace(partial, dst)
             copies.append(dst)
-        return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or DEFAULT_APPEND,
+        return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or KERNEL_APPEND,
                          f"operator: {kernel}, {initrd}")
-    try:
+    with from_vm_image(BootFilesError, "cannot prepare the host's kernel and initrd: "):
         provided = vm_image_boot_files(boot_dir)
-    except VmImageError as exc:
-        raise BootFilesError(f"cannot prepare the host's kernel and initrd: {exc}") from None
     return BootFiles(provided.kernel, provided.initrd, kernel_version(provided.kernel), append or provided.append,
                      "vm_image.boot_files")
 
@@ -137,11 +134,9 @@ def _package_modules(version: str, work: Path) -> Path:
     owner = subprocess.run(["dpkg-query", "-S", str(installed / "modules.order")], capture_output=True, text=True)
     if owner.returncode == 0 and f"linux-image-{version}" in owner.stdout and (installed / "modules.dep").is_file():
         return installed
-    try:
+    with from_vm_image(BootFilesError, f"cannot get the modules of {version}: "):
         deb = debs.fetch(f"linux-image-{version}", work / "debs", also_look_in=APT_ARCHIVES)
         root = debs.unpack(deb, work / "root")
-    except VmImageError as exc:
-        raise BootFilesError(f"cannot get the modules of {version}: {exc}") from None
     tree = next((p for p in (root / "lib/modules" / version, root / "usr/lib/modules" / version) if p.is_dir()), None)
     if tree is None:
         raise BootFilesError(f"linux-image-{version} has no modules for {version}")

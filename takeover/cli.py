@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
-from .errors import InvalidInput, TakeoverError
+from .errors import InvalidInput, TakeoverError, from_vm_image
 from .files import check_trusted_parent
 from .models import Endpoint
 from .progress import Progress
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
     vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
     vm.add_argument("--initrd", type=Path, help="the initrd for --kernel")
-    vm.add_argument("--kernel-append", help="kernel command line (default: vm_image's, or root=/dev/vda rw console=ttyS0)")
+    vm.add_argument("--kernel-append", help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)")
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
@@ -87,13 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_accel(requested: str) -> str:
-    from vm_image.errors import VmImageError
     from vm_image.qemu_command import choose_accel  # one KVM check for both sides
 
-    try:
+    with from_vm_image(InvalidInput, hint="use --accel tcg (slower)"):
         return choose_accel(requested)
-    except VmImageError as exc:
-        raise InvalidInput(str(exc), hint="use --accel tcg (slower)") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:

@@ -18,7 +18,7 @@ from .boot import BootFiles, host_boot_files, modules_tarball
 from .checkpoint import save_checkpoint_and_stop
 from .config import TakeoverConfig
 from .diskimage import inspect_image
-from .errors import InvalidInput, ScrubError
+from .errors import InvalidInput, ScrubError, from_vm_image
 from .files import ensure_host_dir
 from .find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from .guest_files import UNIT, WRAPPER
@@ -119,16 +119,13 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
 def host_system(ctx: Context) -> tuple[Path, Path]:
     """The host's own build of the guest's base system (cached in --cache-dir) and our files over it."""
     from vm_image.disk import write_system_overlay
-    from vm_image.errors import VmImageError
     from vm_image.rootfs import base_rootfs
 
     cache = ensure_host_dir(ctx.cfg.cache_dir)  # root's own, 0700: what is in it goes into every VM
-    try:
+    with from_vm_image(ScrubError, "cannot build the host's own system image: ",
+                       hint="check that apt can reach Debian's archive, or pass --keep-agent-system "
+                            "(the report then lists the agent's /usr as not blocked)"):
         system = base_rootfs(cache, progress=ctx.note)
-    except VmImageError as exc:
-        raise ScrubError(f"cannot build the host's own system image: {exc}",
-                         hint="check that apt can reach Debian's archive, or pass --keep-agent-system "
-                              "(the report then lists the agent's /usr as not blocked)") from None
     return system, write_system_overlay(ctx.host_dir / "system-overlay.tar")
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from vm_image import proxy_venv
-from vm_image.errors import VmImageError
 
-from .errors import TakeoverError
+from .errors import TakeoverError, from_vm_image
 
 
 class VenvError(TakeoverError):
@@ -21,7 +20,5 @@ class VenvError(TakeoverError):
 
 
 def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _: None) -> Path:
-    try:
+    with from_vm_image(VenvError):
         return proxy_venv.build_proxy_venv(work_dir, progress)
-    except VmImageError as exc:
-        raise VenvError(str(exc)) from None
