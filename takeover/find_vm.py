@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from vm_image import proc
+
 from .agent_owner import (HostBoundary, agent_file, check_groups, check_not_host_account, check_outside_host_dirs,
                           check_process_ids, one_owner)
 from .diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
-from . import proc
+from vm_image import proc
+
 from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint

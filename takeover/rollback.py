@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from vm_image import proc
+
 from .config import TakeoverConfig
 from .diskimage import inspect_image
 from .errors import JournalError, RollbackError

@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from vm_image import proc
+
 from .config import TakeoverConfig, read_proxy_config
 from .diskimage import inspect_image
 from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import proc
+from vm_image import proc
+
 from .errors import InvalidInput, VerifyError
 from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from .models import Endpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image

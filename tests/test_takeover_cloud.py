@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from takeover import nbd_sink, proc
+from takeover import nbd_sink
+from vm_image import proc
 from takeover.agent_sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.diskimage import inspect_image

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
 from takeover.steps import NAMES, vm_spec

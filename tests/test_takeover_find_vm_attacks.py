@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.agent_owner import HostBoundary
 from takeover.errors import (InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError, UnsafeProxyAddress,
                              UntrustedQemu)

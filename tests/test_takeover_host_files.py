@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
 from takeover.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic

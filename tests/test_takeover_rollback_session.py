@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.errors import RollbackError, UnsafeCommandLine
 from takeover.files import ensure_host_dir

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from takeover import proc
+from vm_image import proc
 
 
 def make_qcow2(path: Path, size: str = "64M", *extra: str, owner: str | None = None) -> Path:
