@@ -26,7 +26,6 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 from .agent_cmdline import check_options
 from .errors import RollbackError, UnsafeCommandLine
@@ -37,7 +36,6 @@ QEMU_BINARY = re.compile(r"^qemu-system-x86_64$")
 # stream would replace the checkpoint, and a paused start would never answer /health.
 STRIPPED_WITH_VALUE = {"-loadvm", "-incoming"}
 STRIPPED_FLAGS = {"-S"}
-HEALTH_TIMEOUT = 300.0
 START_TIMEOUT = 300.0  # a daemonizing QEMU returns once the checkpoint is loaded
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -139,24 +137,6 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
     if child.poll() is not None:
         raise RollbackError(f"the agent's QEMU exited at once (exit {child.returncode}): {_tail(log_path)}")
     return child.pid
-
-
-def wait_for_health(url: str, timeout: float = HEALTH_TIMEOUT, alive: Callable[[], bool] = lambda: True) -> float:
-    """Poll `url`/health until it answers 200; returns the seconds it took."""
-    import urllib.request
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        if not alive():
-            break
-        time.sleep(1)
-    raise TimeoutError(f"{url}/health did not answer within {timeout:.0f} s")
 
 
 def _tail(path: Path, limit: int = 600) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vm_image import proc
+from vm_image.health import HealthTimeout, wait_for_health
 
 from .config import TakeoverConfig
 from .diskimage import inspect_image
@@ -20,13 +21,14 @@ from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
 from .relocate import DISK_NAME, PARTIAL_NAME
-from .replay import start_source_vm, wait_for_health
+from .replay import start_source_vm
 from .restart import make_runner
 from .runbook import require_root
 from .steps import Context, vm_spec
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
 HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log")
+HEALTH_TIMEOUT = 300.0
 
 
 def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bool = False) -> dict[str, Any]:
@@ -72,8 +74,8 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
                       f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)"))
         start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=has_checkpoint and not cold)
         try:
-            seconds = wait_for_health(source.proxy.url)
-        except TimeoutError as exc:
+            seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
+        except HealthTimeout as exc:
             raise RollbackError(f"the agent's VM started but {exc}; see {host_dir / 'rollback-qemu.log'}") from None
         progress.note(f"{source.proxy.url}/health answers after {seconds:.0f} s")
         detail = "the agent's VM is back from its checkpoint" if has_checkpoint and not cold else "cold boot"
