@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vm_image import proc
+from vm_image.layout import READY_MARKER
 
 from .agent_owner import (HostBoundary, agent_file, check_groups, check_not_host_account, check_outside_host_dirs,
                           check_process_ids, one_owner)
@@ -31,7 +32,6 @@ from .proxy_address import choose_proxy_address, confirmed_forwards
 from .replay import replay_command
 from .trusted_qemu import check_host_qemu
 
-READY_MAGIC = "READY_FOR_TAKEOVER"
 READY_MAX_BYTES = 64 * 1024
 QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
 
@@ -69,8 +69,8 @@ def read_ready_file(path: Path) -> ReadyInfo:
     if len(raw) > READY_MAX_BYTES:
         raise ReadyFileError(f"ready file {path} is larger than {READY_MAX_BYTES} bytes")
     first, _, rest = raw.decode("utf-8", "replace").partition("\n")
-    if first.strip() != READY_MAGIC:
-        raise ReadyFileError(f"ready file {path} does not start with {READY_MAGIC}")
+    if first.strip() != READY_MARKER:
+        raise ReadyFileError(f"ready file {path} does not start with {READY_MARKER}")
     try:
         data = json.loads(rest)
     except ValueError as exc:

@@ -37,6 +37,8 @@ from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from vm_image import proc
+from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
+from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 
 from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
@@ -44,8 +46,6 @@ from .models import Endpoint
 from .monitor import Monitor
 from .verify import listener_pids, wait_for_health
 
-GUEST_PROXY_PORT = 3737
-GUEST_SSH_PORT = 22
 DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
 HEALTH_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes

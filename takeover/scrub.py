@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vm_image.guest_files import DATA_DIR as PROXY_DATA
+from vm_image.guest_files import PROXY_HOME, PROXY_USER
+from vm_image.guest_files import VENV as PROXY_VENV
+
 from .diskimage import QEMU_IMG, inspect_image
 from .errors import ScrubError
 from .files import fsync_file
@@ -27,10 +31,6 @@ from .guest import Change, Guest
 from .host_keys import HostKeys
 from . import guest_files
 
-PROXY_USER = "proxy"
-PROXY_HOME = "/home/proxy"
-PROXY_DATA = "/var/lib/secret-proxy"
-PROXY_VENV = "/opt/secret-proxy/venv"
 
 # What the scrub leaves in place, for docs/threat-model.md. Each line: what, and why it is open.
 # The first four hold only when the agent's system is kept (--keep-agent-system); by default the

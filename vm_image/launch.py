@@ -23,12 +23,11 @@ from . import proc
 from .boot_files import KERNEL_APPEND
 from .errors import BadInput, LaunchFailed
 from .health import HealthTimeout, ProcessGone, wait_for_health
-from .layout import Layout
+from .layout import READY_MARKER, Layout
 from .manifest import read_json, write_text_atomic
 from .progress import Steps
 from .qemu_command import VmConfig, choose_accel, qemu_argv, qemu_binary
 
-READY_MARKER = "READY_FOR_TAKEOVER"
 READY_VERSION = 1
 START_TIMEOUT = 120.0  # QEMU daemonizes once its devices are set up: seconds, even on a busy host
 
