@@ -30,6 +30,7 @@ from pathlib import Path
 from .agent_cmdline import check_options
 from .errors import RollbackError, UnsafeCommandLine
 from .models import CHECKPOINT_TAG, SourceVM
+from .terminal import log_tail
 
 QEMU_BINARY = re.compile(r"^qemu-system-x86_64$")
 # Options whose effect must not survive into the replay: an old snapshot or migration
@@ -129,21 +130,11 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
             raise RollbackError(f"the agent's QEMU did not finish starting within {START_TIMEOUT:.0f} s: "
-                                f"{_tail(log_path)}") from None
+                                f"{log_tail(log_path, 600)}") from None
         if code != 0:
-            raise RollbackError(f"the agent's QEMU did not start again (exit {code}): {_tail(log_path)}")
+            raise RollbackError(f"the agent's QEMU did not start again (exit {code}): {log_tail(log_path, 600)}")
         return None
     time.sleep(2)
     if child.poll() is not None:
-        raise RollbackError(f"the agent's QEMU exited at once (exit {child.returncode}): {_tail(log_path)}")
+        raise RollbackError(f"the agent's QEMU exited at once (exit {child.returncode}): {log_tail(log_path, 600)}")
     return child.pid
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    """The log's last lines for an error message; QEMU echoes the agent's strings, so no control characters
-    reach root's terminal."""
-    try:
-        text = path.read_text(errors="replace")[-limit:].strip()
-    except OSError:
-        return "(no output)"
-    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in text) or "(no output)"

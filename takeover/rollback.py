@@ -81,9 +81,6 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
         detail = "the agent's VM is back from its checkpoint" if has_checkpoint and not cold else "cold boot"
     # Only now, with the agent's VM answering, does the host's copy go.
     for name in (DISK_NAME, PARTIAL_NAME, "host_key", "host_key.pub", "known_hosts", *HOST_FILES):
-        try:
-            (host_dir / name).unlink()
-        except FileNotFoundError:
-            pass
+        (host_dir / name).unlink(missing_ok=True)
     journal.set_state(ROLLED_BACK)
     return {"rolled_back": True, "detail": detail, "seconds": round(time.monotonic() - started, 3)}
