@@ -30,7 +30,6 @@ from .report import build_report, summary, write_report
 from .restart import HostVMSpec, Runner, make_runner, restart_as_host
 from .revoke import revoke_agent_access
 from .scrub import ScrubPlan, scrub_and_rekey
-from .venv import build_proxy_venv
 from .verify import SSHTarget, create_agent_token, verify_host_vm
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     boot = boot_files(ctx)
     modules = modules_tarball(boot, ctx.host_dir / "boot") if cfg.replace_modules else None
-    venv = build_proxy_venv(ctx.host_dir / "venv", ctx.note) if cfg.reinstall_venv else None
+    venv = host_venv(ctx) if cfg.reinstall_venv else None
     system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
@@ -114,6 +113,16 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     result["keys"] = keys.to_dict()
     result["boot"] = boot.to_dict()
     return result
+
+
+def host_venv(ctx: Context) -> Path:
+    """The proxy's venv, rebuilt on the host from the locked wheels by vm_image's recipe (one for both sides)."""
+    from vm_image.proxy_venv import build_proxy_venv
+
+    with from_vm_image(ScrubError, hint="check that uv is installed and uv.lock's wheels can be fetched (or are in "
+                                        "uv's cache); or pass --no-reinstall-venv and accept the agent's venv (the "
+                                        "report lists it as not blocked)"):
+        return build_proxy_venv(ctx.host_dir / "venv", ctx.note)
 
 
 def host_system(ctx: Context) -> tuple[Path, Path]:
