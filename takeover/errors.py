@@ -11,16 +11,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from vm_image.errors import VmImageError
+from vm_image.errors import HintedError, VmImageError
 
 
-class TakeoverError(Exception):
+class TakeoverError(HintedError):
     hint = "read the message above, fix the cause and rerun `python -m takeover run`"
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        if hint is not None:
-            self.hint = hint
 
 
 @contextmanager
