@@ -14,12 +14,11 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vm_image import debs
-from vm_image.boot_files import KERNEL_APPEND
+from vm_image.boot_files import KERNEL_APPEND, BootFiles
 from vm_image.boot_files import boot_files as vm_image_boot_files
 
 from .errors import TakeoverError, from_vm_image
@@ -38,23 +37,6 @@ MODULE_DIRS_LEFT_OUT = ("kernel/drivers/gpu", "kernel/drivers/net/wireless", "ke
 
 class BootFilesError(TakeoverError):
     hint = "check that the Debian kernel package is available (`apt-get download linux-image-amd64` works)"
-
-
-@dataclass(frozen=True)
-class BootFiles:
-    kernel: Path
-    initrd: Path
-    version: str
-    append: str
-    source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": str(self.kernel), "initrd": str(self.initrd), "version": self.version,
-                "append": self.append, "source": self.source}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BootFiles":
-        return cls(Path(data["kernel"]), Path(data["initrd"]), data["version"], data["append"], data["source"])
 
 
 def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | None = None,
@@ -76,12 +58,12 @@ def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | N
             os.chmod(partial, 0o644)
             os.replace(partial, dst)
             copies.append(dst)
-        return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or KERNEL_APPEND,
-                         f"operator: {kernel}, {initrd}")
+        return BootFiles(copies[0], copies[1], append or KERNEL_APPEND, kernel_version(copies[0]),
+                         source=f"operator: {kernel}, {initrd}")
     with from_vm_image(BootFilesError, "cannot prepare the host's kernel and initrd: "):
         provided = vm_image_boot_files(boot_dir)
-    return BootFiles(provided.kernel, provided.initrd, kernel_version(provided.kernel), append or provided.append,
-                     "vm_image.boot_files")
+    return BootFiles(provided.kernel, provided.initrd, append or provided.append, kernel_version(provided.kernel),
+                     source="vm_image.boot_files")
 
 
 def kernel_version(kernel: Path) -> str:
