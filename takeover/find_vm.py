@@ -152,7 +152,6 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         notes.append(f"the proxy listens at {proxy_listen} (--proxy-listen), not where the agent's VM had it")
     if image.snapshots:
         notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
-    agent_files = [str(p) for p in (ready.path, ready.monitor, ready.pidfile) if p is not None]
     return SourceVM(
         monitor=str(ready.monitor), disk=str(disk), disk_dev=disk_st.st_dev, disk_ino=disk_st.st_ino,
         disk_uid=disk_st.st_uid, pid=peer.pid, pid_start_ticks=info.start_ticks, uid=info.uid, gid=info.gid,
@@ -161,7 +160,7 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         ready_file=str(ready.path) if ready.path else None,
         pidfile=str(ready.pidfile) if ready.pidfile else None,
         setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
-        agent_files=agent_files, notes=notes,
+        notes=notes,
     )
 
 

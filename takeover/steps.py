@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from .agent_owner import HostBoundary
 from .boot import BootFiles, host_boot_files, modules_tarball
@@ -21,7 +21,6 @@ from .diskimage import inspect_image
 from .errors import InvalidInput, ScrubError, from_vm_image
 from .files import ensure_host_dir
 from .find_vm import explicit_ready, find_and_check_vm, read_ready_file
-from .guest_files import UNIT, WRAPPER
 from .host_keys import generate_host_keys, load_host_keys
 from .journal import Journal
 from .models import Endpoint, SourceVM
@@ -63,8 +62,10 @@ def step_find_vm(ctx: Context) -> dict[str, Any]:
         if not (cfg.monitor and cfg.disk):
             raise InvalidInput("--monitor and --disk go together")
         ready = explicit_ready(cfg.monitor, cfg.disk)  # the proxy: where the agent's QEMU forwards it
+    elif cfg.ready_file is not None:
+        ready = read_ready_file(cfg.ready_file)
     else:
-        ready = read_ready_file(cfg.ready_file or default_ready_file())
+        raise_no_vm_named()
     # The VM must be one unprivileged user's, outside every host directory (agent_owner's docstring).
     boundary = HostBoundary.for_takeover(ctx.host_dir, cfg.qemu_user, extra_dirs=(cfg.cache_dir,))
     source = find_and_check_vm(ready, ctx.host_dir, boundary, proxy_listen=cfg.proxy_listen)
@@ -104,9 +105,8 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
-    plan = ScrubPlan(keys=keys, proxy_config=ctx.proxy_config, unit=UNIT, wrapper=WRAPPER,
-                     modules_tar=modules, venv_tar=venv, system_tar=system, system_overlay=overlay,
-                     force_tcg=cfg.accel != "kvm")
+    plan = ScrubPlan(keys=keys, proxy_config=ctx.proxy_config, modules_tar=modules, venv_tar=venv,
+                     system_tar=system, system_overlay=overlay, force_tcg=cfg.accel != "kvm")
     result = scrub_and_rekey(ctx.host_dir / DISK_NAME, plan, ctx.note).to_dict()
     ctx.note(f"{len(result['changes'])} changes recorded")
     inspect_image(ctx.host_dir / DISK_NAME)  # the scrub must leave a clean, self-contained qcow2
@@ -185,7 +185,8 @@ def step_report(ctx: Context) -> dict[str, Any]:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def default_ready_file() -> Path:
+def raise_no_vm_named() -> NoReturn:
+    """There is no default ready file: the host never guesses which user's VM to take."""
     raise InvalidInput("no --ready-file given; pass the agent's ready file (STATE/run/ready) or --monitor and --disk")
 
 

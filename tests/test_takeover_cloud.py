@@ -357,7 +357,6 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     """
     import guestfs
 
-    from takeover.guest_files import UNIT, WRAPPER
     from takeover.host_keys import generate_host_keys
     from takeover.scrub import ScrubPlan, scrub_and_rekey
     from vm_image.disk import write_system_overlay
@@ -382,8 +381,8 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
     host_dir = tmp_path / "host"
     host_dir.mkdir(mode=0o700)
-    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None, unit=UNIT,
-                     wrapper=WRAPPER, system_tar=base_rootfs(HOST_SYSTEM_CACHE),
+    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None,
+                     system_tar=base_rootfs(HOST_SYSTEM_CACHE),
                      system_overlay=write_system_overlay(tmp_path / "overlay.tar"))
     result = scrub_and_rekey(disk, plan)
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()

@@ -12,6 +12,7 @@ PROXY_HOME = "/home/proxy"
 DATA_DIR = "/var/lib/secret-proxy"
 VENV = "/opt/secret-proxy/venv"
 PROXY_PORT = 3737
+ROOT_DEVICE = "/dev/vda"  # the one virtio disk (KERNEL_APPEND's root=)
 SSH_PORT = 22
 
 # The operator CLI with the service's data directory. -I: no current directory, no user site,
@@ -62,6 +63,6 @@ PermitEmptyPasswords no
 AllowUsers proxy
 """
 
-FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+FSTAB = f"{ROOT_DEVICE} / ext4 rw,errors=remount-ro 0 1\n"
 HOSTNAME = "secret-proxy-vm\n"
 HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\tsecret-proxy-vm\n::1\tlocalhost ip6-localhost ip6-loopback\n"
