@@ -36,7 +36,7 @@ from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
 
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
-from .test_takeover_support import start_monitor_only_qemu
+from .takeover_helpers import start_monitor_only_qemu
 
 
 

@@ -32,7 +32,7 @@ from takeover.models import Endpoint
 from takeover.monitor import Monitor
 from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
 
-from .test_takeover_support import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
+from .takeover_helpers import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
                                     remove_workdir, start_monitor_only_qemu)
 
 pytestmark = pytest.mark.root

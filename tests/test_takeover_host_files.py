@@ -37,7 +37,7 @@ from takeover.steps import NAMES
 from takeover.terminal import printable
 from takeover.verify import SSHTarget, create_agent_token
 
-from .test_takeover_support import MonitorOnlyQemu, make_qcow2
+from .takeover_helpers import MonitorOnlyQemu, make_qcow2
 from .vm_fixtures import free_port
 
 pytestmark = pytest.mark.root

@@ -41,7 +41,7 @@ from takeover.monitor import Monitor
 from takeover.replay import replay_command, start_source_vm
 from vm_image.qemu_command import VmConfig, qemu_argv
 
-from .test_takeover_support import MonitorOnlyQemu, make_qcow2, start_monitor_only_qemu
+from .takeover_helpers import MonitorOnlyQemu, make_qcow2, start_monitor_only_qemu
 
 pytestmark = pytest.mark.root
 
