@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
     vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
     vm.add_argument("--initrd", type=Path, help="the initrd for --kernel")
-    vm.add_argument("--kernel-append", help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)")
+    vm.add_argument("--kernel-append",
+                    help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)")
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
