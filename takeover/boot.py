@@ -14,18 +14,16 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vm_image import debs
+from vm_image.boot_files import KERNEL_APPEND, BootFiles
 from vm_image.boot_files import boot_files as vm_image_boot_files
-from vm_image.errors import VmImageError
 
-from .errors import TakeoverError
+from .errors import TakeoverError, from_vm_image
 from .files import check_safe_path
 
-DEFAULT_APPEND = "root=/dev/vda rw console=ttyS0"
 APT_ARCHIVES = Path("/var/cache/apt/archives")  # a .deb apt already fetched (and checked) on this host
 # Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a
 # fraction of its size (and shrinks what the guest kernel could be talked into loading).
@@ -39,23 +37,6 @@ MODULE_DIRS_LEFT_OUT = ("kernel/drivers/gpu", "kernel/drivers/net/wireless", "ke
 
 class BootFilesError(TakeoverError):
     hint = "check that the Debian kernel package is available (`apt-get download linux-image-amd64` works)"
-
-
-@dataclass(frozen=True)
-class BootFiles:
-    kernel: Path
-    initrd: Path
-    version: str
-    append: str
-    source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": str(self.kernel), "initrd": str(self.initrd), "version": self.version,
-                "append": self.append, "source": self.source}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BootFiles":
-        return cls(Path(data["kernel"]), Path(data["initrd"]), data["version"], data["append"], data["source"])
 
 
 def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | None = None,
@@ -77,14 +58,12 @@ def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | N
             os.chmod(partial, 0o644)
             os.replace(partial, dst)
             copies.append(dst)
-        return BootFiles(copies[0], copies[1], kernel_version(copies[0]), append or DEFAULT_APPEND,
-                         f"operator: {kernel}, {initrd}")
-    try:
+        return BootFiles(copies[0], copies[1], append or KERNEL_APPEND, kernel_version(copies[0]),
+                         source=f"operator: {kernel}, {initrd}")
+    with from_vm_image(BootFilesError, "cannot prepare the host's kernel and initrd: "):
         provided = vm_image_boot_files(boot_dir)
-    except VmImageError as exc:
-        raise BootFilesError(f"cannot prepare the host's kernel and initrd: {exc}") from None
-    return BootFiles(provided.kernel, provided.initrd, kernel_version(provided.kernel), append or provided.append,
-                     "vm_image.boot_files")
+    return BootFiles(provided.kernel, provided.initrd, append or provided.append, kernel_version(provided.kernel),
+                     source="vm_image.boot_files")
 
 
 def kernel_version(kernel: Path) -> str:
@@ -137,11 +116,9 @@ def _package_modules(version: str, work: Path) -> Path:
     owner = subprocess.run(["dpkg-query", "-S", str(installed / "modules.order")], capture_output=True, text=True)
     if owner.returncode == 0 and f"linux-image-{version}" in owner.stdout and (installed / "modules.dep").is_file():
         return installed
-    try:
+    with from_vm_image(BootFilesError, f"cannot get the modules of {version}: "):
         deb = debs.fetch(f"linux-image-{version}", work / "debs", also_look_in=APT_ARCHIVES)
         root = debs.unpack(deb, work / "root")
-    except VmImageError as exc:
-        raise BootFilesError(f"cannot get the modules of {version}: {exc}") from None
     tree = next((p for p in (root / "lib/modules" / version, root / "usr/lib/modules" / version) if p.is_dir()), None)
     if tree is None:
         raise BootFilesError(f"linux-image-{version} has no modules for {version}")

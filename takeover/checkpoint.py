@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import proc
+from vm_image import proc
+
 from .diskimage import inspect_image
 from .errors import CheckpointError
 from .models import CHECKPOINT_TAG, SourceVM

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
-from .errors import InvalidInput, TakeoverError
+from .errors import InvalidInput, TakeoverError, from_vm_image
 from .files import check_trusted_parent
-from .journal import STEPS
 from .models import Endpoint
 from .progress import Progress
-from .runbook import roll_back, run_takeover, start_host_vm, status, stop_host_vm
+from .rollback import roll_back
+from .runbook import run_takeover, start_host_vm, status, stop_host_vm
+from .steps import NAMES
 from .terminal import show
 
 
@@ -65,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
     vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
     vm.add_argument("--initrd", type=Path, help="the initrd for --kernel")
-    vm.add_argument("--kernel-append", help="kernel command line (default: vm_image's, or root=/dev/vda rw console=ttyS0)")
+    vm.add_argument("--kernel-append",
+                    help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)")
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
     ag.add_argument("--agent-secrets", default="*", help="comma-separated secret name patterns (default *)")
     ag.add_argument("--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)")
     run.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
-    run.add_argument("--fail-after", choices=STEPS, help=argparse.SUPPRESS)  # tests: fault injection
+    run.add_argument("--fail-after", choices=NAMES, help=argparse.SUPPRESS)  # tests: fault injection
 
     rb = sub.add_parser("rollback", help="stop the host's VM and restart the agent's VM from takeover-checkpoint")
     common(rb)
@@ -86,13 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_accel(requested: str) -> str:
-    from vm_image.errors import VmImageError
     from vm_image.qemu_command import choose_accel  # one KVM check for both sides
 
-    try:
+    with from_vm_image(InvalidInput, hint="use --accel tcg (slower)"):
         return choose_accel(requested)
-    except VmImageError as exc:
-        raise InvalidInput(str(exc), hint="use --accel tcg (slower)") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:

@@ -1,21 +1,32 @@
 """What can go wrong in a takeover, one type per failure an operator must act on.
 
 Every error carries what went wrong (`str(err)`) and what to do about it
-(`err.hint`); the CLI prints both and exits non-zero. `changed` says whether
-anything had been changed when the error happened, so the operator knows
-whether a rerun or a rollback is the next move.
+(`err.hint`); the CLI prints both and exits non-zero. What vm_image (the
+shared VM layer) raises becomes a takeover error in one place,
+`from_vm_image`, with the takeover's advice.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
 
-class TakeoverError(Exception):
+from vm_image.errors import HintedError, VmImageError
+
+
+class TakeoverError(HintedError):
     hint = "read the message above, fix the cause and rerun `python -m takeover run`"
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        if hint is not None:
-            self.hint = hint
+
+@contextmanager
+def from_vm_image(error: type[TakeoverError] = TakeoverError, context: str = "",
+                  hint: str | None = None) -> Iterator[None]:
+    """Raise a VmImageError from the block as `error`: the message prefixed with `context`, and the
+    takeover's hint (`error`'s own unless `hint` is given): vm_image's advice names vm_image's commands."""
+    try:
+        yield
+    except VmImageError as exc:
+        raise error(f"{context}{exc}", hint=hint) from None
 
 
 class NotRoot(TakeoverError):

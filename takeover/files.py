@@ -49,7 +49,7 @@ def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
     """Write `data` to a new 0600 file; with `replace`, atomically replace what is there."""
     target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
     if replace:
-        _unlink_quietly(target)
+        target.unlink(missing_ok=True)
     fd = create_private(target)
     try:
         write_all(fd, data)
@@ -80,13 +80,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def ensure_host_dir(path: Path) -> Path:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from vm_image import proc
+from vm_image.layout import READY_MARKER
+
 from .agent_owner import (
     HostBoundary,
     agent_file,
@@ -42,10 +44,9 @@ from .errors import (
 from .models import Endpoint, SourceVM
 from .monitor import Monitor, Peer
 from .proxy_address import choose_proxy_address, confirmed_forwards
-from .rollback import replay_command
+from .replay import replay_command
 from .trusted_qemu import check_host_qemu
 
-READY_MAGIC = "READY_FOR_TAKEOVER"
 READY_MAX_BYTES = 64 * 1024
 QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
 
@@ -76,8 +77,8 @@ def read_ready_file(path: Path) -> ReadyInfo:
         # ELOOP: a symlink. The file is the agent's, and we are root: never read through its links.
         raise ReadyFileError(f"cannot open ready file {path} without following links: {exc.strerror}") from None
     first, _, rest = raw.decode("utf-8", "replace").partition("\n")
-    if first.strip() != READY_MAGIC:
-        raise ReadyFileError(f"ready file {path} does not start with {READY_MAGIC}")
+    if first.strip() != READY_MARKER:
+        raise ReadyFileError(f"ready file {path} does not start with {READY_MARKER}")
     try:
         data = json.loads(rest)
     except ValueError as exc:
@@ -159,7 +160,6 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         notes.append(f"the proxy listens at {proxy_listen} (--proxy-listen), not where the agent's VM had it")
     if image.snapshots:
         notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
-    agent_files = [str(p) for p in (ready.path, ready.monitor, ready.pidfile) if p is not None]
     return SourceVM(
         monitor=str(ready.monitor), disk=str(disk), disk_dev=disk_st.st_dev, disk_ino=disk_st.st_ino,
         disk_uid=disk_st.st_uid, pid=peer.pid, pid_start_ticks=info.start_ticks, uid=info.uid, gid=info.gid,
@@ -168,7 +168,7 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
         ready_file=str(ready.path) if ready.path else None,
         pidfile=str(ready.pidfile) if ready.pidfile else None,
         setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
-        agent_files=agent_files, notes=notes,
+        notes=notes,
     )
 
 

@@ -199,12 +199,6 @@ class Guest:
                     path = parent.rstrip("/") + "/" + base
                     yield Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
 
-    def xattr_names(self, path: str) -> list[str]:
-        try:
-            return [x["attrname"] for x in self.g.lgetxattrs(path)]
-        except RuntimeError:
-            return []
-
     # -- changing --------------------------------------------------------------------------
 
     def remove(self, path: str, why: str) -> bool:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HostKeyError
+from vm_image import keys
+
+from .errors import HostKeyError, from_vm_image
 from .files import fsync_dir, fsync_file, write_private
 from .models import Endpoint
 
@@ -79,15 +80,10 @@ def load_host_keys(host_dir: Path) -> tuple[Path, Path]:
 
 
 def _keygen(path: Path, comment: str) -> None:
-    proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise HostKeyError(f"ssh-keygen failed: {proc.stderr.strip()}")
+    with from_vm_image(HostKeyError):
+        keys.ssh_keygen(path, comment)
 
 
 def fingerprint(public_key: Path) -> str:
-    proc = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key)],
-                          capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise HostKeyError(f"ssh-keygen cannot read {public_key}: {proc.stderr.strip()}")
-    return proc.stdout.split()[1]
+    with from_vm_image(HostKeyError):
+        return keys.key_fingerprint(public_key)

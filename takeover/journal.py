@@ -2,7 +2,8 @@
 
 Written atomically (temp file 0600, fsync, rename, fsync the directory) after
 every change, so a crash leaves either the old or the new journal. A rerun
-reads it to resume; `rollback` reads it to find the source VM again.
+reads it to resume; `rollback` reads it to find the source VM again. Which steps
+there are, in what order, and where a rerun resumes, is `steps.py`'s table.
 """
 
 from __future__ import annotations
@@ -19,18 +20,9 @@ from .files import write_json_atomic
 VERSION = 1
 JOURNAL_NAME = "journal.json"
 
-# The runbook, in order. Each name is a module of this package and the function it runs.
-STEPS = ("find_vm", "checkpoint", "relocate", "scrub", "restart", "verify", "revoke", "report")
-
 IN_PROGRESS = "in_progress"
 DONE = "done"
 ROLLED_BACK = "rolled_back"
-
-# Where a rerun must start again when it finds a step unfinished. A half-scrubbed copy is
-# not trusted (we cannot know which plants were already removed), so scrub restarts from
-# a fresh copy; a half-verified VM is restarted, and an unfinished checkpoint needs the
-# live VM checked again before anything is sent to its monitor.
-RESTART_FROM = {"checkpoint": "find_vm", "scrub": "relocate", "verify": "restart"}
 
 
 @dataclass
@@ -112,19 +104,6 @@ class Journal:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
-
-
-def first_step_to_run(journal: Journal) -> str | None:
-    """The step a rerun starts from, or None when every step is done."""
-    for step in STEPS:
-        if not journal.done(step):
-            return RESTART_FROM.get(step, step)
-    return None
-
-
-def steps_to_run(journal: Journal) -> list[str]:
-    start = first_step_to_run(journal)
-    return [] if start is None else list(STEPS[STEPS.index(start):])
 
 
 def check_destination(journal: Journal | None) -> None:

@@ -68,7 +68,6 @@ class SourceVM:
     ready_file: str | None = None
     pidfile: str | None = None
     setup_key_pub: str | None = None
-    agent_files: list[str] = field(default_factory=list)  # the ready file, socket, pidfile: revoked in step 7
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,5 +76,6 @@ class SourceVM:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SourceVM":
         values = dict(data)
+        values.pop("agent_files", None)  # written by earlier versions, never read: a journal from one still resumes
         values["proxy"] = Endpoint(**values["proxy"])
         return cls(**values)

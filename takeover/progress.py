@@ -1,4 +1,4 @@
-"""The progress display: one line per step as it starts and ends, notes indented beneath.
+"""The takeover's progress display: vm_image's, one line per step of `steps.STEPS`, notes indented beneath.
 
 Every line goes through `terminal.printable`: notes and errors quote the agent's strings.
 """
@@ -9,34 +9,32 @@ import sys
 import time
 from typing import TextIO
 
-from .journal import STEPS
-from .report import TITLES
+from vm_image.progress import Steps
+
+from .steps import NAMES, TITLES
 from .terminal import printable
 
 
-class Progress:
+class Progress(Steps):
     def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.started: dict[str, float] = {}
+        super().__init__(len(NAMES), stream)
+        self.started_at: dict[str, float] = {}
 
-    def _print(self, text: str) -> None:
-        print(printable(text), file=self.stream, flush=True)
+    def line(self, text: str) -> None:
+        super().line(printable(text))
 
     def begin(self, step: str) -> None:
-        self.started[step] = time.monotonic()
-        self._print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]} ...")
-
-    def note(self, text: str) -> None:
-        self._print(f"      {text}")
+        self.started_at[step] = time.monotonic()
+        self.started(NAMES.index(step) + 1, TITLES[step])
 
     def end(self, step: str) -> float:
-        seconds = time.monotonic() - self.started.get(step, time.monotonic())
-        self._print(f"      done in {seconds:.1f} s")
+        seconds = time.monotonic() - self.started_at.get(step, time.monotonic())
+        self.finished(seconds)
         return seconds
 
     def skip(self, step: str, why: str) -> None:
-        self._print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]}: {why}")
+        self.skipped(NAMES.index(step) + 1, TITLES[step], why)
 
     def fail(self, step: str, error: BaseException) -> None:
-        seconds = time.monotonic() - self.started.get(step, time.monotonic())
-        self._print(f"      FAILED after {seconds:.1f} s: {error}")
+        seconds = time.monotonic() - self.started_at.get(step, time.monotonic())
+        self.line(f"      FAILED after {seconds:.1f} s: {error}")

@@ -73,7 +73,7 @@ def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int,
     if os.path.lexists(final):
         raise DestinationTaken(f"{final} already exists")
     for leftover in (partial, raw):  # from an interrupted run; never trusted, never resumed
-        _remove(leftover)
+        leftover.unlink(missing_ok=True)
 
     src_st = _agent_disk_stat(source_disk, expect_inode)
     agent = AgentUser.owner_of(src_st, f"the agent's disk {source_disk}")
@@ -89,7 +89,7 @@ def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int,
         sink = _flatten(source_disk, image, agent, raw, budget)
         progress(f"{sink.allocated / 2**20:.0f} MiB of data; converting to the host's own qcow2")
         _convert_raw(raw, partial, image.virtual_size)
-        _remove(raw)
+        raw.unlink(missing_ok=True)
         _check_private(partial)
         inspect_image(partial)  # root's own file now: a self-contained qcow2, or refused
         digest = _sha256_file(partial)
@@ -98,8 +98,8 @@ def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int,
         os.unlink(partial)
         fsync_dir(host_dir)
     except BaseException:
-        _remove(raw)
-        _remove(partial)
+        raw.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
     copy_st = os.stat(final)
     return RelocateResult(str(final), copy_st.st_size, digest, copy_st.st_blocks * 512, image.chain_allocated,
@@ -217,10 +217,3 @@ def _sha256_file(path: Path) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
-
-
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

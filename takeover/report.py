@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .files import write_json_atomic
-from .journal import STEPS, Journal
+from .journal import Journal
 from .terminal import printable
 
 REPORT_NAME = "report.json"
 
-TITLES = {
-    "find_vm": "find and check the agent's VM",
-    "checkpoint": "checkpoint and stop it",
-    "relocate": "copy the disk to the host",
-    "scrub": "scrub and re-key the copy",
-    "restart": "start the VM as the host's",
-    "verify": "verify the new VM",
-    "revoke": "revoke the agent's leftovers",
-    "report": "write the report",
-}
 
-
-def build_report(journal: Journal, host_dir: Path) -> dict[str, Any]:
+def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) -> dict[str, Any]:
+    """`titles`: each step's name and title, in order (`steps.TITLES`; steps.py imports this module)."""
     steps = []
-    for step in STEPS:
+    for step, title in titles.items():
         entry = journal.entry(step)
-        steps.append({"step": step, "title": TITLES[step], "status": entry.get("status", "pending"),
+        steps.append({"step": step, "title": title, "status": entry.get("status", "pending"),
                       "duration_s": entry.get("duration_s")})
-    result = {s: journal.entry(s).get("result") or {} for s in STEPS}
+    result = {s: journal.entry(s).get("result") or {} for s in titles}
     source = result["find_vm"]
     scrub = result["scrub"]
     restart = result["restart"]

@@ -36,15 +36,17 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
-from . import proc
+from vm_image import proc
+from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
+from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
+
 from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
 from .monitor import Monitor
+from .terminal import log_tail
 from .verify import listener_pids, wait_for_health
 
-GUEST_PROXY_PORT = 3737
-GUEST_SSH_PORT = 22
 DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
 HEALTH_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
@@ -247,7 +249,7 @@ class QemuRunner:
             raise RestartError(f"a QEMU with {spec.disk} is already running (pidfile {spec.pidfile})",
                                hint="stop it first (`python -m takeover stop`) or let the run use it")
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
-            _unlink(stale)
+            stale.unlink(missing_ok=True)
         if self.qemu_user:
             ensure_system_user(self.qemu_user)
         argv = qemu_command(spec, self.qemu_user)
@@ -270,7 +272,7 @@ class QemuRunner:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if child.poll() is not None:
-                raise RestartError(f"QEMU exited at start (exit {child.returncode}): {_tail(spec.qemu_log)}")
+                raise RestartError(f"QEMU exited at start (exit {child.returncode}): {log_tail(spec.qemu_log)}")
             if spec.monitor.exists():
                 try:
                     with Monitor(spec.monitor, timeout=5) as mon:
@@ -281,7 +283,7 @@ class QemuRunner:
                     pass
             time.sleep(0.2)
         child.kill()
-        raise RestartError(f"QEMU did not come up within {START_TIMEOUT:.0f} s: {_tail(spec.qemu_log)}")
+        raise RestartError(f"QEMU did not come up within {START_TIMEOUT:.0f} s: {log_tail(spec.qemu_log)}")
 
     def _record_identity(self, spec: HostVMSpec, pid: int, binary: str) -> None:
         info = proc.read_process(pid)
@@ -349,7 +351,7 @@ class QemuRunner:
         if not proc.wait_gone(pid, ticks, 30):
             proc.terminate(pid, ticks)
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
-            _unlink(stale)
+            stale.unlink(missing_ok=True)
         return True
 
     def describe(self, spec: HostVMSpec) -> dict[str, Any]:
@@ -521,17 +523,3 @@ def restart_as_host(spec: HostVMSpec, runner: Runner, progress: Callable[[str], 
     pid = runner.start(spec)
     return {"pid": pid, "pid_start_ticks": proc.start_ticks(pid), "start_seconds": round(time.monotonic() - started, 3),
             "spec": spec.to_dict(), **runner.describe(spec)}
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _tail(path: Path, limit: int = 800) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:].strip() or "(no output)"
-    except OSError:
-        return "(no output)"

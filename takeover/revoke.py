@@ -14,7 +14,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from vm_image import proc
+
 from .errors import TakeoverError
 from .models import SourceVM
 

@@ -1,169 +1,86 @@
-"""`python -m takeover rollback`: bring the agent's VM back from `takeover-checkpoint`.
+"""`python -m takeover rollback`: stop the host's VM and bring the agent's VM back from `takeover-checkpoint`.
 
-`loadvm` needs the same devices the snapshot was saved with, so the agent's
-QEMU is started again with its own command line, recorded from
-/proc/PID/cmdline in step 1. That command line is the agent's, and root
-starts it from root's terminal, so the replay is fenced three ways:
-
-- only options vm_image itself writes, every path a file of the agent's
-  (agent_cmdline.py); checked in step 1, before anything changes, and again here;
-- the host's QEMU binary, as the agent's own uid, gid and groups, with no new
-  privileges and no capabilities (setpriv);
-- nothing of root's session: a new session with no controlling terminal (the
-  agent can ptrace a process of its own uid, and with a terminal it could read
-  root's keys or push input into root's shell with TIOCSTI), no descriptor but
-  /dev/null and the log, a clean environment, and the agent's own directory as
-  its working directory.
+Only for an unfinished takeover: once the host's VM is verified the agent's disk may be gone.
+The agent's QEMU is started again through replay.py's fences; the host's copy is deleted only
+once the agent's VM answers /health again.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import signal
-import stat
-import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from .agent_cmdline import check_options
-from .errors import RollbackError, UnsafeCommandLine
+from vm_image import proc
+from vm_image.health import HealthTimeout, wait_for_health
+
+from .config import TakeoverConfig
+from .diskimage import inspect_image
+from .errors import JournalError, RollbackError
+from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
+from .progress import Progress
+from .relocate import DISK_NAME, PARTIAL_NAME
+from .replay import start_source_vm
+from .restart import make_runner
+from .runbook import require_root
+from .steps import Context, vm_spec
 
-QEMU_BINARY = re.compile(r"^qemu-system-x86_64$")
-# Options whose effect must not survive into the replay: an old snapshot or migration
-# stream would replace the checkpoint, and a paused start would never answer /health.
-STRIPPED_WITH_VALUE = {"-loadvm", "-incoming"}
-STRIPPED_FLAGS = {"-S"}
+# The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
+HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log")
 HEALTH_TIMEOUT = 300.0
-START_TIMEOUT = 300.0  # a daemonizing QEMU returns once the checkpoint is loaded
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | None = None, *,
-                   owner: int) -> list[str]:
-    """The agent's QEMU command line, checked and rewritten to load the checkpoint.
-
-    `owner` is the agent's uid (the QEMU process's): every file the command line names must be
-    theirs. Raises UnsafeCommandLine when it cannot be replayed: not QEMU x86_64, an option
-    outside the allow-list (agent_cmdline.py), or no -drive with the disk.
-    """
-    if len(cmdline) < 2:
-        raise UnsafeCommandLine("the source QEMU's command line is empty")
-    if not QEMU_BINARY.match(os.path.basename(cmdline[0])):
-        raise UnsafeCommandLine(f"the source process is {os.path.basename(cmdline[0])!r}, not qemu-system-x86_64")
-    host_qemu = shutil.which("qemu-system-x86_64")
-    if host_qemu is None:
-        raise UnsafeCommandLine("qemu-system-x86_64 is not installed on the host")
-    args, skip = [], False
-    for arg in cmdline[1:]:
-        if skip:
-            skip = False
-            continue
-        option = "-" + arg.lstrip("-") if arg.startswith("-") else arg
-        if option in STRIPPED_WITH_VALUE:
-            skip = True
-            continue
-        if option in STRIPPED_FLAGS:
-            continue
-        args.append(arg)
-    checked = check_options(args, owner)
-    wanted = {os.path.realpath(disk)} | ({str(disk_as_named)} if disk_as_named else set())
-    if not any(f in wanted or os.path.realpath(f) in wanted for f in checked.drive_files):
-        raise UnsafeCommandLine(f"the source QEMU's command line does not name the disk {disk!r} in a -drive; "
-                                f"it cannot be replayed for a rollback")
-    return [host_qemu, *args, "-loadvm", CHECKPOINT_TAG]
-
-
-def replay_argv(source: SourceVM, load_checkpoint: bool = True) -> list[str]:
-    """setpriv (the agent's uid, gid and groups; no new privileges; no capabilities), then the checked QEMU."""
-    qemu = replay_command(source.cmdline, source.disk, owner=source.uid)
-    if not load_checkpoint:
-        qemu = qemu[:-2]
-    setpriv = shutil.which("setpriv", path=SYSTEM_PATH)
-    if setpriv is None:
-        raise RollbackError("setpriv is not installed; the agent's QEMU is only ever started through it",
-                            hint="apt-get install util-linux, then rerun `python -m takeover rollback`")
-    groups = ",".join(str(g) for g in source.groups)
-    return [setpriv, f"--reuid={source.uid}", f"--regid={source.gid}",
-            f"--groups={groups}" if groups else "--clear-groups",
-            "--no-new-privs", "--inh-caps=-all", "--", *qemu]
-
-
-def agent_workdir(source: SourceVM) -> str:
-    """The directory holding the agent's disk when it is the agent's; else "/". Never root's own cwd."""
-    directory = os.path.dirname(os.path.realpath(source.disk))
-    try:
-        st = os.lstat(directory)
-    except OSError:
-        return "/"
-    return directory if stat.S_ISDIR(st.st_mode) and st.st_uid == source.uid else "/"
-
-
-def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = True) -> int | None:
-    """Start the agent's QEMU again as the agent, in a session of its own; returns once it daemonized
-    (None) or, for a QEMU that stays in the foreground, its pid once it survived a moment."""
-    try:
-        argv = replay_argv(source, load_checkpoint)
-    except UnsafeCommandLine as exc:
-        # Step 1 accepted this command line: the agent changed its files since. Nothing was started.
-        raise RollbackError(f"the agent's QEMU command line is no longer replayable: {exc}",
-                            hint=f"nothing was started and the agent's disk and {CHECKPOINT_TAG} snapshot are "
-                                 f"untouched; the agent can start its VM itself (`python -m vm_image launch`), or "
-                                 f"fix the files named above and rerun `python -m takeover rollback`") from None
-    workdir = agent_workdir(source)
-    env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": workdir}
-    daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        # start_new_session: setsid() in the child before exec, so neither setpriv nor QEMU (nor the
-        # QEMU parent that waits while the daemon loads the checkpoint) has root's terminal.
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=workdir, env=env,
-                                 start_new_session=True, close_fds=True, pass_fds=())
-    finally:
-        os.close(log)
-    if daemonizes:
-        try:
-            code = child.wait(START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            raise RollbackError(f"the agent's QEMU did not finish starting within {START_TIMEOUT:.0f} s: "
-                                f"{_tail(log_path)}") from None
-        if code != 0:
-            raise RollbackError(f"the agent's QEMU did not start again (exit {code}): {_tail(log_path)}")
-        return None
-    time.sleep(2)
-    if child.poll() is not None:
-        raise RollbackError(f"the agent's QEMU exited at once (exit {child.returncode}): {_tail(log_path)}")
-    return child.pid
-
-
-def wait_for_health(url: str, timeout: float = HEALTH_TIMEOUT, alive: Callable[[], bool] = lambda: True) -> float:
-    """Poll `url`/health until it answers 200; returns the seconds it took."""
-    import urllib.request
-
+def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bool = False) -> dict[str, Any]:
+    """Stop the host's VM if any, start the agent's VM from its checkpoint, wait for /health, clean up."""
+    require_root()
+    progress = progress or Progress()
+    host_dir = cfg.host_dir
+    journal = Journal.load(host_dir)
+    if journal is None:
+        raise JournalError(f"no takeover journal in {host_dir}; nothing to roll back")
+    if journal.state == DONE or journal.done("verify"):
+        raise RollbackError("the host's VM was verified; the takeover is complete and the agent's disk may be gone",
+                            hint="stop the host's VM yourself if you must; a rollback is only for unfinished runs")
+    if journal.state == ROLLED_BACK:
+        raise RollbackError("this takeover was already rolled back", hint="nothing to do")
+    if not journal.done("find_vm"):
+        journal.set_state(ROLLED_BACK)
+        return {"rolled_back": True, "detail": "nothing had changed (step 1 did not finish)"}
+    source = SourceVM.from_dict(journal.result("find_vm"))
+    options = journal.data.get("options", {})
+    runner = make_runner(options.get("runner", cfg.runner), qemu_user=options.get("qemu_user"),
+                         libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+    if journal.entry("restart"):
         try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        if not alive():
-            break
-        time.sleep(1)
-    raise TimeoutError(f"{url}/health did not answer within {timeout:.0f} s")
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    """The log's last lines for an error message; QEMU echoes the agent's strings, so no control characters
-    reach root's terminal."""
-    try:
-        text = path.read_text(errors="replace")[-limit:].strip()
-    except OSError:
-        return "(no output)"
-    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in text) or "(no output)"
+            spec = vm_spec(Context(cfg, host_dir, journal, progress))
+            if runner.stop(spec):
+                progress.note("stopped the host's VM")
+        except (JournalError, KeyError):
+            pass  # the restart never got far enough to have a spec
+    if proc.alive(source.pid, source.pid_start_ticks):
+        progress.note(f"the agent's QEMU (pid {source.pid}) is still running; nothing to restart")
+        detail = "the agent's VM was still running"
+    else:
+        disk = Path(source.disk)
+        if not disk.exists():
+            raise RollbackError(f"the agent's disk {disk} is gone; it cannot be restarted")
+        has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True, owner=source.uid).snapshots
+        if not has_checkpoint and not cold:
+            raise RollbackError(f"{disk} has no {CHECKPOINT_TAG} snapshot",
+                                hint="rerun with --cold to boot the agent's disk without its saved state")
+        progress.note(f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
+                      f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)"))
+        start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=has_checkpoint and not cold)
+        try:
+            seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
+        except HealthTimeout as exc:
+            raise RollbackError(f"the agent's VM started but {exc}; see {host_dir / 'rollback-qemu.log'}") from None
+        progress.note(f"{source.proxy.url}/health answers after {seconds:.0f} s")
+        detail = "the agent's VM is back from its checkpoint" if has_checkpoint and not cold else "cold boot"
+    # Only now, with the agent's VM answering, does the host's copy go.
+    for name in (DISK_NAME, PARTIAL_NAME, "host_key", "host_key.pub", "known_hosts", *HOST_FILES):
+        (host_dir / name).unlink(missing_ok=True)
+    journal.set_state(ROLLED_BACK)
+    return {"rolled_back": True, "detail": detail, "seconds": round(time.monotonic() - started, 3)}

@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vm_image.guest_files import DATA_DIR as PROXY_DATA
+from vm_image.guest_files import PROXY_HOME, PROXY_USER, ROOT_DEVICE
+from vm_image.guest_files import VENV as PROXY_VENV
+
+from . import guest_files
 from .diskimage import QEMU_IMG, inspect_image
 from .errors import ScrubError
 from .files import fsync_file
 from .guest import Change, Guest
 from .host_keys import HostKeys
-from . import guest_files
-
-PROXY_USER = "proxy"
-PROXY_HOME = "/home/proxy"
-PROXY_DATA = "/var/lib/secret-proxy"
-PROXY_VENV = "/opt/secret-proxy/venv"
 
 # What the scrub leaves in place, for docs/threat-model.md. Each line: what, and why it is open.
 # The first four hold only when the agent's system is kept (--keep-agent-system); by default the
@@ -54,9 +53,6 @@ NOT_BLOCKED = [
 class ScrubPlan:
     keys: HostKeys
     proxy_config: bytes | None  # the host's config.toml for the proxy, already validated
-    unit: str  # the host's secret-proxy.service
-    wrapper: str  # the host's /usr/local/bin/secret-proxy
-    fs_device: str = "/dev/vda"
     modules_tar: Path | None = None  # trusted /lib/modules tree for the host's kernel
     venv_tar: Path | None = None  # proxy venv built on the host from locked wheels
     system_tar: Path | None = None  # the host's own build of the base system (vm_image.rootfs); None keeps the agent's
@@ -373,7 +369,7 @@ def scrub_boot_hooks(guest: Guest, plan: ScrubPlan) -> None:
                 why="standard content")
     guest.write("/etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n", 0o644, why="standard content")
     fs_type = guest.g.vfs_type("/dev/sda")
-    guest.write("/etc/fstab", f"{plan.fs_device} / {fs_type} rw,errors=remount-ro 0 1\n".encode(), 0o644,
+    guest.write("/etc/fstab", f"{ROOT_DEVICE} / {fs_type} rw,errors=remount-ro 0 1\n".encode(), 0o644,
                 why="a mount could hide the scrubbed files (e.g. bind a directory over ~/.ssh)")
     guest.write("/etc/hosts", b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644,
                 why="could redirect the names the proxy connects to")
@@ -471,13 +467,13 @@ def reset_proxy(guest: Guest, plan: ScrubPlan, proxy: ProxyIds) -> None:
                     why="the host's proxy configuration")
     for directory in ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system"):
         guest.remove(f"{directory}/secret-proxy.service", "the agent's unit; replaced by the host's")
-    guest.write("/etc/systemd/system/secret-proxy.service", plan.unit.encode(), 0o644, why="the host's unit")
+    guest.write("/etc/systemd/system/secret-proxy.service", guest_files.UNIT.encode(), 0o644, why="the host's unit")
     guest.mkdir("/etc/systemd/system/multi-user.target.wants", 0o755)
     link = "/etc/systemd/system/multi-user.target.wants/secret-proxy.service"
     guest.remove(link, "re-created by the host")
     guest.g.ln_s("/etc/systemd/system/secret-proxy.service", link)
     guest.changes.append(Change(link, "written", "enables the host's unit"))
-    guest.write("/usr/local/bin/secret-proxy", plan.wrapper.encode(), 0o755, why="the host's CLI wrapper")
+    guest.write("/usr/local/bin/secret-proxy", guest_files.WRAPPER.encode(), 0o755, why="the host's CLI wrapper")
 
 
 def replace_kernel_modules(guest: Guest, tarball: Path | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import unicodedata
+from pathlib import Path
 from typing import TextIO
 
 # C0/C1 controls and DEL (Cc), invisible format characters such as bidi overrides and zero-width
@@ -37,6 +38,15 @@ def printable(text: str, *, newlines: bool = False) -> str:
         else:
             out.append(f"\\U{ord(char):08x}")
     return "".join(out)
+
+
+def log_tail(path: Path, limit: int = 800) -> str:
+    """The end of a log for an error message, escaped: QEMU's logs echo the agent's strings."""
+    try:
+        text = path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return "(no output)"
+    return printable(text, newlines=True) or "(no output)"
 
 
 def show(text: str, stream: TextIO | None = None) -> None:

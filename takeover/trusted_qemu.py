@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import proc
+from vm_image import proc
+
 from .errors import UntrustedQemu
 
 TRUSTED_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))

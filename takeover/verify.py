@@ -18,12 +18,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import proc
+from vm_image import health, proc
+
 from .agent_read import read_regular
 from .errors import InvalidInput, VerifyError
 from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
@@ -108,18 +108,12 @@ def _pid_alive(pid: int) -> Callable[[], bool]:
 
 
 def wait_for_health(proxy: Endpoint, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            with urllib.request.urlopen(proxy.url + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        if not alive():
-            raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered")
-        time.sleep(1)
-    raise VerifyError(f"{proxy.url}/health did not answer within {timeout:.0f} s")
+    try:
+        return health.wait_for_health(proxy.url, timeout, alive)
+    except health.ProcessGone:
+        raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered") from None
+    except health.HealthTimeout as exc:
+        raise VerifyError(str(exc)) from None
 
 
 def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:

@@ -15,7 +15,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from proxy.agent import errors
-from tests.conftest import ROOT, SECRET_VALUE, LiveServer, Proxy
+from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy
 from tests.test_agent_tool import agent_env, decide, decide_when_asked, pending_ids, run_agent, token_file
 from vm_image.proxy_venv import find_uv
 

@@ -24,7 +24,7 @@ import pytest
 
 from proxy.agent import errors
 from proxy.demo import free_port
-from tests.conftest import ROOT, SECRET_VALUE, LiveServer, Proxy, cli, start_server
+from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy, cli, start_server
 
 REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]+")
 

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from proxy.app import create_app
 from proxy.store import Store
 
-from .conftest import SECRET_VALUE, Proxy, make_settings, provision
+from .proxy_helpers import SECRET_VALUE, Proxy, make_settings, provision
 
 WELL_FORMED_UNKNOWN = "req_" + "x" * 32
 

@@ -17,7 +17,7 @@ from proxy.policy import build_policy
 from proxy.store import Store
 
 from .broker_upstream import CertAuthority, Upstream, make_ca
-from .conftest import SECRET_VALUE, LiveServer, cli, make_settings, provision, start_server
+from .proxy_helpers import SECRET_VALUE, LiveServer, cli, make_settings, provision, start_server
 
 
 class Rig:

@@ -18,7 +18,7 @@ from proxy.policy import build_policy
 from proxy.store import Store
 
 from .broker_upstream import Upstream, make_ca
-from .conftest import SECRET_VALUE
+from .proxy_helpers import SECRET_VALUE
 from .test_agent_mcp import outcome, with_mcp_server
 from .test_agent_tool import agent_env, decide_when_asked, run_agent, token_file
 from .test_broker import Rig

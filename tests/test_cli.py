@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from .conftest import SECRET_VALUE, cli, make_settings, provision
+from .proxy_helpers import SECRET_VALUE, cli, make_settings, provision
 
 
 def test_init_refuses_to_overwrite_a_key(tmp_path):
@@ -105,7 +105,7 @@ def test_demo_runs_end_to_end():
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .proxy_helpers import ROOT
 
     r = subprocess.run([sys.executable, "-m", "proxy", "demo"], cwd=ROOT, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]

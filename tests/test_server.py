@@ -14,7 +14,7 @@ import pytest
 from proxy.client import AgentClient
 from proxy.store import Store
 
-from .conftest import SECRET_VALUE, cli, make_settings, provision, start_server
+from .proxy_helpers import SECRET_VALUE, cli, make_settings, provision, start_server
 
 
 def test_round_trip_over_real_http_with_cli_approval(live, proxy_data):
@@ -225,7 +225,7 @@ def test_the_connection_limit_stays_below_the_open_files_limit(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .proxy_helpers import ROOT
 
     probe = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
              "from proxy.config import Settings; from proxy.server import connection_limit;"

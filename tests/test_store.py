@@ -12,7 +12,7 @@ import pytest
 from proxy import crypto
 from proxy.store import Store, StoreError, ensure_key_rotation_finished, init_data_dir
 
-from .conftest import SECRET_VALUE, make_settings, provision
+from .proxy_helpers import SECRET_VALUE, make_settings, provision
 
 
 def test_init_creates_a_private_dir_and_key(tmp_path):

@@ -13,22 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image
 from takeover.errors import DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError
 from takeover.files import ensure_host_dir
-from takeover.journal import Journal, first_step_to_run
+from takeover.journal import Journal
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.revoke import remove_agent_file
-from takeover.rollback import start_source_vm
+from takeover.replay import start_source_vm
 from takeover.runbook import recover_interrupted_checkpoint
+from takeover.steps import first_step_to_run
 
-from .test_takeover_support import (agent_workdir, fake_socket_server, make_qcow2, remove_workdir,
+from .takeover_helpers import (agent_workdir, fake_socket_server, make_qcow2, remove_workdir,
                                    start_monitor_only_qemu, write_ready)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +103,7 @@ def test_ready_file_fields_are_parsed(tmp_path):
 # -- the monitor ---------------------------------------------------------------------------------
 
 
+@pytest.mark.root
 def test_a_socket_that_sends_garbage_is_not_qmp(tmp_path, host_dir):
     disk = make_qcow2(tmp_path / "d.qcow2", owner=AGENT)
     with fake_socket_server(tmp_path / "fake.sock", b"HTTP/1.1 200 OK\r\n\r\nhello\n") as sock:
@@ -127,6 +129,7 @@ def test_a_missing_socket_is_unreachable(tmp_path):
         Monitor(tmp_path / "nothing.sock")
 
 
+@pytest.mark.root
 def test_a_qemu_without_the_named_disk_is_refused(tmp_path, host_dir, qemu):
     other = make_qcow2(tmp_path / "other.qcow2", owner=AGENT)
     with pytest.raises(DiskMismatch, match="does not have .*other.qcow2 open"):
@@ -134,6 +137,7 @@ def test_a_qemu_without_the_named_disk_is_refused(tmp_path, host_dir, qemu):
     assert qemu.alive()  # nothing was changed
 
 
+@pytest.mark.root
 def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
     ready = write_ready(tmp_path / "ready", monitor=str(qemu.monitor), disk=str(qemu.disk), pid=qemu.pid + 1)
     chown_to_agent(ready)
@@ -141,6 +145,7 @@ def test_a_ready_file_lying_about_the_pid_is_refused(tmp_path, host_dir, qemu):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
 
+@pytest.mark.root
 def test_the_disk_is_found_through_a_symlinked_name(host_dir, qemu):
     link = qemu.disk.parent / "alias.qcow2"
     link.symlink_to(qemu.disk)
@@ -148,6 +153,7 @@ def test_the_disk_is_found_through_a_symlinked_name(host_dir, qemu):
     assert source.disk == str(qemu.disk) and source.pid == qemu.pid
 
 
+@pytest.mark.root
 def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_dir, qemu):
     source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
     assert source.pid == qemu.pid and source.uid == pwd.getpwnam(AGENT).pw_uid
@@ -159,6 +165,7 @@ def test_find_then_checkpoint_saves_the_snapshot_and_stops_qemu(tmp_path, host_d
     assert CHECKPOINT_TAG in inspect_image(qemu.disk).snapshots
 
 
+@pytest.mark.root
 def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(host_dir):
     workdir = agent_workdir(AGENT)
     disk = make_qcow2(workdir / "agent.qcow2", owner=AGENT)
@@ -180,6 +187,7 @@ def test_checkpoint_overwrites_a_stale_checkpoint_from_an_earlier_attempt(host_d
 # (the command line's checks: tests/test_takeover_rollback_session.py)
 
 
+@pytest.mark.root
 def test_rollback_replays_the_agents_qemu_as_the_agent(tmp_path, host_dir):
     # The agent's directory and QEMU belong to an unprivileged user; the replay must too.
     nobody = pwd.getpwnam("nobody")
@@ -208,6 +216,7 @@ def test_rollback_replays_the_agents_qemu_as_the_agent(tmp_path, host_dir):
 # -- step 7: only the agent's own files are removed ----------------------------------------------
 
 
+@pytest.mark.root
 def test_revoke_removes_only_files_the_agent_owns(tmp_path):
     nobody = pwd.getpwnam("nobody").pw_uid
     mine = tmp_path / "qemu.pid"
@@ -225,6 +234,7 @@ def test_revoke_removes_only_files_the_agent_owns(tmp_path):
     assert remove_agent_file(tmp_path / "gone", "file", nobody) == "already gone"
 
 
+@pytest.mark.root
 def test_revoke_removes_a_disk_only_if_it_is_the_inode_checked_in_step_1(tmp_path):
     nobody = pwd.getpwnam("nobody").pw_uid
     disk = tmp_path / "disk.qcow2"
@@ -245,12 +255,14 @@ def run_cli(*args, user=None):
     return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.root
 def test_cli_refuses_to_run_without_root():
     result = run_cli("run", "--ready-file", "/nonexistent/ready", user="nobody")
     assert result.returncode == 1
     assert "must run as root" in result.stderr and "what to do:" in result.stderr
 
 
+@pytest.mark.root
 def test_cli_without_a_ready_file_says_what_to_do(tmp_path):
     result = run_cli("run", "--host-dir", str(tmp_path / "host"), "--ready-file", str(tmp_path / "ready"))
     assert result.returncode == 1
@@ -259,6 +271,7 @@ def test_cli_without_a_ready_file_says_what_to_do(tmp_path):
     assert not os.path.exists(tmp_path / "host/disk.qcow2")
 
 
+@pytest.mark.root
 def test_cli_with_a_planted_socket_refuses(tmp_path):
     disk = make_qcow2(tmp_path / "d.qcow2", owner=AGENT)
     with fake_socket_server(tmp_path / "planted.sock", b"\x00\x01garbage\n") as sock:
@@ -267,6 +280,7 @@ def test_cli_with_a_planted_socket_refuses(tmp_path):
     assert result.returncode == 1 and "does not speak QMP" in result.stderr
 
 
+@pytest.mark.root
 def test_host_dir_prepared_by_someone_else_is_refused(tmp_path):
     planted = tmp_path / "host"
     planted.mkdir(mode=0o700)
@@ -285,6 +299,7 @@ def test_host_dir_is_created_0700(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o700
 
 
+@pytest.mark.root
 def test_proxy_config_is_checked_before_use(tmp_path):
     good = tmp_path / "proxy.toml"
     good.write_text('telegram_token = "123:abc"\ntelegram_chat_id = 42\n')
@@ -345,6 +360,7 @@ def test_unsafe_paths_never_reach_a_command_line(tmp_path):
 
 
 
+@pytest.mark.root
 def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_dir, qemu):
     source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
     journal = Journal.new(host_dir, {})
@@ -356,6 +372,7 @@ def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_di
     assert journal.done("checkpoint") and first_step_to_run(journal) == "relocate"
 
 
+@pytest.mark.root
 def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu):
     source = find_and_check_vm(explicit_ready(qemu.monitor, qemu.disk), host_dir)
     journal = Journal.new(host_dir, {})

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from takeover import nbd_sink, proc
+from takeover import nbd_sink
+from vm_image import proc
 from takeover.agent_sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.diskimage import inspect_image
@@ -32,10 +33,10 @@ from takeover.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.relocate import DISK_NAME, relocate_disk
-from takeover.rollback import start_source_vm
+from takeover.replay import start_source_vm
 
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
-from .test_takeover_support import start_monitor_only_qemu
+from .takeover_helpers import start_monitor_only_qemu
 
 
 
@@ -356,7 +357,6 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     """
     import guestfs
 
-    from takeover.guest_files import UNIT, WRAPPER
     from takeover.host_keys import generate_host_keys
     from takeover.scrub import ScrubPlan, scrub_and_rekey
     from vm_image.disk import write_system_overlay
@@ -381,8 +381,8 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
     host_dir = tmp_path / "host"
     host_dir.mkdir(mode=0o700)
-    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None, unit=UNIT,
-                     wrapper=WRAPPER, system_tar=base_rootfs(HOST_SYSTEM_CACHE),
+    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None,
+                     system_tar=base_rootfs(HOST_SYSTEM_CACHE),
                      system_overlay=write_system_overlay(tmp_path / "overlay.tar"))
     result = scrub_and_rekey(disk, plan)
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()

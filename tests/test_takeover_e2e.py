@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
-from takeover.journal import STEPS
+from vm_image import proc
 from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
-from takeover.runbook import vm_spec
+from takeover.steps import NAMES, vm_spec
 
 from scripts import demo
 
@@ -77,7 +76,7 @@ def agent_vm() -> AgentVM:
 
 def print_durations(host_dir: Path) -> None:
     journal = json.loads((host_dir / "journal.json").read_text())
-    steps = {s: journal["steps"].get(s, {}).get("duration_s") for s in STEPS}
+    steps = {s: journal["steps"].get(s, {}).get("duration_s") for s in NAMES}
     scrub = (journal["steps"].get("scrub", {}).get("result") or {}).get("seconds")
     print(f"\nstep durations (s): {steps}\nscrub parts (s): {scrub}", file=sys.stderr)
 
@@ -104,7 +103,7 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert [h["step"] for h in history if h["event"] == "started"].count("scrub") == 1
         assert "Takeover complete." in result.stdout
         report = json.loads((host_dir / "report.json").read_text())
-        assert [s["status"] for s in report["steps"]] == ["done"] * len(STEPS)
+        assert [s["status"] for s in report["steps"]] == ["done"] * len(NAMES)
         assert report["verify"]["agent_key"] == "refused" and report["verify"]["auth_methods"] == ["publickey"]
         assert os.stat(token_file).st_mode & 0o777 == 0o600
         for name in ("disk.qcow2", "host_key", "journal.json", "report.json", "known_hosts"):
@@ -161,7 +160,7 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
         from takeover.config import TakeoverConfig
         from takeover.journal import Journal
         from takeover.progress import Progress
-        from takeover.runbook import Context
+        from takeover.steps import Context
 
         journal = Journal.load(host_dir)
         if journal is None or not journal.entry("scrub").get("result"):

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.agent_owner import HostBoundary
 from takeover.errors import (DiskFormatError, InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError,
                              UnsafeProxyAddress, UntrustedQemu)
@@ -36,7 +36,7 @@ from takeover.monitor import Monitor
 from takeover.verify import read_agent_private_key
 from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
 
-from .test_takeover_support import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
+from .takeover_helpers import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
                                     remove_workdir, start_monitor_only_qemu)
 
 pytestmark = pytest.mark.root

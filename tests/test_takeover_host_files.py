@@ -23,20 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from takeover import proc
+from vm_image import proc
 from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
 from takeover.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
-from takeover.journal import DONE, STEPS, Journal
+from takeover.journal import DONE, Journal
 from takeover.models import Endpoint, SourceVM
 from takeover.relocate import DISK_NAME
 from takeover.report import summary
 from takeover.restart import QemuIdentity, current_boot_id, identity_path, read_identity
 from takeover.runbook import _finished_vm
+from takeover.steps import NAMES
 from takeover.terminal import printable
 from takeover.verify import SSHTarget, create_agent_token
 
-from .test_takeover_support import MonitorOnlyQemu, make_qcow2
+from .takeover_helpers import MonitorOnlyQemu, make_qcow2
 from .vm_fixtures import free_port
 
 pytestmark = pytest.mark.root
@@ -308,7 +309,7 @@ def finished(work):
     results = {"find_vm": source.to_dict(),
                "scrub": {"boot": {"kernel": str(kernel), "initrd": str(boot / "initrd.img"), "version": "test",
                                   "append": "console=ttyS0", "source": "test"}}}
-    for step in STEPS:
+    for step in NAMES:
         journal.begin(step)
         journal.finish(step, results.get(step, {}))
     journal.set_state(DONE)

@@ -11,8 +11,9 @@ import pytest
 from takeover.config import TakeoverConfig
 from takeover.errors import DestinationTaken, JournalError
 from takeover.files import ensure_host_dir
-from takeover.journal import DONE, ROLLED_BACK, STEPS, Journal, check_destination, first_step_to_run, steps_to_run
+from takeover.journal import DONE, ROLLED_BACK, Journal, check_destination
 from takeover.runbook import open_journal
+from takeover.steps import NAMES, first_step_to_run, steps_to_run
 
 
 @pytest.fixture
@@ -59,12 +60,12 @@ def test_rerun_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
     journal.begin(unfinished)
     journal.fail(unfinished, RuntimeError("boom"))
     assert first_step_to_run(journal) == resume_at
-    assert steps_to_run(journal) == list(STEPS[STEPS.index(resume_at):])
+    assert [s.name for s in steps_to_run(journal)] == list(NAMES[NAMES.index(resume_at):])
 
 
 def test_everything_done_means_nothing_to_run(host_dir):
     journal = Journal.new(host_dir, {})
-    finished(journal, *STEPS)
+    finished(journal, *NAMES)
     assert first_step_to_run(journal) is None
 
 
@@ -106,3 +107,20 @@ def test_a_corrupt_journal_is_a_clear_error(host_dir):
     (host_dir / "journal.json").write_text(json.dumps({"version": 99}))
     with pytest.raises(JournalError, match="not a version 1"):
         Journal.load(host_dir)
+
+
+def test_the_report_and_the_progress_display_take_the_steps_from_the_one_table(host_dir):
+    import io
+
+    from takeover.progress import Progress
+    from takeover.report import build_report
+    from takeover.steps import STEPS, TITLES
+
+    journal = Journal.new(host_dir, {})
+    finished(journal, "find_vm")
+    report = build_report(journal, host_dir, TITLES)
+    assert [(s["step"], s["title"]) for s in report["steps"]] == [(s.name, s.title) for s in STEPS]
+    assert [s["status"] for s in report["steps"][:2]] == ["done", "pending"]
+    out = io.StringIO()
+    Progress(out).begin("scrub")
+    assert out.getvalue() == f"[4/{len(STEPS)}] scrub and re-key the copy ...\n"

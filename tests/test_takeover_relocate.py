@@ -251,7 +251,7 @@ def test_data_past_the_budget_stops_the_flattening_and_is_removed(agent_user, ag
 
 
 def test_a_disk_still_held_by_a_running_qemu_is_not_copied(agent_user, agent_dir, host_dir):
-    from .test_takeover_support import start_monitor_only_qemu
+    from .takeover_helpers import start_monitor_only_qemu
 
     disk = agent_image(agent_user, agent_dir / "a.qcow2")
     vm = start_monitor_only_qemu(agent_dir, disk, user=AGENT)

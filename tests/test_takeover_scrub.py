@@ -206,7 +206,7 @@ def scrubbed(tmp_path_factory):
     host_dir = ensure_host_dir(work / "host")
     keys = generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223))
     plan = ScrubPlan(
-        keys=keys, proxy_config=b'telegram_token = "123:host"\ntelegram_chat_id = 7\n', unit=UNIT, wrapper=WRAPPER,
+        keys=keys, proxy_config=b'telegram_token = "123:host"\ntelegram_chat_id = 7\n',
         modules_tar=tarball(work / "modules.tar", {"6.1.0-56-amd64/kernel/virtio_net.ko": "host module",
                                                    "6.1.0-56-amd64/modules.dep": ""}),
         venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
@@ -375,7 +375,7 @@ def rebuilt(tmp_path_factory):
     system = base_rootfs(HOST_SYSTEM_CACHE)
     host_dir = ensure_host_dir(work / "host")
     keys = generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223))
-    plan = ScrubPlan(keys=keys, proxy_config=b'telegram_chat_id = 7\n', unit=UNIT, wrapper=WRAPPER,
+    plan = ScrubPlan(keys=keys, proxy_config=b'telegram_chat_id = 7\n',
                      venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
                      system_tar=system, system_overlay=write_system_overlay(work / "overlay.tar"))
     result = scrub_and_rekey(disk, plan)

@@ -28,7 +28,7 @@ from proxy.demo import free_port
 from proxy.store import Store
 from proxy.telegram_bot import REFUSALS
 
-from .conftest import ROOT, SECRET_VALUE, Proxy, cli, make_settings, provision, stop_process, wait_until_serving
+from .proxy_helpers import ROOT, SECRET_VALUE, Proxy, cli, make_settings, provision, stop_process, wait_until_serving
 from .telegram_emulator import BotApiEmulator, EmulatorControl, parse_html
 
 TOKEN = "987654321:AAE-tEsT-bOt-ToKeN-never-logged-0123456789"

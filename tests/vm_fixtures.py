@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from scripts.demo import run_as_agent
 from vm_image.control import read_ready
 
@@ -69,12 +69,6 @@ def agent_image() -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"vm_image build failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
     return IMAGE_STATE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import debs
 from .initrd import INIT, build_initrd, module_closure
@@ -32,11 +32,19 @@ class BootFiles:
     kernel: Path
     initrd: Path
     append: str
-    version: str  # the kernel package, e.g. linux-image-6.1.0-56-cloud-amd64 6.1.192-2
-    key: str  # hash of every input: same key, same files
+    # boot_files(): the kernel package, e.g. linux-image-6.1.0-56-cloud-amd64 6.1.192-2;
+    # the takeover's: the kernel's own release string, e.g. 6.1.0-56-cloud-amd64.
+    version: str
+    key: str = ""  # boot_files(): hash of every input: same key, same files
+    source: str = ""  # the takeover's: where they came from, for its journal and report
 
     def to_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BootFiles":
+        return cls(Path(data["kernel"]), Path(data["initrd"]), data["append"], data["version"],
+                   data.get("key", ""), data.get("source", ""))
 
 
 def boot_files(out_dir: Path, progress: Callable[[str], None] = lambda _: None) -> BootFiles:

@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 from . import proc, qmp
 from .errors import VmImageError
-from .launch import READY_MARKER
-from .layout import Layout
+from .layout import READY_MARKER, Layout
 
 
 def read_ready(path: Path) -> dict[str, Any]:

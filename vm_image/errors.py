@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 
-class VmImageError(Exception):
+class HintedError(Exception):
+    """What went wrong (`str(err)`) and what to do about it (`err.hint`); the base of vm_image's and takeover's."""
+
     hint = "read the message above, fix the cause and run the command again"
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         if hint is not None:
             self.hint = hint
+
+
+class VmImageError(HintedError):
+    hint = "read the message above, fix the cause and run the command again"
 
 
 class MissingTool(VmImageError):

@@ -1,4 +1,4 @@
-"""The files our build writes into the guest, in full (docs/architecture.md, "The guest").
+"""The files our build writes into the guest, in full (docs/architecture.md, "The guest"), and its paths and ports.
 
 `takeover` writes the same unit and wrapper again after its scrub, so what runs
 the proxy is the host's text whatever the agent did to the image.
@@ -6,11 +6,14 @@ the proxy is the host's text whatever the agent did to the image.
 
 from __future__ import annotations
 
+PROXY_USER = "proxy"
 PROXY_UID = PROXY_GID = 13  # Debian's base-passwd has `proxy` at 13 in every image
 PROXY_HOME = "/home/proxy"
 DATA_DIR = "/var/lib/secret-proxy"
 VENV = "/opt/secret-proxy/venv"
 PROXY_PORT = 3737
+ROOT_DEVICE = "/dev/vda"  # the one virtio disk (KERNEL_APPEND's root=)
+SSH_PORT = 22
 
 # The operator CLI with the service's data directory. -I: no current directory, no user site,
 # no PYTHON* variables on sys.path, so nothing in the caller's directory or environment is imported.
@@ -60,6 +63,6 @@ PermitEmptyPasswords no
 AllowUsers proxy
 """
 
-FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+FSTAB = f"{ROOT_DEVICE} / ext4 rw,errors=remount-ro 0 1\n"
 HOSTNAME = "secret-proxy-vm\n"
 HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\tsecret-proxy-vm\n::1\tlocalhost ip6-localhost ip6-loopback\n"

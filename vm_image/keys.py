@@ -1,4 +1,7 @@
-"""SSH keys made per build: the agent's setup key and the guest's host key (ssh-keygen writes private keys 0600)."""
+"""SSH keys: the agent's setup key and the guest's host key per build, and the takeover's (takeover/host_keys.py).
+
+ssh-keygen writes private keys 0600.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import BuildFailed, MissingTool
+from .errors import BadInput, BuildFailed, MissingTool
 
 
 def ssh_keygen(path: Path, comment: str) -> None:
@@ -35,6 +38,18 @@ def new_host_key(work: Path) -> tuple[bytes, bytes]:
     return private, public
 
 
+def key_fingerprint(path: Path) -> str:
+    """The key's SHA256 fingerprint; BadInput when ssh-keygen cannot read it."""
+    result = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 or not result.stdout:
+        raise BadInput(f"ssh-keygen cannot read {path}: {result.stderr.strip()}")
+    return result.stdout.split()[1]
+
+
 def fingerprint(path: Path) -> str:
-    result = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True, timeout=30)
-    return result.stdout.split()[1] if result.returncode == 0 and result.stdout else ""
+    """The key's fingerprint, or "" when there is none to read."""
+    try:
+        return key_fingerprint(path)
+    except BadInput:
+        return ""

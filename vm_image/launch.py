@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,12 +22,12 @@ from typing import Any
 from . import proc
 from .boot_files import KERNEL_APPEND
 from .errors import BadInput, LaunchFailed
-from .layout import Layout
+from .health import HealthTimeout, ProcessGone, wait_for_health
+from .layout import READY_MARKER, Layout
 from .manifest import read_json, write_text_atomic
 from .progress import Steps
 from .qemu_command import VmConfig, choose_accel, qemu_argv, qemu_binary
 
-READY_MARKER = "READY_FOR_TAKEOVER"
 READY_VERSION = 1
 START_TIMEOUT = 120.0  # QEMU daemonizes once its devices are set up: seconds, even on a busy host
 
@@ -136,24 +135,13 @@ def port_free(host: str, port: int) -> bool:
 
 
 def wait_healthy(url: str, layout: Layout, pid: int, timeout: float, note: Any) -> float:
-    start = time.monotonic()
-    last_note = start
-    while True:
-        elapsed = time.monotonic() - start
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                if resp.status == 200 and json.loads(resp.read()).get("status") == "ok":
-                    return elapsed
-        except (OSError, ValueError):
-            pass
-        if not proc.is_qemu(pid):
-            raise LaunchFailed(f"QEMU exited while the guest was booting.\n{serial_tail(layout.serial_log)}")
-        if elapsed > timeout:
-            raise LaunchFailed(f"{url}/health did not answer within {timeout:.0f} s.\n{serial_tail(layout.serial_log)}")
-        if time.monotonic() - last_note >= 10:
-            last_note = time.monotonic()
-            note(f"still booting ({elapsed:.0f} s): {_last_line(layout.serial_log)}")
-        time.sleep(0.5)
+    try:
+        return wait_for_health(url, timeout, lambda: proc.is_qemu(pid), interval=0.5,
+                               waiting=lambda s: note(f"still booting ({s:.0f} s): {_last_line(layout.serial_log)}"))
+    except ProcessGone:
+        raise LaunchFailed(f"QEMU exited while the guest was booting.\n{serial_tail(layout.serial_log)}") from None
+    except HealthTimeout as exc:
+        raise LaunchFailed(f"{exc}.\n{serial_tail(layout.serial_log)}") from None
 
 
 def check_api_refuses_anonymous(url: str) -> None:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .errors import BadInput
 
+# The ready file's first line; a JSON object follows (docs/architecture.md). takeover reads it too.
+READY_MARKER = "READY_FOR_TAKEOVER"
+
 
 def default_cache_dir(env: dict[str, str] | None = None) -> Path | None:
     env = os.environ if env is None else env

@@ -1,9 +1,159 @@
-"""Is our QEMU running? (pidfile + /proc, so a reused pid is not mistaken for it)."""
+"""What /proc says about a process: our own QEMU (pidfile + /proc) and one we did not start (the agent's).
+
+A pid alone can be reused; a (pid, start time) pair names one process for the
+life of the machine, so every "is it still there" check of a process we did not
+start compares both. Shared by vm_image and takeover.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    start_ticks: int  # field 22 of /proc/PID/stat: start time since boot, in clock ticks
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    exe: str
+    cwd: str
+    cmdline: tuple[str, ...]
+    uids: tuple[int, ...] = ()  # real, effective, saved, filesystem: a setuid process has more than one
+    gids: tuple[int, ...] = ()
+
+
+def read_process(pid: int) -> ProcessInfo:
+    base = Path(f"/proc/{pid}")
+    status = _status_fields(base / "status")
+    uids = tuple(int(u) for u in status["Uid"].split())
+    gids = tuple(int(g) for g in status["Gid"].split())
+    groups = tuple(int(g) for g in status.get("Groups", "").split())
+    raw = (base / "cmdline").read_bytes()
+    cmdline = tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]) if raw else ()
+    return ProcessInfo(pid, start_ticks(pid), uids[0], gids[0], groups,
+                       os.readlink(base / "exe"), os.readlink(base / "cwd"), cmdline, uids, gids)
+
+
+def start_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def alive(pid: int, ticks: int) -> bool:
+    try:
+        return start_ticks(pid) == ticks and _state(pid) != "Z"
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return False
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+def wait_gone(pid: int, ticks: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid, ticks):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def terminate(pid: int, ticks: int, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; only if (pid, ticks) is still the same process."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        if not alive(pid, ticks):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_gone(pid, ticks, wait):
+            return
+
+
+def open_files(pid: int) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of every file the process has open."""
+    found = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        try:
+            st = os.stat(entry)
+        except OSError:
+            continue
+        found.append((st.st_dev, st.st_ino))
+    return found
+
+
+def executable_files(pid: int) -> list[tuple[str, os.stat_result]]:
+    """Every file mapped executable into the process (its binary, the loader, each library), with the
+    kernel's stat of the mapped inode itself (/proc/PID/map_files), not of whatever the path names now."""
+    found, seen = [], set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+            continue  # anonymous (TCG's translated code), [vdso], [vsyscall]
+        if fields[0] in seen:
+            continue
+        seen.add(fields[0])
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+        except PermissionError:  # map_files needs CAP_SYS_ADMIN; without it, the path as mapped
+            st = os.stat(fields[5].removesuffix(" (deleted)"))
+        found.append((fields[5], st))
+    return found
+
+
+def listening_tcp(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process holds in LISTEN, as the kernel sees it
+    (the process's own network namespace: /proc/PID/net), whatever the process says about itself."""
+    inodes = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            addr_hex, port_hex = local.rsplit(":", 1)
+            found.add((_kernel_address(addr_hex, family), int(port_hex, 16)))
+    return found
+
+
+def _kernel_address(text: str, family: int) -> str:
+    # /proc/net/tcp prints each 32-bit word of the address in host byte order.
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    return socket.inet_ntop(family, words)
+
+
+def _status_fields(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
 
 
 def read_pid(pidfile: Path) -> int | None:

@@ -1,4 +1,8 @@
-"""A step-by-step progress display for long commands: a line when a step starts and when it ends."""
+"""A step-by-step progress display for long commands: a line when a step starts and when it ends.
+
+vm_image's commands use `step()`; the takeover's display (takeover/progress.py) is this one
+with each line escaped, as its notes quote the agent's strings.
+"""
 
 from __future__ import annotations
 
@@ -16,19 +20,30 @@ class Steps:
         self.number = 0
         self.seconds: dict[str, float] = {}
 
+    def line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
     def note(self, text: str) -> None:
-        print(f"      {text}", file=self.stream, flush=True)
+        self.line(f"      {text}")
+
+    def started(self, number: int, title: str) -> None:
+        self.line(f"[{self.label}{number}/{self.total}] {title} ...")
+
+    def skipped(self, number: int, title: str, why: str) -> None:
+        self.line(f"[{self.label}{number}/{self.total}] {title}: {why}")
+
+    def finished(self, seconds: float) -> None:
+        self.line(f"      {self.label}done in {seconds:.1f} s")
 
     @contextmanager
     def step(self, title: str) -> Iterator[Callable[[str], None]]:
         self.number += 1
-        print(f"[{self.label}{self.number}/{self.total}] {title} ...", file=self.stream, flush=True)
+        self.started(self.number, title)
         start = time.monotonic()
         try:
             yield self.note
         except BaseException:
-            print(f"      {self.label}step {self.number} FAILED after {time.monotonic() - start:.1f} s",
-                  file=self.stream, flush=True)
+            self.line(f"      {self.label}step {self.number} FAILED after {time.monotonic() - start:.1f} s")
             raise
         self.seconds[title] = round(time.monotonic() - start, 1)
-        print(f"      {self.label}done in {self.seconds[title]:.1f} s", file=self.stream, flush=True)
+        self.finished(self.seconds[title])

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BuildFailed, MissingTool
+from .guest_files import VENV
 
 ROOT = Path(__file__).resolve().parent.parent
-GUEST_VENV = "/opt/secret-proxy/venv"
+GUEST_VENV = VENV
 GUEST_PYTHON = "/usr/bin/python3.11"
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from . import kvm_probe
 from .errors import BadInput, MissingTool
+from .guest_files import PROXY_PORT
+from .guest_files import SSH_PORT as GUEST_SSH_PORT
 
 QEMU = "qemu-system-x86_64"
-GUEST_SSH_PORT = 22
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class VmConfig:
     proxy_port: int = 3737
     ssh_host: str = "127.0.0.1"
     ssh_port: int = 2222
-    guest_proxy_port: int = 3737
+    guest_proxy_port: int = PROXY_PORT
     memory_mb: int = 256
     cpus: int = 1
     accel: str = "tcg"  # "kvm" or "tcg"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from takeover import proc
+from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
+from vm_image import proc
 
 
 def make_qcow2(path: Path, size: str = "64M", *extra: str, owner: str | None = None) -> Path:
@@ -51,12 +52,6 @@ def agent_workdir(user: str) -> Path:
 
 def remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
