@@ -95,42 +95,67 @@ def main() -> None:
                 now = time.time()
                 for i in range(opts.retrievals):
                     rid = f"req_bench{i:027d}"  # the shape the proxy issues: req_ + 32 characters
-                    conn.execute("INSERT INTO requests VALUES (?, 'bench', 'bench-key', 'r', 3600, 'approved',"
-                                 " ?, ?, ?, 'operator:bench', NULL)", (rid, now, now + 3600, now))
+                    conn.execute(
+                        "INSERT INTO requests VALUES (?, 'bench', 'bench-key', 'r', 3600, 'approved',"
+                        " ?, ?, ?, 'operator:bench', NULL)",
+                        (rid, now, now + 3600, now),
+                    )
                     ids.append(rid)
 
         script = Path(tmp) / "retrieve.lua"
-        script.write_text("ids = {" + ",".join(f'"{i}"' for i in ids) + "}\n" + textwrap.dedent("""
+        script.write_text(
+            "ids = {"
+            + ",".join(f'"{i}"' for i in ids)
+            + "}\n"
+            + textwrap.dedent("""
             n = 0
             request = function()
               n = n + 1
               return wrk.format("GET", "/v1/requests/" .. ids[n] .. "/secret")
             end
-        """))
+        """)
+        )
         (Path(tmp) / "bare_app.py").write_text(BARE_APP)
 
         bare_env = dict(os.environ, PYTHONPATH=f"{tmp}:{ROOT}")
         # One agent at full speed: its per-agent budgets (docs/api.md) are lifted for the measurement.
-        proxy_env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir),
-                         SECRET_PROXY_POLL_BURST="100000000", SECRET_PROXY_POLL_RATE_PER_MINUTE="100000000",
-                         SECRET_PROXY_RETRIEVE_BURST="100000000", SECRET_PROXY_RETRIEVE_RATE_PER_MINUTE="100000000")
+        proxy_env = dict(
+            os.environ,
+            SECRET_PROXY_DATA_DIR=str(settings.data_dir),
+            SECRET_PROXY_POLL_BURST="100000000",
+            SECRET_PROXY_POLL_RATE_PER_MINUTE="100000000",
+            SECRET_PROXY_RETRIEVE_BURST="100000000",
+            SECRET_PROXY_RETRIEVE_RATE_PER_MINUTE="100000000",
+        )
         uvicorn_args = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
         bare_port, proxy_port = free_port(), free_port()
         servers = [
-            serve([sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(bare_port), *uvicorn_args],
-                  bare_env, bare_port),
+            serve(
+                [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(bare_port), *uvicorn_args],
+                bare_env,
+                bare_port,
+            ),
             serve([sys.executable, "-m", "proxy", "serve", "--port", str(proxy_port)], proxy_env, proxy_port),
         ]
         # Interleaved rounds, so a noisy moment on the machine hits both sides alike.
         rows: dict[str, list[float]] = {"bare": [], "poll": [], "retrieval": []}
         try:
             for _ in range(opts.rounds):
-                rows["bare"].append(wrk(f"http://127.0.0.1:{bare_port}/v1/requests/x", opts.seconds,
-                                        opts.connections, None, None))
-                rows["poll"].append(wrk(f"http://127.0.0.1:{proxy_port}/v1/requests/{poll_id}", opts.seconds,
-                                        opts.connections, token, None))
-            rows["retrieval"].append(wrk(f"http://127.0.0.1:{proxy_port}/", opts.seconds, opts.connections,
-                                         token, script))
+                rows["bare"].append(
+                    wrk(f"http://127.0.0.1:{bare_port}/v1/requests/x", opts.seconds, opts.connections, None, None)
+                )
+                rows["poll"].append(
+                    wrk(
+                        f"http://127.0.0.1:{proxy_port}/v1/requests/{poll_id}",
+                        opts.seconds,
+                        opts.connections,
+                        token,
+                        None,
+                    )
+                )
+            rows["retrieval"].append(
+                wrk(f"http://127.0.0.1:{proxy_port}/", opts.seconds, opts.connections, token, script)
+            )
         finally:
             for proc in servers:
                 proc.terminate()
@@ -140,10 +165,14 @@ def main() -> None:
     ratios = [p / b for p, b in zip(rows["poll"], rows["bare"], strict=True)]
     print(f"rounds: {opts.rounds} x {opts.seconds} s, {opts.connections} connections, medians")
     print(f"bare Starlette JSON endpoint            : {bare:8.0f} req/s  (1.00)")
-    print(f"status poll (GET /v1/requests/ID)       : {poll:8.0f} req/s  ({poll / bare:.2f} of bare;"
-          f" per round {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"retrieval (GET /v1/requests/ID/secret)  : {retrieval:8.0f} req/s  ({retrieval / bare:.2f} of bare;"
-          " each one a durable write)")
+    print(
+        f"status poll (GET /v1/requests/ID)       : {poll:8.0f} req/s  ({poll / bare:.2f} of bare;"
+        f" per round {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    print(
+        f"retrieval (GET /v1/requests/ID/secret)  : {retrieval:8.0f} req/s  ({retrieval / bare:.2f} of bare;"
+        " each one a durable write)"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,13 @@ VALUE = b"sk-bench-0123456789abcdef0123456789"
 def start_proxy(data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -63,8 +68,9 @@ def start_proxy(data_dir: Path) -> tuple[subprocess.Popen, str]:
 def direct(port: int, context: ssl.SSLContext) -> float:
     started = time.perf_counter()
     conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-    conn.request("GET", "/v1/items", headers={"Authorization": "Bearer " + VALUE.decode(),
-                                              "Accept-Encoding": "identity"})
+    conn.request(
+        "GET", "/v1/items", headers={"Authorization": "Bearer " + VALUE.decode(), "Accept-Encoding": "identity"}
+    )
     response = conn.getresponse()
     response.read()
     conn.close()
@@ -83,22 +89,29 @@ def main() -> None:
         data_dir.mkdir()
         (data_dir / "config.toml").write_text(
             f"broker_ca_file = {str(ca.ca_file)!r}\nrate_burst = 100000\nrate_per_minute = 100000\n"
-            "call_burst = 100000\ncall_rate_per_minute = 100000\nmax_pending_per_agent = 100000\n")
+            "call_burst = 100000\ncall_rate_per_minute = 100000\nmax_pending_per_agent = 100000\n"
+        )
         settings = load_settings(env={}, data_dir=data_dir)
         init_data_dir(settings)
         url = f"https://localhost:{up.port}/v1/items"
         with Store(settings) as store:
-            store.set_secret("bench-key", VALUE, "operator:bench",
-                             build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}",
-                                          True))
+            store.set_secret(
+                "bench-key",
+                VALUE,
+                "operator:bench",
+                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}", True),
+            )
             token = store.add_agent("bench", ["bench-*"], "operator:bench")
         proc, base = start_proxy(data_dir)
         context = ssl.create_default_context(cafile=str(ca.ca_file))
         call = {"method": "GET", "url": url, "headers": {}, "body_base64": ""}
         times: dict[str, list[float]] = {"direct": [], "make": [], "whole": []}
         try:
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client, \
-                    Store(settings) as store:
+            with (
+                httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client,
+                Store(settings) as store,
+            ):
+
                 def ask() -> str:
                     created = client.post("/v1/calls", json={"secret": "bench-key", "reason": "bench", **call})
                     assert created.status_code == 201, created.text

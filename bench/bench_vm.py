@@ -37,9 +37,31 @@ from vm_image.progress import Steps  # noqa: E402
 
 def ssh(layout: Layout, port: int, command: str, stdin: str = "") -> str:
     result = subprocess.run(
-        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-         "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-i", str(layout.setup_key), "-p", str(port),
-         "proxy@127.0.0.1", command], input=stdin, capture_output=True, text=True, timeout=120, check=True)
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(layout.setup_key),
+            "-p",
+            str(port),
+            "proxy@127.0.0.1",
+            command,
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return result.stdout
 
 
@@ -69,10 +91,23 @@ def main() -> None:
         try:
             token = ssh(layout, ssh_port, "secret-proxy agents add bench --secrets 'bench-*'").strip()
             ssh(layout, ssh_port, "secret-proxy secrets set bench-key", stdin="sk-bench-value")
-            out = subprocess.run(["curl", "-s", "-X", "POST", "-H", f"Authorization: Bearer {token}",
-                                  "-H", "Content-Type: application/json", "-d",
-                                  '{"secret": "bench-key", "reason": "bench"}',
-                                  f"http://127.0.0.1:{proxy_port}/v1/requests"], capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-X",
+                    "POST",
+                    "-H",
+                    f"Authorization: Bearer {token}",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    '{"secret": "bench-key", "reason": "bench"}',
+                    f"http://127.0.0.1:{proxy_port}/v1/requests",
+                ],
+                capture_output=True,
+                text=True,
+            )
             request_id = re.search(r'"id":"([^"]+)"', out.stdout).group(1)  # type: ignore[union-attr]
 
             # The same proxy on the host, for the ratio.
@@ -85,20 +120,33 @@ def main() -> None:
             host_request = store.create_request(agent, "bench-key", "bench", 3600).id  # type: ignore[arg-type]
             store.close()
             host_port = free_port()
-            server = serve([sys.executable, "-m", "proxy", "serve", "--port", str(host_port)],
-                           dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir)), host_port)
+            server = serve(
+                [sys.executable, "-m", "proxy", "serve", "--port", str(host_port)],
+                dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir)),
+                host_port,
+            )
             try:
-                host_poll = wrk(f"http://127.0.0.1:{host_port}/v1/requests/{host_request}", opts.seconds,
-                                opts.connections, host_token, None)
+                host_poll = wrk(
+                    f"http://127.0.0.1:{host_port}/v1/requests/{host_request}",
+                    opts.seconds,
+                    opts.connections,
+                    host_token,
+                    None,
+                )
             finally:
                 server.terminate()
                 server.wait()
             vm_health = wrk(f"http://127.0.0.1:{proxy_port}/health", opts.seconds, opts.connections, None, None)
-            vm_poll = wrk(f"http://127.0.0.1:{proxy_port}/v1/requests/{request_id}", opts.seconds,
-                          opts.connections, token, None)
-            guest = ssh(layout, ssh_port, "grep -E 'MemTotal|MemAvailable' /proc/meminfo; for d in /proc/[0-9]*; do "
-                                          "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && "
-                                          "cat $d/status; done; true")
+            vm_poll = wrk(
+                f"http://127.0.0.1:{proxy_port}/v1/requests/{request_id}", opts.seconds, opts.connections, token, None
+            )
+            guest = ssh(
+                layout,
+                ssh_port,
+                "grep -E 'MemTotal|MemAvailable' /proc/meminfo; for d in /proc/[0-9]*; do "
+                "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && "
+                "cat $d/status; done; true",
+            )
             mem = dict(re.findall(r"(MemTotal|MemAvailable):\s+(\d+) kB", guest))
             qemu_pid = proc.read_pid(layout.pidfile)
             qemu_rss = rss_mb(Path(f"/proc/{qemu_pid}/status").read_text())
@@ -106,11 +154,15 @@ def main() -> None:
             stop(layout, timeout=30)
     print(f"\nbuild, cold cache (mmdebstrap, kernel, wheels): {cold:6.1f} s")
     print(f"build, warm cache (--force: new keys, new disk) : {warm:6.1f} s")
-    print(f"qcow2 disk                                      : {manifest['disk']['bytes'] / 2**20:6.1f} MB "
-          f"({manifest['disk']['virtual_size']} virtual)")
+    print(
+        f"qcow2 disk                                      : {manifest['disk']['bytes'] / 2**20:6.1f} MB "
+        f"({manifest['disk']['virtual_size']} virtual)"
+    )
     print(f"boot to healthy ({ready['accel']}, {opts.memory} MB)            : {ready['boot_seconds']:6.1f} s")
-    print(f"guest memory after load: MemTotal {int(mem['MemTotal']) // 1024} MB, "
-          f"MemAvailable {int(mem['MemAvailable']) // 1024} MB, proxy RSS {rss_mb(guest):.0f} MB")
+    print(
+        f"guest memory after load: MemTotal {int(mem['MemTotal']) // 1024} MB, "
+        f"MemAvailable {int(mem['MemAvailable']) // 1024} MB, proxy RSS {rss_mb(guest):.0f} MB"
+    )
     print(f"QEMU process RSS on the host                    : {qemu_rss:6.0f} MB")
     print(f"status poll, proxy on the host                  : {host_poll:8.0f} req/s (1.00)")
     print(f"status poll, proxy in the VM (forwarded port)   : {vm_poll:8.0f} req/s ({vm_poll / host_poll:.2f} of host)")

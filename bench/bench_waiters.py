@@ -39,13 +39,21 @@ TOKEN = "123456789:AAbench-token-for-the-emulator-only-000"
 CHAT, APPROVER = -1001000000001, 4242
 
 
-async def http(port: int, method: str, path: str, token: str, body: dict | None = None,
-               conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None) -> tuple[int, dict]:
+async def http(
+    port: int,
+    method: str,
+    path: str,
+    token: str,
+    body: dict | None = None,
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+) -> tuple[int, dict]:
     """One HTTP/1.1 call on its own connection (or `conn`): enough client for this benchmark."""
     reader, writer = conn or await asyncio.open_connection("127.0.0.1", port)
     data = json.dumps(body).encode() if body is not None else b""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Length: {len(data)}\r\nContent-Type: application/json\r\n\r\n")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(data)}\r\nContent-Type: application/json\r\n\r\n"
+    )
     writer.write(head.encode() + data)
     await writer.drain()
     status_line = await reader.readline()
@@ -86,13 +94,20 @@ async def hold(port: int, token: str, rid: str, answered: dict[str, float]) -> N
         conn[1].close()
 
 
-async def run(opts: argparse.Namespace, data_dir: Path, port: int, server: subprocess.Popen,
-              emu: BotApiEmulator, tokens: list[str]) -> None:
+async def run(
+    opts: argparse.Namespace,
+    data_dir: Path,
+    port: int,
+    server: subprocess.Popen,
+    emu: BotApiEmulator,
+    tokens: list[str],
+) -> None:
     ids: list[tuple[str, str]] = []
     for token in tokens:
         for n in range(opts.per_agent):
-            status, body = await http(port, "POST", "/v1/requests", token,
-                                      {"secret": "bench-key", "reason": f"bench {n}", "ttl_seconds": 600})
+            status, body = await http(
+                port, "POST", "/v1/requests", token, {"secret": "bench-key", "reason": f"bench {n}", "ttl_seconds": 600}
+            )
             if status != 201:
                 raise SystemExit(f"asking failed: {status} {body}")
             ids.append((token, body["id"]))
@@ -113,15 +128,24 @@ async def run(opts: argparse.Namespace, data_dir: Path, port: int, server: subpr
 
     step = max(1, len(ids) // (2 * opts.decisions))
     chosen = [rid for _, rid in ids[::step]][: 2 * opts.decisions]
-    telegram, cli = chosen[: opts.decisions], chosen[opts.decisions:]
+    telegram, cli = chosen[: opts.decisions], chosen[opts.decisions :]
     for rid in telegram:
         emu.tap(APPROVER, CHAT, by_text[rid], f"a:{rid}")
         await asyncio.sleep(0.1)
     cli_exit: dict[str, float] = {}
     for rid in cli:
         done = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "--data-dir", str(data_dir), "approve", rid, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "proxy",
+            "--data-dir",
+            str(data_dir),
+            "approve",
+            rid,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         _, err = await done.communicate()
         cli_exit[rid] = time.time()
         if done.returncode != 0:
@@ -136,17 +160,24 @@ async def run(opts: argparse.Namespace, data_dir: Path, port: int, server: subpr
     await asyncio.gather(*waiters, return_exceptions=True)
 
     db = sqlite3.connect(data_dir / "proxy.db")
-    decided = dict(db.execute(f"SELECT id, decided_at FROM requests WHERE id IN ({','.join('?' * len(chosen))})",
-                              chosen).fetchall())
+    decided = dict(
+        db.execute(
+            f"SELECT id, decided_at FROM requests WHERE id IN ({','.join('?' * len(chosen))})", chosen
+        ).fetchall()
+    )
     db.close()
-    print(f"{len(ids)} calls held in ?wait=60 ({len(tokens)} agents x {opts.per_agent}); "
-          f"server RSS {held_rss:.0f} MB held, {after_rss:.0f} MB after the decisions")
+    print(
+        f"{len(ids)} calls held in ?wait=60 ({len(tokens)} agents x {opts.per_agent}); "
+        f"server RSS {held_rss:.0f} MB held, {after_rss:.0f} MB after the decisions"
+    )
     if missing:
         print(f"NOT ANSWERED within 30 s: {len(missing)} of {len(chosen)}")
     for name, group in (("Telegram tap (in process)", telegram), ("CLI (another process)", cli)):
         ms = [(answered[r] - decided[r]) * 1000 for r in group if r in answered]
-        print(f"{name:28s}: n={len(ms)}  p50 {statistics.median(ms):6.1f} ms  p99 {percentile(ms, 99):6.1f} ms"
-              f"  max {max(ms):6.1f} ms")
+        print(
+            f"{name:28s}: n={len(ms)}  p50 {statistics.median(ms):6.1f} ms  p99 {percentile(ms, 99):6.1f} ms"
+            f"  max {max(ms):6.1f} ms"
+        )
     # The decision is durable only after its commit's fsync, which a busy disk can stretch; the CLI
     # exits after that commit, so an agent answered before the CLI exited was not kept waiting by us.
     before_exit = sum(1 for r in cli if r in answered and answered[r] <= cli_exit[r])
@@ -174,12 +205,22 @@ def main() -> None:
             tokens = [store.add_agent(f"agent-{n:02d}", ["bench-*"], "operator:bench") for n in range(opts.agents)]
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SECRET_PROXY_")}
-        env.update(SECRET_PROXY_DATA_DIR=str(settings.data_dir), SECRET_PROXY_TELEGRAM_TOKEN=TOKEN,
-                   SECRET_PROXY_TELEGRAM_CHAT_ID=str(CHAT), SECRET_PROXY_TELEGRAM_APPROVERS=str(APPROVER),
-                   SECRET_PROXY_TELEGRAM_API_URL=emu.url, SECRET_PROXY_RATE_BURST=str(opts.per_agent),
-                   SECRET_PROXY_MAX_PENDING_PER_AGENT=str(opts.per_agent))
-        server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env.update(
+            SECRET_PROXY_DATA_DIR=str(settings.data_dir),
+            SECRET_PROXY_TELEGRAM_TOKEN=TOKEN,
+            SECRET_PROXY_TELEGRAM_CHAT_ID=str(CHAT),
+            SECRET_PROXY_TELEGRAM_APPROVERS=str(APPROVER),
+            SECRET_PROXY_TELEGRAM_API_URL=emu.url,
+            SECRET_PROXY_RATE_BURST=str(opts.per_agent),
+            SECRET_PROXY_MAX_PENDING_PER_AGENT=str(opts.per_agent),
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while True:

@@ -99,8 +99,9 @@ async def _within_budget(state: ProxyState, agent: st.Agent, limiter: RateLimite
     allowed, retry_after = limiter.take(agent.name)
     if not allowed:
         await state.refused(agent, action, "rate_limited")
-        raise ApiError("rate_limited", f"too many calls of this kind; retry in {retry_after} s",
-                       {"Retry-After": str(retry_after)})
+        raise ApiError(
+            "rate_limited", f"too many calls of this kind; retry in {retry_after} s", {"Retry-After": str(retry_after)}
+        )
 
 
 async def _request_id(state: ProxyState, agent: st.Agent, request: HttpRequest, action: str) -> str:
@@ -152,8 +153,9 @@ async def create_request(request: HttpRequest) -> JSONResponse:
         headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
         raise _refusal(exc, headers) from None
     state.announce(req)
-    return JSONResponse({"id": req.id, "status": req.status, "secret": req.secret,
-                         "expires_at": iso(req.expires_at)}, status_code=201)
+    return JSONResponse(
+        {"id": req.id, "status": req.status, "secret": req.secret, "expires_at": iso(req.expires_at)}, status_code=201
+    )
 
 
 def _own_request(state: ProxyState, agent: st.Agent, request_id: str) -> st.Request:
@@ -183,8 +185,11 @@ async def get_request(request: HttpRequest) -> Response:
         waits = state.limits.waits
         if waits[agent.name] >= state.limits.max_waits:
             await state.refused(agent, "status.refused", "too_many_waits")
-            raise ApiError("rate_limited", f"this agent already holds {state.limits.max_waits} waiting calls; "
-                           "wait on fewer requests at once", {"Retry-After": "1"})
+            raise ApiError(
+                "rate_limited",
+                f"this agent already holds {state.limits.max_waits} waiting calls; wait on fewer requests at once",
+                {"Retry-After": "1"},
+            )
         waits[agent.name] += 1
         try:
             deadline = time.monotonic() + wait
@@ -210,8 +215,11 @@ async def retrieve_secret(request: HttpRequest) -> JSONResponse:
     request_id = await _request_id(state, agent, request, "retrieval.refused")
     # Most refusals are known from a read; only an approved request goes to the writer.
     req = state.store.get_request(request_id)
-    refusal = st.StoreError("not_found", "no such request") if req is None or req.agent != agent.name \
+    refusal = (
+        st.StoreError("not_found", "no such request")
+        if req is None or req.agent != agent.name
         else st.retrieval_refusal(req)
+    )
     try:
         if refusal is not None:
             raise refusal
@@ -240,4 +248,3 @@ def routes() -> list[Route]:
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-

@@ -122,6 +122,9 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
         lifespan=lifespan,
     )
     app.state.proxy = state
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       call_max_bytes=settings.broker_max_request_bytes * 4 // 3 + settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        call_max_bytes=settings.broker_max_request_bytes * 4 // 3 + settings.max_body_bytes,
+    )
     return app

@@ -36,10 +36,22 @@ class AuditEntry:
     hash: str
 
 
-def _entry_hash(key: AuditKey, seq: int, ts: float, actor: str, action: str,
-                request_id: str | None, secret: str | None, detail_json: str, prev_hash: str) -> str:
-    body = json.dumps([seq, repr(ts), actor, action, request_id, secret, detail_json, prev_hash],
-                      separators=(",", ":"), ensure_ascii=True)
+def _entry_hash(
+    key: AuditKey,
+    seq: int,
+    ts: float,
+    actor: str,
+    action: str,
+    request_id: str | None,
+    secret: str | None,
+    detail_json: str,
+    prev_hash: str,
+) -> str:
+    body = json.dumps(
+        [seq, repr(ts), actor, action, request_id, secret, detail_json, prev_hash],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
     return key.mac(body.encode())
 
 
@@ -53,8 +65,16 @@ def write_head(conn: sqlite3.Connection, key: AuditKey, seq: int, digest: str) -
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)", (head,))
 
 
-def append(conn: sqlite3.Connection, key: AuditKey, ts: float, actor: str, action: str,
-           request_id: str | None = None, secret: str | None = None, detail: dict[str, Any] | None = None) -> int:
+def append(
+    conn: sqlite3.Connection,
+    key: AuditKey,
+    ts: float,
+    actor: str,
+    action: str,
+    request_id: str | None = None,
+    secret: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> int:
     """Append within the caller's transaction, so the entry lands with the change it records."""
     row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
@@ -114,6 +134,8 @@ def _head_problems(conn: sqlite3.Connection, key: AuditKey, last_seq: int, last_
     if not key.verify(_head_message(seq, digest), mac):
         return ["the recorded head of the log does not match its MAC (rewritten)"]
     if (seq, digest) != (last_seq, last_hash):
-        return [f"the log ends at entry {last_seq} but its authenticated head is entry {seq} "
-                "(the last entries were removed)"]
+        return [
+            f"the log ends at entry {last_seq} but its authenticated head is entry {seq} "
+            "(the last entries were removed)"
+        ]
     return []

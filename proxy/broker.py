@@ -30,13 +30,27 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 MAX_HEADERS = 50
 HEADER_VALUE_RE = re.compile(r"[\x20-\x7e\x80-\xff\t]{0,8192}")
 # Headers the proxy owns: framing, routing and hop-by-hop ones; the agent may not set them.
-RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
-                    "upgrade", "expect", "proxy-authorization", "proxy-connection",
-                    # a compressed answer would carry the value past redaction
-                    "accept-encoding"}
+RESERVED_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-authorization",
+    "proxy-connection",
+    # a compressed answer would carry the value past redaction
+    "accept-encoding",
+}
 # Cloud metadata endpoints; all but the IPv6 one are also link-local or private, listed to be plain.
-METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
-            ipaddress.ip_address("100.100.100.200")}
+METADATA = {
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address("100.100.100.200"),
+}
 
 Resolver = Callable[[str, int], list[str]]
 
@@ -102,8 +116,11 @@ def check_headers(headers: object, injection: Injection | None) -> tuple[tuple[s
         lower = name.lower()
         if lower in RESERVED_HEADERS:
             raise BrokerError("invalid_request", f"header {name!r} is set by the proxy, not the agent")
-        if injection is not None and injection.kind in ("header", "basic") and \
-                lower == (injection.name.lower() if injection.kind == "header" else "authorization"):
+        if (
+            injection is not None
+            and injection.kind in ("header", "basic")
+            and lower == (injection.name.lower() if injection.kind == "header" else "authorization")
+        ):
             raise BrokerError("invalid_request", f"header {name!r} is where the proxy puts the secret")
         out.append((name, value))
     return tuple(sorted(out, key=lambda h: (h[0].lower(), h[1])))
@@ -112,12 +129,15 @@ def check_headers(headers: object, injection: Injection | None) -> tuple[tuple[s
 Headers = tuple[tuple[str, str], ...]
 
 
-def check_call(policy: Policy | None, method: object, url: object,
-               headers: object) -> tuple[Target, Destination, Headers]:
+def check_call(
+    policy: Policy | None, method: object, url: object, headers: object
+) -> tuple[Target, Destination, Headers]:
     """Refuse a call the policy does not allow, before anyone is asked and before any connection."""
     if policy is None or not policy.destinations or policy.injection is None:
-        raise BrokerError("no_policy", "this secret has no use policy; the operator must add one with "
-                          "`secrets set NAME --allow URL --inject ...`")
+        raise BrokerError(
+            "no_policy",
+            "this secret has no use policy; the operator must add one with `secrets set NAME --allow URL --inject ...`",
+        )
     if method not in METHODS:
         raise BrokerError("invalid_request", f"`method` must be one of {', '.join(METHODS)}")
     try:
@@ -126,11 +146,14 @@ def check_call(policy: Policy | None, method: object, url: object,
         raise BrokerError("invalid_request", f"`url`: {exc}") from None
     destination = policy.destination_for(target)
     if destination is None:
-        raise BrokerError("destination_not_allowed",
-                          f"{target.scheme}://{target.host}:{target.port}{target.path} is not a destination "
-                          "this secret may be sent to")
+        raise BrokerError(
+            "destination_not_allowed",
+            f"{target.scheme}://{target.host}:{target.port}{target.path} is not a destination "
+            "this secret may be sent to",
+        )
     if policy.injection.kind == "query" and any(
-            p.partition("=")[0] == policy.injection.name for p in target.query.split("&")):
+        p.partition("=")[0] == policy.injection.name for p in target.query.split("&")
+    ):
         raise BrokerError("invalid_request", f"query parameter {policy.injection.name!r} is set by the proxy")
     return target, destination, check_headers(headers, policy.injection)
 
@@ -139,8 +162,16 @@ def blocked(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return (ip in METADATA or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified or not ip.is_global)
+    return (
+        ip in METADATA
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -159,9 +190,11 @@ def pick_address(target: Target, destination: Destination, resolve: Resolver) ->
     if not destination.allow_private:
         bad = [a for a in addresses if blocked(a)]
         if bad:
-            raise BrokerError("address_not_allowed",
-                              f"{target.host} resolves to {bad[0]}, a loopback, private, link-local or metadata "
-                              "address; the operator must allow private addresses for this destination")
+            raise BrokerError(
+                "address_not_allowed",
+                f"{target.host} resolves to {bad[0]}, a loopback, private, link-local or metadata "
+                "address; the operator must allow private addresses for this destination",
+            )
     return addresses[0]
 
 
@@ -180,8 +213,9 @@ class _PinnedConnection(http.client.HTTPSConnection):
         self.sock = sock
 
 
-def _inject(target: Target, headers: tuple[tuple[str, str], ...], injection: Injection,
-            value: bytes) -> tuple[str, list[tuple[str, str | bytes]]]:
+def _inject(
+    target: Target, headers: tuple[tuple[str, str], ...], injection: Injection, value: bytes
+) -> tuple[str, list[tuple[str, str | bytes]]]:
     text = value.decode("utf-8", "surrogateescape")
     path = target.path_and_query
     out: list[tuple[str, str | bytes]] = list(headers)
@@ -200,8 +234,9 @@ def _inject(target: Target, headers: tuple[tuple[str, str], ...], injection: Inj
     return path, out
 
 
-def execute(policy: Policy, call: Call, body: bytes, value: bytes, limits: Limits,
-            resolve: Resolver = system_resolver) -> Answer:
+def execute(
+    policy: Policy, call: Call, body: bytes, value: bytes, limits: Limits, resolve: Resolver = system_resolver
+) -> Answer:
     """Make `call` (already approved and claimed) with the value injected; blocking, run it in a thread."""
     if any(c in value for c in (b"\r", b"\n", b"\x00")):
         raise BrokerError("internal_error", "the stored value has line breaks and cannot go into a call")
@@ -215,8 +250,9 @@ def execute(policy: Policy, call: Call, body: bytes, value: bytes, limits: Limit
         context = ssl.create_default_context(cafile=limits.ca_file or None)
     path, sent_headers = _inject(target, headers, policy.injection, value)
     conn = _PinnedConnection(target, address, context, limits.timeout_seconds)
-    spellings = redact.forms(value, (policy.injection.name.encode() + b":" + value,)
-                             if policy.injection.kind == "basic" else ())
+    spellings = redact.forms(
+        value, (policy.injection.name.encode() + b":" + value,) if policy.injection.kind == "basic" else ()
+    )
     try:
         conn.putrequest(call.method, path, skip_accept_encoding=True)
         for name, val in sent_headers:
@@ -233,8 +269,9 @@ def execute(policy: Policy, call: Call, body: bytes, value: bytes, limits: Limit
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerError("upstream_timeout", f"the destination did not answer within "
-                                  f"{limits.timeout_seconds:g} s")
+                raise BrokerError(
+                    "upstream_timeout", f"the destination did not answer within {limits.timeout_seconds:g} s"
+                )
             if conn.sock is not None:
                 conn.sock.settimeout(remaining)
             chunk = response.read1(65536) if call.method != "HEAD" else b""
@@ -242,16 +279,18 @@ def execute(policy: Policy, call: Call, body: bytes, value: bytes, limits: Limit
                 break
             size += len(chunk)
             if size > limits.max_response_bytes:
-                raise BrokerError("response_too_large",
-                                  f"the destination's answer is over {limits.max_response_bytes} bytes")
+                raise BrokerError(
+                    "response_too_large", f"the destination's answer is over {limits.max_response_bytes} bytes"
+                )
             chunks.append(chunk)
         raw_headers = response.getheaders()
         status = response.status
     except ssl.SSLError as exc:
         raise BrokerError("tls_failed", f"TLS with {target.host} failed: {exc.reason or exc}") from None
     except TimeoutError:
-        raise BrokerError("upstream_timeout",
-                          f"the destination did not answer within {limits.timeout_seconds:g} s") from None
+        raise BrokerError(
+            "upstream_timeout", f"the destination did not answer within {limits.timeout_seconds:g} s"
+        ) from None
     except (OSError, http.client.HTTPException) as exc:
         raise BrokerError("upstream_unreachable", f"the call to {target.host} failed: {type(exc).__name__}") from None
     finally:

@@ -47,15 +47,23 @@ def _body(body: dict[str, Any], max_bytes: int, *, hash_allowed: bool) -> tuple[
         return b"", broker.sha256(b""), 0
     if not hash_allowed:
         raise ApiError("invalid_request", "send the call's body itself as `body_base64`")
-    if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest) or isinstance(size, bool) \
-            or not isinstance(size, int) or not 0 <= size <= max_bytes:
-        raise ApiError("invalid_request", "`body_sha256` must be 64 lower-case hex digits and `body_size` "
-                       f"an integer from 0 to {max_bytes}")
+    if (
+        not isinstance(digest, str)
+        or not SHA256_RE.fullmatch(digest)
+        or isinstance(size, bool)
+        or not isinstance(size, int)
+        or not 0 <= size <= max_bytes
+    ):
+        raise ApiError(
+            "invalid_request",
+            f"`body_sha256` must be 64 lower-case hex digits and `body_size` an integer from 0 to {max_bytes}",
+        )
     return None, digest, size
 
 
-def _checked_call(state: ProxyState, body: dict[str, Any], policy: Policy | None, *,
-                  hash_allowed: bool) -> tuple[broker.Call, bytes | None]:
+def _checked_call(
+    state: ProxyState, body: dict[str, Any], policy: Policy | None, *, hash_allowed: bool
+) -> tuple[broker.Call, bytes | None]:
     try:
         target, _, headers = broker.check_call(policy, body.get("method"), body.get("url"), body.get("headers"))
     except broker.BrokerError as exc:
@@ -85,10 +93,21 @@ async def create_call(request: HttpRequest) -> JSONResponse:
         headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
         raise _refusal(exc, headers) from None
     state.announce(req)
-    return JSONResponse({"id": req.id, "status": req.status, "secret": req.secret,
-                         "expires_at": iso(req.expires_at),
-                         "call": {"method": call.method, "url": call.url, "body_sha256": call.body_sha256,
-                                  "body_size": call.body_size}}, status_code=201)
+    return JSONResponse(
+        {
+            "id": req.id,
+            "status": req.status,
+            "secret": req.secret,
+            "expires_at": iso(req.expires_at),
+            "call": {
+                "method": call.method,
+                "url": call.url,
+                "body_sha256": call.body_sha256,
+                "body_size": call.body_size,
+            },
+        },
+        status_code=201,
+    )
 
 
 async def make_call(request: HttpRequest) -> JSONResponse:
@@ -111,31 +130,65 @@ async def make_call(request: HttpRequest) -> JSONResponse:
     except st.StoreError as exc:
         # An altered call is audited every time, not folded into a count: it is an attempt to be looked at.
         if exc.code == "call_mismatch":
-            await state.write(state.store.record, f"agent:{agent.name}", "call.refused", request_id, req.secret,
-                              code=exc.code, detail=exc.detail)
+            await state.write(
+                state.store.record,
+                f"agent:{agent.name}",
+                "call.refused",
+                request_id,
+                req.secret,
+                code=exc.code,
+                detail=exc.detail,
+            )
         else:
             await state.refused(agent, "call.refused", exc.kind, request_id, exc.secret)
         raise _refusal(exc) from None
     except crypto.CryptoError:
         log.error("call %s: the value does not decrypt under the master key", request_id)
         raise ApiError("internal_error", "the value could not be decrypted") from None
-    limits = broker.Limits(state.settings.broker_max_request_bytes, state.settings.broker_max_response_bytes,
-                           state.settings.broker_timeout_seconds, state.settings.broker_ca_file)
+    limits = broker.Limits(
+        state.settings.broker_max_request_bytes,
+        state.settings.broker_max_response_bytes,
+        state.settings.broker_timeout_seconds,
+        state.settings.broker_ca_file,
+    )
     target = call.target
-    audit = {"method": call.method, "host": target.host, "port": target.port, "path": target.path,
-             "request_size": call.body_size, "request_sha256": call.body_sha256}
+    audit = {
+        "method": call.method,
+        "host": target.host,
+        "port": target.port,
+        "path": target.path,
+        "request_size": call.body_size,
+        "request_sha256": call.body_sha256,
+    }
     try:
         answer = await asyncio.to_thread(broker.execute, policy, call, data, value, limits, state.resolver)
     except broker.BrokerError as exc:
-        await state.write(state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret,
-                          code=exc.code, **audit)
+        await state.write(
+            state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret, code=exc.code, **audit
+        )
         raise ApiError(exc.code, exc.detail) from None
     finally:
         del value
-    await state.write(state.store.record, f"agent:{agent.name}", "call.completed", request_id, secret,
-                      status=answer.status, address=answer.address, response_size=len(answer.body),
-                      response_sha256=broker.sha256(answer.body), redactions=answer.redactions,
-                      elapsed_ms=round(answer.elapsed_seconds * 1000), **audit)
-    return JSONResponse({"status": answer.status, "headers": [list(h) for h in answer.headers],
-                         "body_base64": base64.b64encode(answer.body).decode(), "redactions": answer.redactions},
-                        headers={"Cache-Control": "no-store"})
+    await state.write(
+        state.store.record,
+        f"agent:{agent.name}",
+        "call.completed",
+        request_id,
+        secret,
+        status=answer.status,
+        address=answer.address,
+        response_size=len(answer.body),
+        response_sha256=broker.sha256(answer.body),
+        redactions=answer.redactions,
+        elapsed_ms=round(answer.elapsed_seconds * 1000),
+        **audit,
+    )
+    return JSONResponse(
+        {
+            "status": answer.status,
+            "headers": [list(h) for h in answer.headers],
+            "body_base64": base64.b64encode(answer.body).decode(),
+            "redactions": answer.redactions,
+        },
+        headers={"Cache-Control": "no-store"},
+    )

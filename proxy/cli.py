@@ -115,8 +115,11 @@ def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
         rows = store.list_requests(args.status)
         if args.json:
             calls = {r.id: store.get_call(r.id) for r in rows}
-            print(json.dumps([{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None}
-                              for r in rows], indent=2))
+            print(
+                json.dumps(
+                    [{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None} for r in rows], indent=2
+                )
+            )
             return
         calls = {r.id: store.get_call(r.id) for r in rows}
     for r in rows:
@@ -191,12 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     secrets = sub.add_parser("secrets", help="manage secret values").add_subparsers(dest="sub", required=True)
     s = secrets.add_parser("set", help="store a value read from stdin, with how it may be used")
     s.add_argument("name")
-    s.add_argument("--allow", action="append", default=[], metavar="URL",
-                   help="a destination for brokered calls: https://host[:port][/path/prefix] (repeatable)")
-    s.add_argument("--allow-private", action="append", default=[], metavar="URL",
-                   help="like --allow, and the host may resolve to a loopback or private address")
-    s.add_argument("--inject", metavar="SPEC",
-                   help="how the value goes into a call: 'Header: ...{value}...', 'query:NAME' or 'basic:USER'")
+    s.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a destination for brokered calls: https://host[:port][/path/prefix] (repeatable)",
+    )
+    s.add_argument(
+        "--allow-private",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="like --allow, and the host may resolve to a loopback or private address",
+    )
+    s.add_argument(
+        "--inject",
+        metavar="SPEC",
+        help="how the value goes into a call: 'Header: ...{value}...', 'query:NAME' or 'basic:USER'",
+    )
     s.add_argument("--broker-only", action="store_true", help="never hand the value out; only use it in calls")
     s.set_defaults(fn=cmd_secrets_set)
     s = secrets.add_parser("show", help="a secret's use policy (never its value)")
@@ -234,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_audit_show)
     aud.add_parser("verify", help="check the hash chain").set_defaults(fn=cmd_audit_verify)
 
-    sub.add_parser("rotate-master-key", help="re-wrap all data keys under a new master key").set_defaults(
-        fn=cmd_rotate)
+    sub.add_parser("rotate-master-key", help="re-wrap all data keys under a new master key").set_defaults(fn=cmd_rotate)
     s = sub.add_parser("demo", help="a local round trip: request, approve, retrieve once")
     s.add_argument("--port", type=int, default=0)
     s.set_defaults(fn=cmd_demo)

@@ -27,8 +27,12 @@ def free_port() -> int:
 
 
 def _cli(data_dir: Path, *args: str, stdin: bytes | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "proxy", "--data-dir", str(data_dir), *args],
-                         input=stdin, capture_output=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "--data-dir", str(data_dir), *args],
+        input=stdin,
+        capture_output=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise SystemExit(f"`python -m proxy {' '.join(args)}` failed: {out.stderr.decode().strip()}")
     return out.stdout.decode().strip()
@@ -57,8 +61,12 @@ def run_demo(port: int = 0) -> None:
         t = _step(2, f"operator: start the proxy on http://127.0.0.1:{port}")
         env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir))
         env.pop("SECRET_PROXY_TELEGRAM_TOKEN", None)
-        server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             agent = AgentClient(f"http://127.0.0.1:{port}", token)
             deadline = time.monotonic() + 30
@@ -87,8 +95,11 @@ def run_demo(port: int = 0) -> None:
             status = agent.status(request_id, wait=10)
             got = agent.retrieve(request_id)
             ok = got.status == 200 and got.body.get("value") == value
-            _done(t, f"status {status.body['status']}; value retrieved: {'matches' if ok else 'MISMATCH'} "
-                     f"({len(value)} characters, not printed)")
+            _done(
+                t,
+                f"status {status.body['status']}; value retrieved: {'matches' if ok else 'MISMATCH'} "
+                f"({len(value)} characters, not printed)",
+            )
             again = agent.retrieve(request_id)
             print(f"[6] agent: a second retrieval answers {again.status} {again.body.get('error')}")
 

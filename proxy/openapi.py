@@ -13,8 +13,7 @@ def _error(*codes: str) -> dict[str, Any]:
 
 
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
-_ID = {"name": "id", "in": "path", "required": True,
-       "schema": {"type": "string", "pattern": "^req_[A-Za-z0-9_-]{32}$"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^req_[A-Za-z0-9_-]{32}$"}}
 _LIMITED = {**_error("rate_limited"), "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 
 OPENAPI: dict[str, Any] = {
@@ -22,8 +21,7 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "secret-proxy",
         "version": "1",
-        "description": "Ask for a named secret with a reason; a human approves in Telegram; "
-                       "retrieve the value once.",
+        "description": "Ask for a named secret with a reason; a human approves in Telegram; retrieve the value once.",
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -39,8 +37,12 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
                     "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-                    "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300,
-                                    "description": "How long an approved value stays retrievable."},
+                    "ttl_seconds": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "default": 300,
+                        "description": "How long an approved value stays retrievable.",
+                    },
                 },
             },
             "Created": {
@@ -55,60 +57,90 @@ OPENAPI: dict[str, Any] = {
             },
             "RequestStatus": {
                 "type": "object",
-                "required": ["id", "secret", "status", "reason", "created_at", "expires_at",
-                             "decided_at", "decided_by"],
+                "required": [
+                    "id",
+                    "secret",
+                    "status",
+                    "reason",
+                    "created_at",
+                    "expires_at",
+                    "decided_at",
+                    "decided_by",
+                ],
                 "properties": {
                     "id": {"type": "string"},
                     "secret": {"type": "string"},
-                    "status": {"type": "string",
-                               "enum": ["pending", "approved", "denied", "expired", "retrieved", "used"],
-                               "description": "`used`: an approved brokered call was made."},
+                    "status": {
+                        "type": "string",
+                        "enum": ["pending", "approved", "denied", "expired", "retrieved", "used"],
+                        "description": "`used`: an approved brokered call was made.",
+                    },
                     "reason": {"type": "string"},
                     "created_at": {"type": "string", "format": "date-time"},
                     "expires_at": {"type": "string", "format": "date-time"},
                     "decided_at": {"type": "string", "format": "date-time", "nullable": True},
-                    "decided_by": {"type": "string", "nullable": True, "enum": ["approver", "operator", None],
-                                   "description": "The role that decided, not the person."},
+                    "decided_by": {
+                        "type": "string",
+                        "nullable": True,
+                        "enum": ["approver", "operator", None],
+                        "description": "The role that decided, not the person.",
+                    },
                 },
             },
             "CallSpec": {
                 "type": "object",
                 "required": ["method", "url"],
                 "properties": {
-                    "method": {"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
-                                                          "OPTIONS"]},
-                    "url": {"type": "string", "description": "http(s) URL within a destination of the secret's "
-                            "policy; no user info, fragment, dot segments or encoded slashes"},
-                    "headers": {"type": "object", "additionalProperties": {"type": "string"},
-                                "description": "Not Host, framing headers, nor the header the secret goes in."},
+                    "method": {"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]},
+                    "url": {
+                        "type": "string",
+                        "description": "http(s) URL within a destination of the secret's "
+                        "policy; no user info, fragment, dot segments or encoded slashes",
+                    },
+                    "headers": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "description": "Not Host, framing headers, nor the header the secret goes in.",
+                    },
                     "body_base64": {"type": "string", "format": "byte"},
-                    "body_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
-                                    "description": "Instead of body_base64 when asking (with body_size)."},
+                    "body_sha256": {
+                        "type": "string",
+                        "pattern": "^[0-9a-f]{64}$",
+                        "description": "Instead of body_base64 when asking (with body_size).",
+                    },
                     "body_size": {"type": "integer", "minimum": 0},
                 },
             },
             "NewCall": {
-                "allOf": [{"$ref": "#/components/schemas/CallSpec"}, {
-                    "type": "object",
-                    "required": ["secret", "reason"],
-                    "properties": {
-                        "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
-                        "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-                        "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300,
-                                        "description": "How long the approved call may be made."},
+                "allOf": [
+                    {"$ref": "#/components/schemas/CallSpec"},
+                    {
+                        "type": "object",
+                        "required": ["secret", "reason"],
+                        "properties": {
+                            "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+                            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                            "ttl_seconds": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "default": 300,
+                                "description": "How long the approved call may be made.",
+                            },
+                        },
                     },
-                }],
+                ],
             },
             "CallAnswer": {
                 "type": "object",
                 "required": ["status", "headers", "body_base64", "redactions"],
                 "properties": {
                     "status": {"type": "integer", "description": "The destination's HTTP status"},
-                    "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"},
-                                                           "minItems": 2, "maxItems": 2}},
+                    "headers": {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                    },
                     "body_base64": {"type": "string", "format": "byte"},
-                    "redactions": {"type": "integer",
-                                   "description": "How many occurrences of the secret were removed"},
+                    "redactions": {"type": "integer", "description": "How many occurrences of the secret were removed"},
                 },
             },
             "SecretValue": {
@@ -122,18 +154,22 @@ OPENAPI: dict[str, Any] = {
         "/health": {
             "get": {
                 "summary": "Liveness; no token needed",
-                "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}},
+                "responses": {"200": {"description": '`{"status": "ok"}`'}},
             }
         },
         "/v1/requests": {
             "post": {
                 "summary": "Ask for a secret",
                 "security": _AUTH,
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/NewRequest"}}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewRequest"}}},
+                },
                 "responses": {
-                    "201": {"description": "Pending", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Created"}}}},
+                    "201": {
+                        "description": "Pending",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Created"}}},
+                    },
                     "400": _error("invalid_request"),
                     "401": _error("unauthorized"),
                     "403": _error("forbidden"),
@@ -147,11 +183,20 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "A request's status; `?wait=N` holds until it leaves pending",
                 "security": _AUTH,
-                "parameters": [_ID, {"name": "wait", "in": "query", "required": False,
-                                     "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+                "parameters": [
+                    _ID,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                    },
+                ],
                 "responses": {
-                    "200": {"description": "Status", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/RequestStatus"}}}},
+                    "200": {
+                        "description": "Status",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RequestStatus"}}},
+                    },
                     "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
                     "404": _error("not_found"),
@@ -165,8 +210,10 @@ OPENAPI: dict[str, Any] = {
                 "security": _AUTH,
                 "parameters": [_ID],
                 "responses": {
-                    "200": {"description": "The value", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/SecretValue"}}}},
+                    "200": {
+                        "description": "The value",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SecretValue"}}},
+                    },
                     "400": _error("malformed_id"),
                     "401": _error("unauthorized"),
                     "403": _error("denied"),
@@ -182,11 +229,15 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Ask to use a secret in one exact HTTP call that the proxy will make",
                 "security": _AUTH,
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/NewCall"}}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewCall"}}},
+                },
                 "responses": {
-                    "201": {"description": "Pending", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Created"}}}},
+                    "201": {
+                        "description": "Pending",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Created"}}},
+                    },
                     "400": _error("invalid_request"),
                     "401": _error("unauthorized"),
                     "403": _error("forbidden", "no_policy", "destination_not_allowed"),
@@ -201,15 +252,20 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Make the approved call, exactly once; the answer has the secret redacted",
                 "security": _AUTH,
                 "parameters": [_ID],
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/CallSpec"}}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CallSpec"}}},
+                },
                 "responses": {
-                    "200": {"description": "The destination's answer", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/CallAnswer"}}}},
+                    "200": {
+                        "description": "The destination's answer",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CallAnswer"}}},
+                    },
                     "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
-                    "403": _error("denied", "call_mismatch", "destination_not_allowed", "address_not_allowed",
-                                  "no_policy"),
+                    "403": _error(
+                        "denied", "call_mismatch", "destination_not_allowed", "address_not_allowed", "no_policy"
+                    ),
                     "404": _error("not_found"),
                     "409": _error("pending"),
                     "410": _error("expired", "already_used"),

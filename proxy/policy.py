@@ -147,12 +147,12 @@ def parse_destination(url: str, allow_private: bool = False) -> Destination:
 def parse_injection(spec: str) -> Injection:
     """`Header-Name: template with {value}`, `query:NAME`, or `basic:USER`."""
     if spec.startswith("query:"):
-        name = spec[len("query:"):]
+        name = spec[len("query:") :]
         if not QUERY_NAME_RE.fullmatch(name):
             raise PolicyError("query:NAME needs a parameter name of [A-Za-z0-9_.~-]")
         return Injection("query", name)
     if spec.startswith("basic:"):
-        user = spec[len("basic:"):]
+        user = spec[len("basic:") :]
         if not BASIC_USER_RE.fullmatch(user):
             raise PolicyError("basic:USER needs a user name without ':' or control characters")
         return Injection("basic", user)

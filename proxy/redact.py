@@ -27,8 +27,10 @@ def forms(value: bytes, extra: tuple[bytes, ...] = ()) -> list[bytes]:
             found.add(encoded)
             found.add(encoded.rstrip(b"="))
         text = raw.decode("utf-8", "surrogateescape")
-        for url in (quote(text, safe="", errors="surrogateescape"),
-                    quote_plus(text, safe="", errors="surrogateescape")):
+        for url in (
+            quote(text, safe="", errors="surrogateescape"),
+            quote_plus(text, safe="", errors="surrogateescape"),
+        ):
             found.add(url.encode())
             found.add(_LOWER_HEX.sub(lambda m: m.group(0).lower(), url).encode())
     return sorted(found, key=len, reverse=True)

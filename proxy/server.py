@@ -32,8 +32,12 @@ def connection_limit(settings: Settings) -> int:
             pass
     limit = min(settings.max_connections, soft - RESERVED_FDS)
     if limit < settings.max_connections:
-        log.warning("open-files limit %d allows only %d connections (max_connections is %d); raise LimitNOFILE",
-                    soft, limit, settings.max_connections)
+        log.warning(
+            "open-files limit %d allows only %d connections (max_connections is %d); raise LimitNOFILE",
+            soft,
+            limit,
+            settings.max_connections,
+        )
     return max(limit, 16)
 
 
@@ -45,8 +49,9 @@ def _silent_connections_close(protocol: type) -> type:
     class Protocol(protocol):  # type: ignore[misc]  # a base chosen at run time: uvicorn's h11 or httptools protocol
         def connection_made(self, transport: object) -> None:
             super().connection_made(transport)
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     return Protocol
 
@@ -65,8 +70,24 @@ def serve(settings: Settings, host: str, port: int) -> None:
         base = H11Protocol
     http = _silent_connections_close(base)
     limit = connection_limit(settings)
-    log.info("serving on http://%s:%d (loop=%s, http=%s, connections<=%d, data=%s)",
-             host, port, loop, base.__name__, limit, settings.data_dir)
+    log.info(
+        "serving on http://%s:%d (loop=%s, http=%s, connections<=%d, data=%s)",
+        host,
+        port,
+        loop,
+        base.__name__,
+        limit,
+        settings.data_dir,
+    )
     # Access logs stay off: request ids are bearer-like and logs leave the VM.
-    uvicorn.run(app, host=host, port=port, loop=loop, http=http, access_log=False,
-                log_level="info", timeout_graceful_shutdown=5, limit_concurrency=limit)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop=loop,
+        http=http,
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        limit_concurrency=limit,
+    )

@@ -94,9 +94,13 @@ class Limits:
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
-        return cls(RateLimiter(s.rate_per_minute, s.rate_burst), RateLimiter(s.poll_rate_per_minute, s.poll_burst),
-                   RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst), s.max_waits_per_agent,
-                   RateLimiter(s.call_rate_per_minute, s.call_burst))
+        return cls(
+            RateLimiter(s.rate_per_minute, s.rate_burst),
+            RateLimiter(s.poll_rate_per_minute, s.poll_burst),
+            RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst),
+            s.max_waits_per_agent,
+            RateLimiter(s.call_rate_per_minute, s.call_burst),
+        )
 
 
 @dataclass
@@ -114,8 +118,13 @@ class ProxyState:
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> ProxyState:
-        return cls(settings, store, Limits.from_settings(settings), Changes(store),
-                   RefusalCounter(settings.refusal_audit_window_seconds))
+        return cls(
+            settings,
+            store,
+            Limits.from_settings(settings),
+            Changes(store),
+            RefusalCounter(settings.refusal_audit_window_seconds),
+        )
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store change on the writer thread; returns once it is durable, waiters woken."""
@@ -132,8 +141,9 @@ class ProxyState:
         except Exception:  # a failed look must not fail the write that triggered it; the sweeper looks again
             log.exception("reading the change feed failed")
 
-    async def refused(self, agent: Agent, action: str, code: str, request_id: str | None = None,
-                      secret: str | None = None) -> None:
+    async def refused(
+        self, agent: Agent, action: str, code: str, request_id: str | None = None, secret: str | None = None
+    ) -> None:
         """Audit a refused call: the first of its kind in a window now, the repeats as a count later."""
         actor = f"agent:{agent.name}"
         if self.refusals.note(actor, action, code):
@@ -141,8 +151,16 @@ class ProxyState:
 
     async def audit_repeats(self, closing: bool = False) -> None:
         for r in self.refusals.close_all() if closing else self.refusals.due():
-            await self.write(self.store.record, r.actor, r.action, None, None, code=r.code,
-                             repeated=r.count, window_seconds=r.window_seconds)
+            await self.write(
+                self.store.record,
+                r.actor,
+                r.action,
+                None,
+                None,
+                code=r.code,
+                repeated=r.count,
+                window_seconds=r.window_seconds,
+            )
 
     def announce(self, request: Request) -> None:
         for channel in self.channels:

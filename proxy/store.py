@@ -142,8 +142,9 @@ class Decision:
     changed: bool  # False when the request was already decided or expired
 
 
-_REQUEST_COLS = ("id, agent, secret, reason, ttl_seconds, status, created_at, expires_at,"
-                 " decided_at, decided_by, retrieved_at")
+_REQUEST_COLS = (
+    "id, agent, secret, reason, ttl_seconds, status, created_at, expires_at, decided_at, decided_by, retrieved_at"
+)
 
 
 def init_data_dir(settings: Settings) -> None:
@@ -151,8 +152,7 @@ def init_data_dir(settings: Settings) -> None:
     data_dir = settings.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if settings.key_path.exists():
-        raise StoreError("already_initialized",
-                         f"{settings.key_path} exists; refusing to overwrite a master key")
+        raise StoreError("already_initialized", f"{settings.key_path} exists; refusing to overwrite a master key")
     key = crypto.new_master_key()
     crypto.write_key_file(settings.key_path, key)
     _fsync_dir(data_dir)
@@ -225,8 +225,7 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.settings.db_path, timeout=10.0, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.settings.db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -244,7 +243,8 @@ class Store:
         local = self._local
         depth = getattr(local, "depth", 0)
         begin, commit, rollback = (
-            ("BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",)) if depth == 0
+            ("BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",))
+            if depth == 0
             else (f"SAVEPOINT sp{depth}", f"RELEASE sp{depth}", (f"ROLLBACK TO sp{depth}", f"RELEASE sp{depth}"))
         )
         conn.execute(begin)
@@ -305,13 +305,15 @@ class Store:
             if row is None:
                 audit_key = crypto.new_audit_key()
                 conn.execute("INSERT INTO meta VALUES ('master_key_id', ?)", (self._key.key_id,))
-                conn.execute("INSERT INTO meta VALUES ('audit_key', ?)",
-                             (crypto.wrap_audit_key(self._key, audit_key).hex(),))
+                conn.execute(
+                    "INSERT INTO meta VALUES ('audit_key', ?)", (crypto.wrap_audit_key(self._key, audit_key).hex(),)
+                )
                 conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 audit.write_head(conn, audit_key, 0, audit.GENESIS)
             elif row[0] != self._key.key_id:
-                raise StoreError("wrong_master_key",
-                                 f"{self.settings.key_path} is not the key this database was sealed with")
+                raise StoreError(
+                    "wrong_master_key", f"{self.settings.key_path} is not the key this database was sealed with"
+                )
             else:
                 self._migrate(conn)
 
@@ -344,12 +346,20 @@ class Store:
         row = (conn or self._conn()).execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()
         return crypto.unwrap_audit_key(self._key, bytes.fromhex(row[0]))
 
-    def _audit(self, conn: sqlite3.Connection, actor: str, action: str, request_id: str | None = None,
-               secret: str | None = None, **detail: object) -> None:
+    def _audit(
+        self,
+        conn: sqlite3.Connection,
+        actor: str,
+        action: str,
+        request_id: str | None = None,
+        secret: str | None = None,
+        **detail: object,
+    ) -> None:
         audit.append(conn, self._audit_key, time.time(), actor, action, request_id, secret, detail)
 
-    def record(self, actor: str, action: str, request_id: str | None = None, secret: str | None = None,
-               **detail: object) -> None:
+    def record(
+        self, actor: str, action: str, request_id: str | None = None, secret: str | None = None, **detail: object
+    ) -> None:
         """Audit an event that changes nothing else (a refusal, an operator look-up)."""
         with self.transaction() as conn:
             self._audit(conn, actor, action, request_id, secret, **detail)
@@ -367,8 +377,14 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 (name, sealed.wrapped_key, sealed.ciphertext, time.time(), policy.to_json() if policy else None),
             )
-            self._audit(conn, actor, "secret.set", secret=name, replaced=bool(existed),
-                        policy=policy.lines() if policy else None)
+            self._audit(
+                conn,
+                actor,
+                "secret.set",
+                secret=name,
+                replaced=bool(existed),
+                policy=policy.lines() if policy else None,
+            )
 
     def get_policy(self, name: str) -> Policy | None:
         row = self._conn().execute("SELECT policy FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -376,8 +392,13 @@ class Store:
 
     def get_call(self, request_id: str) -> Call | None:
         """The exact call a request asks to make, or None for a plain retrieval request."""
-        row = self._conn().execute("SELECT method, url, headers, body_sha256, body_size FROM calls"
-                                   " WHERE request_id = ?", (request_id,)).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT method, url, headers, body_sha256, body_size FROM calls WHERE request_id = ?", (request_id,)
+            )
+            .fetchone()
+        )
         if row is None:
             return None
         return Call(row[0], row[1], tuple((h[0], h[1]) for h in json.loads(row[2])), row[3], row[4])
@@ -400,14 +421,17 @@ class Store:
             raise StoreError("invalid_request", "agent name must match [A-Za-z0-9_.-]{1,64}")
         scopes = [s.strip() for s in scopes if s.strip()]
         if not scopes or any(not SCOPE_RE.fullmatch(s) for s in scopes):
-            raise StoreError("invalid_request",
-                             "give one or more secret-name patterns (letters, digits, _.-, and globs *?[])")
+            raise StoreError(
+                "invalid_request", "give one or more secret-name patterns (letters, digits, _.-, and globs *?[])"
+            )
         token = "spx_" + pysecrets.token_urlsafe(32)
         with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
                 raise StoreError("agent_exists", f"an agent named {name!r} exists; revoke it first")
-            conn.execute("INSERT INTO agents (name, token_hash, scopes, created_at) VALUES (?, ?, ?, ?)",
-                         (name, crypto.hash_token(token), ",".join(scopes), time.time()))
+            conn.execute(
+                "INSERT INTO agents (name, token_hash, scopes, created_at) VALUES (?, ?, ?, ?)",
+                (name, crypto.hash_token(token), ",".join(scopes), time.time()),
+            )
             self._audit(conn, actor, "agent.added", agent=name, scopes=scopes)
         return token
 
@@ -435,16 +459,19 @@ class Store:
         return agent
 
     def _authenticate(self, digest: str) -> Agent | None:
-        row = self._conn().execute(
-            "SELECT name, scopes, created_at, token_hash FROM agents WHERE token_hash = ?", (digest,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT name, scopes, created_at, token_hash FROM agents WHERE token_hash = ?", (digest,))
+            .fetchone()
+        )
         if row is None or not crypto.tokens_equal(row[3], digest):
             return None
         return Agent(row[0], tuple(row[1].split(",")), row[2])
 
     # -- requests ----------------------------------------------------------
-    def create_request(self, agent: Agent, secret: str, reason: str, ttl_seconds: int,
-                       call: Call | None = None) -> Request:
+    def create_request(
+        self, agent: Agent, secret: str, reason: str, ttl_seconds: int, call: Call | None = None
+    ) -> Request:
         """A new pending request (to retrieve, or to make `call`); a refusal raises StoreError and writes nothing.
 
         The caller has checked `call` against the secret's policy (`broker.check_call`)."""
@@ -456,8 +483,11 @@ class Store:
         if not self.secret_exists(secret):
             raise StoreError("unknown_secret", f"no secret named {secret!r}", secret=secret)
         if call is None and (policy := self.get_policy(secret)) is not None and policy.broker_only:
-            raise StoreError("broker_only", f"{secret!r} can only be used in a brokered call (POST /v1/calls), "
-                             "never retrieved", secret=secret)
+            raise StoreError(
+                "broker_only",
+                f"{secret!r} can only be used in a brokered call (POST /v1/calls), never retrieved",
+                secret=secret,
+            )
         request_id = "req_" + pysecrets.token_urlsafe(24)
         with self.transaction() as conn:
             pending = conn.execute(
@@ -468,23 +498,47 @@ class Store:
                 refusal = StoreError(
                     "rate_limited",
                     f"agent has {pending} pending requests (limit {self.settings.max_pending_per_agent}); "
-                    "wait for decisions", kind="too_many_pending", secret=secret,
+                    "wait for decisions",
+                    kind="too_many_pending",
+                    secret=secret,
                 )
             else:
                 conn.execute(
                     f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, NULL, NULL)",
-                    (request_id, agent.name, secret, reason, ttl_seconds, now,
-                     now + self.settings.pending_timeout_seconds),
+                    (
+                        request_id,
+                        agent.name,
+                        secret,
+                        reason,
+                        ttl_seconds,
+                        now,
+                        now + self.settings.pending_timeout_seconds,
+                    ),
                 )
                 call_detail: dict[str, object] = {}
                 if call is not None:
-                    conn.execute("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?)",
-                                 (request_id, call.method, call.url, json.dumps(call.headers), call.body_sha256,
-                                  call.body_size))
-                    call_detail = {"call": {"method": call.method, "url": call.url, "body_sha256": call.body_sha256,
-                                            "body_size": call.body_size}}
-                self._audit(conn, actor, "request.created", request_id, secret,
-                            reason=reason, ttl_seconds=ttl_seconds, **call_detail)
+                    conn.execute(
+                        "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?)",
+                        (request_id, call.method, call.url, json.dumps(call.headers), call.body_sha256, call.body_size),
+                    )
+                    call_detail = {
+                        "call": {
+                            "method": call.method,
+                            "url": call.url,
+                            "body_sha256": call.body_sha256,
+                            "body_size": call.body_size,
+                        }
+                    }
+                self._audit(
+                    conn,
+                    actor,
+                    "request.created",
+                    request_id,
+                    secret,
+                    reason=reason,
+                    ttl_seconds=ttl_seconds,
+                    **call_detail,
+                )
         if refusal is not None:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
@@ -496,8 +550,7 @@ class Store:
         if isinstance(hit, Request):  # a "request" key only ever holds a Request
             req = hit
         else:
-            row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?",
-                                       (request_id,)).fetchone()
+            row = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
             if row is None:
                 return None
             req = cache[key] = Request(*row)
@@ -513,15 +566,18 @@ class Store:
             rows = self._conn().execute(f"SELECT {_REQUEST_COLS} FROM requests ORDER BY created_at")
         else:
             rows = self._conn().execute(
-                f"SELECT {_REQUEST_COLS} FROM requests WHERE status = ? ORDER BY created_at", (status,))
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE status = ? ORDER BY created_at", (status,)
+            )
         return [Request(*r) for r in rows]
 
     def expire_due(self) -> list[Request]:
         """Mark every pending or approved request past its deadline as expired; return them."""
         now = time.time()
-        due = self._conn().execute(
-            "SELECT id FROM requests WHERE status IN ('pending', 'approved') AND expires_at <= ?", (now,)
-        ).fetchall()
+        due = (
+            self._conn()
+            .execute("SELECT id FROM requests WHERE status IN ('pending', 'approved') AND expires_at <= ?", (now,))
+            .fetchall()
+        )
         if not due:
             return []
         expired: list[Request] = []
@@ -531,11 +587,18 @@ class Store:
                 before = Request(*row)
                 changed = conn.execute(
                     "UPDATE requests SET status = 'expired' WHERE id = ? AND status IN ('pending', 'approved')"
-                    " AND expires_at <= ?", (request_id, now)).rowcount
+                    " AND expires_at <= ?",
+                    (request_id, now),
+                ).rowcount
                 if changed:
                     self._audit(conn, "proxy", "request.expired", request_id, before.secret, was=before.status)
-                    expired.append(Request(*conn.execute(
-                        f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()))
+                    expired.append(
+                        Request(
+                            *conn.execute(
+                                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)
+                            ).fetchone()
+                        )
+                    )
         return expired
 
     def decide(self, request_id: str, approve: bool, actor: str) -> Decision:
@@ -550,8 +613,15 @@ class Store:
             else:
                 req = Request(*row)
                 if req.status != "pending":
-                    self._audit(conn, actor, "decision.refused", request_id, req.secret,
-                                code="already_decided", status=req.status)
+                    self._audit(
+                        conn,
+                        actor,
+                        "decision.refused",
+                        request_id,
+                        req.secret,
+                        code="already_decided",
+                        status=req.status,
+                    )
                     return Decision(req, changed=False)
                 status = "approved" if approve else "denied"
                 expires_at = now + req.ttl_seconds if approve else req.expires_at
@@ -576,8 +646,9 @@ class Store:
         now = time.time()
         self.expire_due()
         with self.transaction() as conn:
-            row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?",
-                               (request_id, agent.name)).fetchone()
+            row = conn.execute(
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
+            ).fetchone()
             if row is None:
                 raise StoreError("not_found", "no such request")
             req = Request(*row)
@@ -585,24 +656,33 @@ class Store:
             if refusal is not None:
                 raise refusal
             if conn.execute("SELECT 1 FROM calls WHERE request_id = ?", (request_id,)).fetchone():
-                raise StoreError("broker_only", "this request approved a call, not a retrieval; make it with "
-                                 f"POST /v1/requests/{request_id}/call", secret=req.secret)
+                raise StoreError(
+                    "broker_only",
+                    f"this request approved a call, not a retrieval; make it with POST /v1/requests/{request_id}/call",
+                    secret=req.secret,
+                )
             if (policy := self.get_policy(req.secret)) is not None and policy.broker_only:
-                raise StoreError("broker_only", f"{req.secret!r} can only be used in a brokered call, never "
-                                 "retrieved", secret=req.secret)
-            sealed_row = conn.execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?",
-                                      (req.secret,)).fetchone()
+                raise StoreError(
+                    "broker_only",
+                    f"{req.secret!r} can only be used in a brokered call, never retrieved",
+                    secret=req.secret,
+                )
+            sealed_row = conn.execute(
+                "SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?", (req.secret,)
+            ).fetchone()
             if sealed_row is None:
                 raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
-            value = crypto.open_sealed(self._current_key(conn), req.secret,
-                                       crypto.Sealed(sealed_row[0], sealed_row[1]))
+            value = crypto.open_sealed(self._current_key(conn), req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
             try:
                 value.decode()
             except UnicodeDecodeError:
-                raise StoreError("internal_error", "the stored value is not UTF-8 text; store it again as text",
-                                 kind="not_text", secret=req.secret) from None
-            conn.execute("UPDATE requests SET status = 'retrieved', retrieved_at = ? WHERE id = ?",
-                         (now, request_id))
+                raise StoreError(
+                    "internal_error",
+                    "the stored value is not UTF-8 text; store it again as text",
+                    kind="not_text",
+                    secret=req.secret,
+                ) from None
+            conn.execute("UPDATE requests SET status = 'retrieved', retrieved_at = ? WHERE id = ?", (now, request_id))
             self._audit(conn, actor, "secret.retrieved", request_id, req.secret)
         return req.secret, value
 
@@ -618,8 +698,9 @@ class Store:
         now = time.time()
         self.expire_due()
         with self.transaction() as conn:
-            row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?",
-                               (request_id, agent.name)).fetchone()
+            row = conn.execute(
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
+            ).fetchone()
             approved = self.get_call(request_id) if row else None
             if row is None or approved is None:
                 raise StoreError("not_found", "no such call request")
@@ -628,19 +709,25 @@ class Store:
             if refusal is not None:
                 raise refusal
             if approved != call:
-                differs = [f for f in ("method", "url", "headers", "body_sha256", "body_size")
-                           if getattr(approved, f) != getattr(call, f)]
-                raise StoreError("call_mismatch", f"this call is not the one approved (its {', '.join(differs)} "
-                                 "differ); ask for a new approval", secret=req.secret)
-            sealed_row = conn.execute("SELECT wrapped_key, ciphertext, policy FROM secrets WHERE name = ?",
-                                      (req.secret,)).fetchone()
+                differs = [
+                    f
+                    for f in ("method", "url", "headers", "body_sha256", "body_size")
+                    if getattr(approved, f) != getattr(call, f)
+                ]
+                raise StoreError(
+                    "call_mismatch",
+                    f"this call is not the one approved (its {', '.join(differs)} differ); ask for a new approval",
+                    secret=req.secret,
+                )
+            sealed_row = conn.execute(
+                "SELECT wrapped_key, ciphertext, policy FROM secrets WHERE name = ?", (req.secret,)
+            ).fetchone()
             if sealed_row is None:
                 raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
             if not sealed_row[2]:
                 raise StoreError("no_policy", f"secret {req.secret!r} no longer has a use policy", secret=req.secret)
             policy = Policy.from_json(sealed_row[2])
-            value = crypto.open_sealed(self._current_key(conn), req.secret,
-                                       crypto.Sealed(sealed_row[0], sealed_row[1]))
+            value = crypto.open_sealed(self._current_key(conn), req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
             conn.execute("UPDATE requests SET status = 'used', retrieved_at = ? WHERE id = ?", (now, request_id))
             self._audit(conn, actor, "call.started", request_id, req.secret, method=call.method, url=call.url)
         return req.secret, value, policy
@@ -663,9 +750,12 @@ class Store:
             if key.key_id == key_id:
                 self._key = key
                 return key
-        raise StoreError("internal_error", f"the database is sealed with master key {key_id}, which is in "
-                         f"neither {self.settings.key_path} nor master.key.new; restore that key file",
-                         kind="master_key_missing")
+        raise StoreError(
+            "internal_error",
+            f"the database is sealed with master key {key_id}, which is in "
+            f"neither {self.settings.key_path} nor master.key.new; restore that key file",
+            kind="master_key_missing",
+        )
 
     # -- audit and keys ----------------------------------------------------
     def last_audit_seq(self) -> int:
@@ -678,8 +768,7 @@ class Store:
         Every change to a request is audited in its own transaction, so the log is also the
         feed of changes that wakes waiting agents (`proxy/state.py`).
         """
-        rows = self._conn().execute("SELECT seq, request_id FROM audit WHERE seq > ? ORDER BY seq",
-                                    (seq,)).fetchall()
+        rows = self._conn().execute("SELECT seq, request_id FROM audit WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
         if not rows:
             return seq, []
         return rows[-1][0], [r[1] for r in rows if r[1] is not None]
@@ -706,8 +795,9 @@ class Store:
             pending.unlink(missing_ok=True)
             crypto.write_key_file(pending, new)
             for name, wrapped in conn.execute("SELECT name, wrapped_key FROM secrets").fetchall():
-                conn.execute("UPDATE secrets SET wrapped_key = ? WHERE name = ?",
-                             (crypto.rewrap(old, new, name, wrapped), name))
+                conn.execute(
+                    "UPDATE secrets SET wrapped_key = ? WHERE name = ?", (crypto.rewrap(old, new, name, wrapped), name)
+                )
             audit_wrapped = crypto.wrap_audit_key(new, self._audit_key)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'", (audit_wrapped.hex(),))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'master_key_id'", (new.key_id,))
@@ -720,23 +810,31 @@ class Store:
     # -- Telegram message bookkeeping ---------------------------------------
     def remember_message(self, request_id: str, chat_id: int, message_id: int) -> None:
         with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO telegram_messages VALUES (?, ?, ?, 0)",
-                         (request_id, chat_id, message_id))
+            conn.execute(
+                "INSERT OR REPLACE INTO telegram_messages VALUES (?, ?, ?, 0)", (request_id, chat_id, message_id)
+            )
 
     def messages_to_close(self) -> list[tuple[Request, int, int]]:
         """Telegram messages still showing buttons for a request that is no longer pending."""
         self.expire_due()
-        rows = self._conn().execute(
-            f"SELECT {', '.join('r.' + c.strip() for c in _REQUEST_COLS.split(','))}, m.chat_id, m.message_id"
-            " FROM telegram_messages m JOIN requests r ON r.id = m.request_id"
-            " WHERE m.closed = 0 AND r.status != 'pending'"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {', '.join('r.' + c.strip() for c in _REQUEST_COLS.split(','))}, m.chat_id, m.message_id"
+                " FROM telegram_messages m JOIN requests r ON r.id = m.request_id"
+                " WHERE m.closed = 0 AND r.status != 'pending'"
+            )
+            .fetchall()
+        )
         return [(Request(*r[:11]), r[11], r[12]) for r in rows]
 
     def telegram_message(self, request_id: str) -> tuple[int, int] | None:
         """(chat id, message id) of the message that shows the request, to bind taps to it."""
-        row = self._conn().execute("SELECT chat_id, message_id FROM telegram_messages WHERE request_id = ?",
-                                   (request_id,)).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT chat_id, message_id FROM telegram_messages WHERE request_id = ?", (request_id,))
+            .fetchone()
+        )
         return (row[0], row[1]) if row else None
 
     def mark_message_closed(self, request_id: str) -> None:
@@ -748,7 +846,8 @@ class Store:
         self.expire_due()
         rows = self._conn().execute(
             f"SELECT {_REQUEST_COLS} FROM requests WHERE status = 'pending'"
-            " AND id NOT IN (SELECT request_id FROM telegram_messages) ORDER BY created_at")
+            " AND id NOT IN (SELECT request_id FROM telegram_messages) ORDER BY created_at"
+        )
         return [Request(*r) for r in rows]
 
 
@@ -758,11 +857,11 @@ def _retrieval_refusal(req: Request, now: float) -> StoreError | None:
     if req.status == "denied":
         return StoreError("denied", "the request was denied", secret=req.secret)
     if req.status == "retrieved":
-        return StoreError("already_retrieved", "the value was already retrieved; make a new request",
-                          secret=req.secret)
+        return StoreError("already_retrieved", "the value was already retrieved; make a new request", secret=req.secret)
     if req.status == "used":
-        return StoreError("already_used", "the approved call was already made; ask again for another",
-                          secret=req.secret)
+        return StoreError(
+            "already_used", "the approved call was already made; ask again for another", secret=req.secret
+        )
     if req.status == "expired" or req.expires_at <= now:
         return StoreError("expired", "the request expired; make a new request", secret=req.secret)
     return None

@@ -48,8 +48,9 @@ from .store import REQUEST_ID_RE, Request
 log = logging.getLogger("proxy.telegram")
 
 # What Application.builder()...job_queue(None).build() makes: the default bot and context, no job queue.
-BotApp: TypeAlias = Application[ExtBot[None], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any],
-                                 dict[Any, Any], None]
+BotApp: TypeAlias = Application[
+    ExtBot[None], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any], dict[Any, Any], None
+]
 
 # Callback data is "a:<id>" or "d:<id>"; ids are "req_" + 32 URL-safe characters, so 38 bytes (limit 64).
 CALLBACK_RE = re.compile(rf"([ad]):({REQUEST_ID_RE.pattern})")
@@ -92,7 +93,7 @@ class Backoff:
     failures: int = 0
 
     def next_delay(self) -> float:
-        delay: float = min(self.cap, self.first * (2 ** self.failures))
+        delay: float = min(self.cap, self.first * (2**self.failures))
         self.failures += 1
         return delay
 
@@ -190,12 +191,14 @@ def _call_lines(call: Call | None) -> list[str]:
 
 
 def render_pending(req: Request, call: Call | None = None) -> str:
-    return "\n".join([
-        "<b>Secret use request</b>" if call else "<b>Secret request</b>",
-        *_request_lines(req, call),
-        f"Expires: {utc(req.expires_at)} if undecided",
-        f"Request: <code>{html.escape(req.id)}</code>",
-    ])
+    return "\n".join(
+        [
+            "<b>Secret use request</b>" if call else "<b>Secret request</b>",
+            *_request_lines(req, call),
+            f"Expires: {utc(req.expires_at)} if undecided",
+            f"Request: <code>{html.escape(req.id)}</code>",
+        ]
+    )
 
 
 def render_closed(req: Request, names: dict[int, str], call: Call | None = None) -> str:
@@ -205,12 +208,14 @@ def render_closed(req: Request, names: dict[int, str], call: Call | None = None)
         title, outcome = "Approved", f"✅ Approved by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
     else:
         title, outcome = "Expired", f"⌛ Expired undecided at {utc(req.expires_at)}"
-    return "\n".join([
-        f"<b>Secret {'use ' if call else ''}request: {title}</b>",
-        *_request_lines(req, call),
-        f"Request: <code>{html.escape(req.id)}</code>",
-        outcome,
-    ])
+    return "\n".join(
+        [
+            f"<b>Secret {'use ' if call else ''}request: {title}</b>",
+            *_request_lines(req, call),
+            f"Request: <code>{html.escape(req.id)}</code>",
+            outcome,
+        ]
+    )
 
 
 def _who(actor: str | None, names: dict[int, str]) -> str:
@@ -230,21 +235,28 @@ def render_pending_list(requests: list[Request]) -> str:
     lines = [f"<b>{len(requests)} pending request{'s' if len(requests) != 1 else ''}</b>"]
     for req in requests[:PENDING_LIST_MAX]:
         reason = req.reason if len(req.reason) <= PENDING_REASON_CHARS else req.reason[:PENDING_REASON_CHARS] + "…"
-        lines.append(f"\n<code>{html.escape(req.id)}</code>\n<code>{_shown(req.agent)}</code> asks for "
-                     f"<code>{_shown(req.secret)}</code>: {_shown(reason)}\n"
-                     f"expires {utc(req.expires_at)}")
+        lines.append(
+            f"\n<code>{html.escape(req.id)}</code>\n<code>{_shown(req.agent)}</code> asks for "
+            f"<code>{_shown(req.secret)}</code>: {_shown(reason)}\n"
+            f"expires {utc(req.expires_at)}"
+        )
     if len(requests) > PENDING_LIST_MAX:
-        lines.append(f"\n… and {len(requests) - PENDING_LIST_MAX} more "
-                     "(python -m proxy requests list --status pending)")
+        lines.append(
+            f"\n… and {len(requests) - PENDING_LIST_MAX} more (python -m proxy requests list --status pending)"
+        )
     lines.append("\nDecide with the buttons on each request's message.")
     return "\n".join(lines)
 
 
 def buttons(request_id: str) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[
-        InlineKeyboardButton("Approve", callback_data=f"a:{request_id}"),
-        InlineKeyboardButton("Deny", callback_data=f"d:{request_id}"),
-    ]])
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton("Approve", callback_data=f"a:{request_id}"),
+                InlineKeyboardButton("Deny", callback_data=f"d:{request_id}"),
+            ]
+        ]
+    )
 
 
 def _retry_after_seconds(exc: RetryAfter) -> float:
@@ -260,17 +272,24 @@ def _unavailable(exc: TelegramError, chat_id: int) -> TelegramUnavailable:
         seconds = _retry_after_seconds(exc)
         return TelegramUnavailable(f"asks us to slow down for {seconds:g} s", seconds)
     if isinstance(exc, ChatMigrated):
-        return TelegramUnavailable(f"chat {chat_id} became a supergroup; set SECRET_PROXY_TELEGRAM_CHAT_ID "
-                                   f"to {exc.new_chat_id} and restart the proxy")
+        return TelegramUnavailable(
+            f"chat {chat_id} became a supergroup; set SECRET_PROXY_TELEGRAM_CHAT_ID "
+            f"to {exc.new_chat_id} and restart the proxy"
+        )
     if isinstance(exc, InvalidToken):
-        return TelegramUnavailable("rejected the bot token; check SECRET_PROXY_TELEGRAM_TOKEN "
-                                   "(BotFather's /token) and restart the proxy")
+        return TelegramUnavailable(
+            "rejected the bot token; check SECRET_PROXY_TELEGRAM_TOKEN (BotFather's /token) and restart the proxy"
+        )
     if isinstance(exc, (Forbidden, BadRequest)):
-        return TelegramUnavailable(f"refused to write in chat {chat_id} ({_short(exc.message)}); "
-                                   "add the bot to that chat and check SECRET_PROXY_TELEGRAM_CHAT_ID")
+        return TelegramUnavailable(
+            f"refused to write in chat {chat_id} ({_short(exc.message)}); "
+            "add the bot to that chat and check SECRET_PROXY_TELEGRAM_CHAT_ID"
+        )
     if isinstance(exc, Conflict):
-        return TelegramUnavailable("another process is polling with this bot token (409 Conflict); "
-                                   "run one proxy per bot, or give each its own bot")
+        return TelegramUnavailable(
+            "another process is polling with this bot token (409 Conflict); "
+            "run one proxy per bot, or give each its own bot"
+        )
     return TelegramUnavailable(f"unreachable ({type(exc).__name__}: {_short(exc.message)})")
 
 
@@ -281,8 +300,17 @@ def _short(text: str, limit: int = 160) -> str:
 
 def _chat_level(exc: BadRequest) -> bool:
     text = exc.message.lower()
-    return any(s in text for s in ("chat not found", "rights", "chat_write_forbidden", "bot is not a member",
-                                   "have no rights", "not enough rights"))
+    return any(
+        s in text
+        for s in (
+            "chat not found",
+            "rights",
+            "chat_write_forbidden",
+            "bot is not a member",
+            "have no rights",
+            "not enough rights",
+        )
+    )
 
 
 class TelegramChannel:
@@ -325,12 +353,20 @@ class TelegramChannel:
         self._ready = asyncio.Event()
         self._app = self._build_application()
         if not self.approvers:
-            log.warning("SECRET_PROXY_TELEGRAM_APPROVERS is empty: every tap will be refused; set it to the "
-                        "approvers' Telegram user ids (comma-separated)")
-        log.info("Telegram approvals in chat %s by %d approver(s) via %s (long polling)",
-                 self.chat_id, len(self.approvers), self.api_url)
-        self._tasks = [asyncio.create_task(self._connect(), name="telegram-connect"),
-                       asyncio.create_task(self._sync_forever(), name="telegram-sync")]
+            log.warning(
+                "SECRET_PROXY_TELEGRAM_APPROVERS is empty: every tap will be refused; set it to the "
+                "approvers' Telegram user ids (comma-separated)"
+            )
+        log.info(
+            "Telegram approvals in chat %s by %d approver(s) via %s (long polling)",
+            self.chat_id,
+            len(self.approvers),
+            self.api_url,
+        )
+        self._tasks = [
+            asyncio.create_task(self._connect(), name="telegram-connect"),
+            asyncio.create_task(self._sync_forever(), name="telegram-sync"),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -369,8 +405,13 @@ class TelegramChannel:
             .token(self._token)
             .base_url(f"{self.api_url}/bot")
             .base_file_url(f"{self.api_url}/file/bot")
-            .connect_timeout(5).read_timeout(10).write_timeout(10).pool_timeout(5)
-            .get_updates_connect_timeout(5).get_updates_read_timeout(5).get_updates_pool_timeout(5)
+            .connect_timeout(5)
+            .read_timeout(10)
+            .write_timeout(10)
+            .pool_timeout(5)
+            .get_updates_connect_timeout(5)
+            .get_updates_read_timeout(5)
+            .get_updates_pool_timeout(5)
             .job_queue(None)
             .build()
         )
@@ -421,22 +462,34 @@ class TelegramChannel:
                 )
                 break
             except (TelegramError, OSError) as exc:
-                problem = _unavailable(exc, self.chat_id) if isinstance(exc, TelegramError) else \
-                    TelegramUnavailable(f"unreachable ({type(exc).__name__})")
+                problem = (
+                    _unavailable(exc, self.chat_id)
+                    if isinstance(exc, TelegramError)
+                    else TelegramUnavailable(f"unreachable ({type(exc).__name__})")
+                )
                 delay = max(backoff.next_delay(), problem.retry_after)
                 # Once per kind of problem: an outage must not flood the log.
-                level = logging.DEBUG if str(problem) == last_problem else (
-                    logging.ERROR if isinstance(exc, InvalidToken) else logging.WARNING)
+                level = (
+                    logging.DEBUG
+                    if str(problem) == last_problem
+                    else (logging.ERROR if isinstance(exc, InvalidToken) else logging.WARNING)
+                )
                 last_problem = str(problem)
-                log.log(level, "Telegram: cannot start the bot: %s; retrying in %.1f s. Requests are still "
-                               "created and `python -m proxy approve|deny ID` still decides them.", problem, delay)
+                log.log(
+                    level,
+                    "Telegram: cannot start the bot: %s; retrying in %.1f s. Requests are still "
+                    "created and `python -m proxy approve|deny ID` still decides them.",
+                    problem,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         log.info("Telegram: bot @%s is polling for updates", app.bot.username)
         self._ready.set()
         try:
             # Only a convenience (the command menu); /pending works without it.
-            await app.bot.set_my_commands([BotCommand("pending", "List requests waiting for a decision")],
-                                          scope=BotCommandScopeChat(self.chat_id))
+            await app.bot.set_my_commands(
+                [BotCommand("pending", "List requests waiting for a decision")], scope=BotCommandScopeChat(self.chat_id)
+            )
         except TelegramError as exc:
             log.debug("Telegram: could not register the /pending command (%s)", exc.message)
 
@@ -445,13 +498,16 @@ class TelegramChannel:
         now = time.monotonic()
         if now - self._last_poll_warning > 60:
             self._last_poll_warning = now
-            log.warning("Telegram: polling for taps failed: %s; retrying",
-                        _unavailable(exc, self.chat_id))
+            log.warning("Telegram: polling for taps failed: %s; retrying", _unavailable(exc, self.chat_id))
 
     async def _on_handler_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         error = context.error
-        log.error("Telegram: handling an update failed: %s: %s", type(error).__name__, error,
-                  exc_info=error if not isinstance(error, TelegramError) else None)
+        log.error(
+            "Telegram: handling an update failed: %s: %s",
+            type(error).__name__,
+            error,
+            exc_info=error if not isinstance(error, TelegramError) else None,
+        )
 
     # -- keeping the chat in step with the database -----------------------------------------
     async def _sync_forever(self) -> None:
@@ -465,8 +521,13 @@ class TelegramChannel:
             except TelegramUnavailable as problem:
                 delay = max(backoff.next_delay(), problem.retry_after)
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
-                log.log(level, "Telegram: %s; retrying in %.1f s. Requests are still created and "
-                               "`python -m proxy approve|deny ID` still decides them.", problem, delay)
+                log.log(
+                    level,
+                    "Telegram: %s; retrying in %.1f s. Requests are still created and "
+                    "`python -m proxy approve|deny ID` still decides them.",
+                    problem,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             except Exception:  # a bug here must not end the loop that keeps the chat honest
@@ -512,8 +573,12 @@ class TelegramChannel:
         assert self._app is not None
         try:
             message = await self._app.bot.send_message(
-                self.chat_id, render_pending(req, self.store.get_call(req.id)), parse_mode=ParseMode.HTML,
-                reply_markup=buttons(req.id), link_preview_options=NO_PREVIEW)
+                self.chat_id,
+                render_pending(req, self.store.get_call(req.id)),
+                parse_mode=ParseMode.HTML,
+                reply_markup=buttons(req.id),
+                link_preview_options=NO_PREVIEW,
+            )
         except BadRequest as exc:
             if _chat_level(exc):
                 raise _unavailable(exc, self.chat_id) from None
@@ -527,15 +592,21 @@ class TelegramChannel:
         assert self._app is not None
         try:
             await self._app.bot.edit_message_text(
-                render_closed(req, self._names, self.store.get_call(req.id)), chat_id=chat_id, message_id=message_id,
-                parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW, reply_markup=None)
+                render_closed(req, self._names, self.store.get_call(req.id)),
+                chat_id=chat_id,
+                message_id=message_id,
+                parse_mode=ParseMode.HTML,
+                link_preview_options=NO_PREVIEW,
+                reply_markup=None,
+            )
         except BadRequest as exc:
             text = exc.message.lower()
             if "not modified" in text:
                 pass  # already shows the outcome (an edit whose answer was lost)
             elif "not found" in text or "can't be edited" in text:
-                log.warning("Telegram: the message for %s is gone or too old to edit (%s); leaving it",
-                            req.id, exc.message)
+                log.warning(
+                    "Telegram: the message for %s is gone or too old to edit (%s); leaving it", req.id, exc.message
+                )
             elif _chat_level(exc):
                 raise _unavailable(exc, chat_id) from None
             elif not self._refused_once(f"close:{req.id}", f"closing the message for {req.id}", exc):
@@ -551,8 +622,12 @@ class TelegramChannel:
             log.warning("Telegram refused %s (%s); will retry", what, exc.message)
             return False
         self._given_up.add(key)
-        log.error("Telegram refused %s %d times (%s); giving up on it. Decide with `python -m proxy "
-                  "approve|deny ID`.", what, self._attempts[key], exc.message)
+        log.error(
+            "Telegram refused %s %d times (%s); giving up on it. Decide with `python -m proxy approve|deny ID`.",
+            what,
+            self._attempts[key],
+            exc.message,
+        )
         return True
 
     # -- taps -----------------------------------------------------------------------------
@@ -595,12 +670,20 @@ class TelegramChannel:
             detail["data"] = data[:64]
         if req is not None and code in ("already_decided", "expired"):
             detail["status"] = req.status
-        await self.state.write(self.store.record, actor, "decision.refused", request_id,
-                               req.secret if req is not None else None, **detail)
+        await self.state.write(
+            self.store.record, actor, "decision.refused", request_id, req.secret if req is not None else None, **detail
+        )
         await self._answer(query.id, REFUSALS[code], alert=True)
 
-    def _refusal(self, user_id: int, chat_id: int | None, message_id: int | None, parsed: bool,
-                 request_id: str | None, req: Request | None) -> str | None:
+    def _refusal(
+        self,
+        user_id: int,
+        chat_id: int | None,
+        message_id: int | None,
+        parsed: bool,
+        request_id: str | None,
+        req: Request | None,
+    ) -> str | None:
         """Who, where, what, which message, then whether it is still open; None accepts the tap."""
         if user_id not in self.approvers:
             return "not_an_approver"
@@ -637,17 +720,21 @@ class TelegramChannel:
         message, user, chat = update.effective_message, update.effective_user, update.effective_chat
         if message is None or user is None or chat is None:
             return
-        code = "not_an_approver" if user.id not in self.approvers else (
-            "wrong_chat" if chat.id != self.chat_id else None)
+        code = (
+            "not_an_approver" if user.id not in self.approvers else ("wrong_chat" if chat.id != self.chat_id else None)
+        )
         if code is not None:
-            await self.state.write(self.store.record, f"telegram:{user.id}", "pending.refused", None, None,
-                                   code=code, chat_id=chat.id)
-            text = ("Only approvers can list pending requests." if code == "not_an_approver"
-                    else "Pending requests are listed only in the approvers' chat.")
+            await self.state.write(
+                self.store.record, f"telegram:{user.id}", "pending.refused", None, None, code=code, chat_id=chat.id
+            )
+            text = (
+                "Only approvers can list pending requests."
+                if code == "not_an_approver"
+                else "Pending requests are listed only in the approvers' chat."
+            )
         else:
             text = render_pending_list(await self.state.write(self.store.list_requests, "pending"))
         try:
-            await message.reply_text(text, parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW,
-                                     do_quote=False)
+            await message.reply_text(text, parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW, do_quote=False)
         except TelegramError as exc:
             log.warning("Telegram: could not answer /pending (%s)", exc.message)

@@ -48,13 +48,18 @@ class DirectoryWatch:
             return False
         fd = init(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            log.warning("inotify unavailable (%s); waiting agents learn of CLI decisions by polling",
-                        os.strerror(ctypes.get_errno()))
+            log.warning(
+                "inotify unavailable (%s); waiting agents learn of CLI decisions by polling",
+                os.strerror(ctypes.get_errno()),
+            )
             return False
         mask = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
         if add_watch(fd, os.fsencode(self.directory), mask) < 0:
-            log.warning("cannot watch %s (%s); waiting agents learn of CLI decisions by polling",
-                        self.directory, os.strerror(ctypes.get_errno()))
+            log.warning(
+                "cannot watch %s (%s); waiting agents learn of CLI decisions by polling",
+                self.directory,
+                os.strerror(ctypes.get_errno()),
+            )
             os.close(fd)
             return False
         self._fd = fd

@@ -45,8 +45,20 @@ AGENT_TOOL = str(ROOT / "proxy/agent")  # the agent's command, run by Debian's p
 AGENT_NAME = "demo-agent"
 QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
 # How this machine reaches PyPI and Debian (proxy, CA bundle, index) is the machine's, not root's: the agent gets it.
-NETWORK_ENV = {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
-               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"}
+NETWORK_ENV = {
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+}
 
 # What the agent runs: Debian's python3 in isolated mode, so nothing of the host's is on its path.
 # argv: METHOD URL TOKEN [TIMES]; body on stdin; prints [[status, body text], ...].
@@ -70,24 +82,35 @@ print(json.dumps(replies))
 
 def agent_env(user: str) -> dict[str, str]:
     """A plain environment for the agent user: nothing of root's but how the machine reaches the network."""
-    env = {"HOME": pwd.getpwnam(user).pw_dir, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "USER": user}
+    env = {"HOME": pwd.getpwnam(user).pw_dir, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "USER": user}
     env.update({k: v for k, v in os.environ.items() if k in NETWORK_ENV or k.startswith(("UV_", "PIP_INDEX"))})
     return env
 
 
-def run_as_agent(user: str, argv: list[str], *, stdin: str = "", capture: bool = True,
-                 timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_as_agent(
+    user: str, argv: list[str], *, stdin: str = "", capture: bool = True, timeout: float = 1800
+) -> subprocess.CompletedProcess:
     env = agent_env(user)
-    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
-                          input=stdin, capture_output=capture, text=True, timeout=timeout, cwd=env["HOME"])
+    return subprocess.run(
+        ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+        input=stdin,
+        capture_output=capture,
+        text=True,
+        timeout=timeout,
+        cwd=env["HOME"],
+    )
 
 
-def agent_http(user: str, method: str, url: str, token: str = "", body: dict | None = None,
-               times: int = 1) -> list[tuple[int, str]]:
+def agent_http(
+    user: str, method: str, url: str, token: str = "", body: dict | None = None, times: int = 1
+) -> list[tuple[int, str]]:
     """`times` HTTP calls made by the agent user, each reply as (status, body text)."""
-    result = run_as_agent(user, ["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
-                          stdin=json.dumps(body) if body else "", timeout=300)
+    result = run_as_agent(
+        user,
+        ["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
+        stdin=json.dumps(body) if body else "",
+        timeout=300,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"the agent's HTTP call failed: {result.stderr.strip()}")
     return [(status, text) for status, text in json.loads(result.stdout)]
@@ -102,8 +125,12 @@ AGENT_TRY = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agent-user", default="agent")
-    p.add_argument("--agent-state", type=Path, default=None,
-                   help="the agent's vm_image state directory (default: its own default); the token goes there too")
+    p.add_argument(
+        "--agent-state",
+        type=Path,
+        default=None,
+        help="the agent's vm_image state directory (default: its own default); the token goes there too",
+    )
     p.add_argument("--host-dir", type=Path, default=Path("/var/lib/secret-proxy-vm"))
     p.add_argument("--port", type=int, default=3737, help="the proxy's port on 127.0.0.1")
     p.add_argument("--agent-ssh-port", type=int, default=2222)
@@ -122,8 +149,9 @@ class Demo:
         self.url = f"http://127.0.0.1:{args.port}"
 
     # -- the roles ---------------------------------------------------------------------------
-    def as_agent(self, argv: list[str], stdin: str = "", capture: bool = True,
-                 timeout: float = 1800) -> subprocess.CompletedProcess:
+    def as_agent(
+        self, argv: list[str], stdin: str = "", capture: bool = True, timeout: float = 1800
+    ) -> subprocess.CompletedProcess:
         return run_as_agent(self.user, argv, stdin=stdin, capture=capture, timeout=timeout)
 
     def agent_http(self, method: str, path: str, token: str, body: dict | None = None) -> dict:
@@ -136,10 +164,33 @@ class Demo:
     def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
         # ssh hands the remote shell one string: quote each word so spaces and braces arrive as given.
         return subprocess.run(
-            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-             "-o", f"UserKnownHostsFile={self.host_dir / 'known_hosts'}", "-o", "IdentitiesOnly=yes",
-             "-o", "LogLevel=ERROR", "-i", str(self.host_dir / "host_key"), "-p", str(self.args.host_ssh_port),
-             "proxy@127.0.0.1", "--", shlex.join(remote)], input=stdin, capture_output=True, text=True, timeout=120)
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={self.host_dir / 'known_hosts'}",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-i",
+                str(self.host_dir / "host_key"),
+                "-p",
+                str(self.args.host_ssh_port),
+                "proxy@127.0.0.1",
+                "--",
+                shlex.join(remote),
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     @property
     def agent_state(self) -> Path:
@@ -156,17 +207,44 @@ class Demo:
         started = time.monotonic()
         with self.steps.step(f"agent ({self.user}): build the image and start the VM — python -m vm_image up"):
             self.ensure_agent_user()
-            up = self.as_agent([PYTHON, "-m", "vm_image", "up", "--state-dir", str(self.agent_state),
-                                "--port", str(self.args.port), "--ssh-port", str(self.args.agent_ssh_port)],
-                               capture=False)
+            up = self.as_agent(
+                [
+                    PYTHON,
+                    "-m",
+                    "vm_image",
+                    "up",
+                    "--state-dir",
+                    str(self.agent_state),
+                    "--port",
+                    str(self.args.port),
+                    "--ssh-port",
+                    str(self.args.agent_ssh_port),
+                ],
+                capture=False,
+            )
             if up.returncode != 0:
                 raise SystemExit("demo: vm_image up failed (its error is above)")
         ready = self.agent_state / "run/ready"
         with self.steps.step("host (root): take the VM over — python -m takeover run") as note:
             token_file = self.host_dir / f"agent-{AGENT_NAME}.token"
-            argv = [PYTHON, "-m", "takeover", "run", "--ready-file", str(ready), "--host-dir", str(self.host_dir),
-                    "--ssh-listen", f"127.0.0.1:{self.args.host_ssh_port}", "--agent-name", AGENT_NAME,
-                    "--agent-secrets", "demo-*", "--token-file", str(token_file)]
+            argv = [
+                PYTHON,
+                "-m",
+                "takeover",
+                "run",
+                "--ready-file",
+                str(ready),
+                "--host-dir",
+                str(self.host_dir),
+                "--ssh-listen",
+                f"127.0.0.1:{self.args.host_ssh_port}",
+                "--agent-name",
+                AGENT_NAME,
+                "--agent-secrets",
+                "demo-*",
+                "--token-file",
+                str(token_file),
+            ]
             telegram = self.telegram_config()
             if telegram:
                 argv += ["--proxy-config", str(telegram)]
@@ -176,8 +254,10 @@ class Demo:
                     argv += ["--allow-telegram-api-url", os.environ["SECRET_PROXY_TELEGRAM_API_URL"]]
                 note("Telegram settings from SECRET_PROXY_TELEGRAM_* go into the VM (0600, owner proxy)")
             if subprocess.run(argv, cwd=ROOT).returncode != 0:
-                raise SystemExit("demo: the takeover failed (its error is above); `python -m takeover rollback` "
-                                 "brings the agent's VM back")
+                raise SystemExit(
+                    "demo: the takeover failed (its error is above); `python -m takeover rollback` "
+                    "brings the agent's VM back"
+                )
         with self.steps.step(f"host: store the secret {SECRET_NAME!r} through the host's SSH key") as note:
             value = "sk-demo-" + secrets.token_urlsafe(24)
             self.api_token = "sk-api-" + secrets.token_urlsafe(24)
@@ -185,18 +265,33 @@ class Demo:
             stored = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "set", SECRET_NAME, stdin=value)
             if stored.returncode != 0:
                 raise SystemExit(f"demo: storing the secret failed: {stored.stderr.strip()}")
-            note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
-                 f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)")
+            note(
+                f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
+                f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)"
+            )
             self.api = StandInApi(self.api_token)
-            stored = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "set", BROKERED_NAME,
-                                   "--allow-private", f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/",
-                                   "--inject", "Authorization: Bearer {value}", "--broker-only", stdin=self.api_token)
+            stored = self.host_ssh(
+                "/usr/local/bin/secret-proxy",
+                "secrets",
+                "set",
+                BROKERED_NAME,
+                "--allow-private",
+                f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/",
+                "--inject",
+                "Authorization: Bearer {value}",
+                "--broker-only",
+                stdin=self.api_token,
+            )
             if stored.returncode != 0:
                 raise SystemExit(f"demo: storing the broker-only secret failed: {stored.stderr.strip()}")
-            note(f"$ … secret-proxy secrets set {BROKERED_NAME} --allow-private http://{GUEST_SEES_HOST}:"
-                 f"{self.api.port}/v1/ --inject 'Authorization: Bearer {{value}}' --broker-only < key")
-            note(f"(a stand-in API on this machine at 127.0.0.1:{self.api.port}, {GUEST_SEES_HOST} from the guest: "
-                 "no outside network here)")
+            note(
+                f"$ … secret-proxy secrets set {BROKERED_NAME} --allow-private http://{GUEST_SEES_HOST}:"
+                f"{self.api.port}/v1/ --inject 'Authorization: Bearer {{value}}' --broker-only < key"
+            )
+            note(
+                f"(a stand-in API on this machine at 127.0.0.1:{self.api.port}, {GUEST_SEES_HOST} from the guest: "
+                "no outside network here)"
+            )
             self.hand_token_to_agent(token_file)
             token = self.token
             note(f"the agent's token is in {self.agent_token_file} (0600, {self.user})")
@@ -220,20 +315,25 @@ class Demo:
             note(f"GET …/{request_id}/secret again → {again['status']} {again['body'].get('error')}")
             if again["status"] != 410:
                 raise SystemExit("demo: a second retrieval was not refused")
-        with self.steps.step(f"agent: use {BROKERED_NAME!r} in one API call, never holding it — "
-                             "secret-proxy-agent call") as note:
+        with self.steps.step(
+            f"agent: use {BROKERED_NAME!r} in one API call, never holding it — secret-proxy-agent call"
+        ) as note:
             self.brokered_call(note, bool(telegram))
         with self.steps.step("agent: every other way in is closed") as note:
             self.check_agent_is_locked_out(note)
         with self.steps.step("where everything is") as note:
             note(f"proxy for the agent: {self.url}  (token in {self.agent_token_file})")
             note(f"the host's VM: {self.host_dir} (disk, monitor, keys, report.json)")
-            note(f"operate it: ssh -i {self.host_dir}/host_key -o UserKnownHostsFile={self.host_dir}/known_hosts "
-                 f"-p {self.args.host_ssh_port} proxy@127.0.0.1 secret-proxy --help")
+            note(
+                f"operate it: ssh -i {self.host_dir}/host_key -o UserKnownHostsFile={self.host_dir}/known_hosts "
+                f"-p {self.args.host_ssh_port} proxy@127.0.0.1 secret-proxy --help"
+            )
             note(f"stop it: {PYTHON} -m takeover stop --host-dir {self.host_dir}")
             note("remove everything the demo made: make clean")
-        print(f"\ndemo complete in {time.monotonic() - started:.0f} s; step times: "
-              + ", ".join(f"{s:.0f} s" for s in self.steps.seconds.values()))
+        print(
+            f"\ndemo complete in {time.monotonic() - started:.0f} s; step times: "
+            + ", ".join(f"{s:.0f} s" for s in self.steps.seconds.values())
+        )
 
     def ensure_agent_user(self) -> None:
         try:
@@ -244,11 +344,15 @@ class Demo:
     def telegram_config(self) -> Path | None:
         if not os.environ.get("SECRET_PROXY_TELEGRAM_TOKEN"):
             return None
-        lines = [f"telegram_token = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_TOKEN'])}",
-                 f"telegram_chat_id = {int(os.environ.get('SECRET_PROXY_TELEGRAM_CHAT_ID', '0'))}",
-                 "telegram_approvers = [" + ", ".join(
-                     str(int(x)) for x in os.environ.get("SECRET_PROXY_TELEGRAM_APPROVERS", "").split(",") if x.strip())
-                 + "]"]
+        lines = [
+            f"telegram_token = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_TOKEN'])}",
+            f"telegram_chat_id = {int(os.environ.get('SECRET_PROXY_TELEGRAM_CHAT_ID', '0'))}",
+            "telegram_approvers = ["
+            + ", ".join(
+                str(int(x)) for x in os.environ.get("SECRET_PROXY_TELEGRAM_APPROVERS", "").split(",") if x.strip()
+            )
+            + "]",
+        ]
         if os.environ.get("SECRET_PROXY_TELEGRAM_API_URL"):
             lines.append(f"telegram_api_url = {json.dumps(os.environ['SECRET_PROXY_TELEGRAM_API_URL'])}")
         path = telegram_config_path(self.args)
@@ -276,8 +380,10 @@ class Demo:
             return
         command = ["/usr/local/bin/secret-proxy", "approve", request_id]
         note("no Telegram configured: the CLI approval channel, over the host's SSH key:")
-        note(f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
-             f"secret-proxy approve {request_id}")
+        note(
+            f"$ ssh -i {self.host_dir}/host_key -p {self.args.host_ssh_port} proxy@127.0.0.1 "
+            f"secret-proxy approve {request_id}"
+        )
         done = self.host_ssh(*command)
         if done.returncode != 0:
             raise SystemExit(f"demo: approving failed: {done.stderr.strip()}")
@@ -285,12 +391,31 @@ class Demo:
     # -- the agent's command -----------------------------------------------------------------
     def agent_tool(self, *args: str) -> subprocess.Popen:
         """`secret-proxy-agent ARGS` as the agent: Debian's python3, nothing installed, only its token file."""
-        env = {**agent_env(self.user), "SECRET_PROXY_URL": self.url,
-               "SECRET_PROXY_TOKEN_FILE": str(self.agent_token_file)}
-        return subprocess.Popen(["runuser", "-u", self.user, "--", "env", "-i",
-                                 *(f"{k}={v}" for k, v in env.items()), "/usr/bin/python3", "-I", AGENT_TOOL, *args],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=env["HOME"])
+        env = {
+            **agent_env(self.user),
+            "SECRET_PROXY_URL": self.url,
+            "SECRET_PROXY_TOKEN_FILE": str(self.agent_token_file),
+        }
+        return subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                self.user,
+                "--",
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in env.items()),
+                "/usr/bin/python3",
+                "-I",
+                AGENT_TOOL,
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=env["HOME"],
+        )
 
     def request_id_from(self, tool: subprocess.Popen, note) -> str:
         """The request id the agent's command prints on stderr when it has asked."""
@@ -320,8 +445,9 @@ class Demo:
         if not self.api.calls or not self.api.calls[-1]["authorized"]:
             raise SystemExit("demo: the API did not receive the key")
         note(f"the API saw {len(self.api.calls)} call, with the right key; the agent never held it")
-        tried = self.agent_http("POST", "/v1/requests", self.token,
-                                {"secret": BROKERED_NAME, "reason": "demo: may I just have it?"})
+        tried = self.agent_http(
+            "POST", "/v1/requests", self.token, {"secret": BROKERED_NAME, "reason": "demo: may I just have it?"}
+        )
         note(f"asking to retrieve {BROKERED_NAME} instead → {tried['status']} {tried['body'].get('error')}")
         if tried["status"] < 400:
             raise SystemExit("demo: a broker-only secret could be asked for retrieval")
@@ -335,9 +461,28 @@ class Demo:
             if tried.returncode == 0:
                 raise SystemExit(f"demo: the agent could {what}")
         setup_key = self.agent_state / "image/setup_key"
-        login = self.as_agent(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                               "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-i", str(setup_key),
-                               "-p", str(self.args.host_ssh_port), "proxy@127.0.0.1", "true"], timeout=60)
+        login = self.as_agent(
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-i",
+                str(setup_key),
+                "-p",
+                str(self.args.host_ssh_port),
+                "proxy@127.0.0.1",
+                "true",
+            ],
+            timeout=60,
+        )
         note(f"SSH with its setup key: {(login.stderr.strip().splitlines() or ['logged in'])[-1]}")
         if login.returncode == 0:
             raise SystemExit("demo: the agent's setup key still logs in")
@@ -363,8 +508,12 @@ class StandInApi:
             def do_GET(self) -> None:  # noqa: N802 - the http.server interface
                 authorized = secrets.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}")
                 api.calls.append({"path": self.path, "authorized": authorized})
-                body = json.dumps({"user": "demo-agent@example" if authorized else None,
-                                   "authorization_received": self.headers.get("Authorization", "")}).encode()
+                body = json.dumps(
+                    {
+                        "user": "demo-agent@example" if authorized else None,
+                        "authorization_received": self.headers.get("Authorization", ""),
+                    }
+                ).encode()
                 self.send_response(200 if authorized else 401)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -394,13 +543,28 @@ def agent_state_dir(user: str) -> Path | None:
 
 def reset(args: argparse.Namespace) -> None:
     """Stop both VMs and remove the host's directory; keep the agent's build cache (a second run starts here)."""
-    subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT,
-                   capture_output=True)
+    subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT, capture_output=True)
     shutil.rmtree(args.host_dir, ignore_errors=True)
     state = args.agent_state or agent_state_dir(args.agent_user)
     if state is not None and state.exists():
-        subprocess.run(["runuser", "-u", args.agent_user, "--", PYTHON, "-m", "vm_image", "stop", "--state-dir",
-                        str(state), "--timeout", "20"], cwd="/", capture_output=True)
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                args.agent_user,
+                "--",
+                PYTHON,
+                "-m",
+                "vm_image",
+                "stop",
+                "--state-dir",
+                str(state),
+                "--timeout",
+                "20",
+            ],
+            cwd="/",
+            capture_output=True,
+        )
 
 
 def clean(args: argparse.Namespace) -> None:

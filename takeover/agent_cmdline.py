@@ -26,8 +26,8 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import UnsafeCommandLine
 
@@ -59,12 +59,16 @@ def check_options(args: list[str], owner: int) -> Checked:
         arg = args[i]
         if not arg.startswith("-") or arg == "-":
             # QEMU takes a bare argument as the first hard disk: a file we would not have checked.
-            raise UnsafeCommandLine(f"the agent's QEMU command line has a bare argument {arg!r}; a rollback "
-                                    f"does not replay it", hint=_HINT)
+            raise UnsafeCommandLine(
+                f"the agent's QEMU command line has a bare argument {arg!r}; a rollback does not replay it", hint=_HINT
+            )
         option = "-" + arg.lstrip("-")
         if option not in ALLOWED:
-            raise UnsafeCommandLine(f"the agent's QEMU command line uses {arg!r}, which a rollback does not "
-                                    f"replay (only the options vm_image itself uses are replayed)", hint=_HINT)
+            raise UnsafeCommandLine(
+                f"the agent's QEMU command line uses {arg!r}, which a rollback does not "
+                f"replay (only the options vm_image itself uses are replayed)",
+                hint=_HINT,
+            )
         check = ALLOWED[option]
         if check is None:
             i += 1
@@ -75,14 +79,17 @@ def check_options(args: list[str], owner: int) -> Checked:
         try:
             check(value, owner, checked)
         except Refused as exc:
-            raise UnsafeCommandLine(f"the agent's QEMU command line has {arg} {value!r}: {exc}; a rollback "
-                                    f"does not replay it", hint=_HINT) from None
+            raise UnsafeCommandLine(
+                f"the agent's QEMU command line has {arg} {value!r}: {exc}; a rollback does not replay it", hint=_HINT
+            ) from None
         i += 2
     return checked
 
 
-_HINT = ("stop the agent's VM and start it again with `python -m vm_image launch` (its own, plain command line: "
-         "files in the agent's state directory, no host devices or terminals), then rerun the takeover")
+_HINT = (
+    "stop the agent's VM and start it again with `python -m vm_image launch` (its own, plain command line: "
+    "files in the agent's state directory, no host devices or terminals), then rerun the takeover"
+)
 
 
 # -- value shapes ---------------------------------------------------------------------------------
@@ -94,6 +101,7 @@ def _word(pattern: re.Pattern[str] = WORD, choices: frozenset[str] | None = None
             raise Refused(f"only {', '.join(sorted(choices))} is replayed")
         if not pattern.fullmatch(value):
             raise Refused("the value has characters a rollback does not replay")
+
     return check
 
 
@@ -133,6 +141,7 @@ def _props(head: Check | None, keys: dict[str, Check], required: tuple[str, ...]
         missing = [k for k in required if k not in seen]
         if missing:
             raise Refused(f"it has no {', '.join(missing)}=")
+
     return check
 
 
@@ -157,16 +166,19 @@ def _hostfwd(value: str, owner: int, checked: Checked) -> None:
 
 def _chardev(kinds: frozenset[str]) -> Check:
     """-serial / -qmp / -monitor: only a file or unix socket of the agent's, or nothing; never a terminal."""
-    unix = _props(None, {"server": _word(choices=frozenset({"on", "off"})),
-                         "wait": _word(choices=frozenset({"on", "off"}))})
+    unix = _props(
+        None, {"server": _word(choices=frozenset({"on", "off"})), "wait": _word(choices=frozenset({"on", "off"}))}
+    )
 
     def check(value: str, owner: int, checked: Checked) -> None:
         if value in ("none", "null"):
             return
         backend, colon, rest = value.partition(":")
         if not colon or backend not in kinds:
-            raise Refused(f"only {', '.join(f'{k}:PATH' for k in sorted(kinds))} or none is replayed "
-                          f"(no terminal, stdio, pty, pipe, network or host device)")
+            raise Refused(
+                f"only {', '.join(f'{k}:PATH' for k in sorted(kinds))} or none is replayed "
+                f"(no terminal, stdio, pty, pipe, network or host device)"
+            )
         path, _, options = rest.partition(",")
         if backend == "file":
             if options:
@@ -176,6 +188,7 @@ def _chardev(kinds: frozenset[str]) -> Check:
             agent_path(path, owner, may_be_missing=True, kind=stat.S_ISSOCK)
             if options:
                 unix(options, owner, checked)
+
     return check
 
 
@@ -198,8 +211,9 @@ def agent_path(text: str, owner: int, *, may_be_missing: bool, kind: Callable[[i
         except OSError:
             raise Refused(f"{text!r}: its directory does not exist") from None
         if not stat.S_ISDIR(pst.st_mode) or pst.st_uid != owner:
-            raise Refused(f"{text!r} would be created in {parent}, which is not a directory of the agent's "
-                          f"(uid {owner})")
+            raise Refused(
+                f"{text!r} would be created in {parent}, which is not a directory of the agent's (uid {owner})"
+            ) from None
         return
     except OSError as exc:
         raise Refused(f"{text!r} cannot be examined ({exc.strerror})") from None
@@ -234,22 +248,29 @@ ALLOWED: dict[str, Check | None] = {
     "-initrd": _agent_file,
     "-append": _any_text,
     # The disk (and the cloud-init seed for --base-image): image files of the agent's, qcow2 or raw.
-    "-drive": _props(None, {
-        "file": _drive_file,
-        "if": _word(choices=frozenset({"virtio", "none", "ide"})),
-        "format": _word(choices=frozenset({"qcow2", "raw"})),
-        "discard": _word(choices=frozenset({"unmap", "ignore", "on", "off"})),
-        "readonly": _word(choices=frozenset({"on", "off"})),
-        "cache": _word(choices=frozenset({"none", "writeback", "writethrough", "directsync", "unsafe"})),
-        "id": _word(),
-    }, required=("file",)),
+    "-drive": _props(
+        None,
+        {
+            "file": _drive_file,
+            "if": _word(choices=frozenset({"virtio", "none", "ide"})),
+            "format": _word(choices=frozenset({"qcow2", "raw"})),
+            "discard": _word(choices=frozenset({"unmap", "ignore", "on", "off"})),
+            "readonly": _word(choices=frozenset({"on", "off"})),
+            "cache": _word(choices=frozenset({"none", "writeback", "writethrough", "directsync", "unsafe"})),
+            "id": _word(),
+        },
+        required=("file",),
+    ),
     # User-mode network with TCP forwards only: no guestfwd (runs a command), smb, tftp or bootfile.
-    "-netdev": _props(_word(choices=frozenset({"user"})), {"id": _word(), "hostfwd": _hostfwd,
-                                                           "restrict": _word(choices=frozenset({"on", "off"}))}),
+    "-netdev": _props(
+        _word(choices=frozenset({"user"})),
+        {"id": _word(), "hostfwd": _hostfwd, "restrict": _word(choices=frozenset({"on", "off"}))},
+    ),
     # The guest's NIC, disk and entropy device; none takes a host file (no romfile).
-    "-device": _props(_word(choices=frozenset({"virtio-net-pci", "virtio-rng-pci", "virtio-blk-pci"})),
-                      {"netdev": _word(), "drive": _word(), "id": _word(), "mac": _word(), "bus": _word(),
-                       "addr": _word()}),
+    "-device": _props(
+        _word(choices=frozenset({"virtio-net-pci", "virtio-rng-pci", "virtio-blk-pci"})),
+        {"netdev": _word(), "drive": _word(), "id": _word(), "mac": _word(), "bus": _word(), "addr": _word()},
+    ),
     # The serial log, the monitor socket and the pidfile: files of the agent's, never a terminal.
     "-serial": _chardev(frozenset({"file"})),
     "-qmp": _chardev(frozenset({"unix"})),

@@ -56,8 +56,9 @@ class HostBoundary:
     host_users: tuple[str, ...]
 
     @classmethod
-    def for_takeover(cls, host_dir: Path, qemu_user: str | None = "secret-proxy-vm",
-                     extra_dirs: tuple[Path, ...] = ()) -> "HostBoundary":
+    def for_takeover(
+        cls, host_dir: Path, qemu_user: str | None = "secret-proxy-vm", extra_dirs: tuple[Path, ...] = ()
+    ) -> HostBoundary:
         users = HOST_QEMU_USERS + ((qemu_user,) if qemu_user else ())
         return cls(host_dirs=(host_dir, *HOST_DIRS, *extra_dirs), host_users=users)
 
@@ -100,15 +101,18 @@ def one_owner(owners: list[tuple[str, int]]) -> int:
 def check_not_host_account(uid: int, boundary: HostBoundary) -> None:
     host = boundary.host_uids()
     if uid in host:
-        raise NotTheAgentsVM(f"the VM the ready file names belongs to {host[uid]}, not to an unprivileged agent; "
-                             f"the takeover only takes a VM that an unprivileged user runs as itself")
+        raise NotTheAgentsVM(
+            f"the VM the ready file names belongs to {host[uid]}, not to an unprivileged agent; "
+            f"the takeover only takes a VM that an unprivileged user runs as itself"
+        )
 
 
 def check_process_ids(uids: tuple[int, ...], gids: tuple[int, ...], owner: int, pid: int) -> None:
     """Every uid of the QEMU (real, effective, saved, filesystem) is the owner's; its gids are all one."""
     if set(uids) != {owner}:
-        raise NotTheAgentsVM(f"QEMU pid {pid} runs as uids {sorted(set(uids))}, but its files are "
-                             f"{user_name(owner)}'s (uid {owner})")
+        raise NotTheAgentsVM(
+            f"QEMU pid {pid} runs as uids {sorted(set(uids))}, but its files are {user_name(owner)}'s (uid {owner})"
+        )
     if len(set(gids)) != 1:
         raise NotTheAgentsVM(f"QEMU pid {pid} runs with several group ids {sorted(set(gids))} (setgid)")
 
@@ -118,8 +122,9 @@ def check_groups(uid: int, process_gids: tuple[int, ...], boundary: HostBoundary
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
-        raise NotTheAgentsVM(f"uid {uid} has no entry in the host's user database, so its groups cannot be "
-                             f"checked") from None
+        raise NotTheAgentsVM(
+            f"uid {uid} has no entry in the host's user database, so its groups cannot be checked"
+        ) from None
     gids = set(os.getgrouplist(entry.pw_name, entry.pw_gid)) | set(process_gids)
     host_groups = boundary.host_groups()
     found = {}
@@ -135,11 +140,13 @@ def check_groups(uid: int, process_gids: tuple[int, ...], boundary: HostBoundary
     if found:
         reasons = "; ".join(f"{name}: {why}" for name, why in found.items())
         commands = " && ".join(f"gpasswd -d {entry.pw_name} {name}" for name in found)
-        raise PrivilegedAgent(f"the agent's user {entry.pw_name} is in the group(s) {', '.join(found)} ({reasons}); "
-                              f"such an agent can read the host's disks or the VM's memory, or is root already, "
-                              f"so no takeover can contain it",
-                              hint=f"`{commands}`, then the agent logs in again and restarts its VM (a running "
-                                   f"process keeps the groups it started with); then rerun")
+        raise PrivilegedAgent(
+            f"the agent's user {entry.pw_name} is in the group(s) {', '.join(found)} ({reasons}); "
+            f"such an agent can read the host's disks or the VM's memory, or is root already, "
+            f"so no takeover can contain it",
+            hint=f"`{commands}`, then the agent logs in again and restarts its VM (a running "
+            f"process keeps the groups it started with); then rerun",
+        )
 
 
 def check_outside_host_dirs(paths: list[tuple[str, Path | None]], boundary: HostBoundary) -> None:
@@ -164,8 +171,10 @@ def check_outside_host_dirs(paths: list[tuple[str, Path | None]], boundary: Host
                 if hit is None and _holds_journal(ancestor):
                     hit = ancestor
                 if hit is not None:
-                    raise NotTheAgentsVM(f"the {what} {str(path)!r} is inside the host directory {str(hit)!r}; "
-                                         f"the takeover never takes (or deletes) the host's own files")
+                    raise NotTheAgentsVM(
+                        f"the {what} {str(path)!r} is inside the host directory {str(hit)!r}; "
+                        f"the takeover never takes (or deletes) the host's own files"
+                    )
 
 
 def _holds_journal(directory: Path) -> bool:
@@ -176,8 +185,14 @@ def _holds_journal(directory: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == 0
 
 
-def agent_file(path: Path, what: str, kind: str, *, missing: type[TakeoverError] = NotTheAgentsVM,
-               wrong_kind: type[TakeoverError] = NotTheAgentsVM) -> os.stat_result:
+def agent_file(
+    path: Path,
+    what: str,
+    kind: str,
+    *,
+    missing: type[TakeoverError] = NotTheAgentsVM,
+    wrong_kind: type[TakeoverError] = NotTheAgentsVM,
+) -> os.stat_result:
     """lstat of one of the agent's files: never through a symlink, and of the expected kind."""
     try:
         st = os.lstat(path)

@@ -22,8 +22,8 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import TakeoverError
 
@@ -34,8 +34,10 @@ OPEN_FILES = 256
 
 
 class SandboxError(TakeoverError):
-    hint = ("the agent's disk is read only as the agent's own user; look at the agent's disk and its backing "
-            "files (as the agent) and rerun `python -m takeover run`, or `python -m takeover rollback`")
+    hint = (
+        "the agent's disk is read only as the agent's own user; look at the agent's disk and its backing "
+        "files (as the agent) and rerun `python -m takeover run`, or `python -m takeover rollback`"
+    )
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,17 @@ class AgentUser:
     groups: tuple[int, ...] = ()
 
     @classmethod
-    def owner_of(cls, st: os.stat_result, what: str) -> "AgentUser":
+    def owner_of(cls, st: os.stat_result, what: str) -> AgentUser:
         """The owner of a file the agent made (its disk): that account's gid and groups, as at login.
 
         Refuses root: a root-owned file is not an agent's, and the sandbox never runs as root.
         """
         if st.st_uid == 0:
-            raise SandboxError(f"{what} is owned by root; the takeover reads an agent's disk only as that "
-                               f"(unprivileged) agent, never as root",
-                               hint="run the agent's VM as the agent's own user, with a disk that user owns")
+            raise SandboxError(
+                f"{what} is owned by root; the takeover reads an agent's disk only as that "
+                f"(unprivileged) agent, never as root",
+                hint="run the agent's VM as the agent's own user, with a disk that user owns",
+            )
         try:
             entry = pwd.getpwuid(st.st_uid)
         except KeyError:  # a uid without an account: only the file's group, no supplementary groups
@@ -82,18 +86,37 @@ def sandbox_argv(argv: list[str], agent: AgentUser, *, cpu_seconds: int) -> list
     return [
         # A new network namespace: only a loopback that is down. The agent's image can name
         # nbd://, http:// or ssh:// "backing files"; none of them can connect anywhere.
-        "unshare", "--net", "--",
+        "unshare",
+        "--net",
+        "--",
         # Hard limits (soft = hard): the sandbox writes no file at all, and cannot grow without bound.
-        "prlimit", "--fsize=0:0", "--core=0:0", f"--as={ADDRESS_SPACE}:{ADDRESS_SPACE}",
-        f"--nofile={OPEN_FILES}:{OPEN_FILES}", f"--cpu={cpu_seconds}:{cpu_seconds}", "--",
-        "setpriv", f"--reuid={agent.uid}", f"--regid={agent.gid}", *groups,
-        "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
+        "prlimit",
+        "--fsize=0:0",
+        "--core=0:0",
+        f"--as={ADDRESS_SPACE}:{ADDRESS_SPACE}",
+        f"--nofile={OPEN_FILES}:{OPEN_FILES}",
+        f"--cpu={cpu_seconds}:{cpu_seconds}",
+        "--",
+        "setpriv",
+        f"--reuid={agent.uid}",
+        f"--regid={agent.gid}",
+        *groups,
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
         *argv,
     ]
 
 
-def run_as_agent(argv: list[str], agent: AgentUser, *, timeout: float, pass_fds: tuple[int, ...] = (),
-                 while_running: Callable[[subprocess.Popen], None] | None = None) -> SandboxResult:
+def run_as_agent(
+    argv: list[str],
+    agent: AgentUser,
+    *,
+    timeout: float,
+    pass_fds: tuple[int, ...] = (),
+    while_running: Callable[[subprocess.Popen], None] | None = None,
+) -> SandboxResult:
     """Run `argv` in the sandbox as `agent`; returns its exit status and (bounded) output.
 
     `while_running`, if given, is called once the process has started (e.g. to serve a socket
@@ -104,16 +127,24 @@ def run_as_agent(argv: list[str], agent: AgentUser, *, timeout: float, pass_fds:
     full = sandbox_argv(argv, agent, cpu_seconds=max(1, int(timeout)))
     deadline = time.monotonic() + timeout
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-    child = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             cwd="/", env=env, close_fds=True, pass_fds=pass_fds, start_new_session=True)
+    child = subprocess.Popen(
+        full,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env=env,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )
     try:
         if while_running is not None:
             while_running(child)
         stdout, stderr = _read_bounded(child, deadline, name)
         returncode = child.wait(max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        raise SandboxError(f"{name} run as the agent did not finish within {timeout:.0f} s "
-                           f"and was killed") from None
+        raise SandboxError(f"{name} run as the agent did not finish within {timeout:.0f} s and was killed") from None
     finally:
         _kill_group(child)
         for pipe in (child.stdout, child.stderr):
@@ -122,27 +153,28 @@ def run_as_agent(argv: list[str], agent: AgentUser, *, timeout: float, pass_fds:
     return SandboxResult(returncode, stdout, stderr)
 
 
-def _read_bounded(child: subprocess.Popen, deadline: float, name: str) -> tuple[bytes, bytes]:
-    out = {child.stdout: bytearray(), child.stderr: bytearray()}
+def _read_bounded(child: subprocess.Popen[bytes], deadline: float, name: str) -> tuple[bytes, bytes]:
+    assert child.stdout is not None and child.stderr is not None  # started with both piped
+    out: dict[int, bytearray] = {child.stdout.fileno(): bytearray(), child.stderr.fileno(): bytearray()}
     total = 0
     with selectors.DefaultSelector() as sel:
-        for pipe in out:
-            os.set_blocking(pipe.fileno(), False)
-            sel.register(pipe, selectors.EVENT_READ)
+        for fd in out:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise subprocess.TimeoutExpired(child.args, 0)
             for key, _ in sel.select(timeout=left):
-                chunk = os.read(key.fileobj.fileno(), 65536)
+                chunk = os.read(key.fd, 65536)
                 if not chunk:
-                    sel.unregister(key.fileobj)
+                    sel.unregister(key.fd)
                     continue
                 total += len(chunk)
                 if total > MAX_OUTPUT:
                     raise SandboxError(f"{name} run as the agent printed more than {MAX_OUTPUT} bytes; killed")
-                out[key.fileobj] += chunk
-    return bytes(out[child.stdout]), bytes(out[child.stderr])
+                out[key.fd] += chunk
+    return bytes(out[child.stdout.fileno()]), bytes(out[child.stderr.fileno()])
 
 
 def _kill_group(child: subprocess.Popen) -> None:

@@ -144,7 +144,7 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
 def _stat_fields(pid: int) -> tuple[int, int, str]:
     """(ppid, start ticks, state) from /proc/PID/stat; the command name may hold spaces and parentheses."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat[stat.rindex(")") + 2:].split()
+    rest = stat[stat.rindex(")") + 2 :].split()
     return int(rest[1]), int(rest[19]), rest[0]
 
 

@@ -27,20 +27,36 @@ from .files import check_safe_path
 APT_ARCHIVES = Path("/var/cache/apt/archives")  # a .deb apt already fetched (and checked) on this host
 # Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a
 # fraction of its size (and shrinks what the guest kernel could be talked into loading).
-MODULE_DIRS_LEFT_OUT = ("kernel/drivers/gpu", "kernel/drivers/net/wireless", "kernel/drivers/media",
-                        "kernel/sound", "kernel/drivers/infiniband", "kernel/drivers/staging",
-                        "kernel/drivers/bluetooth", "kernel/net/bluetooth", "kernel/drivers/iio",
-                        "kernel/drivers/hid", "kernel/drivers/input/touchscreen", "kernel/drivers/usb",
-                        "kernel/drivers/net/ethernet", "kernel/drivers/scsi", "kernel/drivers/isdn",
-                        "kernel/drivers/mtd", "kernel/drivers/nfc", "kernel/net/wireless", "kernel/net/mac80211")
+MODULE_DIRS_LEFT_OUT = (
+    "kernel/drivers/gpu",
+    "kernel/drivers/net/wireless",
+    "kernel/drivers/media",
+    "kernel/sound",
+    "kernel/drivers/infiniband",
+    "kernel/drivers/staging",
+    "kernel/drivers/bluetooth",
+    "kernel/net/bluetooth",
+    "kernel/drivers/iio",
+    "kernel/drivers/hid",
+    "kernel/drivers/input/touchscreen",
+    "kernel/drivers/usb",
+    "kernel/drivers/net/ethernet",
+    "kernel/drivers/scsi",
+    "kernel/drivers/isdn",
+    "kernel/drivers/mtd",
+    "kernel/drivers/nfc",
+    "kernel/net/wireless",
+    "kernel/net/mac80211",
+)
 
 
 class BootFilesError(TakeoverError):
     hint = "check that the Debian kernel package is available (`apt-get download linux-image-amd64` works)"
 
 
-def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | None = None,
-                    append: str | None = None) -> BootFiles:
+def host_boot_files(
+    boot_dir: Path, kernel: Path | None = None, initrd: Path | None = None, append: str | None = None
+) -> BootFiles:
     """Kernel and initrd in `boot_dir` (cached across runs), from vm_image.boot_files.
 
     An operator may name their own kernel and initrd instead (--kernel/--initrd): they are
@@ -58,12 +74,22 @@ def host_boot_files(boot_dir: Path, kernel: Path | None = None, initrd: Path | N
             os.chmod(partial, 0o644)
             os.replace(partial, dst)
             copies.append(dst)
-        return BootFiles(copies[0], copies[1], append or KERNEL_APPEND, kernel_version(copies[0]),
-                         source=f"operator: {kernel}, {initrd}")
+        return BootFiles(
+            copies[0],
+            copies[1],
+            append or KERNEL_APPEND,
+            kernel_version(copies[0]),
+            source=f"operator: {kernel}, {initrd}",
+        )
     with from_vm_image(BootFilesError, "cannot prepare the host's kernel and initrd: "):
         provided = vm_image_boot_files(boot_dir)
-    return BootFiles(provided.kernel, provided.initrd, append or provided.append, kernel_version(provided.kernel),
-                     source="vm_image.boot_files")
+    return BootFiles(
+        provided.kernel,
+        provided.initrd,
+        append or provided.append,
+        kernel_version(provided.kernel),
+        source="vm_image.boot_files",
+    )
 
 
 def kernel_version(kernel: Path) -> str:

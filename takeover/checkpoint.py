@@ -8,9 +8,10 @@ reads a consistent, unlocked file.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vm_image import proc
 
@@ -38,8 +39,10 @@ class CheckpointResult:
 def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
     with Monitor(Path(source.monitor)) as mon:
         if mon.peer.pid != source.pid or not proc.alive(source.pid, source.pid_start_ticks):
-            raise CheckpointError(f"the monitor now belongs to pid {mon.peer.pid}, not the QEMU checked in step 1 "
-                                  f"(pid {source.pid})", hint="rerun `python -m takeover run` to check the VM again")
+            raise CheckpointError(
+                f"the monitor now belongs to pid {mon.peer.pid}, not the QEMU checked in step 1 (pid {source.pid})",
+                hint="rerun `python -m takeover run` to check the VM again",
+            )
         started = time.monotonic()
         commands = {c["name"] for c in mon.execute("query-commands")}
         progress(f"saving snapshot {CHECKPOINT_TAG} (disk and {source.memory_mb} MiB of RAM)")
@@ -57,8 +60,10 @@ def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] =
         except Exception:  # noqa: BLE001 - QEMU may close the socket before answering; we check the pid below
             pass
     if not proc.wait_gone(source.pid, source.pid_start_ticks, QUIT_TIMEOUT):
-        raise CheckpointError(f"QEMU pid {source.pid} did not exit within {QUIT_TIMEOUT:.0f} s after quit",
-                              hint="the snapshot is saved; stop that QEMU and rerun `python -m takeover run`")
+        raise CheckpointError(
+            f"QEMU pid {source.pid} did not exit within {QUIT_TIMEOUT:.0f} s after quit",
+            hint="the snapshot is saved; stop that QEMU and rerun `python -m takeover run`",
+        )
     quit_seconds = time.monotonic() - started
     confirm_checkpoint(source)
     return CheckpointResult(CHECKPOINT_TAG, method, round(save_seconds, 3), round(quit_seconds, 3))
@@ -68,18 +73,24 @@ def confirm_checkpoint(source: SourceVM) -> None:
     """The snapshot must be in the (now closed) disk, or a rollback would have nothing to load."""
     image = inspect_image(Path(source.disk), force_share=True, owner=source.uid)
     if CHECKPOINT_TAG not in image.snapshots:
-        raise CheckpointError(f"{source.disk} has no snapshot {CHECKPOINT_TAG} after the save",
-                              hint="start the agent's VM again (`vm_image launch`) and rerun the takeover")
+        raise CheckpointError(
+            f"{source.disk} has no snapshot {CHECKPOINT_TAG} after the save",
+            hint="start the agent's VM again (`vm_image launch`) and rerun the takeover",
+        )
 
 
 def _save_with_job(mon: Monitor, source: SourceVM) -> None:
     # A snapshot with this tag from an interrupted earlier attempt would make the job fail.
     existing = _snapshot_names(mon, source.vmstate_node)
     if CHECKPOINT_TAG in existing:
-        _run_job(mon, "snapshot-delete", {"job-id": JOB_ID + "-old", "tag": CHECKPOINT_TAG,
-                                          "devices": source.block_nodes})
-    _run_job(mon, "snapshot-save", {"job-id": JOB_ID, "tag": CHECKPOINT_TAG, "vmstate": source.vmstate_node,
-                                    "devices": source.block_nodes})
+        _run_job(
+            mon, "snapshot-delete", {"job-id": JOB_ID + "-old", "tag": CHECKPOINT_TAG, "devices": source.block_nodes}
+        )
+    _run_job(
+        mon,
+        "snapshot-save",
+        {"job-id": JOB_ID, "tag": CHECKPOINT_TAG, "vmstate": source.vmstate_node, "devices": source.block_nodes},
+    )
 
 
 def _snapshot_names(mon: Monitor, node: str) -> set[str]:

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError, from_vm_image
@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host-dir", type=Path, default=DEFAULT_HOST_DIR,
-                        help=f"the host's directory for the VM (default {DEFAULT_HOST_DIR}; root, 0700)")
+        sp.add_argument(
+            "--host-dir",
+            type=Path,
+            default=DEFAULT_HOST_DIR,
+            help=f"the host's directory for the VM (default {DEFAULT_HOST_DIR}; root, 0700)",
+        )
 
     run = sub.add_parser("run", help="checkpoint, relocate, scrub, re-key, restart and verify (resumes a failed run)")
     common(run)
@@ -41,38 +45,72 @@ def build_parser() -> argparse.ArgumentParser:
     vm = run.add_argument_group("the host's VM")
     vm.add_argument("--runner", choices=("qemu", "libvirt"), default="qemu")
     vm.add_argument("--libvirt-uri", default="qemu:///system")
-    vm.add_argument("--qemu-user", default="secret-proxy-vm",
-                    help="unprivileged user the qemu runner's QEMU switches to (created if missing; 'root' to not switch)")
-    vm.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
-                    help="kvm when /dev/kvm is usable, else tcg (default auto)")
-    vm.add_argument("--proxy-listen", type=Endpoint.parse,
-                    help="HOST:PORT for the proxy (default: the address the agent's VM used)")
-    vm.add_argument("--ssh-listen", type=Endpoint.parse, default=DEFAULT_SSH,
-                    help=f"host-only HOST:PORT forwarded to the VM's SSH (default {DEFAULT_SSH})")
-    vm.add_argument("--proxy-config", type=Path,
-                    help="TOML with the proxy's settings (Telegram) to install: root's, 0600, in root-only directories")
-    vm.add_argument("--allow-telegram-api-url", metavar="URL",
-                    help="accept this telegram_api_url in --proxy-config (a Bot API server you run yourself); "
-                         "any URL but https://api.telegram.org is refused without it")
+    vm.add_argument(
+        "--qemu-user",
+        default="secret-proxy-vm",
+        help="unprivileged user the qemu runner's QEMU switches to (created if missing; 'root' to not switch)",
+    )
+    vm.add_argument(
+        "--accel",
+        choices=("auto", "tcg", "kvm"),
+        default="auto",
+        help="kvm when /dev/kvm is usable, else tcg (default auto)",
+    )
+    vm.add_argument(
+        "--proxy-listen", type=Endpoint.parse, help="HOST:PORT for the proxy (default: the address the agent's VM used)"
+    )
+    vm.add_argument(
+        "--ssh-listen",
+        type=Endpoint.parse,
+        default=DEFAULT_SSH,
+        help=f"host-only HOST:PORT forwarded to the VM's SSH (default {DEFAULT_SSH})",
+    )
+    vm.add_argument(
+        "--proxy-config",
+        type=Path,
+        help="TOML with the proxy's settings (Telegram) to install: root's, 0600, in root-only directories",
+    )
+    vm.add_argument(
+        "--allow-telegram-api-url",
+        metavar="URL",
+        help="accept this telegram_api_url in --proxy-config (a Bot API server you run yourself); "
+        "any URL but https://api.telegram.org is refused without it",
+    )
     vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
-    vm.add_argument("--no-reinstall-venv", action="store_true",
-                    help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)")
-    vm.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
-                    help=f"the host's own build of the guest system, reused by later takeovers (default {DEFAULT_CACHE_DIR})")
-    vm.add_argument("--keep-agent-system", action="store_true",
-                    help="scrub the agent's filesystem in place instead of rebuilding it from the host's own build "
-                         "of Debian (faster; the agent's /usr is then reported as not blocked)")
-    vm.add_argument("--no-replace-modules", action="store_true",
-                    help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)")
+    vm.add_argument(
+        "--no-reinstall-venv",
+        action="store_true",
+        help="keep the agent's proxy venv instead of rebuilding it from uv.lock (reported as not blocked)",
+    )
+    vm.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help=f"the host's own build of the guest system, reused by later takeovers (default {DEFAULT_CACHE_DIR})",
+    )
+    vm.add_argument(
+        "--keep-agent-system",
+        action="store_true",
+        help="scrub the agent's filesystem in place instead of rebuilding it from the host's own build "
+        "of Debian (faster; the agent's /usr is then reported as not blocked)",
+    )
+    vm.add_argument(
+        "--no-replace-modules",
+        action="store_true",
+        help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)",
+    )
     vm.add_argument("--kernel", type=Path, help="boot this kernel (with --initrd) instead of vm_image.boot_files")
     vm.add_argument("--initrd", type=Path, help="the initrd for --kernel")
-    vm.add_argument("--kernel-append",
-                    help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)")
+    vm.add_argument(
+        "--kernel-append", help="kernel command line (default: vm_image's, root=/dev/vda rw console=ttyS0 panic=-1)"
+    )
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
     ag.add_argument("--agent-secrets", default="*", help="comma-separated secret name patterns (default *)")
-    ag.add_argument("--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)")
+    ag.add_argument(
+        "--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)"
+    )
     run.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
     run.add_argument("--fail-after", choices=NAMES, help=argparse.SUPPRESS)  # tests: fault injection
 
@@ -102,15 +140,31 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         # that directory itself (root's, 0700) and checks the path again before writing.
         check_trusted_parent(args.token_file, "--token-file")
     return TakeoverConfig(
-        host_dir=args.host_dir, ready_file=args.ready_file, monitor=args.monitor, disk=args.disk,
-        proxy_listen=args.proxy_listen, ssh_listen=args.ssh_listen, runner=args.runner, libvirt_uri=args.libvirt_uri,
-        qemu_user=None if args.qemu_user == "root" else args.qemu_user, accel=resolve_accel(args.accel),
-        keep_source=args.keep_source, proxy_config=args.proxy_config,
-        allow_telegram_api_url=args.allow_telegram_api_url, agent_name=args.agent_name,
-        agent_secrets=args.agent_secrets, token_file=args.token_file, boot_timeout=args.boot_timeout,
-        reinstall_venv=not args.no_reinstall_venv, rebuild_system=not args.keep_agent_system,
-        cache_dir=args.cache_dir, replace_modules=not args.no_replace_modules,
-        kernel=args.kernel, initrd=args.initrd, kernel_append=args.kernel_append, fail_after=args.fail_after,
+        host_dir=args.host_dir,
+        ready_file=args.ready_file,
+        monitor=args.monitor,
+        disk=args.disk,
+        proxy_listen=args.proxy_listen,
+        ssh_listen=args.ssh_listen,
+        runner=args.runner,
+        libvirt_uri=args.libvirt_uri,
+        qemu_user=None if args.qemu_user == "root" else args.qemu_user,
+        accel=resolve_accel(args.accel),
+        keep_source=args.keep_source,
+        proxy_config=args.proxy_config,
+        allow_telegram_api_url=args.allow_telegram_api_url,
+        agent_name=args.agent_name,
+        agent_secrets=args.agent_secrets,
+        token_file=args.token_file,
+        boot_timeout=args.boot_timeout,
+        reinstall_venv=not args.no_reinstall_venv,
+        rebuild_system=not args.keep_agent_system,
+        cache_dir=args.cache_dir,
+        replace_modules=not args.no_replace_modules,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        kernel_append=args.kernel_append,
+        fail_after=args.fail_after,
     )
 
 

@@ -90,4 +90,5 @@ def check_telegram_api_url(url: object, allowed: str | None, path: Path) -> None
         f"--proxy-config {path} sends the bot to {url!r}, not to Telegram ({TELEGRAM_API_URL}); whoever "
         f"answers there decides every approval (10.0.2.2 is this host's loopback, where any local user can listen)",
         hint=f"if you run that Bot API server yourself, pass --allow-telegram-api-url {url}; "
-             f"else remove telegram_api_url from the file")
+        f"else remove telegram_api_url from the file",
+    )

@@ -27,8 +27,10 @@ QEMU_IMG = "qemu-img"
 ACCEPTED_FORMATS = ("qcow2", "raw")
 MAX_BACKING_FILES = 2  # a cloud image's overlay has one; a longer chain is not what vm_image makes
 INFO_TIMEOUT = 120.0
-AGENT_HINT = ("vm_image makes a qcow2 disk, alone or over one base image (`--base-image`), that the agent's "
-              "own user can read; look at the agent's disk with `qemu-img info --backing-chain` as that user")
+AGENT_HINT = (
+    "vm_image makes a qcow2 disk, alone or over one base image (`--base-image`), that the agent's "
+    "own user can read; look at the agent's disk with `qemu-img info --backing-chain` as that user"
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ def inspect_image(path: Path, *, force_share: bool = False, owner: int | None = 
     except OSError as exc:
         raise DiskFormatError(f"cannot stat {path}: {exc.strerror}") from None
     if owner is not None and (not stat.S_ISREG(st.st_mode) or st.st_uid != owner):
-        raise DiskFormatError(f"the agent's disk {path} is no longer a regular file of uid {owner} (it was in "
-                              f"step 1)", hint="the agent changed its disk's name since step 1; rerun the takeover")
+        raise DiskFormatError(
+            f"the agent's disk {path} is no longer a regular file of uid {owner} (it was in step 1)",
+            hint="the agent changed its disk's name since step 1; rerun the takeover",
+        )
     if st.st_uid == 0 and not force_share:
         return _inspect_own(path)
     return inspect_agent_disk(path, AgentUser.owner_of(st, f"the agent's disk {path}"), force_share=force_share)
@@ -94,16 +98,22 @@ def inspect_image(path: Path, *, force_share: bool = False, owner: int | None = 
 
 def _inspect_own(path: Path) -> ImageInfo:
     """Root's own file (the host's copy): qemu-img as root, and only a self-contained qcow2 passes."""
-    proc = subprocess.run([QEMU_IMG, "info", "--output=json", "-f", "qcow2", "--", str(path)],
-                          capture_output=True, text=True, timeout=INFO_TIMEOUT)
+    proc = subprocess.run(
+        [QEMU_IMG, "info", "--output=json", "-f", "qcow2", "--", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=INFO_TIMEOUT,
+    )
     if proc.returncode != 0:
         raise DiskFormatError(f"qemu-img cannot read {path} as qcow2: {proc.stderr.strip()[-300:]}")
     info = _parse(proc.stdout, path)
     _check_level(info, path)
     for key in ("backing-filename", "full-backing-filename", "backing-filename-format"):
         if key in info:
-            raise DiskFormatError(f"{path} has a backing file ({info[key]!r}); the host's copy must be "
-                                  f"self-contained", hint="rerun `python -m takeover run` to copy the disk again")
+            raise DiskFormatError(
+                f"{path} has a backing file ({info[key]!r}); the host's copy must be self-contained",
+                hint="rerun `python -m takeover run` to copy the disk again",
+            )
     return ImageInfo("qcow2", int(info.get("virtual-size", 0)), int(info.get("actual-size", 0)), _snapshots(info))
 
 
@@ -120,45 +130,65 @@ def inspect_agent_disk(path: Path, agent: AgentUser, *, force_share: bool = Fals
     while "full-backing-filename" in info or "backing-filename" in info:
         name = str(info.get("full-backing-filename") or info.get("backing-filename"))
         if len(backing) == MAX_BACKING_FILES:
-            raise DiskFormatError(f"the agent's disk {path} has more than {MAX_BACKING_FILES} backing files "
-                                  f"(the next is {name!r}); refused", hint=AGENT_HINT)
+            raise DiskFormatError(
+                f"the agent's disk {path} has more than {MAX_BACKING_FILES} backing files "
+                f"(the next is {name!r}); refused",
+                hint=AGENT_HINT,
+            )
         if not name.startswith("/") or not os.path.isabs(name) or "\0" in name:
-            raise DiskFormatError(f"{below} names its backing file as {name!r}, not as an absolute path of a "
-                                  f"file; refused", hint=AGENT_HINT)
+            raise DiskFormatError(
+                f"{below} names its backing file as {name!r}, not as an absolute path of a file; refused",
+                hint=AGENT_HINT,
+            )
         fmt = info.get("backing-filename-format")
         if fmt is not None and fmt not in ACCEPTED_FORMATS:
-            raise DiskFormatError(f"{below} says its backing file {name} is {fmt!r}; only "
-                                  f"{' and '.join(ACCEPTED_FORMATS)} are accepted", hint=AGENT_HINT)
+            raise DiskFormatError(
+                f"{below} says its backing file {name} is {fmt!r}; only {' and '.join(ACCEPTED_FORMATS)} are accepted",
+                hint=AGENT_HINT,
+            )
         info = _agent_info(Path(name), fmt, agent, force_share, below)
         backing.append(BackingFile(name, str(info["format"]), int(info.get("actual-size", 0))))
         below = Path(name)
-    return ImageInfo("qcow2", int(top.get("virtual-size", 0)), int(top.get("actual-size", 0)), _snapshots(top),
-                     tuple(backing), agent)
+    return ImageInfo(
+        "qcow2", int(top.get("virtual-size", 0)), int(top.get("actual-size", 0)), _snapshots(top), tuple(backing), agent
+    )
 
 
 def _agent_info(path: Path, fmt: str | None, agent: AgentUser, force_share: bool, below: Path | None) -> dict:
-    argv = [QEMU_IMG, "info", "--output=json", *(["-U"] if force_share else []),
-            *(["-f", fmt] if fmt else []), "--", str(path)]
+    argv = [
+        QEMU_IMG,
+        "info",
+        "--output=json",
+        *(["-U"] if force_share else []),
+        *(["-f", fmt] if fmt else []),
+        "--",
+        str(path),
+    ]
     result = run_as_agent(argv, agent, timeout=INFO_TIMEOUT)
     what = f"the backing file {path} of {below}" if below else f"the agent's disk {path}"
     if result.returncode != 0:
         text = result.error_text()
         if os.strerror(errno.EACCES) in text or os.strerror(errno.EPERM) in text:
-            raise DiskFormatError(f"{what} cannot be read by the agent's own user (uid {agent.uid}): the host "
-                                  f"reads the agent's disk only with the agent's rights ({text})",
-                                  hint="a disk whose backing file only root can read is not the agent's to "
-                                       "hand over; make the backing file readable by the agent, or rebuild "
-                                       "the image with `vm_image build`")
+            raise DiskFormatError(
+                f"{what} cannot be read by the agent's own user (uid {agent.uid}): the host "
+                f"reads the agent's disk only with the agent's rights ({text})",
+                hint="a disk whose backing file only root can read is not the agent's to "
+                "hand over; make the backing file readable by the agent, or rebuild "
+                "the image with `vm_image build`",
+            )
         if "lock" in text:
-            raise CopyError(f"{what} is still in use by another process: {text}",
-                            hint="stop whatever still holds the agent's disk (its QEMU), then rerun "
-                                 "`python -m takeover run`")
+            raise CopyError(
+                f"{what} is still in use by another process: {text}",
+                hint="stop whatever still holds the agent's disk (its QEMU), then rerun `python -m takeover run`",
+            )
         raise DiskFormatError(f"qemu-img, run as the agent, cannot read {what}: {text}", hint=AGENT_HINT)
     info = _parse(result.stdout.decode("utf-8", "replace"), path)
     fmt_seen = info.get("format")
     if fmt_seen not in (("qcow2",) if below is None else ACCEPTED_FORMATS):
-        raise DiskFormatError(f"{what} is {fmt_seen!r}; accepted: "
-                              f"{'qcow2' if below is None else ' and '.join(ACCEPTED_FORMATS)}", hint=AGENT_HINT)
+        raise DiskFormatError(
+            f"{what} is {fmt_seen!r}; accepted: {'qcow2' if below is None else ' and '.join(ACCEPTED_FORMATS)}",
+            hint=AGENT_HINT,
+        )
     _check_level(info, path)
     return info
 
@@ -178,8 +208,9 @@ def _check_level(info: dict, path: Path) -> None:
     if not isinstance(data, dict):
         data = {}
     if "data-file" in data or data.get("data-file-raw"):
-        raise DiskFormatError(f"{path} keeps its data in an external file ({data.get('data-file')!r}); refused",
-                              hint=AGENT_HINT)
+        raise DiskFormatError(
+            f"{path} keeps its data in an external file ({data.get('data-file')!r}); refused", hint=AGENT_HINT
+        )
     if data.get("corrupt"):
         raise DiskFormatError(f"{path} is marked corrupt by qemu-img", hint=AGENT_HINT)
     for key in ("virtual-size", "actual-size"):

@@ -8,8 +8,8 @@ shared VM layer) raises becomes a takeover error in one place,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from vm_image.errors import HintedError, VmImageError
 
@@ -19,8 +19,9 @@ class TakeoverError(HintedError):
 
 
 @contextmanager
-def from_vm_image(error: type[TakeoverError] = TakeoverError, context: str = "",
-                  hint: str | None = None) -> Iterator[None]:
+def from_vm_image(
+    error: type[TakeoverError] = TakeoverError, context: str = "", hint: str | None = None
+) -> Iterator[None]:
     """Raise a VmImageError from the block as `error`: the message prefixed with `context`, and the
     takeover's hint (`error`'s own unless `hint` is given): vm_image's advice names vm_image's commands."""
     try:
@@ -38,8 +39,10 @@ class InvalidInput(TakeoverError):
 
 
 class ReadyFileError(TakeoverError):
-    hint = ("wait until the agent's `vm_image launch` has written its ready file, or pass "
-            "--ready-file PATH (or --monitor and --disk explicitly)")
+    hint = (
+        "wait until the agent's `vm_image launch` has written its ready file, or pass "
+        "--ready-file PATH (or --monitor and --disk explicitly)"
+    )
 
 
 class MonitorUnreachable(TakeoverError):
@@ -47,24 +50,32 @@ class MonitorUnreachable(TakeoverError):
 
 
 class MonitorNotQMP(TakeoverError):
-    hint = ("the socket named as the VM's monitor does not speak QMP; it may be planted. "
-            "Find the real QEMU monitor socket and pass it with --monitor")
+    hint = (
+        "the socket named as the VM's monitor does not speak QMP; it may be planted. "
+        "Find the real QEMU monitor socket and pass it with --monitor"
+    )
 
 
 class DiskMismatch(TakeoverError):
-    hint = ("the QEMU behind the monitor does not have the disk the ready file names open; "
-            "the ready file or the socket may be planted. Pass the right --monitor and --disk")
+    hint = (
+        "the QEMU behind the monitor does not have the disk the ready file names open; "
+        "the ready file or the socket may be planted. Pass the right --monitor and --disk"
+    )
 
 
 class UnsafeCommandLine(TakeoverError):
-    hint = ("the source QEMU's command line cannot be replayed safely for a rollback; "
-            "start the agent's VM with a plain qemu-system-x86_64 command line and retry")
+    hint = (
+        "the source QEMU's command line cannot be replayed safely for a rollback; "
+        "start the agent's VM with a plain qemu-system-x86_64 command line and retry"
+    )
 
 
 class DiskFormatError(TakeoverError):
-    hint = ("the host takes over a qcow2 disk, alone or over at most two qcow2 or raw backing files the "
-            "agent's own user can read, and with no external data file; ask the agent to rebuild the image "
-            "with `vm_image build`")
+    hint = (
+        "the host takes over a qcow2 disk, alone or over at most two qcow2 or raw backing files the "
+        "agent's own user can read, and with no external data file; ask the agent to rebuild the image "
+        "with `vm_image build`"
+    )
 
 
 class NotEnoughSpace(TakeoverError):
@@ -72,23 +83,31 @@ class NotEnoughSpace(TakeoverError):
 
 
 class DestinationTaken(TakeoverError):
-    hint = ("the host directory already holds a taken-over VM; choose another --host-dir, "
-            "or stop that VM and move the directory away first")
+    hint = (
+        "the host directory already holds a taken-over VM; choose another --host-dir, "
+        "or stop that VM and move the directory away first"
+    )
 
 
 class CheckpointError(TakeoverError):
-    hint = ("the agent's VM is unchanged or still running; check the VM (serial log) and rerun. "
-            "If QEMU has quit, rerun `python -m takeover run`: it resumes after the checkpoint")
+    hint = (
+        "the agent's VM is unchanged or still running; check the VM (serial log) and rerun. "
+        "If QEMU has quit, rerun `python -m takeover run`: it resumes after the checkpoint"
+    )
 
 
 class CopyError(TakeoverError):
-    hint = ("the host copy was discarded; make sure nothing writes the agent's disk "
-            "(stop the agent's processes) and rerun `python -m takeover run`")
+    hint = (
+        "the host copy was discarded; make sure nothing writes the agent's disk "
+        "(stop the agent's processes) and rerun `python -m takeover run`"
+    )
 
 
 class ScrubError(TakeoverError):
-    hint = ("the partly scrubbed copy will be discarded and recopied on the next run; rerun "
-            "`python -m takeover run`, or `python -m takeover rollback` to bring the agent's VM back")
+    hint = (
+        "the partly scrubbed copy will be discarded and recopied on the next run; rerun "
+        "`python -m takeover run`, or `python -m takeover rollback` to bring the agent's VM back"
+    )
 
 
 class HostKeyError(TakeoverError):
@@ -96,18 +115,24 @@ class HostKeyError(TakeoverError):
 
 
 class RestartError(TakeoverError):
-    hint = ("the new VM did not start; see its serial log in the host directory. Rerun "
-            "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM")
+    hint = (
+        "the new VM did not start; see its serial log in the host directory. Rerun "
+        "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM"
+    )
 
 
 class VerifyError(TakeoverError):
-    hint = ("the new VM is not verified, so the agent's disk and checkpoint are kept. Rerun "
-            "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM")
+    hint = (
+        "the new VM is not verified, so the agent's disk and checkpoint are kept. Rerun "
+        "`python -m takeover run` to retry, or `python -m takeover rollback` to restore the agent's VM"
+    )
 
 
 class RollbackError(TakeoverError):
-    hint = ("the agent's disk and its `takeover-checkpoint` snapshot are still in place; "
-            "fix the cause and rerun `python -m takeover rollback`")
+    hint = (
+        "the agent's disk and its `takeover-checkpoint` snapshot are still in place; "
+        "fix the cause and rerun `python -m takeover rollback`"
+    )
 
 
 class JournalError(TakeoverError):
@@ -119,23 +144,31 @@ class InjectedFault(TakeoverError):
 
 
 class NotTheAgentsVM(TakeoverError):
-    hint = ("the ready file must name the agent's own VM: its ready file, monitor socket, disk, pidfile and QEMU "
-            "process all owned by one unprivileged user, none of them in a host directory. Ask the agent to start "
-            "its VM again with `python -m vm_image up` as its own user and pass that user's ready file")
+    hint = (
+        "the ready file must name the agent's own VM: its ready file, monitor socket, disk, pidfile and QEMU "
+        "process all owned by one unprivileged user, none of them in a host directory. Ask the agent to start "
+        "its VM again with `python -m vm_image up` as its own user and pass that user's ready file"
+    )
 
 
 class PrivilegedAgent(TakeoverError):
-    hint = ("take the agent's user out of those groups (`gpasswd -d USER GROUP` for each), have the agent log in "
-            "again and restart its VM (a running process keeps the groups it started with), then rerun")
+    hint = (
+        "take the agent's user out of those groups (`gpasswd -d USER GROUP` for each), have the agent log in "
+        "again and restart its VM (a running process keeps the groups it started with), then rerun"
+    )
 
 
 class UntrustedQemu(TakeoverError):
-    hint = ("the agent's VM must run the host's own QEMU (the qemu-system-x86 package's binary and root-owned "
-            "libraries); ask the agent to start it with `python -m vm_image up`, which uses "
-            "/usr/bin/qemu-system-x86_64. If the package was upgraded since, the agent must restart its VM")
+    hint = (
+        "the agent's VM must run the host's own QEMU (the qemu-system-x86 package's binary and root-owned "
+        "libraries); ask the agent to start it with `python -m vm_image up`, which uses "
+        "/usr/bin/qemu-system-x86_64. If the package was upgraded since, the agent must restart its VM"
+    )
 
 
 class UnsafeProxyAddress(TakeoverError):
-    hint = ("the host decides where the proxy listens: by default the agent's own loopback address with a port "
-            ">= 1024, as the agent's QEMU really forwarded it. To choose another address, pass "
-            "--proxy-listen HOST:PORT")
+    hint = (
+        "the host decides where the proxy listens: by default the agent's own loopback address with a port "
+        ">= 1024, as the agent's QEMU really forwarded it. To choose another address, pass "
+        "--proxy-listen HOST:PORT"
+    )

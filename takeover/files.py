@@ -98,11 +98,15 @@ def ensure_host_dir(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidInput(f"host directory {path} exists and is not a directory (a symlink or a file)")
     if st.st_uid != os.geteuid():
-        raise InvalidInput(f"host directory {path} is owned by uid {st.st_uid}, not by us; someone else "
-                           f"may have prepared it. Remove it or choose another --host-dir")
+        raise InvalidInput(
+            f"host directory {path} is owned by uid {st.st_uid}, not by us; someone else "
+            f"may have prepared it. Remove it or choose another --host-dir"
+        )
     if st.st_mode & 0o022:
-        raise InvalidInput(f"host directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                           f"its contents cannot be trusted. Remove it or choose another --host-dir")
+        raise InvalidInput(
+            f"host directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"its contents cannot be trusted. Remove it or choose another --host-dir"
+        )
     os.chmod(path, 0o700, follow_symlinks=False)
     return path
 
@@ -125,10 +129,15 @@ def open_trusted_dir(path: Path, what: str) -> int:
             try:
                 nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
-                kind = ("is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
-                        else f"cannot be opened ({exc.strerror})")
-                raise InvalidInput(f"{what}: {walked} {kind}; the path must be real directories, no links",
-                                   hint=f"give {what} a path of plain root-owned directories") from None
+                kind = (
+                    "is a symlink or not a directory"
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                    else f"cannot be opened ({exc.strerror})"
+                )
+                raise InvalidInput(
+                    f"{what}: {walked} {kind}; the path must be real directories, no links",
+                    hint=f"give {what} a path of plain root-owned directories",
+                ) from None
             os.close(fd)
             fd = nxt
             _check_trusted_dir(fd, walked, what)
@@ -142,9 +151,11 @@ def _check_trusted_dir(fd: int, path: Path, what: str) -> None:
     st = os.fstat(fd)
     writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
     if st.st_uid != 0 or writable_by_others:
-        raise InvalidInput(f"{what}: the directory {path} is owned by uid {st.st_uid}, mode "
-                           f"{stat.S_IMODE(st.st_mode):o}; someone other than root can change what is in it",
-                           hint=f"put {what} in a directory that only root can write (e.g. /root)")
+        raise InvalidInput(
+            f"{what}: the directory {path} is owned by uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):o}; someone other than root can change what is in it",
+            hint=f"put {what} in a directory that only root can write (e.g. /root)",
+        )
 
 
 def read_root_only_file(path: Path, what: str, limit: int) -> bytes:
@@ -168,11 +179,16 @@ def read_root_only_file(path: Path, what: str, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise InvalidInput(f"{what} {path} is not a regular file")
         if st.st_uid != 0:
-            raise InvalidInput(f"{what} {path} is owned by uid {st.st_uid}, not root",
-                               hint=f"chown root:root {path} (and check who wrote it)")
+            raise InvalidInput(
+                f"{what} {path} is owned by uid {st.st_uid}, not root",
+                hint=f"chown root:root {path} (and check who wrote it)",
+            )
         if st.st_mode & 0o077:
-            raise InvalidInput(f"{what} {path} is readable by others or writable by them (mode "
-                               f"{stat.S_IMODE(st.st_mode):o}), and it holds a secret", hint=f"chmod 600 {path}")
+            raise InvalidInput(
+                f"{what} {path} is readable by others or writable by them (mode "
+                f"{stat.S_IMODE(st.st_mode):o}), and it holds a secret",
+                hint=f"chmod 600 {path}",
+            )
         data = os.read(fd, limit + 1)
     finally:
         os.close(fd)
@@ -191,11 +207,14 @@ def create_private_under_trusted_dirs(path: Path, what: str) -> int:
     absolute = Path(os.path.abspath(path))
     dir_fd = open_trusted_dir(absolute.parent, what)
     try:
-        fd = os.open(absolute.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
+        fd = os.open(
+            absolute.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+        )
     except FileExistsError:
-        raise InvalidInput(f"{what} {path} already exists (a file or a link); it is never overwritten",
-                           hint="remove it or name a new file") from None
+        raise InvalidInput(
+            f"{what} {path} already exists (a file or a link); it is never overwritten",
+            hint="remove it or name a new file",
+        ) from None
     finally:
         os.close(dir_fd)
     os.fchmod(fd, 0o600)
@@ -208,5 +227,7 @@ def _check_parents(path: Path) -> None:
         writable_by_others = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
         sticky = st.st_mode & stat.S_ISVTX
         if st.st_uid not in (0, os.geteuid()) or (writable_by_others and not sticky):
-            raise InvalidInput(f"{parent}, a parent of the host directory, can be changed by others "
-                               f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); choose another --host-dir")
+            raise InvalidInput(
+                f"{parent}, a parent of the host directory, can be changed by others "
+                f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); choose another --host-dir"
+            )

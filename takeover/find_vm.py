@@ -81,7 +81,7 @@ def read_ready_file(path: Path) -> ReadyInfo:
         raise ReadyFileError(f"ready file {path} does not start with {READY_MARKER}")
     try:
         data = json.loads(rest)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ReadyFileError(f"ready file {path}: the JSON after the first line is invalid ({exc.msg})") from None
     if not isinstance(data, dict) or data.get("version") != 1:
         raise ReadyFileError(f"ready file {path} is not a version 1 ready file")
@@ -115,8 +115,9 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
-def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary | None = None,
-                      proxy_listen: Endpoint | None = None) -> SourceVM:
+def find_and_check_vm(
+    ready: ReadyInfo, host_dir: Path, boundary: HostBoundary | None = None, proxy_listen: Endpoint | None = None
+) -> SourceVM:
     """Prove the monitor, the disk and the process are one unprivileged user's own VM, and that we can take it.
 
     `proxy_listen` is the operator's --proxy-listen; without it the proxy keeps the agent's address, checked.
@@ -161,10 +162,23 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
     if image.snapshots:
         notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
     return SourceVM(
-        monitor=str(ready.monitor), disk=str(disk), disk_dev=disk_st.st_dev, disk_ino=disk_st.st_ino,
-        disk_uid=disk_st.st_uid, pid=peer.pid, pid_start_ticks=info.start_ticks, uid=info.uid, gid=info.gid,
-        groups=list(info.groups), cwd=info.cwd, cmdline=list(info.cmdline), proxy=proxy,
-        memory_mb=ready.memory_mb, cpus=ready.cpus, block_nodes=nodes, vmstate_node=vmstate_node,
+        monitor=str(ready.monitor),
+        disk=str(disk),
+        disk_dev=disk_st.st_dev,
+        disk_ino=disk_st.st_ino,
+        disk_uid=disk_st.st_uid,
+        pid=peer.pid,
+        pid_start_ticks=info.start_ticks,
+        uid=info.uid,
+        gid=info.gid,
+        groups=list(info.groups),
+        cwd=info.cwd,
+        cmdline=list(info.cmdline),
+        proxy=proxy,
+        memory_mb=ready.memory_mb,
+        cpus=ready.cpus,
+        block_nodes=nodes,
+        vmstate_node=vmstate_node,
         ready_file=str(ready.path) if ready.path else None,
         pidfile=str(ready.pidfile) if ready.pidfile else None,
         setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
@@ -174,10 +188,19 @@ def find_and_check_vm(ready: ReadyInfo, host_dir: Path, boundary: HostBoundary |
 
 def whose_vm(ready: ReadyInfo, disk_st: os.stat_result, boundary: HostBoundary) -> int:
     """The one unprivileged owner of the ready file, socket, disk and pidfile, none in a host directory."""
-    check_outside_host_dirs([("ready file", ready.path), ("monitor socket", ready.monitor), ("disk", ready.disk),
-                             ("pidfile", ready.pidfile), ("setup key", ready.setup_key_pub)], boundary)
-    socket_st = agent_file(ready.monitor, "monitor socket", "socket", missing=MonitorUnreachable,
-                           wrong_kind=MonitorNotQMP)
+    check_outside_host_dirs(
+        [
+            ("ready file", ready.path),
+            ("monitor socket", ready.monitor),
+            ("disk", ready.disk),
+            ("pidfile", ready.pidfile),
+            ("setup key", ready.setup_key_pub),
+        ],
+        boundary,
+    )
+    socket_st = agent_file(
+        ready.monitor, "monitor socket", "socket", missing=MonitorUnreachable, wrong_kind=MonitorNotQMP
+    )
     owners = [("monitor socket", socket_st.st_uid), ("disk", disk_st.st_uid)]
     if ready.path is not None and ready.owner is not None:
         owners.insert(0, ("ready file", ready.owner))
@@ -189,20 +212,20 @@ def whose_vm(ready: ReadyInfo, disk_st: os.stat_result, boundary: HostBoundary) 
     return owner
 
 
-def check_the_process(ready: ReadyInfo, peer: Peer, info: proc.ProcessInfo, owner: int,
-                      boundary: HostBoundary) -> None:
+def check_the_process(ready: ReadyInfo, peer: Peer, info: proc.ProcessInfo, owner: int, boundary: HostBoundary) -> None:
     """The socket's peer is the owner's, in no privileged group, runs the host's QEMU, and is the pid named."""
     if peer.uid != owner:
-        raise NotTheAgentsVM(f"the monitor {str(ready.monitor)!r} is served by pid {peer.pid} of uid {peer.uid}, "
-                             f"but the VM's files are uid {owner}'s")
+        raise NotTheAgentsVM(
+            f"the monitor {str(ready.monitor)!r} is served by pid {peer.pid} of uid {peer.uid}, "
+            f"but the VM's files are uid {owner}'s"
+        )
     check_process_ids(info.uids, info.gids, owner, peer.pid)
     check_groups(owner, (*info.gids, *info.groups), boundary)
     if not QEMU_EXE.match(os.path.basename(info.exe)):
         raise DiskMismatch(f"the process behind {ready.monitor} (pid {peer.pid}, {info.exe!r}) is not QEMU")
     check_host_qemu(peer.pid)
     if ready.pid is not None and ready.pid != peer.pid:
-        raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to "
-                           f"pid {peer.pid}")
+        raise DiskMismatch(f"the ready file says QEMU is pid {ready.pid}, but the monitor belongs to pid {peer.pid}")
     if ready.pidfile is not None:
         check_pidfile(ready.pidfile, peer.pid)
 
@@ -212,8 +235,9 @@ def check_pidfile(path: Path, pid: int) -> None:
     try:
         raw, _ = read_regular(path, 64)
     except OSError as exc:
-        raise NotTheAgentsVM(f"cannot open the pidfile {str(path)!r} as a regular file without following links: "
-                             f"{exc.strerror or exc}") from None
+        raise NotTheAgentsVM(
+            f"cannot open the pidfile {str(path)!r} as a regular file without following links: {exc.strerror or exc}"
+        ) from None
     text = raw.decode("ascii", "replace").strip()
     if text != str(pid):
         raise NotTheAgentsVM(f"the pidfile {str(path)!r} names {text[:20]!r}, but the monitor belongs to pid {pid}")
@@ -236,14 +260,18 @@ def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], st
             # only as the agent (relocate, diskimage); QEMU's own view is held to the same rule here.
             depth = inserted.get("backing_file_depth") or 0
             if not isinstance(depth, int) or depth > MAX_BACKING_FILES:
-                raise DiskMismatch(f"QEMU opened {disk} over {depth} backing files; at most {MAX_BACKING_FILES} "
-                                   f"are taken over", hint=AGENT_HINT)
+                raise DiskMismatch(
+                    f"QEMU opened {disk} over {depth} backing files; at most {MAX_BACKING_FILES} are taken over",
+                    hint=AGENT_HINT,
+                )
             image = (inserted.get("image") or {}).get("backing-image")
             while isinstance(image, dict):
                 if image.get("format") not in ACCEPTED_FORMATS:
-                    raise DiskMismatch(f"{disk} has a backing file {image.get('filename')!r} in format "
-                                       f"{image.get('format')!r}; accepted: {' and '.join(ACCEPTED_FORMATS)}",
-                                       hint=AGENT_HINT)
+                    raise DiskMismatch(
+                        f"{disk} has a backing file {image.get('filename')!r} in format "
+                        f"{image.get('format')!r}; accepted: {' and '.join(ACCEPTED_FORMATS)}",
+                        hint=AGENT_HINT,
+                    )
                 image = image.get("backing-image")
         if not inserted.get("ro"):
             writable.append(node)
@@ -260,15 +288,16 @@ def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) ->
     vfs = os.statvfs(host_dir)
     free = vfs.f_bavail * vfs.f_frsize
     if free < needed:
-        raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; the copy needs about {needed / 2**30:.2f} GiB")
+        raise NotEnoughSpace(
+            f"{host_dir} has {free / 2**30:.2f} GiB free; the copy needs about {needed / 2**30:.2f} GiB"
+        )
 
 
-def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None, memory_mb: int = 256,
-                   cpus: int = 1) -> ReadyInfo:
+def explicit_ready(
+    monitor: Path, disk: Path, proxy: Endpoint | None = None, memory_mb: int = 256, cpus: int = 1
+) -> ReadyInfo:
     """A ReadyInfo from command-line paths, for a VM launched without a ready file."""
     for path, what in ((monitor, "--monitor"), (disk, "--disk")):
         if not str(path).startswith("/"):
             raise InvalidInput(f"{what} must be an absolute path")
     return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy, memory_mb=memory_mb, cpus=cpus)
-
-

@@ -13,9 +13,10 @@ import os
 import stat
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import guestfs
 
@@ -24,8 +25,14 @@ from .errors import ScrubError
 
 # Debian 12 merges /usr: /lib, /bin and /sbin are symlinks into /usr. Those links (and only
 # with these targets) are followed; any other symlink on a path we touch is the agent's.
-MERGED_USR = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64",
-              "/lib32": "usr/lib32", "/libx32": "usr/libx32"}
+MERGED_USR = {
+    "/bin": "usr/bin",
+    "/sbin": "usr/sbin",
+    "/lib": "usr/lib",
+    "/lib64": "usr/lib64",
+    "/lib32": "usr/lib32",
+    "/libx32": "usr/libx32",
+}
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,15 @@ class Guest:
     session_timeout: float = SESSION_TIMEOUT
 
     @classmethod
-    def open(cls, disk: Path, *, force_tcg: bool = True, mount_root: bool = True,
-             launch_timeout: float = LAUNCH_TIMEOUT, session_timeout: float = SESSION_TIMEOUT) -> "Guest":
+    def open(
+        cls,
+        disk: Path,
+        *,
+        force_tcg: bool = True,
+        mount_root: bool = True,
+        launch_timeout: float = LAUNCH_TIMEOUT,
+        session_timeout: float = SESSION_TIMEOUT,
+    ) -> Guest:
         """The disk, mounted in a libguestfs appliance that runs with the accelerator the takeover chose.
 
         `force_tcg` is the takeover's choice (TCG unless the KVM probe saw a guest run): libguestfs's
@@ -81,8 +95,9 @@ class Guest:
             g.close()
             if fired:
                 raise _launch_timeout(disk, launch_timeout, force_tcg, log) from None
-            raise ScrubError(f"libguestfs could not start its appliance for {disk}: {exc}\n"
-                             f"last lines of its log:\n{log.tail()}") from None
+            raise ScrubError(
+                f"libguestfs could not start its appliance for {disk}: {exc}\nlast lines of its log:\n{log.tail()}"
+            ) from None
         if watchdog.disarm():
             g.close()
             raise _launch_timeout(disk, launch_timeout, force_tcg, log)
@@ -106,9 +121,11 @@ class Guest:
         # not an image vm_image builds, and guessing which partition is root would be unsafe.
         filesystems = {dev: kind for dev, kind in g.list_filesystems().items() if kind not in ("", "unknown", "swap")}
         if list(filesystems) != ["/dev/sda"]:
-            raise ScrubError(f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
-                             hint="the host takes over only images built by `vm_image build`; a cloud image's "
-                                  "disk (`--base-image`) only without --keep-agent-system")
+            raise ScrubError(
+                f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
+                hint="the host takes over only images built by `vm_image build`; a cloud image's "
+                "disk (`--base-image`) only without --keep-agent-system",
+            )
         return "/dev/sda"
 
     def close(self) -> None:
@@ -118,8 +135,9 @@ class Guest:
             self.g.shutdown()  # reports write errors the appliance saw while flushing
         except RuntimeError as exc:
             if self.watchdog.fired:
-                raise ScrubError(f"the libguestfs session was stopped after {self.session_timeout:.0f} s: "
-                                 f"{exc}") from None
+                raise ScrubError(
+                    f"the libguestfs session was stopped after {self.session_timeout:.0f} s: {exc}"
+                ) from None
             raise ScrubError(f"libguestfs failed while flushing the scrubbed disk: {exc}") from None
         finally:
             self.watchdog.disarm()
@@ -141,8 +159,9 @@ class Guest:
             return path
         target = self.g.readlink(top)
         if target.strip("/") != MERGED_USR[top]:
-            raise ScrubError(f"{top} in the guest is a symlink to {target!r}, not to /{MERGED_USR[top]}; "
-                             f"the image was tampered with")
+            raise ScrubError(
+                f"{top} in the guest is a symlink to {target!r}, not to /{MERGED_USR[top]}; the image was tampered with"
+            )
         return "/" + MERGED_USR[top] + "/" + rest
 
     def lstat(self, path: str) -> Entry | None:
@@ -194,7 +213,7 @@ class Guest:
             by_dir[parent or "/"].append(base)
         for parent, bases in by_dir.items():
             for start in range(0, len(bases), 500):
-                batch = bases[start:start + 500]
+                batch = bases[start : start + 500]
                 for base, st in zip(batch, self.g.lstatnslist(parent, batch), strict=True):
                     path = parent.rstrip("/") + "/" + base
                     yield Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
@@ -292,10 +311,15 @@ class Guest:
 
 def _launch_timeout(disk: Path, seconds: float, force_tcg: bool, log: ApplianceLog) -> ScrubError:
     accel = "TCG (software emulation)" if force_tcg else "KVM, else TCG"
-    hint = ("rerun `python -m takeover run --accel tcg`: a KVM that opens but runs no guest (dmesg: kvm-pvm) "
-            "hangs the appliance" if not force_tcg else
-            "the host may be overloaded, or QEMU/libguestfs broken: run `libguestfs-test-tool` and read its "
-            "output, then rerun `python -m takeover run` (it resumes at the scrub)")
-    return ScrubError(f"libguestfs's appliance for {disk} did not start within {seconds:.0f} s under {accel}; "
-                      f"it was stopped. Last lines of its log (LIBGUESTFS_DEBUG=1 shows everything):\n{log.tail()}",
-                      hint=hint)
+    hint = (
+        "rerun `python -m takeover run --accel tcg`: a KVM that opens but runs no guest (dmesg: kvm-pvm) "
+        "hangs the appliance"
+        if not force_tcg
+        else "the host may be overloaded, or QEMU/libguestfs broken: run `libguestfs-test-tool` and read its "
+        "output, then rerun `python -m takeover run` (it resumes at the scrub)"
+    )
+    return ScrubError(
+        f"libguestfs's appliance for {disk} did not start within {seconds:.0f} s under {accel}; "
+        f"it was stopped. Last lines of its log (LIBGUESTFS_DEBUG=1 shows everything):\n{log.tail()}",
+        hint=hint,
+    )

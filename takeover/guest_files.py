@@ -9,7 +9,9 @@ HEADER = "# Written by the host's takeover (python -m takeover); what the agent 
 
 # Only the host's key, only as proxy, no passwords, no PAM (its stack is the agent's), no
 # forwarding, no per-user rc or environment, no drop-ins (no Include).
-SSHD_CONFIG = HEADER + """\
+SSHD_CONFIG = (
+    HEADER
+    + """\
 Port 22
 HostKey /etc/ssh/ssh_host_ed25519_key
 AuthorizedKeysFile .ssh/authorized_keys
@@ -36,21 +38,31 @@ PrintMotd no
 MaxAuthTries 3
 LogLevel VERBOSE
 """
+)
 
-SUDOERS = HEADER + """\
+SUDOERS = (
+    HEADER
+    + """\
 Defaults	env_reset
 Defaults	mail_badpass
 Defaults	secure_path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 Defaults	use_pty
 root	ALL=(ALL:ALL) ALL
 """
+)
 
-BASH_BASHRC = HEADER + """\
+BASH_BASHRC = (
+    HEADER
+    + """\
 [ -z "$PS1" ] && return
 PS1='\\u@\\h:\\w\\$ '
 """
+)
 
-PROFILE = HEADER + """\
+PROFILE = (
+    HEADER
+    + """\
 PATH="/usr/local/bin:/usr/bin:/bin"
 export PATH
 """
+)

@@ -34,9 +34,14 @@ class HostKeys:
     known_hosts: Path
 
     def to_dict(self) -> dict[str, str]:
-        return {"vm_host_key_fingerprint": self.vm_host_fingerprint, "vm_host_public_key": self.vm_host_public,
-                "login_key": str(self.login_key), "login_public_key": self.login_public,
-                "login_key_fingerprint": self.login_fingerprint, "known_hosts": str(self.known_hosts)}
+        return {
+            "vm_host_key_fingerprint": self.vm_host_fingerprint,
+            "vm_host_public_key": self.vm_host_public,
+            "login_key": str(self.login_key),
+            "login_public_key": self.login_public,
+            "login_key_fingerprint": self.login_fingerprint,
+            "known_hosts": str(self.known_hosts),
+        }
 
 
 def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
@@ -62,7 +67,9 @@ def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
     key_type, key_b64 = vm_public.split()[:2]
     write_private(known_hosts, f"{known_hosts_name(ssh)} {key_type} {key_b64}\n".encode(), replace=True)
     fsync_dir(host_dir)
-    return HostKeys(vm_private, f"{key_type} {key_b64}", vm_fp, host_dir / HOST_KEY, login_public, login_fp, known_hosts)
+    return HostKeys(
+        vm_private, f"{key_type} {key_b64}", vm_fp, host_dir / HOST_KEY, login_public, login_fp, known_hosts
+    )
 
 
 def known_hosts_name(ssh: Endpoint) -> str:
@@ -74,8 +81,10 @@ def load_host_keys(host_dir: Path) -> tuple[Path, Path]:
     """The login key and pinned known_hosts of an earlier run."""
     key, known = host_dir / HOST_KEY, host_dir / KNOWN_HOSTS
     if not key.is_file() or not known.is_file():
-        raise HostKeyError(f"{key} or {known} is missing; the scrub step creates them",
-                           hint="rerun `python -m takeover run`; it redoes the scrub from a fresh copy")
+        raise HostKeyError(
+            f"{key} or {known} is missing; the scrub step creates them",
+            hint="rerun `python -m takeover run`; it redoes the scrub from a fresh copy",
+        )
     return key, known
 
 

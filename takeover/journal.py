@@ -31,7 +31,7 @@ class Journal:
     data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, host_dir: Path) -> "Journal | None":
+    def load(cls, host_dir: Path) -> Journal | None:
         path = host_dir / JOURNAL_NAME
         try:
             raw = path.read_text()
@@ -46,11 +46,18 @@ class Journal:
         return cls(path, data)
 
     @classmethod
-    def new(cls, host_dir: Path, options: dict[str, Any]) -> "Journal":
-        journal = cls(host_dir / JOURNAL_NAME, {
-            "version": VERSION, "state": IN_PROGRESS, "created": time.time(),
-            "options": options, "steps": {}, "history": [],
-        })
+    def new(cls, host_dir: Path, options: dict[str, Any]) -> Journal:
+        journal = cls(
+            host_dir / JOURNAL_NAME,
+            {
+                "version": VERSION,
+                "state": IN_PROGRESS,
+                "created": time.time(),
+                "options": options,
+                "steps": {},
+                "history": [],
+            },
+        )
         journal.save()
         return journal
 
@@ -100,7 +107,8 @@ class Journal:
 
     def _log(self, step: str, event: str, detail: str = "") -> None:
         self.data.setdefault("history", []).append(
-            {"at": round(time.time(), 3), "step": step, "event": event, **({"detail": detail} if detail else {})})
+            {"at": round(time.time(), 3), "step": step, "event": event, **({"detail": detail} if detail else {})}
+        )
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)

@@ -29,7 +29,7 @@ class Endpoint:
             raise InvalidInput(f"port {self.port!r} is not a TCP port number")
 
     @classmethod
-    def parse(cls, text: str) -> "Endpoint":
+    def parse(cls, text: str) -> Endpoint:
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidInput(f"{text!r} is not HOST:PORT (for example 127.0.0.1:2223)")
@@ -74,7 +74,7 @@ class SourceVM:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SourceVM":
+    def from_dict(cls, data: dict[str, Any]) -> SourceVM:
         values = dict(data)
         values.pop("agent_files", None)  # written by earlier versions, never read: a journal from one still resumes
         values["proxy"] = Endpoint(**values["proxy"])

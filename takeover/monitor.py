@@ -60,5 +60,5 @@ class Monitor(qmp.QMP):
         except qmp.QMPTimeout as exc:
             raise TakeoverError(str(exc)) from None
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self

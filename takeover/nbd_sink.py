@@ -55,8 +55,9 @@ class SinkResult:
     requests: int
 
 
-def serve_writes(sock: socket.socket, fd: int, size: int, *, budget: int, idle_timeout: float,
-                 deadline: float) -> SinkResult:
+def serve_writes(
+    sock: socket.socket, fd: int, size: int, *, budget: int, idle_timeout: float, deadline: float
+) -> SinkResult:
     """Serve one NBD client on `sock`, exporting `fd` (a file of `size` bytes) until it disconnects.
 
     `budget` caps the file's allocated bytes; `idle_timeout` caps any one wait for the peer;
@@ -115,7 +116,7 @@ class _Conn:
             self.sock.settimeout(min(self.idle_timeout, left))
             try:
                 chunk = self.sock.recv(min(count - len(buf), 4 * 2**20))
-            except socket.timeout:
+            except TimeoutError:
                 raise SinkError(f"the agent's qemu-img sent nothing for {self.idle_timeout:.0f} s") from None
             except OSError as exc:
                 raise SinkError(f"the connection to the agent's qemu-img failed: {exc.strerror}") from None
@@ -128,7 +129,7 @@ class _Conn:
         self.sock.settimeout(max(0.1, min(self.idle_timeout, self.deadline - time.monotonic())))
         try:
             self.sock.sendall(data)
-        except (socket.timeout, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise SinkError(f"cannot answer the agent's qemu-img: {exc}") from None
 
     def reply(self, handle: int, error: int = 0, data: bytes = b"") -> None:
@@ -176,7 +177,7 @@ def _valid_info_request(data: bytes) -> bool:
     (name_len,) = struct.unpack(">I", data[:4])
     if 4 + name_len + 2 > len(data):
         return False
-    (count,) = struct.unpack(">H", data[4 + name_len:6 + name_len])
+    (count,) = struct.unpack(">H", data[4 + name_len : 6 + name_len])
     return len(data) == 6 + name_len + 2 * count
 
 

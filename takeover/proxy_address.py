@@ -59,15 +59,19 @@ def choose_proxy_address(claimed: Endpoint | None, forwards: list[Forward], oper
     seen = ", ".join(str(f) for f in forwards) or "nothing"
     if claimed is not None:
         if not any((f.host, f.port) == (claimed.host, claimed.port) for f in to_proxy):
-            raise UnsafeProxyAddress(f"the ready file puts the proxy at {claimed}, but the agent's QEMU does not "
-                                     f"forward that address to the guest's port {GUEST_PROXY_PORT} (it forwards "
-                                     f"{seen})")
+            raise UnsafeProxyAddress(
+                f"the ready file puts the proxy at {claimed}, but the agent's QEMU does not "
+                f"forward that address to the guest's port {GUEST_PROXY_PORT} (it forwards "
+                f"{seen})"
+            )
         chosen = claimed
     elif len(to_proxy) == 1:
         chosen = Endpoint(to_proxy[0].host, to_proxy[0].port)
     else:
-        raise UnsafeProxyAddress(f"cannot tell the proxy's address: the agent's QEMU forwards {seen}, and "
-                                 f"{len(to_proxy)} of those to the guest's port {GUEST_PROXY_PORT}")
+        raise UnsafeProxyAddress(
+            f"cannot tell the proxy's address: the agent's QEMU forwards {seen}, and "
+            f"{len(to_proxy)} of those to the guest's port {GUEST_PROXY_PORT}"
+        )
     check_agent_address(chosen)
     return chosen
 
@@ -75,8 +79,12 @@ def choose_proxy_address(claimed: Endpoint | None, forwards: list[Forward], oper
 def check_agent_address(endpoint: Endpoint) -> None:
     address = ipaddress.ip_address(endpoint.host)
     if address.version != 4 or address not in LOOPBACK:
-        raise UnsafeProxyAddress(f"the agent's proxy address {endpoint} is not an IPv4 loopback address; the "
-                                 f"host's QEMU would serve the proxy beyond this machine")
+        raise UnsafeProxyAddress(
+            f"the agent's proxy address {endpoint} is not an IPv4 loopback address; the "
+            f"host's QEMU would serve the proxy beyond this machine"
+        )
     if endpoint.port < FIRST_UNPRIVILEGED_PORT:
-        raise UnsafeProxyAddress(f"the agent's proxy address {endpoint} is a privileged port (below "
-                                 f"{FIRST_UNPRIVILEGED_PORT}); the host's QEMU binds it as root")
+        raise UnsafeProxyAddress(
+            f"the agent's proxy address {endpoint} is a privileged port (below "
+            f"{FIRST_UNPRIVILEGED_PORT}); the host's QEMU binds it as root"
+        )

@@ -28,9 +28,10 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .agent_sandbox import AgentUser, SandboxError, run_as_agent
 from .diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
@@ -65,8 +66,13 @@ class RelocateResult:
         return self.__dict__.copy()
 
 
-def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int, int] | None = None,
-                  progress: Callable[[str], None] = lambda _: None) -> RelocateResult:
+def relocate_disk(
+    source_disk: Path,
+    host_dir: Path,
+    *,
+    expect_inode: tuple[int, int] | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> RelocateResult:
     """Flatten `source_disk` (and its backing files) into `host_dir/disk.qcow2`; see the module docstring."""
     started = time.monotonic()
     final, partial, raw = host_dir / DISK_NAME, host_dir / PARTIAL_NAME, host_dir / RAW_NAME
@@ -79,12 +85,16 @@ def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int,
     agent = AgentUser.owner_of(src_st, f"the agent's disk {source_disk}")
     image = inspect_agent_disk(source_disk, agent)
     if not 0 < image.virtual_size <= MAX_VIRTUAL_SIZE:
-        raise DiskFormatError(f"the agent's disk {source_disk} claims a size of {image.virtual_size} bytes; "
-                              f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)")
+        raise DiskFormatError(
+            f"the agent's disk {source_disk} claims a size of {image.virtual_size} bytes; "
+            f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
+        )
     budget = _space_budget(host_dir, image)
     chain = ", ".join(b.path for b in image.backing) or "none"
-    progress(f"flattening the agent's disk as uid {agent.uid} (backing files: {chain}; "
-             f"{image.virtual_size / 2**30:.1f} GiB virtual)")
+    progress(
+        f"flattening the agent's disk as uid {agent.uid} (backing files: {chain}; "
+        f"{image.virtual_size / 2**30:.1f} GiB virtual)"
+    )
     try:
         sink = _flatten(source_disk, image, agent, raw, budget)
         progress(f"{sink.allocated / 2**20:.0f} MiB of data; converting to the host's own qcow2")
@@ -102,9 +112,17 @@ def relocate_disk(source_disk: Path, host_dir: Path, *, expect_inode: tuple[int,
         partial.unlink(missing_ok=True)
         raise
     copy_st = os.stat(final)
-    return RelocateResult(str(final), copy_st.st_size, digest, copy_st.st_blocks * 512, image.chain_allocated,
-                          round(time.monotonic() - started, 3), image.virtual_size,
-                          [b.path for b in image.backing], agent.uid)
+    return RelocateResult(
+        str(final),
+        copy_st.st_size,
+        digest,
+        copy_st.st_blocks * 512,
+        image.chain_allocated,
+        round(time.monotonic() - started, 3),
+        image.virtual_size,
+        [b.path for b in image.backing],
+        agent.uid,
+    )
 
 
 def _agent_disk_stat(source_disk: Path, expect_inode: tuple[int, int] | None) -> os.stat_result:
@@ -114,13 +132,18 @@ def _agent_disk_stat(source_disk: Path, expect_inode: tuple[int, int] | None) ->
     except OSError as exc:
         raise CopyError(f"cannot stat the agent's disk {source_disk}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise CopyError(f"the agent's disk {source_disk} is now a symlink; the takeover does not read the agent's "
-                        f"disk without following links through its names", hint="pass the disk's real path")
+        raise CopyError(
+            f"the agent's disk {source_disk} is now a symlink; the takeover does not read the agent's "
+            f"disk without following links through its names",
+            hint="pass the disk's real path",
+        )
     if not stat.S_ISREG(st.st_mode):
         raise CopyError(f"{source_disk} is not a regular file")
     if expect_inode is not None and (st.st_dev, st.st_ino) != tuple(expect_inode):
-        raise CopyError(f"{source_disk} is not the file QEMU had open in step 1; it was replaced",
-                        hint="rerun `python -m takeover rollback` and find out who replaced it")
+        raise CopyError(
+            f"{source_disk} is not the file QEMU had open in step 1; it was replaced",
+            hint="rerun `python -m takeover rollback` and find out who replaced it",
+        )
     return st
 
 
@@ -131,8 +154,10 @@ def _space_budget(host_dir: Path, image: ImageInfo) -> int:
     data = min(image.chain_allocated, image.virtual_size)
     needed = 2 * data + SPACE_MARGIN
     if free < needed:
-        raise NotEnoughSpace(f"{host_dir} has {free / 2**30:.2f} GiB free; flattening the agent's disk needs "
-                             f"about {needed / 2**30:.2f} GiB")
+        raise NotEnoughSpace(
+            f"{host_dir} has {free / 2**30:.2f} GiB free; flattening the agent's disk needs "
+            f"about {needed / 2**30:.2f} GiB"
+        )
     return min(image.virtual_size, (free - SPACE_MARGIN) // 2)
 
 
@@ -146,31 +171,46 @@ def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, b
         os.fchown(fd, 0, 0)
         os.ftruncate(fd, image.virtual_size)
         target = f"driver=raw,file.driver=nbd,file.server.type=fd,file.server.str={theirs.fileno()}"
-        argv = [QEMU_IMG, "convert", "-n", "--target-is-zero", "--target-image-opts",
-                image.chain_spec(source_disk), target]
+        argv = [
+            QEMU_IMG,
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "--target-image-opts",
+            image.chain_spec(source_disk),
+            target,
+        ]
 
         def serve(_child: subprocess.Popen) -> None:
             theirs.close()  # the sandbox holds its end; ours sees EOF when it exits
             try:
-                outcome["sink"] = serve_writes(ours, fd, image.virtual_size, budget=budget,
-                                               idle_timeout=IDLE_TIMEOUT,
-                                               deadline=time.monotonic() + FLATTEN_TIMEOUT)
+                outcome["sink"] = serve_writes(
+                    ours,
+                    fd,
+                    image.virtual_size,
+                    budget=budget,
+                    idle_timeout=IDLE_TIMEOUT,
+                    deadline=time.monotonic() + FLATTEN_TIMEOUT,
+                )
             except SinkError as exc:
                 outcome["error"] = exc
             finally:
                 ours.close()  # a qemu-img still writing gets EPIPE and exits
 
-        result = run_as_agent(argv, agent, timeout=FLATTEN_TIMEOUT, pass_fds=(theirs.fileno(),),
-                              while_running=serve)
+        result = run_as_agent(argv, agent, timeout=FLATTEN_TIMEOUT, pass_fds=(theirs.fileno(),), while_running=serve)
         error = outcome.get("error")
         if error is not None and error.over_budget:
-            raise NotEnoughSpace(f"the agent's disk did not fit in {budget / 2**20:.0f} MiB of the host "
-                                 f"directory ({error}); the partial copy was removed")
+            raise NotEnoughSpace(
+                f"the agent's disk did not fit in {budget / 2**20:.0f} MiB of the host "
+                f"directory ({error}); the partial copy was removed"
+            )
         if result.returncode != 0:
-            raise CopyError(f"qemu-img convert, run as the agent, failed: {result.error_text()}"
-                            + (f" (the host's side: {error})" if error else ""),
-                            hint="make sure the agent's VM has stopped (nothing else may hold its disk), "
-                                 "then rerun `python -m takeover run`")
+            raise CopyError(
+                f"qemu-img convert, run as the agent, failed: {result.error_text()}"
+                + (f" (the host's side: {error})" if error else ""),
+                hint="make sure the agent's VM has stopped (nothing else may hold its disk), "
+                "then rerun `python -m takeover run`",
+            )
         if error is not None or "sink" not in outcome:
             raise CopyError(f"the agent's qemu-img ended without a clean NBD session: {error}")
         os.fsync(fd)
@@ -187,9 +227,14 @@ def _convert_raw(raw: Path, partial: Path, virtual_size: int) -> None:
     """Root's qemu-img makes the qcow2 from raw bytes (format forced: nothing in them is parsed)."""
     if os.stat(raw).st_size != virtual_size:
         raise CopyError(f"{raw} changed size while it was written")
-    proc = subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "--", str(raw), str(partial)],
-                          capture_output=True, text=True, timeout=CONVERT_TIMEOUT, umask=0o077,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "--", str(raw), str(partial)],
+        capture_output=True,
+        text=True,
+        timeout=CONVERT_TIMEOUT,
+        umask=0o077,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0:
         if "No space left" in proc.stderr:
             raise NotEnoughSpace(f"the host directory filled up while making the qcow2: {proc.stderr.strip()[-300:]}")
@@ -204,8 +249,9 @@ def _convert_raw(raw: Path, partial: Path, virtual_size: int) -> None:
 def _check_private(path: Path) -> None:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
-        raise CopyError(f"{path} is not a regular 0600 file of root's (mode {stat.S_IMODE(st.st_mode):o}, "
-                        f"uid {st.st_uid}); refused")
+        raise CopyError(
+            f"{path} is not a regular 0600 file of root's (mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}); refused"
+        )
 
 
 def _sha256_file(path: Path) -> str:

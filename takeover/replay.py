@@ -41,8 +41,7 @@ START_TIMEOUT = 300.0  # a daemonizing QEMU returns once the checkpoint is loade
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | None = None, *,
-                   owner: int) -> list[str]:
+def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | None = None, *, owner: int) -> list[str]:
     """The agent's QEMU command line, checked and rewritten to load the checkpoint.
 
     `owner` is the agent's uid (the QEMU process's): every file the command line names must be
@@ -71,8 +70,10 @@ def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | No
     checked = check_options(args, owner)
     wanted = {os.path.realpath(disk)} | ({str(disk_as_named)} if disk_as_named else set())
     if not any(f in wanted or os.path.realpath(f) in wanted for f in checked.drive_files):
-        raise UnsafeCommandLine(f"the source QEMU's command line does not name the disk {disk!r} in a -drive; "
-                                f"it cannot be replayed for a rollback")
+        raise UnsafeCommandLine(
+            f"the source QEMU's command line does not name the disk {disk!r} in a -drive; "
+            f"it cannot be replayed for a rollback"
+        )
     return [host_qemu, *args, "-loadvm", CHECKPOINT_TAG]
 
 
@@ -83,12 +84,21 @@ def replay_argv(source: SourceVM, load_checkpoint: bool = True) -> list[str]:
         qemu = qemu[:-2]
     setpriv = shutil.which("setpriv", path=SYSTEM_PATH)
     if setpriv is None:
-        raise RollbackError("setpriv is not installed; the agent's QEMU is only ever started through it",
-                            hint="apt-get install util-linux, then rerun `python -m takeover rollback`")
+        raise RollbackError(
+            "setpriv is not installed; the agent's QEMU is only ever started through it",
+            hint="apt-get install util-linux, then rerun `python -m takeover rollback`",
+        )
     groups = ",".join(str(g) for g in source.groups)
-    return [setpriv, f"--reuid={source.uid}", f"--regid={source.gid}",
-            f"--groups={groups}" if groups else "--clear-groups",
-            "--no-new-privs", "--inh-caps=-all", "--", *qemu]
+    return [
+        setpriv,
+        f"--reuid={source.uid}",
+        f"--regid={source.gid}",
+        f"--groups={groups}" if groups else "--clear-groups",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--",
+        *qemu,
+    ]
 
 
 def agent_workdir(source: SourceVM) -> str:
@@ -108,10 +118,12 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
         argv = replay_argv(source, load_checkpoint)
     except UnsafeCommandLine as exc:
         # Step 1 accepted this command line: the agent changed its files since. Nothing was started.
-        raise RollbackError(f"the agent's QEMU command line is no longer replayable: {exc}",
-                            hint=f"nothing was started and the agent's disk and {CHECKPOINT_TAG} snapshot are "
-                                 f"untouched; the agent can start its VM itself (`python -m vm_image launch`), or "
-                                 f"fix the files named above and rerun `python -m takeover rollback`") from None
+        raise RollbackError(
+            f"the agent's QEMU command line is no longer replayable: {exc}",
+            hint=f"nothing was started and the agent's disk and {CHECKPOINT_TAG} snapshot are "
+            f"untouched; the agent can start its VM itself (`python -m vm_image launch`), or "
+            f"fix the files named above and rerun `python -m takeover rollback`",
+        ) from None
     workdir = agent_workdir(source)
     env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline
@@ -119,8 +131,17 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
     try:
         # start_new_session: setsid() in the child before exec, so neither setpriv nor QEMU (nor the
         # QEMU parent that waits while the daemon loads the checkpoint) has root's terminal.
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=workdir, env=env,
-                                 start_new_session=True, close_fds=True, pass_fds=())
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(),
+        )
     finally:
         os.close(log)
     if daemonizes:
@@ -129,8 +150,9 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-            raise RollbackError(f"the agent's QEMU did not finish starting within {START_TIMEOUT:.0f} s: "
-                                f"{log_tail(log_path, 600)}") from None
+            raise RollbackError(
+                f"the agent's QEMU did not finish starting within {START_TIMEOUT:.0f} s: {log_tail(log_path, 600)}"
+            ) from None
         if code != 0:
             raise RollbackError(f"the agent's QEMU did not start again (exit {code}): {log_tail(log_path, 600)}")
         return None

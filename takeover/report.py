@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .files import write_json_atomic
 from .journal import Journal
@@ -18,8 +19,14 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
     steps = []
     for step, title in titles.items():
         entry = journal.entry(step)
-        steps.append({"step": step, "title": title, "status": entry.get("status", "pending"),
-                      "duration_s": entry.get("duration_s")})
+        steps.append(
+            {
+                "step": step,
+                "title": title,
+                "status": entry.get("status", "pending"),
+                "duration_s": entry.get("duration_s"),
+            }
+        )
     result = {s: journal.entry(s).get("result") or {} for s in titles}
     source = result["find_vm"]
     scrub = result["scrub"]
@@ -32,19 +39,39 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
         "source": {k: source.get(k) for k in ("disk", "monitor", "pid", "uid", "ready_file", "notes")},
         "checkpoint": result["checkpoint"],
         "disk": result["relocate"],
-        "scrub": {"changes": scrub.get("changes", []), "findings": scrub.get("findings", []),
-                  "snapshots_removed": scrub.get("snapshots_removed", []), "seconds": scrub.get("seconds", {}),
-                  "not_blocked": scrub.get("not_blocked", [])},
+        "scrub": {
+            "changes": scrub.get("changes", []),
+            "findings": scrub.get("findings", []),
+            "snapshots_removed": scrub.get("snapshots_removed", []),
+            "seconds": scrub.get("seconds", {}),
+            "not_blocked": scrub.get("not_blocked", []),
+        },
         "keys": scrub.get("keys", {}),
-        "vm": {k: restart.get(k) for k in ("runner", "pid", "spec", "uri", "domain", "persistent", "autostart",
-                                             "qemu_user", "monitor", "pidfile")},
+        "vm": {
+            k: restart.get(k)
+            for k in (
+                "runner",
+                "pid",
+                "spec",
+                "uri",
+                "domain",
+                "persistent",
+                "autostart",
+                "qemu_user",
+                "monitor",
+                "pidfile",
+            )
+        },
         "verify": result["verify"],
         "agent_token": result["verify"].get("agent_token"),
         "revoked": result["revoke"],
         "files": {
-            "disk": str(host_dir / "disk.qcow2"), "host_key": str(host_dir / "host_key"),
-            "known_hosts": str(host_dir / "known_hosts"), "journal": str(journal.path),
-            "report": str(host_dir / REPORT_NAME), "serial_log": str(host_dir / "serial.log"),
+            "disk": str(host_dir / "disk.qcow2"),
+            "host_key": str(host_dir / "host_key"),
+            "known_hosts": str(host_dir / "known_hosts"),
+            "journal": str(journal.path),
+            "report": str(host_dir / REPORT_NAME),
+            "serial_log": str(host_dir / "serial.log"),
         },
     }
 
@@ -61,8 +88,13 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["", "Takeover complete." if all(s["status"] == "done" for s in report["steps"][:-1])
-             else "Takeover report (incomplete):", ""]
+    lines = [
+        "",
+        "Takeover complete."
+        if all(s["status"] == "done" for s in report["steps"][:-1])
+        else "Takeover report (incomplete):",
+        "",
+    ]
     for s in report["steps"]:
         duration = f"{s['duration_s']:.1f} s" if s.get("duration_s") is not None else "-"
         lines.append(f"  {s['title']:<34} {s['status']:<8} {duration:>9}")
@@ -76,16 +108,20 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     keys = report.get("keys") or {}
     vm = report["vm"]
     spec = vm.get("spec") or {}
+    ssh_host, _, ssh_port = str(spec.get("ssh_listen", ":")).rpartition(":")
     lines += [
         "",
         f"VM host key:   {keys.get('vm_host_key_fingerprint', '-')} (pinned in {keys.get('known_hosts', '-')})",
         f"Host login:    {keys.get('login_key_fingerprint', '-')} ({keys.get('login_key', '-')})",
         f"Proxy:         http://{spec.get('proxy_listen', '-')} (forwarded to the VM's :3737)",
         f"SSH:           ssh -i {keys.get('login_key', '-')} -o UserKnownHostsFile={keys.get('known_hosts', '-')} "
-        f"-p {str(spec.get('ssh_listen', ':')).rsplit(':', 1)[-1]} proxy@{str(spec.get('ssh_listen', ':')).rsplit(':', 1)[0]}",
+        f"-p {ssh_port} proxy@{ssh_host}",
         f"Runner:        {vm.get('runner')} (pid {vm.get('pid')})"
-        + (f", domain {vm.get('domain')} persistent={vm.get('persistent')} autostart={vm.get('autostart')}"
-           if vm.get("runner") == "libvirt" else ""),
+        + (
+            f", domain {vm.get('domain')} persistent={vm.get('persistent')} autostart={vm.get('autostart')}"
+            if vm.get("runner") == "libvirt"
+            else ""
+        ),
         f"Disk:          {report['files']['disk']}",
         f"Report:        {report['files']['report']}",
     ]

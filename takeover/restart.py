@@ -31,9 +31,10 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from vm_image import proc
@@ -80,12 +81,17 @@ class HostVMSpec:
             raise ValueError(f"VM name {self.name!r} must be letters, digits, - and _")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (str(v) if isinstance(v, (Path, Endpoint)) else v)
-                for f in fields(self) for v in [getattr(self, f.name)]}
+        return {
+            f.name: (str(v) if isinstance(v, (Path, Endpoint)) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
 
     def hostfwd(self) -> str:
-        return (f"hostfwd=tcp:{self.proxy_listen.host}:{self.proxy_listen.port}-:{GUEST_PROXY_PORT},"
-                f"hostfwd=tcp:{self.ssh_listen.host}:{self.ssh_listen.port}-:{GUEST_SSH_PORT}")
+        return (
+            f"hostfwd=tcp:{self.proxy_listen.host}:{self.proxy_listen.port}-:{GUEST_PROXY_PORT},"
+            f"hostfwd=tcp:{self.ssh_listen.host}:{self.ssh_listen.port}-:{GUEST_SSH_PORT}"
+        )
 
 
 def machine_args(spec: HostVMSpec) -> list[str]:
@@ -96,13 +102,33 @@ def machine_args(spec: HostVMSpec) -> list[str]:
     # TCG reserves 1 GiB for translated code unless told otherwise; 64 MB serves this guest.
     accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "max"]
     return [
-        "-machine", "q35", *accel,
-        "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append,
-        "-blockdev", json.dumps(disk_file), "-blockdev", json.dumps(disk_fmt),
-        "-device", "virtio-blk-pci,drive=disk0",
-        "-device", "virtio-rng-pci",  # entropy: sshd and Python block on it early in a TCG boot
+        "-machine",
+        "q35",
+        *accel,
+        "-m",
+        str(spec.memory_mb),
+        "-smp",
+        str(spec.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initrd),
+        "-append",
+        spec.append,
+        "-blockdev",
+        json.dumps(disk_file),
+        "-blockdev",
+        json.dumps(disk_fmt),
+        "-device",
+        "virtio-blk-pci,drive=disk0",
+        "-device",
+        "virtio-rng-pci",  # entropy: sshd and Python block on it early in a TCG boot
     ]
 
 
@@ -111,12 +137,24 @@ def qemu_command(spec: HostVMSpec, qemu_user: str | None) -> list[str]:
     if qemu is None:
         raise RestartError("qemu-system-x86_64 is not installed")
     return [
-        qemu, "-name", spec.name, *machine_args(spec),
-        "-netdev", f"user,id=net0,{spec.hostfwd()}", "-device", "virtio-net-pci,netdev=net0",
-        "-chardev", f"file,id=serial0,path={spec.serial_log}", "-serial", "chardev:serial0",
-        "-qmp", f"unix:{spec.monitor},server=on,wait=off",
-        "-pidfile", str(spec.pidfile),
-        "-sandbox", SANDBOX,
+        qemu,
+        "-name",
+        spec.name,
+        *machine_args(spec),
+        "-netdev",
+        f"user,id=net0,{spec.hostfwd()}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+        "-chardev",
+        f"file,id=serial0,path={spec.serial_log}",
+        "-serial",
+        "chardev:serial0",
+        "-qmp",
+        f"unix:{spec.monitor},server=on,wait=off",
+        "-pidfile",
+        str(spec.pidfile),
+        "-sandbox",
+        SANDBOX,
         *(["-runas", qemu_user] if qemu_user else []),
     ]
 
@@ -202,7 +240,8 @@ def check_port_free(endpoint: Endpoint, what: str) -> None:
         f"{endpoint} ({what}) is held by {holders}; the host's VM must listen there, and whoever holds it "
         f"would answer in the VM's place",
         hint=f"find and stop that process (`ss -ltnp 'sport = :{endpoint.port}'`); if it is the agent's, it is "
-             f"posing as the VM. Then rerun `python -m takeover start`")
+        f"posing as the VM. Then rerun `python -m takeover start`",
+    )
 
 
 def check_ports_free(spec: HostVMSpec) -> None:
@@ -216,13 +255,17 @@ def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float = HEALTH_TIMEO
     try:
         seconds = wait_for_health(spec.proxy_listen, timeout, lambda: proc.alive(pid, ticks))
     except VerifyError as exc:
-        raise RestartError(f"the host's VM (pid {pid}) is not serving: {exc}; see {spec.serial_log}",
-                           hint="read the serial log; then `python -m takeover stop` and `start` again") from None
+        raise RestartError(
+            f"the host's VM (pid {pid}) is not serving: {exc}; see {spec.serial_log}",
+            hint="read the serial log; then `python -m takeover stop` and `start` again",
+        ) from None
     holders = listener_pids(spec.proxy_listen)
     if holders != {pid}:
-        raise RestartError(f"{spec.proxy_listen} is answered by pid(s) {sorted(holders) or 'unknown'}, not only by "
-                           f"the host's QEMU (pid {pid})",
-                           hint="stop the other process, then `python -m takeover stop` and `start` again")
+        raise RestartError(
+            f"{spec.proxy_listen} is answered by pid(s) {sorted(holders) or 'unknown'}, not only by "
+            f"the host's QEMU (pid {pid})",
+            hint="stop the other process, then `python -m takeover stop` and `start` again",
+        )
     return {"health_seconds": round(seconds, 3), "listener_pids": sorted(holders)}
 
 
@@ -246,8 +289,10 @@ class QemuRunner:
 
     def start(self, spec: HostVMSpec) -> int:
         if self.pid(spec) is not None:
-            raise RestartError(f"a QEMU with {spec.disk} is already running (pidfile {spec.pidfile})",
-                               hint="stop it first (`python -m takeover stop`) or let the run use it")
+            raise RestartError(
+                f"a QEMU with {spec.disk} is already running (pidfile {spec.pidfile})",
+                hint="stop it first (`python -m takeover stop`) or let the run use it",
+            )
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             stale.unlink(missing_ok=True)
         if self.qemu_user:
@@ -256,8 +301,15 @@ class QemuRunner:
         log = os.open(spec.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # Not -daemonize: the sandbox forbids fork. A new session detaches QEMU from us instead.
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, umask=0o077,
-                                     start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                umask=0o077,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
         finally:
             os.close(log)
         pid = self._wait_running(spec, child)
@@ -290,8 +342,10 @@ class QemuRunner:
         dev, ino = exe_inode(pid)
         binary_st = os.stat(binary)
         if (dev, ino) != (binary_st.st_dev, binary_st.st_ino) or info.uid not in self.allowed_uids():
-            raise RestartError(f"the QEMU answering at {spec.monitor} (pid {pid}, uid {info.uid}, {info.exe}) "
-                               f"is not the one just started from {binary}")
+            raise RestartError(
+                f"the QEMU answering at {spec.monitor} (pid {pid}, uid {info.uid}, {info.exe}) "
+                f"is not the one just started from {binary}"
+            )
         identity = QemuIdentity(current_boot_id(), pid, info.start_ticks, info.uid, info.exe, dev, ino)
         write_json_atomic(identity_path(spec), identity.to_dict())
 
@@ -355,9 +409,14 @@ class QemuRunner:
         return True
 
     def describe(self, spec: HostVMSpec) -> dict[str, Any]:
-        return {"runner": self.name, "qemu_user": self.qemu_user, "monitor": str(spec.monitor),
-                "pidfile": str(spec.pidfile), "qemu_log": str(spec.qemu_log),
-                "command": qemu_command(spec, self.qemu_user)}
+        return {
+            "runner": self.name,
+            "qemu_user": self.qemu_user,
+            "monitor": str(spec.monitor),
+            "pidfile": str(spec.pidfile),
+            "qemu_log": str(spec.qemu_log),
+            "command": qemu_command(spec, self.qemu_user),
+        }
 
 
 class LibvirtRunner:
@@ -372,8 +431,10 @@ class LibvirtRunner:
         try:
             return libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
-            raise RestartError(f"cannot connect to libvirt at {self.uri}: {exc}",
-                               hint="start libvirtd (and virtlogd), or use --runner qemu") from None
+            raise RestartError(
+                f"cannot connect to libvirt at {self.uri}: {exc}",
+                hint="start libvirtd (and virtlogd), or use --runner qemu",
+            ) from None
 
     def domain_xml(self, spec: HostVMSpec) -> str:
         return libvirt_domain_xml(spec)
@@ -389,8 +450,10 @@ class LibvirtRunner:
                 old = None
             if old is not None:
                 if old.isActive():
-                    raise RestartError(f"libvirt domain {spec.name} is already running",
-                                       hint="stop it first (`virsh destroy`) or rerun `python -m takeover run`")
+                    raise RestartError(
+                        f"libvirt domain {spec.name} is already running",
+                        hint="stop it first (`virsh destroy`) or rerun `python -m takeover run`",
+                    )
                 old.undefine()
             dom = conn.defineXML(self.domain_xml(spec))
             dom.setAutostart(1)
@@ -444,8 +507,14 @@ class LibvirtRunner:
         conn = self._connect()
         try:
             dom = conn.lookupByName(spec.name)
-            return {"runner": self.name, "uri": self.uri, "domain": spec.name, "persistent": bool(dom.isPersistent()),
-                    "autostart": bool(dom.autostart()), "active": bool(dom.isActive())}
+            return {
+                "runner": self.name,
+                "uri": self.uri,
+                "domain": spec.name,
+                "persistent": bool(dom.isPersistent()),
+                "autostart": bool(dom.autostart()),
+                "active": bool(dom.isActive()),
+            }
         except libvirt.libvirtError as exc:
             return {"runner": self.name, "uri": self.uri, "domain": spec.name, "error": str(exc)}
         finally:
@@ -499,12 +568,29 @@ def ensure_system_user(name: str) -> None:
         return
     except KeyError:
         pass
-    proc_ = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                            "--shell", "/usr/sbin/nologin", "--comment", "secret-proxy-vm QEMU", name],
-                           capture_output=True, text=True, timeout=60)
+    proc_ = subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "secret-proxy-vm QEMU",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc_.returncode != 0:
-        raise RestartError(f"cannot create the system user {name!r} for QEMU: {proc_.stderr.strip()}",
-                           hint="create it yourself (useradd --system) or pass --qemu-user root")
+        raise RestartError(
+            f"cannot create the system user {name!r} for QEMU: {proc_.stderr.strip()}",
+            hint="create it yourself (useradd --system) or pass --qemu-user root",
+        )
 
 
 def make_runner(name: str, *, qemu_user: str | None, libvirt_uri: str) -> Runner:
@@ -515,11 +601,18 @@ def make_runner(name: str, *, qemu_user: str | None, libvirt_uri: str) -> Runner
     raise ValueError(f"unknown runner {name!r}")
 
 
-def restart_as_host(spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def restart_as_host(
+    spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
     progress(f"starting {spec.name} with the {runner.name} runner")
     if runner.stop(spec):
         progress("stopped a host VM left by an earlier attempt")
     started = time.monotonic()
     pid = runner.start(spec)
-    return {"pid": pid, "pid_start_ticks": proc.start_ticks(pid), "start_seconds": round(time.monotonic() - started, 3),
-            "spec": spec.to_dict(), **runner.describe(spec)}
+    return {
+        "pid": pid,
+        "pid_start_ticks": proc.start_ticks(pid),
+        "start_seconds": round(time.monotonic() - started, 3),
+        "spec": spec.to_dict(),
+        **runner.describe(spec),
+    }

@@ -22,9 +22,12 @@ from .models import SourceVM
 
 def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> dict[str, Any]:
     if proc.alive(source.pid, source.pid_start_ticks):
-        raise TakeoverError(f"the agent's QEMU (pid {source.pid}) is running again",
-                            hint="it was started again after the checkpoint; stop it and rerun")
-    removed, kept = [], []
+        raise TakeoverError(
+            f"the agent's QEMU (pid {source.pid}) is running again",
+            hint="it was started again after the checkpoint; stop it and rerun",
+        )
+    removed: list[dict[str, str]] = []
+    kept: list[dict[str, str]] = []
     wanted: list[tuple[str, str]] = [(source.monitor, "socket")]
     if source.ready_file:
         wanted.append((source.ready_file, "file"))
@@ -36,14 +39,16 @@ def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> dict[str, Any
     if keep_source:
         kept.append({"path": source.disk, "outcome": "kept (--keep-source)"})
     else:
-        outcome = remove_agent_file(Path(source.disk), "file", source.uid, inode=(source.disk_dev, source.disk_ino),
-                                    owner=source.disk_uid)
+        outcome = remove_agent_file(
+            Path(source.disk), "file", source.uid, inode=(source.disk_dev, source.disk_ino), owner=source.disk_uid
+        )
         (removed if outcome == "removed" else kept).append({"path": source.disk, "outcome": outcome})
     return {"removed": removed, "kept": kept}
 
 
-def remove_agent_file(path: Path, kind: str, agent_uid: int, *, inode: tuple[int, int] | None = None,
-                      owner: int | None = None) -> str:
+def remove_agent_file(
+    path: Path, kind: str, agent_uid: int, *, inode: tuple[int, int] | None = None, owner: int | None = None
+) -> str:
     owner = agent_uid if owner is None else owner
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -40,8 +40,10 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
     if journal is None:
         raise JournalError(f"no takeover journal in {host_dir}; nothing to roll back")
     if journal.state == DONE or journal.done("verify"):
-        raise RollbackError("the host's VM was verified; the takeover is complete and the agent's disk may be gone",
-                            hint="stop the host's VM yourself if you must; a rollback is only for unfinished runs")
+        raise RollbackError(
+            "the host's VM was verified; the takeover is complete and the agent's disk may be gone",
+            hint="stop the host's VM yourself if you must; a rollback is only for unfinished runs",
+        )
     if journal.state == ROLLED_BACK:
         raise RollbackError("this takeover was already rolled back", hint="nothing to do")
     if not journal.done("find_vm"):
@@ -49,8 +51,11 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
         return {"rolled_back": True, "detail": "nothing had changed (step 1 did not finish)"}
     source = SourceVM.from_dict(journal.result("find_vm"))
     options = journal.data.get("options", {})
-    runner = make_runner(options.get("runner", cfg.runner), qemu_user=options.get("qemu_user"),
-                         libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
+    runner = make_runner(
+        options.get("runner", cfg.runner),
+        qemu_user=options.get("qemu_user"),
+        libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri),
+    )
     started = time.monotonic()
     if journal.entry("restart"):
         try:
@@ -68,10 +73,14 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
             raise RollbackError(f"the agent's disk {disk} is gone; it cannot be restarted")
         has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True, owner=source.uid).snapshots
         if not has_checkpoint and not cold:
-            raise RollbackError(f"{disk} has no {CHECKPOINT_TAG} snapshot",
-                                hint="rerun with --cold to boot the agent's disk without its saved state")
-        progress.note(f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
-                      f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)"))
+            raise RollbackError(
+                f"{disk} has no {CHECKPOINT_TAG} snapshot",
+                hint="rerun with --cold to boot the agent's disk without its saved state",
+            )
+        progress.note(
+            f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
+            f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)")
+        )
         start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=has_checkpoint and not cold)
         try:
             seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)

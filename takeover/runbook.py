@@ -71,10 +71,17 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     """Run (or resume) the takeover; returns the report and its human summary."""
     require_root()
     progress = progress or Progress()
-    if cfg.agent_name is not None and (not AGENT_NAME.match(cfg.agent_name) or not SECRET_PATTERNS.match(cfg.agent_secrets)):
-        raise InvalidInput(f"--agent-name must match {AGENT_NAME.pattern} and --agent-secrets {SECRET_PATTERNS.pattern}")
-    proxy_config = (read_proxy_config(cfg.proxy_config, allow_telegram_api_url=cfg.allow_telegram_api_url)
-                    if cfg.proxy_config else None)
+    if cfg.agent_name is not None and (
+        not AGENT_NAME.match(cfg.agent_name) or not SECRET_PATTERNS.match(cfg.agent_secrets)
+    ):
+        raise InvalidInput(
+            f"--agent-name must match {AGENT_NAME.pattern} and --agent-secrets {SECRET_PATTERNS.pattern}"
+        )
+    proxy_config = (
+        read_proxy_config(cfg.proxy_config, allow_telegram_api_url=cfg.allow_telegram_api_url)
+        if cfg.proxy_config
+        else None
+    )
     if (cfg.kernel is None) != (cfg.initrd is None):
         raise InvalidInput("--kernel and --initrd go together")
     for path in (cfg.kernel, cfg.initrd):
@@ -92,7 +99,7 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     for step in todo:
         if step.name in RESUME_POINTS:
             # A step that is rerun invalidates what the steps after it produced.
-            for later in NAMES[NAMES.index(step.name):]:
+            for later in NAMES[NAMES.index(step.name) :]:
                 journal.forget(later)
         progress.begin(step.name)
         journal.begin(step.name)
@@ -116,16 +123,23 @@ def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
     require_root()
     journal = Journal.load(cfg.host_dir)
     if journal is None or not journal.done("verify"):
-        raise JournalError(f"{cfg.host_dir} holds no verified takeover",
-                           hint="run `python -m takeover run` first (or rerun it to finish)")
+        raise JournalError(
+            f"{cfg.host_dir} holds no verified takeover",
+            hint="run `python -m takeover run` first (or rerun it to finish)",
+        )
     options = journal.data.get("options", {})
-    runner = make_runner(options.get("runner", "qemu"), qemu_user=options.get("qemu_user"),
-                         libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri))
+    runner = make_runner(
+        options.get("runner", "qemu"),
+        qemu_user=options.get("qemu_user"),
+        libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri),
+    )
     # The VM as the run made it: its SSH forward and accelerator, not this command's defaults.
     saved_ssh = options.get("ssh_listen")  # TakeoverConfig.to_dict keeps an Endpoint as {"host", "port"}
-    cfg = replace(cfg, accel=options.get("accel", cfg.accel),
-                  ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict)
-                  else cfg.ssh_listen)
+    cfg = replace(
+        cfg,
+        accel=options.get("accel", cfg.accel),
+        ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict) else cfg.ssh_listen,
+    )
     return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner
 
 
@@ -155,8 +169,12 @@ def status(cfg: TakeoverConfig) -> dict[str, Any]:
     journal = Journal.load(cfg.host_dir)
     if journal is None:
         return {"host_dir": str(cfg.host_dir), "state": "none"}
-    return {"host_dir": str(cfg.host_dir), "state": journal.state, "journal": str(cfg.host_dir / JOURNAL_NAME),
-            "steps": {s: journal.entry(s).get("status", "pending") for s in NAMES}}
+    return {
+        "host_dir": str(cfg.host_dir),
+        "state": journal.state,
+        "journal": str(cfg.host_dir / JOURNAL_NAME),
+        "steps": {s: journal.entry(s).get("status", "pending") for s in NAMES},
+    }
 
 
 __all__ = ["run_takeover", "start_host_vm", "stop_host_vm", "status", "TakeoverError"]

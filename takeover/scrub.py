@@ -16,9 +16,10 @@ import posixpath
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vm_image.guest_files import DATA_DIR as PROXY_DATA
 from vm_image.guest_files import PROXY_HOME, PROXY_USER, ROOT_DEVICE
@@ -88,6 +89,7 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
     started = time.monotonic()
     guest = Guest.open(disk, force_tcg=plan.force_tcg, mount_root=plan.system_tar is None)
     timings["launch"] = round(time.monotonic() - started, 3)
+
     def timed(name: str, step: Callable[[], Any]) -> Any:
         progress(f"scrub: {name.replace('_', ' ')}")
         t = time.monotonic()
@@ -97,7 +99,10 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
 
     try:
         if plan.system_tar is not None:
-            timed("system", lambda: rebuild_system(guest, plan.system_tar, plan.system_overlay))
+            system_tar, overlay = plan.system_tar, plan.system_overlay
+            if overlay is None:
+                raise ScrubError("a system rebuild was planned without its overlay of our files")
+            timed("system", lambda: rebuild_system(guest, system_tar, overlay))
         ids = timed("accounts", lambda: scrub_accounts(guest))
         timed("sudo", lambda: scrub_privilege_grants(guest))
         timed("ssh", lambda: rekey_ssh(guest, plan.keys, ids))
@@ -122,9 +127,12 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
     timings["flush"] = round(time.monotonic() - t, 3)
     not_blocked = (AGENT_SYSTEM_KEPT if plan.system_tar is None else []) + list(NOT_BLOCKED)
     if plan.venv_tar is None:
-        not_blocked.insert(0, f"The proxy's venv ({PROXY_VENV}) is the agent's build and was not reinstalled "
-                              f"from the host's wheels: its code runs as the proxy user and can read the new "
-                              f"master key.")
+        not_blocked.insert(
+            0,
+            f"The proxy's venv ({PROXY_VENV}) is the agent's build and was not reinstalled "
+            f"from the host's wheels: its code runs as the proxy user and can read the new "
+            f"master key.",
+        )
     if plan.modules_tar is None:
         not_blocked.insert(0, "Kernel modules under /lib/modules are the agent's; the guest kernel may load them.")
     return ScrubResult([c.to_dict() for c in guest.changes], guest.findings, not_blocked, snapshots, timings)
@@ -146,16 +154,22 @@ def rebuild_system(guest: Guest, system_tar: Path, overlay_tar: Path | None) -> 
     g.tar_in(str(system_tar), "/")
     if overlay_tar is not None:
         g.tar_in(str(overlay_tar), "/")
-    guest.changes.append(Change("/", "replaced", "the agent's whole filesystem, by the host's own build of "
-                                                 "Debian 12 from Debian's signed packages"))
+    guest.changes.append(
+        Change(
+            "/",
+            "replaced",
+            "the agent's whole filesystem, by the host's own build of Debian 12 from Debian's signed packages",
+        )
+    )
 
 
 def remove_internal_snapshots(disk: Path) -> list[str]:
     """The copy carries `takeover-checkpoint` (the agent's RAM) and any snapshot the agent planted; drop all."""
     names = list(inspect_image(disk).snapshots)
     for name in names:
-        proc = subprocess.run([QEMU_IMG, "snapshot", "-d", name, "--", str(disk)], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [QEMU_IMG, "snapshot", "-d", name, "--", str(disk)], capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
             raise ScrubError(f"qemu-img could not delete snapshot {name!r} from the host copy: {proc.stderr.strip()}")
     return names
@@ -167,8 +181,9 @@ def remove_internal_snapshots(disk: Path) -> list[str]:
 def scrub_accounts(guest: Guest) -> ProxyIds:
     """One root, a proxy user that is not root, and no usable password anywhere."""
     lines = guest.read("/etc/passwd").decode("utf-8", "replace").splitlines()
-    homes = tuple(sorted({f[5].rstrip("/") for f in (line.split(":") for line in lines)
-                          if len(f) == 7 and f[5].startswith("/")}))
+    homes = tuple(
+        sorted({f[5].rstrip("/") for f in (line.split(":") for line in lines) if len(f) == 7 and f[5].startswith("/")})
+    )
     kept, proxy = [], None
     for line in lines:
         fields = line.split(":")
@@ -188,16 +203,31 @@ def scrub_accounts(guest: Guest) -> ProxyIds:
             if uid == 0 or int(fields[3]) == 0:
                 raise ScrubError("the proxy user has uid or gid 0 in the guest; refusing to run the proxy as root")
             if fields[5] != PROXY_HOME or fields[6] != "/bin/bash":
-                guest.changes.append(Change("/etc/passwd", "changed",
-                                            f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash"))
+                guest.changes.append(
+                    Change(
+                        "/etc/passwd",
+                        "changed",
+                        f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash",
+                    )
+                )
                 fields[5], fields[6] = PROXY_HOME, "/bin/bash"
             proxy = ProxyIds(uid, int(fields[3]))
-        elif name != "root" and fields[6] not in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false", "/bin/sync"):
-            guest.findings.append(f"account {name!r} (uid {uid}) has login shell {fields[6]}; it cannot log in "
-                                  f"(password locked, SSH allows only {PROXY_USER})")
+        elif name != "root" and fields[6] not in (
+            "/usr/sbin/nologin",
+            "/sbin/nologin",
+            "/bin/false",
+            "/usr/bin/false",
+            "/bin/sync",
+        ):
+            guest.findings.append(
+                f"account {name!r} (uid {uid}) has login shell {fields[6]}; it cannot log in "
+                f"(password locked, SSH allows only {PROXY_USER})"
+            )
         kept.append(":".join(fields))
     if proxy is None:
-        raise ScrubError("the guest has no proxy user", hint="the host takes over only images built by `vm_image build`")
+        raise ScrubError(
+            "the guest has no proxy user", hint="the host takes over only images built by `vm_image build`"
+        )
     if kept != lines:
         guest.write("/etc/passwd", _text(kept), 0o644, why="accounts scrubbed (see details)")
     _lock_passwords(guest, "/etc/shadow", name_field=0, password_field=1, proxy_password="*")
@@ -226,8 +256,14 @@ def _lock_passwords(guest: Guest, path: str, name_field: int, password_field: in
             fields[7] = ""  # an expiry date the agent set would lock the host out
         out.append(":".join(fields))
     if out != lines:
-        guest.write(path, _text(out), 0o640, 0, _group_id(guest, "shadow"),
-                    why=f"every password locked; had a password until now: {', '.join(locked) or 'none'}")
+        guest.write(
+            path,
+            _text(out),
+            0o640,
+            0,
+            _group_id(guest, "shadow"),
+            why=f"every password locked; had a password until now: {', '.join(locked) or 'none'}",
+        )
 
 
 def _drop_supplementary_groups(guest: Guest, proxy: ProxyIds) -> None:
@@ -281,20 +317,34 @@ def rekey_ssh(guest: Guest, keys: HostKeys, proxy: ProxyIds) -> None:
     guest.remove("/etc/ssh/sshrc", "runs at every SSH login")
     guest.empty_dir("/etc/ssh/sshd_config.d", "sshd drop-ins are the agent's")
     guest.write("/etc/ssh/sshd_config", guest_files.SSHD_CONFIG.encode(), 0o644, why="host's hardened sshd_config")
-    guest.write("/etc/default/ssh", b"# Written by the host's takeover: no extra sshd options.\nSSHD_OPTS=\n", 0o644,
-                why="SSHD_OPTS could point sshd at another config")
+    guest.write(
+        "/etc/default/ssh",
+        b"# Written by the host's takeover: no extra sshd options.\nSSHD_OPTS=\n",
+        0o644,
+        why="SSHD_OPTS could point sshd at another config",
+    )
     for name in guest.listdir("/etc/ssh"):
         if name.startswith("ssh_host_"):
             guest.remove(f"/etc/ssh/{name}", "the agent knows this host key")
     guest.write("/etc/ssh/ssh_host_ed25519_key", keys.vm_host_private, 0o600, why="new host key made on the host")
-    guest.write("/etc/ssh/ssh_host_ed25519_key.pub", (keys.vm_host_public + "\n").encode(), 0o644,
-                why="new host key made on the host")
+    guest.write(
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        (keys.vm_host_public + "\n").encode(),
+        0o644,
+        why="new host key made on the host",
+    )
     guest.remove(f"{PROXY_HOME}/.ssh", "replaced by a directory with only the host's key")
     guest.mkdir(PROXY_HOME, 0o750, proxy.uid, proxy.gid)
     guest.mkdir(f"{PROXY_HOME}/.ssh", 0o700, proxy.uid, proxy.gid)
     # restrict: no forwarding and no ~/.ssh/rc; pty is allowed back for an operator's shell.
-    guest.write(f"{PROXY_HOME}/.ssh/authorized_keys", f"restrict,pty {keys.login_public}\n".encode(), 0o600,
-                proxy.uid, proxy.gid, why="only the host's login key")
+    guest.write(
+        f"{PROXY_HOME}/.ssh/authorized_keys",
+        f"restrict,pty {keys.login_public}\n".encode(),
+        0o600,
+        proxy.uid,
+        proxy.gid,
+        why="only the host's login key",
+    )
 
 
 def _home_dirs(guest: Guest, passwd_homes: tuple[str, ...]) -> list[str]:
@@ -337,9 +387,15 @@ def scrub_boot_hooks(guest: Guest, plan: ScrubPlan) -> None:
     """Remove every local place where a boot, a device or a timer runs a command as root."""
     _scrub_systemd_dir(guest, "/etc/systemd/system")
     _scrub_systemd_dir(guest, "/etc/systemd/user")
-    for directory in ("/etc/systemd/system-generators", "/etc/systemd/user-generators",
-                      "/etc/systemd/system-environment-generators", "/etc/systemd/user-environment-generators",
-                      "/etc/systemd/system-preset", "/etc/systemd/user-preset", "/etc/environment.d"):
+    for directory in (
+        "/etc/systemd/system-generators",
+        "/etc/systemd/user-generators",
+        "/etc/systemd/system-environment-generators",
+        "/etc/systemd/user-environment-generators",
+        "/etc/systemd/system-preset",
+        "/etc/systemd/user-preset",
+        "/etc/environment.d",
+    ):
         guest.remove(directory, "runs or configures programs at boot")
     for name in guest.listdir("/etc/systemd"):
         if name.endswith(".conf.d"):
@@ -354,29 +410,52 @@ def scrub_boot_hooks(guest: Guest, plan: ScrubPlan) -> None:
     guest.empty_dir("/etc/modprobe.d", "modprobe install= runs commands as root")
     guest.empty_dir("/etc/modules-load.d", "modules loaded at boot")
     guest.write("/etc/modules", b"", 0o644, why="modules loaded at boot")
-    guest.empty_dir("/etc/sysctl.d", "sysctl can set kernel.core_pattern or kernel.modprobe to a program",
-                    keep=("README.sysctl",))
+    guest.empty_dir(
+        "/etc/sysctl.d", "sysctl can set kernel.core_pattern or kernel.modprobe to a program", keep=("README.sysctl",)
+    )
     guest.write("/etc/sysctl.conf", b"", 0o644, why="same as /etc/sysctl.d")
     guest.empty_dir("/etc/tmpfiles.d", "tmpfiles can write files and symlinks as root at boot")
     guest.empty_dir("/etc/binfmt.d", "binfmt handlers run programs for matching files")
     guest.remove("/etc/ld.so.preload", "preloads a library into every program")
-    guest.remove("/etc/ld.so.cache", "the cache can map a library name to any file; ld.so then searches "
-                                     "only the standard directories")
+    guest.remove(
+        "/etc/ld.so.cache",
+        "the cache can map a library name to any file; ld.so then searches only the standard directories",
+    )
     guest.empty_dir("/etc/ld.so.conf.d", "library search paths", keep=("libc.conf", "x86_64-linux-gnu.conf"))
     guest.write("/etc/ld.so.conf.d/libc.conf", b"/usr/local/lib\n", 0o644, why="standard content")
-    guest.write("/etc/ld.so.conf.d/x86_64-linux-gnu.conf",
-                b"/usr/local/lib/x86_64-linux-gnu\n/lib/x86_64-linux-gnu\n/usr/lib/x86_64-linux-gnu\n", 0o644,
-                why="standard content")
+    guest.write(
+        "/etc/ld.so.conf.d/x86_64-linux-gnu.conf",
+        b"/usr/local/lib/x86_64-linux-gnu\n/lib/x86_64-linux-gnu\n/usr/lib/x86_64-linux-gnu\n",
+        0o644,
+        why="standard content",
+    )
     guest.write("/etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n", 0o644, why="standard content")
     fs_type = guest.g.vfs_type("/dev/sda")
-    guest.write("/etc/fstab", f"{ROOT_DEVICE} / {fs_type} rw,errors=remount-ro 0 1\n".encode(), 0o644,
-                why="a mount could hide the scrubbed files (e.g. bind a directory over ~/.ssh)")
-    guest.write("/etc/hosts", b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644,
-                why="could redirect the names the proxy connects to")
+    guest.write(
+        "/etc/fstab",
+        f"{ROOT_DEVICE} / {fs_type} rw,errors=remount-ro 0 1\n".encode(),
+        0o644,
+        why="a mount could hide the scrubbed files (e.g. bind a directory over ~/.ssh)",
+    )
+    guest.write(
+        "/etc/hosts",
+        b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        0o644,
+        why="could redirect the names the proxy connects to",
+    )
     # cron and at: run commands on a schedule.
     guest.remove("/etc/crontab", "scheduled commands")
-    for directory in ("/etc/cron.d", "/etc/cron.hourly", "/etc/cron.daily", "/etc/cron.weekly", "/etc/cron.monthly",
-                      "/etc/cron.yearly", "/var/spool/cron", "/var/spool/at", "/var/spool/atjobs"):
+    for directory in (
+        "/etc/cron.d",
+        "/etc/cron.hourly",
+        "/etc/cron.daily",
+        "/etc/cron.weekly",
+        "/etc/cron.monthly",
+        "/etc/cron.yearly",
+        "/var/spool/cron",
+        "/var/spool/at",
+        "/var/spool/atjobs",
+    ):
         guest.empty_dir(directory, "scheduled commands", keep=(".placeholder",))
     guest.remove("/etc/anacrontab", "scheduled commands")
 
@@ -443,7 +522,7 @@ def strip_privilege_bits(guest: Guest) -> None:
 
 def _strip_capabilities(guest: Guest, directory: str, names: list[str]) -> None:
     for start in range(0, len(names), 500):
-        pending = list(names[start:start + 500])
+        pending = list(names[start : start + 500])
         batch = list(pending)
         current = None
         # lxattrlist answers in one flat list: per file, a record with an empty name, then its xattrs.
@@ -451,8 +530,9 @@ def _strip_capabilities(guest: Guest, directory: str, names: list[str]) -> None:
             if attr["attrname"] == "":
                 current = pending.pop(0) if pending else None
             elif current is not None and attr["attrname"] == "security.capability":
-                guest.remove_xattr(f"{directory.rstrip('/')}/{current}", "security.capability",
-                                   "file capabilities grant root powers")
+                guest.remove_xattr(
+                    f"{directory.rstrip('/')}/{current}", "security.capability", "file capabilities grant root powers"
+                )
 
 
 # -- the proxy -----------------------------------------------------------------------------------
@@ -463,8 +543,14 @@ def reset_proxy(guest: Guest, plan: ScrubPlan, proxy: ProxyIds) -> None:
     guest.remove(PROXY_DATA, "the agent may have read the master key, database and WAL")
     guest.mkdir(PROXY_DATA, 0o700, proxy.uid, proxy.gid)
     if plan.proxy_config is not None:
-        guest.write(f"{PROXY_DATA}/config.toml", plan.proxy_config, 0o600, proxy.uid, proxy.gid,
-                    why="the host's proxy configuration")
+        guest.write(
+            f"{PROXY_DATA}/config.toml",
+            plan.proxy_config,
+            0o600,
+            proxy.uid,
+            proxy.gid,
+            why="the host's proxy configuration",
+        )
     for directory in ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system"):
         guest.remove(f"{directory}/secret-proxy.service", "the agent's unit; replaced by the host's")
     guest.write("/etc/systemd/system/secret-proxy.service", guest_files.UNIT.encode(), 0o644, why="the host's unit")

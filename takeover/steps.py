@@ -9,9 +9,10 @@ or reordering a step is one edit to `STEPS`.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .agent_owner import HostBoundary
 from .boot import BootFiles, host_boot_files, modules_tarball
@@ -90,10 +91,13 @@ def step_relocate(ctx: Context) -> dict[str, Any]:
         if path.exists():
             ctx.note(f"discarding {path} from an unfinished earlier attempt")
             path.unlink()
-    result = relocate_disk(Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino),
-                           progress=ctx.note)
-    ctx.note(f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "
-             f"allocated (source {result.source_allocated / 2**20:.0f} MiB)")
+    result = relocate_disk(
+        Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino), progress=ctx.note
+    )
+    ctx.note(
+        f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "
+        f"allocated (source {result.source_allocated / 2**20:.0f} MiB)"
+    )
     return result.to_dict()
 
 
@@ -105,8 +109,15 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
-    plan = ScrubPlan(keys=keys, proxy_config=ctx.proxy_config, modules_tar=modules, venv_tar=venv,
-                     system_tar=system, system_overlay=overlay, force_tcg=cfg.accel != "kvm")
+    plan = ScrubPlan(
+        keys=keys,
+        proxy_config=ctx.proxy_config,
+        modules_tar=modules,
+        venv_tar=venv,
+        system_tar=system,
+        system_overlay=overlay,
+        force_tcg=cfg.accel != "kvm",
+    )
     result = scrub_and_rekey(ctx.host_dir / DISK_NAME, plan, ctx.note).to_dict()
     ctx.note(f"{len(result['changes'])} changes recorded")
     inspect_image(ctx.host_dir / DISK_NAME)  # the scrub must leave a clean, self-contained qcow2
@@ -119,9 +130,12 @@ def host_venv(ctx: Context) -> Path:
     """The proxy's venv, rebuilt on the host from the locked wheels by vm_image's recipe (one for both sides)."""
     from vm_image.proxy_venv import build_proxy_venv
 
-    with from_vm_image(ScrubError, hint="check that uv is installed and uv.lock's wheels can be fetched (or are in "
-                                        "uv's cache); or pass --no-reinstall-venv and accept the agent's venv (the "
-                                        "report lists it as not blocked)"):
+    with from_vm_image(
+        ScrubError,
+        hint="check that uv is installed and uv.lock's wheels can be fetched (or are in "
+        "uv's cache); or pass --no-reinstall-venv and accept the agent's venv (the "
+        "report lists it as not blocked)",
+    ):
         return build_proxy_venv(ctx.host_dir / "venv", ctx.note)
 
 
@@ -131,9 +145,12 @@ def host_system(ctx: Context) -> tuple[Path, Path]:
     from vm_image.rootfs import base_rootfs
 
     cache = ensure_host_dir(ctx.cfg.cache_dir)  # root's own, 0700: what is in it goes into every VM
-    with from_vm_image(ScrubError, "cannot build the host's own system image: ",
-                       hint="check that apt can reach Debian's archive, or pass --keep-agent-system "
-                            "(the report then lists the agent's /usr as not blocked)"):
+    with from_vm_image(
+        ScrubError,
+        "cannot build the host's own system image: ",
+        hint="check that apt can reach Debian's archive, or pass --keep-agent-system "
+        "(the report then lists the agent's /usr as not blocked)",
+    ):
         system = base_rootfs(cache, progress=ctx.note)
     return system, write_system_overlay(ctx.host_dir / "system-overlay.tar")
 
@@ -149,16 +166,27 @@ def step_verify(ctx: Context) -> dict[str, Any]:
     restart = ctx.journal.result("restart")
     key, known_hosts = load_host_keys(ctx.host_dir)
     ssh = SSHTarget(cfg.ssh_listen, key, known_hosts)
-    result = verify_host_vm(source.proxy, ssh, restart["pid"], setup_key_pub=source.setup_key_pub,
-                            agent_uid=source.uid, timeout=cfg.boot_timeout, progress=ctx.note)
-    ctx.note(f"/health after {result['health_seconds']:.0f} s; SSH as the host works; the agent's key: "
-             f"{result['agent_key']}")
+    result = verify_host_vm(
+        source.proxy,
+        ssh,
+        restart["pid"],
+        setup_key_pub=source.setup_key_pub,
+        agent_uid=source.uid,
+        timeout=cfg.boot_timeout,
+        progress=ctx.note,
+    )
+    ctx.note(
+        f"/health after {result['health_seconds']:.0f} s; SSH as the host works; the agent's key: {result['agent_key']}"
+    )
     if cfg.agent_name:
         token_file = cfg.token_file or ctx.host_dir / f"agent-{cfg.agent_name}.token"
         if token_file.exists():
             ctx.note(f"{token_file} exists from an earlier attempt; not creating the agent again")
-            result["agent_token"] = {"agent": cfg.agent_name, "secrets": cfg.agent_secrets,
-                                     "token_file": str(token_file)}
+            result["agent_token"] = {
+                "agent": cfg.agent_name,
+                "secrets": cfg.agent_secrets,
+                "token_file": str(token_file),
+            }
         else:
             result["agent_token"] = create_agent_token(ssh, cfg.agent_name, cfg.agent_secrets, token_file)
             ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
@@ -196,8 +224,9 @@ def check_port_free(endpoint: Endpoint) -> None:
         try:
             sock.bind((endpoint.host, endpoint.port))
         except OSError as exc:
-            raise InvalidInput(f"{endpoint} (the host's SSH forward) is in use: {exc.strerror}",
-                               hint="choose another --ssh-listen") from None
+            raise InvalidInput(
+                f"{endpoint} (the host's SSH forward) is in use: {exc.strerror}", hint="choose another --ssh-listen"
+            ) from None
 
 
 def boot_files(ctx: Context) -> BootFiles:
@@ -212,10 +241,21 @@ def vm_spec(ctx: Context) -> HostVMSpec:
     cfg, source = ctx.cfg, ctx.source
     boot = BootFiles.from_dict(ctx.journal.result("scrub")["boot"])
     return HostVMSpec(
-        name=cfg.vm_name, disk=ctx.host_dir / DISK_NAME, kernel=boot.kernel, initrd=boot.initrd, append=boot.append,
-        memory_mb=source.memory_mb, cpus=source.cpus, accel=cfg.accel, proxy_listen=source.proxy,
-        ssh_listen=cfg.ssh_listen, monitor=ctx.host_dir / "qmp.sock", pidfile=ctx.host_dir / "qemu.pid",
-        serial_log=ctx.host_dir / "serial.log", qemu_log=ctx.host_dir / "qemu.log")
+        name=cfg.vm_name,
+        disk=ctx.host_dir / DISK_NAME,
+        kernel=boot.kernel,
+        initrd=boot.initrd,
+        append=boot.append,
+        memory_mb=source.memory_mb,
+        cpus=source.cpus,
+        accel=cfg.accel,
+        proxy_listen=source.proxy,
+        ssh_listen=cfg.ssh_listen,
+        monitor=ctx.host_dir / "qmp.sock",
+        pidfile=ctx.host_dir / "qemu.pid",
+        serial_log=ctx.host_dir / "serial.log",
+        qemu_log=ctx.host_dir / "qemu.log",
+    )
 
 
 def runner_for(cfg: TakeoverConfig) -> Runner:
@@ -263,4 +303,4 @@ def first_step_to_run(journal: Journal) -> str | None:
 
 def steps_to_run(journal: Journal) -> list[Step]:
     start = first_step_to_run(journal)
-    return [] if start is None else list(STEPS[NAMES.index(start):])
+    return [] if start is None else list(STEPS[NAMES.index(start) :])

@@ -71,11 +71,15 @@ def _check_host_qemu(pid: int) -> Path:
     if binary is None:
         shown = os.readlink(f"/proc/{pid}/exe")
         installed = ", ".join(str(p) for p in trusted.values()) or "none found in /usr/bin or /usr/local/bin"
-        raise UntrustedQemu(f"the process behind the monitor (pid {pid}) runs {shown!r}, which is not the "
-                            f"host's installed QEMU ({installed}); nothing it says is believed")
+        raise UntrustedQemu(
+            f"the process behind the monitor (pid {pid}) runs {shown!r}, which is not the "
+            f"host's installed QEMU ({installed}); nothing it says is believed"
+        )
     for path, st in proc.executable_files(pid):
         if st.st_uid != 0 or st.st_mode & 0o022:
-            owner = "owned by uid %d" % st.st_uid if st.st_uid != 0 else "writable by others"
-            raise UntrustedQemu(f"QEMU pid {pid} runs code from {path!r} ({owner}), not only the host's own "
-                                f"libraries (LD_PRELOAD or a changed library path); nothing it says is believed")
+            owner = f"owned by uid {st.st_uid}" if st.st_uid != 0 else "writable by others"
+            raise UntrustedQemu(
+                f"QEMU pid {pid} runs code from {path!r} ({owner}), not only the host's own "
+                f"libraries (LD_PRELOAD or a changed library path); nothing it says is believed"
+            )
     return binary

@@ -18,9 +18,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vm_image import health, proc
 
@@ -44,12 +45,37 @@ class SSHTarget:
 
     def argv(self, *remote: str, key: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
         # -F /dev/null: no user or system ssh_config can add options, keys or a ProxyCommand.
-        return ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "HostKeyAlgorithms=ssh-ed25519", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", *extra,
-                "-i", str(key or self.key), "-p", str(self.endpoint.port),
-                f"{self.user}@{self.endpoint.host}", "--", *remote]
+        return [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "HostKeyAlgorithms=ssh-ed25519",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            *extra,
+            "-i",
+            str(key or self.key),
+            "-p",
+            str(self.endpoint.port),
+            f"{self.user}@{self.endpoint.host}",
+            "--",
+            *remote,
+        ]
 
     def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return run_bounded(self.argv(*remote), timeout)
@@ -66,17 +92,26 @@ def run_bounded(argv: list[str], timeout: float = 60) -> subprocess.CompletedPro
         raise SSHTimeout(f"`{argv[0]}` to the VM did not finish within {timeout:.0f} s") from None
 
 
-def verify_host_vm(proxy: Endpoint, ssh: SSHTarget, qemu_pid: int, *, setup_key_pub: str | None,
-                   agent_uid: int | None, timeout: float = BOOT_TIMEOUT,
-                   progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def verify_host_vm(
+    proxy: Endpoint,
+    ssh: SSHTarget,
+    qemu_pid: int,
+    *,
+    setup_key_pub: str | None,
+    agent_uid: int | None,
+    timeout: float = BOOT_TIMEOUT,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     started = time.monotonic()
     alive = _pid_alive(qemu_pid)
     progress(f"waiting for {proxy.url}/health (the guest is booting)")
     health_s = wait_for_health(proxy, timeout, alive)
     owners = listener_pids(proxy)
     if qemu_pid not in owners:
-        raise VerifyError(f"{proxy} is answered by pid(s) {sorted(owners) or 'unknown'}, not by the host's QEMU "
-                          f"(pid {qemu_pid}); another process holds the proxy's port")
+        raise VerifyError(
+            f"{proxy} is answered by pid(s) {sorted(owners) or 'unknown'}, not by the host's QEMU "
+            f"(pid {qemu_pid}); another process holds the proxy's port"
+        )
     progress("checking SSH with the host's key and the pinned host key")
     ssh_s = wait_for_ssh(ssh, timeout - (time.monotonic() - started), alive)
     shown = host_key_shown(ssh.endpoint)
@@ -89,14 +124,22 @@ def verify_host_vm(proxy: Endpoint, ssh: SSHTarget, qemu_pid: int, *, setup_key_
     # The operator CLI over the host's key works on the fresh data directory (and its audit chain is intact).
     audit = ssh.run(CLI, "audit", "verify")
     if audit.returncode != 0 or "intact" not in audit.stdout:
-        raise VerifyError(f"`secret-proxy audit verify` failed in the VM: {(audit.stdout + audit.stderr).strip()[-300:]}")
+        raise VerifyError(
+            f"`secret-proxy audit verify` failed in the VM: {(audit.stdout + audit.stderr).strip()[-300:]}"
+        )
     methods = offered_methods(ssh)
     if methods != ["publickey"]:
         raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
     agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid)
-    return {"health_seconds": round(health_s, 3), "ssh_seconds": round(ssh_s, 3), "listener_pids": sorted(owners),
-            "host_key": shown, "auth_methods": methods, "agent_key": agent_key,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "health_seconds": round(health_s, 3),
+        "ssh_seconds": round(ssh_s, 3),
+        "listener_pids": sorted(owners),
+        "host_key": shown,
+        "auth_methods": methods,
+        "agent_key": agent_key,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def _pid_alive(pid: int) -> Callable[[], bool]:
@@ -152,10 +195,30 @@ def pinned_key(known_hosts: Path) -> str:
 def offered_methods(ssh: SSHTarget) -> list[str]:
     """The authentication methods sshd offers, from a login attempt with no usable key."""
     result = run_bounded(
-        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-         "-o", "PubkeyAuthentication=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10",
-         "-p", str(ssh.endpoint.port), f"{ssh.user}@{ssh.endpoint.host}", "true"])
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={ssh.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "ConnectTimeout=10",
+            "-p",
+            str(ssh.endpoint.port),
+            f"{ssh.user}@{ssh.endpoint.host}",
+            "true",
+        ]
+    )
     match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
     if result.returncode == 0 or match is None:
         raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")
@@ -183,8 +246,19 @@ def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid
                 os.fchown(fd, agent_uid, gid)
             finally:
                 os.close(fd)
-        as_agent = ["setpriv", f"--reuid={agent_uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
-                    "--inh-caps=-all", "--", "env", "-i", f"HOME={tmp}", "PATH=/usr/bin:/bin"]
+        as_agent = [
+            "setpriv",
+            f"--reuid={agent_uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--",
+            "env",
+            "-i",
+            f"HOME={tmp}",
+            "PATH=/usr/bin:/bin",
+        ]
         result = run_bounded([*as_agent, *dataclasses.replace(ssh, known_hosts=known_hosts).argv("true", key=key)])
     if result.returncode == 0:
         raise VerifyError("the agent's setup key still logs in to the VM")

@@ -30,29 +30,42 @@ class CertAuthority:
 
 def make_ca(directory: Path) -> CertAuthority:
     """A CA and a server certificate for `localhost` and 127.0.0.1, signed by it."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secret-proxy test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     directory.mkdir(parents=True, exist_ok=True)
     out = CertAuthority(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     out.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     out.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    out.key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return out
 
 
@@ -74,7 +87,7 @@ class Upstream:
     connections: int = 0
     requests: list[Seen] = field(default_factory=list)
 
-    def start(self) -> "Upstream":
+    def start(self) -> Upstream:
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -98,11 +111,21 @@ class Upstream:
                     return self._send(200, b"late")
                 if path.endswith("/leak"):
                     v = upstream.value.encode()
-                    text = b"raw=" + v + b" b64=" + base64.b64encode(v) + b" url=" + quote(upstream.value,
-                                                                                            safe="").encode()
+                    text = (
+                        b"raw="
+                        + v
+                        + b" b64="
+                        + base64.b64encode(v)
+                        + b" url="
+                        + quote(upstream.value, safe="").encode()
+                    )
                     return self._send(200, text, {"X-Echo": upstream.value})
-                seen = {"method": self.command, "path": self.path, "body": body.decode(errors="replace"),
-                        "headers": sorted(k.lower() for k in self.headers.keys())}
+                seen = {
+                    "method": self.command,
+                    "path": self.path,
+                    "body": body.decode(errors="replace"),
+                    "headers": sorted(k.lower() for k in self.headers.keys()),
+                }
                 return self._send(200, json.dumps(seen).encode(), {"Content-Type": "application/json"})
 
             def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:

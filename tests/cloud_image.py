@@ -17,18 +17,31 @@ from pathlib import Path
 from vm_image import debs
 
 CACHE = Path("/var/tmp/secret-proxy-vm-tests/cloud-base")
-PACKAGES = ["linux-image-cloud-amd64", "initramfs-tools", "systemd-sysv", "udev", "dbus", "openssh-server",
-            "python3", "cloud-init", "netbase", "sudo"]
+PACKAGES = [
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "cloud-init",
+    "netbase",
+    "sudo",
+]
 HOOKS = [
     'rm -f "$1"/etc/ssh/ssh_host_*',
     'echo "/dev/vda1 / ext4 rw,errors=remount-ro 0 1" > "$1"/etc/fstab',
     'echo cloud-test > "$1"/etc/hostname',
     'printf "[Match]\\nName=en*\\n\\n[Network]\\nDHCP=ipv4\\n" > "$1"/etc/systemd/network/10-en.network',
     'chroot "$1" systemctl enable systemd-networkd.service',
-    'printf "datasource_list: [ NoCloud, None ]\\nnetwork: {config: disabled}\\n" > "$1"/etc/cloud/cloud.cfg.d/90-test.cfg',
+    'printf "datasource_list: [ NoCloud, None ]\\nnetwork: {config: disabled}\\n"'
+    ' > "$1"/etc/cloud/cloud.cfg.d/90-test.cfg',
 ]
-EXTLINUX = "DEFAULT linux\nTIMEOUT 1\nLABEL linux\n  LINUX /boot/{kernel}\n  INITRD /boot/{initrd}\n" \
-           "  APPEND root=/dev/vda1 rw console=ttyS0 panic=-1\n"
+EXTLINUX = (
+    "DEFAULT linux\nTIMEOUT 1\nLABEL linux\n  LINUX /boot/{kernel}\n  INITRD /boot/{initrd}\n"
+    "  APPEND root=/dev/vda1 rw console=ttyS0 panic=-1\n"
+)
 
 
 def cloud_base_image() -> Path:
@@ -40,11 +53,25 @@ def cloud_base_image() -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         work = Path(tmp)
         rootfs = work / "rootfs.tar"
-        subprocess.run(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet", "--include=" + ",".join(PACKAGES),
-                        *[f"--customize-hook={h}" for h in HOOKS], "bookworm", str(rootfs)],
-                       check=True, capture_output=True, timeout=1800)
-        mbr = (debs.unpack(debs.fetch("syslinux-common", work / "debs"), work / "syslinux")
-               / "usr/lib/syslinux/mbr/mbr.bin").read_bytes()
+        subprocess.run(
+            [
+                "mmdebstrap",
+                "--mode=root",
+                "--variant=minbase",
+                "--quiet",
+                "--include=" + ",".join(PACKAGES),
+                *[f"--customize-hook={h}" for h in HOOKS],
+                "bookworm",
+                str(rootfs),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
+        mbr = (
+            debs.unpack(debs.fetch("syslinux-common", work / "debs"), work / "syslinux")
+            / "usr/lib/syslinux/mbr/mbr.bin"
+        ).read_bytes()
         partial = work / "cloud.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial), "3G"], check=True)
         import guestfs

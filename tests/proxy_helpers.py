@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from proxy.client import AgentClient
 from proxy.config import Settings, load_settings
@@ -46,8 +46,14 @@ def provision(settings: Settings, config: dict | None = None) -> Proxy:
 
 
 def cli(data_dir: Path, *args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proxy", "--data-dir", str(data_dir), *args], input=stdin,
-                          capture_output=True, cwd=ROOT, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "--data-dir", str(data_dir), *args],
+        input=stdin,
+        capture_output=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
 
 
 @dataclass
@@ -91,8 +97,13 @@ def wait_until_serving(url: str, process: subprocess.Popen, output: Callable[[],
 def start_server(settings: Settings, extra_env: dict | None = None) -> LiveServer:
     port = free_port()
     env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir), **(extra_env or {}))
-    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     server = LiveServer(process, f"http://127.0.0.1:{port}", settings)
     try:
         wait_until_serving(server.url, process, lambda: process.stderr.read().decode())

@@ -13,10 +13,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from vm_image import proc
@@ -35,8 +35,9 @@ def ensure_user(name: str, *groups: str) -> pwd.struct_passwd:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True
+        )
     subprocess.run(["usermod", "--groups", ",".join(groups), name], check=True, capture_output=True)
     return pwd.getpwnam(name)
 
@@ -72,21 +73,44 @@ class MonitorOnlyQemu:
         proc.terminate(self.pid, self.ticks, grace=5)
 
 
-def start_monitor_only_qemu(workdir: Path, disk: Path, *, user: str | None = None, proxy: str = "127.0.0.1",
-                            proxy_port: int | None = None, wrap: tuple[str, ...] = (),
-                            env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> MonitorOnlyQemu:
+def start_monitor_only_qemu(
+    workdir: Path,
+    disk: Path,
+    *,
+    user: str | None = None,
+    proxy: str = "127.0.0.1",
+    proxy_port: int | None = None,
+    wrap: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> MonitorOnlyQemu:
     """`user` runs it (runuser: the account's groups); or `wrap` is the command that starts it (setpriv, unshare)."""
     monitor, pidfile = workdir / "qmp.sock", workdir / "qemu.pid"
     proxy_port = proxy_port or free_port()
-    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-            "-drive", f"file={disk},if=none,id=d0,format=qcow2",
-            "-netdev", f"user,id=net0,hostfwd=tcp:{proxy}:{proxy_port}-:3737",
-            "-qmp", f"unix:{monitor},server=on,wait=off", *extra, "-daemonize", "-pidfile", str(pidfile)]
+    argv = [
+        "qemu-system-x86_64",
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-drive",
+        f"file={disk},if=none,id=d0,format=qcow2",
+        "-netdev",
+        f"user,id=net0,hostfwd=tcp:{proxy}:{proxy_port}-:3737",
+        "-qmp",
+        f"unix:{monitor},server=on,wait=off",
+        *extra,
+        "-daemonize",
+        "-pidfile",
+        str(pidfile),
+    ]
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
     argv = [*wrap, *argv]
-    subprocess.run(argv, check=True, timeout=60, capture_output=True,
-                   env=None if env is None else {**os.environ, **env})
+    subprocess.run(
+        argv, check=True, timeout=60, capture_output=True, env=None if env is None else {**os.environ, **env}
+    )
     deadline = time.monotonic() + 20
     while not (pidfile.exists() and pidfile.read_text().strip() and monitor.exists()):
         if time.monotonic() > deadline:

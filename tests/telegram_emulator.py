@@ -59,8 +59,17 @@ T = TypeVar("T")
 MAX_TEXT_UTF16 = 4096
 MAX_CALLBACK_DATA_BYTES = 64
 MAX_POLL_SECONDS = 50  # Telegram caps long polls too; a test never needs more
-UPDATE_TYPES = ("message", "edited_message", "channel_post", "edited_channel_post", "callback_query",
-                "inline_query", "chosen_inline_result", "my_chat_member", "chat_member")
+UPDATE_TYPES = (
+    "message",
+    "edited_message",
+    "channel_post",
+    "edited_channel_post",
+    "callback_query",
+    "inline_query",
+    "chosen_inline_result",
+    "my_chat_member",
+    "chat_member",
+)
 DEFAULT_UPDATE_TYPES = tuple(t for t in UPDATE_TYPES if t != "chat_member")
 DOWN_MODES = ("unreachable", "error", "hang")
 
@@ -84,9 +93,21 @@ _ATTR = r"""\s+[A-Za-z-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s>"']+))?"""
 _TAG_RE = re.compile(rf"<(/?)([A-Za-z][A-Za-z0-9-]*)((?:{_ATTR})*)\s*(/?)>")
 _ATTR_RE = re.compile(r"([A-Za-z-]+)(?:\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s>\"']+))?")
 _ENTITY_RE = re.compile(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|lt|gt|amp|quot);")
-_SIMPLE_TAGS = {"b": "bold", "strong": "bold", "i": "italic", "em": "italic", "u": "underline",
-                "ins": "underline", "s": "strikethrough", "strike": "strikethrough", "del": "strikethrough",
-                "tg-spoiler": "spoiler", "code": "code", "pre": "pre", "blockquote": "blockquote"}
+_SIMPLE_TAGS = {
+    "b": "bold",
+    "strong": "bold",
+    "i": "italic",
+    "em": "italic",
+    "u": "underline",
+    "ins": "underline",
+    "s": "strikethrough",
+    "strike": "strikethrough",
+    "del": "strikethrough",
+    "tg-spoiler": "spoiler",
+    "code": "code",
+    "pre": "pre",
+    "blockquote": "blockquote",
+}
 _NAMED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
 
 
@@ -113,9 +134,11 @@ def parse_html(source: str) -> tuple[str, list[dict]]:
         if ch == "<":
             m = _TAG_RE.match(source, pos)
             if m is None:
-                raise fail(f"Unsupported start tag \"{source[pos + 1:pos + 11]}\" at byte offset {byte_offset(pos)}"
-                           if source[pos + 1:pos + 2] != "/"
-                           else f"Unexpected end tag at byte offset {byte_offset(pos)}")
+                raise fail(
+                    f'Unsupported start tag "{source[pos + 1 : pos + 11]}" at byte offset {byte_offset(pos)}'
+                    if source[pos + 1 : pos + 2] != "/"
+                    else f"Unexpected end tag at byte offset {byte_offset(pos)}"
+                )
             closing, name, attrs = m.group(1), m.group(2).lower(), m.group(3)
             if closing:
                 if not stack or stack[-1][0] != name:
@@ -127,7 +150,7 @@ def parse_html(source: str) -> tuple[str, list[dict]]:
             else:
                 entity = _start_entity(name, dict(_attrs(attrs)), stack, length)
                 if entity is None:
-                    raise fail(f"Unsupported start tag \"{name}\" at byte offset {byte_offset(pos)}")
+                    raise fail(f'Unsupported start tag "{name}" at byte offset {byte_offset(pos)}')
                 stack.append((name, entity))
             pos = m.end()
             continue
@@ -151,7 +174,7 @@ def parse_html(source: str) -> tuple[str, list[dict]]:
         length += utf16_len(ch)
         pos += 1
     if stack:
-        raise fail(f"Can't find end tag corresponding to start tag \"{stack[-1][0]}\"")
+        raise fail(f'Can\'t find end tag corresponding to start tag "{stack[-1][0]}"')
     return "".join(out), _sorted(entities)
 
 
@@ -171,7 +194,7 @@ def _start_entity(name: str, attrs: dict[str, str], stack: list[tuple[str, dict]
         if name == "blockquote" and "expandable" in attrs:
             kind = "expandable_blockquote"
         if name == "code" and stack and stack[-1][0] == "pre" and attrs.get("class", "").startswith("language-"):
-            stack[-1][1]["language"] = attrs["class"][len("language-"):]
+            stack[-1][1]["language"] = attrs["class"][len("language-") :]
             return {"type": "_ignored", "offset": offset}
         return {"type": kind, "offset": offset}
     if name == "span":
@@ -180,8 +203,11 @@ def _start_entity(name: str, attrs: dict[str, str], stack: list[tuple[str, dict]
         href = attrs.get("href", "")
         user = re.fullmatch(r"tg://user\?id=(\d+)", href)
         if user:
-            return {"type": "text_mention", "offset": offset,
-                    "user": {"id": int(user.group(1)), "is_bot": False, "first_name": f"User {user.group(1)}"}}
+            return {
+                "type": "text_mention",
+                "offset": offset,
+                "user": {"id": int(user.group(1)), "is_bot": False, "first_name": f"User {user.group(1)}"},
+            }
         return {"type": "text_link", "offset": offset, "url": href} if href else {"type": "_ignored", "offset": offset}
     if name == "tg-emoji":
         return {"type": "custom_emoji", "offset": offset, "custom_emoji_id": attrs.get("emoji-id", "")}
@@ -208,15 +234,21 @@ def _strip(text: str, entities: list[dict]) -> tuple[str, list[dict]]:
 
 # -- the emulated world ---------------------------------------------------------
 
+
 class BotApiEmulator:
     """One bot, its chats and users, served at `url` while started."""
 
-    def __init__(self, token: str, *, bot_username: str = "secret_proxy_test_bot",
-                 bot_name: str = "Secret Proxy") -> None:
+    def __init__(
+        self, token: str, *, bot_username: str = "secret_proxy_test_bot", bot_name: str = "Secret Proxy"
+    ) -> None:
         self.token = token
         prefix = token.split(":", 1)[0]
-        self.bot = {"id": int(prefix) if prefix.isdigit() else 777000001, "is_bot": True,
-                    "first_name": bot_name, "username": bot_username}
+        self.bot = {
+            "id": int(prefix) if prefix.isdigit() else 777000001,
+            "is_bot": True,
+            "first_name": bot_name,
+            "username": bot_username,
+        }
         self._cond = threading.Condition()
         self._chats: dict[int, dict] = {}
         self._users: dict[int, dict] = {}
@@ -250,8 +282,9 @@ class BotApiEmulator:
         self._listen(port)
         if control_port is not None:
             self._control = _Server((host, control_port), _control_handler(self))
-            self._control_thread = threading.Thread(target=self._control.serve_forever, name="tg-emu-control",
-                                                    daemon=True)
+            self._control_thread = threading.Thread(
+                target=self._control.serve_forever, name="tg-emu-control", daemon=True
+            )
             self._control_thread.start()
         return self
 
@@ -259,8 +292,9 @@ class BotApiEmulator:
         server = _Server((self._host, port), _api_handler(self))
         self._server = server
         self._port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="tg-emu-api", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="tg-emu-api", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -341,8 +375,9 @@ class BotApiEmulator:
             self._chats[chat_id] = chat
             return dict(chat)
 
-    def add_user(self, user_id: int, first_name: str, username: str | None = None,
-                 last_name: str | None = None) -> dict:
+    def add_user(
+        self, user_id: int, first_name: str, username: str | None = None, last_name: str | None = None
+    ) -> dict:
         with self._cond:
             user = {"id": user_id, "is_bot": False, "first_name": first_name}
             if last_name:
@@ -355,8 +390,13 @@ class BotApiEmulator:
 
     def _user(self, user_id: int) -> dict:
         if user_id not in self._users:
-            self._users[user_id] = {"id": user_id, "is_bot": False, "first_name": f"User{user_id}",
-                                    "username": f"user{user_id}", "language_code": "en"}
+            self._users[user_id] = {
+                "id": user_id,
+                "is_bot": False,
+                "first_name": f"User{user_id}",
+                "username": f"user{user_id}",
+                "language_code": "en",
+            }
         return self._users[user_id]
 
     def _chat(self, chat_id: int) -> dict:
@@ -377,8 +417,13 @@ class BotApiEmulator:
                 # What Telegram sends for a message the bot can no longer see.
                 message = {"chat": chat, "message_id": message_id, "date": 0}
             query_id = str(next(self._query_ids))
-            query = {"id": query_id, "from": dict(self._users[user_id]), "message": json.loads(json.dumps(message)),
-                     "chat_instance": str((abs(chat_id) * 7919) % 10**18 + 10**17), "data": data}
+            query = {
+                "id": query_id,
+                "from": dict(self._users[user_id]),
+                "message": json.loads(json.dumps(message)),
+                "chat_instance": str((abs(chat_id) * 7919) % 10**18 + 10**17),
+                "data": data,
+            }
             self._queries[query_id] = query
             self._enqueue({"callback_query": query})
             return query_id
@@ -408,8 +453,7 @@ class BotApiEmulator:
     def _new_message(self, chat: dict, sender: dict, text: str) -> dict:
         message_id = self._next_message_id.get(chat["id"], 1)
         self._next_message_id[chat["id"]] = message_id + 1
-        message = {"message_id": message_id, "from": sender, "chat": dict(chat), "date": int(time.time()),
-                   "text": text}
+        message = {"message_id": message_id, "from": sender, "chat": dict(chat), "date": int(time.time()), "text": text}
         self._messages[(chat["id"], message_id)] = message
         return message
 
@@ -423,9 +467,11 @@ class BotApiEmulator:
     def messages(self, chat_id: int | None = None, *, from_bot: bool = True) -> list[dict]:
         """Messages as Telegram holds them now (after edits), oldest first."""
         with self._cond:
-            found = [m for (c, _), m in sorted(self._messages.items())
-                     if (chat_id is None or c == chat_id)
-                     and (not from_bot or m.get("from", {}).get("id") == self.bot["id"])]
+            found = [
+                m
+                for (c, _), m in sorted(self._messages.items())
+                if (chat_id is None or c == chat_id) and (not from_bot or m.get("from", {}).get("id") == self.bot["id"])
+            ]
             return json.loads(json.dumps(found))
 
     def message(self, chat_id: int, message_id: int) -> dict | None:
@@ -488,8 +534,14 @@ class BotApiEmulator:
 
     # Methods: each takes the decoded parameters and returns `result` or raises ApiError.
     def m_get_me(self, p: dict) -> dict:
-        return dict(self.bot, can_join_groups=True, can_read_all_group_messages=False,
-                    supports_inline_queries=False, can_connect_to_business=False, has_main_web_app=False)
+        return dict(
+            self.bot,
+            can_join_groups=True,
+            can_read_all_group_messages=False,
+            supports_inline_queries=False,
+            can_connect_to_business=False,
+            has_main_web_app=False,
+        )
 
     def m_log_out(self, p: dict) -> bool:
         return True
@@ -514,8 +566,11 @@ class BotApiEmulator:
 
     def m_get_webhook_info(self, p: dict) -> dict:
         with self._cond:
-            return {"url": self._webhook_url, "has_custom_certificate": False,
-                    "pending_update_count": len(self._updates)}
+            return {
+                "url": self._webhook_url,
+                "has_custom_certificate": False,
+                "pending_update_count": len(self._updates),
+            }
 
     def m_get_updates(self, p: dict) -> list[dict]:
         offset = _int(p, "offset", required=False)
@@ -527,8 +582,11 @@ class BotApiEmulator:
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._webhook_url:
-                raise ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
-                                    "use deleteWebhook to delete the webhook first")
+                raise ApiError(
+                    409,
+                    "Conflict: can't use getUpdates method while webhook is active; "
+                    "use deleteWebhook to delete the webhook first",
+                )
             if isinstance(allowed, list):
                 # Like Telegram, the setting persists until a call changes it; [] means the default set.
                 self._allowed_updates = tuple(t for t in allowed if t in UPDATE_TYPES) or DEFAULT_UPDATE_TYPES
@@ -536,13 +594,16 @@ class BotApiEmulator:
             mine = self._poll_generation
             if offset is not None:
                 if offset < 0:
-                    del self._updates[:max(0, len(self._updates) + offset)]
+                    del self._updates[: max(0, len(self._updates) + offset)]
                 else:
                     self._updates = [u for u in self._updates if u["update_id"] >= offset]
             while True:
                 if self._poll_generation != mine:
-                    raise ApiError(409, "Conflict: terminated by other getUpdates request; "
-                                        "make sure that only one bot instance is running")
+                    raise ApiError(
+                        409,
+                        "Conflict: terminated by other getUpdates request; "
+                        "make sure that only one bot instance is running",
+                    )
                 if self._down is not None:
                     raise _Dropped()
                 ready = [u for u in self._updates if _update_type(u) in self._allowed_updates]
@@ -579,10 +640,15 @@ class BotApiEmulator:
         with self._cond:
             self._chat(chat_id)
             message = self._editable(chat_id, message_id)
-            if (message.get("text") == text and message.get("entities", []) == entities
-                    and message.get("reply_markup") == markup):
-                raise bad_request("message is not modified: specified new message content and reply markup "
-                                  "are exactly the same as a current content and reply markup of the message")
+            if (
+                message.get("text") == text
+                and message.get("entities", []) == entities
+                and message.get("reply_markup") == markup
+            ):
+                raise bad_request(
+                    "message is not modified: specified new message content and reply markup "
+                    "are exactly the same as a current content and reply markup of the message"
+                )
             message["text"] = text
             message.pop("entities", None)
             if entities:
@@ -607,14 +673,15 @@ class BotApiEmulator:
             self._chat(chat_id)
             message = self._editable(chat_id, message_id)
             if message.get("reply_markup") == markup:
-                raise bad_request("message is not modified: specified new message content and reply markup "
-                                  "are exactly the same as a current content and reply markup of the message")
+                raise bad_request(
+                    "message is not modified: specified new message content and reply markup "
+                    "are exactly the same as a current content and reply markup of the message"
+                )
             message.pop("reply_markup", None)
             if markup:
                 message["reply_markup"] = markup
             message["edit_date"] = int(time.time())
-            self._sent_params.setdefault((chat_id, message_id), []).append(
-                dict(p, _method="editMessageReplyMarkup"))
+            self._sent_params.setdefault((chat_id, message_id), []).append(dict(p, _method="editMessageReplyMarkup"))
             return json.loads(json.dumps(message))
 
     def m_delete_message(self, p: dict) -> bool:
@@ -633,9 +700,13 @@ class BotApiEmulator:
         with self._cond:
             if query_id not in self._queries or query_id in self._answers:
                 raise bad_request("query is too old and response timeout expired or query ID is invalid")
-            self._answers[query_id] = {"callback_query_id": query_id, "text": text,
-                                       "show_alert": _bool(p.get("show_alert")), "url": p.get("url"),
-                                       "at": time.time()}
+            self._answers[query_id] = {
+                "callback_query_id": query_id,
+                "text": text,
+                "show_alert": _bool(p.get("show_alert")),
+                "url": p.get("url"),
+                "at": time.time(),
+            }
         return True
 
     def m_set_my_commands(self, p: dict) -> bool:
@@ -643,8 +714,11 @@ class BotApiEmulator:
         if not isinstance(commands, list) or len(commands) > 100:
             raise bad_request("commands must be a list of at most 100 BotCommand objects")
         for c in commands:
-            if (not isinstance(c, dict) or not re.fullmatch(r"[a-z0-9_]{1,32}", str(c.get("command", "")))
-                    or not 1 <= len(str(c.get("description", ""))) <= 256):
+            if (
+                not isinstance(c, dict)
+                or not re.fullmatch(r"[a-z0-9_]{1,32}", str(c.get("command", "")))
+                or not 1 <= len(str(c.get("description", ""))) <= 256
+            ):
                 raise bad_request("BOT_COMMAND_INVALID")
         with self._cond:
             self._commands = commands
@@ -671,8 +745,11 @@ class BotApiEmulator:
         elif mode.lower() == "html":
             text, entities = parse_html(raw)
         else:
-            raise bad_request("unsupported parse_mode" if mode.lower() not in ("markdown", "markdownv2")
-                              else f"{mode} is not emulated; use HTML or no parse_mode")
+            raise bad_request(
+                "unsupported parse_mode"
+                if mode.lower() not in ("markdown", "markdownv2")
+                else f"{mode} is not emulated; use HTML or no parse_mode"
+            )
         text, entities = _strip(text, entities)
         if not text:
             raise bad_request("message text is empty")
@@ -711,7 +788,7 @@ def _str(p: dict, name: str, *, required: bool = True) -> str:
     value = p.get(name)
     if value is None:
         if required:
-            raise bad_request(f"{name} is empty" if name == "text" else f"parameter \"{name}\" is required")
+            raise bad_request(f"{name} is empty" if name == "text" else f'parameter "{name}" is required')
         return ""
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
@@ -720,7 +797,7 @@ def _int(p: dict, name: str, *, required: bool = True) -> int | None:
     value = p.get(name)
     if value is None or value == "":
         if required:
-            raise bad_request(f"parameter \"{name}\" is required")
+            raise bad_request(f'parameter "{name}" is required')
         return None
     try:
         return int(value)
@@ -764,15 +841,28 @@ def _markup(p: dict) -> dict | None:
     if keyboard is None:
         raise bad_request("only inline keyboards are emulated")
     if not isinstance(keyboard, list) or not all(isinstance(row, list) for row in keyboard):
-        raise bad_request("field \"inline_keyboard\" of the InlineKeyboardMarkup must be an Array of Arrays")
+        raise bad_request('field "inline_keyboard" of the InlineKeyboardMarkup must be an Array of Arrays')
     for row in keyboard:
         for button in row:
             if not isinstance(button, dict) or not button.get("text"):
                 raise bad_request("BUTTON_TEXT_INVALID" if isinstance(button, dict) else "can't parse button")
-            kinds = [k for k in ("callback_data", "url", "switch_inline_query", "switch_inline_query_current_chat",
-                                 "web_app", "login_url", "pay", "copy_text", "callback_game") if k in button]
+            kinds = [
+                k
+                for k in (
+                    "callback_data",
+                    "url",
+                    "switch_inline_query",
+                    "switch_inline_query_current_chat",
+                    "web_app",
+                    "login_url",
+                    "pay",
+                    "copy_text",
+                    "callback_game",
+                )
+                if k in button
+            ]
             if len(kinds) != 1:
-                raise bad_request("can't find field \"callback_data\"" if not kinds else "BUTTON_TYPE_INVALID")
+                raise bad_request('can\'t find field "callback_data"' if not kinds else "BUTTON_TYPE_INVALID")
             if "callback_data" in button:
                 data = button["callback_data"]
                 if not isinstance(data, str) or not 1 <= len(data.encode()) <= MAX_CALLBACK_DATA_BYTES:
@@ -806,11 +896,13 @@ def _decode_params(handler: BaseHTTPRequestHandler, body: bytes) -> dict[str, An
             raise bad_request("can't parse JSON object")
         params.update(decoded)
     elif ctype.startswith("application/x-www-form-urlencoded"):
-        params.update({k: v[-1] for k, v in
-                       urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True).items()})
+        params.update(
+            {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
+        )
     elif ctype.startswith("multipart/form-data"):
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
+            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body
+        )
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
             if name:
@@ -881,9 +973,12 @@ def _api_handler(emulator: BotApiEmulator) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             if emu._down == "error":
-                self._send(502, b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>"
-                                b"502 Bad Gateway</h1></center><hr><center>nginx/1.18.0</center></body></html>\r\n",
-                           "text/html")
+                self._send(
+                    502,
+                    b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>"
+                    b"502 Bad Gateway</h1></center><hr><center>nginx/1.18.0</center></body></html>\r\n",
+                    "text/html",
+                )
                 return
             m = _PATH_RE.match(urllib.parse.urlsplit(self.path).path)
             if m is None:
@@ -902,8 +997,9 @@ def _api_handler(emulator: BotApiEmulator) -> type[BaseHTTPRequestHandler]:
                 return
             except ApiError as err:
                 call["status"] = err.code
-                self._send(err.code, json.dumps({"ok": False, "error_code": err.code,
-                                                 "description": err.description}).encode())
+                self._send(
+                    err.code, json.dumps({"ok": False, "error_code": err.code, "description": err.description}).encode()
+                )
                 return
             call["status"] = 200
             self._send(200, json.dumps({"ok": True, "result": result}).encode())
@@ -940,11 +1036,15 @@ def _control_handler(emulator: BotApiEmulator) -> type[BaseHTTPRequestHandler]:
             emu = self.emulator
             try:
                 if path == "/tap":
-                    result: Any = {"callback_query_id": emu.tap(int(body["user_id"]), int(body["chat_id"]),
-                                                                int(body["message_id"]), str(body["data"]))}
+                    result: Any = {
+                        "callback_query_id": emu.tap(
+                            int(body["user_id"]), int(body["chat_id"]), int(body["message_id"]), str(body["data"])
+                        )
+                    }
                 elif path == "/send_text":
-                    result = {"message_id": emu.send_text(int(body["user_id"]), int(body["chat_id"]),
-                                                          str(body["text"]))}
+                    result = {
+                        "message_id": emu.send_text(int(body["user_id"]), int(body["chat_id"]), str(body["text"]))
+                    }
                 elif path == "/chats":
                     result = emu.add_chat(int(body["chat_id"]), body.get("type", "supergroup"), body.get("title"))
                 elif path == "/users":
@@ -979,8 +1079,9 @@ class EmulatorControl:
 
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())
@@ -988,8 +1089,9 @@ class EmulatorControl:
             raise RuntimeError(f"emulator control {path}: {err.code} {err.read()[:200]!r}") from None
 
     def tap(self, user_id: int, chat_id: int, message_id: int, data: str) -> str:
-        return self._call("POST", "/tap", {"user_id": user_id, "chat_id": chat_id, "message_id": message_id,
-                                           "data": data})["callback_query_id"]
+        return self._call(
+            "POST", "/tap", {"user_id": user_id, "chat_id": chat_id, "message_id": message_id, "data": data}
+        )["callback_query_id"]
 
     def send_text(self, user_id: int, chat_id: int, text: str) -> int:
         return self._call("POST", "/send_text", {"user_id": user_id, "chat_id": chat_id, "text": text})["message_id"]
@@ -1023,8 +1125,9 @@ class EmulatorControl:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.telegram_emulator",
-                                description="Serve a Telegram Bot API emulator until interrupted.")
+    p = argparse.ArgumentParser(
+        prog="python -m tests.telegram_emulator", description="Serve a Telegram Bot API emulator until interrupted."
+    )
     p.add_argument("--token", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)

@@ -60,8 +60,9 @@ def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(mcp_env:
     assert "wait_for_decision" in asking.description and "pending" in by_name["wait_for_decision"].description
 
 
-def test_request_secret_returns_the_value_when_a_human_approves_during_the_wait(mcp_env: dict,
-                                                                               live: LiveServer) -> None:
+def test_request_secret_returns_the_value_when_a_human_approves_during_the_wait(
+    mcp_env: dict, live: LiveServer
+) -> None:
     approver = decide_when_asked(live.settings.data_dir)
 
     async def play(session: ClientSession) -> Any:
@@ -103,10 +104,13 @@ def test_a_denial_returns_no_value(mcp_env: dict, live: LiveServer) -> None:
     assert "do not ask again" in result["what_to_do"]
 
 
-@pytest.mark.parametrize("arguments,says", [
-    ({"name": "api-missing", "reason": "r"}, "unknown_secret"),
-    ({"name": "db-password", "reason": "r"}, "forbidden"),
-])
+@pytest.mark.parametrize(
+    "arguments,says",
+    [
+        ({"name": "api-missing", "reason": "r"}, "unknown_secret"),
+        ({"name": "db-password", "reason": "r"}, "forbidden"),
+    ],
+)
 def test_a_refusal_is_a_tool_error_that_says_what_to_do(mcp_env: dict, arguments: dict, says: str) -> None:
     async def play(session: ClientSession) -> Any:
         return await session.call_tool("request_secret", arguments)
@@ -136,9 +140,25 @@ def test_the_guest_venv_does_not_get_the_mcp_sdk() -> None:
     assert uv, "uv is installed by scripts/setup.sh"
 
     def export(*extra: str) -> str:
-        return subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format",
-                               "requirements-txt", "--no-header", "--project", str(ROOT), *extra],
-                              capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        return subprocess.run(
+            [
+                uv,
+                "export",
+                "--frozen",
+                "--no-dev",
+                "--no-emit-project",
+                "--format",
+                "requirements-txt",
+                "--no-header",
+                "--project",
+                str(ROOT),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
 
     guest = {line.split("==")[0] for line in export().splitlines() if "==" in line}
     assert "starlette" in guest and "mcp" not in guest and "pydantic" not in guest

@@ -56,8 +56,9 @@ def run_agent(env: dict[str, str], *args: str, timeout: float = 60) -> subproces
 
 
 def start_agent(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(agent_argv(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        agent_argv(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def request_id_from(stderr_line_source: subprocess.Popen, seen: list[str]) -> str:
@@ -85,6 +86,7 @@ def pending_ids(data_dir: Path) -> list[str]:
 
 def decide_when_asked(data_dir: Path, decision: str = "approve", timeout: float = 30) -> threading.Thread:
     """A thread that waits for one pending request and decides it with the CLI (for callers that block)."""
+
     def run() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -227,8 +229,9 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = run_agent(agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", "req_flaky",
-                           "--timeout", "20")
+        result = run_agent(
+            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", "req_flaky", "--timeout", "20"
+        )
     finally:
         server.shutdown()
     assert result.returncode == errors.EXIT_OK, result.stderr
@@ -261,14 +264,20 @@ def recorder(target: str | None = None) -> http.server.ThreadingHTTPServer:
     return server
 
 
-def test_the_token_goes_only_to_the_proxy_url_not_to_a_proxy_or_a_redirect(token_path: Path,
-                                                                          proxy_data: Proxy) -> None:
+def test_the_token_goes_only_to_the_proxy_url_not_to_a_proxy_or_a_redirect(token_path: Path, proxy_data: Proxy) -> None:
     elsewhere = recorder()  # stands for an HTTP proxy in the environment, and for a redirect's target
     redirecting = recorder(target=f"http://127.0.0.1:{elsewhere.server_port}")
     try:
         hop = f"http://127.0.0.1:{elsewhere.server_port}"
-        env = agent_env(f"http://127.0.0.1:{redirecting.server_port}", token_path,
-                        HTTP_PROXY=hop, http_proxy=hop, HTTPS_PROXY=hop, https_proxy=hop, ALL_PROXY=hop)
+        env = agent_env(
+            f"http://127.0.0.1:{redirecting.server_port}",
+            token_path,
+            HTTP_PROXY=hop,
+            http_proxy=hop,
+            HTTPS_PROXY=hop,
+            https_proxy=hop,
+            ALL_PROXY=hop,
+        )
         result = run_agent(env, "status", "req_abc")
     finally:
         redirecting.shutdown()
@@ -282,24 +291,28 @@ def test_the_token_goes_only_to_the_proxy_url_not_to_a_proxy_or_a_redirect(token
 def test_missing_configuration_is_named(tmp_path: Path) -> None:
     no_url = run_agent({"PATH": os.defpath}, "get", "api-key", "--reason", "r")
     assert no_url.returncode == errors.EXIT_USAGE and "SECRET_PROXY_URL is not set" in no_url.stderr
-    no_token = run_agent({"PATH": os.defpath, "SECRET_PROXY_URL": "http://127.0.0.1:9"}, "get", "api-key",
-                         "--reason", "r")
+    no_token = run_agent(
+        {"PATH": os.defpath, "SECRET_PROXY_URL": "http://127.0.0.1:9"}, "get", "api-key", "--reason", "r"
+    )
     assert no_token.returncode == errors.EXIT_USAGE
     assert "SECRET_PROXY_TOKEN" in no_token.stderr and "SECRET_PROXY_TOKEN_FILE" in no_token.stderr
     missing_file = run_agent(agent_env("http://127.0.0.1:9", tmp_path / "nope"), "status", "req_x")
     assert missing_file.returncode == errors.EXIT_USAGE and str(tmp_path / "nope") in missing_file.stderr
 
 
-@pytest.mark.parametrize("args,says", [
-    (["get", "api-key"], "--reason"),
-    (["get", "../etc/passwd", "--reason", "r"], "not a secret name"),
-    (["get", "api-key", "--reason", "  "], "--reason must be"),
-    (["get", "api-key", "--reason", "r", "--timeout", "-1"], "not a number of seconds"),
-    (["status", "../v1/requests"], "not a request id"),
-    (["exec", "api-key", "--reason", "r", "--env", "V"], "needs a command after --"),
-    (["exec", "api-key", "--reason", "r", "--env", "1BAD", "--", "true"], "not an environment variable"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["get", "api-key"], "--reason"),
+        (["get", "../etc/passwd", "--reason", "r"], "not a secret name"),
+        (["get", "api-key", "--reason", "  "], "--reason must be"),
+        (["get", "api-key", "--reason", "r", "--timeout", "-1"], "not a number of seconds"),
+        (["status", "../v1/requests"], "not a request id"),
+        (["exec", "api-key", "--reason", "r", "--env", "V"], "needs a command after --"),
+        (["exec", "api-key", "--reason", "r", "--env", "1BAD", "--", "true"], "not an environment variable"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_usage_exits_2_before_asking(env: dict, live: LiveServer, args: list[str], says: str) -> None:
     result = run_agent(env, *args)
     assert result.returncode == errors.EXIT_USAGE, result.stderr
@@ -339,16 +352,22 @@ def files_holding(value: bytes, roots: list[Path], since: float) -> list[Path]:
     for root in roots:
         for path in root.rglob("*"):
             try:
-                if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since \
-                        and path.stat().st_size < 50_000_000 and value in path.read_bytes():
+                if (
+                    path.is_file()
+                    and not path.is_symlink()
+                    and path.stat().st_mtime >= since
+                    and path.stat().st_size < 50_000_000
+                    and value in path.read_bytes()
+                ):
                     hits.append(path)
             except OSError:
                 pass
     return hits
 
 
-def test_exec_puts_the_value_only_in_the_childs_environment(tmp_path: Path, live: LiveServer,
-                                                            token_path: Path, proxy_data: Proxy) -> None:
+def test_exec_puts_the_value_only_in_the_childs_environment(
+    tmp_path: Path, live: LiveServer, token_path: Path, proxy_data: Proxy
+) -> None:
     # A value of this test's own, so that no other test's files can look like a leak.
     value = "sk-exec-" + os.urandom(16).hex()
     assert cli(live.settings.data_dir, "secrets", "set", "api-exec", stdin=value.encode()).returncode == 0
@@ -357,9 +376,26 @@ def test_exec_puts_the_value_only_in_the_childs_environment(tmp_path: Path, live
     home.mkdir()
     work.mkdir()
     env = agent_env(live.url, None, HOME=str(home), TMPDIR=str(work), SECRET_PROXY_TOKEN=proxy_data.token)
-    agent = subprocess.Popen(agent_argv("exec", "api-exec", "--reason", "run the smoke test", "--env", "API_KEY",
-                                        "--timeout", "30", "--", sys.executable, "-c", CHILD),
-                             env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    agent = subprocess.Popen(
+        agent_argv(
+            "exec",
+            "api-exec",
+            "--reason",
+            "run the smoke test",
+            "--env",
+            "API_KEY",
+            "--timeout",
+            "30",
+            "--",
+            sys.executable,
+            "-c",
+            CHILD,
+        ),
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert agent.stderr is not None and agent.stdout is not None
     first = agent.stderr.readline().decode()
     decide(live.settings.data_dir, REQUEST_ID_RE.search(first).group(0))
@@ -380,8 +416,9 @@ def test_exec_puts_the_value_only_in_the_childs_environment(tmp_path: Path, live
 
 def test_exec_runs_nothing_when_denied(env: dict, live: LiveServer, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    agent = start_agent(env, "exec", "api-key", "--reason", "r", "--env", "V", "--timeout", "30", "--",
-                        "touch", str(marker))
+    agent = start_agent(
+        env, "exec", "api-key", "--reason", "r", "--env", "V", "--timeout", "30", "--", "touch", str(marker)
+    )
     decide(live.settings.data_dir, request_id_from(agent, []), "deny")
     agent.communicate(timeout=30)
     assert agent.returncode == errors.EXIT_DENIED
@@ -390,8 +427,7 @@ def test_exec_runs_nothing_when_denied(env: dict, live: LiveServer, tmp_path: Pa
 
 # -- as a real unprivileged user, with nothing installed --------------------------------------
 @pytest.mark.root
-def test_the_agent_user_runs_it_with_debians_python_and_nothing_installed(live: LiveServer,
-                                                                          proxy_data: Proxy) -> None:
+def test_the_agent_user_runs_it_with_debians_python_and_nothing_installed(live: LiveServer, proxy_data: Proxy) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to act as the agent user")
     from scripts.demo import run_as_agent
@@ -412,10 +448,24 @@ def test_the_agent_user_runs_it_with_debians_python_and_nothing_installed(live: 
             if path != token:
                 os.chmod(path, 0o755 if path.is_dir() else 0o644)
         approver = decide_when_asked(live.settings.data_dir)
-        result = run_as_agent(user.name, [
-            "env", f"SECRET_PROXY_URL={live.url}", f"SECRET_PROXY_TOKEN_FILE={token}",
-            "/usr/bin/python3", "-I", str(copy / "proxy/agent"), "get", "api-key", "--reason", "as the agent user",
-            "--timeout", "30"], timeout=60)
+        result = run_as_agent(
+            user.name,
+            [
+                "env",
+                f"SECRET_PROXY_URL={live.url}",
+                f"SECRET_PROXY_TOKEN_FILE={token}",
+                "/usr/bin/python3",
+                "-I",
+                str(copy / "proxy/agent"),
+                "get",
+                "api-key",
+                "--reason",
+                "as the agent user",
+                "--timeout",
+                "30",
+            ],
+            timeout=60,
+        )
         approver.join(30)
     assert result.returncode == 0, result.stderr
     assert result.stdout == SECRET_VALUE

@@ -39,14 +39,25 @@ def test_health_needs_no_token(client):
 
 def test_openapi_describes_every_route(client):
     spec = client.get("/openapi.json").json()
-    assert set(spec["paths"]) == {"/health", "/v1/requests", "/v1/requests/{id}", "/v1/requests/{id}/secret",
-                                  "/v1/calls", "/v1/requests/{id}/call"}
+    assert set(spec["paths"]) == {
+        "/health",
+        "/v1/requests",
+        "/v1/requests/{id}",
+        "/v1/requests/{id}/secret",
+        "/v1/calls",
+        "/v1/requests/{id}/call",
+    }
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
 def test_v1_calls_without_a_valid_token_are_unauthorized(client, headers):
-    for method, path in (("POST", "/v1/requests"), ("GET", "/v1/requests/x"), ("GET", "/v1/requests/x/secret"),
-                         ("POST", "/v1/calls"), ("POST", "/v1/requests/x/call")):
+    for method, path in (
+        ("POST", "/v1/requests"),
+        ("GET", "/v1/requests/x"),
+        ("GET", "/v1/requests/x/secret"),
+        ("POST", "/v1/calls"),
+        ("POST", "/v1/requests/x/call"),
+    ):
         r = client.request(method, path, headers=headers, json={"secret": "api-key", "reason": "r"})
         assert r.status_code == 401
         assert r.json()["error"] == "unauthorized"
@@ -87,19 +98,22 @@ def test_a_decision_is_final(client, proxy_data):
     assert not second.changed and second.request.status == "denied"
 
 
-@pytest.mark.parametrize("body,why", [
-    ({"reason": "x"}, "missing secret"),
-    ({"secret": "api-key"}, "missing reason"),
-    ({"secret": "api key", "reason": "x"}, "space in name"),
-    ({"secret": "a" * 129, "reason": "x"}, "name too long"),
-    ({"secret": "api-key", "reason": ""}, "empty reason"),
-    ({"secret": "api-key", "reason": "   "}, "blank reason"),
-    ({"secret": "api-key", "reason": "x" * 1001}, "reason too long"),
-    ({"secret": "api-key", "reason": "x", "ttl_seconds": 0}, "ttl zero"),
-    ({"secret": "api-key", "reason": "x", "ttl_seconds": "60"}, "ttl not an int"),
-    ({"secret": 5, "reason": "x"}, "name not a string"),
-    ({"secret": "api-key\n", "reason": "x"}, "newline after the name ($ would let it through)"),
-])
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ({"reason": "x"}, "missing secret"),
+        ({"secret": "api-key"}, "missing reason"),
+        ({"secret": "api key", "reason": "x"}, "space in name"),
+        ({"secret": "a" * 129, "reason": "x"}, "name too long"),
+        ({"secret": "api-key", "reason": ""}, "empty reason"),
+        ({"secret": "api-key", "reason": "   "}, "blank reason"),
+        ({"secret": "api-key", "reason": "x" * 1001}, "reason too long"),
+        ({"secret": "api-key", "reason": "x", "ttl_seconds": 0}, "ttl zero"),
+        ({"secret": "api-key", "reason": "x", "ttl_seconds": "60"}, "ttl not an int"),
+        ({"secret": 5, "reason": "x"}, "name not a string"),
+        ({"secret": "api-key\n", "reason": "x"}, "newline after the name ($ would let it through)"),
+    ],
+)
 def test_invalid_bodies_are_refused(client, proxy_data, body, why):
     r = client.post("/v1/requests", json=body, headers=auth(proxy_data.token))
     assert r.status_code == 400, why
@@ -108,8 +122,9 @@ def test_invalid_bodies_are_refused(client, proxy_data, body, why):
 
 def test_bad_json_is_invalid_request(client, proxy_data):
     for raw in (b"{not json", b"[1,2]", b"\xff\xfe"):
-        r = client.post("/v1/requests", content=raw, headers={**auth(proxy_data.token),
-                                                               "Content-Type": "application/json"})
+        r = client.post(
+            "/v1/requests", content=raw, headers={**auth(proxy_data.token), "Content-Type": "application/json"}
+        )
         assert r.status_code == 400 and r.json()["error"] == "invalid_request"
 
 
@@ -118,8 +133,11 @@ def test_reason_of_exactly_1000_characters_is_accepted(client, proxy_data):
 
 
 def test_body_over_16_kib_is_too_large(client, proxy_data):
-    r = client.post("/v1/requests", content=b"{" + b" " * (16 * 1024 + 10) + b"}",
-                    headers={**auth(proxy_data.token), "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/requests",
+        content=b"{" + b" " * (16 * 1024 + 10) + b"}",
+        headers={**auth(proxy_data.token), "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"] == "too_large"
 
 
@@ -128,8 +146,9 @@ def test_chunked_body_over_the_limit_is_too_large(client, proxy_data):
         for _ in range(20):
             yield b" " * 1024
 
-    r = client.post("/v1/requests", content=chunks(), headers={**auth(proxy_data.token),
-                                                               "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/requests", content=chunks(), headers={**auth(proxy_data.token), "Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"] == "too_large"
 
 
@@ -250,8 +269,11 @@ def db_bytes(proxy: Proxy) -> int:
 
 
 def test_a_lone_surrogate_in_a_reason_is_invalid_not_a_500(client, proxy_data):
-    r = client.post("/v1/requests", content=b'{"secret": "api-key", "reason": "x \\ud800 y"}',
-                    headers={**auth(proxy_data.token), "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/requests",
+        content=b'{"secret": "api-key", "reason": "x \\ud800 y"}',
+        headers={**auth(proxy_data.token), "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
 
 
@@ -276,8 +298,10 @@ def test_a_flood_of_malformed_ids_costs_no_lookup_and_one_audit_entry(client, pr
     assert set(seen) == {(400, "malformed_id"), (429, "rate_limited")}
     assert 20 <= seen[(400, "malformed_id")] <= 30  # retrieve_burst is 20, refilled at 2/s meanwhile
     mine = [e for e in audit_entries(proxy_data) if e.actor == "agent:alice"]
-    assert [(e.action, e.detail) for e in mine] == [("retrieval.refused", {"code": "malformed_id"}),
-                                                    ("retrieval.refused", {"code": "rate_limited"})]
+    assert [(e.action, e.detail) for e in mine] == [
+        ("retrieval.refused", {"code": "malformed_id"}),
+        ("retrieval.refused", {"code": "rate_limited"}),
+    ]
     assert all("AAAAAAAA" not in repr(e) for e in mine)  # the raw path never reaches the database
     assert db_bytes(proxy_data) - before < 100_000
 

@@ -26,9 +26,15 @@ class Rig:
         self.up = Upstream(self.ca, value=SECRET_VALUE).start()
         self.other = Upstream(self.ca).start()  # never listed anywhere
         self.up.redirect_to = f"https://localhost:{self.other.port}/v1/stolen"
-        config = {"broker_ca_file": str(self.ca.ca_file), "rate_burst": 1000, "call_burst": 1000,
-                  "max_pending_per_agent": 1000, "broker_max_request_bytes": 50_000,
-                  "broker_max_response_bytes": 100_000, "broker_timeout_seconds": 2.0}
+        config = {
+            "broker_ca_file": str(self.ca.ca_file),
+            "rate_burst": 1000,
+            "call_burst": 1000,
+            "max_pending_per_agent": 1000,
+            "broker_max_request_bytes": 50_000,
+            "broker_max_response_bytes": 100_000,
+            "broker_timeout_seconds": 2.0,
+        }
         self.data = provision(make_settings(tmp), config)
         base = f"https://localhost:{self.up.port}"
         policies = {
@@ -41,14 +47,28 @@ class Rig:
             for name, policy in policies.items():
                 store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy)
         self.server: LiveServer = start_server(self.data.settings)
-        self.http = httpx.Client(base_url=self.server.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.data.token}"})
+        self.http = httpx.Client(
+            base_url=self.server.url, timeout=30, headers={"Authorization": f"Bearer {self.data.token}"}
+        )
         self.base = base
 
-    def ask(self, url: str, *, secret: str = "api-call", method: str = "POST", body: bytes = b"{}",
-            headers: dict | None = None, by_hash: bool = False) -> httpx.Response:
-        call: dict = {"secret": secret, "reason": "create the release", "method": method, "url": url,
-                      "headers": headers or {"Content-Type": "application/json"}}
+    def ask(
+        self,
+        url: str,
+        *,
+        secret: str = "api-call",
+        method: str = "POST",
+        body: bytes = b"{}",
+        headers: dict | None = None,
+        by_hash: bool = False,
+    ) -> httpx.Response:
+        call: dict = {
+            "secret": secret,
+            "reason": "create the release",
+            "method": method,
+            "url": url,
+            "headers": headers or {"Content-Type": "application/json"},
+        }
         if by_hash:
             call.update(body_sha256=hashlib.sha256(body).hexdigest(), body_size=len(body))
         else:
@@ -62,11 +82,18 @@ class Rig:
             store.decide(created.json()["id"], True, "operator:test")
         return created.json()["id"]
 
-    def make(self, request_id: str, url: str, *, method: str = "POST", body: bytes = b"{}",
-             headers: dict | None = None) -> httpx.Response:
-        return self.http.post(f"/v1/requests/{request_id}/call", json={
-            "method": method, "url": url, "headers": headers or {"Content-Type": "application/json"},
-            "body_base64": base64.b64encode(body).decode()})
+    def make(
+        self, request_id: str, url: str, *, method: str = "POST", body: bytes = b"{}", headers: dict | None = None
+    ) -> httpx.Response:
+        return self.http.post(
+            f"/v1/requests/{request_id}/call",
+            json={
+                "method": method,
+                "url": url,
+                "headers": headers or {"Content-Type": "application/json"},
+                "body_base64": base64.b64encode(body).decode(),
+            },
+        )
 
     def audit(self) -> list:
         with Store(self.data.settings) as store:
@@ -98,9 +125,18 @@ def test_a_call_approved_with_the_cli_reaches_the_destination_with_the_value_the
     created = rig.ask(url, body=b'{"tag": "v1"}')
     assert created.status_code == 201 and created.json()["status"] == "pending"
     rid = created.json()["id"]
-    assert rig.http.post(f"/v1/requests/{rid}/call", json={"method": "POST", "url": url, "headers": {
-        "Content-Type": "application/json"}, "body_base64": base64.b64encode(b'{"tag": "v1"}').decode()}
-    ).json()["error"] == "pending"
+    assert (
+        rig.http.post(
+            f"/v1/requests/{rid}/call",
+            json={
+                "method": "POST",
+                "url": url,
+                "headers": {"Content-Type": "application/json"},
+                "body_base64": base64.b64encode(b'{"tag": "v1"}').decode(),
+            },
+        ).json()["error"]
+        == "pending"
+    )
     listed = cli(rig.data.settings.data_dir, "requests", "list", "--status", "pending").stdout.decode()
     assert rid in listed and f"call POST {url}" in listed
     approved = cli(rig.data.settings.data_dir, "approve", rid)
@@ -134,10 +170,12 @@ def test_the_approved_call_runs_once_and_replay_is_refused(rig):
 def test_an_altered_call_is_refused_and_the_destination_sees_nothing(rig, change):
     url = rig.base + "/v1/items"
     rid = rig.approved(url, body=b"approved body")
-    altered = {"body": dict(url=url, body=b"other body"),
-               "path": dict(url=rig.base + "/v1/admin", body=b"approved body"),
-               "method": dict(url=url, method="PUT", body=b"approved body"),
-               "header": dict(url=url, body=b"approved body", headers={"Content-Type": "text/evil"})}[change]
+    altered = {
+        "body": dict(url=url, body=b"other body"),
+        "path": dict(url=rig.base + "/v1/admin", body=b"approved body"),
+        "method": dict(url=url, method="PUT", body=b"approved body"),
+        "header": dict(url=url, body=b"approved body", headers={"Content-Type": "text/evil"}),
+    }[change]
     count = rig.up.connections
     refused = rig.make(rid, **altered)  # type: ignore[arg-type]
     assert refused.status_code == 403 and refused.json()["error"] == "call_mismatch"
@@ -155,8 +193,13 @@ def test_a_body_given_by_hash_must_be_that_body(rig):
 
 
 def test_an_unlisted_host_or_path_is_refused_before_anyone_is_asked_or_connected(rig):
-    for url in (f"https://localhost:{rig.other.port}/v1/x", rig.base + "/v2/x", rig.base + "/v1/../admin",
-                f"https://127.0.0.1:{rig.up.port}/v1/x", f"http://localhost:{rig.up.port}/v1/x"):
+    for url in (
+        f"https://localhost:{rig.other.port}/v1/x",
+        rig.base + "/v2/x",
+        rig.base + "/v1/../admin",
+        f"https://127.0.0.1:{rig.up.port}/v1/x",
+        f"http://localhost:{rig.up.port}/v1/x",
+    ):
         refused = rig.ask(url)
         assert refused.status_code in (400, 403), url
         assert refused.json()["error"] in ("destination_not_allowed", "invalid_request"), url
@@ -171,8 +214,9 @@ def test_a_listed_name_resolving_to_loopback_is_refused_unless_private_addresses
     assert refused.status_code == 403 and refused.json()["error"] == "address_not_allowed"
     assert "127.0.0.1" in refused.json()["detail"]
     assert rig.up.connections == count
-    assert [e for e in rig.audit() if e.request_id == rid and e.action == "call.failed"][0].detail["code"] == \
-        "address_not_allowed"
+    assert [e for e in rig.audit() if e.request_id == rid and e.action == "call.failed"][0].detail[
+        "code"
+    ] == "address_not_allowed"
 
 
 def test_a_redirect_to_another_host_is_returned_not_followed(rig):
@@ -230,8 +274,12 @@ def test_a_secret_without_a_policy_cannot_be_used_in_a_call(rig):
 
 
 def test_the_agent_may_not_set_the_injected_header_or_framing(rig):
-    for headers in ({"Authorization": "Bearer mine"}, {"Host": "evil"}, {"X-A": "b\r\nX-Injected: 1"},
-                    {"Accept-Encoding": "gzip"}):
+    for headers in (
+        {"Authorization": "Bearer mine"},
+        {"Host": "evil"},
+        {"X-A": "b\r\nX-Injected: 1"},
+        {"Accept-Encoding": "gzip"},
+    ):
         refused = rig.ask(rig.base + "/v1/x", headers=headers)
         assert refused.status_code == 400 and refused.json()["error"] == "invalid_request", headers
 
@@ -242,8 +290,12 @@ def test_tls_is_verified(tmp_path):
     up = Upstream(ca).start()
     data = provision(make_settings(tmp_path))
     with Store(data.settings) as store:
-        store.set_secret("api-tls", b"value-123456", "operator:test",
-                         build_policy([], [f"https://localhost:{up.port}/"], "X-Key: {value}", False))
+        store.set_secret(
+            "api-tls",
+            b"value-123456",
+            "operator:test",
+            build_policy([], [f"https://localhost:{up.port}/"], "X-Key: {value}", False),
+        )
     server = start_server(data.settings)
     try:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {data.token}"}, timeout=30)
@@ -262,8 +314,18 @@ def test_tls_is_verified(tmp_path):
 def test_secrets_set_stores_a_policy_and_show_prints_it_never_the_value(tmp_path):
     data = tmp_path / "d"
     cli(data, "init")
-    stored = cli(data, "secrets", "set", "gh", "--allow", "https://api.github.com/repos/", "--inject",
-                 "Authorization: Bearer {value}", "--broker-only", stdin=b"ghp_value123\n")
+    stored = cli(
+        data,
+        "secrets",
+        "set",
+        "gh",
+        "--allow",
+        "https://api.github.com/repos/",
+        "--inject",
+        "Authorization: Bearer {value}",
+        "--broker-only",
+        stdin=b"ghp_value123\n",
+    )
     assert stored.returncode == 0, stored.stderr
     shown = cli(data, "secrets", "show", "gh")
     out = shown.stdout.decode()
@@ -317,11 +379,18 @@ def test_concurrent_attempts_at_one_approved_call_make_it_once(rig):
     before = len([r for r in rig.up.requests if r.path == "/v1/race"])
 
     def attempt(_: int) -> int:
-        with httpx.Client(base_url=rig.server.url, timeout=30,
-                          headers={"Authorization": f"Bearer {rig.data.token}"}) as http:
-            return http.post(f"/v1/requests/{rid}/call", json={
-                "method": "POST", "url": url, "headers": {"Content-Type": "application/json"},
-                "body_base64": base64.b64encode(b"{}").decode()}).status_code
+        with httpx.Client(
+            base_url=rig.server.url, timeout=30, headers={"Authorization": f"Bearer {rig.data.token}"}
+        ) as http:
+            return http.post(
+                f"/v1/requests/{rid}/call",
+                json={
+                    "method": "POST",
+                    "url": url,
+                    "headers": {"Content-Type": "application/json"},
+                    "body_base64": base64.b64encode(b"{}").decode(),
+                },
+            ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         codes = sorted(pool.map(attempt, range(8)))

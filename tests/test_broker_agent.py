@@ -43,8 +43,20 @@ def test_the_call_command_prints_the_answer_and_never_the_value(rig: Rig, env: d
     body.write_bytes(b'{"tag": "v2"}')
     url = rig.base + "/v1/releases"
     approver = decide_when_asked(rig.data.settings.data_dir)
-    result = run_agent(env, "call", "api-call", "--reason", "publish release v2", "-X", "POST", url,
-                       "-H", "Content-Type: application/json", "--data", f"@{body}")
+    result = run_agent(
+        env,
+        "call",
+        "api-call",
+        "--reason",
+        "publish release v2",
+        "-X",
+        "POST",
+        url,
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        f"@{body}",
+    )
     approver.join(5)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["path"] == "/v1/releases" and "HTTP 200" in result.stderr
@@ -68,8 +80,10 @@ def test_the_mcp_tool_makes_the_call_and_returns_the_redacted_answer(rig: Rig, e
     approver = decide_when_asked(rig.data.settings.data_dir)
 
     async def play(session: ClientSession) -> Any:
-        return await session.call_tool("use_secret_in_call", {
-            "name": "api-call", "reason": "check what the API echoes", "method": "GET", "url": rig.base + "/v1/leak"})
+        return await session.call_tool(
+            "use_secret_in_call",
+            {"name": "api-call", "reason": "check what the API echoes", "method": "GET", "url": rig.base + "/v1/leak"},
+        )
 
     result = outcome(with_mcp_server(env, play))
     approver.join(5)
@@ -85,9 +99,12 @@ def test_a_telegram_tap_approves_one_call_shown_with_its_destination(tmp_path: P
         wait_until_polling(tg)
         url = f"https://localhost:{up.port}/v1/issues"
         with Store(tg.data.settings) as store:
-            store.set_secret("api-gh", SECRET_VALUE.encode(), "operator:test",
-                             build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: token {value}",
-                                          True))
+            store.set_secret(
+                "api-gh",
+                SECRET_VALUE.encode(),
+                "operator:test",
+                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: token {value}", True),
+            )
         http = httpx.Client(base_url=tg.url, headers={"Authorization": f"Bearer {tg.data.token}"}, timeout=30)
         call = {"method": "POST", "url": url, "headers": {}, "body_base64": base64.b64encode(b"hello").decode()}
         created = http.post("/v1/calls", json={"secret": "api-gh", "reason": "file <b>issue</b> #7", **call})
@@ -95,11 +112,22 @@ def test_a_telegram_tap_approves_one_call_shown_with_its_destination(tmp_path: P
         rid = created.json()["id"]
         message = tg.message_for(rid)
         text = message["text"]
-        for shown in ("api-gh", "POST", f"https://localhost:{up.port}", "/v1/issues", "5 bytes",
-                      "2cf24dba5fb0a30e", "file <b>issue</b> #7", "never sees the value"):
+        for shown in (
+            "api-gh",
+            "POST",
+            f"https://localhost:{up.port}",
+            "/v1/issues",
+            "5 bytes",
+            "2cf24dba5fb0a30e",
+            "file <b>issue</b> #7",
+            "never sees the value",
+        ):
             assert shown in text, shown
-        assert not [e for e in message.get("entities", []) if e["type"] == "bold" and "issue" in
-                    text[e["offset"]:e["offset"] + e["length"]]]  # the reason's markup is escaped
+        assert not [
+            e
+            for e in message.get("entities", [])
+            if e["type"] == "bold" and "issue" in text[e["offset"] : e["offset"] + e["length"]]
+        ]  # the reason's markup is escaped
         tg.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")
         assert http.get(f"/v1/requests/{rid}?wait=10").json()["status"] == "approved"
         made = http.post(f"/v1/requests/{rid}/call", json=call)

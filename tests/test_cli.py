@@ -122,8 +122,9 @@ def test_audit_verify_detects_a_truncated_log_with_a_rewritten_head(tmp_path):
     db.execute("DELETE FROM audit WHERE seq > 2")
     seq, digest = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     head = json.loads(db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()[0])
-    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'",
-               (json.dumps({**head, "seq": seq, "hash": digest}),))
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps({**head, "seq": seq, "hash": digest}),)
+    )
     db.commit()
     db.close()
     bad = cli(data, "audit", "verify")

@@ -62,8 +62,9 @@ def test_the_firmware_bytes_are_the_assembled_source(tmp_path):
         pytest.skip("binutils (as, ld) not installed")
     obj, binary = tmp_path / "probe.o", tmp_path / "probe.bin"
     subprocess.run(["as", "--64", "-o", str(obj), str(ROOT / "vm_image/kvm_probe_firmware.S")], check=True)
-    subprocess.run(["ld", "-e", "0xf0000", "-Ttext=0xf0000", "--oformat", "binary", "-o", str(binary), str(obj)],
-                   check=True)
+    subprocess.run(
+        ["ld", "-e", "0xf0000", "-Ttext=0xf0000", "--oformat", "binary", "-o", str(binary), str(obj)], check=True
+    )
     image = kvm_probe.probe_firmware("m")
     marker = slice(kvm_probe.MARKER_OFFSET, kvm_probe.MARKER_OFFSET + kvm_probe.MARKER_SIZE)
     built = bytearray(binary.read_bytes())
@@ -120,9 +121,10 @@ def test_a_verdict_from_another_boot_is_not_used(tmp_path):
 @needs_qemu
 def test_a_kvm_that_runs_guests_is_chosen_and_kept(tmp_path):
     # Real QEMU with the accelerator swapped for TCG: the whole path (probe, cache, choice) with a guest that runs.
-    qemu = stand_in(tmp_path / "kvm-that-works",
-                    f'for a; do shift; case "$a" in kvm) a=tcg;; host) a=max;; esac; set -- "$@" "$a"; done\n'
-                    f'exec {QEMU} "$@"')
+    qemu = stand_in(
+        tmp_path / "kvm-that-works",
+        f'for a; do shift; case "$a" in kvm) a=tcg;; host) a=max;; esac; set -- "$@" "$a"; done\nexec {QEMU} "$@"',
+    )
     assert choose_accel("auto", probe_with(qemu, tmp_path / "cache")) == "kvm"
     assert choose_accel("kvm", probe_with(qemu, tmp_path / "cache")) == "kvm"
     assert len(starts(qemu)) == 1
@@ -164,14 +166,21 @@ def test_an_agent_cannot_plant_roots_kvm_verdict(tmp_path):
         assert choose_accel("auto", probe_with(qemu, roots)) == "tcg"
         key = kvm_probe.cache_key(str(qemu), 0)
         lie = json.dumps({"key": key, "verdict": {"runs": True, "detail": "planted", "seconds": 0.1}})
-        plant = ("import os, sys\n"
-                 "d, text = sys.argv[1], sys.argv[2]\n"
-                 "os.makedirs(d, mode=0o700, exist_ok=True)\n"
-                 "open(os.path.join(d, 'kvm-probe.json'), 'w').write(text)\n")
+        plant = (
+            "import os, sys\n"
+            "d, text = sys.argv[1], sys.argv[2]\n"
+            "os.makedirs(d, mode=0o700, exist_ok=True)\n"
+            "open(os.path.join(d, 'kvm-probe.json'), 'w').write(text)\n"
+        )
 
         def as_agent(directory: Path) -> subprocess.CompletedProcess:
-            return subprocess.run(["runuser", "-u", agent.pw_name, "--", sys.executable, "-I", "-c", plant,
-                                   str(directory), lie], check=False, capture_output=True, text=True, timeout=60)
+            return subprocess.run(
+                ["runuser", "-u", agent.pw_name, "--", sys.executable, "-I", "-c", plant, str(directory), lie],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
         into_roots = as_agent(roots)
         assert into_roots.returncode != 0 and "Permission denied" in into_roots.stderr

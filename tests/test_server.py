@@ -46,8 +46,12 @@ def test_errors_are_json_over_real_http(live, proxy_data):
 
 def test_acknowledged_requests_and_decisions_survive_kill_9(tmp_path):
     proxy = provision(make_settings(tmp_path))
-    env = {"SECRET_PROXY_RATE_BURST": "100000", "SECRET_PROXY_RATE_PER_MINUTE": "600000",
-           "SECRET_PROXY_MAX_PENDING_PER_AGENT": "100000", "SECRET_PROXY_POLL_BURST": "100000"}
+    env = {
+        "SECRET_PROXY_RATE_BURST": "100000",
+        "SECRET_PROXY_RATE_PER_MINUTE": "600000",
+        "SECRET_PROXY_MAX_PENDING_PER_AGENT": "100000",
+        "SECRET_PROXY_POLL_BURST": "100000",
+    }
     server = start_server(proxy.settings, env)
     agent = server.agent(proxy.token)
     acknowledged: list[str] = []
@@ -227,13 +231,16 @@ def test_the_connection_limit_stays_below_the_open_files_limit(tmp_path):
 
     from .proxy_helpers import ROOT
 
-    probe = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
-             "from proxy.config import Settings; from proxy.server import connection_limit;"
-             "print(connection_limit(Settings()), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    probe = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
+        "from proxy.config import Settings; from proxy.server import connection_limit;"
+        "print(connection_limit(Settings()), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
 
     def limits(soft: int, hard: int) -> list[int]:
-        out = subprocess.run([sys.executable, "-c", probe, str(soft), str(hard)], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(soft), str(hard)], cwd=ROOT, capture_output=True, text=True, check=True
+        )
         return [int(x) for x in out.stdout.split()]
 
     assert limits(4096, 4096) == [2048, 4096]  # the guest's unit: LimitNOFILE=4096

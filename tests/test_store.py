@@ -95,11 +95,13 @@ def test_rotation_rewraps_and_values_still_open(tmp_path):
     proxy = provision(make_settings(tmp_path))
     old_key = proxy.settings.key_path.read_text()
     with Store(proxy.settings) as store:
-        old_wrapped = store._conn().execute(
-            "SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        old_wrapped = (
+            store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        )
         store.rotate_master_key("operator:test")
-        new_wrapped = store._conn().execute(
-            "SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        new_wrapped = (
+            store._conn().execute("SELECT wrapped_key, ciphertext FROM secrets WHERE name='api-key'").fetchone()
+        )
     assert proxy.settings.key_path.read_text() != old_key
     assert stat.S_IMODE(proxy.settings.key_path.stat().st_mode) == 0o600
     assert new_wrapped[0] != old_wrapped[0] and new_wrapped[1] == old_wrapped[1]  # value untouched
@@ -155,14 +157,17 @@ def test_revoked_agent_cannot_authenticate(tmp_path):
         assert store.authenticate(proxy.token) is None
 
 
-@pytest.mark.parametrize("tamper", [
-    "UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2",
-    "UPDATE audit SET detail = '{\"replaced\":true}' WHERE seq = 1",
-    "DELETE FROM audit WHERE seq = 2",
-    "DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)",
-    "UPDATE audit SET seq = 1000 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3;"
-    " UPDATE audit SET seq = 3 WHERE seq = 1000",
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2",
+        "UPDATE audit SET detail = '{\"replaced\":true}' WHERE seq = 1",
+        "DELETE FROM audit WHERE seq = 2",
+        "DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)",
+        "UPDATE audit SET seq = 1000 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3;"
+        " UPDATE audit SET seq = 3 WHERE seq = 1000",
+    ],
+)
 def test_audit_verify_detects_tampering(tmp_path, tamper):
     proxy = provision(make_settings(tmp_path))
     with Store(proxy.settings) as store:
@@ -219,8 +224,10 @@ def test_an_empty_log_with_a_forged_genesis_head_is_detected(tmp_path):
     proxy = provision(make_settings(tmp_path))
     db = sqlite3.connect(proxy.settings.db_path)
     db.execute("DELETE FROM audit")
-    db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'",
-               (json.dumps({"seq": 0, "hash": "0" * 64, "mac": "0" * 64}),))
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'",
+        (json.dumps({"seq": 0, "hash": "0" * 64, "mac": "0" * 64}),),
+    )
     db.commit()
     db.close()
     with Store(proxy.settings) as store:

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from scripts import demo
 from takeover import proc
 
-from .telegram_emulator import BotApiEmulator
-from scripts import demo
-
 from . import vm_fixtures
+from .telegram_emulator import BotApiEmulator
 from .vm_fixtures import AGENT_USER, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -34,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "4242:story-bot-token-that-the-agent-must-never-see"
 CHAT, APPROVER, STRANGER = -100777, 4001, 4666
+
 
 def agent_http(method: str, url: str, token: str = "", body: dict | None = None, times: int = 1) -> list:
     return demo.agent_http(AGENT_USER, method, url, token, body, times)
@@ -47,38 +47,69 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
     emu.start("127.0.0.1", 0)
     host_dir = Path("/var/lib") / f"secret-proxy-vm-story-{os.getpid()}"
     port = free_port()
-    env = {**os.environ, "SECRET_PROXY_TELEGRAM_TOKEN": TOKEN, "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
-           "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
-           # QEMU's user network: the guest reaches the host's 127.0.0.1 as 10.0.2.2.
-           "SECRET_PROXY_TELEGRAM_API_URL": f"http://10.0.2.2:{emu.port}"}
+    env = {
+        **os.environ,
+        "SECRET_PROXY_TELEGRAM_TOKEN": TOKEN,
+        "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
+        "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
+        # QEMU's user network: the guest reaches the host's 127.0.0.1 as 10.0.2.2.
+        "SECRET_PROXY_TELEGRAM_API_URL": f"http://10.0.2.2:{emu.port}",
+    }
     # Its own state directory, ports and host directory: a demo left running by `make demo` is left alone.
     agent_state = vm_fixtures.TEST_ROOT / f"story-state-{os.getpid()}"
     agent = vm_fixtures.ensure_agent_user()
     agent_state.mkdir(mode=0o700, exist_ok=True)
     os.chown(agent_state, agent.uid, agent.gid)
-    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--host-dir", str(host_dir), "--port", str(port),
-                             "--agent-state", str(agent_state),
-                             "--agent-ssh-port", str(free_port()), "--host-ssh-port", str(free_port()),
-                             "--approve-timeout", "300"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/demo.py",
+            "--host-dir",
+            str(host_dir),
+            "--port",
+            str(port),
+            "--agent-state",
+            str(agent_state),
+            "--agent-ssh-port",
+            str(free_port()),
+            "--host-ssh-port",
+            str(free_port()),
+            "--approve-timeout",
+            "300",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     taps: dict = {}
 
     def approver() -> None:
         # The request appears in the chat with two buttons; a stranger taps first, then the approver.
-        message = emu.wait_for(lambda: next((m for m in emu.messages(CHAT) if m.get("reply_markup")), None),
-                               timeout=1200, what="the request's message in the approvers' chat")
+        message = emu.wait_for(
+            lambda: next((m for m in emu.messages(CHAT) if m.get("reply_markup")), None),
+            timeout=1200,
+            what="the request's message in the approvers' chat",
+        )
         approve = message["reply_markup"]["inline_keyboard"][0][0]
         taps["message"] = message
         taps["stranger"] = emu.tap(STRANGER, CHAT, message["message_id"], approve["callback_data"])
         emu.wait_for(lambda: emu.answer_for(taps["stranger"]), 60, "the answer to the stranger's tap")
         taps["approver"] = emu.tap(APPROVER, CHAT, message["message_id"], approve["callback_data"])
         # Then the brokered call: a message of its own, showing the call; the approver approves it too.
-        call = emu.wait_for(lambda: next((m for m in emu.messages(CHAT) if m.get("reply_markup")
-                                          and m["message_id"] != message["message_id"]), None),
-                            timeout=600, what="the brokered call's message")
+        call = emu.wait_for(
+            lambda: next(
+                (m for m in emu.messages(CHAT) if m.get("reply_markup") and m["message_id"] != message["message_id"]),
+                None,
+            ),
+            timeout=600,
+            what="the brokered call's message",
+        )
         taps["call_message"] = call
-        taps["call"] = emu.tap(APPROVER, CHAT, call["message_id"],
-                               call["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
+        taps["call"] = emu.tap(
+            APPROVER, CHAT, call["message_id"], call["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+        )
 
     tapper = threading.Thread(target=approver, daemon=True)
     tapper.start()
@@ -133,8 +164,12 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
     finally:
         if demo.poll() is None:
             demo.kill()
-        subprocess.run([sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)], cwd=ROOT,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=300,
+        )
         # A demo that failed before the takeover leaves the agent's VM running: stop it as the agent.
         vm_fixtures.vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)
         subprocess.run(["rm", "-rf", str(host_dir), str(agent_state)], check=False)

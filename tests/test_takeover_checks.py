@@ -13,24 +13,30 @@ from pathlib import Path
 
 import pytest
 
-from vm_image import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image
 from takeover.errors import DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError
 from takeover.files import ensure_host_dir
-from takeover.journal import Journal
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
+from takeover.journal import Journal
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
+from takeover.replay import start_source_vm
 from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.revoke import remove_agent_file
-from takeover.replay import start_source_vm
 from takeover.runbook import recover_interrupted_checkpoint
 from takeover.steps import first_step_to_run
+from vm_image import proc
 
-from .takeover_helpers import (agent_workdir, fake_socket_server, make_qcow2, remove_workdir,
-                                   start_monitor_only_qemu, write_ready)
+from .takeover_helpers import (
+    agent_workdir,
+    fake_socket_server,
+    make_qcow2,
+    remove_workdir,
+    start_monitor_only_qemu,
+    write_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = Endpoint("127.0.0.1", 3737)
@@ -77,7 +83,9 @@ def test_ready_file_json_is_validated(tmp_path):
     path = write_ready(tmp_path / "ready", monitor="relative.sock", disk="/d.qcow2")
     with pytest.raises(ReadyFileError, match="monitor must be an absolute path"):
         read_ready_file(path)
-    path = write_ready(tmp_path / "ready", monitor="/m.sock", disk="/d.qcow2", proxy={"host": "evil.example", "port": 1})
+    path = write_ready(
+        tmp_path / "ready", monitor="/m.sock", disk="/d.qcow2", proxy={"host": "evil.example", "port": 1}
+    )
     with pytest.raises(ReadyFileError, match="not an IP address"):
         read_ready_file(path)
     path.write_text("READY_FOR_TAKEOVER\n{oops")
@@ -92,12 +100,24 @@ def test_ready_file_is_not_read_through_a_symlink(tmp_path):
 
 
 def test_ready_file_fields_are_parsed(tmp_path):
-    path = write_ready(tmp_path / "ready", monitor="/run/q.sock", disk="/img/disk.qcow2", pid=42,
-                       proxy={"host": "127.0.0.1", "port": 3838}, memory_mb=512, cpus=2,
-                       setup_key_pub="/img/setup_key.pub")
+    path = write_ready(
+        tmp_path / "ready",
+        monitor="/run/q.sock",
+        disk="/img/disk.qcow2",
+        pid=42,
+        proxy={"host": "127.0.0.1", "port": 3838},
+        memory_mb=512,
+        cpus=2,
+        setup_key_pub="/img/setup_key.pub",
+    )
     ready = read_ready_file(path)
-    assert (ready.monitor, ready.disk, ready.pid, ready.proxy.port, ready.memory_mb) == \
-        (Path("/run/q.sock"), Path("/img/disk.qcow2"), 42, 3838, 512)
+    assert (ready.monitor, ready.disk, ready.pid, ready.proxy.port, ready.memory_mb) == (
+        Path("/run/q.sock"),
+        Path("/img/disk.qcow2"),
+        42,
+        3838,
+        512,
+    )
 
 
 # -- the monitor ---------------------------------------------------------------------------------
@@ -327,11 +347,22 @@ def test_endpoints_accept_only_ip_literals_and_ports():
 
 def spec(tmp_path) -> HostVMSpec:
     d = ensure_host_dir(tmp_path / "h")
-    return HostVMSpec(name="secret-proxy-vm", disk=d / "disk.qcow2", kernel=d / "boot/vmlinuz",
-                      initrd=d / "boot/initrd.img", append="root=/dev/vda rw console=ttyS0", memory_mb=256, cpus=1,
-                      accel="tcg", proxy_listen=PROXY, ssh_listen=Endpoint("127.0.0.1", 2223),
-                      monitor=d / "qmp.sock", pidfile=d / "qemu.pid", serial_log=d / "serial.log",
-                      qemu_log=d / "qemu.log")
+    return HostVMSpec(
+        name="secret-proxy-vm",
+        disk=d / "disk.qcow2",
+        kernel=d / "boot/vmlinuz",
+        initrd=d / "boot/initrd.img",
+        append="root=/dev/vda rw console=ttyS0",
+        memory_mb=256,
+        cpus=1,
+        accel="tcg",
+        proxy_listen=PROXY,
+        ssh_listen=Endpoint("127.0.0.1", 2223),
+        monitor=d / "qmp.sock",
+        pidfile=d / "qemu.pid",
+        serial_log=d / "serial.log",
+        qemu_log=d / "qemu.log",
+    )
 
 
 def test_qemu_command_forwards_only_the_proxy_and_a_host_only_ssh_port(tmp_path):
@@ -356,8 +387,6 @@ def test_libvirt_domain_is_valid_xml_with_user_networking(tmp_path):
 def test_unsafe_paths_never_reach_a_command_line(tmp_path):
     with pytest.raises(InvalidInput):
         HostVMSpec(**{**spec(tmp_path).__dict__, "disk": Path("/tmp/a,b.qcow2")})
-
-
 
 
 @pytest.mark.root

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from takeover import nbd_sink
-from vm_image import proc
 from takeover.agent_sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.diskimage import inspect_image
@@ -34,10 +33,10 @@ from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
+from vm_image import proc
 
-from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 from .takeover_helpers import start_monitor_only_qemu
-
+from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 
 
 def sandboxed(agent_user, script: str, timeout: float = 20) -> tuple[int, str, str]:
@@ -56,7 +55,9 @@ def test_the_sandbox_is_the_agent_without_privileges_network_or_a_terminal(agent
     listener.listen(1)
     port = listener.getsockname()[1]
     try:
-        code, out, err = sandboxed(agent_user, f"""
+        code, out, err = sandboxed(
+            agent_user,
+            f"""
             id -u; id -G
             grep -E '^(NoNewPrivs|CapEff|CapPrm|CapBnd|CapAmb):' /proc/self/status
             tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '
@@ -65,15 +66,15 @@ def test_the_sandbox_is_the_agent_without_privileges_network_or_a_terminal(agent
             python3 -I -c 'import socket; socket.create_connection(("127.0.0.1", {port}), timeout=2)' \\
                 2>/dev/null || echo connect-failed
             env | sort | tr '\\n' ' '; echo
-        """)
+        """,
+        )
     finally:
         listener.close()
     lines = out.splitlines()
     assert code == 0, err
     assert lines[0] == str(agent_user.pw_uid) and lines[1] == str(agent_user.pw_gid)
     status = dict(line.split(":\t") for line in lines[2:7])
-    assert status == {"NoNewPrivs": "1", "CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16,
-                      "CapAmb": "0" * 16}
+    assert status == {"NoNewPrivs": "1", "CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16, "CapAmb": "0" * 16}
     assert lines[7] == "lo"  # a network namespace of its own, with nothing but loopback
     sid, pid, tty = (field.split("=")[1] for field in lines[8].split())
     assert sid == pid and tty == "0"  # a session of its own, no controlling terminal
@@ -151,8 +152,7 @@ def serve(tmp_path: Path, play, *, size: int = 2**20, budget: int = 2**30, idle:
     thread = threading.Thread(target=play, args=(Client(theirs),), daemon=True)
     thread.start()
     try:
-        return nbd_sink.serve_writes(ours, fd, size, budget=budget, idle_timeout=idle,
-                                     deadline=time.monotonic() + 30)
+        return nbd_sink.serve_writes(ours, fd, size, budget=budget, idle_timeout=idle, deadline=time.monotonic() + 30)
     finally:
         os.close(fd)
         ours.close()
@@ -179,15 +179,23 @@ def test_the_nbd_server_takes_writes_and_refuses_anything_past_the_end(tmp_path)
     assert len(data) == 2**20 and data[4096:4101] == b"hello" and data.count(0) == 2**20 - 5
 
 
-@pytest.mark.parametrize("attack, message", [
-    (lambda c: (c.handshake(), c.request(nbd_sink.CMD_WRITE, 0, 1, b"x", magic=0xDEADBEEF)), "request magic"),
-    (lambda c: (c.handshake(), c.request(nbd_sink.CMD_WRITE, 0, 64 * 2**20)), "larger than"),
-    (lambda c: (c.handshake(), c.sock.shutdown(socket.SHUT_WR)), "closed the connection"),
-    (lambda c: (c.recv(18), c.sock.sendall(struct.pack(">I", 0xFF))), "client flags"),
-    (lambda c: (c.recv(18), c.sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd_sink.IHAVEOPT, 99, 2**20))),
-     "option of"),
-    (lambda c: time.sleep(3), "sent nothing for 1 s"),
-])
+@pytest.mark.parametrize(
+    "attack, message",
+    [
+        (lambda c: (c.handshake(), c.request(nbd_sink.CMD_WRITE, 0, 1, b"x", magic=0xDEADBEEF)), "request magic"),
+        (lambda c: (c.handshake(), c.request(nbd_sink.CMD_WRITE, 0, 64 * 2**20)), "larger than"),
+        (lambda c: (c.handshake(), c.sock.shutdown(socket.SHUT_WR)), "closed the connection"),
+        (lambda c: (c.recv(18), c.sock.sendall(struct.pack(">I", 0xFF))), "client flags"),
+        (
+            lambda c: (
+                c.recv(18),
+                c.sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd_sink.IHAVEOPT, 99, 2**20)),
+            ),
+            "option of",
+        ),
+        (lambda c: time.sleep(3), "sent nothing for 1 s"),
+    ],
+)
 def test_a_hostile_nbd_peer_ends_the_session_with_an_error(tmp_path, attack, message):
     started = time.monotonic()
     with pytest.raises(nbd_sink.SinkError, match=message):
@@ -217,9 +225,18 @@ def block(disk: str, chain: list[str], ro: bool = False) -> dict:
     for fmt in chain:
         node["backing-image"] = {"format": fmt, "filename": f"/base.{fmt}"}
         node = node["backing-image"]
-    return {"device": "d0", "inserted": {"node-name": "top", "file": disk, "drv": "qcow2", "ro": ro,
-                                         "backing_file_depth": len(chain), "image": image,
-                                         **({"backing_file": "/base"} if chain else {})}}
+    return {
+        "device": "d0",
+        "inserted": {
+            "node-name": "top",
+            "file": disk,
+            "drv": "qcow2",
+            "ro": ro,
+            "backing_file_depth": len(chain),
+            "image": image,
+            **({"backing_file": "/base"} if chain else {}),
+        },
+    }
 
 
 def test_step_1_accepts_an_overlay_on_a_base_image_and_refuses_long_or_odd_chains():
@@ -241,8 +258,9 @@ def test_checkpoint_relocation_and_rollback_work_over_a_backing_file(agent_user,
     base = agent_image(agent_user, agent_dir / "base.qcow2", fill="write -P 0x41 0 1M")
     os.chmod(base, 0o444)  # the user's cloud image: read-only, never written
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    disk = agent_image(agent_user, agent_dir / "disk.qcow2", "64M", "-b", str(base), "-F", "qcow2",
-                       fill="write -P 0x42 2M 1M")
+    disk = agent_image(
+        agent_user, agent_dir / "disk.qcow2", "64M", "-b", str(base), "-F", "qcow2", fill="write -P 0x42 2M 1M"
+    )
     vm = start_monitor_only_qemu(agent_dir, disk, user=AGENT)
     try:
         source = find_and_check_vm(explicit_ready(vm.monitor, disk), host_dir)
@@ -257,8 +275,13 @@ def test_checkpoint_relocation_and_rollback_work_over_a_backing_file(agent_user,
         result = relocate_disk(disk, host_dir, expect_inode=(source.disk_dev, source.disk_ino))
         copy = inspect_image(host_dir / DISK_NAME)  # root's: self-contained, and without the agent's RAM
         assert copy.backing == () and copy.snapshots == () and result.backing_files == [str(base)]
-        assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk),
-                               str(host_dir / DISK_NAME)], capture_output=True).returncode == 0
+        assert (
+            subprocess.run(
+                ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), str(host_dir / DISK_NAME)],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
 
         # Rollback: the agent's own command line, as the agent, from the overlay's checkpoint.
         start_source_vm(source, host_dir / "rollback-qemu.log")
@@ -284,8 +307,15 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
 
     from .cloud_image import cloud_base_image
     from .test_takeover_e2e import host_ssh, stop_host_vm, takeover
-    from .vm_fixtures import AGENT_CACHE, AGENT_USER, TEST_ROOT, AgentVM, ensure_agent_user, free_port, \
-        vm_image_as_agent
+    from .vm_fixtures import (
+        AGENT_CACHE,
+        AGENT_USER,
+        TEST_ROOT,
+        AgentVM,
+        ensure_agent_user,
+        free_port,
+        vm_image_as_agent,
+    )
 
     base = cloud_base_image()
     before = hashlib.sha256(base.read_bytes()).hexdigest()
@@ -302,15 +332,45 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         return status, json.loads(text or "{}")
 
     try:
-        up = vm_image_as_agent("up", "--state-dir", str(state), "--cache-dir", str(AGENT_CACHE), "--base-image",
-                               str(base), "--port", str(vm.proxy_port), "--ssh-port", str(vm.ssh_port),
-                               "--memory", "512", "--accel", "tcg", "--timeout", "900")
+        up = vm_image_as_agent(
+            "up",
+            "--state-dir",
+            str(state),
+            "--cache-dir",
+            str(AGENT_CACHE),
+            "--base-image",
+            str(base),
+            "--port",
+            str(vm.proxy_port),
+            "--ssh-port",
+            str(vm.ssh_port),
+            "--memory",
+            "512",
+            "--accel",
+            "tcg",
+            "--timeout",
+            "900",
+        )
         assert up.returncode == 0, up.stderr[-3000:]
         assert json.loads((state / "image/manifest.json").read_text())["disk"]["backing_file"] == str(base)
 
-        result = takeover("run", "--ready-file", str(vm.ready), "--host-dir", str(host_dir),
-                          "--ssh-listen", f"127.0.0.1:{ssh_port}", "--accel", "tcg", "--agent-name", "alice",
-                          "--agent-secrets", "api-*", "--token-file", str(token_file))
+        result = takeover(
+            "run",
+            "--ready-file",
+            str(vm.ready),
+            "--host-dir",
+            str(host_dir),
+            "--ssh-listen",
+            f"127.0.0.1:{ssh_port}",
+            "--accel",
+            "tcg",
+            "--agent-name",
+            "alice",
+            "--agent-secrets",
+            "api-*",
+            "--token-file",
+            str(token_file),
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())
         assert report["disk"]["backing_files"] == [str(base)] and report["disk"]["agent_uid"] == user.uid
@@ -318,14 +378,21 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         # The host's disk: root's, 0600, one self-contained qcow2 (nothing of the base image's path in it).
         st = os.stat(host_dir / DISK_NAME)
         assert st.st_uid == 0 and st.st_mode & 0o777 == 0o600
-        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(host_dir / DISK_NAME)],
-                                         capture_output=True, text=True, check=True).stdout)  # the VM holds it
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(host_dir / DISK_NAME)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )  # the VM holds it
         assert info["format"] == "qcow2" and not any(k.startswith(("backing", "full-backing")) for k in info)
 
         # The host's VM answers; the agent has HTTP with the token the host made, and nothing else.
         assert http("GET", "/health") == (200, {"status": "ok"})
-        stored = host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key",
-                          stdin="sk-cloud-0123456789")
+        stored = host_ssh(
+            host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key", stdin="sk-cloud-0123456789"
+        )
         assert stored.returncode == 0, stored.stderr
         token = token_file.read_text().strip()
         status, body = http("POST", "/v1/requests", token, {"secret": "api-key", "reason": "cloud e2e"})
@@ -344,8 +411,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
             pass
         shutil.rmtree(state, ignore_errors=True)
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the user's image was never written
-    print(f"\ncloud takeover steps (s): "
-          f"{ {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
+    print(f"\ncloud takeover steps (s): { {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
 
 
 @pytest.mark.slow
@@ -381,9 +447,12 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
     host_dir = tmp_path / "host"
     host_dir.mkdir(mode=0o700)
-    plan = ScrubPlan(keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)), proxy_config=None,
-                     system_tar=base_rootfs(HOST_SYSTEM_CACHE),
-                     system_overlay=write_system_overlay(tmp_path / "overlay.tar"))
+    plan = ScrubPlan(
+        keys=generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223)),
+        proxy_config=None,
+        system_tar=base_rootfs(HOST_SYSTEM_CACHE),
+        system_overlay=write_system_overlay(tmp_path / "overlay.tar"),
+    )
     result = scrub_and_rekey(disk, plan)
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()
     g = guestfs.GuestFS(python_return_dict=True)

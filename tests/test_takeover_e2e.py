@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from vm_image import proc
+from scripts import demo
 from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
 from takeover.steps import NAMES, vm_spec
-
-from scripts import demo
+from vm_image import proc
 
 from . import vm_fixtures
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
@@ -35,8 +34,9 @@ SECRET = "sk-e2e-0123456789"
 
 
 def takeover(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT,
-                            timeout=1800)
+    result = subprocess.run(
+        [sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT, timeout=1800
+    )
     sys.stderr.write(result.stderr)
     return result
 
@@ -53,10 +53,31 @@ def agent_http(method: str, url: str, token: str = "", body: dict | None = None)
 
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={host_dir / 'known_hosts'}", "-o", "IdentitiesOnly=yes",
-         "-i", str(host_dir / "host_key"), "-p", str(port), "proxy@127.0.0.1", "--", *remote],
-        input=stdin, capture_output=True, text=True, timeout=120)
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={host_dir / 'known_hosts'}",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            str(host_dir / "host_key"),
+            "-p",
+            str(port),
+            "proxy@127.0.0.1",
+            "--",
+            *remote,
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -88,9 +109,23 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     proxy_toml.write_text("pending_timeout_seconds = 900\n")
     os.chmod(proxy_toml, 0o600)
     token_file = tmp_path / "alice.token"
-    args = ["run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-            "--ssh-listen", f"127.0.0.1:{ssh_port}", "--proxy-config", str(proxy_toml),
-            "--agent-name", "alice", "--agent-secrets", "api-*", "--token-file", str(token_file)]
+    args = [
+        "run",
+        "--ready-file",
+        str(agent_vm.ready),
+        "--host-dir",
+        str(host_dir),
+        "--ssh-listen",
+        f"127.0.0.1:{ssh_port}",
+        "--proxy-config",
+        str(proxy_toml),
+        "--agent-name",
+        "alice",
+        "--agent-secrets",
+        "api-*",
+        "--token-file",
+        str(token_file),
+    ]
     # The first run dies after the scrub; the rerun resumes there instead of starting over.
     interrupted = takeover(*args, "--fail-after", "scrub")
     assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
@@ -110,10 +145,11 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
             assert os.stat(host_dir / name).st_mode & 0o077 == 0, name
 
         # The host operates the proxy over its own key: the config it sent is there, and it stores a secret.
-        assert host_ssh(host_dir, ssh_port, "cat", "/var/lib/secret-proxy/config.toml").stdout == \
-            "pending_timeout_seconds = 900\n"
-        stored = host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key",
-                          stdin=SECRET)
+        assert (
+            host_ssh(host_dir, ssh_port, "cat", "/var/lib/secret-proxy/config.toml").stdout
+            == "pending_timeout_seconds = 900\n"
+        )
+        stored = host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key", stdin=SECRET)
         assert stored.returncode == 0, stored.stderr
 
         # The agent still has HTTP: health, and a request with the token the host made for it.
@@ -125,8 +161,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         # ... and nothing else.
         denied = as_agent("open(__import__('sys').argv[1], 'rb')", str(host_dir / "disk.qcow2"))
         assert "PermissionError" in denied.stderr
-        monitor = as_agent("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
-                           str(host_dir / "qmp.sock"))
+        monitor = as_agent(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(host_dir / "qmp.sock")
+        )
         assert "PermissionError" in monitor.stderr
         agent_ssh = AgentVM(agent_vm.state, agent_vm.ready, agent_vm.proxy_port, ssh_port, agent_vm.uid)
         login = agent_ssh.ssh_as_agent("true")
@@ -148,8 +185,15 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
-        again = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                         "--ssh-listen", f"127.0.0.1:{free_port()}")
+        again = takeover(
+            "run",
+            "--ready-file",
+            str(agent_vm.ready),
+            "--host-dir",
+            str(host_dir),
+            "--ssh-listen",
+            f"127.0.0.1:{free_port()}",
+        )
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
     finally:
         stop_host_vm(host_dir)
@@ -176,15 +220,25 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
     added = agent_vm.ssh_as_agent("/usr/local/bin/secret-proxy", "agents", "add", "bob", "--secrets", "'api-*'")
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
-    assert agent_vm.ssh_as_agent("/usr/local/bin/secret-proxy", "secrets", "set", "api-key",
-                                 stdin=SECRET).returncode == 0
+    assert (
+        agent_vm.ssh_as_agent("/usr/local/bin/secret-proxy", "secrets", "set", "api-key", stdin=SECRET).returncode == 0
+    )
     asked = agent_http("POST", agent_vm.url + "/v1/requests", token, {"secret": "api-key", "reason": "before"})
     assert asked["status"] == 201
     request_id = asked["body"]["id"]
 
     host_dir = tmp_path / "host"
-    failed = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                      "--ssh-listen", f"127.0.0.1:{free_port()}", "--fail-after", "relocate")
+    failed = takeover(
+        "run",
+        "--ready-file",
+        str(agent_vm.ready),
+        "--host-dir",
+        str(host_dir),
+        "--ssh-listen",
+        f"127.0.0.1:{free_port()}",
+        "--fail-after",
+        "relocate",
+    )
     assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
@@ -209,8 +263,10 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
 def libvirtd():
     """libvirtd and virtlogd, started by hand when not running (no systemd here); stopped if we started them."""
     started = []
-    for daemon, pidfile, sock in (("virtlogd", "/run/virtlogd.pid", "/run/libvirt/virtlogd-sock"),
-                                  ("libvirtd", "/run/libvirtd.pid", "/run/libvirt/libvirt-sock")):
+    for daemon, pidfile, sock in (
+        ("virtlogd", "/run/virtlogd.pid", "/run/libvirt/virtlogd-sock"),
+        ("libvirtd", "/run/libvirtd.pid", "/run/libvirt/libvirt-sock"),
+    ):
         if not Path(sock).exists():
             subprocess.run([daemon, "-d"], check=True, timeout=60)
             deadline = time.monotonic() + 30
@@ -229,8 +285,19 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
     host_dir = Path(tempfile.mkdtemp(prefix="secret-proxy-vm-test-", dir="/var/lib"))
     ssh_port = free_port()
     try:
-        result = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                          "--runner", "libvirt", "--libvirt-uri", libvirtd, "--ssh-listen", f"127.0.0.1:{ssh_port}")
+        result = takeover(
+            "run",
+            "--ready-file",
+            str(agent_vm.ready),
+            "--host-dir",
+            str(host_dir),
+            "--runner",
+            "libvirt",
+            "--libvirt-uri",
+            libvirtd,
+            "--ssh-listen",
+            f"127.0.0.1:{ssh_port}",
+        )
         print_durations(host_dir)
         assert result.returncode == 0, result.stderr
         conn = libvirt.open(libvirtd)

@@ -19,25 +19,39 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from vm_image import proc
 from takeover.agent_owner import HostBoundary
-from takeover.errors import (DiskFormatError, InvalidInput, NotTheAgentsVM, PrivilegedAgent, ReadyFileError,
-                             UnsafeProxyAddress, UntrustedQemu)
 from takeover.diskimage import inspect_image
+from takeover.errors import (
+    DiskFormatError,
+    InvalidInput,
+    NotTheAgentsVM,
+    PrivilegedAgent,
+    ReadyFileError,
+    UnsafeProxyAddress,
+    UntrustedQemu,
+)
 from takeover.files import ensure_host_dir
 from takeover.find_vm import check_pidfile, explicit_ready, find_and_check_vm, read_ready_file
 from takeover.models import Endpoint
 from takeover.monitor import Monitor
-from takeover.verify import read_agent_private_key
 from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
+from takeover.verify import read_agent_private_key
+from vm_image import proc
 
-from .takeover_helpers import (MonitorOnlyQemu, agent_workdir, ensure_user, free_port, make_qcow2,
-                                    remove_workdir, start_monitor_only_qemu)
+from .takeover_helpers import (
+    MonitorOnlyQemu,
+    agent_workdir,
+    ensure_user,
+    free_port,
+    make_qcow2,
+    remove_workdir,
+    start_monitor_only_qemu,
+)
 
 pytestmark = pytest.mark.root
 
@@ -88,14 +102,16 @@ def agent_writes_ready(directory: Path, **fields: object) -> Path:
     """The agent writes a ready file in its own directory, as its own user (so root did not make it)."""
     text = "READY_FOR_TAKEOVER\n" + json.dumps({"version": 1, **fields}) + "\n"
     path = directory / "ready"
-    subprocess.run(["runuser", "-u", AGENT, "--", "tee", str(path)], input=text, text=True, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["runuser", "-u", AGENT, "--", "tee", str(path)], input=text, text=True, check=True, capture_output=True
+    )
     return path
 
 
 def takeover_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "takeover", "run", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "takeover", "run", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def sha256(path: Path) -> str:
@@ -118,9 +134,14 @@ def test_a_ready_file_naming_another_users_vm_is_refused_and_that_vm_runs_on(tmp
     agent_dir = agent_workdir(AGENT)
     try:
         disk_hash = sha256(other_vm.disk)
-        ready = agent_writes_ready(agent_dir, monitor=str(other_vm.monitor), disk=str(other_vm.disk),
-                                   pid=other_vm.pid, pidfile=str(other_vm.pidfile),
-                                   proxy={"host": "127.0.0.1", "port": other_vm.proxy_port})
+        ready = agent_writes_ready(
+            agent_dir,
+            monitor=str(other_vm.monitor),
+            disk=str(other_vm.disk),
+            pid=other_vm.pid,
+            pidfile=str(other_vm.pidfile),
+            proxy={"host": "127.0.0.1", "port": other_vm.proxy_port},
+        )
         result = takeover_run("--ready-file", str(ready), "--host-dir", str(tmp_path / "host"))
         assert result.returncode == 1, result.stderr
         assert "is not one user's" in result.stderr and f"{AGENT}'s" in result.stderr
@@ -147,9 +168,14 @@ def test_a_symlink_to_another_users_socket_is_refused(host_dir, other_vm):
 
 def test_the_agents_own_ready_file_naming_its_own_vm_is_accepted(agent_vm, host_dir):
     """The same checks pass the honest case: one owner for everything, and the proxy where QEMU forwards it."""
-    ready = agent_writes_ready(agent_vm.monitor.parent, monitor=str(agent_vm.monitor), disk=str(agent_vm.disk),
-                               pid=agent_vm.pid, pidfile=str(agent_vm.pidfile),
-                               proxy={"host": "127.0.0.1", "port": agent_vm.proxy_port})
+    ready = agent_writes_ready(
+        agent_vm.monitor.parent,
+        monitor=str(agent_vm.monitor),
+        disk=str(agent_vm.disk),
+        pid=agent_vm.pid,
+        pidfile=str(agent_vm.pidfile),
+        proxy={"host": "127.0.0.1", "port": agent_vm.proxy_port},
+    )
     source = find_and_check_vm(read_ready_file(ready), host_dir)
     assert source.uid == ensure_user(AGENT).pw_uid and source.pid == agent_vm.pid
     assert source.proxy == Endpoint("127.0.0.1", agent_vm.proxy_port)
@@ -195,8 +221,9 @@ def test_a_vm_of_the_hosts_qemu_user_is_refused(host_dir, qemu_user):
 def test_a_pidfile_that_names_another_process_is_refused(agent_vm, host_dir):
     decoy = agent_vm.monitor.parent / "decoy.pid"
     as_user(AGENT, "sh", "-c", f"echo 1 > {decoy}")
-    ready = agent_writes_ready(agent_vm.monitor.parent, monitor=str(agent_vm.monitor), disk=str(agent_vm.disk),
-                               pidfile=str(decoy))
+    ready = agent_writes_ready(
+        agent_vm.monitor.parent, monitor=str(agent_vm.monitor), disk=str(agent_vm.disk), pidfile=str(decoy)
+    )
     with pytest.raises(NotTheAgentsVM, match="pidfile .* names '1'"):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
@@ -207,15 +234,23 @@ def test_a_pidfile_that_names_another_process_is_refused(agent_vm, host_dir):
 def setpriv(user: str, groups: str | None) -> tuple[str, ...]:
     """Start a process as `user` with exactly these supplementary groups (None: none)."""
     entry = pwd.getpwnam(user)
-    return ("setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
-            f"--groups={groups}" if groups else "--clear-groups", "--")
+    return (
+        "setpriv",
+        f"--reuid={entry.pw_uid}",
+        f"--regid={entry.pw_gid}",
+        f"--groups={groups}" if groups else "--clear-groups",
+        "--",
+    )
 
 
-@pytest.mark.parametrize("account_groups, process_groups, named", [
-    ("disk", "disk", "disk"),  # the account and its running QEMU are both in disk
-    ("adm", None, "adm"),  # the account is in adm; the QEMU was started without it: getgrouplist still sees it
-    ("", "kvm", "kvm"),  # the account is clean, but its QEMU runs with kvm (started before a gpasswd -d)
-])
+@pytest.mark.parametrize(
+    "account_groups, process_groups, named",
+    [
+        ("disk", "disk", "disk"),  # the account and its running QEMU are both in disk
+        ("adm", None, "adm"),  # the account is in adm; the QEMU was started without it: getgrouplist still sees it
+        ("", "kvm", "kvm"),  # the account is clean, but its QEMU runs with kvm (started before a gpasswd -d)
+    ],
+)
 def test_an_agent_in_a_privileged_group_is_refused(host_dir, account_groups, process_groups, named):
     ensure_user(GROUPED, *([account_groups] if account_groups else []))
     workdir = agent_workdir(GROUPED)
@@ -240,8 +275,12 @@ def test_an_agent_in_a_privileged_group_is_refused(host_dir, account_groups, pro
 
 
 def test_a_ready_file_asking_for_every_interface_and_port_443_is_refused(agent_vm, host_dir):
-    ready = agent_writes_ready(agent_vm.monitor.parent, monitor=str(agent_vm.monitor), disk=str(agent_vm.disk),
-                               proxy={"host": "0.0.0.0", "port": 443})
+    ready = agent_writes_ready(
+        agent_vm.monitor.parent,
+        monitor=str(agent_vm.monitor),
+        disk=str(agent_vm.disk),
+        proxy={"host": "0.0.0.0", "port": 443},
+    )
     result = takeover_run("--ready-file", str(ready), "--host-dir", str(host_dir))
     assert result.returncode == 1
     assert "puts the proxy at 0.0.0.0:443" in result.stderr and "--proxy-listen" in result.stderr
@@ -249,8 +288,12 @@ def test_a_ready_file_asking_for_every_interface_and_port_443_is_refused(agent_v
 
 
 def test_a_proxy_port_the_agents_qemu_does_not_forward_is_refused(agent_vm, host_dir):
-    ready = agent_writes_ready(agent_vm.monitor.parent, monitor=str(agent_vm.monitor), disk=str(agent_vm.disk),
-                               proxy={"host": "127.0.0.1", "port": agent_vm.proxy_port + 1})
+    ready = agent_writes_ready(
+        agent_vm.monitor.parent,
+        monitor=str(agent_vm.monitor),
+        disk=str(agent_vm.disk),
+        proxy={"host": "127.0.0.1", "port": agent_vm.proxy_port + 1},
+    )
     with pytest.raises(UnsafeProxyAddress, match=f"forwards 127.0.0.1:{agent_vm.proxy_port} -> guest port 3737"):
         find_and_check_vm(read_ready_file(ready), host_dir)
 
@@ -261,8 +304,9 @@ def test_a_proxy_the_agents_qemu_really_serves_on_every_interface_is_refused(hos
     port = free_port()
     vm, workdir = run_vm(AGENT, proxy="0.0.0.0", proxy_port=port, wrap=("unshare", "--net", "--"))
     try:
-        ready = agent_writes_ready(workdir, monitor=str(vm.monitor), disk=str(vm.disk),
-                                   proxy={"host": "0.0.0.0", "port": port})
+        ready = agent_writes_ready(
+            workdir, monitor=str(vm.monitor), disk=str(vm.disk), proxy={"host": "0.0.0.0", "port": port}
+        )
         with pytest.raises(UnsafeProxyAddress, match="not an IPv4 loopback address"):
             find_and_check_vm(read_ready_file(ready), host_dir)
         # The operator may choose otherwise, explicitly.
@@ -276,9 +320,17 @@ def test_a_proxy_the_agents_qemu_really_serves_on_every_interface_is_refused(hos
 
 def test_an_ipv6_scope_id_never_reaches_a_command_line(tmp_path):
     ready = tmp_path / "ready"
-    ready.write_text("READY_FOR_TAKEOVER\n" + json.dumps({
-        "version": 1, "monitor": "/m.sock", "disk": "/d.qcow2",
-        "proxy": {"host": "1::%,hostfwd=tcp:0.0.0.0:2222-:22", "port": 3737}}))
+    ready.write_text(
+        "READY_FOR_TAKEOVER\n"
+        + json.dumps(
+            {
+                "version": 1,
+                "monitor": "/m.sock",
+                "disk": "/d.qcow2",
+                "proxy": {"host": "1::%,hostfwd=tcp:0.0.0.0:2222-:22", "port": 3737},
+            }
+        )
+    )
     with pytest.raises(ReadyFileError, match="no IPv6 scope id"):
         read_ready_file(ready)
     with pytest.raises(InvalidInput, match="no IPv6 scope id"):
@@ -288,18 +340,26 @@ def test_an_ipv6_scope_id_never_reaches_a_command_line(tmp_path):
 def test_the_hosts_address_policy():
     check_agent_address(Endpoint("127.0.0.1", 3737))
     check_agent_address(Endpoint("127.0.0.2", 1024))
-    for bad in (Endpoint("127.0.0.1", 443), Endpoint("0.0.0.0", 3737), Endpoint("10.0.2.2", 3737),
-                Endpoint("::1", 3737)):
+    for bad in (
+        Endpoint("127.0.0.1", 443),
+        Endpoint("0.0.0.0", 3737),
+        Endpoint("10.0.2.2", 3737),
+        Endpoint("::1", 3737),
+    ):
         with pytest.raises(UnsafeProxyAddress):
             check_agent_address(bad)
 
 
 def test_a_forward_qemu_reports_but_the_kernel_does_not_show_is_not_believed():
-    usernet = ("Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
-               "  TCP[HOST_FORWARD]  13       127.0.0.1 45123       10.0.2.15  3737     0     0\r\n"
-               "  TCP[HOST_FORWARD]  11               * 45124       10.0.2.15    22     0     0\r\n")
+    usernet = (
+        "Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+        "  TCP[HOST_FORWARD]  13       127.0.0.1 45123       10.0.2.15  3737     0     0\r\n"
+        "  TCP[HOST_FORWARD]  11               * 45124       10.0.2.15    22     0     0\r\n"
+    )
     assert confirmed_forwards(usernet, {("127.0.0.1", 45123), ("0.0.0.0", 45124)}) == [
-        Forward("127.0.0.1", 45123, 3737), Forward("0.0.0.0", 45124, 22)]
+        Forward("127.0.0.1", 45123, 3737),
+        Forward("0.0.0.0", 45124, 22),
+    ]
     assert confirmed_forwards(usernet, {("0.0.0.0", 45124)}) == [Forward("0.0.0.0", 45124, 22)]
     with pytest.raises(UnsafeProxyAddress, match="0 of those"):
         choose_proxy_address(None, [Forward("0.0.0.0", 45124, 22)], None)
@@ -307,7 +367,7 @@ def test_a_forward_qemu_reports_but_the_kernel_does_not_show_is_not_believed():
 
 # -- 4. a program that is not the host's QEMU ------------------------------------------------------
 
-FAKE_QMP = r'''
+FAKE_QMP = r"""
 import json, os, socket, sys
 disk, monitor, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 held = os.open(disk, os.O_RDWR)  # hold the disk open, as QEMU would: /proc/PID/fd shows its inode
@@ -343,7 +403,7 @@ while True:
                 reply["id"] = request["id"]
             conn.sendall(json.dumps(reply).encode() + b"\n")
     conn.close()
-'''
+"""
 
 
 def test_python_renamed_to_qemu_serving_fake_qmp_is_refused(host_dir):
@@ -351,23 +411,42 @@ def test_python_renamed_to_qemu_serving_fake_qmp_is_refused(host_dir):
     fake = None
     try:
         disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
-        as_user(AGENT, "cp", os.path.realpath("/usr/bin/python3"),
-                str(workdir / "qemu-system-x86_64"))
+        as_user(AGENT, "cp", os.path.realpath("/usr/bin/python3"), str(workdir / "qemu-system-x86_64"))
         script = workdir / "fake_qmp.py"
-        subprocess.run(["runuser", "-u", AGENT, "--", "tee", str(script)], input=FAKE_QMP, text=True, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["runuser", "-u", AGENT, "--", "tee", str(script)],
+            input=FAKE_QMP,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         monitor, port = workdir / "qmp.sock", free_port()
-        fake = subprocess.Popen(["runuser", "-u", AGENT, "--", str(workdir / "qemu-system-x86_64"), "-I",
-                                 str(script), str(disk), str(monitor), str(port)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        fake = subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                AGENT,
+                "--",
+                str(workdir / "qemu-system-x86_64"),
+                "-I",
+                str(script),
+                str(disk),
+                str(monitor),
+                str(port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         while not monitor.exists():
             assert fake.poll() is None, fake.stderr.read()
             assert time.monotonic() < deadline, "the fake QMP server did not start"
             time.sleep(0.05)
-        ready = agent_writes_ready(workdir, monitor=str(monitor), disk=str(disk),
-                                   proxy={"host": "127.0.0.1", "port": port})
+        ready = agent_writes_ready(
+            workdir, monitor=str(monitor), disk=str(disk), proxy={"host": "127.0.0.1", "port": port}
+        )
         disk_hash = sha256(disk)
         with pytest.raises(UntrustedQemu, match="not the host's installed QEMU") as err:
             find_and_check_vm(read_ready_file(ready), host_dir)
@@ -409,18 +488,37 @@ def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
 
     workdir = agent_workdir(AGENT)
     disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
-    cfg = VmConfig(disk=disk, kernel=None, initrd=None, append="", monitor=workdir / "qmp.sock",
-                   pidfile=workdir / "qemu.pid", serial_log=workdir / "serial.log", proxy_port=free_port(),
-                   ssh_port=free_port(), memory_mb=256, accel="tcg")
+    cfg = VmConfig(
+        disk=disk,
+        kernel=None,
+        initrd=None,
+        append="",
+        monitor=workdir / "qmp.sock",
+        pidfile=workdir / "qemu.pid",
+        serial_log=workdir / "serial.log",
+        proxy_port=free_port(),
+        ssh_port=free_port(),
+        memory_mb=256,
+        accel="tcg",
+    )
     as_user(AGENT, *qemu_argv(cfg, "/usr/bin/qemu-system-x86_64"), "-S")
     pid = int(cfg.pidfile.read_text())
     vm = MonitorOnlyQemu(pid, proc.start_ticks(pid), cfg.monitor, disk, cfg.pidfile, cfg.proxy_port)
     try:
-        ready = agent_writes_ready(workdir, monitor=str(cfg.monitor), disk=str(disk), pid=pid,
-                                   pidfile=str(cfg.pidfile), proxy={"host": "127.0.0.1", "port": cfg.proxy_port})
+        ready = agent_writes_ready(
+            workdir,
+            monitor=str(cfg.monitor),
+            disk=str(disk),
+            pid=pid,
+            pidfile=str(cfg.pidfile),
+            proxy={"host": "127.0.0.1", "port": cfg.proxy_port},
+        )
         source = find_and_check_vm(read_ready_file(ready), host_dir)
-        assert (source.pid, source.uid, source.proxy) == (pid, pwd.getpwnam(AGENT).pw_uid,
-                                                          Endpoint("127.0.0.1", cfg.proxy_port))
+        assert (source.pid, source.uid, source.proxy) == (
+            pid,
+            pwd.getpwnam(AGENT).pw_uid,
+            Endpoint("127.0.0.1", cfg.proxy_port),
+        )
     finally:
         vm.kill()
         remove_workdir(workdir)
@@ -442,6 +540,7 @@ def _opens_of(node: Path) -> Callable[[], int]:
             return 0
         finally:
             os.close(fd)
+
     return count
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from vm_image import proc
 from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
 from takeover.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
@@ -36,6 +35,7 @@ from takeover.runbook import _finished_vm
 from takeover.steps import NAMES
 from takeover.terminal import printable
 from takeover.verify import SSHTarget, create_agent_token
+from vm_image import proc
 
 from .takeover_helpers import MonitorOnlyQemu, make_qcow2
 from .vm_fixtures import free_port
@@ -82,8 +82,9 @@ def root_file(path: Path, text: str = TOML, mode: int = 0o600) -> Path:
 
 
 def takeover_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 # -- --proxy-config: the bot token ----------------------------------------------------------------
@@ -99,8 +100,13 @@ def test_proxy_config_written_by_the_agent_is_refused(work):
     # is pointed at it: only the mode was checked before.
     home = agent_dir(work / "agent")
     planted = home / "proxy.toml"
-    made = as_agent(sys.executable, "-c", "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT, 0o600); "
-                    "os.write(fd, sys.argv[2].encode())", str(planted), TOML)
+    made = as_agent(
+        sys.executable,
+        "-c",
+        "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT, 0o600); os.write(fd, sys.argv[2].encode())",
+        str(planted),
+        TOML,
+    )
     assert made.returncode == 0, made.stderr
     with pytest.raises(InvalidInput, match=f"directory {home} is owned by uid {agent_ids()[0]}"):
         read_proxy_config(planted)
@@ -156,15 +162,25 @@ def test_a_bot_api_other_than_telegrams_needs_the_operators_flag(work):
 
 def test_cli_refuses_a_fake_bot_api_before_touching_anything(work):
     path = root_file(work / "proxy.toml", TOML + f'telegram_api_url = "{FAKE_BOT_API}"\n')
-    result = takeover_cli("run", "--host-dir", str(work / "host"), "--ready-file", str(work / "ready"),
-                          "--proxy-config", str(path))
+    result = takeover_cli(
+        "run", "--host-dir", str(work / "host"), "--ready-file", str(work / "ready"), "--proxy-config", str(path)
+    )
     assert result.returncode == 1
     assert "not to Telegram" in result.stderr and "--allow-telegram-api-url" in result.stderr
     assert "123:host-secret" not in result.stderr + result.stdout
     assert not (work / "host").exists()
     # With the flag the config passes and the run goes on to look for the agent's VM.
-    result = takeover_cli("run", "--host-dir", str(work / "host"), "--ready-file", str(work / "ready"),
-                          "--proxy-config", str(path), "--allow-telegram-api-url", FAKE_BOT_API)
+    result = takeover_cli(
+        "run",
+        "--host-dir",
+        str(work / "host"),
+        "--ready-file",
+        str(work / "ready"),
+        "--proxy-config",
+        str(path),
+        "--allow-telegram-api-url",
+        FAKE_BOT_API,
+    )
     assert result.returncode == 1 and "no ready file" in result.stderr
 
 
@@ -183,8 +199,17 @@ def test_token_file_through_the_agents_symlinked_directory_is_refused(work):
     token_file = drop / "tokens" / "alice.token"
     with pytest.raises(InvalidInput, match="tokens is a symlink or not a directory"):
         create_private_under_trusted_dirs(token_file, "--token-file")
-    result = takeover_cli("run", "--host-dir", str(work / "host"), "--ready-file", str(work / "ready"),
-                          "--agent-name", "alice", "--token-file", str(token_file))
+    result = takeover_cli(
+        "run",
+        "--host-dir",
+        str(work / "host"),
+        "--ready-file",
+        str(work / "ready"),
+        "--agent-name",
+        "alice",
+        "--token-file",
+        str(token_file),
+    )
     assert result.returncode == 1 and "symlink" in result.stderr and "what to do:" in result.stderr
     assert not (work / "host").exists()  # refused before anything changed
     assert list(loot.iterdir()) == []
@@ -193,8 +218,17 @@ def test_token_file_through_the_agents_symlinked_directory_is_refused(work):
 def test_token_file_in_a_host_dir_not_yet_made_gets_past_the_early_check(work):
     # The demo's way: the token goes into --host-dir, which the takeover itself creates (root, 0700).
     host = work / "host-not-yet"
-    result = takeover_cli("run", "--host-dir", str(host), "--ready-file", str(work / "no-ready"),
-                          "--agent-name", "alice", "--token-file", str(host / "alice.token"))
+    result = takeover_cli(
+        "run",
+        "--host-dir",
+        str(host),
+        "--ready-file",
+        str(work / "no-ready"),
+        "--agent-name",
+        "alice",
+        "--token-file",
+        str(host / "alice.token"),
+    )
     assert "--token-file" not in result.stderr and "no ready file" in result.stderr
 
 
@@ -230,8 +264,7 @@ ESCAPES = "\x1b]0;root is pwned\x07\x1b[2J\x1b[1A\x9b31m\u202egnp.exe\u2028"
 
 def test_printable_escapes_controls_bidi_and_broken_utf8():
     shown = printable("a" + ESCAPES + "\x7f\udcff\tb\nc")
-    assert shown == ("a\\x1b]0;root is pwned\\x07\\x1b[2J\\x1b[1A\\x9b31m\\u202egnp.exe\\u2028"
-                     "\\x7f\\udcff\\x09b\\x0ac")
+    assert shown == ("a\\x1b]0;root is pwned\\x07\\x1b[2J\\x1b[1A\\x9b31m\\u202egnp.exe\\u2028\\x7f\\udcff\\x09b\\x0ac")
     assert printable("one\ntwo", newlines=True) == "one\ntwo"
     assert printable("plain ünïcode, 日本") == "plain ünïcode, 日本"
 
@@ -243,8 +276,13 @@ def test_agent_control_sequences_never_reach_roots_terminal(work):
     home = agent_dir(work / "agent")
     ready = home / "ready"
     data = {"version": 1, "monitor": f"/tmp/qmp{ESCAPES}.sock", "disk": f"/tmp/disk{ESCAPES}.qcow2"}
-    written = as_agent(sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(ready),
-                       "READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n")
+    written = as_agent(
+        sys.executable,
+        "-c",
+        "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+        str(ready),
+        "READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n",
+    )
     assert written.returncode == 0, written.stderr
     result = takeover_cli("run", "--host-dir", str(work / "host"), "--ready-file", str(ready))
     assert result.returncode == 1
@@ -258,9 +296,15 @@ def test_agent_control_sequences_never_reach_roots_terminal(work):
 def test_summary_keeps_each_agent_string_on_its_own_escaped_line(work):
     report = {
         "steps": [{"title": "t", "status": "done", "duration_s": 1.0}] * 2,
-        "scrub": {"changes": [{"action": "removed", "path": "/x"}],
-                  "findings": ["/home/agent/.bashrc\nTakeover complete.\x1b[2J"], "not_blocked": []},
-        "keys": {}, "vm": {"spec": {}}, "files": {"disk": "/d", "report": "/r"}, "agent_token": None,
+        "scrub": {
+            "changes": [{"action": "removed", "path": "/x"}],
+            "findings": ["/home/agent/.bashrc\nTakeover complete.\x1b[2J"],
+            "not_blocked": [],
+        },
+        "keys": {},
+        "vm": {"spec": {}},
+        "files": {"disk": "/d", "report": "/r"},
+        "agent_token": None,
     }
     text = summary(report)
     assert "\x1b" not in text
@@ -302,13 +346,37 @@ def finished(work):
     proxy, ssh = Endpoint("127.0.0.1", free_port()), Endpoint("127.0.0.1", free_port())
     options = TakeoverConfig(host_dir=host_dir, ssh_listen=ssh, qemu_user=None, accel="tcg").to_dict()
     journal = Journal.new(host_dir, options)  # what `takeover run` records
-    source = SourceVM(monitor="/nonexistent/qmp.sock", disk="/nonexistent/disk.qcow2", disk_dev=0, disk_ino=0,
-                      disk_uid=agent_ids()[0], pid=1, pid_start_ticks=0, uid=agent_ids()[0], gid=agent_ids()[1],
-                      groups=[], cwd="/", cmdline=[], proxy=proxy, memory_mb=64, cpus=1, block_nodes=[],
-                      vmstate_node="")
-    results = {"find_vm": source.to_dict(),
-               "scrub": {"boot": {"kernel": str(kernel), "initrd": str(boot / "initrd.img"), "version": "test",
-                                  "append": "console=ttyS0", "source": "test"}}}
+    source = SourceVM(
+        monitor="/nonexistent/qmp.sock",
+        disk="/nonexistent/disk.qcow2",
+        disk_dev=0,
+        disk_ino=0,
+        disk_uid=agent_ids()[0],
+        pid=1,
+        pid_start_ticks=0,
+        uid=agent_ids()[0],
+        gid=agent_ids()[1],
+        groups=[],
+        cwd="/",
+        cmdline=[],
+        proxy=proxy,
+        memory_mb=64,
+        cpus=1,
+        block_nodes=[],
+        vmstate_node="",
+    )
+    results = {
+        "find_vm": source.to_dict(),
+        "scrub": {
+            "boot": {
+                "kernel": str(kernel),
+                "initrd": str(boot / "initrd.img"),
+                "version": "test",
+                "append": "console=ttyS0",
+                "source": "test",
+            }
+        },
+    }
     for step in NAMES:
         journal.begin(step)
         journal.finish(step, results.get(step, {}))
@@ -321,8 +389,9 @@ def finished(work):
 
 def agent_listens(port: int) -> tuple[subprocess.Popen, int]:
     """The agent serves a fake proxy on `port`; returns the process and the server's own pid."""
-    server = subprocess.Popen(["runuser", "-u", AGENT, "--", sys.executable, "-c", AGENT_PROXY, str(port)],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["runuser", "-u", AGENT, "--", sys.executable, "-c", AGENT_PROXY, str(port)], stdout=subprocess.PIPE, text=True
+    )
     return server, int(server.stdout.readline())
 
 
@@ -338,9 +407,29 @@ def agent_qemu_naming(work: Path, disk: Path) -> MonitorOnlyQemu:
     """A real QEMU of the agent's whose command line carries the host's disk path (as a -name)."""
     home = agent_dir(work / "agent-qemu")
     monitor, pidfile = home / "qmp.sock", home / "qemu.pid"
-    subprocess.run(["runuser", "-u", AGENT, "--", "qemu-system-x86_64", "-machine", "none", "-nodefaults",
-                    "-display", "none", "-name", f"decoy-{disk}", "-qmp", f"unix:{monitor},server=on,wait=off",
-                    "-daemonize", "-pidfile", str(pidfile)], check=True, timeout=60)
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            AGENT,
+            "--",
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-name",
+            f"decoy-{disk}",
+            "-qmp",
+            f"unix:{monitor},server=on,wait=off",
+            "-daemonize",
+            "-pidfile",
+            str(pidfile),
+        ],
+        check=True,
+        timeout=60,
+    )
     pid = int(pidfile.read_text())
     return MonitorOnlyQemu(pid, proc.start_ticks(pid), monitor, disk, pidfile)
 
@@ -356,8 +445,10 @@ def test_start_after_a_reboot_ignores_the_agents_process_at_the_old_pid_and_name
         spec.pidfile.write_text(f"{decoy.pid}\n")
         assert runner.pid(spec) is None
         # Even an identity recorded at start does not carry over a reboot (another boot id).
-        write_json_atomic(identity_path(spec), QemuIdentity("another-boot", decoy.pid, decoy.ticks, 0,
-                                                            "/usr/bin/qemu-system-x86_64", 0, 0).to_dict())
+        write_json_atomic(
+            identity_path(spec),
+            QemuIdentity("another-boot", decoy.pid, decoy.ticks, 0, "/usr/bin/qemu-system-x86_64", 0, 0).to_dict(),
+        )
         assert runner.pid(spec) is None
 
         result = takeover_cli("start", "--host-dir", str(host_dir))
@@ -372,8 +463,9 @@ def test_start_after_a_reboot_ignores_the_agents_process_at_the_old_pid_and_name
         assert result.returncode == 1
         assert f"{spec.ssh_listen} (the host's SSH forward) is held by pid {ssh_pid} (uid {uid}" in result.stderr
         assert decoy.alive()  # refused without touching anyone's process
-        assert not any(str(spec.disk) in arg and "decoy" not in arg
-                       for pid in proc_pids() for arg in cmdline(pid))  # no host QEMU was started
+        assert not any(
+            str(spec.disk) in arg and "decoy" not in arg for pid in proc_pids() for arg in cmdline(pid)
+        )  # no host QEMU was started
     finally:
         stop_server(proxy_squatter, proxy_pid)
         stop_server(ssh_squatter, ssh_pid)
@@ -399,8 +491,7 @@ def test_start_knows_the_hosts_qemu_by_pid_start_time_owner_and_binary(work, fin
     try:
         spec.pidfile.write_text(f"{decoy.pid}\n")
         assert runner.pid(spec) == pid
-        write_json_atomic(identity_path(spec), {**identity.to_dict(), "pid": decoy.pid,
-                                                "start_ticks": decoy.ticks})
+        write_json_atomic(identity_path(spec), {**identity.to_dict(), "pid": decoy.pid, "start_ticks": decoy.ticks})
         assert runner.pid(spec) is None  # right boot, start time and binary, but the agent's uid
     finally:
         decoy.kill()

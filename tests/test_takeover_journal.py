@@ -42,25 +42,28 @@ def test_a_fresh_run_starts_at_step_1(host_dir):
     assert first_step_to_run(Journal.new(host_dir, {})) == "find_vm"
 
 
-@pytest.mark.parametrize("done, unfinished, resume_at", [
-    ([], "find_vm", "find_vm"),
-    # the live VM must be checked again before anything is sent to its monitor
-    (["find_vm"], "checkpoint", "find_vm"),
-    (["find_vm", "checkpoint"], "relocate", "relocate"),
-    # a half-scrubbed copy is never trusted: copy again
-    (["find_vm", "checkpoint", "relocate"], "scrub", "relocate"),
-    (["find_vm", "checkpoint", "relocate", "scrub"], "restart", "restart"),
-    # a VM that failed verification is restarted
-    (["find_vm", "checkpoint", "relocate", "scrub", "restart"], "verify", "restart"),
-    (["find_vm", "checkpoint", "relocate", "scrub", "restart", "verify"], "revoke", "revoke"),
-])
+@pytest.mark.parametrize(
+    "done, unfinished, resume_at",
+    [
+        ([], "find_vm", "find_vm"),
+        # the live VM must be checked again before anything is sent to its monitor
+        (["find_vm"], "checkpoint", "find_vm"),
+        (["find_vm", "checkpoint"], "relocate", "relocate"),
+        # a half-scrubbed copy is never trusted: copy again
+        (["find_vm", "checkpoint", "relocate"], "scrub", "relocate"),
+        (["find_vm", "checkpoint", "relocate", "scrub"], "restart", "restart"),
+        # a VM that failed verification is restarted
+        (["find_vm", "checkpoint", "relocate", "scrub", "restart"], "verify", "restart"),
+        (["find_vm", "checkpoint", "relocate", "scrub", "restart", "verify"], "revoke", "revoke"),
+    ],
+)
 def test_rerun_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
     journal = Journal.new(host_dir, {})
     finished(journal, *done)
     journal.begin(unfinished)
     journal.fail(unfinished, RuntimeError("boom"))
     assert first_step_to_run(journal) == resume_at
-    assert [s.name for s in steps_to_run(journal)] == list(NAMES[NAMES.index(resume_at):])
+    assert [s.name for s in steps_to_run(journal)] == list(NAMES[NAMES.index(resume_at) :])
 
 
 def test_everything_done_means_nothing_to_run(host_dir):

@@ -33,8 +33,11 @@ def agent_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(AGENT)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT],
+            check=True,
+            capture_output=True,
+        )
         return pwd.getpwnam(AGENT)
 
 
@@ -54,8 +57,12 @@ def host_dir(tmp_path):
 
 
 def as_agent(agent_user, *argv: str) -> None:
-    subprocess.run(["setpriv", f"--reuid={agent_user.pw_uid}", f"--regid={agent_user.pw_gid}", "--clear-groups",
-                    "--", *argv], check=True, capture_output=True, cwd="/")
+    subprocess.run(
+        ["setpriv", f"--reuid={agent_user.pw_uid}", f"--regid={agent_user.pw_gid}", "--clear-groups", "--", *argv],
+        check=True,
+        capture_output=True,
+        cwd="/",
+    )
 
 
 def agent_image(agent_user, path: Path, size: str = "64M", *extra: str, fill: str | None = None) -> Path:
@@ -72,8 +79,9 @@ def leftovers(host_dir: Path) -> list[str]:
 
 def test_a_cloud_overlay_is_flattened_into_a_self_contained_root_0600_qcow2(agent_user, agent_dir, host_dir):
     base = agent_image(agent_user, agent_dir / "base.qcow2", fill="write -P 0x41 0 1M")
-    top = agent_image(agent_user, agent_dir / "disk.qcow2", "64M", "-b", str(base), "-F", "qcow2",
-                      fill="write -P 0x42 2M 1M")
+    top = agent_image(
+        agent_user, agent_dir / "disk.qcow2", "64M", "-b", str(base), "-F", "qcow2", fill="write -P 0x42 2M 1M"
+    )
     old = os.umask(0)  # a careless umask must not widen any file the host writes
     try:
         result = relocate_disk(top, host_dir)
@@ -86,8 +94,9 @@ def test_a_cloud_overlay_is_flattened_into_a_self_contained_root_0600_qcow2(agen
     info = inspect_image(copy)  # root's own file: a self-contained qcow2, or this raises
     assert info.format == "qcow2" and info.backing == () and info.virtual_size == 64 * 2**20
     assert result.backing_files == [str(base)] and result.agent_uid == agent_user.pw_uid
-    same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(top), str(copy)],
-                          capture_output=True, text=True)
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(top), str(copy)], capture_output=True, text=True
+    )
     assert same.returncode == 0, same.stdout + same.stderr  # the chain's content, both layers
     assert st.st_blocks * 512 < 16 * 2**20  # holes stay holes
 
@@ -109,7 +118,8 @@ def test_the_raw_file_is_root_0600_from_its_first_byte(agent_user, agent_dir, ho
 
 @pytest.mark.parametrize("target", ["/etc/shadow", "root-only"])
 def test_a_backing_file_the_agent_cannot_read_is_refused_and_nothing_of_it_reaches_the_host(
-        agent_user, agent_dir, host_dir, tmp_path, target):
+    agent_user, agent_dir, host_dir, tmp_path, target
+):
     if target == "root-only":
         secret = tmp_path / "root-only.raw"  # under root's 0700 pytest directory, and 0600 itself
         secret.write_bytes(b"ROOT-ONLY-MARKER" * 65536)
@@ -123,8 +133,9 @@ def test_a_backing_file_the_agent_cannot_read_is_refused_and_nothing_of_it_reach
     assert leftovers(host_dir) == []
 
 
-def test_a_backing_file_swapped_for_root_only_after_the_check_still_reads_nothing(agent_user, agent_dir, host_dir,
-                                                                                 tmp_path, monkeypatch):
+def test_a_backing_file_swapped_for_root_only_after_the_check_still_reads_nothing(
+    agent_user, agent_dir, host_dir, tmp_path, monkeypatch
+):
     # The check is not the boundary; the sandbox is. The agent passes the check with a harmless
     # base, then points the same name at a root-only file before the conversion opens it.
     secret = tmp_path / "root-only.raw"

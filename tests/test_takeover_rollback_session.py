@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from vm_image import proc
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.errors import RollbackError, UnsafeCommandLine
 from takeover.files import ensure_host_dir
@@ -39,6 +38,7 @@ from takeover.find_vm import explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.monitor import Monitor
 from takeover.replay import replay_command, start_source_vm
+from vm_image import proc
 from vm_image.qemu_command import VmConfig, qemu_argv
 
 from .takeover_helpers import MonitorOnlyQemu, make_qcow2, start_monitor_only_qemu
@@ -62,7 +62,7 @@ class Stat:
 
 def proc_stat(pid: int) -> Stat:
     text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return Stat(pid, fields[0], int(fields[3]), int(fields[4]))
 
 
@@ -81,8 +81,15 @@ class RootTerminal:
         master, slave = os.openpty()
         self.tty_nr = tty_nr_of(slave)
         self.process = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # runs after setsid: take the pty
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )  # runs after setsid: take the pty
         os.close(slave)
         self.session = self.process.pid  # the session leader's pid names the session
         self.output = bytearray()
@@ -145,14 +152,22 @@ def vm_image_argv(agent_dir: Path, *, seed: bool = False) -> list[str]:
     disk = agent_file(agent_dir / "disk.qcow2")
     kernel = None if seed else agent_file(agent_dir / "vmlinuz")
     initrd = None if seed else agent_file(agent_dir / "initrd.img")
-    cfg = VmConfig(disk, kernel, initrd, "console=ttyS0 quiet", agent_dir / "qmp.sock", agent_dir / "qemu.pid",
-                   agent_file(agent_dir / "serial.log", b""), seed=agent_file(agent_dir / "seed.img") if seed else None)
+    cfg = VmConfig(
+        disk,
+        kernel,
+        initrd,
+        "console=ttyS0 quiet",
+        agent_dir / "qmp.sock",
+        agent_dir / "qemu.pid",
+        agent_file(agent_dir / "serial.log", b""),
+        seed=agent_file(agent_dir / "seed.img") if seed else None,
+    )
     return qemu_argv(cfg, "/usr/bin/qemu-system-x86_64")
 
 
 def replace_option(argv: list[str], option: str, value: str) -> list[str]:
     i = argv.index(option)
-    return [*argv[:i + 1], value, *argv[i + 2:]]
+    return [*argv[: i + 1], value, *argv[i + 2 :]]
 
 
 def test_vm_images_own_command_line_is_replayed_with_the_checkpoint(agent_dir):
@@ -191,27 +206,40 @@ REFUSED = {
     "run-with": (lambda a, d: [*a, "-run-with", "user=root"], "'-run-with'"),
     "sandbox off": (lambda a, d: [*a, "-sandbox", "off"], "'-sandbox'"),
     "a config file": (lambda a, d: [*a, "-readconfig", str(agent_file(d / "extra.cfg"))], "'-readconfig'"),
-    "an object": (lambda a, d: [*a, "-object", "memory-backend-file,id=m0,mem-path=/dev/shm/x,size=1M"],
-                  "'-object'"),
+    "an object": (lambda a, d: [*a, "-object", "memory-backend-file,id=m0,mem-path=/dev/shm/x,size=1M"], "'-object'"),
     "a debug log": (lambda a, d: [*a, "-D", str(d / "log")], "'-D'"),
-    "serial into root's file": (lambda a, d: replace_option(a, "-serial", "file:/etc/shadow"),
-                                "belongs to uid 0, not to the agent"),
+    "serial into root's file": (
+        lambda a, d: replace_option(a, "-serial", "file:/etc/shadow"),
+        "belongs to uid 0, not to the agent",
+    ),
     "a host block device": (lambda a, d: [*a, "-drive", "file=/dev/sda,format=raw,if=virtio"], "under /dev"),
-    "a link out of the agent's files": (lambda a, d: [*a, "-kernel", str(_agent_link(d, "/etc/shadow"))],
-                                        "leads to '/etc/shadow'"),
-    "a root file in the agent's directory": (lambda a, d: replace_option(a, "-initrd", str(_root_file(d))),
-                                             "belongs to uid 0"),
+    "a link out of the agent's files": (
+        lambda a, d: [*a, "-kernel", str(_agent_link(d, "/etc/shadow"))],
+        "leads to '/etc/shadow'",
+    ),
+    "a root file in the agent's directory": (
+        lambda a, d: replace_option(a, "-initrd", str(_root_file(d))),
+        "belongs to uid 0",
+    ),
     "a bare disk argument": (lambda a, d: [*a, "/dev/sda"], "bare argument '/dev/sda'"),
     "an escaped comma": (lambda a, d: [*a, "-drive", f"file={d}/disk.qcow2,,file=/etc/shadow"], "escaped comma"),
     "a drive property naming a host file": (
-        lambda a, d: [*a, "-drive", f"file={d}/disk.qcow2,backing.file.filename=/etc/shadow"], "'backing.file"),
+        lambda a, d: [*a, "-drive", f"file={d}/disk.qcow2,backing.file.filename=/etc/shadow"],
+        "'backing.file",
+    ),
     "a guestfwd that runs a command": (
-        lambda a, d: [*a, "-netdev", "user,id=n1,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"], "'guestfwd'"),
+        lambda a, d: [*a, "-netdev", "user,id=n1,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"],
+        "'guestfwd'",
+    ),
     "a forward on a privileged port": (
-        lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp:0.0.0.0:443-:3737"], "must be 1024-65535"),
+        lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp:0.0.0.0:443-:3737"],
+        "must be 1024-65535",
+    ),
     "a forward with no address": (lambda a, d: [*a, "-netdev", "user,id=n1,hostfwd=tcp::8443-:3737"], "-netdev"),
     "a NIC with a ROM file": (
-        lambda a, d: [*a, "-device", "virtio-net-pci,netdev=net0,romfile=/etc/shadow"], "'romfile'"),
+        lambda a, d: [*a, "-device", "virtio-net-pci,netdev=net0,romfile=/etc/shadow"],
+        "'romfile'",
+    ),
     "a device not in the list": (lambda a, d: [*a, "-device", "vfio-pci,host=0000:00:02.0"], "-device"),
 }
 
@@ -357,10 +385,15 @@ def test_rollback_from_roots_terminal_gives_the_agents_qemu_no_terminal_and_no_s
         save_checkpoint_and_stop(source)
         (host_dir / "source.json").write_text(json.dumps(source.to_dict()))
         log = host_dir / "rollback-qemu.log"
-        env = {"PATH": f"{probe_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
-               "ROOTS_SECRET_VARIABLE": "root-only"}
-        terminal = RootTerminal([sys.executable, "-c", ROLLBACK_SNIPPET, str(host_dir / "source.json"), str(log)],
-                                env=env)
+        env = {
+            "PATH": f"{probe_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+            "ROOTS_SECRET_VARIABLE": "root-only",
+        }
+        terminal = RootTerminal(
+            [sys.executable, "-c", ROLLBACK_SNIPPET, str(host_dir / "source.json"), str(log)], env=env
+        )
         replayed = find_stopped_probe(probe, NOBODY.pw_uid)
         # The harness is real: the rollback command has the pty as its terminal and leads its session.
         assert proc_stat(terminal.process.pid).tty_nr == terminal.tty_nr
@@ -437,10 +470,13 @@ class SessionWatcher(threading.Thread):
                     if st.session == self.terminal.session or st.tty_nr == self.terminal.tty_nr:
                         uid = proc.read_process(st.pid).uid
                         if uid == self.uid:
-                            self.breaches.append(f"pid {st.pid} ({Path(entry.path, 'comm').read_text().strip()}): "
-                                                 f"session {st.session}, tty_nr {st.tty_nr}")
-                    elif entry.stat().st_uid == self.uid and \
-                            Path(entry.path, "comm").read_text().startswith("qemu-system"):
+                            self.breaches.append(
+                                f"pid {st.pid} ({Path(entry.path, 'comm').read_text().strip()}): "
+                                f"session {st.session}, tty_nr {st.tty_nr}"
+                            )
+                    elif entry.stat().st_uid == self.uid and Path(entry.path, "comm").read_text().startswith(
+                        "qemu-system"
+                    ):
                         self.agent_qemus.add(st.pid)
                 except (OSError, ValueError):
                     continue
@@ -458,8 +494,17 @@ def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_s
         host_dir = tmp_path / "host"
         old_pid = int((agent_vm.state / "run/qemu.pid").read_text())
         # The agent wants a rollback: it makes the takeover fail once its VM is checkpointed and stopped.
-        failed = takeover("run", "--ready-file", str(agent_vm.ready), "--host-dir", str(host_dir),
-                          "--ssh-listen", f"127.0.0.1:{free_port()}", "--fail-after", "checkpoint")
+        failed = takeover(
+            "run",
+            "--ready-file",
+            str(agent_vm.ready),
+            "--host-dir",
+            str(host_dir),
+            "--ssh-listen",
+            f"127.0.0.1:{free_port()}",
+            "--fail-after",
+            "checkpoint",
+        )
         assert failed.returncode == 1 and "failing on purpose after step 'checkpoint'" in failed.stderr
 
         terminal = RootTerminal([sys.executable, "-m", "takeover", "rollback", "--host-dir", str(host_dir)])

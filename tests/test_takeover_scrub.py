@@ -25,7 +25,10 @@ AGENT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAgentAgentAgentAgentAgentAgent
 
 # (path, content or None for a directory, mode, uid, gid) and symlinks as (path, "->target").
 PLANTED: list[tuple] = [
-    ("/bin", "->usr/bin"), ("/lib", "->usr/lib"), ("/sbin", "->usr/sbin"), ("/lib64", "->usr/lib64"),
+    ("/bin", "->usr/bin"),
+    ("/lib", "->usr/lib"),
+    ("/sbin", "->usr/sbin"),
+    ("/lib64", "->usr/lib64"),
     ("/usr/bin/passwd", "#!/bin/sh\n", 0o4755, 0, 0),
     ("/usr/bin/ping", "#!/bin/sh\n", 0o755, 0, 0),
     ("/usr/local/bin/rootshell", "#!/bin/sh\nexec sh -p\n", 0o4755, 0, 0),
@@ -34,17 +37,39 @@ PLANTED: list[tuple] = [
     ("/usr/lib/systemd/system/ssh.service", "[Service]\nExecStart=/usr/sbin/sshd -D\n", 0o644, 0, 0),
     ("/usr/lib/systemd/system/getty@.service", "[Service]\n", 0o644, 0, 0),
     ("/usr/lib/modules/6.1.0-99-agent/kernel/evil.ko", "ELF", 0o644, 0, 0),
-    ("/etc/passwd", "root:x:0:0:root:/root:/bin/bash\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
-                    f"proxy:x:{PROXY_UID}:{PROXY_UID}::/var/agent-home:/bin/sh\n"
-                    "toor:x:0:0::/root:/bin/bash\nagent:$6$inpasswd:1000:1000::/home/agent:/bin/bash\n"
-                    "svc:x:998:998::/var/backdoor:/usr/sbin/nologin\n", 0o644, 0, 0),
-    ("/etc/shadow", "root:$6$roothash:19000:0:99999:7:::\nsshd:!:19000::::::\n"
-                    "proxy:$6$proxyhash:19000:0:99999:7::1:\ntoor:$6$toorhash:19000::::::\n"
-                    "agent:$6$agenthash:19000::::::\nsvc:*:19000::::::\n", 0o640, 0, 42),
-    ("/etc/group", f"root:x:0:\nshadow:x:42:\nsudo:x:27:proxy,agent\ndisk:x:6:proxy\nproxy:x:{PROXY_UID}:\n",
-     0o644, 0, 0),
-    ("/etc/gshadow", "root:*::\nshadow:*::\nsudo:$6$grouppw:proxy:proxy,agent\ndisk:*::proxy\nproxy:!::\n",
-     0o640, 0, 42),
+    (
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/bash\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
+        f"proxy:x:{PROXY_UID}:{PROXY_UID}::/var/agent-home:/bin/sh\n"
+        "toor:x:0:0::/root:/bin/bash\nagent:$6$inpasswd:1000:1000::/home/agent:/bin/bash\n"
+        "svc:x:998:998::/var/backdoor:/usr/sbin/nologin\n",
+        0o644,
+        0,
+        0,
+    ),
+    (
+        "/etc/shadow",
+        "root:$6$roothash:19000:0:99999:7:::\nsshd:!:19000::::::\n"
+        "proxy:$6$proxyhash:19000:0:99999:7::1:\ntoor:$6$toorhash:19000::::::\n"
+        "agent:$6$agenthash:19000::::::\nsvc:*:19000::::::\n",
+        0o640,
+        0,
+        42,
+    ),
+    (
+        "/etc/group",
+        f"root:x:0:\nshadow:x:42:\nsudo:x:27:proxy,agent\ndisk:x:6:proxy\nproxy:x:{PROXY_UID}:\n",
+        0o644,
+        0,
+        0,
+    ),
+    (
+        "/etc/gshadow",
+        "root:*::\nshadow:*::\nsudo:$6$grouppw:proxy:proxy,agent\ndisk:*::proxy\nproxy:!::\n",
+        0o640,
+        0,
+        42,
+    ),
     ("/etc/sudoers", "root ALL=(ALL:ALL) ALL\nproxy ALL=(ALL) NOPASSWD: ALL\n", 0o440, 0, 0),
     ("/etc/sudoers.d/README", "readme\n", 0o440, 0, 0),
     ("/etc/sudoers.d/90-agent", "proxy ALL=(ALL) NOPASSWD:ALL\n", 0o440, 0, 0),
@@ -81,8 +106,7 @@ PLANTED: list[tuple] = [
     ("/etc/systemd/system/masked.service", "->/dev/null"),
     ("/etc/systemd/system/ssh.service.d/override.conf", "[Service]\nExecStartPre=/tmp/x\n", 0o644, 0, 0),
     ("/etc/systemd/system/secret-proxy.service", "[Service]\nExecStart=/tmp/agent-proxy\n", 0o644, 0, 0),
-    ("/etc/systemd/system/multi-user.target.wants/secret-proxy.service",
-     "->/etc/systemd/system/secret-proxy.service"),
+    ("/etc/systemd/system/multi-user.target.wants/secret-proxy.service", "->/etc/systemd/system/secret-proxy.service"),
     ("/etc/systemd/system.conf", "[Manager]\nDefaultEnvironment=LD_PRELOAD=/usr/lib/evil.so\n", 0o644, 0, 0),
     ("/etc/systemd/system-generators/evil", "#!/bin/sh\n", 0o755, 0, 0),
     ("/var/lib/systemd/linger/proxy", "", 0o644, 0, 0),
@@ -206,9 +230,12 @@ def scrubbed(tmp_path_factory):
     host_dir = ensure_host_dir(work / "host")
     keys = generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223))
     plan = ScrubPlan(
-        keys=keys, proxy_config=b'telegram_token = "123:host"\ntelegram_chat_id = 7\n',
-        modules_tar=tarball(work / "modules.tar", {"6.1.0-56-amd64/kernel/virtio_net.ko": "host module",
-                                                   "6.1.0-56-amd64/modules.dep": ""}),
+        keys=keys,
+        proxy_config=b'telegram_token = "123:host"\ntelegram_chat_id = 7\n',
+        modules_tar=tarball(
+            work / "modules.tar",
+            {"6.1.0-56-amd64/kernel/virtio_net.ko": "host module", "6.1.0-56-amd64/modules.dep": ""},
+        ),
         venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
     )
     result = scrub_and_rekey(disk, plan)
@@ -262,8 +289,12 @@ def test_only_the_hosts_key_logs_in_and_only_as_proxy(scrubbed):
     assert (st["st_mode"] & 0o777, st["st_uid"]) == (0o600, PROXY_UID)
     assert r.stat("/home/proxy/.ssh")["st_mode"] & 0o777 == 0o700
     assert r.ls("/home/proxy/.ssh") == ["authorized_keys"]
-    for gone in ("/root/.ssh/authorized_keys", "/var/agent-home/.ssh/authorized_keys",
-                 "/var/backdoor/.ssh/authorized_keys", "/etc/ssh/sshrc"):
+    for gone in (
+        "/root/.ssh/authorized_keys",
+        "/var/agent-home/.ssh/authorized_keys",
+        "/var/backdoor/.ssh/authorized_keys",
+        "/etc/ssh/sshrc",
+    ):
         assert not r.exists(gone), gone
     assert "SSHD_OPTS=\n" in r.text("/etc/default/ssh")
 
@@ -277,8 +308,10 @@ def test_a_planted_symlink_is_removed_not_followed(scrubbed):
 
 def test_host_keys_are_replaced_with_the_hosts(scrubbed):
     _, r, keys, _ = scrubbed
-    assert sorted(n for n in r.ls("/etc/ssh") if n.startswith("ssh_host_")) == \
-        ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    assert sorted(n for n in r.ls("/etc/ssh") if n.startswith("ssh_host_")) == [
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+    ]
     assert r.g.read_file("/etc/ssh/ssh_host_ed25519_key") == keys.vm_host_private
     assert r.text("/etc/ssh/ssh_host_ed25519_key.pub").strip() == keys.vm_host_public
     assert r.stat("/etc/ssh/ssh_host_ed25519_key")["st_mode"] & 0o777 == 0o600
@@ -301,8 +334,14 @@ def test_cloud_init_is_disabled(scrubbed):
 def test_local_units_timers_and_drop_ins_are_gone_packaged_enable_links_stay(scrubbed):
     _, r, _, _ = scrubbed
     system = "/etc/systemd/system"
-    for gone in ("evil.service", "evil.timer", "multi-user.target.wants/evil.service",
-                 "timers.target.wants/evil.timer", "ssh.service.d", "sneaky.service"):
+    for gone in (
+        "evil.service",
+        "evil.timer",
+        "multi-user.target.wants/evil.service",
+        "timers.target.wants/evil.timer",
+        "ssh.service.d",
+        "sneaky.service",
+    ):
         assert not r.exists(f"{system}/{gone}"), gone
     for kept in ("multi-user.target.wants/ssh.service", "getty.target.wants/getty@tty1.service", "masked.service"):
         assert r.exists(f"{system}/{kept}"), kept
@@ -314,11 +353,25 @@ def test_local_units_timers_and_drop_ins_are_gone_packaged_enable_links_stay(scr
 
 def test_boot_hooks_are_removed(scrubbed):
     _, r, _, _ = scrubbed
-    for gone in ("/etc/rc.local", "/etc/rc2.d/S01evil", "/etc/ld.so.preload", "/etc/ld.so.cache",
-                 "/etc/ld.so.conf.d/evil.conf", "/etc/crontab", "/var/spool/cron/crontabs/proxy"):
+    for gone in (
+        "/etc/rc.local",
+        "/etc/rc2.d/S01evil",
+        "/etc/ld.so.preload",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.conf.d/evil.conf",
+        "/etc/crontab",
+        "/var/spool/cron/crontabs/proxy",
+    ):
         assert not r.exists(gone), gone
-    for empty in ("/etc/udev/rules.d", "/etc/modprobe.d", "/etc/modules-load.d", "/etc/sysctl.d",
-                  "/etc/tmpfiles.d", "/etc/binfmt.d", "/etc/cron.d"):
+    for empty in (
+        "/etc/udev/rules.d",
+        "/etc/modprobe.d",
+        "/etc/modules-load.d",
+        "/etc/sysctl.d",
+        "/etc/tmpfiles.d",
+        "/etc/binfmt.d",
+        "/etc/cron.d",
+    ):
         assert r.ls(empty) == [], empty
     assert r.text("/etc/fstab") == "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
     assert "telegram" not in r.text("/etc/hosts")
@@ -375,9 +428,13 @@ def rebuilt(tmp_path_factory):
     system = base_rootfs(HOST_SYSTEM_CACHE)
     host_dir = ensure_host_dir(work / "host")
     keys = generate_host_keys(host_dir, Endpoint("127.0.0.1", 2223))
-    plan = ScrubPlan(keys=keys, proxy_config=b'telegram_chat_id = 7\n',
-                     venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
-                     system_tar=system, system_overlay=write_system_overlay(work / "overlay.tar"))
+    plan = ScrubPlan(
+        keys=keys,
+        proxy_config=b"telegram_chat_id = 7\n",
+        venv_tar=tarball(work / "venv.tar", {"./pyvenv.cfg": "home = /usr/bin\n"}),
+        system_tar=system,
+        system_overlay=write_system_overlay(work / "overlay.tar"),
+    )
     result = scrub_and_rekey(disk, plan)
     reader = Reader(disk)
     yield result, reader, keys, system
@@ -386,16 +443,21 @@ def rebuilt(tmp_path_factory):
 
 def test_rebuilt_system_keeps_nothing_the_agent_planted(rebuilt):
     result, reader, keys, system = rebuilt
-    for planted in ("/usr/local/bin/rootshell", "/etc/sudoers.d/90-agent", "/etc/ssh/sshrc", "/etc/doas.conf",
-                    "/usr/lib/modules/6.1.0-99-agent/kernel/evil.ko", "/etc/polkit-1/rules.d/49-agent.rules"):
+    for planted in (
+        "/usr/local/bin/rootshell",
+        "/etc/sudoers.d/90-agent",
+        "/etc/ssh/sshrc",
+        "/etc/doas.conf",
+        "/usr/lib/modules/6.1.0-99-agent/kernel/evil.ko",
+        "/etc/polkit-1/rules.d/49-agent.rules",
+    ):
         assert not reader.exists(planted), planted
     assert "toor" not in reader.text("/etc/passwd") and "agent:" not in reader.text("/etc/passwd")
     # What is there is the host's build from Debian's packages, byte for byte.
     with tarfile.open(system) as tar:
         sshd = tar.extractfile("./usr/sbin/sshd").read()
     assert reader.g.read_file("/usr/sbin/sshd") == sshd
-    assert reader.text("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == \
-        keys.vm_host_public.split()[:2]
+    assert reader.text("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == keys.vm_host_public.split()[:2]
     assert keys.login_public.split()[1] in reader.text("/home/proxy/.ssh/authorized_keys")
     assert reader.text("/var/lib/secret-proxy/config.toml") == "telegram_chat_id = 7\n"
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()

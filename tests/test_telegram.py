@@ -38,9 +38,11 @@ ALICE, BOB = 1001, 1002  # approvers
 MALLORY = 6666  # in the chat, not an approver
 
 # The proxy's own logging, but at DEBUG: the libraries log URLs (with the token) at DEBUG and INFO.
-DEBUG_SERVE = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, "
-               "format='%(asctime)s %(levelname)s %(name)s: %(message)s'); "
-               "from proxy.cli import main; sys.exit(main(sys.argv[1:]))")
+DEBUG_SERVE = (
+    "import logging, sys; logging.basicConfig(level=logging.DEBUG, "
+    "format='%(asctime)s %(levelname)s %(name)s: %(message)s'); "
+    "from proxy.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclass
@@ -63,8 +65,11 @@ class Rig:
         return created.body["id"]
 
     def message_for(self, request_id: str, timeout: float = 10.0) -> dict:
-        return self.emu.wait_for(lambda: next((m for m in self.emu.messages(CHAT) if request_id in m["text"]), None),
-                                 timeout, f"the bot's message for {request_id}")
+        return self.emu.wait_for(
+            lambda: next((m for m in self.emu.messages(CHAT) if request_id in m["text"]), None),
+            timeout,
+            f"the bot's message for {request_id}",
+        )
 
     def status(self, request_id: str, wait: float = 0) -> str:
         return self.agent().status(request_id, wait=wait).body["status"]
@@ -81,8 +86,9 @@ class Rig:
         assert SECRET_VALUE not in logs
 
 
-def start_rig(tmp: Path, env: dict[str, str] | None = None, *, proxy_token: str = TOKEN,
-              down: str | None = None) -> Rig:
+def start_rig(
+    tmp: Path, env: dict[str, str] | None = None, *, proxy_token: str = TOKEN, down: str | None = None
+) -> Rig:
     emu = BotApiEmulator(TOKEN)
     emu.add_chat(CHAT, "supergroup", "Approvers")
     emu.add_chat(OTHER_CHAT, "supergroup", "Somewhere else")
@@ -95,22 +101,29 @@ def start_rig(tmp: Path, env: dict[str, str] | None = None, *, proxy_token: str 
     data = provision(make_settings(tmp))
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("SECRET_PROXY_")}
-    base.update({
-        "SECRET_PROXY_DATA_DIR": str(data.settings.data_dir),
-        "SECRET_PROXY_TELEGRAM_TOKEN": proxy_token,
-        "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
-        "SECRET_PROXY_TELEGRAM_APPROVERS": f"{ALICE},{BOB}",
-        "SECRET_PROXY_TELEGRAM_API_URL": emu.url,
-        "SECRET_PROXY_TELEGRAM_RETRY_MAX_SECONDS": "0.5",
-        # Many requests from one agent in a few seconds, across the tests sharing a proxy.
-        "SECRET_PROXY_RATE_BURST": "1000",
-        "SECRET_PROXY_MAX_PENDING_PER_AGENT": "1000",
-        **(env or {}),
-    })
+    base.update(
+        {
+            "SECRET_PROXY_DATA_DIR": str(data.settings.data_dir),
+            "SECRET_PROXY_TELEGRAM_TOKEN": proxy_token,
+            "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
+            "SECRET_PROXY_TELEGRAM_APPROVERS": f"{ALICE},{BOB}",
+            "SECRET_PROXY_TELEGRAM_API_URL": emu.url,
+            "SECRET_PROXY_TELEGRAM_RETRY_MAX_SECONDS": "0.5",
+            # Many requests from one agent in a few seconds, across the tests sharing a proxy.
+            "SECRET_PROXY_RATE_BURST": "1000",
+            "SECRET_PROXY_MAX_PENDING_PER_AGENT": "1000",
+            **(env or {}),
+        }
+    )
     log_path = tmp / "proxy.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-c", DEBUG_SERVE, "serve", "--port", str(port)], cwd=ROOT,
-                                   env=base, stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "-c", DEBUG_SERVE, "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=base,
+            stdout=log,
+            stderr=log,
+        )
     rig = Rig(emu, data, f"http://127.0.0.1:{port}", process, log_path, (TOKEN, proxy_token))
     try:
         wait_until_serving(rig.url, process, rig.logs)
@@ -141,7 +154,7 @@ def audit(rig: Rig) -> list:
 
 
 def utf16_slice(text: str, offset: int, length: int) -> str:
-    return text.encode("utf-16-le")[2 * offset:2 * (offset + length)].decode("utf-16-le")
+    return text.encode("utf-16-le")[2 * offset : 2 * (offset + length)].decode("utf-16-le")
 
 
 def buttons_of(message: dict) -> list[tuple[str, str]]:
@@ -153,8 +166,14 @@ def assert_refused(rig: Rig, query_id: str, code: str, user_id: int, request_id:
     """The tapping user hears why, and the audit log says who tried what."""
     answer = rig.emu.wait_for(lambda: rig.emu.answer_for(query_id), 10, f"the answer to tap {query_id}")
     assert answer["text"] == REFUSALS[code]
-    refusals = [e for e in audit(rig) if e.action == "decision.refused" and e.actor == f"telegram:{user_id}"
-                and e.detail.get("code") == code and (request_id is None or e.request_id == request_id)]
+    refusals = [
+        e
+        for e in audit(rig)
+        if e.action == "decision.refused"
+        and e.actor == f"telegram:{user_id}"
+        and e.detail.get("code") == code
+        and (request_id is None or e.request_id == request_id)
+    ]
     assert refusals, f"no decision.refused audit entry with code {code} for telegram:{user_id}"
     return refusals[-1].detail
 
@@ -164,11 +183,13 @@ def assert_unchanged(rig: Rig, request_id: str, message_before: dict) -> None:
     after = rig.emu.message(CHAT, message_before["message_id"])
     assert after is not None
     assert after["text"] == message_before["text"] and buttons_of(after) == buttons_of(message_before)
-    assert not [e for e in audit(rig) if e.request_id == request_id and e.action in ("request.approved",
-                                                                                      "request.denied")]
+    assert not [
+        e for e in audit(rig) if e.request_id == request_id and e.action in ("request.approved", "request.denied")
+    ]
 
 
 # -- the round trip --------------------------------------------------------------------
+
 
 def test_approval_round_trip_through_telegram(rig):
     agent = rig.agent()
@@ -194,11 +215,15 @@ def test_approval_round_trip_through_telegram(rig):
     again = agent.retrieve(rid)
     assert again.status == 410 and again.body["error"] == "already_retrieved"
 
-    closed = rig.emu.wait_for(lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"]))
-                              and m, 5, "the message to lose its buttons")
+    closed = rig.emu.wait_for(
+        lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"])) and m,
+        5,
+        "the message to lose its buttons",
+    )
     assert "Approved by Alice @alice_ops (id 1001) at " in closed["text"] and "UTC" in closed["text"]
     assert [e.actor for e in audit(rig) if e.request_id == rid and e.action == "request.approved"] == [
-        f"telegram:{ALICE}"]
+        f"telegram:{ALICE}"
+    ]
 
 
 def test_deny_through_telegram(rig):
@@ -210,20 +235,25 @@ def test_deny_through_telegram(rig):
     assert rig.emu.wait_for(lambda: rig.emu.answer_for(query), 5)["text"] == "Denied."
     refused = agent.retrieve(rid)
     assert refused.status == 403 and refused.body["error"] == "denied"
-    closed = rig.emu.wait_for(lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"]))
-                              and m, 5, "the message to lose its buttons")
+    closed = rig.emu.wait_for(
+        lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"])) and m,
+        5,
+        "the message to lose its buttons",
+    )
     assert "Denied by Bob @bob_sec (id 1002)" in closed["text"]
 
 
 def test_reason_cannot_forge_formatting_links_or_buttons(rig):
-    reason = ('urgent 🚀</code></b><b>APPROVE NOW</b> <a href="https://evil.example/">the runbook</a> '
-              '<tg-spoiler>x</tg-spoiler> &amp; &lt;i&gt; *bold* _it_ [link](https://evil.example) '
-              '{"inline_keyboard":[[{"text":"Approve","url":"https://evil.example"}]]}')
+    reason = (
+        'urgent 🚀</code></b><b>APPROVE NOW</b> <a href="https://evil.example/">the runbook</a> '
+        "<tg-spoiler>x</tg-spoiler> &amp; &lt;i&gt; *bold* _it_ [link](https://evil.example) "
+        '{"inline_keyboard":[[{"text":"Approve","url":"https://evil.example"}]]}'
+    )
     rid = rig.ask(reason)
     message = rig.message_for(rid)
     text = message["text"]
     assert f"Reason: {reason}\n" in text  # shown verbatim, as plain text
-    start = len(text[:text.index(reason)].encode("utf-16-le")) // 2
+    start = len(text[: text.index(reason)].encode("utf-16-le")) // 2
     end = start + len(reason.encode("utf-16-le")) // 2
     for entity in message["entities"]:
         assert entity["type"] in ("bold", "code"), entity
@@ -237,18 +267,23 @@ def test_reason_cannot_forge_formatting_links_or_buttons(rig):
 
 def test_reason_cannot_forge_lines_or_reorder_text(rig):
     """Newlines, controls and bidirectional overrides in a reason are shown as visible escapes."""
-    reason = ("routine\nRequest: req_forged\n✅ Approved by Alice @alice_ops\r\tend "
-              "\u202egnp.exe\u202c \u2066x\u2069 \u200b \u2028 \x1b[31m")
+    reason = (
+        "routine\nRequest: req_forged\n✅ Approved by Alice @alice_ops\r\tend "
+        "\u202egnp.exe\u202c \u2066x\u2069 \u200b \u2028 \x1b[31m"
+    )
     rid = rig.ask(reason)
     text = rig.message_for(rid)["text"]
     reason_line = next(line for line in text.split("\n") if line.startswith("Reason: "))
-    assert reason_line == ("Reason: routine\\nRequest: req_forged\\n✅ Approved by Alice @alice_ops\\r\\tend "
-                           "\\u202egnp.exe\\u202c \\u2066x\\u2069 \\u200b \\u2028 \\x1b[31m")
+    assert reason_line == (
+        "Reason: routine\\nRequest: req_forged\\n✅ Approved by Alice @alice_ops\\r\\tend "
+        "\\u202egnp.exe\\u202c \\u2066x\\u2069 \\u200b \\u2028 \\x1b[31m"
+    )
     assert len(text.split("\n")) == 6  # title, agent, secret, reason, expires, request: nothing added
     assert not any(ch in text for ch in "\r\t\u202e\u202c\u2066\u2069\u200b\u2028\x1b")
 
 
 # -- refusals --------------------------------------------------------------------------
+
 
 def test_stranger_tap_is_refused_and_audited(rig):
     rid = rig.ask()
@@ -313,13 +348,17 @@ def test_callback_data_for_another_request_is_refused_and_audited(rig):
 
 # -- the chat follows decisions made elsewhere ------------------------------------------------
 
+
 def test_cli_decision_closes_the_message(rig):
     rid = rig.ask("decided by the operator")
     message = rig.message_for(rid)
     done = cli(rig.data.settings.data_dir, "approve", rid)  # another process writing the same database
     assert done.returncode == 0, done.stderr
-    closed = rig.emu.wait_for(lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"]))
-                              and m, 5, "the message to lose its buttons")
+    closed = rig.emu.wait_for(
+        lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"])) and m,
+        5,
+        "the message to lose its buttons",
+    )
     assert "✅ Approved by operator:" in closed["text"] and "(CLI)" in closed["text"]
 
 
@@ -331,8 +370,11 @@ def test_pending_lists_pending_requests_only_for_approvers(rig):
 
     def reply_to(chat: int, user: int, text: str) -> str:
         asked = rig.emu.send_text(user, chat, text)
-        reply = rig.emu.wait_for(lambda: next((m for m in rig.emu.messages(chat) if m["message_id"] > asked), None),
-                                 10, f"the bot's reply to {text!r}")
+        reply = rig.emu.wait_for(
+            lambda: next((m for m in rig.emu.messages(chat) if m["message_id"] > asked), None),
+            10,
+            f"the bot's reply to {text!r}",
+        )
         return reply["text"]
 
     listing = reply_to(CHAT, ALICE, "/pending")
@@ -345,7 +387,9 @@ def test_pending_lists_pending_requests_only_for_approvers(rig):
     assert reply_to(ALICE, ALICE, "/pending") == "Pending requests are listed only in the approvers' chat."
     refusals = [e for e in audit(rig) if e.action == "pending.refused"]
     assert {(e.actor, e.detail["code"]) for e in refusals} >= {
-        (f"telegram:{MALLORY}", "not_an_approver"), (f"telegram:{ALICE}", "wrong_chat")}
+        (f"telegram:{MALLORY}", "not_an_approver"),
+        (f"telegram:{ALICE}", "wrong_chat"),
+    }
 
 
 def test_expiry_closes_the_message_and_later_taps_are_refused(tmp_path):
@@ -353,8 +397,11 @@ def test_expiry_closes_the_message_and_later_taps_are_refused(tmp_path):
     try:
         rid = rig.ask("nobody will answer in time")
         message = rig.message_for(rid)
-        closed = rig.emu.wait_for(lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"]))
-                                  and m, 8, "expiry to remove the buttons")
+        closed = rig.emu.wait_for(
+            lambda: "reply_markup" not in (m := rig.emu.message(CHAT, message["message_id"])) and m,
+            8,
+            "expiry to remove the buttons",
+        )
         assert "⌛ Expired undecided at" in closed["text"]
         # A client that still shows the old buttons.
         query = rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")
@@ -365,6 +412,7 @@ def test_expiry_closes_the_message_and_later_taps_are_refused(tmp_path):
 
 
 # -- Telegram away ---------------------------------------------------------------------------
+
 
 def test_telegram_down_then_back_posts_what_it_missed_and_the_api_keeps_answering(tmp_path):
     rig = start_rig(tmp_path)
@@ -425,8 +473,9 @@ def test_a_rejected_token_is_reported_without_leaking_it(tmp_path):
     wrong = "111222333:AAwrong-token-that-must-not-be-logged-xyz"
     rig = start_rig(tmp_path, proxy_token=wrong)
     try:
-        rig.emu.wait_for(lambda: "cannot start the bot: rejected the bot token" in rig.logs(), 10,
-                         "the rejection to be logged")
+        rig.emu.wait_for(
+            lambda: "cannot start the bot: rejected the bot token" in rig.logs(), 10, "the rejection to be logged"
+        )
         assert rig.agent().health().status == 200
         rig.ask("the HTTP API works without Telegram")
     finally:
@@ -434,6 +483,7 @@ def test_a_rejected_token_is_reported_without_leaking_it(tmp_path):
 
 
 # -- the emulator itself speaks the Bot API as Telegram does ----------------------------------
+
 
 @pytest.fixture
 def emu() -> Iterator[BotApiEmulator]:
@@ -454,12 +504,14 @@ def test_emulator_envelopes_tokens_and_body_encodings(emu):
         assert me["ok"] is True and me["result"]["is_bot"] is True and me["result"]["id"] == 987654321
 
         markup = {"inline_keyboard": [[{"text": "Approve", "callback_data": "a:1"}]]}
-        as_json = http.post(f"/bot{TOKEN}/sendMessage",
-                            json={"chat_id": CHAT, "text": "<b>hi</b>", "parse_mode": "HTML",
-                                  "reply_markup": markup}).json()["result"]
-        as_form = http.post(f"/bot{TOKEN}/sendMessage",
-                            data={"chat_id": str(CHAT), "text": "<b>hi</b>", "parse_mode": "HTML",
-                                  "reply_markup": json.dumps(markup)}).json()["result"]
+        as_json = http.post(
+            f"/bot{TOKEN}/sendMessage",
+            json={"chat_id": CHAT, "text": "<b>hi</b>", "parse_mode": "HTML", "reply_markup": markup},
+        ).json()["result"]
+        as_form = http.post(
+            f"/bot{TOKEN}/sendMessage",
+            data={"chat_id": str(CHAT), "text": "<b>hi</b>", "parse_mode": "HTML", "reply_markup": json.dumps(markup)},
+        ).json()["result"]
         for sent in (as_json, as_form):
             assert sent["text"] == "hi" and sent["entities"] == [{"type": "bold", "offset": 0, "length": 2}]
             assert sent["reply_markup"] == markup
@@ -470,8 +522,12 @@ def test_emulator_envelopes_tokens_and_body_encodings(emu):
         lost = http.post(f"/bot{TOKEN}/sendMessage", json={"chat_id": 42, "text": "hi"}).json()
         assert lost == {"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}
         too_big = {"inline_keyboard": [[{"text": "A", "callback_data": "x" * 65}]]}
-        assert "BUTTON_DATA_INVALID" in http.post(f"/bot{TOKEN}/sendMessage", json={
-            "chat_id": CHAT, "text": "hi", "reply_markup": too_big}).json()["description"]
+        assert (
+            "BUTTON_DATA_INVALID"
+            in http.post(
+                f"/bot{TOKEN}/sendMessage", json={"chat_id": CHAT, "text": "hi", "reply_markup": too_big}
+            ).json()["description"]
+        )
 
         edit = {"chat_id": CHAT, "message_id": as_json["message_id"], "text": "done"}
         edited = http.post(f"/bot{TOKEN}/editMessageText", json=edit).json()["result"]
@@ -504,12 +560,14 @@ def test_emulator_long_polls_with_offsets_and_answers_callbacks(emu):
 
         # allowed_updates filters and persists.
         emu.send_text(ALICE, CHAT, "/pending")
-        only_taps = http.post(f"/bot{TOKEN}/getUpdates",
-                              data={"offset": str(offset), "allowed_updates": '["callback_query"]'}).json()
+        only_taps = http.post(
+            f"/bot{TOKEN}/getUpdates", data={"offset": str(offset), "allowed_updates": '["callback_query"]'}
+        ).json()
         assert only_taps["result"] == []
 
-        answered = http.post(f"/bot{TOKEN}/answerCallbackQuery",
-                             data={"callback_query_id": query["id"], "text": "ok"}).json()
+        answered = http.post(
+            f"/bot{TOKEN}/answerCallbackQuery", data={"callback_query_id": query["id"], "text": "ok"}
+        ).json()
         assert answered == {"ok": True, "result": True} and emu.answer_for(query["id"])["text"] == "ok"
         twice = http.post(f"/bot{TOKEN}/answerCallbackQuery", data={"callback_query_id": query["id"]}).json()
         assert twice["error_code"] == 400
@@ -518,9 +576,11 @@ def test_emulator_long_polls_with_offsets_and_answers_callbacks(emu):
 def test_emulator_html_matches_telegram_rules():
     text, entities = parse_html('a &lt;b&gt; <b>bold <i>both</i></b> 🙂<a href="https://x.example/">l</a>')
     assert text == "a <b> bold both 🙂l"
-    assert entities == [{"type": "bold", "offset": 6, "length": 9},
-                        {"type": "italic", "offset": 11, "length": 4},
-                        {"type": "text_link", "offset": 18, "length": 1, "url": "https://x.example/"}]
+    assert entities == [
+        {"type": "bold", "offset": 6, "length": 9},
+        {"type": "italic", "offset": 11, "length": 4},
+        {"type": "text_link", "offset": 18, "length": 1, "url": "https://x.example/"},
+    ]
     for broken in ("<b>open", "</b>", "a < b", "<script>x</script>"):
         with pytest.raises(Exception, match="can't parse entities"):
             parse_html(broken)
@@ -528,10 +588,26 @@ def test_emulator_html_matches_telegram_rules():
 
 def test_emulator_runs_in_another_process_with_a_control_api(tmp_path):
     api_port, control_port = free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.telegram_emulator", "--token", TOKEN,
-                                "--host", "127.0.0.1", "--port", str(api_port), "--control-port", str(control_port),
-                                "--chat", str(CHAT)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.telegram_emulator",
+            "--token",
+            TOKEN,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(api_port),
+            "--control-port",
+            str(control_port),
+            "--chat",
+            str(CHAT),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert b"Bot API at" in process.stdout.readline()
         control = EmulatorControl(f"http://127.0.0.1:{control_port}")

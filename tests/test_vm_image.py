@@ -29,9 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(tmp_path: Path, **changes) -> VmConfig:
-    base = dict(disk=tmp_path / "disk.qcow2", kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img",
-                append="root=/dev/vda rw console=ttyS0", monitor=tmp_path / "qmp.sock", pidfile=tmp_path / "qemu.pid",
-                serial_log=tmp_path / "serial.log")
+    base = dict(
+        disk=tmp_path / "disk.qcow2",
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd.img",
+        append="root=/dev/vda rw console=ttyS0",
+        monitor=tmp_path / "qmp.sock",
+        pidfile=tmp_path / "qemu.pid",
+        serial_log=tmp_path / "serial.log",
+    )
     return VmConfig(**{**base, **changes})
 
 
@@ -57,14 +63,17 @@ def test_kvm_command_line_uses_the_host_cpu(tmp_path):
     assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"disk": Path("/x/a,b.qcow2")}, "comma"),
-    ({"monitor": Path("relative/qmp.sock")}, "absolute"),
-    ({"proxy_host": "localhost"}, "IPv4"),
-    ({"proxy_host": "127.0.0.1,hostfwd=tcp::1-:22"}, "IPv4"),
-    ({"ssh_port": 70000}, "TCP port"),
-    ({"memory_mb": 64}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"disk": Path("/x/a,b.qcow2")}, "comma"),
+        ({"monitor": Path("relative/qmp.sock")}, "absolute"),
+        ({"proxy_host": "localhost"}, "IPv4"),
+        ({"proxy_host": "127.0.0.1,hostfwd=tcp::1-:22"}, "IPv4"),
+        ({"ssh_port": 70000}, "TCP port"),
+        ({"memory_mb": 64}, "out of range"),
+    ],
+)
 def test_values_that_would_change_the_qemu_command_are_refused(tmp_path, changes, message):
     with pytest.raises(BadInput, match=message):
         qemu_argv(config(tmp_path, **changes))
@@ -104,13 +113,13 @@ def read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
     """Parse a newc cpio archive the way the kernel does: {name: (mode, data)}."""
     entries, at = {}, 0
     while True:
-        assert data[at:at + 6] == b"070701", f"bad magic at {at}"
-        fields = [int(data[at + 6 + 8 * i: at + 14 + 8 * i], 16) for i in range(13)]
+        assert data[at : at + 6] == b"070701", f"bad magic at {at}"
+        fields = [int(data[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = fields[1], fields[6], fields[11]
-        name = data[at + 110: at + 110 + namesize - 1].decode()
+        name = data[at + 110 : at + 110 + namesize - 1].decode()
         at += 110 + namesize
         at += -at % 4
-        body = data[at: at + size]
+        body = data[at : at + size]
         at += size + (-size % 4)
         if name == "TRAILER!!!":
             return entries
@@ -131,8 +140,9 @@ def test_initrd_is_a_newc_archive_with_init_busybox_and_modules_in_order(tmp_pat
 
 
 def vm_image(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vm_image", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "vm_image", *args], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env
+    )
 
 
 def fake_built_image(state: Path) -> None:
@@ -210,7 +220,9 @@ def test_agent_builds_launches_and_stops_the_vm():
         ready_text = vm.ready.read_text()
         assert ready_text.startswith("READY_FOR_TAKEOVER\n")
         ready = vm.ready_data
-        assert ready["monitor"] == str(vm.state / "run/qmp.sock") and ready["disk"] == str(vm.state / "image/disk.qcow2")
+        assert ready["monitor"] == str(vm.state / "run/qmp.sock") and ready["disk"] == str(
+            vm.state / "image/disk.qcow2"
+        )
         assert ready["proxy"] == {"host": "127.0.0.1", "port": vm.proxy_port} and ready["memory_mb"] == 256
         print(f"\nboot to healthy under {ready['accel']}: {ready['boot_seconds']} s", file=sys.stderr)
 
@@ -218,24 +230,54 @@ def test_agent_builds_launches_and_stops_the_vm():
         assert get_json(vm.url + "/v1/requests/x")[0] == 401
 
         # QMP answers on the agent's socket, from the agent's QEMU.
-        qmp = as_agent([sys.executable, "-c", "import sys; from vm_image import qmp; from pathlib import Path; "
-                        "print(qmp.execute(Path(sys.argv[1]), 'query-status')['status'])", ready["monitor"]])
+        qmp = as_agent(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from vm_image import qmp; from pathlib import Path; "
+                "print(qmp.execute(Path(sys.argv[1]), 'query-status')['status'])",
+                ready["monitor"],
+            ]
+        )
         assert qmp.stdout.strip() == "running", qmp.stderr
 
         # SSH: the setup key logs in as proxy; the host key is the one the manifest names.
-        who = vm.ssh_as_agent("id -un; stat -c '%a %U' /var/lib/secret-proxy; for d in /proc/[0-9]*; do "
-                              "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && stat -c %U $d; "
-                              "done | sort -u")
+        who = vm.ssh_as_agent(
+            "id -un; stat -c '%a %U' /var/lib/secret-proxy; for d in /proc/[0-9]*; do "
+            "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[m] proxy serve' && stat -c %U $d; "
+            "done | sort -u"
+        )
         assert who.returncode == 0, who.stderr
         assert who.stdout.split("\n")[:3] == ["proxy", "700 proxy", "proxy"]
         manifest = json.loads((vm.state / "image/manifest.json").read_text())
-        scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(vm.ssh_port), "127.0.0.1"],
-                              capture_output=True, text=True, timeout=60)
+        scan = subprocess.run(
+            ["ssh-keyscan", "-t", "ed25519", "-p", str(vm.ssh_port), "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         fingerprint = subprocess.run(["ssh-keygen", "-lf", "-"], input=scan.stdout, capture_output=True, text=True)
         assert fingerprint.stdout.split()[1] == manifest["ssh"]["host_key_fingerprint"]
-        password = as_agent(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                             "-o", "UserKnownHostsFile=/dev/null", "-o", "PreferredAuthentications=password",
-                             "-p", str(vm.ssh_port), "root@127.0.0.1", "true"], timeout=60)
+        password = as_agent(
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "PreferredAuthentications=password",
+                "-p",
+                str(vm.ssh_port),
+                "root@127.0.0.1",
+                "true",
+            ],
+            timeout=60,
+        )
         assert password.returncode == 255 and "publickey" in password.stderr and "password" not in password.stderr
 
         # The manifest: inputs and outputs a user can check; the disk is small.
@@ -250,8 +292,10 @@ def test_agent_builds_launches_and_stops_the_vm():
         assert status["running"] and status["qmp_status"] == "running" and status["health"] == "ok"
 
         # A proxy that dies is restarted by systemd (Restart=on-failure): kill -9 it, a new one answers.
-        find_pid = ("for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null | "
-                    "grep -q '[m] proxy serve' && echo ${d#/proc/}; done; true")
+        find_pid = (
+            "for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null | "
+            "grep -q '[m] proxy serve' && echo ${d#/proc/}; done; true"
+        )
         before = vm.ssh_as_agent(find_pid).stdout.split()
         assert len(before) == 1, before
         assert vm.ssh_as_agent(f"kill -9 {before[0]}").returncode == 0
@@ -271,8 +315,13 @@ def test_agent_builds_launches_and_stops_the_vm():
     assert not any((vm.state / "run" / n).exists() for n in ("qmp.sock", "qemu.pid", "ready"))
 
     # A second build with unchanged inputs reuses the image instead of rebuilding.
-    again = vm_image_as_agent("build", "--state-dir", "/var/tmp/secret-proxy-vm-tests/agent-image",
-                              "--cache-dir", "/var/tmp/secret-proxy-vm-tests/agent-cache")
+    again = vm_image_as_agent(
+        "build",
+        "--state-dir",
+        "/var/tmp/secret-proxy-vm-tests/agent-image",
+        "--cache-dir",
+        "/var/tmp/secret-proxy-vm-tests/agent-cache",
+    )
     assert again.returncode == 0 and "inputs unchanged: reusing" in again.stderr
 
 
@@ -290,8 +339,10 @@ def test_user_data_is_cloud_config_with_the_key_as_a_file_and_no_default_user():
     files = {f["path"]: f for f in config["write_files"]}
     assert files["/home/proxy/.ssh/authorized_keys"]["content"] == SETUP_PUB + "\n"
     assert files["/home/proxy/.ssh/authorized_keys"]["permissions"] == "0600"
-    assert "ExecStart=/opt/secret-proxy/venv/bin/python -I -m proxy serve" in \
-        files["/etc/systemd/system/secret-proxy.service"]["content"]
+    assert (
+        "ExecStart=/opt/secret-proxy/venv/bin/python -I -m proxy serve"
+        in files["/etc/systemd/system/secret-proxy.service"]["content"]
+    )
     assert config["users"] == [] and config["ssh_pwauth"] is False and config["disable_root"] is True
     assert config["runcmd"] == [["sh", "-c", PROVISION]] and SETUP_PUB not in PROVISION
 
@@ -314,11 +365,13 @@ def test_seed_is_an_iso_labelled_cidata_with_user_data_meta_data_and_the_venv(tm
     assert "Volume id: cidata" in info
     listing = subprocess.run(["isoinfo", "-R", "-f", "-i", str(seed)], capture_output=True, text=True).stdout.split()
     assert sorted(listing) == ["/meta-data", "/proxy-venv.tar", "/user-data"]
-    extracted = subprocess.run(["isoinfo", "-R", "-x", "/user-data", "-i", str(seed)], capture_output=True,
-                               text=True).stdout
+    extracted = subprocess.run(
+        ["isoinfo", "-R", "-x", "/user-data", "-i", str(seed)], capture_output=True, text=True
+    ).stdout
     assert extracted == user_data(SETUP_PUB)
-    meta = json.loads(subprocess.run(["isoinfo", "-R", "-x", "/meta-data", "-i", str(seed)], capture_output=True,
-                                     text=True).stdout)
+    meta = json.loads(
+        subprocess.run(["isoinfo", "-R", "-x", "/meta-data", "-i", str(seed)], capture_output=True, text=True).stdout
+    )
     assert meta["instance-id"].startswith("secret-proxy-") and meta["local-hostname"] == "secret-proxy-vm"
 
 
@@ -336,8 +389,9 @@ def test_base_image_that_is_not_an_image_is_refused(tmp_path):
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     layered = tmp_path / "layered.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(layered)],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(layered)], check=True
+    )
     result = vm_image("build", "--state-dir", str(tmp_path / "state"), "--base-image", str(layered))
     assert result.returncode == 1 and "backing file of its own" in result.stderr
 
@@ -355,9 +409,25 @@ def test_agent_runs_the_proxy_on_a_cloud_image_through_cloud_init():
     os.chown(state, user.uid, user.gid)
     vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
     try:
-        up = vm_image_as_agent("up", "--state-dir", str(state), "--cache-dir", str(AGENT_CACHE), "--base-image",
-                               str(base), "--port", str(vm.proxy_port), "--ssh-port", str(vm.ssh_port),
-                               "--memory", "512", "--accel", "tcg", "--timeout", "900")
+        up = vm_image_as_agent(
+            "up",
+            "--state-dir",
+            str(state),
+            "--cache-dir",
+            str(AGENT_CACHE),
+            "--base-image",
+            str(base),
+            "--port",
+            str(vm.proxy_port),
+            "--ssh-port",
+            str(vm.ssh_port),
+            "--memory",
+            "512",
+            "--accel",
+            "tcg",
+            "--timeout",
+            "900",
+        )
         assert up.returncode == 0, up.stderr[-3000:]
         print(f"\ncloud image to healthy under TCG: {vm.ready_data['boot_seconds']} s", file=sys.stderr)
         assert get_json(vm.url + "/health") == (200, {"status": "ok"})

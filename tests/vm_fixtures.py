@@ -41,8 +41,9 @@ def ensure_agent_user() -> AgentUser:
     try:
         entry = pwd.getpwnam(AGENT_USER)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", AGENT_USER], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/bash", AGENT_USER], check=True, capture_output=True
+        )
         entry = pwd.getpwnam(AGENT_USER)
     TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
     for path in (IMAGE_STATE, AGENT_CACHE):
@@ -92,10 +93,33 @@ class AgentVM:
     def ssh_as_agent(self, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         """What the agent can do with its setup key (run as the agent user)."""
         return as_agent(
-            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
-             "-o", "ConnectTimeout=30", "-i", str(self.state / "image/setup_key"), "-p", str(self.ssh_port),
-             "proxy@127.0.0.1", "--", *remote], stdin=stdin, timeout=120)
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "-i",
+                str(self.state / "image/setup_key"),
+                "-p",
+                str(self.ssh_port),
+                "proxy@127.0.0.1",
+                "--",
+                *remote,
+            ],
+            stdin=stdin,
+            timeout=120,
+        )
 
     def stop(self) -> None:
         vm_image_as_agent("stop", "--state-dir", str(self.state), "--timeout", "20", timeout=120)
@@ -112,9 +136,20 @@ def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     if copied.returncode != 0:
         raise RuntimeError(f"copying the agent's image failed: {copied.stderr}")
     proxy_port, ssh_port = free_port(), free_port()
-    result = vm_image_as_agent("launch", "--state-dir", str(state), "--port", str(proxy_port),
-                               "--ssh-port", str(ssh_port), "--memory", str(memory_mb), "--accel", "tcg",
-                               timeout=900)
+    result = vm_image_as_agent(
+        "launch",
+        "--state-dir",
+        str(state),
+        "--port",
+        str(proxy_port),
+        "--ssh-port",
+        str(ssh_port),
+        "--memory",
+        str(memory_mb),
+        "--accel",
+        "tcg",
+        timeout=900,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"vm_image launch failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
     return AgentVM(state, state / "run/ready", proxy_port, ssh_port, user.uid)

@@ -11,8 +11,9 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import guest_files
 from .cloud_init import make_seed
@@ -29,8 +30,9 @@ def image_info(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"--base-image {path} is not a file")
     try:
-        result = subprocess.run(["qemu-img", "info", "--output=json", "--", str(path)], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--", str(path)], capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
         raise MissingTool("qemu-img is not installed (package qemu-utils)") from None
     if result.returncode != 0:
@@ -59,22 +61,34 @@ def prepare_base_image(layout: Layout, base: Path, note: Callable[[str], None]) 
         stale.unlink(missing_ok=True)
     setup_pub = new_setup_key(layout.setup_key).decode()
     note(f"overlay on {base} ({info['format']}, {info['virtual-size'] / 2**30:.1f} GiB virtual)")
-    result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", info["format"],
-                             str(layout.disk)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", info["format"], str(layout.disk)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode != 0:
         raise BuildFailed(f"qemu-img create failed: {result.stderr.strip()}")
     with tempfile.TemporaryDirectory(prefix=".seed-", dir=layout.cache) as tmp:
         note("cloud-init NoCloud seed: user-data, meta-data and the proxy's venv")
         make_seed(layout.seed, setup_pub, venv, Path(tmp))
     manifest = {
-        "version": 1, "mode": "base-image",
+        "version": 1,
+        "mode": "base-image",
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 1),
-        "inputs": {"base_image": {"path": str(base), "format": info["format"], "sha256": file_sha256(base)},
-                   "wheels": locked_wheels(venv)},
+        "inputs": {
+            "base_image": {"path": str(base), "format": info["format"], "sha256": file_sha256(base)},
+            "wheels": locked_wheels(venv),
+        },
         "files": tar_file_hashes(venv, guest_files.VENV),
-        "disk": {"path": str(layout.disk), "format": "qcow2", "backing_file": str(base),
-                 "virtual_size": f"{info['virtual-size'] // 2**20}M", "bytes": layout.disk.stat().st_size},
+        "disk": {
+            "path": str(layout.disk),
+            "format": "qcow2",
+            "backing_file": str(base),
+            "virtual_size": f"{info['virtual-size'] // 2**20}M",
+            "bytes": layout.disk.stat().st_size,
+        },
         "seed": {"path": str(layout.seed), "sha256": file_sha256(layout.seed)},
         "kernel": None,
         "ssh": {"setup_key": str(layout.setup_key)},

@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import debs
 from .initrd import INIT, build_initrd, module_closure
@@ -42,9 +43,15 @@ class BootFiles:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BootFiles":
-        return cls(Path(data["kernel"]), Path(data["initrd"]), data["append"], data["version"],
-                   data.get("key", ""), data.get("source", ""))
+    def from_dict(cls, data: dict[str, Any]) -> BootFiles:
+        return cls(
+            Path(data["kernel"]),
+            Path(data["initrd"]),
+            data["append"],
+            data["version"],
+            data.get("key", ""),
+            data.get("source", ""),
+        )
 
 
 def boot_files(out_dir: Path, progress: Callable[[str], None] = lambda _: None) -> BootFiles:

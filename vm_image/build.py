@@ -30,16 +30,24 @@ from .rootfs import SUITE, base_rootfs
 MANIFEST_VERSION = 1
 
 
-def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", force: bool = False,
-          base_image: Path | None = None, steps: Steps | None = None) -> dict[str, Any]:
+def build(
+    layout: Layout,
+    *,
+    mirror: str | None = None,
+    disk_size: str = "2G",
+    force: bool = False,
+    base_image: Path | None = None,
+    steps: Steps | None = None,
+) -> dict[str, Any]:
     """Build (or reuse) the image in `layout.image`; returns its manifest."""
     steps = steps or Steps(total=5)
     _check_disk_size(disk_size)
     layout.make_dirs()
     running = proc.running_qemu(layout.pidfile)
     if running:
-        raise BadInput(f"the VM (pid {running}) is running from {layout.disk}",
-                       hint="stop it first: python -m vm_image stop")
+        raise BadInput(
+            f"the VM (pid {running}) is running from {layout.disk}", hint="stop it first: python -m vm_image stop"
+        )
     if base_image is not None:
         with steps.step(f"overlay and cloud-init seed for {base_image.name}") as note:
             return prepare_base_image(layout, base_image, note)
@@ -81,20 +89,35 @@ def build(layout: Layout, *, mirror: str | None = None, disk_size: str = "2G", f
             "wheels": locked_wheels(venv),
         },
         "files": tar_file_hashes(venv, guest_files.VENV),
-        "disk": {"path": str(layout.disk), "format": "qcow2", "virtual_size": disk_size,
-                 "bytes": layout.disk.stat().st_size, "sha256": file_sha256(layout.disk)},
+        "disk": {
+            "path": str(layout.disk),
+            "format": "qcow2",
+            "virtual_size": disk_size,
+            "bytes": layout.disk.stat().st_size,
+            "sha256": file_sha256(layout.disk),
+        },
         "kernel": {"path": str(layout.kernel), "sha256": file_sha256(layout.kernel), "append": boot.append},
         "initrd": {"path": str(layout.initrd), "sha256": file_sha256(layout.initrd)},
-        "ssh": {"setup_key": str(layout.setup_key), "setup_key_fingerprint": fingerprint(layout.setup_key),
-                "host_key_fingerprint": fingerprint(layout.image / "host_key.pub")},
+        "ssh": {
+            "setup_key": str(layout.setup_key),
+            "setup_key_fingerprint": fingerprint(layout.setup_key),
+            "host_key_fingerprint": fingerprint(layout.image / "host_key.pub"),
+        },
     }
     write_manifest(layout.manifest, manifest)
     return manifest
 
 
 def _inputs_key(*parts: str) -> str:
-    texts = [guest_files.UNIT, guest_files.WRAPPER, guest_files.NETWORK, guest_files.SSHD_DROPIN,
-             guest_files.FSTAB, guest_files.HOSTS, str(MANIFEST_VERSION)]
+    texts = [
+        guest_files.UNIT,
+        guest_files.WRAPPER,
+        guest_files.NETWORK,
+        guest_files.SSHD_DROPIN,
+        guest_files.FSTAB,
+        guest_files.HOSTS,
+        str(MANIFEST_VERSION),
+    ]
     return hashlib.sha256(json.dumps([*parts, *texts]).encode()).hexdigest()
 
 
@@ -104,5 +127,9 @@ def _outputs_present(layout: Layout) -> bool:
 
 def _check_disk_size(size: str) -> None:
     number, unit = size[:-1], size[-1:]
-    if unit not in ("M", "G") or not number.isdigit() or not (512 <= int(number) * (1024 if unit == "G" else 1) <= 65536):
+    if (
+        unit not in ("M", "G")
+        or not number.isdigit()
+        or not (512 <= int(number) * (1024 if unit == "G" else 1) <= 65536)
+    ):
         raise BadInput(f"disk size {size!r} is not between 512M and 64G (write it like 2G or 1536M)")

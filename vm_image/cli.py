@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .build import build
 from .control import status, stop
@@ -21,33 +22,52 @@ from .progress import Steps
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vm_image",
-                                description="build and run the secret-proxy VM (the agent's side)")
+    p = argparse.ArgumentParser(
+        prog="python -m vm_image", description="build and run the secret-proxy VM (the agent's side)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--state-dir", type=Path, default=None,
-                        help="where the image and the running VM's files live "
-                             "(default $SECRET_PROXY_VM_STATE or ~/.local/state/secret-proxy-vm)")
-        sp.add_argument("--cache-dir", type=Path, default=None,
-                        help="build cache: root filesystem, venv, kernel (default $SECRET_PROXY_VM_CACHE or STATE/cache)")
+        sp.add_argument(
+            "--state-dir",
+            type=Path,
+            default=None,
+            help="where the image and the running VM's files live "
+            "(default $SECRET_PROXY_VM_STATE or ~/.local/state/secret-proxy-vm)",
+        )
+        sp.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=None,
+            help="build cache: root filesystem, venv, kernel (default $SECRET_PROXY_VM_CACHE or STATE/cache)",
+        )
 
     def build_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mirror", help="Debian mirror URL (default: the one apt uses)")
         sp.add_argument("--disk-size", default="2G", help="virtual size of the guest's disk (default 2G; sparse)")
         sp.add_argument("--force", action="store_true", help="rebuild even if no input changed (new setup key)")
-        sp.add_argument("--base-image", type=Path, default=None,
-                        help="use this cloud image (qcow2 or raw, Debian 12-compatible) under a copy-on-write "
-                             "overlay, provisioned by cloud-init from a NoCloud seed, instead of building one")
+        sp.add_argument(
+            "--base-image",
+            type=Path,
+            default=None,
+            help="use this cloud image (qcow2 or raw, Debian 12-compatible) under a copy-on-write "
+            "overlay, provisioned by cloud-init from a NoCloud seed, instead of building one",
+        )
 
     def launch_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host", default="127.0.0.1", help="host address the proxy is forwarded to (default 127.0.0.1)")
+        sp.add_argument(
+            "--host", default="127.0.0.1", help="host address the proxy is forwarded to (default 127.0.0.1)"
+        )
         sp.add_argument("--port", type=int, default=3737, help="host port for the proxy (default 3737)")
         sp.add_argument("--ssh-port", type=int, default=2222, help="127.0.0.1 port forwarded to the guest's SSH")
         sp.add_argument("--memory", type=int, default=256, help="guest RAM in MB (default 256)")
         sp.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-        sp.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
-                        help="kvm when /dev/kvm is usable, else tcg (default auto)")
+        sp.add_argument(
+            "--accel",
+            default="auto",
+            choices=("auto", "kvm", "tcg"),
+            help="kvm when /dev/kvm is usable, else tcg (default auto)",
+        )
         sp.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health (default 600)")
 
     b = sub.add_parser("build", help="build the guest image (cached: unchanged inputs are not rebuilt)")
@@ -84,8 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace, layout: Layout, steps: Steps | None = None) -> int:
-    manifest = build(layout, mirror=args.mirror, disk_size=args.disk_size, force=args.force,
-                     base_image=args.base_image, steps=steps or Steps(total=5))
+    manifest = build(
+        layout,
+        mirror=args.mirror,
+        disk_size=args.disk_size,
+        force=args.force,
+        base_image=args.base_image,
+        steps=steps or Steps(total=5),
+    )
     disk = manifest["disk"]
     print(f"image: {disk['path']} ({disk['bytes'] / 2**20:.0f} MB qcow2, {disk['virtual_size']} virtual)")
     print(f"manifest: {layout.manifest}")
@@ -94,9 +120,17 @@ def _build(args: argparse.Namespace, layout: Layout, steps: Steps | None = None)
 
 
 def _launch(args: argparse.Namespace, layout: Layout, steps: Steps | None = None) -> int:
-    ready = launch(layout, proxy_host=args.host, proxy_port=args.port, ssh_port=args.ssh_port,
-                   memory_mb=args.memory, cpus=args.cpus, accel=args.accel, timeout=args.timeout,
-                   steps=steps or Steps(total=3))
+    ready = launch(
+        layout,
+        proxy_host=args.host,
+        proxy_port=args.port,
+        ssh_port=args.ssh_port,
+        memory_mb=args.memory,
+        cpus=args.cpus,
+        accel=args.accel,
+        timeout=args.timeout,
+        steps=steps or Steps(total=3),
+    )
     _summary(layout, ready)
     return 0
 

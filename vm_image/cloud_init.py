@@ -56,12 +56,14 @@ def user_data(setup_key_pub: str) -> str:
         "ssh_pwauth": False,
         "users": [],  # no default user with sudo: the proxy user is the only login
         "write_files": [
-            {"path": f"{gf.PROXY_HOME}/.ssh/authorized_keys", "permissions": "0600",
-             "content": check_public_key(setup_key_pub) + "\n"},
+            {
+                "path": f"{gf.PROXY_HOME}/.ssh/authorized_keys",
+                "permissions": "0600",
+                "content": check_public_key(setup_key_pub) + "\n",
+            },
             {"path": "/etc/systemd/system/secret-proxy.service", "permissions": "0644", "content": gf.UNIT},
             {"path": "/usr/local/bin/secret-proxy", "permissions": "0755", "content": gf.WRAPPER},
-            {"path": "/etc/ssh/sshd_config.d/10-secret-proxy.conf", "permissions": "0644",
-             "content": gf.SSHD_DROPIN},
+            {"path": "/etc/ssh/sshd_config.d/10-secret-proxy.conf", "permissions": "0644", "content": gf.SSHD_DROPIN},
         ],
         "runcmd": [["sh", "-c", PROVISION]],
     }
@@ -69,8 +71,15 @@ def user_data(setup_key_pub: str) -> str:
 
 
 def meta_data(instance_id: str | None = None) -> str:
-    return json.dumps({"instance-id": instance_id or f"secret-proxy-{uuid.uuid4().hex[:12]}",
-                       "local-hostname": gf.HOSTNAME.strip()}) + "\n"
+    return (
+        json.dumps(
+            {
+                "instance-id": instance_id or f"secret-proxy-{uuid.uuid4().hex[:12]}",
+                "local-hostname": gf.HOSTNAME.strip(),
+            }
+        )
+        + "\n"
+    )
 
 
 def make_seed(out: Path, setup_key_pub: str, venv_tar: Path, work: Path) -> Path:
@@ -84,9 +93,25 @@ def make_seed(out: Path, setup_key_pub: str, venv_tar: Path, work: Path) -> Path
     (staging / "meta-data").write_text(meta_data())
     shutil.copyfile(venv_tar, staging / SEED_VENV)
     partial = out.with_name(f".{out.name}.partial")
-    result = subprocess.run([tool, "-quiet", "-output", str(partial), "-volid", SEED_LABEL, "-joliet", "-rock",
-                             "--", str(staging / "user-data"), str(staging / "meta-data"), str(staging / SEED_VENV)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            tool,
+            "-quiet",
+            "-output",
+            str(partial),
+            "-volid",
+            SEED_LABEL,
+            "-joliet",
+            "-rock",
+            "--",
+            str(staging / "user-data"),
+            str(staging / "meta-data"),
+            str(staging / SEED_VENV),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise BuildFailed(f"genisoimage failed: {result.stderr.strip()[-400:]}")

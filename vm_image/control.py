@@ -6,8 +6,9 @@ import json
 import os
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import proc, qmp
 from .errors import VmImageError
@@ -31,9 +32,14 @@ def status(layout: Layout) -> dict[str, Any]:
     """What a user checks: is QEMU running, what does QMP say, does the proxy answer."""
     pid = proc.running_qemu(layout.pidfile)
     ready = read_ready(layout.ready)
-    report: dict[str, Any] = {"state_dir": str(layout.state), "running": pid is not None, "pid": pid,
-                              "ready_file": str(layout.ready) if ready else None, "qmp_status": None,
-                              "health": None}
+    report: dict[str, Any] = {
+        "state_dir": str(layout.state),
+        "running": pid is not None,
+        "pid": pid,
+        "ready_file": str(layout.ready) if ready else None,
+        "qmp_status": None,
+        "health": None,
+    }
     if pid is None:
         return report
     try:

@@ -21,8 +21,9 @@ def candidate_version(package: str) -> str:
             version = line.split(":", 1)[1].strip()
             if version and version != "(none)":
                 return version
-    raise BuildFailed(f"apt knows no installable version of {package}",
-                      hint="run `apt-get update` as root, then try again")
+    raise BuildFailed(
+        f"apt knows no installable version of {package}", hint="run `apt-get update` as root, then try again"
+    )
 
 
 def depends_on(package: str, prefix: str) -> str:

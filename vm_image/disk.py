@@ -70,8 +70,11 @@ def _system_files(w: _TarWriter) -> None:
     w.add("/etc/systemd/network/10-virtio.network", 0o644, gf.NETWORK.encode())
     w.add("/etc/ssh/sshd_config.d/10-secret-proxy.conf", 0o644, gf.SSHD_DROPIN.encode())
     w.add("/etc/systemd/system/secret-proxy.service", 0o644, gf.UNIT.encode())
-    w.add("/etc/systemd/system/multi-user.target.wants/secret-proxy.service", 0o777,
-          link="/etc/systemd/system/secret-proxy.service")
+    w.add(
+        "/etc/systemd/system/multi-user.target.wants/secret-proxy.service",
+        0o777,
+        link="/etc/systemd/system/secret-proxy.service",
+    )
     w.add("/usr/local/bin/secret-proxy", 0o755, gf.WRAPPER.encode())
     w.add(gf.PROXY_HOME, 0o750, owner=gf.PROXY_UID)
     w.add(gf.PROXY_HOME + "/.ssh", 0o700, owner=gf.PROXY_UID)
@@ -116,12 +119,20 @@ def assemble_disk(base: Path, overlay_tar: Path, work: Path, out: Path, size: st
         argv = ["unshare", "--map-auto", "--map-root-user", "--", *argv]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
-        raise BuildFailed(f"assembling the disk failed: {proc.stderr.strip()[-800:]}",
-                          hint="as an unprivileged user this needs an /etc/subuid and /etc/subgid entry "
-                               "(useradd makes one; see `man subuid`)" if os.geteuid() else None)
+        raise BuildFailed(
+            f"assembling the disk failed: {proc.stderr.strip()[-800:]}",
+            hint="as an unprivileged user this needs an /etc/subuid and /etc/subgid entry "
+            "(useradd makes one; see `man subuid`)"
+            if os.geteuid()
+            else None,
+        )
     partial = out.with_name(f".{out.name}.partial")
-    convert = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(partial)],
-                             capture_output=True, text=True, timeout=1200)
+    convert = subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(partial)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     raw.unlink(missing_ok=True)
     if convert.returncode != 0:
         partial.unlink(missing_ok=True)

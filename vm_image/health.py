@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import VmImageError
 
@@ -27,8 +27,15 @@ def answers(url: str, timeout: float = 5) -> bool:
         return False
 
 
-def wait_for_health(url: str, timeout: float, alive: Callable[[], bool] = lambda: True, *, interval: float = 1.0,
-                    waiting: Callable[[float], None] = lambda _: None, note_every: float = 10) -> float:
+def wait_for_health(
+    url: str,
+    timeout: float,
+    alive: Callable[[], bool] = lambda: True,
+    *,
+    interval: float = 1.0,
+    waiting: Callable[[float], None] = lambda _: None,
+    note_every: float = 10,
+) -> float:
     """Poll `url`/health until it answers; returns the seconds it took.
 
     Raises ProcessGone as soon as `alive()` is false (the QEMU that should answer has exited),

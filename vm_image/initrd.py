@@ -69,7 +69,7 @@ def _depends(ko: Path) -> list[str]:
     at = data.find(b"\0depends=")
     if at < 0:
         return []
-    value = data[at + len(b"\0depends="):data.index(b"\0", at + 1)].decode()
+    value = data[at + len(b"\0depends=") : data.index(b"\0", at + 1)].decode()
     return [d for d in value.split(",") if d]
 
 
@@ -77,7 +77,8 @@ def _builtin(modules_dir: Path, name: str) -> bool:
     builtin = modules_dir / "modules.builtin"
     key = name.replace("-", "_")
     return builtin.is_file() and any(
-        Path(line).name.removesuffix(".ko").replace("-", "_") == key for line in builtin.read_text().split())
+        Path(line).name.removesuffix(".ko").replace("-", "_") == key for line in builtin.read_text().split()
+    )
 
 
 def build_initrd(busybox: Path, modules: list[Path], out: Path) -> Path:

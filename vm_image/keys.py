@@ -15,8 +15,12 @@ from .errors import BadInput, BuildFailed, MissingTool
 def ssh_keygen(path: Path, comment: str) -> None:
     if shutil.which("ssh-keygen") is None:
         raise MissingTool("ssh-keygen is not installed (package openssh-client)")
-    result = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if result.returncode != 0:
         raise BuildFailed(f"ssh-keygen failed: {result.stderr.strip()}")
 
@@ -30,7 +34,10 @@ def new_setup_key(path: Path) -> bytes:
 
 
 def new_host_key(work: Path) -> tuple[bytes, bytes]:
-    """The guest's SSH host key, made per build so no two images share one (the private half stays only in the guest)."""
+    """The guest's SSH host key, made per build so no two images share one.
+
+    The private half stays only in the guest.
+    """
     path = work / "ssh_host_ed25519_key"
     ssh_keygen(path, "root@secret-proxy-vm")
     private, public = path.read_bytes(), path.with_name(path.name + ".pub").read_bytes()
@@ -40,8 +47,9 @@ def new_host_key(work: Path) -> tuple[bytes, bytes]:
 
 def key_fingerprint(path: Path) -> str:
     """The key's SHA256 fingerprint; BadInput when ssh-keygen cannot read it."""
-    result = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(path)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(path)], capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0 or not result.stdout:
         raise BadInput(f"ssh-keygen cannot read {path}: {result.stderr.strip()}")
     return result.stdout.split()[1]

@@ -99,9 +99,30 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
     with tempfile.TemporaryDirectory(prefix="spvm-kvm-probe-") as tmp:
         firmware, serial, log = Path(tmp) / "probe.bin", Path(tmp) / "serial.out", Path(tmp) / "qemu.log"
         firmware.write_bytes(probe_firmware(marker))
-        argv = [binary, "-machine", "q35", "-accel", accel, "-cpu", cpu, "-m", "32", "-nodefaults",
-                "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot", "-bios", str(firmware),
-                "-serial", f"file:{serial}", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+        argv = [
+            binary,
+            "-machine",
+            "q35",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-m",
+            "32",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-bios",
+            str(firmware),
+            "-serial",
+            f"file:{serial}",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ]
         started = time.monotonic()
         # A new session, so a stand-in that forks (or QEMU's helpers) is killed with its group.
         with open(log, "wb") as out:
@@ -119,14 +140,21 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
             seen = ""
         said = log.read_bytes()[-300:].decode(errors="replace").strip().splitlines()
     if marker in seen and code == (EXIT_CODE << 1) | 1:
-        return Verdict(True, f"a test guest ran under {accel} (real, protected and long mode) and answered "
-                             f"after {seconds:.1f} s", seconds)
+        return Verdict(
+            True,
+            f"a test guest ran under {accel} (real, protected and long mode) and answered after {seconds:.1f} s",
+            seconds,
+        )
     if code is None:
-        return Verdict(False, f"a test guest under {accel} did not finish within {deadline:.0f} s: "
-                              f"{_stages(seen)}", seconds)
+        return Verdict(
+            False, f"a test guest under {accel} did not finish within {deadline:.0f} s: {_stages(seen)}", seconds
+        )
     why = f" (QEMU said: {said[-1]})" if said else ""
-    return Verdict(False, f"QEMU with -accel {accel} exited with status {code} before the test guest answered: "
-                          f"{_stages(seen)}{why}", seconds)
+    return Verdict(
+        False,
+        f"QEMU with -accel {accel} exited with status {code} before the test guest answered: {_stages(seen)}{why}",
+        seconds,
+    )
 
 
 def probe_firmware(marker: str) -> bytes:
@@ -142,8 +170,8 @@ def probe_firmware(marker: str) -> bytes:
     if len(text) > MARKER_SIZE:
         raise ValueError(f"probe marker longer than {MARKER_SIZE - 2} characters")
     image = bytearray(0x10000)
-    image[:len(FIRMWARE_CODE)] = FIRMWARE_CODE
-    image[MARKER_OFFSET:MARKER_OFFSET + len(text)] = text
+    image[: len(FIRMWARE_CODE)] = FIRMWARE_CODE
+    image[MARKER_OFFSET : MARKER_OFFSET + len(text)] = text
     image[0xFFF0:0xFFF3] = b"\xe9\x0d\x00"  # reset vector F000:FFF0: jmp rel16 to offset 0 (IP wraps)
     return bytes(image)
 
@@ -158,6 +186,7 @@ def _stages(seen: str) -> str:
 
 
 # -- the per-boot cache ------------------------------------------------------------------------
+
 
 def cache_dir_for(uid: int) -> Path:
     """root: a root-only directory under /run (gone at reboot). Others: their own cache directory."""
@@ -215,8 +244,7 @@ def write_cached(directory: Path, key: dict[str, object], verdict: Verdict, uid:
         return False
     temp = f".{CACHE_NAME}.{secrets.token_hex(4)}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         try:
             os.write(fd, json.dumps({"key": key, "verdict": asdict(verdict)}).encode())
         finally:

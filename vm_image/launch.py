@@ -32,9 +32,18 @@ READY_VERSION = 1
 START_TIMEOUT = 120.0  # QEMU daemonizes once its devices are set up: seconds, even on a busy host
 
 
-def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3737, ssh_port: int = 2222,
-           memory_mb: int = 256, cpus: int = 1, accel: str = "auto", timeout: float = 600,
-           steps: Steps | None = None) -> dict[str, Any]:
+def launch(
+    layout: Layout,
+    *,
+    proxy_host: str = "127.0.0.1",
+    proxy_port: int = 3737,
+    ssh_port: int = 2222,
+    memory_mb: int = 256,
+    cpus: int = 1,
+    accel: str = "auto",
+    timeout: float = 600,
+    steps: Steps | None = None,
+) -> dict[str, Any]:
     steps = steps or Steps(total=3)
     with steps.step("checks before starting QEMU") as note:
         binary = qemu_binary()
@@ -61,38 +70,66 @@ def launch(layout: Layout, *, proxy_host: str = "127.0.0.1", proxy_port: int = 3
             raise
         note(f"healthy after {boot_seconds:.1f} s; /v1 without a token answers 401")
     ready = {
-        "version": READY_VERSION, "monitor": str(layout.monitor), "disk": str(layout.disk), "pid": pid,
-        "pidfile": str(layout.pidfile), "serial_log": str(layout.serial_log), "kernel": str(layout.kernel),
-        "initrd": str(layout.initrd), "manifest": str(layout.manifest),
+        "version": READY_VERSION,
+        "monitor": str(layout.monitor),
+        "disk": str(layout.disk),
+        "pid": pid,
+        "pidfile": str(layout.pidfile),
+        "serial_log": str(layout.serial_log),
+        "kernel": str(layout.kernel),
+        "initrd": str(layout.initrd),
+        "manifest": str(layout.manifest),
         "setup_key_pub": str(layout.setup_key) + ".pub",
-        "proxy": {"host": proxy_host, "port": proxy_port}, "ssh": {"host": cfg.ssh_host, "port": ssh_port,
-                                                                 "user": "proxy"},
-        "memory_mb": memory_mb, "cpus": cpus, "accel": cfg.accel, "boot_seconds": round(boot_seconds, 1),
+        "proxy": {"host": proxy_host, "port": proxy_port},
+        "ssh": {"host": cfg.ssh_host, "port": ssh_port, "user": "proxy"},
+        "memory_mb": memory_mb,
+        "cpus": cpus,
+        "accel": cfg.accel,
+        "boot_seconds": round(boot_seconds, 1),
     }
     write_ready(layout.ready, ready)
     return ready
 
 
-def _preflight(layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, memory_mb: int, cpus: int,
-               accel: str) -> VmConfig:
+def _preflight(
+    layout: Layout, proxy_host: str, proxy_port: int, ssh_port: int, memory_mb: int, cpus: int, accel: str
+) -> VmConfig:
     manifest = read_json(layout.manifest)
     from_base = manifest.get("mode") == "base-image"
     for path in (layout.disk, layout.seed) if from_base else (layout.disk, layout.kernel, layout.initrd):
         if not path.is_file():
-            raise BadInput(f"{path} does not exist: the image is not built",
-                           hint="run `python -m vm_image build` (or `up`, which builds and launches)")
+            raise BadInput(
+                f"{path} does not exist: the image is not built",
+                hint="run `python -m vm_image build` (or `up`, which builds and launches)",
+            )
     running = proc.running_qemu(layout.pidfile)
     if running:
-        raise BadInput(f"the VM is already running (QEMU pid {running})",
-                       hint="`python -m vm_image status` shows it; `python -m vm_image stop` stops it")
+        raise BadInput(
+            f"the VM is already running (QEMU pid {running})",
+            hint="`python -m vm_image status` shows it; `python -m vm_image stop` stops it",
+        )
     if os.path.lexists(layout.monitor):
-        raise BadInput(f"the monitor path {layout.monitor} already exists (left by a QEMU that did not exit cleanly?)",
-                       hint="`python -m vm_image stop` removes stale files when no VM runs")
+        raise BadInput(
+            f"the monitor path {layout.monitor} already exists (left by a QEMU that did not exit cleanly?)",
+            hint="`python -m vm_image stop` removes stale files when no VM runs",
+        )
     append = (manifest.get("kernel") or {}).get("append") or KERNEL_APPEND
-    cfg = VmConfig(layout.disk, None if from_base else layout.kernel, None if from_base else layout.initrd, append,
-                   layout.monitor, layout.pidfile, layout.serial_log, proxy_host=proxy_host, proxy_port=proxy_port,
-                   ssh_port=ssh_port, memory_mb=memory_mb, cpus=cpus, accel=accel,
-                   seed=layout.seed if from_base else None)
+    cfg = VmConfig(
+        layout.disk,
+        None if from_base else layout.kernel,
+        None if from_base else layout.initrd,
+        append,
+        layout.monitor,
+        layout.pidfile,
+        layout.serial_log,
+        proxy_host=proxy_host,
+        proxy_port=proxy_port,
+        ssh_port=ssh_port,
+        memory_mb=memory_mb,
+        cpus=cpus,
+        accel=accel,
+        seed=layout.seed if from_base else None,
+    )
     qemu_argv(cfg)  # validates every value before anything starts
     if proxy_port == ssh_port:
         raise BadInput(f"the proxy and SSH cannot both be forwarded from port {proxy_port}")
@@ -116,9 +153,11 @@ def start_qemu(argv: list[str], pidfile: Path, timeout: float = START_TIMEOUT) -
             pid = proc.running_qemu(pidfile)
             if pid is not None:
                 _kill(pid)
-            raise LaunchFailed(f"QEMU did not finish starting within {timeout:.0f} s (it was stopped)",
-                               hint="see whether the host is overloaded or QEMU hangs at start "
-                                    "(run the same command with --accel tcg), then launch again") from None
+            raise LaunchFailed(
+                f"QEMU did not finish starting within {timeout:.0f} s (it was stopped)",
+                hint="see whether the host is overloaded or QEMU hangs at start "
+                "(run the same command with --accel tcg), then launch again",
+            ) from None
         out.seek(0)
         output = out.read().decode(errors="replace")
     if result.returncode != 0:
@@ -136,8 +175,13 @@ def port_free(host: str, port: int) -> bool:
 
 def wait_healthy(url: str, layout: Layout, pid: int, timeout: float, note: Any) -> float:
     try:
-        return wait_for_health(url, timeout, lambda: proc.is_qemu(pid), interval=0.5,
-                               waiting=lambda s: note(f"still booting ({s:.0f} s): {_last_line(layout.serial_log)}"))
+        return wait_for_health(
+            url,
+            timeout,
+            lambda: proc.is_qemu(pid),
+            interval=0.5,
+            waiting=lambda s: note(f"still booting ({s:.0f} s): {_last_line(layout.serial_log)}"),
+        )
     except ProcessGone:
         raise LaunchFailed(f"QEMU exited while the guest was booting.\n{serial_tail(layout.serial_log)}") from None
     except HealthTimeout as exc:
@@ -152,7 +196,9 @@ def check_api_refuses_anonymous(url: str) -> None:
         body = _json_or_empty(exc.read())
         if exc.code == 401 and body.get("error") == "unauthorized":
             return
-        raise LaunchFailed(f"GET /v1/requests without a token answered {exc.code} {body}, not 401 unauthorized")
+        raise LaunchFailed(
+            f"GET /v1/requests without a token answered {exc.code} {body}, not 401 unauthorized"
+        ) from None
     except OSError as exc:
         raise LaunchFailed(f"GET /v1/requests failed: {exc}") from None
     raise LaunchFailed("GET /v1/requests without a token was answered 200: the API does not check tokens")

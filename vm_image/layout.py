@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,12 @@ from .errors import BadInput
 READY_MARKER = "READY_FOR_TAKEOVER"
 
 
-def default_cache_dir(env: dict[str, str] | None = None) -> Path | None:
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path | None:
     env = os.environ if env is None else env
     return Path(env["SECRET_PROXY_VM_CACHE"]) if env.get("SECRET_PROXY_VM_CACHE") else None
 
 
-def default_state_dir(env: dict[str, str] | None = None) -> Path:
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get("SECRET_PROXY_VM_STATE"):
         return Path(env["SECRET_PROXY_VM_STATE"])

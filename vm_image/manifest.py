@@ -30,7 +30,7 @@ def tar_file_hashes(tarball: Path, prefix: str) -> dict[str, str]:
         for member in tar:
             if member.isfile():
                 data = tar.extractfile(member)
-                digest = hashlib.file_digest(data, "sha256").hexdigest() if data else ""
+                digest = hashlib.sha256(data.read()).hexdigest() if data else ""
                 hashes[os.path.normpath(f"{prefix}/{member.name}")] = digest
     return dict(sorted(hashes.items()))
 

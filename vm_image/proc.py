@@ -38,14 +38,24 @@ def read_process(pid: int) -> ProcessInfo:
     groups = tuple(int(g) for g in status.get("Groups", "").split())
     raw = (base / "cmdline").read_bytes()
     cmdline = tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]) if raw else ()
-    return ProcessInfo(pid, start_ticks(pid), uids[0], gids[0], groups,
-                       os.readlink(base / "exe"), os.readlink(base / "cwd"), cmdline, uids, gids)
+    return ProcessInfo(
+        pid,
+        start_ticks(pid),
+        uids[0],
+        gids[0],
+        groups,
+        os.readlink(base / "exe"),
+        os.readlink(base / "cwd"),
+        cmdline,
+        uids,
+        gids,
+    )
 
 
 def start_ticks(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 def alive(pid: int, ticks: int) -> bool:
@@ -57,7 +67,7 @@ def alive(pid: int, ticks: int) -> bool:
 
 def _state(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2:].split()[0]
+    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
 def wait_gone(pid: int, ticks: int, timeout: float) -> bool:
@@ -124,7 +134,7 @@ def listening_tcp(pid: int) -> set[tuple[str, int]]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     found = set()
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -144,7 +154,7 @@ def listening_tcp(pid: int) -> set[tuple[str, int]]:
 def _kernel_address(text: str, family: int) -> str:
     # /proc/net/tcp prints each 32-bit word of the address in host byte order.
     raw = bytes.fromhex(text)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
     return socket.inet_ntop(family, words)
 
 

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import BuildFailed, MissingTool
 from .guest_files import VENV
@@ -50,18 +50,49 @@ def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _:
     if uv is None:
         raise MissingTool("uv is not installed", hint="run `make setup`, which installs uv into .venv")
     if not Path(GUEST_PYTHON).exists():
-        raise MissingTool(f"{GUEST_PYTHON} is not installed; the venv must be built for the guest's Python",
-                          hint="apt-get install python3 (Debian 12's python3 is 3.11)")
+        raise MissingTool(
+            f"{GUEST_PYTHON} is not installed; the venv must be built for the guest's Python",
+            hint="apt-get install python3 (Debian 12's python3 is 3.11)",
+        )
     progress("building the proxy's venv from the wheels locked in uv.lock")
     with tempfile.TemporaryDirectory(prefix=".venv-build-", dir=work_dir) as tmp:
         stage = Path(tmp) / "stage"
         venv = stage / GUEST_VENV.lstrip("/")
         requirements = Path(tmp) / "requirements.txt"
-        _run([uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt",
-                       "--no-header", "--project", str(ROOT), "-o", str(requirements)])
+        _run(
+            [
+                uv,
+                "export",
+                "--frozen",
+                "--no-dev",
+                "--no-emit-project",
+                "--format",
+                "requirements-txt",
+                "--no-header",
+                "--project",
+                str(ROOT),
+                "-o",
+                str(requirements),
+            ]
+        )
         _run([uv, "venv", "--quiet", "--relocatable", "--python", GUEST_PYTHON, str(venv)])
-        _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin/python"), "--require-hashes",
-              "--no-deps", "--link-mode", "copy", "--no-compile", "-r", str(requirements)])
+        _run(
+            [
+                uv,
+                "pip",
+                "install",
+                "--quiet",
+                "--python",
+                str(venv / "bin/python"),
+                "--require-hashes",
+                "--no-deps",
+                "--link-mode",
+                "copy",
+                "--no-compile",
+                "-r",
+                str(requirements),
+            ]
+        )
         site = venv / "lib/python3.11/site-packages"
         shutil.copytree(ROOT / "proxy", site / "proxy", ignore=_not_for_the_guest)
         # Byte-compile here, with the guest's paths in the code objects: the venv is read-only for
@@ -90,13 +121,15 @@ def locked_wheels(tarball: Path) -> dict[str, dict[str, object]]:
     """{name: {"version", "sha256": [...]}} from the requirements beside the tarball, for the manifest."""
     wheels: dict[str, dict[str, object]] = {}
     current: dict[str, object] | None = None
+    hashes: list[str] = []
     for raw in requirements_file(tarball).read_text().splitlines():
         line = raw.strip().rstrip("\\").strip()
         if line.startswith("--hash=sha256:") and current is not None:
-            current["sha256"].append(line.removeprefix("--hash=sha256:"))  # type: ignore[union-attr]
+            hashes.append(line.removeprefix("--hash=sha256:"))
         elif "==" in line and not line.startswith("#"):
             name, _, version = line.partition("==")
-            current = wheels[name.strip()] = {"version": version.split(";")[0].strip(), "sha256": []}
+            hashes = []
+            current = wheels[name.strip()] = {"version": version.split(";")[0].strip(), "sha256": hashes}
     return wheels
 
 

@@ -50,10 +50,12 @@ def choose_accel(requested: str, probe: kvm_probe.Probe | None = None) -> str:
         return "kvm"
     if requested == "kvm":
         cache = (probe.cache_dir or kvm_probe.cache_dir_for(probe.uid)) / kvm_probe.CACHE_NAME
-        raise BadInput(f"--accel kvm: KVM does not run guests for this user here: {verdict.detail}",
-                       hint=f"use --accel tcg (slower; the takeover refuses an agent in the kvm group, so an "
-                            f"agent's VM runs under TCG); the verdict is kept until the host reboots or {cache} "
-                            f"is deleted")
+        raise BadInput(
+            f"--accel kvm: KVM does not run guests for this user here: {verdict.detail}",
+            hint=f"use --accel tcg (slower; the takeover refuses an agent in the kvm group, so an "
+            f"agent's VM runs under TCG); the verdict is kept until the host reboots or {cache} "
+            f"is deleted",
+        )
     return "tcg"
 
 
@@ -84,19 +86,43 @@ def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
         raise BadInput(f"accelerator {cfg.accel!r} is not kvm or tcg")
     boot = ["-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.append] if cfg.kernel else []
     seed = ["-drive", f"file={cfg.seed},if=virtio,format=raw,readonly=on"] if cfg.seed else []
-    forwards = (f"hostfwd=tcp:{cfg.proxy_host}:{cfg.proxy_port}-:{cfg.guest_proxy_port},"
-                f"hostfwd=tcp:{cfg.ssh_host}:{cfg.ssh_port}-:{GUEST_SSH_PORT}")
+    forwards = (
+        f"hostfwd=tcp:{cfg.proxy_host}:{cfg.proxy_port}-:{cfg.guest_proxy_port},"
+        f"hostfwd=tcp:{cfg.ssh_host}:{cfg.ssh_port}-:{GUEST_SSH_PORT}"
+    )
     return [
-        binary, "-name", "secret-proxy-vm", "-machine", "q35", *accel,
-        "-m", str(cfg.memory_mb), "-smp", str(cfg.cpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        binary,
+        "-name",
+        "secret-proxy-vm",
+        "-machine",
+        "q35",
+        *accel,
+        "-m",
+        str(cfg.memory_mb),
+        "-smp",
+        str(cfg.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
         *boot,
-        "-drive", f"file={cfg.disk},if=virtio,format=qcow2,discard=unmap", *seed,
-        "-netdev", f"user,id=net0,{forwards}", "-device", "virtio-net-pci,netdev=net0",
-        "-device", "virtio-rng-pci",
-        "-serial", f"file:{cfg.serial_log}",
-        "-qmp", f"unix:{cfg.monitor},server=on,wait=off",
-        "-pidfile", str(cfg.pidfile), "-daemonize",
+        "-drive",
+        f"file={cfg.disk},if=virtio,format=qcow2,discard=unmap",
+        *seed,
+        "-netdev",
+        f"user,id=net0,{forwards}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+        "-device",
+        "virtio-rng-pci",
+        "-serial",
+        f"file:{cfg.serial_log}",
+        "-qmp",
+        f"unix:{cfg.monitor},server=on,wait=off",
+        "-pidfile",
+        str(cfg.pidfile),
+        "-daemonize",
     ]
 
 

@@ -76,10 +76,10 @@ class QMP:
         sock.setblocking(False)
         try:
             self._run(self._client.connect(sock), self.timeout)
-        except (QMPError, asyncio.TimeoutError, OSError, EOFError) as exc:
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             sock.close()
             self.close()
-            reason = "no greeting within %.0f s" % self.timeout if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            reason = f"no greeting within {self.timeout:.0f} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             raise MonitorNotQMP(f"{self.path} does not speak QMP ({reason})") from None
 
     def _run(self, coro: Any, timeout: float | None) -> Any:
@@ -90,7 +90,7 @@ class QMP:
             return self._run(self._client.execute(command, arguments), timeout)
         except ExecuteError as exc:
             raise QMPCommandError(command, exc.error_class, str(exc)) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QMPTimeout(f"QEMU did not answer {command!r} within {timeout} s") from None
 
     def hmp(self, command_line: str, timeout: float | None = 600) -> str:
@@ -101,12 +101,12 @@ class QMP:
             return
         try:
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 10))
-        except (QMPError, asyncio.TimeoutError, OSError, EOFError):
+        except (TimeoutError, QMPError, OSError, EOFError):
             pass  # the peer may have gone away (after `quit`), which is what we asked for
         finally:
             self._loop.close()
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import BuildFailed, MissingTool
 
@@ -22,9 +22,14 @@ SUITE = "bookworm"
 # dbus: systemd-logind needs it, and logind is what turns the ACPI power button into a clean shutdown.
 PACKAGES = ["systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "python3", "ca-certificates", "kmod"]
 # Documentation, manuals and translations are a third of a minimal system; nothing in a VM reads them.
-DPKG_OPTIONS = ["path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*",
-                "path-include=/usr/share/doc/*/copyright", "path-exclude=/usr/share/locale/*",
-                "path-exclude=/usr/share/info/*", "path-exclude=/usr/share/lintian/*"]
+DPKG_OPTIONS = [
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/lintian/*",
+]
 # Run inside the new system before it is packed ($1 is its root). Host keys are made per build,
 # never shared between images built from this cache.
 CUSTOMIZE = [
@@ -32,7 +37,7 @@ CUSTOMIZE = [
     'rm -f "$1"/etc/ssh/ssh_host_*',
     'chroot "$1" systemctl enable systemd-networkd.service',
     'chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer '
-    'serial-getty@ttyS0.service getty@tty1.service getty-static.service e2scrub_reap.service',
+    "serial-getty@ttyS0.service getty@tty1.service getty-static.service e2scrub_reap.service",
     'rm -rf "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/*',
 ]
 
@@ -41,8 +46,7 @@ def inputs_key(mirror: str | None) -> str:
     return hashlib.sha256(json.dumps([SUITE, PACKAGES, DPKG_OPTIONS, CUSTOMIZE, mirror]).encode()).hexdigest()
 
 
-def base_rootfs(cache_dir: Path, mirror: str | None = None,
-                progress: Callable[[str], None] = lambda _: None) -> Path:
+def base_rootfs(cache_dir: Path, mirror: str | None = None, progress: Callable[[str], None] = lambda _: None) -> Path:
     """`cache_dir/rootfs-KEY.tar`, built with mmdebstrap when no tarball for these inputs exists."""
     tarball = cache_dir / f"rootfs-{inputs_key(mirror)[:16]}.tar"
     if tarball.is_file():
@@ -52,8 +56,14 @@ def base_rootfs(cache_dir: Path, mirror: str | None = None,
         raise MissingTool("mmdebstrap is not installed (package mmdebstrap; unprivileged builds also need uidmap)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     mode = "root" if os.geteuid() == 0 else "unshare"
-    argv = ["mmdebstrap", f"--mode={mode}", "--variant=minbase", "--format=tar", "--quiet",
-            "--include=" + ",".join(PACKAGES)]
+    argv = [
+        "mmdebstrap",
+        f"--mode={mode}",
+        "--variant=minbase",
+        "--format=tar",
+        "--quiet",
+        "--include=" + ",".join(PACKAGES),
+    ]
     argv += [f"--dpkgopt={opt}" for opt in DPKG_OPTIONS]
     argv += [f"--customize-hook={hook}" for hook in CUSTOMIZE]
     partial = cache_dir / f".{tarball.name}.partial"
@@ -64,8 +74,11 @@ def base_rootfs(cache_dir: Path, mirror: str | None = None,
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
-        hint = ("as an unprivileged user, mmdebstrap needs uidmap and an /etc/subuid entry for you"
-                if mode == "unshare" else None)
+        hint = (
+            "as an unprivileged user, mmdebstrap needs uidmap and an /etc/subuid entry for you"
+            if mode == "unshare"
+            else None
+        )
         raise BuildFailed(f"mmdebstrap failed: {proc.stderr.strip()[-800:]}", hint=hint)
     os.chmod(partial, 0o644)
     os.replace(partial, tarball)

@@ -38,8 +38,9 @@ def ask_call(api: ProxyApi, secret: str, reason: str, call: dict[str, Any]) -> s
     return request_id
 
 
-def wait_for_decision(api: ProxyApi, request_id: str, timeout: float,
-                      progress: Progress = lambda _: None) -> dict[str, Any]:
+def wait_for_decision(
+    api: ProxyApi, request_id: str, timeout: float, progress: Progress = lambda _: None
+) -> dict[str, Any]:
     """The request as the proxy shows it once it has left `pending`; TimedOut if still pending at `timeout`."""
     deadline = time.monotonic() + max(0.0, timeout)
     while True:
@@ -62,9 +63,11 @@ def wait_for_decision(api: ProxyApi, request_id: str, timeout: float,
         if view.get("status") != "pending":
             return view
         if time.monotonic() >= deadline:
-            raise TimedOut(f"no decision within {timeout:g} s; request {request_id} is still pending",
-                           hint=f"wait longer with `secret-proxy-agent wait {request_id}`, or ask a human to "
-                                f"approve it", request_id=request_id)
+            raise TimedOut(
+                f"no decision within {timeout:g} s; request {request_id} is still pending",
+                hint=f"wait longer with `secret-proxy-agent wait {request_id}`, or ask a human to approve it",
+                request_id=request_id,
+            )
         if time.monotonic() - started < MIN_POLL_SECONDS:
             time.sleep(max(0.0, min(MIN_POLL_SECONDS, deadline - time.monotonic())))
         else:

@@ -46,30 +46,46 @@ def say(text: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Ask the secret proxy for a secret; a human approves "
-                                "every use. Configure with SECRET_PROXY_URL and SECRET_PROXY_TOKEN_FILE "
-                                "(or SECRET_PROXY_TOKEN).")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ask the secret proxy for a secret; a human approves "
+        "every use. Configure with SECRET_PROXY_URL and SECRET_PROXY_TOKEN_FILE "
+        "(or SECRET_PROXY_TOKEN).",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def asking(name: str, help_text: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("name", metavar="NAME", help="the secret's name, e.g. openai-api-key")
-        s.add_argument("--reason", required=True,
-                       help="what you will do with it, where, and why now: the approver reads this")
-        s.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="S",
-                       help=f"seconds to wait for a decision (default {DEFAULT_TIMEOUT_SECONDS:g})")
+        s.add_argument(
+            "--reason", required=True, help="what you will do with it, where, and why now: the approver reads this"
+        )
+        s.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=DEFAULT_TIMEOUT_SECONDS,
+            metavar="S",
+            help=f"seconds to wait for a decision (default {DEFAULT_TIMEOUT_SECONDS:g})",
+        )
         return s
 
     asking("get", "ask for a secret and print its value once on stdout")
     e = asking("exec", "ask for a secret and run COMMAND with the value in one environment variable")
     e.add_argument("--env", required=True, metavar="VAR", help="the environment variable COMMAND finds it in")
     e.usage = f"{PROG} exec NAME --reason TEXT --env VAR [--timeout S] -- COMMAND [ARG...]"
-    c = asking("call", "ask to use a secret in one HTTP call that the proxy makes for you; you get the answer, "
-                       "never the value")
+    c = asking(
+        "call", "ask to use a secret in one HTTP call that the proxy makes for you; you get the answer, never the value"
+    )
     c.add_argument("-X", "--method", default="GET", help="the HTTP method (default GET)")
     c.add_argument("url", metavar="URL", help="the exact URL, e.g. https://api.example.com/v1/items")
-    c.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
-                   help="a header to send (repeatable); the proxy adds the secret's own header itself")
+    c.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="a header to send (repeatable); the proxy adds the secret's own header itself",
+    )
     c.add_argument("--data", metavar="@FILE|TEXT", help="the body: TEXT as is, @FILE read from a file, @- stdin")
     c.usage = f"{PROG} call NAME --reason TEXT -X METHOD URL [-H 'Name: value']... [--data @FILE]"
     w = sub.add_parser("wait", help="wait on for a request that `get` stopped waiting for; print its value")
@@ -88,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: list[str] = []
     if argv[:1] == ["exec"] and "--" in argv:
         split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
+        argv, command = argv[:split], argv[split + 1 :]
     args = parser().parse_args(argv)
     try:
         if args.command == "mcp":
@@ -126,8 +142,10 @@ def _check_asking(args: argparse.Namespace) -> None:
     if not NAME_RE.fullmatch(args.name):
         raise UsageError(f"not a secret name: {args.name!r}", hint="names are [A-Za-z0-9_.-], 1-128 characters")
     if not args.reason.strip() or len(args.reason) > MAX_REASON_CHARS:
-        raise UsageError(f"--reason must be 1-{MAX_REASON_CHARS} characters",
-                         hint="say what you will do with the secret, where, and why now")
+        raise UsageError(
+            f"--reason must be 1-{MAX_REASON_CHARS} characters",
+            hint="say what you will do with the secret, where, and why now",
+        )
 
 
 def _ask(api: ProxyApi, name: str, reason: str, timeout: float) -> str:
@@ -154,8 +172,10 @@ def _print_value(api: ProxyApi, request_id: str, timeout: float) -> int:
 def _call(api: ProxyApi, args: argparse.Namespace) -> int:
     call = call_spec(args.method, args.url, args.header, args.data)
     request_id = approval.ask_call(api, args.name, args.reason, call)
-    say(f"asked to use {args.name!r} in {call['method']} {call['url']}: request {request_id}; waiting up to "
-        f"{args.timeout:g} s for a human to decide")
+    say(
+        f"asked to use {args.name!r} in {call['method']} {call['url']}: request {request_id}; waiting up to "
+        f"{args.timeout:g} s for a human to decide"
+    )
     view = approval.wait_for_decision(api, request_id, args.timeout, progress=say)
     answer = approval.call_of_decided(api, view, call)
     say(f"request {request_id} approved; the proxy made the call: HTTP {answer.get('status')}")
@@ -194,8 +214,9 @@ def call_spec(method: str, url: str, headers: list[str], data: str | None) -> di
 def _prepare_exec(command: list[str], var: str) -> dict[str, str]:
     """COMMAND's environment, all checked before asking: a value once retrieved cannot be had again."""
     if not command:
-        raise UsageError("exec needs a command after --",
-                         hint=f"{PROG} exec NAME --reason TEXT --env VAR -- COMMAND [ARG...]")
+        raise UsageError(
+            "exec needs a command after --", hint=f"{PROG} exec NAME --reason TEXT --env VAR -- COMMAND [ARG...]"
+        )
     if not ENV_VAR_RE.fullmatch(var):
         raise UsageError(f"not an environment variable name: {var!r}", hint="use letters, digits and _")
     env = {k: v for k, v in os.environ.items() if k not in WITHHELD_FROM_CHILD}
@@ -207,8 +228,10 @@ def _prepare_exec(command: list[str], var: str) -> dict[str, str]:
 def _exec(command: list[str], env: dict[str, str], var: str, value: str) -> int:
     """Replaces this process with COMMAND, so its exit code is ours and no process holds the value but it."""
     if "\0" in value:
-        raise UsageError("the value holds a NUL byte, which no environment variable can carry",
-                         hint=f"use `{PROG} get` and pass it on stdin instead")
+        raise UsageError(
+            "the value holds a NUL byte, which no environment variable can carry",
+            hint=f"use `{PROG} get` and pass it on stdin instead",
+        )
     env[var] = value
     sys.stdout.flush()
     sys.stderr.flush()
@@ -225,8 +248,10 @@ def _serve_mcp() -> int:
         from .mcp_server import serve
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "mcp":
-            raise UsageError("the MCP server needs the `mcp` package, which is not installed",
-                             hint="pip install 'secret-proxy-vm[agent]' (or uv sync --extra agent)") from None
+            raise UsageError(
+                "the MCP server needs the `mcp` package, which is not installed",
+                hint="pip install 'secret-proxy-vm[agent]' (or uv sync --extra agent)",
+            ) from None
         raise
     return serve(load_config())
 

@@ -33,38 +33,50 @@ def load_config(env: Mapping[str, str] | None = None) -> AgentConfig:
     env = os.environ if env is None else env
     url = env.get("SECRET_PROXY_URL", "").strip()
     if not url:
-        raise UsageError("SECRET_PROXY_URL is not set",
-                         hint="export SECRET_PROXY_URL=http://HOST:PORT (the proxy's address, e.g. http://127.0.0.1:3737)")
+        raise UsageError(
+            "SECRET_PROXY_URL is not set",
+            hint="export SECRET_PROXY_URL=http://HOST:PORT (the proxy's address, e.g. http://127.0.0.1:3737)",
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise UsageError(f"SECRET_PROXY_URL is not an http(s) base URL: {url!r}",
-                         hint="set it like http://127.0.0.1:3737")
+        raise UsageError(
+            f"SECRET_PROXY_URL is not an http(s) base URL: {url!r}", hint="set it like http://127.0.0.1:3737"
+        )
     return AgentConfig(url=url.rstrip("/"), token=_token(env), mcp_wait_seconds=_mcp_wait(env))
 
 
 def _token(env: Mapping[str, str]) -> str:
     inline, path = env.get("SECRET_PROXY_TOKEN", "").strip(), env.get("SECRET_PROXY_TOKEN_FILE", "").strip()
     if inline and path:
-        raise UsageError("both SECRET_PROXY_TOKEN and SECRET_PROXY_TOKEN_FILE are set",
-                         hint="unset one of them (the file is better: children do not inherit it)")
+        raise UsageError(
+            "both SECRET_PROXY_TOKEN and SECRET_PROXY_TOKEN_FILE are set",
+            hint="unset one of them (the file is better: children do not inherit it)",
+        )
     if inline:
         return inline
     if not path:
-        raise UsageError("no agent token: neither SECRET_PROXY_TOKEN nor SECRET_PROXY_TOKEN_FILE is set",
-                         hint="export SECRET_PROXY_TOKEN_FILE=/path/to/token (the file the operator gave you)")
+        raise UsageError(
+            "no agent token: neither SECRET_PROXY_TOKEN nor SECRET_PROXY_TOKEN_FILE is set",
+            hint="export SECRET_PROXY_TOKEN_FILE=/path/to/token (the file the operator gave you)",
+        )
     try:
         with open(path, encoding="utf-8") as f:
             mode = os.fstat(f.fileno()).st_mode
             token = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file"
-        raise UsageError(f"cannot read SECRET_PROXY_TOKEN_FILE {path}: {reason}",
-                         hint="point it at the agent's token file, readable by this user") from None
+        raise UsageError(
+            f"cannot read SECRET_PROXY_TOKEN_FILE {path}: {reason}",
+            hint="point it at the agent's token file, readable by this user",
+        ) from None
     if not token:
         raise UsageError(f"SECRET_PROXY_TOKEN_FILE {path} is empty", hint="put the agent's token in it")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(f"secret-proxy-agent: warning: the token file {Path(path)} is open to other users "
-              f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it", file=sys.stderr)
+        print(
+            f"secret-proxy-agent: warning: the token file {Path(path)} is open to other users "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it",
+            file=sys.stderr,
+        )
     return token
 
 
@@ -77,6 +89,8 @@ def _mcp_wait(env: Mapping[str, str]) -> float:
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds <= MAX_MCP_WAIT_SECONDS:
-        raise UsageError(f"SECRET_PROXY_MCP_WAIT must be a number of seconds from 0 to {MAX_MCP_WAIT_SECONDS:g}",
-                         hint=f"unset it for the default ({DEFAULT_MCP_WAIT_SECONDS:g} s)")
+        raise UsageError(
+            f"SECRET_PROXY_MCP_WAIT must be a number of seconds from 0 to {MAX_MCP_WAIT_SECONDS:g}",
+            hint=f"unset it for the default ({DEFAULT_MCP_WAIT_SECONDS:g} s)",
+        )
     return seconds

@@ -60,8 +60,15 @@ class Refused(AgentError):
 
     exit_code = EXIT_REFUSED
 
-    def __init__(self, message: str, *, code: str, retry_after: float | None = None, hint: str = "",
-                 request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        retry_after: float | None = None,
+        hint: str = "",
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(message, hint=hint, request_id=request_id)
         self.code = code
         self.retry_after = retry_after

@@ -69,8 +69,9 @@ def build_server(config: AgentConfig) -> MCPServer:
 
     # Sync tools: the SDK runs them in a worker thread, so a held long poll never blocks the session.
     @server.tool(description=REQUEST_SECRET)
-    def request_secret(name: Annotated[str, Field(description=NAME_HELP)],
-                       reason: Annotated[str, Field(description=REASON_GUIDE)]) -> dict[str, Any]:
+    def request_secret(
+        name: Annotated[str, Field(description=NAME_HELP)], reason: Annotated[str, Field(description=REASON_GUIDE)]
+    ) -> dict[str, Any]:
         return _outcome(api, lambda: approval.ask(api, name, reason), config.mcp_wait_seconds, calls)
 
     @server.tool(description=WAIT_FOR_DECISION)
@@ -78,15 +79,20 @@ def build_server(config: AgentConfig) -> MCPServer:
         return _outcome(api, lambda: id, config.mcp_wait_seconds, calls)
 
     @server.tool(description=USE_SECRET_IN_CALL)
-    def use_secret_in_call(name: Annotated[str, Field(description=NAME_HELP)],
-                           reason: Annotated[str, Field(description=REASON_GUIDE)],
-                           method: Annotated[str, Field(description="GET, POST, PUT, PATCH, DELETE, HEAD")],
-                           url: Annotated[str, Field(description="the exact https URL, query string included")],
-                           headers: Annotated[dict[str, str] | None, Field(description="headers to send")] = None,
-                           body: Annotated[str, Field(description="the request body as text; empty for none")] = ""
-                           ) -> dict[str, Any]:
-        call = {"method": method.upper(), "url": url, "headers": headers or {},
-                "body_base64": base64.b64encode(body.encode()).decode()}
+    def use_secret_in_call(
+        name: Annotated[str, Field(description=NAME_HELP)],
+        reason: Annotated[str, Field(description=REASON_GUIDE)],
+        method: Annotated[str, Field(description="GET, POST, PUT, PATCH, DELETE, HEAD")],
+        url: Annotated[str, Field(description="the exact https URL, query string included")],
+        headers: Annotated[dict[str, str] | None, Field(description="headers to send")] = None,
+        body: Annotated[str, Field(description="the request body as text; empty for none")] = "",
+    ) -> dict[str, Any]:
+        call = {
+            "method": method.upper(),
+            "url": url,
+            "headers": headers or {},
+            "body_base64": base64.b64encode(body.encode()).decode(),
+        }
         try:
             request_id = approval.ask_call(api, name, reason, call)
         except AgentError as exc:
@@ -103,12 +109,18 @@ def _call_answer(answer: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"body": raw.decode()}
     except UnicodeDecodeError:
         body = {"body_base64": answer.get("body_base64", "")}
-    return {"status": "done", "http_status": answer.get("status"), "headers": answer.get("headers", []),
-            "redactions": answer.get("redactions", 0), **body}
+    return {
+        "status": "done",
+        "http_status": answer.get("status"),
+        "headers": answer.get("headers", []),
+        "redactions": answer.get("redactions", 0),
+        **body,
+    }
 
 
-def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float,
-             calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _outcome(
+    api: ProxyApi, request_id_of: Callable[[], str], wait: float, calls: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """What a tool returns: the decision, or pending; refusals become tool errors (AgentError's text)."""
     try:
         request_id = request_id_of()
@@ -117,13 +129,20 @@ def _outcome(api: ProxyApi, request_id_of: Callable[[], str], wait: float,
             return _call_answer(approval.call_of_decided(api, view, calls.pop(request_id)))
         value = approval.value_of_decided(api, view)
     except TimedOut as exc:
-        return {"status": "pending", "id": exc.request_id,
-                "what_to_do": "no human has decided yet; call wait_for_decision with this id"}
+        return {
+            "status": "pending",
+            "id": exc.request_id,
+            "what_to_do": "no human has decided yet; call wait_for_decision with this id",
+        }
     except Denied as exc:
         return {"status": "denied", "id": exc.request_id, "what_to_do": Denied.hint}
     except Expired as exc:
-        return {"status": "expired", "id": exc.request_id, "detail": exc.message,
-                "what_to_do": "ask again with request_secret if you still need it"}
+        return {
+            "status": "expired",
+            "id": exc.request_id,
+            "detail": exc.message,
+            "what_to_do": "ask again with request_secret if you still need it",
+        }
     except AgentError as exc:
         raise ToolError(str(exc)) from None  # an isError result with this text, for the model to act on
     return {"status": "approved", "id": request_id, "secret": view.get("secret"), "value": value}

@@ -57,21 +57,27 @@ class ProxyApi:
             raise Unreachable("the proxy's answer holds no value", request_id=request_id)
         return str(body.get("secret", "")), body["value"]
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
-              request_id: str | None = None) -> dict[str, Any]:
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         status, headers, raw = self._exchange(method, path, body)
         if 300 <= status < 400:
-            raise Unreachable(f"the proxy answered with a redirect (HTTP {status}), which is never followed: the "
-                              "token goes only to SECRET_PROXY_URL", request_id=request_id,
-                              hint="set SECRET_PROXY_URL to the address the proxy itself answers at")
+            raise Unreachable(
+                f"the proxy answered with a redirect (HTTP {status}), which is never followed: the "
+                "token goes only to SECRET_PROXY_URL",
+                request_id=request_id,
+                hint="set SECRET_PROXY_URL to the address the proxy itself answers at",
+            )
         try:
             parsed = json.loads(raw) if raw else {}
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
-            raise Unreachable(f"the proxy answered HTTP {status} with something that is not a JSON object",
-                              hint="check that SECRET_PROXY_URL points at the secret proxy itself",
-                              request_id=request_id)
+            raise Unreachable(
+                f"the proxy answered HTTP {status} with something that is not a JSON object",
+                hint="check that SECRET_PROXY_URL points at the secret proxy itself",
+                request_id=request_id,
+            )
         if 200 <= status < 300:
             return parsed
         raise _error_for(status, parsed, headers.get("retry-after"), request_id)
@@ -83,7 +89,8 @@ class ProxyApi:
             raise UsageError(f"not an http(s) base URL: {self.url!r}", hint="set it like http://127.0.0.1:3737")
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, parts.port, timeout=CONNECT_TIMEOUT_SECONDS, context=ssl.create_default_context())
+                host, parts.port, timeout=CONNECT_TIMEOUT_SECONDS, context=ssl.create_default_context()
+            )
         else:
             conn = http.client.HTTPConnection(host, parts.port, timeout=CONNECT_TIMEOUT_SECONDS)
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
@@ -116,8 +123,11 @@ def _error_for(status: int, body: dict[str, Any], retry_after: str | None, reque
     detail = str(body.get("detail", ""))[:500]
     message = f"the proxy refused: {code} ({detail})" if detail else f"the proxy refused: {code}"
     if status >= 500:
-        return Unreachable(f"the proxy failed: HTTP {status} {code}", hint="see the proxy's log; try again later",
-                           request_id=request_id)
+        return Unreachable(
+            f"the proxy failed: HTTP {status} {code}",
+            hint="see the proxy's log; try again later",
+            request_id=request_id,
+        )
     if code == "denied":
         return Denied("an approver denied the request", request_id=request_id)
     if code in ("expired", "already_retrieved", "already_used"):
@@ -131,16 +141,16 @@ def _error_for(status: int, body: dict[str, Any], retry_after: str | None, reque
 
 HINTS = {
     "unauthorized": "check the agent token (SECRET_PROXY_TOKEN or SECRET_PROXY_TOKEN_FILE); the operator may "
-                    "have revoked it",
+    "have revoked it",
     "forbidden": "this agent may not ask for that secret; ask the operator to widen its scope",
     "unknown_secret": "check the secret's name; the operator stores secrets with `python -m proxy secrets set`",
     "rate_limited": "wait a minute, then ask again",
     "not_found": "check the request id; it must be one of this agent's requests",
     "destination_not_allowed": "the operator's policy for this secret does not list that URL; use a listed "
-                               "destination or ask the operator (`python -m proxy secrets show NAME`)",
+    "destination or ask the operator (`python -m proxy secrets show NAME`)",
     "address_not_allowed": "the destination resolves to a private or loopback address the policy does not allow",
     "no_policy": "this secret has no use policy: it cannot be used in calls; ask for it with `get`, or ask the "
-                 "operator to add a policy",
+    "operator to add a policy",
     "broker_only": "this secret is never handed out; use it with `call` (or the MCP tool use_secret_in_call)",
     "call_mismatch": "make exactly the call that was approved (same method, URL, headers and body), or ask again",
     "too_large": "the call's body is over the proxy's limit (broker_max_request_bytes)",
