@@ -28,7 +28,6 @@ import os
 import pwd
 import shutil
 import socket
-import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from vm_image import proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 
+from .agent_read import read_regular
 from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
@@ -189,19 +189,13 @@ def identity_path(spec: HostVMSpec) -> Path:
 def read_identity(path: Path) -> QemuIdentity | None:
     """The recorded identity, if the file is root's own and 0600 (it lives in the 0700 host directory)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raw, st = read_regular(path, 65536, owner=0)
+        if st.st_mode & 0o077:
             return None
-        data = json.loads(os.read(fd, 65536))
+        data = json.loads(raw)
         return QemuIdentity(**{f.name: data[f.name] for f in fields(QemuIdentity)})
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    finally:
-        os.close(fd)
 
 
 def exe_inode(pid: int) -> tuple[int, int]:
