@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from takeover.models import Endpoint  # noqa: E402
+from takeover.verify import SSHTarget  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 from vm_image.progress import Steps  # noqa: E402
 
@@ -162,35 +164,12 @@ class Demo:
         return {"status": status, "body": json.loads(text or "{}")}
 
     def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
-        # ssh hands the remote shell one string: quote each word so spaces and braces arrive as given.
-        return subprocess.run(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                f"UserKnownHostsFile={self.host_dir / 'known_hosts'}",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "LogLevel=ERROR",
-                "-i",
-                str(self.host_dir / "host_key"),
-                "-p",
-                str(self.args.host_ssh_port),
-                "proxy@127.0.0.1",
-                "--",
-                shlex.join(remote),
-            ],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        """The host's login to its VM, as the takeover's own checks make it (takeover.verify.SSHTarget)."""
+        target = SSHTarget(
+            Endpoint("127.0.0.1", self.args.host_ssh_port), self.host_dir / "host_key", self.host_dir / "known_hosts"
         )
+        # ssh hands the remote shell one string: quote each word so spaces and braces arrive as given.
+        return subprocess.run(target.argv(shlex.join(remote)), input=stdin, capture_output=True, text=True, timeout=120)
 
     @property
     def agent_state(self) -> Path:

@@ -194,31 +194,7 @@ def pinned_key(known_hosts: Path) -> str:
 
 def offered_methods(ssh: SSHTarget) -> list[str]:
     """The authentication methods sshd offers, from a login attempt with no usable key."""
-    result = run_bounded(
-        [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={ssh.known_hosts}",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-o",
-            "IdentityAgent=none",
-            "-o",
-            "ConnectTimeout=10",
-            "-p",
-            str(ssh.endpoint.port),
-            f"{ssh.user}@{ssh.endpoint.host}",
-            "true",
-        ]
-    )
+    result = run_bounded(ssh.argv("true", extra=("-o", "PubkeyAuthentication=no")))
     match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
     if result.returncode == 0 or match is None:
         raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")
