@@ -85,6 +85,7 @@ class Limits:
     max_response_bytes: int
     timeout_seconds: float
     ca_file: str  # "" for the system's bundle
+    egress_proxy: str = ""  # the host's forward proxy: a CONNECT tunnel through it, names resolved there
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,38 @@ class _PinnedConnection(http.client.HTTPSConnection):
         self.sock = sock
 
 
+TUNNEL_REFUSED = re.compile(r"Tunnel connection failed: (\d{3})\b.{0,80}")
+
+
+def _tunnel(target: Target, limits: Limits, context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+    """A connection to the forward proxy that CONNECTs to the target; TLS is end to end, for the URL's name."""
+    from .config import check_egress_proxy
+
+    host, port = check_egress_proxy(limits.egress_proxy)
+    conn: http.client.HTTPConnection
+    if context is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=limits.timeout_seconds, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=limits.timeout_seconds)
+    conn.set_tunnel(target.host_for_connect, target.port)
+    return conn
+
+
+def _failed(target: Target, exc: Exception) -> BrokerError:
+    refused = TUNNEL_REFUSED.match(str(exc)) if isinstance(exc, OSError) else None
+    if refused is None:
+        return BrokerError("upstream_unreachable", f"the call to {target.host} failed: {type(exc).__name__}")
+    if refused.group(1) == "403":  # tinyproxy's answer for a target its filter does not list
+        return BrokerError(
+            "egress_refused",
+            f"the host's egress allow-list does not list {target.host}:{target.port}; the operator adds it "
+            f"with `python -m takeover egress allow {target.scheme}://{target.host}:{target.port}`",
+        )
+    return BrokerError(
+        "upstream_unreachable", f"the host's forward proxy could not reach {target.host}: {refused.group(0)}"
+    )
+
+
 def _inject(
     target: Target, headers: tuple[tuple[str, str], ...], injection: Injection, value: bytes
 ) -> tuple[str, list[tuple[str, str | bytes]]]:
@@ -244,12 +277,19 @@ def execute(
     assert policy.injection is not None
     started = time.monotonic()
     deadline = started + limits.timeout_seconds
-    address = pick_address(target, destination, resolve)
     context = None
     if target.scheme == "https":
         context = ssl.create_default_context(cafile=limits.ca_file or None)
+    conn: http.client.HTTPConnection
+    if limits.egress_proxy:
+        # The guest has no DNS and no route but the host's forward proxy, which resolves the name
+        # and holds the allow-list (takeover/egress.py); its rules keep inside addresses out too.
+        address = f"{target.host_for_connect}:{target.port} via {limits.egress_proxy}"
+        conn = _tunnel(target, limits, context)
+    else:
+        address = pick_address(target, destination, resolve)
+        conn = _PinnedConnection(target, address, context, limits.timeout_seconds)
     path, sent_headers = _inject(target, headers, policy.injection, value)
-    conn = _PinnedConnection(target, address, context, limits.timeout_seconds)
     spellings = redact.forms(
         value, (policy.injection.name.encode() + b":" + value,) if policy.injection.kind == "basic" else ()
     )
@@ -292,7 +332,7 @@ def execute(
             "upstream_timeout", f"the destination did not answer within {limits.timeout_seconds:g} s"
         ) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise BrokerError("upstream_unreachable", f"the call to {target.host} failed: {type(exc).__name__}") from None
+        raise _failed(target, exc) from None
     finally:
         conn.close()
     answer_body, count = redact.redact(b"".join(chunks), spellings)

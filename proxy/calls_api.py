@@ -150,6 +150,7 @@ async def make_call(request: HttpRequest) -> JSONResponse:
         state.settings.broker_max_response_bytes,
         state.settings.broker_timeout_seconds,
         state.settings.broker_ca_file,
+        state.settings.egress_proxy,
     )
     target = call.target
     audit = {

@@ -50,6 +50,9 @@ class Settings:
     broker_ca_file: str = ""
     call_rate_per_minute: int = 30
     call_burst: int = 10
+    # The host's forward proxy (http://IP:PORT) that every outbound connection goes through: Telegram
+    # and brokered calls. Set by the takeover, whose host-side allow-list is the only way out of the VM.
+    egress_proxy: str = ""
     telegram_token: str = field(default="", repr=False)
     telegram_chat_id: int = 0
     telegram_approvers: tuple[int, ...] = ()
@@ -116,8 +119,27 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     settings = replace(Settings(), **values)
     if settings.telegram_enabled and not settings.telegram_chat_id:
         raise ConfigError("SECRET_PROXY_TELEGRAM_TOKEN is set but SECRET_PROXY_TELEGRAM_CHAT_ID is not")
+    if settings.egress_proxy:
+        check_egress_proxy(settings.egress_proxy)
     if settings.refusal_audit_window_seconds <= 0:
         raise ConfigError("refusal_audit_window_seconds must be a positive number of seconds")
     if settings.telegram_retry_max_seconds <= 0:
         raise ConfigError("telegram_retry_max_seconds must be a positive number of seconds")
     return settings
+
+
+def check_egress_proxy(url: str) -> tuple[str, int]:
+    """`http://IP:PORT`, nothing else: the address the broker opens a CONNECT tunnel through."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    problem = ConfigError(f"egress_proxy {url!r} must be http://IP:PORT (the host's forward proxy)")
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise problem from None
+    if parts.scheme != "http" or port is None or parts.path not in ("", "/") or parts.username or parts.query:
+        raise problem
+    return host, port

@@ -30,6 +30,7 @@ STATUS = {
     "rate_limited": 429,
     "internal_error": 500,
     "upstream_unreachable": 502,
+    "egress_refused": 403,
     "tls_failed": 502,
     "response_too_large": 502,
     "upstream_timeout": 504,

@@ -264,7 +264,12 @@ OPENAPI: dict[str, Any] = {
                     "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
                     "403": _error(
-                        "denied", "call_mismatch", "destination_not_allowed", "address_not_allowed", "no_policy"
+                        "denied",
+                        "call_mismatch",
+                        "destination_not_allowed",
+                        "address_not_allowed",
+                        "egress_refused",
+                        "no_policy",
                     ),
                     "404": _error("not_found"),
                     "409": _error("pending"),

@@ -400,9 +400,12 @@ class TelegramChannel:
             pass  # the loop is closing; the next start posts it
 
     def _build_application(self) -> BotApp:
+        builder = Application.builder()
+        egress = self.state.settings.egress_proxy
+        if egress:  # in the taken-over VM, the host's forward proxy is the only way out
+            builder = builder.proxy(egress).get_updates_proxy(egress)
         app = (
-            Application.builder()
-            .token(self._token)
+            builder.token(self._token)
             .base_url(f"{self.api_url}/bot")
             .base_file_url(f"{self.api_url}/file/bot")
             .connect_timeout(5)

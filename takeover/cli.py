@@ -19,7 +19,7 @@ from .files import check_trusted_parent
 from .models import Endpoint
 from .progress import Progress
 from .rollback import roll_back
-from .runbook import run_takeover, start_host_vm, status, stop_host_vm
+from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
 from .steps import NAMES
 from .terminal import show
 
@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept this telegram_api_url in --proxy-config (a Bot API server you run yourself); "
         "any URL but https://api.telegram.org is refused without it",
     )
+    vm.add_argument(
+        "--egress-allow",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a destination the VM may reach besides Telegram (scheme, host and port; repeat it), "
+        "e.g. a brokered secret's API: https://api.example.com",
+    )
+    vm.add_argument(
+        "--no-egress-filter",
+        action="store_true",
+        help="let the VM reach anything (reported as not blocked); by default it reaches only Telegram "
+        "and --egress-allow through a forward proxy on the host",
+    )
     vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
     vm.add_argument(
         "--no-reinstall-venv",
@@ -122,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(st)
     common(sub.add_parser("start", help="start the taken-over VM again (e.g. after a host reboot)"))
     common(sub.add_parser("stop", help="stop the taken-over VM (a libvirt domain stays defined, with autostart)"))
+    eg = sub.add_parser("egress", help="what the taken-over VM may reach: list, allow or remove destinations")
+    common(eg)
+    eg.add_argument("action", choices=("list", "allow", "remove"))
+    eg.add_argument("urls", nargs="*", metavar="URL", help="https://host[:port] or http://host:port")
     return p
 
 
@@ -153,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         keep_source=args.keep_source,
         proxy_config=args.proxy_config,
         allow_telegram_api_url=args.allow_telegram_api_url,
+        egress_filter=not args.no_egress_filter,
+        egress_allow=tuple(args.egress_allow),
         agent_name=args.agent_name,
         agent_secrets=args.agent_secrets,
         token_file=args.token_file,
@@ -190,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             show(json_text(start_host_vm(cfg)))
         elif args.command == "stop":
             show(json_text(stop_host_vm(cfg)))
+        elif args.command == "egress":
+            show(json_text(change_egress(cfg, args.action, args.urls)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

@@ -34,6 +34,9 @@ class TakeoverConfig:
     keep_source: bool = False
     proxy_config: Path | None = None
     allow_telegram_api_url: str | None = None  # the operator's yes to a Bot API other than Telegram's own
+    # The host's VM reaches only Telegram and these destinations (takeover/egress.py); off only by choice.
+    egress_filter: bool = True
+    egress_allow: tuple[str, ...] = ()
     agent_name: str | None = None
     agent_secrets: str = "*"
     token_file: Path | None = None
@@ -73,10 +76,21 @@ def read_proxy_config(path: Path, *, allow_telegram_api_url: str | None = None) 
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidInput(f"--proxy-config {path}: unknown settings {unknown}; known: {sorted(known)}")
-    if "data_dir" in data:
-        raise InvalidInput(f"--proxy-config {path}: data_dir is fixed in the VM; remove it")
+    for fixed in ("data_dir", "egress_proxy"):
+        if fixed in data:
+            raise InvalidInput(f"--proxy-config {path}: {fixed} is set by the takeover; remove it")
     check_telegram_api_url(data.get("telegram_api_url", TELEGRAM_API_URL), allow_telegram_api_url, path)
     return raw
+
+
+def telegram_destination(proxy_config: bytes | None) -> list[str]:
+    """The Bot API the proxy will call, if its config turns Telegram on: the first entry of the egress list."""
+    if proxy_config is None:
+        return []
+    data = tomllib.loads(proxy_config.decode())
+    if not data.get("telegram_token"):
+        return []
+    return [str(data.get("telegram_api_url", TELEGRAM_API_URL))]
 
 
 def check_telegram_api_url(url: object, allowed: str | None, path: Path) -> None:

@@ -555,8 +555,8 @@ def libvirt_domain_xml(spec: HostVMSpec) -> str:
 """
 
 
-def ensure_system_user(name: str) -> None:
-    """The unprivileged user QEMU switches to after opening its files (created once, no login)."""
+def ensure_system_user(name: str, comment: str = "secret-proxy-vm QEMU") -> None:
+    """An unprivileged system user (QEMU's, the egress proxy's): created once, no home, no login."""
     try:
         pwd.getpwnam(name)
         return
@@ -573,7 +573,7 @@ def ensure_system_user(name: str) -> None:
             "--shell",
             "/usr/sbin/nologin",
             "--comment",
-            "secret-proxy-vm QEMU",
+            comment,
             name,
         ],
         capture_output=True,
@@ -582,7 +582,7 @@ def ensure_system_user(name: str) -> None:
     )
     if proc_.returncode != 0:
         raise RestartError(
-            f"cannot create the system user {name!r} for QEMU: {proc_.stderr.strip()}",
+            f"cannot create the system user {name!r} ({comment}): {proc_.stderr.strip()}",
             hint="create it yourself (useradd --system) or pass --qemu-user root",
         )
 

@@ -14,6 +14,7 @@ from typing import Any
 from vm_image import proc
 from vm_image.health import HealthTimeout, wait_for_health
 
+from . import egress
 from .config import TakeoverConfig
 from .diskimage import inspect_image
 from .errors import JournalError, RollbackError
@@ -27,7 +28,7 @@ from .runbook import require_root
 from .steps import Context, vm_spec
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
-HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log")
+HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", *egress.FILES)
 HEALTH_TIMEOUT = 300.0
 
 
@@ -64,6 +65,8 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
                 progress.note("stopped the host's VM")
         except (JournalError, KeyError):
             pass  # the restart never got far enough to have a spec
+    if egress.release(host_dir, drop_rules=True).get("forward_proxy_stopped"):
+        progress.note("stopped the host's egress proxy")
     if proc.alive(source.pid, source.pid_start_ticks):
         progress.note(f"the agent's QEMU (pid {source.pid}) is still running; nothing to restart")
         detail = "the agent's VM was still running"

@@ -14,6 +14,7 @@ from typing import Any
 
 from vm_image import proc
 
+from . import egress
 from .config import TakeoverConfig, read_proxy_config
 from .diskimage import inspect_image
 from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError
@@ -156,13 +157,37 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     if pid is not None:
         return {"started": False, "pid": pid, "detail": "already running"}
     check_ports_free(spec)
+    plan = egress.load_plan(cfg.host_dir)
+    limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
     pid = runner.start(spec)
-    return {"started": True, "pid": pid, **wait_until_serving(spec, pid)}
+    return {"started": True, "pid": pid, **wait_until_serving(spec, pid), "egress": limits}
 
 
 def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     spec, runner = _finished_vm(cfg)
-    return {"stopped": runner.stop(spec, undefine=False)}
+    return {"stopped": runner.stop(spec, undefine=False), "egress": egress.release(cfg.host_dir)}
+
+
+def change_egress(cfg: TakeoverConfig, action: str, urls: list[str]) -> dict[str, Any]:
+    """List, widen or narrow what the taken-over VM may reach; a running VM keeps running."""
+    require_root()
+    plan = egress.load_plan(cfg.host_dir)
+    if plan is None:
+        raise JournalError(
+            f"{cfg.host_dir} has no egress filter (no takeover, or one run with --no-egress-filter)",
+            hint="run `python -m takeover run` (the filter is on by default)",
+        )
+    if action == "list":
+        return {**plan.to_dict(), "forward_proxy_pid": egress.running_pid(cfg.host_dir)}
+    if not urls:
+        raise InvalidInput(f"`egress {action}` needs at least one URL, e.g. https://api.example.com")
+    named = {egress.Destination.parse(u) for u in urls}
+    current = set(plan.destinations)
+    plan = plan.with_destinations(current | named if action == "allow" else current - named)
+    if egress.running_pid(cfg.host_dir) is None:  # the VM is stopped: `start` enforces the saved plan
+        egress.save_plan(cfg.host_dir, plan)
+        return {**plan.to_dict(), "applied": "at the next start"}
+    return {**egress.enforce(plan, cfg.host_dir), "applied": "now"}
 
 
 def status(cfg: TakeoverConfig) -> dict[str, Any]:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import egress
 from .agent_owner import HostBoundary
 from .boot import BootFiles, host_boot_files, modules_tarball
 from .checkpoint import save_checkpoint_and_stop
-from .config import TakeoverConfig
+from .config import TakeoverConfig, telegram_destination
 from .diskimage import inspect_image
 from .errors import InvalidInput, ScrubError, from_vm_image
 from .files import ensure_host_dir
@@ -111,7 +112,7 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
     plan = ScrubPlan(
         keys=keys,
-        proxy_config=ctx.proxy_config,
+        proxy_config=guest_proxy_config(ctx),
         modules_tar=modules,
         venv_tar=venv,
         system_tar=system,
@@ -124,6 +125,19 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
     result["keys"] = keys.to_dict()
     result["boot"] = boot.to_dict()
     return result
+
+
+def guest_proxy_config(ctx: Context) -> bytes | None:
+    """The operator's proxy settings, plus the forward proxy the guest's proxy must use for all egress."""
+    cfg = ctx.cfg
+    if not cfg.egress_filter:
+        (ctx.host_dir / egress.RECORD_NAME).unlink(missing_ok=True)
+        return ctx.proxy_config
+    plan = egress.new_plan(telegram_destination(ctx.proxy_config) + list(cfg.egress_allow), cfg.qemu_user)
+    egress.save_plan(ctx.host_dir, plan)
+    ctx.note(f"egress: {', '.join(d.url for d in plan.destinations) or 'nothing'}, through {plan.listen}")
+    # First in the file: a key after a [table] header would belong to that table.
+    return f'egress_proxy = "{plan.guest_proxy_url}"\n'.encode() + (ctx.proxy_config or b"")
 
 
 def host_venv(ctx: Context) -> Path:
@@ -157,7 +171,9 @@ def host_system(ctx: Context) -> tuple[Path, Path]:
 
 def step_restart(ctx: Context) -> dict[str, Any]:
     spec = vm_spec(ctx)
-    return restart_as_host(spec, runner_for(ctx.cfg), ctx.note)
+    plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
+    limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}
+    return {**restart_as_host(spec, runner_for(ctx.cfg), ctx.note), "egress": limits}
 
 
 def step_verify(ctx: Context) -> dict[str, Any]:

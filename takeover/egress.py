@@ -1,0 +1,388 @@
+"""The host's VM reaches the Telegram Bot API and the brokered destinations, and nothing else.
+
+Enforced on the host, outside the guest, so root inside the guest cannot widen it:
+
+* QEMU's user network turns every connection the guest makes into a socket of the
+  QEMU process. An nftables table for QEMU's uid lets that uid open new connections
+  only to the forward proxy on 127.0.0.1; every other address, the host's other
+  loopback services, and DNS (slirp forwards the guest's queries as QEMU) are
+  rejected before anything leaves the machine. So DNS cannot carry data out either.
+* tinyproxy, Debian's small forward proxy, holds the allow-list: `CONNECT host:port`
+  (and for http destinations absolute URLs) of the listed destinations, default deny.
+  It resolves names on the host. Root starts it; it drops to its own system user.
+* The same table keeps tinyproxy's uid away from loopback, private, link-local and
+  metadata addresses unless a destination names that address literally: a listed
+  name whose DNS answer points inside cannot open the host's or the LAN's services.
+
+The table is per QEMU uid (nftables matches the socket's owner), so each host VM runs
+QEMU as a user of its own; a second VM with the same user is refused. Changing the
+list restarts tinyproxy (it cannot re-read root's files after dropping privileges),
+not the VM. A guest reaches the proxy as 10.0.2.2 (slirp's name for the host's
+loopback); the guest's proxy is told so in its config (`egress_proxy`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from vm_image import proc
+
+from .errors import InvalidInput, RestartError
+from .files import fsync_dir, write_json_atomic, write_private
+from .models import Endpoint
+from .restart import check_port_free, ensure_system_user
+from .terminal import log_tail
+
+RECORD_NAME = "egress.json"
+PROCESS_NAME = "egress.process.json"
+CONF_NAME = "egress.tinyproxy.conf"
+FILTER_NAME = "egress.filter"
+LOG_NAME = "egress.log"
+FILES = (RECORD_NAME, PROCESS_NAME, CONF_NAME, FILTER_NAME, LOG_NAME)
+EGRESS_USER = "secret-proxy-vm-egress"
+GUEST_SEES_HOST = "10.0.2.2"  # slirp: the guest's address for the host's loopback
+START_TIMEOUT = 10.0
+TABLE_PREFIX = "secret_proxy_vm_egress_uid"
+HOST_NAME_RE = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+# Where tinyproxy may not connect unless a destination names the address itself.
+INSIDE_V4 = (
+    "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, "
+    "192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3"
+)
+INSIDE_V6 = "::/127, ::ffff:0.0.0.0/96, 64:ff9b::/96, fc00::/7, fe80::/10, ff00::/8"
+
+
+@dataclass(frozen=True, order=True)
+class Destination:
+    """One place the guest may reach: scheme, host (a DNS name or an IP literal) and port."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Destination:
+        """`https://api.example.com` or `http://127.0.0.1:8080/`: a path is allowed but not kept."""
+        if not url.isprintable() or any(c.isspace() for c in url):  # urlsplit drops tabs and newlines
+            raise InvalidInput(f"egress destination {url!r} holds spaces or control characters")
+        try:
+            parts = urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidInput(f"egress destination {url!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise InvalidInput(f"egress destination {url!r} must be an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+            raise InvalidInput(f"egress destination {url!r} may not hold a user, password, query or fragment")
+        host = (parts.hostname or "").lower()
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+            # The last label starts with a letter: "0x7f.1" or "2130706433" are addresses to a resolver.
+            if not HOST_NAME_RE.fullmatch(host) or not host.rpartition(".")[2][:1].isalpha():
+                raise InvalidInput(f"egress destination {url!r}: {host!r} is not a host name or IP address") from None
+        if ip is not None and str(ip) != host:
+            raise InvalidInput(f"egress destination {url!r}: write the address as {ip}")
+        if ip is not None and ip in ipaddress.ip_network("10.0.2.0/24"):
+            raise InvalidInput(
+                f"egress destination {url!r} is an address of QEMU's user network, which means nothing on the host",
+                hint=f"the forward proxy runs on the host: for the host's own loopback write 127.0.0.1, "
+                f"not {GUEST_SEES_HOST}",
+            )
+        return cls(parts.scheme, host, port or (443 if parts.scheme == "https" else 80))
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def filter_patterns(self) -> list[str]:
+        """tinyproxy's regular expressions (POSIX ERE, with `FilterURLs On`) for this destination."""
+        host = re.sub(r"([.\[\]])", r"\\\1", f"[{self.host}]" if ":" in self.host else self.host)
+        patterns = [f"^{host}:{self.port}$"]  # CONNECT's request target
+        if self.scheme == "http":  # a plain-HTTP client sends the absolute URL instead
+            default = "(:80)?" if self.port == 80 else f":{self.port}"
+            patterns.append(f"^http://{host}{default}/")
+        return patterns
+
+
+@dataclass(frozen=True)
+class EgressPlan:
+    """What the host's VM may reach, where the forward proxy listens, and whose QEMU it filters."""
+
+    listen: Endpoint
+    destinations: tuple[Destination, ...]
+    qemu_user: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "listen": str(self.listen),
+            "destinations": [d.url for d in self.destinations],
+            "qemu_user": self.qemu_user,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EgressPlan:
+        return cls(
+            Endpoint.parse(data["listen"]),
+            tuple(sorted({Destination.parse(u) for u in data["destinations"]})),
+            str(data["qemu_user"]),
+        )
+
+    @property
+    def guest_proxy_url(self) -> str:
+        return f"http://{GUEST_SEES_HOST}:{self.listen.port}"
+
+    def with_destinations(self, destinations: set[Destination]) -> EgressPlan:
+        return EgressPlan(self.listen, tuple(sorted(destinations)), self.qemu_user)
+
+
+def new_plan(urls: list[str], qemu_user: str | None) -> EgressPlan:
+    """A plan for a new takeover: a free loopback port for the forward proxy, and the listed URLs."""
+    if not qemu_user:
+        raise InvalidInput(
+            "the egress filter needs QEMU to run as a user of its own (--qemu-user), not as root",
+            hint="pass --qemu-user NAME, or --no-egress-filter and accept that the VM can reach anything",
+        )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return EgressPlan(Endpoint("127.0.0.1", port), tuple(sorted({Destination.parse(u) for u in urls})), qemu_user)
+
+
+def load_plan(host_dir: Path) -> EgressPlan | None:
+    try:
+        data = json.loads((host_dir / RECORD_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RestartError(f"{host_dir / RECORD_NAME} is unreadable: {exc}") from None
+    return EgressPlan.from_dict(data)
+
+
+def save_plan(host_dir: Path, plan: EgressPlan) -> None:
+    write_json_atomic(host_dir / RECORD_NAME, plan.to_dict())
+
+
+def tinyproxy_config(plan: EgressPlan, filter_path: Path, user: str) -> str:
+    ports = sorted({d.port for d in plan.destinations})
+    lines = [
+        f"User {user}",
+        f"Group {user}",
+        f"Listen {plan.listen.host}",
+        f"Port {plan.listen.port}",
+        "Allow 127.0.0.1",
+        "Timeout 120",
+        "MaxClients 64",
+        # Notice logs refusals; the connection-level lines would log plain-HTTP URLs.
+        "LogLevel Notice",
+        "DisableViaHeader Yes",
+        "FilterType ere",
+        f'Filter "{filter_path}"',
+        "FilterURLs On",
+        "FilterDefaultDeny Yes",
+        # CONNECT only to listed ports; with no destination at all, to none (0 is no port).
+        *(f"ConnectPort {p}" for p in ports or [0]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def filter_text(plan: EgressPlan) -> str:
+    lines = [p for d in plan.destinations for p in d.filter_patterns()]
+    return "\n".join(lines or ["^$"]) + "\n"  # an empty filter file is an error to tinyproxy
+
+
+def table_name(qemu_uid: int) -> str:
+    return f"{TABLE_PREFIX}{qemu_uid}"
+
+
+def nft_ruleset(plan: EgressPlan, host_dir: Path, qemu_uid: int, egress_uid: int) -> str:
+    """One atomic nft transaction: replace this QEMU uid's table with the plan's rules."""
+    name = table_name(qemu_uid)
+    literal4 = sorted({f"{d.ip} . {d.port}" for d in plan.destinations if d.ip is not None and d.ip.version == 4})
+    literal6 = sorted({f"{d.ip} . {d.port}" for d in plan.destinations if d.ip is not None and d.ip.version == 6})
+    proxy = plan.listen
+    rules = [
+        # The host's VM: replies on its forwarded ports, and new connections to the forward proxy only.
+        f"meta skuid {qemu_uid} ct state established,related accept",
+        f"meta skuid {qemu_uid} ip daddr {proxy.host} tcp dport {proxy.port} accept",
+        f"meta skuid {qemu_uid} counter reject",
+        # The forward proxy: names resolve, inside addresses only where listed literally.
+        f"meta skuid {egress_uid} udp dport 53 accept",
+        f"meta skuid {egress_uid} tcp dport 53 accept",
+        *([f"meta skuid {egress_uid} ip daddr . tcp dport {{ {', '.join(literal4)} }} accept"] if literal4 else []),
+        *([f"meta skuid {egress_uid} ip6 daddr . tcp dport {{ {', '.join(literal6)} }} accept"] if literal6 else []),
+        f"meta skuid {egress_uid} ct state new ip daddr {{ {INSIDE_V4} }} counter reject",
+        f"meta skuid {egress_uid} ct state new ip6 daddr {{ {INSIDE_V6} }} counter reject",
+    ]
+    body = "\n".join(f"    {r}" for r in rules)
+    return (
+        f"table inet {name} {{}}\n"
+        f"delete table inet {name}\n"
+        f"table inet {name} {{\n"
+        f'  comment "{host_dir}"\n'
+        f"  chain output {{\n"
+        f"    type filter hook output priority 0; policy accept;\n"
+        f"{body}\n"
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    return subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def table_owner(qemu_uid: int) -> str | None:
+    """The host directory whose VM this uid's table filters (its comment), or None if there is none."""
+    out = _nft(["list", "table", "inet", table_name(qemu_uid)])
+    if out.returncode != 0:
+        return None
+    # nft 1.0.6's JSON leaves the comment out; the text form has it on the table's second line.
+    found = re.search(r'^\s*comment "([^"]*)"$', out.stdout, re.MULTILINE)
+    return found.group(1) if found else ""
+
+
+def apply_rules(plan: EgressPlan, host_dir: Path) -> None:
+    qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
+    owner = table_owner(qemu_uid)
+    if owner is not None and owner != str(host_dir):
+        raise RestartError(
+            f"QEMU's user {plan.qemu_user} (uid {qemu_uid}) already runs the host VM of {owner}; the egress "
+            "filter matches connections by that user, so two VMs cannot share it",
+            hint="give this takeover a QEMU user of its own (--qemu-user NAME)",
+        )
+    ruleset = nft_ruleset(plan, host_dir, qemu_uid, pwd.getpwnam(EGRESS_USER).pw_uid)
+    out = _nft(["-f", "-"], ruleset)
+    if out.returncode != 0:
+        raise RestartError(
+            f"nftables refused the egress rules: {out.stderr.strip()[-400:]}",
+            hint="install nftables (apt-get install nftables) on a kernel with nf_tables, or pass "
+            "--no-egress-filter and accept that the VM can reach anything",
+        )
+
+
+def remove_rules(plan: EgressPlan, host_dir: Path) -> bool:
+    try:
+        qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
+    except KeyError:
+        return False
+    if table_owner(qemu_uid) != str(host_dir):
+        return False
+    return _nft(["delete", "table", "inet", table_name(qemu_uid)]).returncode == 0
+
+
+# -- the forward proxy's process ------------------------------------------------------------------
+
+
+def _process_record(host_dir: Path) -> dict[str, int] | None:
+    try:
+        data = json.loads((host_dir / PROCESS_NAME).read_text())
+        if data["boot_id"] != Path("/proc/sys/kernel/random/boot_id").read_text().strip():
+            return None
+        return {"pid": int(data["pid"]), "start_ticks": int(data["start_ticks"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def running_pid(host_dir: Path) -> int | None:
+    """tinyproxy's pid if the one this host directory started is still running."""
+    record = _process_record(host_dir)
+    if record is None or not proc.alive(record["pid"], record["start_ticks"]):
+        return None
+    return record["pid"]
+
+
+def stop_forward_proxy(host_dir: Path) -> bool:
+    record = _process_record(host_dir)
+    (host_dir / PROCESS_NAME).unlink(missing_ok=True)
+    if record is None or not proc.alive(record["pid"], record["start_ticks"]):
+        return False
+    proc.terminate(record["pid"], record["start_ticks"], grace=5)
+    return True
+
+
+def start_forward_proxy(plan: EgressPlan, host_dir: Path) -> int:
+    """(Re)start tinyproxy for `plan`; its port must be free of anyone else."""
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        raise RestartError(
+            "tinyproxy is not installed; it is the host-side allow-list of the VM's egress",
+            hint="apt-get install tinyproxy-bin, or pass --no-egress-filter and accept that the VM can reach anything",
+        )
+    ensure_system_user(EGRESS_USER, "secret-proxy-vm egress proxy")
+    stop_forward_proxy(host_dir)
+    check_port_free(plan.listen, "the egress proxy's port")
+    conf, filt = host_dir / CONF_NAME, host_dir / FILTER_NAME
+    write_private(filt, filter_text(plan).encode(), replace=True)
+    write_private(conf, tinyproxy_config(plan, filt, EGRESS_USER).encode(), replace=True)
+    log = os.open(host_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        child = subprocess.Popen(
+            [binary, "-d", "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        )
+    finally:
+        os.close(log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while (plan.listen.host, plan.listen.port) not in proc.listening_tcp(child.pid):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise RestartError(
+                f"tinyproxy did not start on {plan.listen}: {log_tail(host_dir / LOG_NAME)}",
+                hint="read the log; the port may have been taken meanwhile",
+            )
+        time.sleep(0.05)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    write_json_atomic(
+        host_dir / PROCESS_NAME, {"boot_id": boot_id, "pid": child.pid, "start_ticks": proc.start_ticks(child.pid)}
+    )
+    fsync_dir(host_dir)
+    return child.pid
+
+
+def enforce(plan: EgressPlan, host_dir: Path) -> dict[str, Any]:
+    """Rules first, then the proxy: the VM never runs with a wider path out than the plan's."""
+    ensure_system_user(plan.qemu_user, "secret-proxy-vm QEMU")
+    ensure_system_user(EGRESS_USER, "secret-proxy-vm egress proxy")
+    apply_rules(plan, host_dir)
+    save_plan(host_dir, plan)
+    pid = start_forward_proxy(plan, host_dir)
+    return {**plan.to_dict(), "forward_proxy_pid": pid, "nft_table": table_name(pwd.getpwnam(plan.qemu_user).pw_uid)}
+
+
+def release(host_dir: Path, *, drop_rules: bool = False) -> dict[str, Any]:
+    """Stop the forward proxy. The rules stay while the host's VM may run again (they only ever
+    narrow what QEMU's own user can reach); a rollback, which gives the VM back, drops them."""
+    plan = load_plan(host_dir)
+    if plan is None:
+        return {"egress": "none"}
+    return {
+        "forward_proxy_stopped": stop_forward_proxy(host_dir),
+        "rules_removed": remove_rules(plan, host_dir) if drop_rules else False,
+    }
