@@ -137,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=3737, help="the proxy's port on 127.0.0.1")
     p.add_argument("--agent-ssh-port", type=int, default=2222)
     p.add_argument("--host-ssh-port", type=int, default=2223)
+    p.add_argument(
+        "--qemu-user",
+        default="secret-proxy-vm",
+        help="the host VM's QEMU user (its egress rules match it: one per running host VM)",
+    )
     p.add_argument("--approve-timeout", type=float, default=600, help="seconds to wait for a Telegram approval")
     p.add_argument("--clean", action="store_true", help="stop and remove everything the demo made")
     return p.parse_args(argv)
@@ -223,6 +228,8 @@ class Demo:
                 "demo-*",
                 "--token-file",
                 str(token_file),
+                "--qemu-user",
+                self.args.qemu_user,
             ]
             telegram = self.telegram_config()
             if telegram:
@@ -249,13 +256,17 @@ class Demo:
                 f"secret-proxy secrets set {SECRET_NAME} < value   (sha256 {self.stored_hash[:12]}…)"
             )
             self.api = StandInApi(self.api_token)
+            allow = [PYTHON, "-m", "takeover", "egress", "allow", "--host-dir", str(self.host_dir), self.api.url]
+            if subprocess.run(allow, cwd=ROOT, capture_output=True, text=True).returncode != 0:
+                raise SystemExit(f"demo: `{' '.join(allow[1:])}` failed")
+            note(f"$ python -m takeover egress allow {self.api.url}   (the VM may reach it; nothing else but Telegram)")
             stored = self.host_ssh(
                 "/usr/local/bin/secret-proxy",
                 "secrets",
                 "set",
                 BROKERED_NAME,
                 "--allow-private",
-                f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/",
+                f"{self.api.url}/v1/",
                 "--inject",
                 "Authorization: Bearer {value}",
                 "--broker-only",
@@ -264,12 +275,12 @@ class Demo:
             if stored.returncode != 0:
                 raise SystemExit(f"demo: storing the broker-only secret failed: {stored.stderr.strip()}")
             note(
-                f"$ … secret-proxy secrets set {BROKERED_NAME} --allow-private http://{GUEST_SEES_HOST}:"
-                f"{self.api.port}/v1/ --inject 'Authorization: Bearer {{value}}' --broker-only < key"
+                f"$ … secret-proxy secrets set {BROKERED_NAME} --allow-private {self.api.url}/v1/ "
+                "--inject 'Authorization: Bearer {value}' --broker-only < key"
             )
             note(
-                f"(a stand-in API on this machine at 127.0.0.1:{self.api.port}, {GUEST_SEES_HOST} from the guest: "
-                "no outside network here)"
+                f"(a stand-in API on this machine at {self.api.url}, reached from the guest through the host's "
+                "egress proxy: no outside network here)"
             )
             self.hand_token_to_agent(token_file)
             token = self.token
@@ -408,7 +419,7 @@ class Demo:
         return match.group(1)
 
     def brokered_call(self, note, telegram: bool) -> None:
-        url = f"http://{GUEST_SEES_HOST}:{self.api.port}/v1/whoami"
+        url = f"{self.api.url}/v1/whoami"
         note(f"$ python3 -I {AGENT_TOOL} call {BROKERED_NAME} --reason 'demo: who am I at the API' -X GET {url}")
         calling = self.agent_tool("call", BROKERED_NAME, "--reason", "demo: who am I at the API", "-X", "GET", url)
         request_id = self.request_id_from(calling, note)
@@ -469,9 +480,6 @@ class Demo:
         note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
 
 
-GUEST_SEES_HOST = "10.0.2.2"  # QEMU's user network: the guest reaches the host's loopback here
-
-
 class StandInApi:
     """An HTTP API on the host's loopback that wants `Bearer KEY` and says whether it got it.
 
@@ -504,6 +512,8 @@ class StandInApi:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
+        # The host's loopback: the guest reaches it through the host's egress proxy, which resolves it there.
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 

@@ -153,6 +153,13 @@ def resolve_accel(requested: str) -> str:
 def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
     if args.command != "run":
         return TakeoverConfig(host_dir=args.host_dir)
+    if args.runner == "libvirt" and not args.no_egress_filter:
+        raise InvalidInput(
+            "the egress filter matches QEMU's own user, which libvirt shares between all its domains; "
+            "it runs with the qemu runner only",
+            hint="use --runner qemu (the default), or pass --no-egress-filter with --runner libvirt and "
+            "accept that the VM can reach anything (the report lists it as not blocked)",
+        )
     if args.token_file is not None and args.token_file.parent != args.host_dir:
         # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
         # that directory itself (root's, 0700) and checks the path again before writing.

@@ -14,8 +14,9 @@ Enforced on the host, outside the guest, so root inside the guest cannot widen i
   metadata addresses unless a destination names that address literally: a listed
   name whose DNS answer points inside cannot open the host's or the LAN's services.
 
-The table is per QEMU uid (nftables matches the socket's owner), so each host VM runs
-QEMU as a user of its own; a second VM with the same user is refused. Changing the
+The table is per QEMU uid (nftables matches the socket's owner), so each running host VM
+runs QEMU as a user of its own; a second one with the same user is refused while the
+first one's forward proxy runs. Changing the
 list restarts tinyproxy (it cannot re-read root's files after dropping privileges),
 not the VM. A guest reaches the proxy as 10.0.2.2 (slirp's name for the host's
 loopback); the guest's proxy is told so in its config (`egress_proxy`).
@@ -264,10 +265,18 @@ def table_owner(qemu_uid: int) -> str | None:
     return found.group(1) if found else ""
 
 
+def in_use(host_dir: Path) -> bool:
+    """Whether another host directory's VM still relies on its table: its forward proxy runs."""
+    try:
+        return (host_dir / RECORD_NAME).is_file() and running_pid(host_dir) is not None
+    except OSError:
+        return False
+
+
 def apply_rules(plan: EgressPlan, host_dir: Path) -> None:
     qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
     owner = table_owner(qemu_uid)
-    if owner is not None and owner != str(host_dir):
+    if owner is not None and owner != str(host_dir) and in_use(Path(owner)):
         raise RestartError(
             f"QEMU's user {plan.qemu_user} (uid {qemu_uid}) already runs the host VM of {owner}; the egress "
             "filter matches connections by that user, so two VMs cannot share it",

@@ -62,6 +62,7 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
                 "pidfile",
             )
         },
+        "egress": restart.get("egress", {}),
         "verify": result["verify"],
         "agent_token": result["verify"].get("agent_token"),
         "revoked": result["revoke"],
@@ -122,6 +123,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
             if vm.get("runner") == "libvirt"
             else ""
         ),
+        f"Egress:        {_egress_line(report.get('egress') or {})}",
         f"Disk:          {report['files']['disk']}",
         f"Report:        {report['files']['report']}",
     ]
@@ -130,4 +132,15 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"Agent token:   {token['agent']} ({token['secrets']}) written to {token['token_file']}")
     lines += ["", "Not blocked by the takeover (see docs/takeover.md):"]
     lines += [f"  - {item}" for item in report["scrub"]["not_blocked"]]
+    if (report.get("egress") or {}).get("filter") == "off":
+        lines.append("  - the VM's outbound network (--no-egress-filter): it can reach anything this host can")
     return lines
+
+
+def _egress_line(egress: dict[str, Any]) -> str:
+    if egress.get("filter") == "off":
+        return "NOT FILTERED (--no-egress-filter)"
+    if "listen" not in egress:
+        return "-"
+    where = ", ".join(egress.get("destinations") or []) or "nothing"
+    return f"only {where}, through {egress['listen']} (python -m takeover egress list|allow|remove)"

@@ -157,3 +157,41 @@ def write_ready(path: Path, **fields: object) -> Path:
     data = {"version": 1, **fields}
     path.write_text("READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n")
     return path
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that counts connections and answers each with a tiny HTTP response."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.seen += 1
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def listeners(n: int) -> Iterator[list[Listener]]:
+    made = [Listener() for _ in range(n)]
+    try:
+        yield made
+    finally:
+        for listener in made:
+            listener.close()

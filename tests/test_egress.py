@@ -12,9 +12,7 @@ import os
 import pwd
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,49 +21,11 @@ from takeover import egress
 from takeover.egress import Destination, EgressPlan
 from takeover.errors import InvalidInput, RestartError
 from takeover.files import ensure_host_dir
-from tests.takeover_helpers import ensure_user
+from tests.takeover_helpers import ensure_user, listeners
 
 pytestmark = pytest.mark.root
 
 QEMU_STANDIN = "spvm-egress-qemu"
-
-
-class Listener:
-    """A TCP server on 127.0.0.1 that counts connections and answers each with a tiny HTTP response."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.seen = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.seen += 1
-            with conn:
-                conn.settimeout(2)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@contextmanager
-def listeners(n: int) -> Iterator[list[Listener]]:
-    made = [Listener() for _ in range(n)]
-    try:
-        yield made
-    finally:
-        for listener in made:
-            listener.close()
 
 
 def as_qemu(script: str) -> str:

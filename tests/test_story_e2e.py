@@ -3,8 +3,8 @@
 `scripts/demo.py` (what `make demo` runs) plays the agent user building and
 launching its VM, root taking it over, the host storing a secret and handing the
 agent a token, the agent asking and waiting, and the agent's retrieval and
-lockout checks. The proxy in the VM talks to a Bot API emulator on the host
-(10.0.2.2 from the guest); here an approver taps Approve after a stranger's tap
+lockout checks. The proxy in the VM talks to a Bot API emulator on the host,
+through the host's egress proxy (the VM's only way out); here an approver taps Approve after a stranger's tap
 is refused. Then the attacks of the threat model that can be played on one
 machine are played and fail.
 """
@@ -52,8 +52,8 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         "SECRET_PROXY_TELEGRAM_TOKEN": TOKEN,
         "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
         "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
-        # QEMU's user network: the guest reaches the host's 127.0.0.1 as 10.0.2.2.
-        "SECRET_PROXY_TELEGRAM_API_URL": f"http://10.0.2.2:{emu.port}",
+        # The guest reaches it through the host's egress proxy, which resolves 127.0.0.1 on the host.
+        "SECRET_PROXY_TELEGRAM_API_URL": f"http://127.0.0.1:{emu.port}",
     }
     # Its own state directory, ports and host directory: a demo left running by `make demo` is left alone.
     agent_state = vm_fixtures.TEST_ROOT / f"story-state-{os.getpid()}"
@@ -74,6 +74,8 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
             str(free_port()),
             "--host-ssh-port",
             str(free_port()),
+            "--qemu-user",
+            "spvm-story-qemu",  # the egress rules match QEMU's user: a running `make demo` VM keeps its own
             "--approve-timeout",
             "300",
         ],

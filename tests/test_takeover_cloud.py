@@ -370,6 +370,8 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
             "api-*",
             "--token-file",
             str(token_file),
+            "--qemu-user",
+            "spvm-e2e-qemu",  # its own: the egress rules match QEMU's user, a running demo keeps its own
         )
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())

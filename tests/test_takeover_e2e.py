@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +21,19 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
+from takeover import egress
 from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
 from takeover.steps import NAMES, vm_spec
 from vm_image import proc
 
 from . import vm_fixtures
+from .takeover_helpers import Listener
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
+# The host VM's QEMU user: the egress rules match it, so not the one a running `make demo` VM uses.
+E2E_QEMU_USER = "spvm-e2e-qemu"
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-e2e-0123456789"
@@ -102,9 +108,34 @@ def print_durations(host_dir: Path) -> None:
     print(f"\nstep durations (s): {steps}\nscrub parts (s): {scrub}", file=sys.stderr)
 
 
+# The guest's way out, tried from inside the taken-over VM as its root (over the host's SSH key).
+GUEST_EGRESS_PROBE = """
+import socket, sys
+egress, listed, unlisted, udp = (int(a) for a in sys.argv[1:5])
+def direct(port):
+    try:
+        socket.create_connection(("10.0.2.2", port), timeout=5).close()
+        return "connected"
+    except OSError as exc:
+        return type(exc).__name__
+def tunnel(target):
+    s = socket.create_connection(("10.0.2.2", egress), timeout=10)
+    s.sendall(f"CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n".encode())
+    return s.recv(200).split(b"\\r\\n")[0].decode()
+print(direct(unlisted))
+print(tunnel(f"127.0.0.1:{unlisted}"))
+print(tunnel(f"127.0.0.1:{listed}"))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"out", ("10.0.2.2", udp))
+"""
+
+
 def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     host_dir = tmp_path / "host"
     ssh_port = free_port()
+    listed, unlisted = Listener(), Listener()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
     proxy_toml = tmp_path / "proxy.toml"
     proxy_toml.write_text("pending_timeout_seconds = 900\n")
     os.chmod(proxy_toml, 0o600)
@@ -125,6 +156,10 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         "api-*",
         "--token-file",
         str(token_file),
+        "--qemu-user",
+        E2E_QEMU_USER,
+        "--egress-allow",
+        f"http://127.0.0.1:{listed.port}/",
     ]
     # The first run dies after the scrub; the rerun resumes there instead of starting over.
     interrupted = takeover(*args, "--fail-after", "scrub")
@@ -145,10 +180,37 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
             assert os.stat(host_dir / name).st_mode & 0o077 == 0, name
 
         # The host operates the proxy over its own key: the config it sent is there, and it stores a secret.
+        egress = json.loads(takeover("egress", "list", "--host-dir", str(host_dir)).stdout)
+        assert egress["destinations"] == [f"http://127.0.0.1:{listed.port}"]
+        egress_port = int(egress["listen"].rpartition(":")[2])
         assert (
             host_ssh(host_dir, ssh_port, "cat", "/var/lib/secret-proxy/config.toml").stdout
-            == "pending_timeout_seconds = 900\n"
+            == f'egress_proxy = "http://10.0.2.2:{egress_port}"\npending_timeout_seconds = 900\n'
         )
+
+        # The guest (any user in it: each of its connections is one of QEMU's sockets) reaches the host
+        # only through the forward proxy, and through it
+        # only the listed destination: the other listeners on this machine see nothing.
+        probe = host_ssh(
+            host_dir,
+            ssh_port,
+            "python3",
+            "-c",
+            shlex.quote(GUEST_EGRESS_PROBE),
+            str(egress_port),
+            str(listed.port),
+            str(unlisted.port),
+            str(udp.getsockname()[1]),
+        )
+        assert probe.returncode == 0, probe.stderr
+        direct, refused, allowed = probe.stdout.splitlines()
+        assert direct in ("ConnectionRefusedError", "TimeoutError", "OSError"), direct
+        assert refused.startswith("HTTP/1.1 403"), refused
+        assert allowed.endswith("200 Connection established"), allowed
+        udp.settimeout(2)
+        with pytest.raises(TimeoutError):
+            udp.recvfrom(100)
+        assert (listed.seen, unlisted.seen) == (1, 0)
         stored = host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key", stdin=SECRET)
         assert stored.returncode == 0, stored.stderr
 
@@ -179,9 +241,10 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert str(agent_vm.state) not in " ".join(info.cmdline)
 
         # The operator can stop and start the host's VM (the qemu runner has no autostart).
-        assert json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout) == {"stopped": True}
+        stopped = json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout)
+        assert stopped["stopped"] is True and stopped["egress"]["forward_proxy_stopped"] is True
         started = json.loads(takeover("start", "--host-dir", str(host_dir)).stdout)
-        assert started["started"] is True
+        assert started["started"] is True and started["egress"]["destinations"] == egress["destinations"]
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
@@ -197,6 +260,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
     finally:
         stop_host_vm(host_dir)
+        listed.close()
+        unlisted.close()
+        udp.close()
 
 
 def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
@@ -211,6 +277,7 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
             return
         spec = vm_spec(Context(TakeoverConfig(host_dir=host_dir), host_dir, journal, Progress()))
         (runner or QemuRunner()).stop(spec)
+        egress.release(host_dir, drop_rules=True)
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own failure
         print(f"cleanup: {exc}", file=sys.stderr)
 
@@ -236,6 +303,8 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
         str(host_dir),
         "--ssh-listen",
         f"127.0.0.1:{free_port()}",
+        "--qemu-user",
+        E2E_QEMU_USER,
         "--fail-after",
         "relocate",
     )
@@ -297,9 +366,11 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
             libvirtd,
             "--ssh-listen",
             f"127.0.0.1:{ssh_port}",
+            "--no-egress-filter",  # it filters by QEMU's user, which libvirt shares between domains
         )
         print_durations(host_dir)
         assert result.returncode == 0, result.stderr
+        assert "NOT FILTERED" in result.stdout
         conn = libvirt.open(libvirtd)
         try:
             dom = conn.lookupByName("secret-proxy-vm")
