@@ -160,6 +160,11 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
             hint="use --runner qemu (the default), or pass --no-egress-filter with --runner libvirt and "
             "accept that the VM can reach anything (the report lists it as not blocked)",
         )
+    if args.qemu_user == "root" and not args.no_egress_filter:
+        raise InvalidInput(
+            "the egress filter matches the host VM's QEMU user, and root's connections cannot be singled out",
+            hint="keep the default --qemu-user (or name another user), or pass --no-egress-filter",
+        )
     if args.token_file is not None and args.token_file.parent != args.host_dir:
         # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
         # that directory itself (root's, 0700) and checks the path again before writing.

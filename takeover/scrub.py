@@ -45,7 +45,6 @@ AGENT_SYSTEM_KEPT = [
     "store could be intercepted.",
 ]
 NOT_BLOCKED = [
-    "The guest has user-mode networking with outbound access; planted code that survived could call out.",
     "QEMU runs the scrubbed guest; a QEMU escape would land as the QEMU process's user on the host.",
 ]
 

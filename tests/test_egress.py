@@ -229,3 +229,23 @@ def test_a_brokered_call_goes_through_the_forward_proxy_and_an_unlisted_one_neve
         listed.stop()
         unlisted.stop()
     assert SECRET_VALUE not in (egress_host_dir / egress.LOG_NAME).read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--runner", "libvirt"], "libvirt shares between all its domains"),
+        (["--qemu-user", "root"], "root's connections cannot be singled out"),
+    ],
+)
+def test_a_takeover_the_filter_cannot_cover_is_refused_before_it_starts(extra, message, tmp_path):
+    """Not half-way through: the operator learns at once, and `--no-egress-filter` is a choice they make."""
+    from takeover.cli import main
+
+    argv = ["run", "--ready-file", str(tmp_path / "ready"), "--host-dir", str(tmp_path / "host"), *extra]
+    with pytest.raises(InvalidInput, match=message):
+        from takeover.cli import build_parser, config_from_args
+
+        config_from_args(build_parser().parse_args([*argv, "--accel", "tcg"]))
+    assert main([*argv, "--accel", "tcg"]) == 1
+    assert not (tmp_path / "host").exists()
