@@ -85,6 +85,17 @@ def cmd_secrets_list(settings: Settings, args: argparse.Namespace) -> None:
             print(f"{name}\t{_when(updated)}")
 
 
+def cmd_secrets_destinations(settings: Settings, args: argparse.Namespace) -> None:
+    """Where the stored policies send calls, as JSON: what the host's egress list must allow."""
+    found: dict[str, list[str]] = {}
+    with Store(settings) as store:
+        for name, _ in store.list_secrets():
+            policy = store.get_policy(name)
+            for d in policy.destinations if policy else ():
+                found.setdefault(f"{d.scheme}://{d.host}:{d.port}", []).append(name)
+    print(json.dumps([{"url": url, "secrets": names} for url, names in sorted(found.items())]))
+
+
 def cmd_secrets_delete(settings: Settings, args: argparse.Namespace) -> None:
     with Store(settings) as store:
         store.delete_secret(args.name, operator())
@@ -219,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.set_defaults(fn=cmd_secrets_show)
     secrets.add_parser("list", help="list names (never values)").set_defaults(fn=cmd_secrets_list)
+    secrets.add_parser(
+        "destinations", help="scheme://host:port of every policy, as JSON (for the host's egress list)"
+    ).set_defaults(fn=cmd_secrets_destinations)
     s = secrets.add_parser("delete")
     s.add_argument("name")
     s.set_defaults(fn=cmd_secrets_delete)

@@ -138,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("stop", help="stop the taken-over VM (a libvirt domain stays defined, with autostart)"))
     eg = sub.add_parser("egress", help="what the taken-over VM may reach: list, allow or remove destinations")
     common(eg)
-    eg.add_argument("action", choices=("list", "allow", "remove"))
+    eg.add_argument("action", choices=("list", "allow", "remove", "sync"))
     eg.add_argument("urls", nargs="*", metavar="URL", help="https://host[:port] or http://host:port")
+    eg.add_argument(
+        "--apply",
+        action="store_true",
+        help="with sync: allow what the VM's stored policies name (without it, only show what is missing)",
+    )
     return p
 
 
@@ -223,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "stop":
             show(json_text(stop_host_vm(cfg)))
         elif args.command == "egress":
-            show(json_text(change_egress(cfg, args.action, args.urls)))
+            show(json_text(change_egress(cfg, args.action, args.urls, apply=args.apply)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

@@ -7,6 +7,7 @@ where they are, so `rollback` (rollback.py) can always bring the agent's VM back
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +18,9 @@ from vm_image import proc
 from . import egress
 from .config import TakeoverConfig, read_proxy_config
 from .diskimage import inspect_image
-from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError
+from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError, VerifyError
 from .files import ensure_host_dir
+from .host_keys import load_host_keys
 from .journal import DONE, IN_PROGRESS, JOURNAL_NAME, Journal, check_destination
 from .models import CHECKPOINT_TAG, Endpoint, SourceVM
 from .progress import Progress
@@ -26,7 +28,7 @@ from .relocate import DISK_NAME
 from .report import build_report, summary, write_report
 from .restart import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving
 from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, Context, steps_to_run, vm_spec
-from .verify import AGENT_NAME, SECRET_PATTERNS, which_ssh
+from .verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
 
 
 def require_root() -> None:
@@ -168,8 +170,13 @@ def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     return {"stopped": runner.stop(spec, undefine=False), "egress": egress.release(cfg.host_dir)}
 
 
-def change_egress(cfg: TakeoverConfig, action: str, urls: list[str]) -> dict[str, Any]:
-    """List, widen or narrow what the taken-over VM may reach; a running VM keeps running."""
+def change_egress(cfg: TakeoverConfig, action: str, urls: list[str], *, apply: bool = False) -> dict[str, Any]:
+    """List, widen or narrow what the taken-over VM may reach; a running VM keeps running.
+
+    `sync` asks the VM (over the host's SSH key) where its stored policies send calls and
+    shows what the list lacks; only `--apply` adds it. The VM's answer is a proposal: the
+    guest is the host's now, but the operator decides what leaves the machine.
+    """
     require_root()
     plan = egress.load_plan(cfg.host_dir)
     if plan is None:
@@ -179,6 +186,13 @@ def change_egress(cfg: TakeoverConfig, action: str, urls: list[str]) -> dict[str
         )
     if action == "list":
         return {**plan.to_dict(), "forward_proxy_pid": egress.running_pid(cfg.host_dir)}
+    if action == "sync":
+        wanted, unusable = policy_destinations(cfg)
+        missing = sorted(wanted - set(plan.destinations))
+        report: dict[str, Any] = {"missing": [d.url for d in missing], "unusable": unusable}
+        if not apply or not missing:
+            return {**report, "applied": False if missing else "nothing to add"}
+        urls, action = [d.url for d in missing], "allow"
     if not urls:
         raise InvalidInput(f"`egress {action}` needs at least one URL, e.g. https://api.example.com")
     named = {egress.Destination.parse(u) for u in urls}
@@ -203,3 +217,31 @@ def status(cfg: TakeoverConfig) -> dict[str, Any]:
 
 
 __all__ = ["run_takeover", "start_host_vm", "stop_host_vm", "status", "TakeoverError"]
+
+
+POLICY_LIST_MAX = 1024 * 1024
+
+
+def policy_destinations(cfg: TakeoverConfig) -> tuple[set[egress.Destination], list[str]]:
+    """The destinations of the VM's stored policies, read over the host's SSH key, each parsed strictly."""
+    spec, _ = _finished_vm(cfg)
+    key, known_hosts = load_host_keys(cfg.host_dir)
+    result = SSHTarget(spec.ssh_listen, key, known_hosts).run(CLI, "secrets", "destinations")
+    if result.returncode != 0:
+        raise VerifyError(
+            f"`secret-proxy secrets destinations` failed in the VM: {result.stderr.strip()[-300:]}",
+            hint="is the VM running (`python -m takeover start`)?",
+        )
+    try:
+        listed = json.loads(result.stdout[:POLICY_LIST_MAX])
+        urls = [str(item["url"]) for item in listed]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise VerifyError(f"the VM's list of policy destinations is not what the proxy prints: {exc}") from None
+    found: set[egress.Destination] = set()
+    unusable: list[str] = []
+    for url in urls:
+        try:
+            found.add(egress.Destination.parse(url))
+        except InvalidInput as exc:
+            unusable.append(str(exc))
+    return found, unusable

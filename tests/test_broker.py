@@ -405,3 +405,13 @@ def test_requests_list_json_names_the_call(rig):
     mine = [r for r in listed if r["id"] == created.json()["id"]][0]
     assert mine["call"]["url"] == url and mine["call"]["method"] == "POST"
     assert SECRET_VALUE not in json.dumps(listed)
+
+
+def test_secrets_destinations_lists_every_policys_scheme_host_and_port_as_json(rig):
+    """What the host's `takeover egress sync` reads from the VM: no values, no paths."""
+    out = cli(rig.data.settings.data_dir, "secrets", "destinations")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [
+        {"url": rig.base, "secrets": ["api-basic", "api-call", "api-loopback", "api-query"]}
+    ]
+    assert SECRET_VALUE.encode() not in out.stdout

@@ -211,6 +211,27 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         with pytest.raises(TimeoutError):
             udp.recvfrom(100)
         assert (listed.seen, unlisted.seen) == (1, 0)
+
+        # A brokered secret's destination: `egress sync` shows it missing, `--apply` lists it, the VM keeps running.
+        brokered = host_ssh(
+            host_dir,
+            ssh_port,
+            "/usr/local/bin/secret-proxy",
+            "secrets",
+            "set",
+            "api-brokered",
+            "--allow-private",
+            f"http://127.0.0.1:{unlisted.port}/v1/",
+            "--inject",
+            shlex.quote("X-Key: {value}"),
+            stdin=SECRET,
+        )
+        assert brokered.returncode == 0, brokered.stderr
+        wanted = f"http://127.0.0.1:{unlisted.port}"
+        assert json.loads(takeover("egress", "sync", "--host-dir", str(host_dir)).stdout)["missing"] == [wanted]
+        synced = json.loads(takeover("egress", "sync", "--apply", "--host-dir", str(host_dir)).stdout)
+        assert synced["applied"] == "now" and wanted in synced["destinations"]
+        assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
         stored = host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "set", "api-key", stdin=SECRET)
         assert stored.returncode == 0, stored.stderr
 
