@@ -18,7 +18,7 @@ from vm_image import proc
 from .diskimage import inspect_image
 from .errors import CheckpointError
 from .models import CHECKPOINT_TAG, SourceVM
-from .monitor import Monitor, QMPCommandError
+from .monitor import Monitor, Peer, QMPCommandError
 
 JOB_ID = "takeover-checkpoint-save"
 SAVE_TIMEOUT = 900.0  # RAM state under TCG writes at tens of MB/s; a 4 GiB guest still fits
@@ -37,12 +37,14 @@ class CheckpointResult:
 
 
 def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
-    with Monitor(Path(source.monitor)) as mon:
-        if mon.peer.pid != source.pid or not proc.alive(source.pid, source.pid_start_ticks):
+    def check_peer(peer: Peer) -> None:
+        if peer.pid != source.pid or not proc.alive(source.pid, source.pid_start_ticks):
             raise CheckpointError(
-                f"the monitor now belongs to pid {mon.peer.pid}, not the QEMU checked in step 1 (pid {source.pid})",
+                f"the monitor now belongs to pid {peer.pid}, not the QEMU checked in step 1 (pid {source.pid})",
                 hint="rerun `python -m takeover run` to check the VM again",
             )
+
+    with Monitor(Path(source.monitor), check_peer=check_peer) as mon:
         started = time.monotonic()
         commands = {c["name"] for c in mon.execute("query-commands")}
         progress(f"saving snapshot {CHECKPOINT_TAG} (disk and {source.memory_mb} MiB of RAM)")

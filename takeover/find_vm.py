@@ -133,10 +133,13 @@ def find_and_check_vm(
 
     owner = whose_vm(ready, disk_st, boundary)  # from the files, before anything is sent to the monitor
 
-    with Monitor(ready.monitor) as mon:
+    def check_peer(peer: Peer) -> None:
+        check_the_process(ready, peer, proc.read_process(peer.pid), owner, boundary)
+
+    with Monitor(ready.monitor, check_peer=check_peer) as mon:
         peer = mon.peer
         info = proc.read_process(peer.pid)
-        check_the_process(ready, peer, info, owner, boundary)
+        check_the_process(ready, peer, info, owner, boundary)  # again: the greeting took time
         nodes, vmstate_node = _disk_nodes(mon.execute("query-block"), disk)
         # QEMU's answer names a path; the kernel's view of the process's open files names inodes.
         # Both must agree, or the path was swapped between QEMU opening it and now.

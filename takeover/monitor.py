@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,12 @@ class Monitor(qmp.QMP):
 
     peer: Peer
 
-    def __init__(self, path: Path, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self, path: Path, timeout: float = CONNECT_TIMEOUT, check_peer: Callable[[Peer], None] | None = None
+    ) -> None:
+        # Runs on the kernel's credentials before a byte of the peer's is read: a process that is not
+        # the VM being taken over never gets its greeting parsed by root.
+        self._check_peer = check_peer
         try:
             super().__init__(path, timeout)
         except qmp.MonitorUnreachable as exc:
@@ -51,6 +57,8 @@ class Monitor(qmp.QMP):
     def connected(self, sock: socket.socket) -> None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.peer = Peer(*struct.unpack("3i", creds))
+        if self._check_peer is not None:
+            self._check_peer(self.peer)
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 60) -> Any:
         try:

@@ -16,7 +16,14 @@ import pytest
 from takeover.checkpoint import save_checkpoint_and_stop
 from takeover.config import read_proxy_config
 from takeover.diskimage import inspect_image
-from takeover.errors import DiskMismatch, InvalidInput, MonitorNotQMP, MonitorUnreachable, ReadyFileError
+from takeover.errors import (
+    DiskMismatch,
+    InvalidInput,
+    MonitorNotQMP,
+    MonitorUnreachable,
+    NotTheAgentsVM,
+    ReadyFileError,
+)
 from takeover.files import ensure_host_dir
 from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from takeover.journal import Journal
@@ -129,7 +136,49 @@ def test_a_socket_that_sends_garbage_is_not_qmp(tmp_path, host_dir):
     with fake_socket_server(tmp_path / "fake.sock", b"HTTP/1.1 200 OK\r\n\r\nhello\n") as sock:
         chown_to_agent(sock)
         with pytest.raises(MonitorNotQMP, match="does not speak QMP"):
+            Monitor(sock, timeout=2)
+        # The takeover does not get that far: root's server is not the agent's, whatever it would say.
+        with pytest.raises(NotTheAgentsVM, match="served by pid"):
             find_and_check_vm(explicit_ready(sock, disk), host_dir)
+
+
+def test_a_refused_peer_is_refused_on_its_credentials_before_anything_it_sent_is_read(tmp_path):
+    """SO_PEERCRED first: root never parses the greeting (nor answers it) of a process it will not take over."""
+    import socket
+    import threading
+
+    path = tmp_path / "other.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(3)
+            try:
+                conn.sendall(b"{not json, a greeting root must never parse\n")
+                received.append(conn.recv(100))
+            except BrokenPipeError:
+                received.append(b"")  # hung up before even our greeting was taken
+            except OSError:
+                received.append(b"(timeout)")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    seen = []
+
+    def refuse(peer):
+        seen.append(peer)
+        raise DiskMismatch(f"pid {peer.pid} is not the agent's QEMU")
+
+    with pytest.raises(DiskMismatch, match=f"pid {os.getpid()} is not"):
+        Monitor(path, timeout=2, check_peer=refuse)
+    thread.join(5)
+    server.close()
+    assert seen[0].pid == os.getpid() and seen[0].uid == os.getuid()
+    assert received == [b""]  # the client hung up without a byte: no qmp_capabilities, no reply
 
 
 def test_a_silent_socket_is_not_qmp(tmp_path):
@@ -297,7 +346,8 @@ def test_cli_with_a_planted_socket_refuses(tmp_path):
     with fake_socket_server(tmp_path / "planted.sock", b"\x00\x01garbage\n") as sock:
         chown_to_agent(sock)
         result = run_cli("run", "--host-dir", str(tmp_path / "host"), "--monitor", str(sock), "--disk", str(disk))
-    assert result.returncode == 1 and "does not speak QMP" in result.stderr
+    # Refused on the kernel's credentials (root's test process serves it), before its garbage is read.
+    assert result.returncode == 1 and "is served by pid" in result.stderr
 
 
 @pytest.mark.root

@@ -72,7 +72,12 @@ class QMP:
             sock.close()
             self._loop.close()
             raise MonitorUnreachable(f"cannot connect to monitor socket {self.path}: {exc.strerror or exc}") from None
-        self.connected(sock)
+        try:
+            self.connected(sock)  # may refuse the peer: then nothing of what it sends is read
+        except BaseException:
+            sock.close()
+            self._loop.close()
+            raise
         sock.setblocking(False)
         try:
             self._run(self._client.connect(sock), self.timeout)
