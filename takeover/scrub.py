@@ -12,6 +12,7 @@ is recorded; what this cannot catch is listed in `NOT_BLOCKED`.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import stat
 import subprocess
@@ -28,7 +29,7 @@ from vm_image.guest_files import VENV as PROXY_VENV
 from . import guest_files
 from .diskimage import QEMU_IMG, inspect_image
 from .errors import ScrubError
-from .files import fsync_file
+from .files import fsync_dir, fsync_file
 from .guest import Change, Guest
 from .host_keys import HostKeys
 
@@ -82,8 +83,12 @@ class ProxyIds:
 def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None] = lambda _: None) -> ScrubResult:
     timings: dict[str, float] = {}
     started = time.monotonic()
-    snapshots = remove_internal_snapshots(disk)
-    timings["snapshots"] = round(time.monotonic() - started, 3)
+    if plan.system_tar is not None:
+        snapshots = blank_disk(disk)
+        timings["blank"] = round(time.monotonic() - started, 3)
+    else:
+        snapshots = remove_internal_snapshots(disk)
+        timings["snapshots"] = round(time.monotonic() - started, 3)
     progress("starting libguestfs (about 40 s under TCG)")
     started = time.monotonic()
     guest = Guest.open(disk, force_tcg=plan.force_tcg, mount_root=plan.system_tar is None)
@@ -160,6 +165,31 @@ def rebuild_system(guest: Guest, system_tar: Path, overlay_tar: Path | None) -> 
             "the agent's whole filesystem, by the host's own build of Debian 12 from Debian's signed packages",
         )
     )
+
+
+def blank_disk(disk: Path) -> list[str]:
+    """With the system rebuild nothing of the agent's disk is kept, so the appliance never reads it.
+
+    The host's copy is replaced by an empty qcow2 of the same size before libguestfs starts:
+    the appliance's kernel then never scans a partition table, nor any byte, the agent wrote.
+    Returns the snapshots the copy carried (the report lists them as removed).
+    """
+    info = inspect_image(disk)
+    fresh = disk.with_name(f".{disk.name}.blank")
+    fresh.unlink(missing_ok=True)
+    made = subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "--", str(fresh), str(info.virtual_size)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        umask=0o077,  # 0600 from the start: the disk will hold the host's keys
+    )
+    if made.returncode != 0:
+        raise ScrubError(f"qemu-img could not create the host's blank disk: {made.stderr.strip()}")
+    fsync_file(fresh)
+    os.replace(fresh, disk)
+    fsync_dir(disk.parent)
+    return list(info.snapshots)
 
 
 def remove_internal_snapshots(disk: Path) -> list[str]:

@@ -418,10 +418,14 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.root
+MARKER = b"agent-bytes-7f3a9c"
+
+
 def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_table(tmp_path):
     """A cloud image's disk is partitioned; the agent's filesystem in it may be built to hurt its parser.
 
-    With the rebuild (the default) the appliance never mounts it: the disk is wiped and formatted whole.
+    With the rebuild (the default) the appliance never reads it: the host's copy is replaced by a blank
+    disk of the same size before libguestfs starts, then formatted whole.
     """
     import guestfs
 
@@ -444,6 +448,8 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
         f.write(os.urandom(2**20))
         f.seek(2**20 + 1024 + 0x38)
         f.write(b"\x53\xef")  # ext2/3/4 superblock magic
+        f.seek(2**30)
+        f.write(MARKER * 1024)  # data the agent left: nothing of it may reach the host's disk
     disk = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
     HOST_SYSTEM_CACHE.mkdir(parents=True, exist_ok=True)
@@ -457,6 +463,11 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     )
     result = scrub_and_rekey(disk, plan)
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()
+    assert "blank" in result.seconds and os.stat(disk).st_mode & 0o777 == 0o600
+    after = tmp_path / "after.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(after)], check=True)
+    with open(after, "rb") as f:
+        assert not any(MARKER in chunk for chunk in iter(lambda: f.read(2**24), b""))
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend("direct")
     g.set_backend_settings(["force_tcg"])
