@@ -416,11 +416,11 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     print(f"\ncloud takeover steps (s): { {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
 
 
-@pytest.mark.slow
-@pytest.mark.root
 MARKER = b"agent-bytes-7f3a9c"
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_table(tmp_path):
     """A cloud image's disk is partitioned; the agent's filesystem in it may be built to hurt its parser.
 
