@@ -138,8 +138,12 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
             assert any(line in ln and "PermissionError" in ln for ln in output.splitlines()), line
         assert "SSH with its setup key: " in output and "Permission denied" in output
 
-        # The Telegram token never reached anything the agent can see.
+        # The Telegram token never reached anything the agent can see, nor the host's egress log
+        # (the bot's plain-HTTP requests to the emulator carry it in their URLs).
         assert TOKEN not in output
+        assert TOKEN.split(":")[1] not in (host_dir / "egress.log").read_text()
+        # The brokered call above went through the host's egress proxy, which lists the stand-in API and Telegram.
+        assert "$ python -m takeover egress allow http://127.0.0.1:" in output
         token = (agent_state / "demo-agent.token").read_text().strip()
         url = f"http://127.0.0.1:{port}"
         for path in ("/health", "/openapi.json"):
