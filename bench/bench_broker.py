@@ -8,7 +8,10 @@ each on a fresh TLS connection as the broker makes it:
 - brokered (make): `POST /v1/requests/{id}/call` for a call already approved: the proxy claims the
   approval (a durable write), resolves, connects, injects, redacts and audits (another write);
 - brokered (ask + approve + make): also `POST /v1/calls` and the approval (the operator's store call in
-  this process, standing in for the human, whose minutes are not the proxy's cost).
+  this process, standing in for the human, whose minutes are not the proxy's cost);
+- brokered through the host's forward proxy (make): as in a taken-over VM, a second `proxy serve` with
+  `egress_proxy` set tunnels the call through tinyproxy (`takeover/egress.py`, started here as the
+  takeover starts it; needs root and tinyproxy) instead of resolving and connecting itself.
 
 The ratio is what to read; absolute numbers depend on the machine (and the disk, for the fsyncs).
 
@@ -38,14 +41,16 @@ from proxy.config import load_settings  # noqa: E402
 from proxy.demo import free_port  # noqa: E402
 from proxy.policy import build_policy  # noqa: E402
 from proxy.store import Store, init_data_dir  # noqa: E402
+from takeover import egress  # noqa: E402
+from takeover.models import Endpoint  # noqa: E402
 from tests.broker_upstream import Upstream, make_ca  # noqa: E402
 
 VALUE = b"sk-bench-0123456789abcdef0123456789"
 
 
-def start_proxy(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_proxy(data_dir: Path, egress_proxy: str = "") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir))
+    env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir), SECRET_PROXY_EGRESS_PROXY=egress_proxy)
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
         env=env,
@@ -103,12 +108,21 @@ def main() -> None:
             )
             token = store.add_agent("bench", ["bench-*"], "operator:bench")
         proc, base = start_proxy(data_dir)
+        host_dir = Path(tmp) / "host"
+        host_dir.mkdir(mode=0o700)
+        plan = egress.EgressPlan(
+            Endpoint("127.0.0.1", free_port()), (egress.Destination.parse(f"https://localhost:{up.port}"),), "-"
+        )
+        egress.start_forward_proxy(plan, host_dir)
+        tunnelled, tunnelled_base = start_proxy(data_dir, f"http://127.0.0.1:{plan.listen.port}")
         context = ssl.create_default_context(cafile=str(ca.ca_file))
         call = {"method": "GET", "url": url, "headers": {}, "body_base64": ""}
-        times: dict[str, list[float]] = {"direct": [], "make": [], "whole": []}
+        times: dict[str, list[float]] = {"direct": [], "make": [], "whole": [], "egress": []}
+        headers = {"Authorization": f"Bearer {token}"}
         try:
             with (
-                httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client,
+                httpx.Client(base_url=base, headers=headers, timeout=30) as client,
+                httpx.Client(base_url=tunnelled_base, headers=headers, timeout=30) as via_egress,
                 Store(settings) as store,
             ):
 
@@ -118,14 +132,15 @@ def main() -> None:
                     store.decide(created.json()["id"], True, "operator:bench")
                     return created.json()["id"]
 
-                def make(request_id: str) -> None:
-                    made = client.post(f"/v1/requests/{request_id}/call", json=call)
+                def make(request_id: str, through: httpx.Client = client) -> None:
+                    made = through.post(f"/v1/requests/{request_id}/call", json=call)
                     assert made.status_code == 200 and made.json()["status"] == 200, made.text
                     assert VALUE not in base64.b64decode(made.json()["body_base64"])
 
-                for _ in range(5):  # warm up both paths
+                for _ in range(5):  # warm up every path
                     direct(up.port, context)
                     make(ask())
+                    make(ask(), via_egress)
                 for _ in range(args.calls):
                     times["direct"].append(direct(up.port, context))
                     request_id = ask()
@@ -135,14 +150,24 @@ def main() -> None:
                     started = time.perf_counter()
                     make(ask())
                     times["whole"].append(time.perf_counter() - started)
+                    request_id = ask()
+                    started = time.perf_counter()
+                    make(request_id, via_egress)
+                    times["egress"].append(time.perf_counter() - started)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for server in (proc, tunnelled):
+                server.terminate()
+                server.wait(10)
+            egress.stop_forward_proxy(host_dir)
             up.stop()
     base_ms = statistics.median(times["direct"]) * 1000
     print(f"{args.calls} calls each, medians; fresh TLS connection per call, GET with a ~100 byte answer")
     print(f"{'direct call':34} {base_ms:8.2f} ms   {1.0:5.2f}x")
-    for key, label in (("make", "brokered, approved call made"), ("whole", "brokered, ask + approve + make")):
+    for key, label in (
+        ("make", "brokered, approved call made"),
+        ("whole", "brokered, ask + approve + make"),
+        ("egress", "brokered via the host's tinyproxy"),
+    ):
         ms = statistics.median(times[key]) * 1000
         print(f"{label:34} {ms:8.2f} ms   {ms / base_ms:5.2f}x")
 

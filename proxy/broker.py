@@ -22,6 +22,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import redact
 from .policy import Destination, Injection, Policy, PolicyError, Target, parse_url
@@ -224,11 +225,37 @@ def _tunnel(target: Target, limits: Limits, context: ssl.SSLContext | None) -> h
     host, port = check_egress_proxy(limits.egress_proxy)
     conn: http.client.HTTPConnection
     if context is not None:
-        conn = http.client.HTTPSConnection(host, port, timeout=limits.timeout_seconds, context=context)
+        conn = _QuickAckHTTPS(host, port, timeout=limits.timeout_seconds, context=context)
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=limits.timeout_seconds)
+        conn = _QuickAckHTTP(host, port, timeout=limits.timeout_seconds)
     conn.set_tunnel(target.host_for_connect, target.port)
     return conn
+
+
+def _quick_ack(sock: socket.socket | None) -> None:
+    # tinyproxy relays without TCP_NODELAY: its second small write waits for our ACK, which Linux
+    # delays by 40 ms unless asked not to. The flag does not stick, so it is set after every send.
+    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+
+class _QuickAckHTTP(http.client.HTTPConnection):
+    def send(self, data: Any) -> None:
+        super().send(data)
+        _quick_ack(self.sock)
+
+
+class _QuickAckHTTPS(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _quick_ack(self.sock)
+
+    def send(self, data: Any) -> None:
+        super().send(data)
+        _quick_ack(self.sock)
 
 
 def _failed(target: Target, exc: Exception) -> BrokerError:
