@@ -113,7 +113,7 @@ def main() -> None:
         plan = egress.EgressPlan(
             Endpoint("127.0.0.1", free_port()), (egress.Destination.parse(f"https://localhost:{up.port}"),), "-"
         )
-        egress.start_forward_proxy(plan, host_dir)
+        egress.start_forward_proxy(plan, host_dir, "nobody")
         tunnelled, tunnelled_base = start_proxy(data_dir, f"http://127.0.0.1:{plan.listen.port}")
         context = ssl.create_default_context(cafile=str(ca.ca_file))
         call = {"method": "GET", "url": url, "headers": {}, "body_base64": ""}

@@ -257,8 +257,9 @@ class Demo:
             )
             self.api = StandInApi(self.api_token)
             allow = [PYTHON, "-m", "takeover", "egress", "allow", "--host-dir", str(self.host_dir), self.api.url]
-            if subprocess.run(allow, cwd=ROOT, capture_output=True, text=True).returncode != 0:
-                raise SystemExit(f"demo: `{' '.join(allow[1:])}` failed")
+            allowed = subprocess.run(allow, cwd=ROOT, capture_output=True, text=True)
+            if allowed.returncode != 0:
+                raise SystemExit(f"demo: `python {' '.join(allow[1:])}` failed: {allowed.stderr.strip()[-600:]}")
             note(f"$ python -m takeover egress allow {self.api.url}   (the VM may reach it; nothing else but Telegram)")
             stored = self.host_ssh(
                 "/usr/local/bin/secret-proxy",

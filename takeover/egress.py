@@ -24,6 +24,7 @@ loopback); the guest's proxy is told so in its config (`egress_proxy`).
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
@@ -52,7 +53,7 @@ CONF_NAME = "egress.tinyproxy.conf"
 FILTER_NAME = "egress.filter"
 LOG_NAME = "egress.log"
 FILES = (RECORD_NAME, PROCESS_NAME, CONF_NAME, FILTER_NAME, LOG_NAME)
-EGRESS_USER = "secret-proxy-vm-egress"
+EGRESS_USER_PREFIX = "spvm-egress-"  # + QEMU's uid: one forward-proxy user per table (see nft_ruleset)
 GUEST_SEES_HOST = "10.0.2.2"  # slirp: the guest's address for the host's loopback
 START_TIMEOUT = 10.0
 TABLE_PREFIX = "secret_proxy_vm_egress_uid"
@@ -185,11 +186,11 @@ def save_plan(host_dir: Path, plan: EgressPlan) -> None:
     write_json_atomic(host_dir / RECORD_NAME, plan.to_dict())
 
 
-def tinyproxy_config(plan: EgressPlan, filter_path: Path, user: str) -> str:
+def tinyproxy_config(plan: EgressPlan, filter_path: Path, user: str, group: str) -> str:
     ports = sorted({d.port for d in plan.destinations})
     lines = [
         f"User {user}",
-        f"Group {user}",
+        f"Group {group}",
         f"Listen {plan.listen.host}",
         f"Port {plan.listen.port}",
         "Allow 127.0.0.1",
@@ -273,6 +274,12 @@ def in_use(host_dir: Path) -> bool:
         return False
 
 
+def egress_user(qemu_uid: int) -> str:
+    """The forward proxy's own user for this QEMU uid. Not shared: every table rejects its forward
+    proxy's inside addresses but the ones it lists, and nftables lets any table's reject win."""
+    return f"{EGRESS_USER_PREFIX}{qemu_uid}"
+
+
 def apply_rules(plan: EgressPlan, host_dir: Path) -> None:
     qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
     owner = table_owner(qemu_uid)
@@ -282,7 +289,7 @@ def apply_rules(plan: EgressPlan, host_dir: Path) -> None:
             "filter matches connections by that user, so two VMs cannot share it",
             hint="give this takeover a QEMU user of its own (--qemu-user NAME)",
         )
-    ruleset = nft_ruleset(plan, host_dir, qemu_uid, pwd.getpwnam(EGRESS_USER).pw_uid)
+    ruleset = nft_ruleset(plan, host_dir, qemu_uid, pwd.getpwnam(egress_user(qemu_uid)).pw_uid)
     out = _nft(["-f", "-"], ruleset)
     if out.returncode != 0:
         raise RestartError(
@@ -332,20 +339,20 @@ def stop_forward_proxy(host_dir: Path) -> bool:
     return True
 
 
-def start_forward_proxy(plan: EgressPlan, host_dir: Path) -> int:
-    """(Re)start tinyproxy for `plan`; its port must be free of anyone else."""
+def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
+    """(Re)start tinyproxy for `plan`, dropping to `user`; its port must be free of anyone else."""
     binary = shutil.which("tinyproxy")
     if binary is None:
         raise RestartError(
             "tinyproxy is not installed; it is the host-side allow-list of the VM's egress",
             hint="apt-get install tinyproxy-bin, or pass --no-egress-filter and accept that the VM can reach anything",
         )
-    ensure_system_user(EGRESS_USER, "secret-proxy-vm egress proxy")
     stop_forward_proxy(host_dir)
     check_port_free(plan.listen, "the egress proxy's port")
     conf, filt = host_dir / CONF_NAME, host_dir / FILTER_NAME
     write_private(filt, filter_text(plan).encode(), replace=True)
-    write_private(conf, tinyproxy_config(plan, filt, EGRESS_USER).encode(), replace=True)
+    group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    write_private(conf, tinyproxy_config(plan, filt, user, group).encode(), replace=True)
     log = os.open(host_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         child = subprocess.Popen(
@@ -378,10 +385,11 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path) -> int:
 def enforce(plan: EgressPlan, host_dir: Path) -> dict[str, Any]:
     """Rules first, then the proxy: the VM never runs with a wider path out than the plan's."""
     ensure_system_user(plan.qemu_user, "secret-proxy-vm QEMU")
-    ensure_system_user(EGRESS_USER, "secret-proxy-vm egress proxy")
+    user = egress_user(pwd.getpwnam(plan.qemu_user).pw_uid)
+    ensure_system_user(user, f"secret-proxy-vm egress proxy for {plan.qemu_user}")
     apply_rules(plan, host_dir)
     save_plan(host_dir, plan)
-    pid = start_forward_proxy(plan, host_dir)
+    pid = start_forward_proxy(plan, host_dir, user)
     return {**plan.to_dict(), "forward_proxy_pid": pid, "nft_table": table_name(pwd.getpwnam(plan.qemu_user).pw_uid)}
 
 

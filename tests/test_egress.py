@@ -26,11 +26,12 @@ from tests.takeover_helpers import ensure_user, listeners
 pytestmark = pytest.mark.root
 
 QEMU_STANDIN = "spvm-egress-qemu"
+QEMU_STANDIN_2 = "spvm-egress-qemu2"
 
 
-def as_qemu(script: str) -> str:
-    """Run Python as the stand-in QEMU user and return what it printed."""
-    entry = pwd.getpwnam(QEMU_STANDIN)
+def as_qemu(script: str, user: str = QEMU_STANDIN) -> str:
+    """Run Python as a stand-in QEMU user and return what it printed."""
+    entry = pwd.getpwnam(user)
     out = subprocess.run(
         [
             "setpriv",
@@ -196,7 +197,7 @@ def test_a_brokered_call_goes_through_the_forward_proxy_and_an_unlisted_one_neve
     listed, unlisted = Upstream(ca).start(), Upstream(ca).start()
     plan = egress.new_plan([f"https://localhost:{listed.port}"], QEMU_STANDIN)
     egress.save_plan(egress_host_dir, plan)
-    egress.start_forward_proxy(plan, egress_host_dir)
+    egress.start_forward_proxy(plan, egress_host_dir, "nobody")
     config = {"broker_ca_file": str(ca.ca_file), "egress_proxy": f"http://127.0.0.1:{plan.listen.port}"}
     data = provision(make_settings(tmp_path), config)
     with Store(data.settings) as store:
@@ -249,3 +250,24 @@ def test_a_takeover_the_filter_cannot_cover_is_refused_before_it_starts(extra, m
         config_from_args(build_parser().parse_args([*argv, "--accel", "tcg"]))
     assert main([*argv, "--accel", "tcg"]) == 1
     assert not (tmp_path / "host").exists()
+
+
+def test_two_host_vms_each_reach_their_own_listed_loopback_destination(egress_host_dir, tmp_path):
+    """Each VM's forward proxy has a user of its own: one table's rejects never cut another VM's list."""
+    ensure_user(QEMU_STANDIN_2)
+    other_dir = ensure_host_dir(tmp_path / "other-host")
+    try:
+        with listeners(2) as (mine, theirs):
+            plans = [
+                (egress.new_plan([f"https://127.0.0.1:{mine.port}"], QEMU_STANDIN), egress_host_dir),
+                (egress.new_plan([f"https://127.0.0.1:{theirs.port}"], QEMU_STANDIN_2), other_dir),
+            ]
+            for plan, host_dir in plans:
+                egress.enforce(plan, host_dir)
+            for (plan, _), target in zip(plans, (mine, theirs), strict=True):
+                script = CONNECT_SCRIPT + f"print(through_proxy({plan.listen.port}, '127.0.0.1:{target.port}'))"
+                got = as_qemu(script, plan.qemu_user)
+                assert got.endswith("200 Connection established"), got
+            assert (mine.seen, theirs.seen) == (1, 1)
+    finally:
+        egress.release(other_dir, drop_rules=True)
