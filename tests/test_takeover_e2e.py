@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
+from takeover.models import Endpoint
 from takeover.monitor import Monitor
 from takeover.restart import LibvirtRunner, QemuRunner
 from takeover.steps import NAMES, vm_spec
+from takeover.verify import SSHTarget
 from vm_image import proc
 
 from . import vm_fixtures
@@ -52,32 +54,9 @@ def agent_http(method: str, url: str, token: str = "", body: dict | None = None)
 
 
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={host_dir / 'known_hosts'}",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-            str(host_dir / "host_key"),
-            "-p",
-            str(port),
-            "proxy@127.0.0.1",
-            "--",
-            *remote,
-        ],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """The host's login, as the takeover's own checks make it: its key, the pinned host key, strict checking."""
+    target = SSHTarget(Endpoint("127.0.0.1", port), host_dir / "host_key", host_dir / "known_hosts")
+    return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

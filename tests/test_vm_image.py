@@ -22,6 +22,7 @@ from vm_image.errors import BadInput
 from vm_image.initrd import build_initrd, module_closure
 from vm_image.kvm_probe import Probe
 from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
+from vm_image.ssh_command import agent_login_argv
 
 from .vm_fixtures import as_agent, free_port, launch_agent_vm, vm_image_as_agent
 
@@ -156,6 +157,18 @@ def free_ports() -> list[str]:
     return ["--port", str(free_port()), "--ssh-port", str(free_port())]
 
 
+def test_ssh_command_lines_read_no_config_and_end_options_before_the_remote_command(tmp_path):
+    key = tmp_path / "setup_key"
+    argv = agent_login_argv(2222, "-oProxyCommand=x", "true", key=key)
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    assert argv[-5:] == ["2222", "proxy@127.0.0.1", "--", "-oProxyCommand=x", "true"]
+    assert argv[argv.index("-i") + 1] == str(key)
+    password = agent_login_argv(2222, "true", user="root", options=("PreferredAuthentications=password",))
+    assert "-i" not in password and "root@127.0.0.1" in password
+    option = password.index("PreferredAuthentications=password")
+    assert password[option - 1] == "-o" and option < password.index("root@127.0.0.1")
+
+
 def test_launch_without_an_image_says_to_build_first(tmp_path):
     result = vm_image("launch", "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 1
@@ -259,23 +272,7 @@ def test_agent_builds_launches_and_stops_the_vm():
         fingerprint = subprocess.run(["ssh-keygen", "-lf", "-"], input=scan.stdout, capture_output=True, text=True)
         assert fingerprint.stdout.split()[1] == manifest["ssh"]["host_key_fingerprint"]
         password = as_agent(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "PreferredAuthentications=password",
-                "-p",
-                str(vm.ssh_port),
-                "root@127.0.0.1",
-                "true",
-            ],
+            agent_login_argv(vm.ssh_port, "true", user="root", options=("PreferredAuthentications=password",)),
             timeout=60,
         )
         assert password.returncode == 255 and "publickey" in password.stderr and "password" not in password.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from scripts.demo import run_as_agent
 from vm_image.control import read_ready
+from vm_image.ssh_command import agent_login_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_USER = "agent"
@@ -92,34 +93,8 @@ class AgentVM:
 
     def ssh_as_agent(self, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         """What the agent can do with its setup key (run as the agent user)."""
-        return as_agent(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=30",
-                "-i",
-                str(self.state / "image/setup_key"),
-                "-p",
-                str(self.ssh_port),
-                "proxy@127.0.0.1",
-                "--",
-                *remote,
-            ],
-            stdin=stdin,
-            timeout=120,
-        )
+        argv = agent_login_argv(self.ssh_port, *remote, key=self.state / "image/setup_key")
+        return as_agent(argv, stdin=stdin, timeout=120)
 
     def stop(self) -> None:
         vm_image_as_agent("stop", "--state-dir", str(self.state), "--timeout", "20", timeout=120)
