@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -307,51 +305,21 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
 
     from .cloud_image import cloud_base_image
     from .test_takeover_e2e import host_ssh, stop_host_vm, takeover
-    from .vm_fixtures import (
-        AGENT_CACHE,
-        AGENT_USER,
-        TEST_ROOT,
-        AgentVM,
-        ensure_agent_user,
-        free_port,
-        vm_image_as_agent,
-    )
+    from .vm_fixtures import AGENT_USER, AgentVM, free_port, up_agent_vm_on
 
     base = cloud_base_image()
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    user = ensure_agent_user()
-    state = Path(tempfile.mkdtemp(prefix="agent-cloud-takeover-", dir=TEST_ROOT))
-    os.chown(state, user.uid, user.gid)
-    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
     host_dir = tmp_path / "host"
     ssh_port = free_port()
     token_file = tmp_path / "alice.token"
+    vm = up_agent_vm_on(base, "agent-cloud-takeover-")
+    state = vm.state
 
     def http(method: str, path: str, token: str = "", body: dict | None = None) -> tuple[int, dict]:
         status, text = demo.agent_http(AGENT_USER, method, vm.url + path, token, body)[0]
         return status, json.loads(text or "{}")
 
     try:
-        up = vm_image_as_agent(
-            "up",
-            "--state-dir",
-            str(state),
-            "--cache-dir",
-            str(AGENT_CACHE),
-            "--base-image",
-            str(base),
-            "--port",
-            str(vm.proxy_port),
-            "--ssh-port",
-            str(vm.ssh_port),
-            "--memory",
-            "512",
-            "--accel",
-            "tcg",
-            "--timeout",
-            "900",
-        )
-        assert up.returncode == 0, up.stderr[-3000:]
         assert json.loads((state / "image/manifest.json").read_text())["disk"]["backing_file"] == str(base)
 
         result = takeover(
@@ -373,7 +341,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         )
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())
-        assert report["disk"]["backing_files"] == [str(base)] and report["disk"]["agent_uid"] == user.uid
+        assert report["disk"]["backing_files"] == [str(base)] and report["disk"]["agent_uid"] == vm.uid
 
         # The host's disk: root's, 0600, one self-contained qcow2 (nothing of the base image's path in it).
         st = os.stat(host_dir / DISK_NAME)
@@ -397,19 +365,14 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         token = token_file.read_text().strip()
         status, body = http("POST", "/v1/requests", token, {"secret": "api-key", "reason": "cloud e2e"})
         assert status == 201 and body["status"] == "pending", body
-        login = AgentVM(state, vm.ready, vm.proxy_port, ssh_port, user.uid).ssh_as_agent("true")
+        login = AgentVM(state, vm.ready, vm.proxy_port, ssh_port, vm.uid).ssh_as_agent("true")
         assert login.returncode != 0 and "Permission denied" in login.stderr
         old_login = vm.ssh_as_agent("true")  # the agent's own forward is gone with its QEMU
         assert old_login.returncode != 0
         assert not (state / "image/disk.qcow2").exists()  # the agent's overlay is revoked
     finally:
         stop_host_vm(host_dir)
-        try:
-            pid = int((state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(state, ignore_errors=True)
+        vm.discard()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the user's image was never written
     print(f"\ncloud takeover steps (s): { {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
 

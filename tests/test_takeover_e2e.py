@@ -66,12 +66,7 @@ def agent_vm() -> AgentVM:
     try:
         yield vm
     finally:
-        try:
-            pid = int((vm.state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(vm.state, ignore_errors=True)
+        vm.discard()
 
 
 def print_durations(host_dir: Path) -> None:

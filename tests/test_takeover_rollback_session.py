@@ -526,9 +526,4 @@ def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_s
             watcher.done.set()
         if terminal is not None and terminal.process.poll() is None:
             terminal.process.kill()
-        try:
-            pid = int((agent_vm.state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(agent_vm.state, ignore_errors=True)
+        agent_vm.discard()

@@ -6,11 +6,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -397,41 +395,18 @@ def test_base_image_that_is_not_an_image_is_refused(tmp_path):
 @pytest.mark.root
 def test_agent_runs_the_proxy_on_a_cloud_image_through_cloud_init():
     from .cloud_image import cloud_base_image
-    from .vm_fixtures import AGENT_CACHE, TEST_ROOT, AgentVM, ensure_agent_user, free_port
+    from .vm_fixtures import up_agent_vm_on
 
     base = cloud_base_image()
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    user = ensure_agent_user()
-    state = Path(tempfile.mkdtemp(prefix="agent-cloud-", dir=TEST_ROOT))
-    os.chown(state, user.uid, user.gid)
-    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
+    vm = up_agent_vm_on(base, "agent-cloud-")
     try:
-        up = vm_image_as_agent(
-            "up",
-            "--state-dir",
-            str(state),
-            "--cache-dir",
-            str(AGENT_CACHE),
-            "--base-image",
-            str(base),
-            "--port",
-            str(vm.proxy_port),
-            "--ssh-port",
-            str(vm.ssh_port),
-            "--memory",
-            "512",
-            "--accel",
-            "tcg",
-            "--timeout",
-            "900",
-        )
-        assert up.returncode == 0, up.stderr[-3000:]
         print(f"\ncloud image to healthy under TCG: {vm.ready_data['boot_seconds']} s", file=sys.stderr)
         assert get_json(vm.url + "/health") == (200, {"status": "ok"})
         who = vm.ssh_as_agent("id -un; stat -c '%U %a' /opt/secret-proxy/venv/bin/python3 /var/lib/secret-proxy")
         assert who.returncode == 0, who.stderr
         assert who.stdout.split("\n")[:3] == ["proxy", "root 777", "proxy 700"]  # python3 is a symlink
-        manifest = json.loads((state / "image/manifest.json").read_text())
+        manifest = json.loads((vm.state / "image/manifest.json").read_text())
         assert manifest["mode"] == "base-image" and manifest["disk"]["backing_file"] == str(base)
     finally:
         vm.stop()

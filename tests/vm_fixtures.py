@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from scripts.demo import run_as_agent
+from vm_image import proc
 from vm_image.control import read_ready
 from vm_image.ssh_command import agent_login_argv
 
@@ -99,6 +101,15 @@ class AgentVM:
     def stop(self) -> None:
         vm_image_as_agent("stop", "--state-dir", str(self.state), "--timeout", "20", timeout=120)
 
+    def discard(self) -> None:
+        """Kill the QEMU its pid file names (the agent's, or a rollback's replay of it) and remove its state."""
+        try:
+            pid = int((self.state / "run/qemu.pid").read_text())
+            proc.terminate(pid, proc.start_ticks(pid), grace=5)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.state, ignore_errors=True)
+
 
 def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     """A copy of the agent's image in a fresh state directory, started as the agent with `vm_image launch`."""
@@ -128,3 +139,34 @@ def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     if result.returncode != 0:
         raise RuntimeError(f"vm_image launch failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
     return AgentVM(state, state / "run/ready", proxy_port, ssh_port, user.uid)
+
+
+def up_agent_vm_on(base: Path, prefix: str) -> AgentVM:
+    """The agent's VM on a cloud image: `vm_image up --base-image` as the agent, in a fresh state directory."""
+    user = ensure_agent_user()
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_ROOT))
+    os.chown(state, user.uid, user.gid)
+    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
+    up = vm_image_as_agent(
+        "up",
+        "--state-dir",
+        str(state),
+        "--cache-dir",
+        str(AGENT_CACHE),
+        "--base-image",
+        str(base),
+        "--port",
+        str(vm.proxy_port),
+        "--ssh-port",
+        str(vm.ssh_port),
+        "--memory",
+        "512",
+        "--accel",
+        "tcg",
+        "--timeout",
+        "900",
+    )
+    if up.returncode != 0:
+        vm.stop()
+        raise RuntimeError(f"vm_image up --base-image failed as {AGENT_USER}:\n{up.stderr[-3000:]}")
+    return vm
