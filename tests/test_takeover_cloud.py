@@ -304,7 +304,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     from scripts import demo
 
     from .cloud_image import cloud_base_image
-    from .test_takeover_e2e import host_ssh, stop_host_vm, takeover
+    from .takeover_helpers import host_ssh, stop_host_vm, takeover_run
     from .vm_fixtures import AGENT_USER, AgentVM, free_port, up_agent_vm_on
 
     base = cloud_base_image()
@@ -322,14 +322,9 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     try:
         assert json.loads((state / "image/manifest.json").read_text())["disk"]["backing_file"] == str(base)
 
-        result = takeover(
-            "run",
-            "--ready-file",
-            str(vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--ssh-listen",
-            f"127.0.0.1:{ssh_port}",
+        result = takeover_run(
+            vm.ready,
+            host_dir,
             "--accel",
             "tcg",
             "--agent-name",
@@ -338,6 +333,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
             "api-*",
             "--token-file",
             str(token_file),
+            ssh_port=ssh_port,
         )
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())

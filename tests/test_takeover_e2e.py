@@ -19,28 +19,18 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
-from takeover.models import Endpoint
 from takeover.monitor import Monitor
-from takeover.restart import LibvirtRunner, QemuRunner
-from takeover.steps import NAMES, vm_spec
-from takeover.verify import SSHTarget
+from takeover.restart import LibvirtRunner
+from takeover.steps import NAMES
 from vm_image import proc
 
 from . import vm_fixtures
+from .takeover_helpers import host_ssh, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-e2e-0123456789"
-
-
-def takeover(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT, timeout=1800
-    )
-    sys.stderr.write(result.stderr)
-    return result
 
 
 def as_agent(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -51,12 +41,6 @@ def as_agent(code: str, *args: str) -> subprocess.CompletedProcess:
 def agent_http(method: str, url: str, token: str = "", body: dict | None = None) -> dict:
     status, text = demo.agent_http(AGENT_USER, method, url, token, body)[0]
     return {"status": status, "body": json.loads(text or "{}")}
-
-
-def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """The host's login, as the takeover's own checks make it: its key, the pinned host key, strict checking."""
-    target = SSHTarget(Endpoint("127.0.0.1", port), host_dir / "host_key", host_dir / "known_hosts")
-    return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -84,13 +68,6 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     os.chmod(proxy_toml, 0o600)
     token_file = tmp_path / "alice.token"
     args = [
-        "run",
-        "--ready-file",
-        str(agent_vm.ready),
-        "--host-dir",
-        str(host_dir),
-        "--ssh-listen",
-        f"127.0.0.1:{ssh_port}",
         "--proxy-config",
         str(proxy_toml),
         "--agent-name",
@@ -101,9 +78,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         str(token_file),
     ]
     # The first run dies after the scrub; the rerun resumes there instead of starting over.
-    interrupted = takeover(*args, "--fail-after", "scrub")
+    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "scrub", ssh_port=ssh_port)
     assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
-    result = takeover(*args)
+    result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
     print_durations(host_dir)
     try:
         assert result.returncode == 0, result.stderr
@@ -159,34 +136,10 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
-        again = takeover(
-            "run",
-            "--ready-file",
-            str(agent_vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--ssh-listen",
-            f"127.0.0.1:{free_port()}",
-        )
+        again = takeover_run(agent_vm.ready, host_dir)
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
     finally:
         stop_host_vm(host_dir)
-
-
-def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
-    try:
-        from takeover.config import TakeoverConfig
-        from takeover.journal import Journal
-        from takeover.progress import Progress
-        from takeover.steps import Context
-
-        journal = Journal.load(host_dir)
-        if journal is None or not journal.entry("scrub").get("result"):
-            return
-        spec = vm_spec(Context(TakeoverConfig(host_dir=host_dir), host_dir, journal, Progress()))
-        (runner or QemuRunner()).stop(spec)
-    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own failure
-        print(f"cleanup: {exc}", file=sys.stderr)
 
 
 def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(agent_vm, tmp_path):
@@ -202,17 +155,7 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
     request_id = asked["body"]["id"]
 
     host_dir = tmp_path / "host"
-    failed = takeover(
-        "run",
-        "--ready-file",
-        str(agent_vm.ready),
-        "--host-dir",
-        str(host_dir),
-        "--ssh-listen",
-        f"127.0.0.1:{free_port()}",
-        "--fail-after",
-        "relocate",
-    )
+    failed = takeover_run(agent_vm.ready, host_dir, "--fail-after", "relocate")
     assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
@@ -259,18 +202,8 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
     host_dir = Path(tempfile.mkdtemp(prefix="secret-proxy-vm-test-", dir="/var/lib"))
     ssh_port = free_port()
     try:
-        result = takeover(
-            "run",
-            "--ready-file",
-            str(agent_vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--runner",
-            "libvirt",
-            "--libvirt-uri",
-            libvirtd,
-            "--ssh-listen",
-            f"127.0.0.1:{ssh_port}",
+        result = takeover_run(
+            agent_vm.ready, host_dir, "--runner", "libvirt", "--libvirt-uri", libvirtd, ssh_port=ssh_port
         )
         print_durations(host_dir)
         assert result.returncode == 0, result.stderr
