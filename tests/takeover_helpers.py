@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
+from takeover.models import CHECKPOINT_TAG
+from takeover.monitor import Monitor
 from vm_image import proc
 
 
@@ -151,6 +153,17 @@ def fake_socket_server(path: Path, greeting: bytes | None) -> Iterator[Path]:
         thread.join(5)
         server.close()
         os.unlink(path)
+
+
+def assert_replayed_and_quit(monitor: Path, uid: int) -> None:
+    """After a rollback: the QEMU behind `monitor` runs as `uid` (never root), from the checkpoint; then it quits."""
+    with Monitor(monitor) as mon:
+        assert mon.peer.uid == uid
+        info = proc.read_process(mon.peer.pid)
+        assert info.cmdline[-2:] == ("-loadvm", CHECKPOINT_TAG)
+        assert mon.execute("query-status")["status"] == "running"
+        mon.execute("quit")
+    proc.wait_gone(info.pid, info.start_ticks, 20)
 
 
 def write_ready(path: Path, **fields: object) -> Path:

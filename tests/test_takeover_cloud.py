@@ -28,12 +28,10 @@ from takeover.diskimage import inspect_image
 from takeover.errors import DiskMismatch
 from takeover.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
-from takeover.monitor import Monitor
 from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
-from vm_image import proc
 
-from .takeover_helpers import start_monitor_only_qemu
+from .takeover_helpers import assert_replayed_and_quit, start_monitor_only_qemu
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 
 
@@ -283,13 +281,7 @@ def test_checkpoint_relocation_and_rollback_work_over_a_backing_file(agent_user,
 
         # Rollback: the agent's own command line, as the agent, from the overlay's checkpoint.
         start_source_vm(source, host_dir / "rollback-qemu.log")
-        with Monitor(vm.monitor) as mon:
-            assert mon.peer.uid == agent_user.pw_uid
-            info = proc.read_process(mon.peer.pid)
-            assert info.cmdline[-2:] == ("-loadvm", CHECKPOINT_TAG)
-            assert mon.execute("query-status")["status"] == "running"
-            mon.execute("quit")
-        proc.wait_gone(info.pid, info.start_ticks, 20)
+        assert_replayed_and_quit(vm.monitor, agent_user.pw_uid)
     finally:
         vm.kill()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before
