@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import os
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,34 +33,12 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from proxy.config import load_settings  # noqa: E402
-from proxy.demo import free_port  # noqa: E402
 from proxy.policy import build_policy  # noqa: E402
 from proxy.store import Store, init_data_dir  # noqa: E402
 from tests.broker_upstream import Upstream, make_ca  # noqa: E402
+from tests.proxy_helpers import start_server  # noqa: E402
 
 VALUE = b"sk-bench-0123456789abcdef0123456789"
-
-
-def start_proxy(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the proxy did not start")
 
 
 def direct(port: int, context: ssl.SSLContext) -> float:
@@ -102,13 +78,13 @@ def main() -> None:
                 build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}", True),
             )
             token = store.add_agent("bench", ["bench-*"], "operator:bench")
-        proc, base = start_proxy(data_dir)
+        server = start_server(settings, quiet=True)
         context = ssl.create_default_context(cafile=str(ca.ca_file))
         call = {"method": "GET", "url": url, "headers": {}, "body_base64": ""}
         times: dict[str, list[float]] = {"direct": [], "make": [], "whole": []}
         try:
             with (
-                httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client,
+                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client,
                 Store(settings) as store,
             ):
 
@@ -136,8 +112,7 @@ def main() -> None:
                     make(ask())
                     times["whole"].append(time.perf_counter() - started)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            server.stop()
             up.stop()
     base_ms = statistics.median(times["direct"]) * 1000
     print(f"{args.calls} calls each, medians; fresh TLS connection per call, GET with a ~100 byte answer")
