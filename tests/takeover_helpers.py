@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from takeover.models import CHECKPOINT_TAG
@@ -153,6 +154,18 @@ def fake_socket_server(path: Path, greeting: bytes | None) -> Iterator[Path]:
         thread.join(5)
         server.close()
         os.unlink(path)
+
+
+def open_appliance(disk: Path, *, readonly: bool = False) -> Any:
+    """A launched libguestfs handle on the qcow2 `disk`: the direct backend, TCG (the tests' look inside an image)."""
+    import guestfs
+
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend("direct")
+    g.set_backend_settings(["force_tcg"])
+    g.add_drive_opts(str(disk), format="qcow2", readonly=readonly)
+    g.launch()
+    return g
 
 
 def assert_replayed_and_quit(monitor: Path, uid: int) -> None:

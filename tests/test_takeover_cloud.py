@@ -31,7 +31,7 @@ from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
 
-from .takeover_helpers import assert_replayed_and_quit, start_monitor_only_qemu
+from .takeover_helpers import assert_replayed_and_quit, open_appliance, start_monitor_only_qemu
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 
 
@@ -372,8 +372,6 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
 
     With the rebuild (the default) the appliance never mounts it: the disk is wiped and formatted whole.
     """
-    import guestfs
-
     from takeover.host_keys import generate_host_keys
     from takeover.scrub import ScrubPlan, scrub_and_rekey
     from vm_image.disk import write_system_overlay
@@ -406,11 +404,7 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     )
     result = scrub_and_rekey(disk, plan)
     assert {"path": "/", "action": "replaced"}.items() <= result.changes[0].items()
-    g = guestfs.GuestFS(python_return_dict=True)
-    g.set_backend("direct")
-    g.set_backend_settings(["force_tcg"])
-    g.add_drive_opts(str(disk), format="qcow2", readonly=True)
-    g.launch()
+    g = open_appliance(disk, readonly=True)
     try:
         assert g.list_partitions() == [] and g.list_filesystems() == {"/dev/sda": "ext4"}
         g.mount_ro("/dev/sda", "/")
