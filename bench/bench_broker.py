@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import os
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,30 +42,9 @@ from proxy.store import Store, init_data_dir  # noqa: E402
 from takeover import egress  # noqa: E402
 from takeover.models import Endpoint  # noqa: E402
 from tests.broker_upstream import Upstream, make_ca  # noqa: E402
+from tests.proxy_helpers import start_server  # noqa: E402
 
 VALUE = b"sk-bench-0123456789abcdef0123456789"
-
-
-def start_proxy(data_dir: Path, egress_proxy: str = "") -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(data_dir), SECRET_PROXY_EGRESS_PROXY=egress_proxy)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the proxy did not start")
 
 
 def direct(port: int, context: ssl.SSLContext) -> float:
@@ -107,22 +84,24 @@ def main() -> None:
                 build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}", True),
             )
             token = store.add_agent("bench", ["bench-*"], "operator:bench")
-        proc, base = start_proxy(data_dir)
+        server = start_server(settings, quiet=True)
         host_dir = Path(tmp) / "host"
         host_dir.mkdir(mode=0o700)
         plan = egress.EgressPlan(
             Endpoint("127.0.0.1", free_port()), (egress.Destination.parse(f"https://localhost:{up.port}"),), "-"
         )
         egress.start_forward_proxy(plan, host_dir, "nobody")
-        tunnelled, tunnelled_base = start_proxy(data_dir, f"http://127.0.0.1:{plan.listen.port}")
+        tunnelled = start_server(
+            settings, {"SECRET_PROXY_EGRESS_PROXY": f"http://127.0.0.1:{plan.listen.port}"}, quiet=True
+        )
         context = ssl.create_default_context(cafile=str(ca.ca_file))
         call = {"method": "GET", "url": url, "headers": {}, "body_base64": ""}
         times: dict[str, list[float]] = {"direct": [], "make": [], "whole": [], "egress": []}
         headers = {"Authorization": f"Bearer {token}"}
         try:
             with (
-                httpx.Client(base_url=base, headers=headers, timeout=30) as client,
-                httpx.Client(base_url=tunnelled_base, headers=headers, timeout=30) as via_egress,
+                httpx.Client(base_url=server.url, headers=headers, timeout=30) as client,
+                httpx.Client(base_url=tunnelled.url, headers=headers, timeout=30) as via_egress,
                 Store(settings) as store,
             ):
 
@@ -155,9 +134,8 @@ def main() -> None:
                     make(request_id, via_egress)
                     times["egress"].append(time.perf_counter() - started)
         finally:
-            for server in (proc, tunnelled):
-                server.terminate()
-                server.wait(10)
+            server.stop()
+            tunnelled.stop()
             egress.stop_forward_proxy(host_dir)
             up.stop()
     base_ms = statistics.median(times["direct"]) * 1000

@@ -33,29 +33,12 @@ from vm_image.control import stop  # noqa: E402
 from vm_image.launch import launch  # noqa: E402
 from vm_image.layout import Layout  # noqa: E402
 from vm_image.progress import Steps  # noqa: E402
+from vm_image.ssh_command import agent_login_argv  # noqa: E402
 
 
 def ssh(layout: Layout, port: int, command: str, stdin: str = "") -> str:
     result = subprocess.run(
-        [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-            str(layout.setup_key),
-            "-p",
-            str(port),
-            "proxy@127.0.0.1",
-            command,
-        ],
+        agent_login_argv(port, command, key=layout.setup_key),
         input=stdin,
         capture_output=True,
         text=True,

@@ -24,15 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proxy.config import load_settings  # noqa: E402
-from proxy.demo import free_port  # noqa: E402
 from proxy.store import Store, init_data_dir  # noqa: E402
+from tests.proxy_helpers import start_server  # noqa: E402
 from tests.telegram_emulator import BotApiEmulator  # noqa: E402
 
 TOKEN = "123456789:AAbench-token-for-the-emulator-only-000"
@@ -203,38 +202,19 @@ def main() -> None:
         with Store(settings) as store:
             store.set_secret("bench-key", b"sk-bench-" + os.urandom(16).hex().encode(), "operator:bench")
             tokens = [store.add_agent(f"agent-{n:02d}", ["bench-*"], "operator:bench") for n in range(opts.agents)]
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SECRET_PROXY_")}
-        env.update(
-            SECRET_PROXY_DATA_DIR=str(settings.data_dir),
-            SECRET_PROXY_TELEGRAM_TOKEN=TOKEN,
-            SECRET_PROXY_TELEGRAM_CHAT_ID=str(CHAT),
-            SECRET_PROXY_TELEGRAM_APPROVERS=str(APPROVER),
-            SECRET_PROXY_TELEGRAM_API_URL=emu.url,
-            SECRET_PROXY_RATE_BURST=str(opts.per_agent),
-            SECRET_PROXY_MAX_PENDING_PER_AGENT=str(opts.per_agent),
-        )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        env = {
+            "SECRET_PROXY_TELEGRAM_TOKEN": TOKEN,
+            "SECRET_PROXY_TELEGRAM_CHAT_ID": str(CHAT),
+            "SECRET_PROXY_TELEGRAM_APPROVERS": str(APPROVER),
+            "SECRET_PROXY_TELEGRAM_API_URL": emu.url,
+            "SECRET_PROXY_RATE_BURST": str(opts.per_agent),
+            "SECRET_PROXY_MAX_PENDING_PER_AGENT": str(opts.per_agent),
+        }
+        server = start_server(settings, env, quiet=True)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("the proxy did not start") from None
-                    time.sleep(0.05)
-            asyncio.run(run(opts, settings.data_dir, port, server, emu, tokens))
+            asyncio.run(run(opts, settings.data_dir, server.port, server.process, emu, tokens))
         finally:
-            server.terminate()
-            server.wait(15)
+            server.stop()
             emu.stop()
 
 

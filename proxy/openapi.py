@@ -5,10 +5,53 @@ from __future__ import annotations
 from typing import Any
 
 
+def _json(description: str, schema: str) -> dict[str, Any]:
+    """A response whose JSON body is the named schema."""
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _ref(schema: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
+
 def _error(*codes: str) -> dict[str, Any]:
+    return _json(" or ".join(f"`{c}`" for c in codes), "Error")
+
+
+def _json_body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _asking(ttl_description: str) -> dict[str, Any]:
+    """What every new request names: the secret, why, and how long an approval lasts."""
     return {
-        "description": " or ".join(f"`{c}`" for c in codes),
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "type": "object",
+        "required": ["secret", "reason"],
+        "properties": {
+            "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300, "description": ttl_description},
+        },
+    }
+
+
+def _new(summary: str, schema: str, forbidden: tuple[str, ...]) -> dict[str, Any]:
+    """POST of a new request (a retrieval or a call): answered 201 with it, pending."""
+    return {
+        "post": {
+            "summary": summary,
+            "security": _AUTH,
+            "requestBody": _json_body(schema),
+            "responses": {
+                "201": _json("Pending", "Created"),
+                "400": _error("invalid_request"),
+                "401": _error("unauthorized"),
+                "403": _error(*forbidden),
+                "404": _error("unknown_secret"),
+                "413": _error("too_large"),
+                "429": _LIMITED,
+            },
+        }
     }
 
 
@@ -31,20 +74,7 @@ OPENAPI: dict[str, Any] = {
                 "required": ["error", "detail"],
                 "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
             },
-            "NewRequest": {
-                "type": "object",
-                "required": ["secret", "reason"],
-                "properties": {
-                    "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
-                    "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-                    "ttl_seconds": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "default": 300,
-                        "description": "How long an approved value stays retrievable.",
-                    },
-                },
-            },
+            "NewRequest": _asking("How long an approved value stays retrievable."),
             "Created": {
                 "type": "object",
                 "required": ["id", "status", "secret", "expires_at"],
@@ -111,25 +141,7 @@ OPENAPI: dict[str, Any] = {
                     "body_size": {"type": "integer", "minimum": 0},
                 },
             },
-            "NewCall": {
-                "allOf": [
-                    {"$ref": "#/components/schemas/CallSpec"},
-                    {
-                        "type": "object",
-                        "required": ["secret", "reason"],
-                        "properties": {
-                            "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
-                            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-                            "ttl_seconds": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "default": 300,
-                                "description": "How long the approved call may be made.",
-                            },
-                        },
-                    },
-                ],
-            },
+            "NewCall": {"allOf": [_ref("CallSpec"), _asking("How long the approved call may be made.")]},
             "CallAnswer": {
                 "type": "object",
                 "required": ["status", "headers", "body_base64", "redactions"],
@@ -157,28 +169,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": '`{"status": "ok"}`'}},
             }
         },
-        "/v1/requests": {
-            "post": {
-                "summary": "Ask for a secret",
-                "security": _AUTH,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewRequest"}}},
-                },
-                "responses": {
-                    "201": {
-                        "description": "Pending",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Created"}}},
-                    },
-                    "400": _error("invalid_request"),
-                    "401": _error("unauthorized"),
-                    "403": _error("forbidden"),
-                    "404": _error("unknown_secret"),
-                    "413": _error("too_large"),
-                    "429": _LIMITED,
-                },
-            }
-        },
+        "/v1/requests": _new("Ask for a secret", "NewRequest", ("forbidden",)),
         "/v1/requests/{id}": {
             "get": {
                 "summary": "A request's status; `?wait=N` holds until it leaves pending",
@@ -193,10 +184,7 @@ OPENAPI: dict[str, Any] = {
                     },
                 ],
                 "responses": {
-                    "200": {
-                        "description": "Status",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RequestStatus"}}},
-                    },
+                    "200": _json("Status", "RequestStatus"),
                     "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
                     "404": _error("not_found"),
@@ -210,10 +198,7 @@ OPENAPI: dict[str, Any] = {
                 "security": _AUTH,
                 "parameters": [_ID],
                 "responses": {
-                    "200": {
-                        "description": "The value",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SecretValue"}}},
-                    },
+                    "200": _json("The value", "SecretValue"),
                     "400": _error("malformed_id"),
                     "401": _error("unauthorized"),
                     "403": _error("denied"),
@@ -225,42 +210,19 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
-        "/v1/calls": {
-            "post": {
-                "summary": "Ask to use a secret in one exact HTTP call that the proxy will make",
-                "security": _AUTH,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewCall"}}},
-                },
-                "responses": {
-                    "201": {
-                        "description": "Pending",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Created"}}},
-                    },
-                    "400": _error("invalid_request"),
-                    "401": _error("unauthorized"),
-                    "403": _error("forbidden", "no_policy", "destination_not_allowed"),
-                    "404": _error("unknown_secret"),
-                    "413": _error("too_large"),
-                    "429": _LIMITED,
-                },
-            }
-        },
+        "/v1/calls": _new(
+            "Ask to use a secret in one exact HTTP call that the proxy will make",
+            "NewCall",
+            ("forbidden", "no_policy", "destination_not_allowed"),
+        ),
         "/v1/requests/{id}/call": {
             "post": {
                 "summary": "Make the approved call, exactly once; the answer has the secret redacted",
                 "security": _AUTH,
                 "parameters": [_ID],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CallSpec"}}},
-                },
+                "requestBody": _json_body("CallSpec"),
                 "responses": {
-                    "200": {
-                        "description": "The destination's answer",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CallAnswer"}}},
-                    },
+                    "200": _json("The destination's answer", "CallAnswer"),
                     "400": _error("invalid_request", "malformed_id"),
                     "401": _error("unauthorized"),
                     "403": _error(

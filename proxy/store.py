@@ -646,16 +646,8 @@ class Store:
         now = time.time()
         self.expire_due()
         with self.transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
-            ).fetchone()
-            if row is None:
-                raise StoreError("not_found", "no such request")
-            req = Request(*row)
-            refusal = _retrieval_refusal(req, now)
-            if refusal is not None:
-                raise refusal
-            if conn.execute("SELECT 1 FROM calls WHERE request_id = ?", (request_id,)).fetchone():
+            req, approved_call = self._usable_request(conn, agent, request_id, now, call=False)
+            if approved_call is not None:
                 raise StoreError(
                     "broker_only",
                     f"this request approved a call, not a retrieval; make it with POST /v1/requests/{request_id}/call",
@@ -667,12 +659,8 @@ class Store:
                     f"{req.secret!r} can only be used in a brokered call, never retrieved",
                     secret=req.secret,
                 )
-            sealed_row = conn.execute(
-                "SELECT wrapped_key, ciphertext FROM secrets WHERE name = ?", (req.secret,)
-            ).fetchone()
-            if sealed_row is None:
-                raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
-            value = crypto.open_sealed(self._current_key(conn), req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
+            sealed, _ = self._sealed_secret(conn, req.secret)
+            value = crypto.open_sealed(self._current_key(conn), req.secret, sealed)
             try:
                 value.decode()
             except UnicodeDecodeError:
@@ -698,16 +686,7 @@ class Store:
         now = time.time()
         self.expire_due()
         with self.transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
-            ).fetchone()
-            approved = self.get_call(request_id) if row else None
-            if row is None or approved is None:
-                raise StoreError("not_found", "no such call request")
-            req = Request(*row)
-            refusal = _retrieval_refusal(req, now)
-            if refusal is not None:
-                raise refusal
+            req, approved = self._usable_request(conn, agent, request_id, now, call=True)
             if approved != call:
                 differs = [
                     f
@@ -719,18 +698,41 @@ class Store:
                     f"this call is not the one approved (its {', '.join(differs)} differ); ask for a new approval",
                     secret=req.secret,
                 )
-            sealed_row = conn.execute(
-                "SELECT wrapped_key, ciphertext, policy FROM secrets WHERE name = ?", (req.secret,)
-            ).fetchone()
-            if sealed_row is None:
-                raise StoreError("unknown_secret", f"secret {req.secret!r} was deleted", secret=req.secret)
-            if not sealed_row[2]:
+            sealed, policy_json = self._sealed_secret(conn, req.secret)
+            if not policy_json:
                 raise StoreError("no_policy", f"secret {req.secret!r} no longer has a use policy", secret=req.secret)
-            policy = Policy.from_json(sealed_row[2])
-            value = crypto.open_sealed(self._current_key(conn), req.secret, crypto.Sealed(sealed_row[0], sealed_row[1]))
+            policy = Policy.from_json(policy_json)
+            value = crypto.open_sealed(self._current_key(conn), req.secret, sealed)
             conn.execute("UPDATE requests SET status = 'used', retrieved_at = ? WHERE id = ?", (now, request_id))
             self._audit(conn, actor, "call.started", request_id, req.secret, method=call.method, url=call.url)
         return req.secret, value, policy
+
+    def _usable_request(
+        self, conn: sqlite3.Connection, agent: Agent, request_id: str, now: float, *, call: bool
+    ) -> tuple[Request, Call | None]:
+        """`agent`'s own request, refused unless approved, unused and unexpired; with the call it approves.
+
+        Another agent's request is "not found", never "denied": its id tells nothing. For a
+        call (`call=True`) a request that approves no call is not found either.
+        """
+        row = conn.execute(
+            f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
+        ).fetchone()
+        approved = self.get_call(request_id) if row else None
+        if row is None or (call and approved is None):
+            raise StoreError("not_found", "no such call request" if call else "no such request")
+        req = Request(*row)
+        refusal = _retrieval_refusal(req, now)
+        if refusal is not None:
+            raise refusal
+        return req, approved
+
+    def _sealed_secret(self, conn: sqlite3.Connection, name: str) -> tuple[crypto.Sealed, str | None]:
+        """The sealed value of secret `name` and its use policy (JSON), for a request that names it."""
+        row = conn.execute("SELECT wrapped_key, ciphertext, policy FROM secrets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StoreError("unknown_secret", f"secret {name!r} was deleted", secret=name)
+        return crypto.Sealed(row[0], row[1]), row[2]
 
     def _current_key(self, conn: sqlite3.Connection) -> crypto.MasterKey:
         """The key the database is sealed with now: the CLI may have rotated it since we started.

@@ -39,6 +39,7 @@ from takeover.models import Endpoint  # noqa: E402
 from takeover.verify import SSHTarget  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 from vm_image.progress import Steps  # noqa: E402
+from vm_image.ssh_command import agent_login_argv  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python")
 SECRET_NAME = "demo-api-key"
@@ -452,28 +453,7 @@ class Demo:
             if tried.returncode == 0:
                 raise SystemExit(f"demo: the agent could {what}")
         setup_key = self.agent_state / "image/setup_key"
-        login = self.as_agent(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-                str(setup_key),
-                "-p",
-                str(self.args.host_ssh_port),
-                "proxy@127.0.0.1",
-                "true",
-            ],
-            timeout=60,
-        )
+        login = self.as_agent(agent_login_argv(self.args.host_ssh_port, "true", key=setup_key), timeout=60)
         note(f"SSH with its setup key: {(login.stderr.strip().splitlines() or ['logged in'])[-1]}")
         if login.returncode == 0:
             raise SystemExit("demo: the agent's setup key still logs in")

@@ -36,7 +36,7 @@ from typing import Any
 from .agent_sandbox import AgentUser, SandboxError, run_as_agent
 from .diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
 from .errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
-from .files import fsync_dir
+from .files import fsync_dir, fsync_file
 from .nbd_sink import SinkError, serve_writes
 
 DISK_NAME = "disk.qcow2"
@@ -239,11 +239,7 @@ def _convert_raw(raw: Path, partial: Path, virtual_size: int) -> None:
         if "No space left" in proc.stderr:
             raise NotEnoughSpace(f"the host directory filled up while making the qcow2: {proc.stderr.strip()[-300:]}")
         raise CopyError(f"qemu-img could not make the host's qcow2: {proc.stderr.strip()[-300:]}")
-    fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(partial)
 
 
 def _check_private(path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vm_image import health, proc
+from vm_image.ssh_command import ssh_argv
 
 from .agent_read import read_regular
 from .errors import InvalidInput, VerifyError
@@ -43,39 +44,20 @@ class SSHTarget:
     known_hosts: Path
     user: str = "proxy"
 
-    def argv(self, *remote: str, key: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-        # -F /dev/null: no user or system ssh_config can add options, keys or a ProxyCommand.
-        return [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
+    def argv(self, *remote: str, key: Path | None = None, options: tuple[str, ...] = ()) -> list[str]:
+        pinned = (
             "BatchMode=yes",
-            "-o",
             "StrictHostKeyChecking=yes",
-            "-o",
             f"UserKnownHostsFile={self.known_hosts}",
-            "-o",
             "GlobalKnownHostsFile=/dev/null",
-            "-o",
             "HostKeyAlgorithms=ssh-ed25519",
-            "-o",
             "IdentitiesOnly=yes",
-            "-o",
             "IdentityAgent=none",
-            "-o",
             "ConnectTimeout=10",
-            "-o",
             "LogLevel=ERROR",
-            *extra,
-            "-i",
-            str(key or self.key),
-            "-p",
-            str(self.endpoint.port),
-            f"{self.user}@{self.endpoint.host}",
-            "--",
-            *remote,
-        ]
+        )
+        host, port = self.endpoint.host, self.endpoint.port
+        return ssh_argv(host, port, self.user, remote, options=(*pinned, *options), key=key or self.key)
 
     def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return run_bounded(self.argv(*remote), timeout)
@@ -194,7 +176,7 @@ def pinned_key(known_hosts: Path) -> str:
 
 def offered_methods(ssh: SSHTarget) -> list[str]:
     """The authentication methods sshd offers, from a login attempt with no usable key."""
-    result = run_bounded(ssh.argv("true", extra=("-o", "PubkeyAuthentication=no")))
+    result = run_bounded(ssh.argv("true", options=("PubkeyAuthentication=no",)))
     match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
     if result.returncode == 0 or match is None:
         raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")

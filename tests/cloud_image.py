@@ -16,6 +16,8 @@ from pathlib import Path
 
 from vm_image import debs
 
+from .takeover_helpers import open_appliance
+
 CACHE = Path("/var/tmp/secret-proxy-vm-tests/cloud-base")
 PACKAGES = [
     "linux-image-cloud-amd64",
@@ -74,13 +76,7 @@ def cloud_base_image() -> Path:
         ).read_bytes()
         partial = work / "cloud.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial), "3G"], check=True)
-        import guestfs
-
-        g = guestfs.GuestFS(python_return_dict=True)
-        g.set_backend("direct")
-        g.set_backend_settings(["force_tcg"])
-        g.add_drive_opts(str(partial), format="qcow2")
-        g.launch()
+        g = open_appliance(partial)
         g.part_disk("/dev/sda", "mbr")
         g.part_set_bootable("/dev/sda", 1, True)
         g.mkfs("ext4", "/dev/sda1")

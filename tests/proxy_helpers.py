@@ -65,6 +65,10 @@ class LiveServer:
     def agent(self, token: str) -> AgentClient:
         return AgentClient(self.url, token, timeout=30)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def stop(self) -> None:
         stop_process(self.process, 10)
 
@@ -94,19 +98,25 @@ def wait_until_serving(url: str, process: subprocess.Popen, output: Callable[[],
     raise RuntimeError(f"proxy did not answer /health within {timeout:.0f} s")
 
 
-def start_server(settings: Settings, extra_env: dict | None = None) -> LiveServer:
+def start_server(settings: Settings, extra_env: dict | None = None, *, quiet: bool = False) -> LiveServer:
+    """`python -m proxy serve` on a free loopback port, once it answers /health.
+
+    Its settings are `settings`' data directory and `extra_env`, none inherited from the caller's
+    SECRET_PROXY_* variables. `quiet` drops its log (a benchmark's load would fill a pipe nobody reads).
+    """
     port = free_port()
-    env = dict(os.environ, SECRET_PROXY_DATA_DIR=str(settings.data_dir), **(extra_env or {}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECRET_PROXY_")}
+    env.update(SECRET_PROXY_DATA_DIR=str(settings.data_dir), **(extra_env or {}))
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet else subprocess.PIPE,
     )
     server = LiveServer(process, f"http://127.0.0.1:{port}", settings)
     try:
-        wait_until_serving(server.url, process, lambda: process.stderr.read().decode())
+        wait_until_serving(server.url, process, lambda: "" if quiet else process.stderr.read().decode())
     except RuntimeError:
         server.stop()
         raise

@@ -1,4 +1,5 @@
-"""Support for the takeover tests (no tests here): tiny qcow2 images, QEMU with only a monitor, fake sockets.
+"""Support for the takeover tests (no tests here): tiny qcow2 images, QEMU with only a monitor, fake sockets,
+and for the end-to-end tests `python -m takeover` itself, the host's login and stopping the host's VM.
 
 The agent's VM for the end-to-end tests comes from tests/vm_fixtures.py (vm_image, run as the agent).
 """
@@ -10,6 +11,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,8 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
+from takeover.models import CHECKPOINT_TAG
+from takeover.monitor import Monitor
 from vm_image import proc
 
 
@@ -154,6 +159,29 @@ def fake_socket_server(path: Path, greeting: bytes | None) -> Iterator[Path]:
         os.unlink(path)
 
 
+def open_appliance(disk: Path, *, readonly: bool = False) -> Any:
+    """A launched libguestfs handle on the qcow2 `disk`: the direct backend, TCG (the tests' look inside an image)."""
+    import guestfs
+
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend("direct")
+    g.set_backend_settings(["force_tcg"])
+    g.add_drive_opts(str(disk), format="qcow2", readonly=readonly)
+    g.launch()
+    return g
+
+
+def assert_replayed_and_quit(monitor: Path, uid: int) -> None:
+    """After a rollback: the QEMU behind `monitor` runs as `uid` (never root), from the checkpoint; then it quits."""
+    with Monitor(monitor) as mon:
+        assert mon.peer.uid == uid
+        info = proc.read_process(mon.peer.pid)
+        assert info.cmdline[-2:] == ("-loadvm", CHECKPOINT_TAG)
+        assert mon.execute("query-status")["status"] == "running"
+        mon.execute("quit")
+    proc.wait_gone(info.pid, info.start_ticks, 20)
+
+
 def write_ready(path: Path, **fields: object) -> Path:
     import json
 
@@ -198,3 +226,52 @@ def listeners(n: int) -> Iterator[list[Listener]]:
     finally:
         for listener in made:
             listener.close()
+
+
+# -- the end-to-end tests: `python -m takeover` as root, and the host's VM it leaves --------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def takeover(*args: str) -> subprocess.CompletedProcess:
+    """`python -m takeover ARGS`, its stderr passed on to the test's."""
+    result = subprocess.run(
+        [sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT, timeout=1800
+    )
+    sys.stderr.write(result.stderr)
+    return result
+
+
+def takeover_run(ready: Path, host_dir: Path, *more: str, ssh_port: int | None = None) -> subprocess.CompletedProcess:
+    """`takeover run` of the VM `ready` names into `host_dir`, its SSH on 127.0.0.1:`ssh_port` (or a free port)."""
+    listen = f"127.0.0.1:{ssh_port or free_port()}"
+    return takeover("run", "--ready-file", str(ready), "--host-dir", str(host_dir), "--ssh-listen", listen, *more)
+
+
+def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The host's login, as the takeover's own checks make it: its key, the pinned host key, strict checking."""
+    from takeover.models import Endpoint
+    from takeover.verify import SSHTarget
+
+    target = SSHTarget(Endpoint("127.0.0.1", port), host_dir / "host_key", host_dir / "known_hosts")
+    return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
+    """Stop the VM a takeover into `host_dir` started, if it got that far (`runner`: the qemu runner)."""
+    try:
+        from takeover import egress
+        from takeover.config import TakeoverConfig
+        from takeover.journal import Journal
+        from takeover.progress import Progress
+        from takeover.restart import QemuRunner
+        from takeover.steps import Context, vm_spec
+
+        journal = Journal.load(host_dir)
+        if journal is None or not journal.entry("scrub").get("result"):
+            return
+        spec = vm_spec(Context(TakeoverConfig(host_dir=host_dir), host_dir, journal, Progress()))
+        (runner or QemuRunner()).stop(spec)
+        egress.release(host_dir, drop_rules=True)
+    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own failure
+        print(f"cleanup: {exc}", file=sys.stderr)

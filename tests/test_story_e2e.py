@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
-from takeover import proc
+from vm_image import proc
 
 from . import vm_fixtures
 from .telegram_emulator import BotApiEmulator

@@ -34,10 +34,10 @@ from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.revoke import remove_agent_file
 from takeover.runbook import recover_interrupted_checkpoint
 from takeover.steps import first_step_to_run
-from vm_image import proc
 
 from .takeover_helpers import (
     agent_workdir,
+    assert_replayed_and_quit,
     fake_socket_server,
     make_qcow2,
     remove_workdir,
@@ -270,13 +270,7 @@ def test_rollback_replays_the_agents_qemu_as_the_agent(tmp_path, host_dir):
         assert source.uid == nobody.pw_uid
         save_checkpoint_and_stop(source)
         start_source_vm(source, host_dir / "rollback-qemu.log")
-        with Monitor(vm.monitor) as mon:
-            assert mon.peer.uid == nobody.pw_uid  # not root
-            info = proc.read_process(mon.peer.pid)
-            assert info.cmdline[-2:] == ("-loadvm", CHECKPOINT_TAG)
-            assert mon.execute("query-status")["status"] == "running"
-            mon.execute("quit")
-        proc.wait_gone(info.pid, info.start_ticks, 20)
+        assert_replayed_and_quit(vm.monitor, nobody.pw_uid)
     finally:
         vm.kill()
         subprocess.run(["rm", "-rf", str(agent_dir)], check=False)

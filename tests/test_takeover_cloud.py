@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,12 +28,10 @@ from takeover.diskimage import inspect_image
 from takeover.errors import DiskMismatch
 from takeover.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
-from takeover.monitor import Monitor
 from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
-from vm_image import proc
 
-from .takeover_helpers import start_monitor_only_qemu
+from .takeover_helpers import assert_replayed_and_quit, open_appliance, start_monitor_only_qemu
 from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
 
 
@@ -285,13 +281,7 @@ def test_checkpoint_relocation_and_rollback_work_over_a_backing_file(agent_user,
 
         # Rollback: the agent's own command line, as the agent, from the overlay's checkpoint.
         start_source_vm(source, host_dir / "rollback-qemu.log")
-        with Monitor(vm.monitor) as mon:
-            assert mon.peer.uid == agent_user.pw_uid
-            info = proc.read_process(mon.peer.pid)
-            assert info.cmdline[-2:] == ("-loadvm", CHECKPOINT_TAG)
-            assert mon.execute("query-status")["status"] == "running"
-            mon.execute("quit")
-        proc.wait_gone(info.pid, info.start_ticks, 20)
+        assert_replayed_and_quit(vm.monitor, agent_user.pw_uid)
     finally:
         vm.kill()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before
@@ -306,62 +296,27 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     from scripts import demo
 
     from .cloud_image import cloud_base_image
-    from .test_takeover_e2e import host_ssh, stop_host_vm, takeover
-    from .vm_fixtures import (
-        AGENT_CACHE,
-        AGENT_USER,
-        TEST_ROOT,
-        AgentVM,
-        ensure_agent_user,
-        free_port,
-        vm_image_as_agent,
-    )
+    from .takeover_helpers import host_ssh, stop_host_vm, takeover_run
+    from .vm_fixtures import AGENT_USER, AgentVM, free_port, up_agent_vm_on
 
     base = cloud_base_image()
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    user = ensure_agent_user()
-    state = Path(tempfile.mkdtemp(prefix="agent-cloud-takeover-", dir=TEST_ROOT))
-    os.chown(state, user.uid, user.gid)
-    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
     host_dir = tmp_path / "host"
     ssh_port = free_port()
     token_file = tmp_path / "alice.token"
+    vm = up_agent_vm_on(base, "agent-cloud-takeover-")
+    state = vm.state
 
     def http(method: str, path: str, token: str = "", body: dict | None = None) -> tuple[int, dict]:
         status, text = demo.agent_http(AGENT_USER, method, vm.url + path, token, body)[0]
         return status, json.loads(text or "{}")
 
     try:
-        up = vm_image_as_agent(
-            "up",
-            "--state-dir",
-            str(state),
-            "--cache-dir",
-            str(AGENT_CACHE),
-            "--base-image",
-            str(base),
-            "--port",
-            str(vm.proxy_port),
-            "--ssh-port",
-            str(vm.ssh_port),
-            "--memory",
-            "512",
-            "--accel",
-            "tcg",
-            "--timeout",
-            "900",
-        )
-        assert up.returncode == 0, up.stderr[-3000:]
         assert json.loads((state / "image/manifest.json").read_text())["disk"]["backing_file"] == str(base)
 
-        result = takeover(
-            "run",
-            "--ready-file",
-            str(vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--ssh-listen",
-            f"127.0.0.1:{ssh_port}",
+        result = takeover_run(
+            vm.ready,
+            host_dir,
             "--accel",
             "tcg",
             "--agent-name",
@@ -372,10 +327,11 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
             str(token_file),
             "--qemu-user",
             "spvm-e2e-qemu",  # its own: the egress rules match QEMU's user, a running demo keeps its own
+            ssh_port=ssh_port,
         )
         assert result.returncode == 0, result.stderr[-4000:]
         report = json.loads((host_dir / "report.json").read_text())
-        assert report["disk"]["backing_files"] == [str(base)] and report["disk"]["agent_uid"] == user.uid
+        assert report["disk"]["backing_files"] == [str(base)] and report["disk"]["agent_uid"] == vm.uid
 
         # The host's disk: root's, 0600, one self-contained qcow2 (nothing of the base image's path in it).
         st = os.stat(host_dir / DISK_NAME)
@@ -399,19 +355,14 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
         token = token_file.read_text().strip()
         status, body = http("POST", "/v1/requests", token, {"secret": "api-key", "reason": "cloud e2e"})
         assert status == 201 and body["status"] == "pending", body
-        login = AgentVM(state, vm.ready, vm.proxy_port, ssh_port, user.uid).ssh_as_agent("true")
+        login = AgentVM(state, vm.ready, vm.proxy_port, ssh_port, vm.uid).ssh_as_agent("true")
         assert login.returncode != 0 and "Permission denied" in login.stderr
         old_login = vm.ssh_as_agent("true")  # the agent's own forward is gone with its QEMU
         assert old_login.returncode != 0
         assert not (state / "image/disk.qcow2").exists()  # the agent's overlay is revoked
     finally:
         stop_host_vm(host_dir)
-        try:
-            pid = int((state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(state, ignore_errors=True)
+        vm.discard()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the user's image was never written
     print(f"\ncloud takeover steps (s): { {s['step']: s.get('duration_s') for s in report['steps']} }", file=sys.stderr)
 
@@ -427,8 +378,6 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     With the rebuild (the default) the appliance never reads it: the host's copy is replaced by a blank
     disk of the same size before libguestfs starts, then formatted whole.
     """
-    import guestfs
-
     from takeover.host_keys import generate_host_keys
     from takeover.scrub import ScrubPlan, scrub_and_rekey
     from vm_image.disk import write_system_overlay
@@ -468,11 +417,7 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(after)], check=True)
     with open(after, "rb") as f:
         assert not any(MARKER in chunk for chunk in iter(lambda: f.read(2**24), b""))
-    g = guestfs.GuestFS(python_return_dict=True)
-    g.set_backend("direct")
-    g.set_backend_settings(["force_tcg"])
-    g.add_drive_opts(str(disk), format="qcow2", readonly=True)
-    g.launch()
+    g = open_appliance(disk, readonly=True)
     try:
         assert g.list_partitions() == [] and g.list_filesystems() == {"/dev/sda": "ext4"}
         g.mount_ro("/dev/sda", "/")

@@ -21,30 +21,20 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
-from takeover import egress
 from takeover.monitor import Monitor
-from takeover.restart import LibvirtRunner, QemuRunner
-from takeover.steps import NAMES, vm_spec
+from takeover.restart import LibvirtRunner
+from takeover.steps import NAMES
 from vm_image import proc
 
 from . import vm_fixtures
-from .takeover_helpers import Listener
+from .takeover_helpers import Listener, host_ssh, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 # The host VM's QEMU user: the egress rules match it, so not the one a running `make demo` VM uses.
 E2E_QEMU_USER = "spvm-e2e-qemu"
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-e2e-0123456789"
-
-
-def takeover(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "takeover", *args], capture_output=True, text=True, cwd=ROOT, timeout=1800
-    )
-    sys.stderr.write(result.stderr)
-    return result
 
 
 def as_agent(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -57,35 +47,6 @@ def agent_http(method: str, url: str, token: str = "", body: dict | None = None)
     return {"status": status, "body": json.loads(text or "{}")}
 
 
-def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={host_dir / 'known_hosts'}",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-            str(host_dir / "host_key"),
-            "-p",
-            str(port),
-            "proxy@127.0.0.1",
-            "--",
-            *remote,
-        ],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def agent_vm() -> AgentVM:
     """The agent builds (cached) and launches its VM with vm_image, as the unprivileged agent user."""
@@ -93,12 +54,7 @@ def agent_vm() -> AgentVM:
     try:
         yield vm
     finally:
-        try:
-            pid = int((vm.state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(vm.state, ignore_errors=True)
+        vm.discard()
 
 
 def print_durations(host_dir: Path) -> None:
@@ -141,13 +97,6 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     os.chmod(proxy_toml, 0o600)
     token_file = tmp_path / "alice.token"
     args = [
-        "run",
-        "--ready-file",
-        str(agent_vm.ready),
-        "--host-dir",
-        str(host_dir),
-        "--ssh-listen",
-        f"127.0.0.1:{ssh_port}",
         "--proxy-config",
         str(proxy_toml),
         "--agent-name",
@@ -162,9 +111,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         f"http://127.0.0.1:{listed.port}/",
     ]
     # The first run dies after the scrub; the rerun resumes there instead of starting over.
-    interrupted = takeover(*args, "--fail-after", "scrub")
+    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "scrub", ssh_port=ssh_port)
     assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
-    result = takeover(*args)
+    result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
     print_durations(host_dir)
     try:
         assert result.returncode == 0, result.stderr
@@ -269,38 +218,13 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
-        again = takeover(
-            "run",
-            "--ready-file",
-            str(agent_vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--ssh-listen",
-            f"127.0.0.1:{free_port()}",
-        )
+        again = takeover_run(agent_vm.ready, host_dir)
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
     finally:
         stop_host_vm(host_dir)
         listed.close()
         unlisted.close()
         udp.close()
-
-
-def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
-    try:
-        from takeover.config import TakeoverConfig
-        from takeover.journal import Journal
-        from takeover.progress import Progress
-        from takeover.steps import Context
-
-        journal = Journal.load(host_dir)
-        if journal is None or not journal.entry("scrub").get("result"):
-            return
-        spec = vm_spec(Context(TakeoverConfig(host_dir=host_dir), host_dir, journal, Progress()))
-        (runner or QemuRunner()).stop(spec)
-        egress.release(host_dir, drop_rules=True)
-    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own failure
-        print(f"cleanup: {exc}", file=sys.stderr)
 
 
 def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(agent_vm, tmp_path):
@@ -316,19 +240,7 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
     request_id = asked["body"]["id"]
 
     host_dir = tmp_path / "host"
-    failed = takeover(
-        "run",
-        "--ready-file",
-        str(agent_vm.ready),
-        "--host-dir",
-        str(host_dir),
-        "--ssh-listen",
-        f"127.0.0.1:{free_port()}",
-        "--qemu-user",
-        E2E_QEMU_USER,
-        "--fail-after",
-        "relocate",
-    )
+    failed = takeover_run(agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--fail-after", "relocate")
     assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
@@ -375,19 +287,15 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
     host_dir = Path(tempfile.mkdtemp(prefix="secret-proxy-vm-test-", dir="/var/lib"))
     ssh_port = free_port()
     try:
-        result = takeover(
-            "run",
-            "--ready-file",
-            str(agent_vm.ready),
-            "--host-dir",
-            str(host_dir),
+        result = takeover_run(
+            agent_vm.ready,
+            host_dir,
             "--runner",
             "libvirt",
             "--libvirt-uri",
             libvirtd,
-            "--ssh-listen",
-            f"127.0.0.1:{ssh_port}",
             "--no-egress-filter",  # it filters by QEMU's user, which libvirt shares between domains
+            ssh_port=ssh_port,
         )
         print_durations(host_dir)
         assert result.returncode == 0, result.stderr

@@ -485,8 +485,8 @@ class SessionWatcher(threading.Thread):
 
 @pytest.mark.slow
 def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_session(tmp_path):
-    from .test_takeover_e2e import takeover
-    from .vm_fixtures import free_port, launch_agent_vm
+    from .takeover_helpers import takeover_run
+    from .vm_fixtures import launch_agent_vm
 
     agent_vm = launch_agent_vm()
     terminal, watcher = None, None
@@ -494,17 +494,7 @@ def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_s
         host_dir = tmp_path / "host"
         old_pid = int((agent_vm.state / "run/qemu.pid").read_text())
         # The agent wants a rollback: it makes the takeover fail once its VM is checkpointed and stopped.
-        failed = takeover(
-            "run",
-            "--ready-file",
-            str(agent_vm.ready),
-            "--host-dir",
-            str(host_dir),
-            "--ssh-listen",
-            f"127.0.0.1:{free_port()}",
-            "--fail-after",
-            "checkpoint",
-        )
+        failed = takeover_run(agent_vm.ready, host_dir, "--fail-after", "checkpoint")
         assert failed.returncode == 1 and "failing on purpose after step 'checkpoint'" in failed.stderr
 
         terminal = RootTerminal([sys.executable, "-m", "takeover", "rollback", "--host-dir", str(host_dir)])
@@ -526,9 +516,4 @@ def test_rollback_typed_in_roots_terminal_restarts_the_agents_vm_outside_roots_s
             watcher.done.set()
         if terminal is not None and terminal.process.poll() is None:
             terminal.process.kill()
-        try:
-            pid = int((agent_vm.state / "run/qemu.pid").read_text())
-            proc.terminate(pid, proc.start_ticks(pid), grace=5)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(agent_vm.state, ignore_errors=True)
+        agent_vm.discard()

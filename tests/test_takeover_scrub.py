@@ -8,7 +8,6 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import guestfs
 import pytest
 
 from takeover.diskimage import inspect_image
@@ -17,6 +16,8 @@ from takeover.guest_files import SSHD_CONFIG, SUDOERS, UNIT, WRAPPER
 from takeover.host_keys import generate_host_keys
 from takeover.models import Endpoint
 from takeover.scrub import ScrubPlan, scrub_and_rekey
+
+from .takeover_helpers import open_appliance
 
 pytestmark = pytest.mark.slow
 
@@ -170,11 +171,7 @@ def planted_tarball(path: Path) -> Path:
 def build_planted_image(workdir: Path, size: str = "256M") -> Path:
     disk = workdir / "agent.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
-    g = guestfs.GuestFS(python_return_dict=True)
-    g.set_backend("direct")
-    g.set_backend_settings(["force_tcg"])
-    g.add_drive_opts(str(disk), format="qcow2")
-    g.launch()
+    g = open_appliance(disk)
     g.mkfs("ext4", "/dev/sda")
     g.mount("/dev/sda", "/")
     g.tar_in(str(planted_tarball(workdir / "planted.tar")), "/")
@@ -199,11 +196,7 @@ class Reader:
     """A read-only look at the scrubbed image."""
 
     def __init__(self, disk: Path) -> None:
-        self.g = guestfs.GuestFS(python_return_dict=True)
-        self.g.set_backend("direct")
-        self.g.set_backend_settings(["force_tcg"])
-        self.g.add_drive_opts(str(disk), format="qcow2", readonly=True)
-        self.g.launch()
+        self.g = open_appliance(disk, readonly=True)
         self.g.mount_ro("/dev/sda", "/")
 
     def text(self, path: str) -> str:

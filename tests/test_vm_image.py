@@ -6,11 +6,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +20,7 @@ from vm_image.errors import BadInput
 from vm_image.initrd import build_initrd, module_closure
 from vm_image.kvm_probe import Probe
 from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
+from vm_image.ssh_command import agent_login_argv
 
 from .vm_fixtures import as_agent, free_port, launch_agent_vm, vm_image_as_agent
 
@@ -156,6 +155,18 @@ def free_ports() -> list[str]:
     return ["--port", str(free_port()), "--ssh-port", str(free_port())]
 
 
+def test_ssh_command_lines_read_no_config_and_end_options_before_the_remote_command(tmp_path):
+    key = tmp_path / "setup_key"
+    argv = agent_login_argv(2222, "-oProxyCommand=x", "true", key=key)
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    assert argv[-5:] == ["2222", "proxy@127.0.0.1", "--", "-oProxyCommand=x", "true"]
+    assert argv[argv.index("-i") + 1] == str(key)
+    password = agent_login_argv(2222, "true", user="root", options=("PreferredAuthentications=password",))
+    assert "-i" not in password and "root@127.0.0.1" in password
+    option = password.index("PreferredAuthentications=password")
+    assert password[option - 1] == "-o" and option < password.index("root@127.0.0.1")
+
+
 def test_launch_without_an_image_says_to_build_first(tmp_path):
     result = vm_image("launch", "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 1
@@ -259,23 +270,7 @@ def test_agent_builds_launches_and_stops_the_vm():
         fingerprint = subprocess.run(["ssh-keygen", "-lf", "-"], input=scan.stdout, capture_output=True, text=True)
         assert fingerprint.stdout.split()[1] == manifest["ssh"]["host_key_fingerprint"]
         password = as_agent(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "PreferredAuthentications=password",
-                "-p",
-                str(vm.ssh_port),
-                "root@127.0.0.1",
-                "true",
-            ],
+            agent_login_argv(vm.ssh_port, "true", user="root", options=("PreferredAuthentications=password",)),
             timeout=60,
         )
         assert password.returncode == 255 and "publickey" in password.stderr and "password" not in password.stderr
@@ -400,41 +395,18 @@ def test_base_image_that_is_not_an_image_is_refused(tmp_path):
 @pytest.mark.root
 def test_agent_runs_the_proxy_on_a_cloud_image_through_cloud_init():
     from .cloud_image import cloud_base_image
-    from .vm_fixtures import AGENT_CACHE, TEST_ROOT, AgentVM, ensure_agent_user, free_port
+    from .vm_fixtures import up_agent_vm_on
 
     base = cloud_base_image()
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    user = ensure_agent_user()
-    state = Path(tempfile.mkdtemp(prefix="agent-cloud-", dir=TEST_ROOT))
-    os.chown(state, user.uid, user.gid)
-    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
+    vm = up_agent_vm_on(base, "agent-cloud-")
     try:
-        up = vm_image_as_agent(
-            "up",
-            "--state-dir",
-            str(state),
-            "--cache-dir",
-            str(AGENT_CACHE),
-            "--base-image",
-            str(base),
-            "--port",
-            str(vm.proxy_port),
-            "--ssh-port",
-            str(vm.ssh_port),
-            "--memory",
-            "512",
-            "--accel",
-            "tcg",
-            "--timeout",
-            "900",
-        )
-        assert up.returncode == 0, up.stderr[-3000:]
         print(f"\ncloud image to healthy under TCG: {vm.ready_data['boot_seconds']} s", file=sys.stderr)
         assert get_json(vm.url + "/health") == (200, {"status": "ok"})
         who = vm.ssh_as_agent("id -un; stat -c '%U %a' /opt/secret-proxy/venv/bin/python3 /var/lib/secret-proxy")
         assert who.returncode == 0, who.stderr
         assert who.stdout.split("\n")[:3] == ["proxy", "root 777", "proxy 700"]  # python3 is a symlink
-        manifest = json.loads((state / "image/manifest.json").read_text())
+        manifest = json.loads((vm.state / "image/manifest.json").read_text())
         assert manifest["mode"] == "base-image" and manifest["disk"]["backing_file"] == str(base)
     finally:
         vm.stop()

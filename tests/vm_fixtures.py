@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
 from scripts.demo import run_as_agent
+from vm_image import proc
 from vm_image.control import read_ready
+from vm_image.ssh_command import agent_login_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_USER = "agent"
@@ -92,37 +95,20 @@ class AgentVM:
 
     def ssh_as_agent(self, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         """What the agent can do with its setup key (run as the agent user)."""
-        return as_agent(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=30",
-                "-i",
-                str(self.state / "image/setup_key"),
-                "-p",
-                str(self.ssh_port),
-                "proxy@127.0.0.1",
-                "--",
-                *remote,
-            ],
-            stdin=stdin,
-            timeout=120,
-        )
+        argv = agent_login_argv(self.ssh_port, *remote, key=self.state / "image/setup_key")
+        return as_agent(argv, stdin=stdin, timeout=120)
 
     def stop(self) -> None:
         vm_image_as_agent("stop", "--state-dir", str(self.state), "--timeout", "20", timeout=120)
+
+    def discard(self) -> None:
+        """Kill the QEMU its pid file names (the agent's, or a rollback's replay of it) and remove its state."""
+        try:
+            pid = int((self.state / "run/qemu.pid").read_text())
+            proc.terminate(pid, proc.start_ticks(pid), grace=5)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.state, ignore_errors=True)
 
 
 def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
@@ -153,3 +139,34 @@ def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     if result.returncode != 0:
         raise RuntimeError(f"vm_image launch failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
     return AgentVM(state, state / "run/ready", proxy_port, ssh_port, user.uid)
+
+
+def up_agent_vm_on(base: Path, prefix: str) -> AgentVM:
+    """The agent's VM on a cloud image: `vm_image up --base-image` as the agent, in a fresh state directory."""
+    user = ensure_agent_user()
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_ROOT))
+    os.chown(state, user.uid, user.gid)
+    vm = AgentVM(state, state / "run/ready", free_port(), free_port(), user.uid)
+    up = vm_image_as_agent(
+        "up",
+        "--state-dir",
+        str(state),
+        "--cache-dir",
+        str(AGENT_CACHE),
+        "--base-image",
+        str(base),
+        "--port",
+        str(vm.proxy_port),
+        "--ssh-port",
+        str(vm.ssh_port),
+        "--memory",
+        "512",
+        "--accel",
+        "tcg",
+        "--timeout",
+        "900",
+    )
+    if up.returncode != 0:
+        vm.stop()
+        raise RuntimeError(f"vm_image up --base-image failed as {AGENT_USER}:\n{up.stderr[-3000:]}")
+    return vm

@@ -38,6 +38,24 @@ def find_uv() -> str | None:
     return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("uv")
 
 
+def export_argv(uv: str, requirements: Path) -> list[str]:
+    """uv writing the guest's requirements from uv.lock: the locked versions and hashes, no dev group, no extras."""
+    return [
+        uv,
+        "export",
+        "--frozen",
+        "--no-dev",
+        "--no-emit-project",
+        "--format",
+        "requirements-txt",
+        "--no-header",
+        "--project",
+        str(ROOT),
+        "-o",
+        str(requirements),
+    ]
+
+
 def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _: None) -> Path:
     """A tarball of the venv's contents (paths relative to /opt/secret-proxy/venv); cached by input hash."""
     work_dir.mkdir(mode=0o700, exist_ok=True)
@@ -59,22 +77,7 @@ def build_proxy_venv(work_dir: Path, progress: Callable[[str], None] = lambda _:
         stage = Path(tmp) / "stage"
         venv = stage / GUEST_VENV.lstrip("/")
         requirements = Path(tmp) / "requirements.txt"
-        _run(
-            [
-                uv,
-                "export",
-                "--frozen",
-                "--no-dev",
-                "--no-emit-project",
-                "--format",
-                "requirements-txt",
-                "--no-header",
-                "--project",
-                str(ROOT),
-                "-o",
-                str(requirements),
-            ]
-        )
+        _run(export_argv(uv, requirements))
         _run([uv, "venv", "--quiet", "--relocatable", "--python", GUEST_PYTHON, str(venv)])
         _run(
             [
