@@ -137,13 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("start", help="start the taken-over VM again (e.g. after a host reboot)"))
     common(sub.add_parser("stop", help="stop the taken-over VM (a libvirt domain stays defined, with autostart)"))
     eg = sub.add_parser("egress", help="what the taken-over VM may reach: list, allow or remove destinations")
-    common(eg)
-    eg.add_argument("action", choices=("list", "allow", "remove", "sync"))
-    eg.add_argument("urls", nargs="*", metavar="URL", help="https://host[:port] or http://host:port")
-    eg.add_argument(
-        "--apply",
-        action="store_true",
-        help="with sync: allow what the VM's stored policies name (without it, only show what is missing)",
+    actions = eg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common(actions.add_parser("list", help="the destinations and the forward proxy's address"))
+    for name, what in (("allow", "let the VM reach these"), ("remove", "stop the VM reaching these")):
+        change = actions.add_parser(name, help=what)
+        common(change)
+        change.add_argument("urls", nargs="+", metavar="URL", help="https://host[:port] or http://host:port")
+    sync = actions.add_parser("sync", help="compare with the destinations of the VM's stored policies")
+    common(sync)
+    sync.add_argument(
+        "--apply", action="store_true", help="allow what they name (without it, only show what is missing)"
     )
     return p
 
@@ -228,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "stop":
             show(json_text(stop_host_vm(cfg)))
         elif args.command == "egress":
-            show(json_text(change_egress(cfg, args.action, args.urls, apply=args.apply)))
+            urls, apply = getattr(args, "urls", []), getattr(args, "apply", False)
+            show(json_text(change_egress(cfg, args.action, urls, apply=apply)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

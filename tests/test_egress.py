@@ -271,3 +271,21 @@ def test_two_host_vms_each_reach_their_own_listed_loopback_destination(egress_ho
             assert (mine.seen, theirs.seen) == (1, 1)
     finally:
         egress.release(other_dir, drop_rules=True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["egress", "allow", "--host-dir", "/var/lib/x", "https://a.example", "http://127.0.0.1:8080"],
+        ["egress", "allow", "https://a.example", "http://127.0.0.1:8080", "--host-dir", "/var/lib/x"],
+    ],
+)
+def test_egress_urls_and_the_host_dir_go_in_either_order(argv):
+    from takeover.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.action, args.urls, str(args.host_dir)) == (
+        "allow",
+        ["https://a.example", "http://127.0.0.1:8080"],
+        "/var/lib/x",
+    )
