@@ -88,13 +88,6 @@ def taken_over_vm(proxy_settings: str, *, allow_telegram_api_url: str, memory_mb
         endpoint = Endpoint("127.0.0.1", ssh_port)
         yield TakenOverVM(host_dir, vm.proxy_port, SSHTarget(endpoint, host_dir / "host_key", host_dir / "known_hosts"))
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
-            cwd=ROOT,
-            capture_output=True,
-            timeout=300,
-        )
-        # A takeover that failed early leaves the agent's VM running: stop it as the agent.
-        vm_fixtures.vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)
+        vm_fixtures.stop_both_vms(host_dir, agent_state)
         shutil.rmtree(agent_state, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -153,3 +153,14 @@ def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     if result.returncode != 0:
         raise RuntimeError(f"vm_image launch failed as {AGENT_USER}:\n{result.stderr[-3000:]}")
     return AgentVM(state, state / "run/ready", proxy_port, ssh_port, user.uid)
+
+
+def stop_both_vms(host_dir: Path, agent_state: Path) -> None:
+    """Stop the host's VM in `host_dir` and, if a takeover failed early and left it running, the agent's."""
+    subprocess.run(
+        [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)
