@@ -64,7 +64,8 @@ from pathlib import Path
 from proxy.config import load_settings
 from proxy.store import Store, init_data_dir
 settings = load_settings(env={}, data_dir=Path(sys.argv[1]))
-init_data_dir(settings)
+if not settings.key_path.exists():  # the VM's proxy made its own
+    init_data_dir(settings)
 with Store(settings) as store:
     store.set_secret("bench-key", b"sk-bench-" + os.urandom(16).hex().encode(), "operator:bench")
     agents = [store.add_agent(f"agent-{n:02d}", ["bench-*"], "operator:bench") for n in range(int(sys.argv[2]))]
