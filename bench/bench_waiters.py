@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.agent.approval import RECONNECT_PAUSE_SECONDS  # noqa: E402
 from proxy.demo import free_port  # noqa: E402
 from tests.telegram_emulator import BotApiEmulator  # noqa: E402
 
@@ -78,6 +79,7 @@ db = sqlite3.connect(sys.argv[1] + "/proxy.db")
 query = f"SELECT id, decided_at FROM requests WHERE id IN ({','.join('?' * len(ids))})"
 print(json.dumps(dict(db.execute(query, ids).fetchall())))
 """
+MAX_RECONNECTS = 5
 CLOCK = "import sys, time\nfor _ in sys.stdin: print(repr(time.time()), flush=True)"
 
 
@@ -92,6 +94,7 @@ class Proxy:
     python: Callable[[str, str], str]  # (code, stdin) -> stdout, run where the proxy's data is
     python_argv: Callable[[str], list[str]]
     rss_mb: Callable[[], float]
+    diagnose: Callable[[], str] = lambda: ""
     offsets: list[tuple[float, float]] = field(default_factory=list)  # (its clock - ours, ± bound)
 
     def measure_clock(self) -> None:
@@ -162,18 +165,29 @@ def percentile(values: list[float], p: float) -> float:
 class Waits:
     answered: dict[str, float] = field(default_factory=dict)  # decided: when the agent had it
     first_answer: dict[str, float] = field(default_factory=dict)  # any answer, decided or pending at timeout
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # given up on
+    lost: dict[str, int] = field(default_factory=dict)  # connections lost, each followed by a reconnect
+    lost_asks: int = 0
 
 
 async def hold(port: int, token: str, rid: str, wait: int, waits: Waits) -> None:
-    try:
-        conn = await asyncio.open_connection("127.0.0.1", port)
-    except OSError as exc:
-        waits.errors[rid] = repr(exc)
-        return
+    """Hold `rid` in ?wait= until it is decided; reconnect after a lost connection, as the agent's tool does."""
+    conn = None
     try:
         while True:
-            status, body = await http(port, "GET", f"/v1/requests/{rid}?wait={wait}", token, conn=conn)
+            try:
+                conn = conn or await asyncio.open_connection("127.0.0.1", port)
+                status, body = await http(port, "GET", f"/v1/requests/{rid}?wait={wait}", token, conn=conn)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                waits.lost[rid] = waits.lost.get(rid, 0) + 1
+                if waits.lost[rid] > MAX_RECONNECTS:
+                    waits.errors[rid] = repr(exc)
+                    return
+                if conn:
+                    conn[1].close()
+                conn = None
+                await asyncio.sleep(RECONNECT_PAUSE_SECONDS)
+                continue
             if status != 200:
                 waits.errors[rid] = f"{status} {body.get('error')}"
                 return
@@ -181,27 +195,30 @@ async def hold(port: int, token: str, rid: str, wait: int, waits: Waits) -> None
             if body["status"] != "pending":
                 waits.answered[rid] = time.time()
                 return
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-        waits.errors[rid] = repr(exc)
     finally:
-        conn[1].close()
+        if conn:
+            conn[1].close()
 
 
-async def ask(port: int, token: str, count: int) -> list[tuple[str, str]]:
-    ids = []
-    for n in range(count):
-        body = {"secret": "bench-key", "reason": f"bench {n}", "ttl_seconds": 600}
-        status, answer = await http(port, "POST", "/v1/requests", token, body)
-        if status != 201:
-            raise SystemExit(f"asking failed: {status} {answer}")
-        ids.append((token, answer["id"]))
-    return ids
+async def ask(port: int, token: str, n: int, waits: Waits) -> str:
+    body = {"secret": "bench-key", "reason": f"bench {n}", "ttl_seconds": 600}
+    for _ in range(MAX_RECONNECTS):
+        try:
+            status, answer = await http(port, "POST", "/v1/requests", token, body)
+            break
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            waits.lost_asks += 1  # it may have been created: the agents' budget has room for that
+            await asyncio.sleep(RECONNECT_PAUSE_SECONDS)
+    else:
+        raise SystemExit(f"asking failed {MAX_RECONNECTS} times: the connection was lost each time")
+    if status != 201:
+        raise SystemExit(f"asking failed: {status} {answer}")
+    return str(answer["id"])
 
 
 async def run(opts: argparse.Namespace, proxy: Proxy, emu: BotApiEmulator) -> None:
-    per_agent = await asyncio.gather(*(ask(proxy.port, token, opts.per_agent) for token in proxy.tokens))
-    ids = [pair for agent in per_agent for pair in agent]
     waits = Waits()
+    ids = [(token, await ask(proxy.port, token, n, waits)) for token in proxy.tokens for n in range(opts.per_agent)]
     held_since = time.time()
     waiters = [asyncio.create_task(hold(proxy.port, token, rid, opts.wait, waits)) for token, rid in ids]
     # The bot posts one message per pending request; decide only once they are all shown.
@@ -263,6 +280,13 @@ async def run(opts: argparse.Namespace, proxy: Proxy, emu: BotApiEmulator) -> No
         f" ({late} later than {opts.wait + 15} s), failed: {len(errors)}"
         + (f", e.g. {next(iter(errors.values()))}" if errors else "")
     )
+    if waits.lost or waits.lost_asks:
+        print(
+            f"connections lost (each followed by a reconnect): {sum(waits.lost.values())} waits of "
+            f"{len(waits.lost)} requests; {waits.lost_asks} asks"
+        )
+    if diagnosis := proxy.diagnose():
+        print(diagnosis.rstrip())
     missing = [rid for rid in chosen if rid not in waits.answered]
     if missing:
         print(f"NOT ANSWERED within 60 s of the last decision: {len(missing)} of {len(chosen)}")
@@ -300,7 +324,8 @@ def settings_toml(emulator_url: str, per_agent: int) -> str:
     """The proxy's config.toml: Telegram at the emulator, each agent allowed its `per_agent` pending requests."""
     return (
         f'telegram_token = "{TOKEN}"\ntelegram_chat_id = {CHAT}\ntelegram_approvers = [{APPROVER}]\n'
-        f'telegram_api_url = "{emulator_url}"\nrate_burst = {per_agent}\nmax_pending_per_agent = {per_agent}\n'
+        f'telegram_api_url = "{emulator_url}"\nrate_burst = {per_agent + MAX_RECONNECTS}\n'
+        f"max_pending_per_agent = {per_agent + MAX_RECONNECTS}\n"
     )
 
 
@@ -373,7 +398,23 @@ def through_the_vm(opts: argparse.Namespace, emu: BotApiEmulator) -> Iterator[Pr
             python=lambda code, stdin="": vm.python(code, stdin=stdin),
             python_argv=lambda code: vm.argv(*GUEST_PYTHON, "-c", code, DATA_DIR),
             rss_mb=lambda: rss_of(vm.run("sh", "-c", rss)),
+            diagnose=lambda: vm.run("sh", "-c", GUEST_DIAGNOSIS),
         )
+
+
+# What bounds the proxy in the VM: its CPU, its open-files limit, dropped or reset TCP connections, its log.
+GUEST_DIAGNOSIS = r"""
+pid=$(systemctl show --property MainPID --value secret-proxy.service)
+echo "guest load: $(cat /proc/loadavg); proxy CPU: $(awk '{print ($14 + $15) / 100}' /proc/$pid/stat) s"
+grep 'open files' /proc/$pid/limits
+count() {  # FILE TABLE NAME...: the named counters of one table of /proc/net/{netstat,snmp}
+  awk -v t="$2:" -v want=" $* " '$1 == t {if (!h) {split($0, n); h=1} else for (i=2; i<=NF; i++)
+    if (index(want, " " n[i] " ")) printf "%s=%s ", n[i], $i}' "$1"
+}
+count /proc/net/netstat TcpExt ListenOverflows ListenDrops TCPAbortOnData TCPAbortOnClose TCPBacklogDrop
+count /proc/net/snmp Tcp ActiveOpens PassiveOpens AttemptFails EstabResets OutRsts
+echo; journalctl -u secret-proxy.service --no-pager -q -n 15 -o cat 2>&1 | tail -15
+"""
 
 
 def main() -> None:
