@@ -405,7 +405,8 @@ def through_the_vm(opts: argparse.Namespace, emu: BotApiEmulator) -> Iterator[Pr
 # What bounds the proxy in the VM: its CPU, its open-files limit, dropped or reset TCP connections, its log.
 GUEST_DIAGNOSIS = r"""
 pid=$(systemctl show --property MainPID --value secret-proxy.service)
-echo "guest load: $(cat /proc/loadavg); proxy CPU: $(awk '{print ($14 + $15) / 100}' /proc/$pid/stat) s"
+echo "guest load: $(cat /proc/loadavg); proxy CPU: $(awk '{print ($14 + $15) / 100}' /proc/$pid/stat) s;" \
+  "restarts: $(systemctl show --property NRestarts --value secret-proxy.service)"
 grep 'open files' /proc/$pid/limits
 count() {  # FILE TABLE NAME...: the named counters of one table of /proc/net/{netstat,snmp}
   awk -v t="$2:" -v want=" $* " '$1 == t {if (!h) {split($0, n); h=1} else for (i=2; i<=NF; i++)
