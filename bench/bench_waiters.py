@@ -428,7 +428,7 @@ def through_the_vm(opts: argparse.Namespace, emu: BotApiEmulator) -> Iterator[Pr
         )
 
 
-# What bounds the proxy in the VM: its CPU, its open-files limit, dropped or reset TCP connections, its log.
+# What bounds the proxy in the VM: its CPU, its open-files limit, dropped or reset TCP connections.
 GUEST_DIAGNOSIS = r"""
 pid=$(systemctl show --property MainPID --value secret-proxy.service)
 echo "guest load: $(cat /proc/loadavg); proxy CPU: $(awk '{print ($14 + $15) / 100}' /proc/$pid/stat) s;" \
@@ -440,7 +440,7 @@ count() {  # FILE TABLE NAME...: the named counters of one table of /proc/net/{n
 }
 count /proc/net/netstat TcpExt ListenOverflows ListenDrops TCPAbortOnData TCPAbortOnClose TCPBacklogDrop
 count /proc/net/snmp Tcp ActiveOpens PassiveOpens AttemptFails EstabResets OutRsts
-echo; journalctl -u secret-proxy.service --no-pager -q -n 15 -o cat 2>&1 | tail -15
+echo
 """
 
 
