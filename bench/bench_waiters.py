@@ -2,7 +2,9 @@
 
 One proxy with Telegram pointed at the Bot API emulator (tests/telegram_emulator.py,
 in this process). 50 agents ask for 20 requests each and hold all 1,000 in
-`GET /v1/requests/ID?wait=60`, one connection each. Then 30 requests are approved
+`GET /v1/requests/ID?wait=60`, one connection each, opened 4 at a time and each
+checked with a status call before the next (`--connect-at-once`: in one burst,
+more than QEMU's port forward accepts; see docs/benchmarks.md). Then 30 requests are approved
 by taps in the emulator (decided inside the proxy's process) and 30 with the CLI
 (`secret-proxy approve`, another process). It prints p50/p99 approval-to-agent
 latency, the proxy's RSS, and how many of the 1,000 waits were answered (each
@@ -26,7 +28,12 @@ guest's clock against the host's: the offset is measured over SSH (the probe wit
 the shortest round trip, before and after the decisions) and its uncertainty is
 printed. A tap's latency is also given from the tap on the host's clock alone.
 
-    .venv/bin/python bench/bench_waiters.py [--through-vm] [--agents 50] [--per-agent 20] [--decisions 30]
+    .venv/bin/python bench/bench_waiters.py [--through-vm] [--connect-at-once] [--agents 50] [--per-agent 20]
+        [--decisions 30] [--wait 60]
+
+Through the VM it also prints what bounds the proxy there: the guest's load, the
+proxy's CPU time, its open-files limit and the guest kernel's TCP drop and reset
+counters. Results and the machine: docs/benchmarks.md.
 """
 
 from __future__ import annotations
