@@ -4,8 +4,11 @@ A commit by the CLI (over SSH, in another process) writes the database's WAL, an
 the CLI closes the file when it is done; both raise inotify events on the data
 directory. The first write comes before the commit is visible to readers (SQLite
 publishes it in the shared-memory index after its fsync, which raises no event),
-so one event is followed by a second look a little later, and the close event
-comes after the commit in any case. Where inotify is missing the caller polls.
+so the last event of a burst is followed by more looks at growing intervals (the
+fsync can take a while on a busy disk, and tens of milliseconds in a TCG guest),
+and the close event comes after the commit in any case, but only when the writer
+closes the database (the CLI, after it has printed). Where inotify is missing the
+caller polls.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
-SECOND_LOOK_SECONDS = 0.01
+# Seconds between the looks after the last event: 0.63 s in all, then the sweeper's once a second.
+FOLLOW_UP_LOOKS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 
 
 class DirectoryWatch:
@@ -37,7 +41,7 @@ class DirectoryWatch:
         self.on_change = on_change
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._second_look: asyncio.TimerHandle | None = None
+        self._follow_up: asyncio.TimerHandle | None = None
 
     def start(self) -> bool:
         """Start watching; False when inotify is unavailable (not Linux, or out of watches)."""
@@ -68,8 +72,8 @@ class DirectoryWatch:
         return True
 
     def stop(self) -> None:
-        if self._second_look is not None:
-            self._second_look.cancel()
+        if self._follow_up is not None:
+            self._follow_up.cancel()
         if self._fd >= 0 and self._loop is not None:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
@@ -82,9 +86,16 @@ class DirectoryWatch:
         except BlockingIOError:
             pass
         self.on_change()
-        if self._second_look is None and self._loop is not None:
-            self._second_look = self._loop.call_later(SECOND_LOOK_SECONDS, self._look_again)
+        self._follow(0)  # a new event starts the follow-up looks over
 
-    def _look_again(self) -> None:
-        self._second_look = None
+    def _follow(self, step: int) -> None:
+        if self._follow_up is not None:
+            self._follow_up.cancel()
+            self._follow_up = None
+        if step < len(FOLLOW_UP_LOOKS) and self._loop is not None:
+            self._follow_up = self._loop.call_later(FOLLOW_UP_LOOKS[step], self._look_again, step + 1)
+
+    def _look_again(self, next_step: int) -> None:
+        self._follow_up = None
         self.on_change()
+        self._follow(next_step)

@@ -170,13 +170,6 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
     finally:
         if demo.poll() is None:
             demo.kill()
-        subprocess.run(
-            [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
-            cwd=ROOT,
-            capture_output=True,
-            timeout=300,
-        )
-        # A demo that failed before the takeover leaves the agent's VM running: stop it as the agent.
-        vm_fixtures.vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)
+        vm_fixtures.stop_both_vms(host_dir, agent_state)
         subprocess.run(["rm", "-rf", str(host_dir), str(agent_state)], check=False)
         emu.stop()

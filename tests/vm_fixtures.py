@@ -170,3 +170,14 @@ def up_agent_vm_on(base: Path, prefix: str) -> AgentVM:
         vm.stop()
         raise RuntimeError(f"vm_image up --base-image failed as {AGENT_USER}:\n{up.stderr[-3000:]}")
     return vm
+
+
+def stop_both_vms(host_dir: Path, agent_state: Path) -> None:
+    """Stop the host's VM in `host_dir` and, if a takeover failed early and left it running, the agent's."""
+    subprocess.run(
+        [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)
