@@ -16,14 +16,15 @@ Enforced on the host, outside the guest, so root inside the guest cannot widen i
 
 The table is per QEMU uid (nftables matches the socket's owner), so each running host VM
 runs QEMU as a user of its own; a second one with the same user is refused while the
-first one's forward proxy runs. Changing the
-list restarts tinyproxy (it cannot re-read root's files after dropping privileges),
-not the VM. A guest reaches the proxy as 10.0.2.2 (slirp's name for the host's
-loopback); the guest's proxy is told so in its config (`egress_proxy`).
+first one's forward proxy runs. Changing the list makes tinyproxy read it again
+(SIGUSR1; its files are root's, readable by its group), so neither the VM restarts
+nor the port is ever let go. A guest reaches the proxy as 10.0.2.2 (slirp's name
+for the host's loopback); the guest's proxy is told so in its config (`egress_proxy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import json
@@ -31,7 +32,9 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ from urllib.parse import urlsplit
 from vm_image import proc
 
 from .errors import InvalidInput, RestartError
-from .files import fsync_dir, write_json_atomic, write_private
+from .files import fsync_dir, write_all, write_json_atomic
 from .models import Endpoint
 from .restart import check_port_free, ensure_system_user
 from .terminal import log_tail
@@ -52,7 +55,8 @@ PROCESS_NAME = "egress.process.json"
 CONF_NAME = "egress.tinyproxy.conf"
 FILTER_NAME = "egress.filter"
 LOG_NAME = "egress.log"
-FILES = (RECORD_NAME, PROCESS_NAME, CONF_NAME, FILTER_NAME, LOG_NAME)
+FILES = (RECORD_NAME, PROCESS_NAME, LOG_NAME)
+CONFIG_ROOT = Path("/run/secret-proxy-vm-egress")  # tinyproxy's config and filter, per forward-proxy user
 EGRESS_USER_PREFIX = "spvm-egress-"  # + QEMU's uid: one forward-proxy user per table (see nft_ruleset)
 GUEST_SEES_HOST = "10.0.2.2"  # slirp: the guest's address for the host's loopback
 START_TIMEOUT = 10.0
@@ -339,20 +343,71 @@ def stop_forward_proxy(host_dir: Path) -> bool:
     return True
 
 
+def config_dir(user: str) -> Path:
+    """Where tinyproxy's config and filter live: root's files its own user can read, so that a change
+    is a reload (SIGUSR1) and the port is never let go (an agent could take it in the gap)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+        raise InvalidInput(f"forward proxy user {user!r} is not a plain user name")
+    return CONFIG_ROOT / user
+
+
+def write_config(plan: EgressPlan, user: str) -> Path:
+    entry = pwd.getpwnam(user)
+    group = grp.getgrgid(entry.pw_gid)
+    for directory, mode, gid in ((CONFIG_ROOT, 0o755, 0), (config_dir(user), 0o750, group.gr_gid)):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            pass
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise RestartError(f"{directory} is not root's directory; someone prepared it", hint=f"remove {directory}")
+        os.chown(directory, 0, gid, follow_symlinks=False)
+        os.chmod(directory, mode, follow_symlinks=False)
+    conf, filt = config_dir(user) / CONF_NAME, config_dir(user) / FILTER_NAME
+    for path, text in ((filt, filter_text(plan)), (conf, tinyproxy_config(plan, filt, user, group.gr_name))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(fd, 0, group.gr_gid)
+            os.fchmod(fd, 0o640)  # root writes it, tinyproxy's user reads it again at a reload
+            write_all(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    fsync_dir(config_dir(user))
+    return conf
+
+
+def reload_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int | None:
+    """Tell the running tinyproxy to read its list again; its pid, or None if none runs or it died of it."""
+    pid = running_pid(host_dir)
+    if pid is None:
+        return None
+    write_config(plan, user)
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.3)  # the reload is synchronous in tinyproxy's main loop; a failed one ends the process
+    if running_pid(host_dir) != pid or (plan.listen.host, plan.listen.port) not in proc.listening_tcp(pid):
+        return None
+    return pid
+
+
 def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
-    """(Re)start tinyproxy for `plan`, dropping to `user`; its port must be free of anyone else."""
+    """Start tinyproxy for `plan`, dropping to `user`, or reload the running one; the port must be free."""
     binary = shutil.which("tinyproxy")
     if binary is None:
         raise RestartError(
             "tinyproxy is not installed; it is the host-side allow-list of the VM's egress",
             hint="apt-get install tinyproxy-bin, or pass --no-egress-filter and accept that the VM can reach anything",
         )
+    reloaded = reload_forward_proxy(plan, host_dir, user)
+    if reloaded is not None:
+        return reloaded
     stop_forward_proxy(host_dir)
     check_port_free(plan.listen, "the egress proxy's port")
-    conf, filt = host_dir / CONF_NAME, host_dir / FILTER_NAME
-    write_private(filt, filter_text(plan).encode(), replace=True)
-    group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
-    write_private(conf, tinyproxy_config(plan, filt, user, group).encode(), replace=True)
+    conf = write_config(plan, user)
     log = os.open(host_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         child = subprocess.Popen(
@@ -399,7 +454,10 @@ def release(host_dir: Path, *, drop_rules: bool = False) -> dict[str, Any]:
     plan = load_plan(host_dir)
     if plan is None:
         return {"egress": "none"}
-    return {
-        "forward_proxy_stopped": stop_forward_proxy(host_dir),
-        "rules_removed": remove_rules(plan, host_dir) if drop_rules else False,
-    }
+    stopped = stop_forward_proxy(host_dir)
+    removed = False
+    if drop_rules:
+        removed = remove_rules(plan, host_dir)
+        with contextlib.suppress(OSError, KeyError):
+            shutil.rmtree(config_dir(egress_user(pwd.getpwnam(plan.qemu_user).pw_uid)))
+    return {"forward_proxy_stopped": stopped, "rules_removed": removed}

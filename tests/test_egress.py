@@ -118,14 +118,15 @@ def test_a_udp_datagram_from_qemus_user_never_arrives(egress_host_dir):
     receiver.close()
 
 
-def test_changing_the_list_restarts_the_forward_proxy_not_the_rules_owner(egress_host_dir):
+def test_changing_the_list_reloads_the_forward_proxy_which_keeps_its_port(egress_host_dir):
+    """A reload, not a restart: while the port was free an agent could listen there and pose as the proxy."""
     with listeners(1) as (later,):
         plan = egress.new_plan([], QEMU_STANDIN)
-        egress.enforce(plan, egress_host_dir)
+        pid = egress.enforce(plan, egress_host_dir)["forward_proxy_pid"]
         refused = as_qemu(CONNECT_SCRIPT + f"print(through_proxy({plan.listen.port}, '127.0.0.1:{later.port}'))")
         assert refused.startswith("HTTP/1.1 403")
         wider = plan.with_destinations({Destination.parse(f"https://127.0.0.1:{later.port}")})
-        egress.enforce(wider, egress_host_dir)
+        assert egress.enforce(wider, egress_host_dir)["forward_proxy_pid"] == pid
         allowed = as_qemu(CONNECT_SCRIPT + f"print(through_proxy({plan.listen.port}, '127.0.0.1:{later.port}'))")
         assert allowed.endswith("200 Connection established")
         assert later.seen == 1
