@@ -6,8 +6,9 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -19,6 +20,9 @@ from .errors import ApiError
 from .openapi import OPENAPI
 from .ratelimit import RateLimiter
 from .state import ProxyState
+
+if TYPE_CHECKING:
+    from . import broker
 
 log = logging.getLogger("proxy")
 
@@ -140,19 +144,43 @@ def asked_fields(body: dict[str, Any], default_ttl: int, max_ttl: int) -> tuple[
     return secret, reason, ttl
 
 
-async def create_request(request: HttpRequest) -> JSONResponse:
+@dataclass(frozen=True)
+class Asked:
+    """A new request or call as the agent asked for it: read, authenticated, within the agent's budget."""
+
+    state: ProxyState
+    agent: st.Agent
+    body: dict[str, Any]
+    secret: str
+    reason: str
+    ttl: int
+    refusal: str  # the audit event a refusal of this ask is recorded as
+
+
+async def read_ask(request: HttpRequest, refusal: str) -> Asked:
     state = _state(request)
     agent = authenticate(request)
     body = await _json_body(request)
     secret, reason, ttl = asked_fields(body, state.settings.default_ttl_seconds, state.settings.max_ttl_seconds)
-    await _within_budget(state, agent, state.limits.create, "request.refused")
+    await _within_budget(state, agent, state.limits.create, refusal)
+    return Asked(state, agent, body, secret, reason, ttl, refusal)
+
+
+async def record_ask(asked: Asked, call: broker.Call | None = None) -> st.Request:
+    """The pending request, committed, and announced to the approvers."""
+    state, agent = asked.state, asked.agent
     try:
-        req = await state.write(state.store.create_request, agent, secret, reason, ttl)
+        req = await state.write(state.store.create_request, agent, asked.secret, asked.reason, asked.ttl, call)
     except st.StoreError as exc:
-        await state.refused(agent, "request.refused", exc.kind, secret=exc.secret)
+        await state.refused(agent, asked.refusal, exc.kind, secret=exc.secret)
         headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
         raise _refusal(exc, headers) from None
     state.announce(req)
+    return req
+
+
+async def create_request(request: HttpRequest) -> JSONResponse:
+    req = await record_ask(await read_ask(request, "request.refused"))
     return JSONResponse(
         {"id": req.id, "status": req.status, "secret": req.secret, "expires_at": iso(req.expires_at)}, status_code=201
     )

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from . import broker, crypto
 from . import store as st
-from .api import _json_body, _refusal, _request_id, _state, _within_budget, asked_fields, authenticate, iso
+from .api import _json_body, _refusal, _request_id, _state, _within_budget, authenticate, iso, read_ask, record_ask
 from .errors import ApiError
 from .policy import Policy
 from .state import ProxyState
@@ -73,11 +73,8 @@ def _checked_call(
 
 
 async def create_call(request: HttpRequest) -> JSONResponse:
-    state = _state(request)
-    agent = authenticate(request)
-    body = await _json_body(request)
-    secret, reason, ttl = asked_fields(body, state.settings.default_ttl_seconds, state.settings.max_ttl_seconds)
-    await _within_budget(state, agent, state.limits.create, "call.refused")
+    asked = await read_ask(request, "call.refused")
+    state, agent, body, secret = asked.state, asked.agent, asked.body, asked.secret
     if not agent.may_request(secret):
         await state.refused(agent, "call.refused", "forbidden", secret=secret)
         raise ApiError("forbidden", f"agent {agent.name!r} may not use {secret!r}")
@@ -86,13 +83,7 @@ async def create_call(request: HttpRequest) -> JSONResponse:
     except ApiError as exc:
         await state.refused(agent, "call.refused", exc.code, secret=secret)
         raise
-    try:
-        req = await state.write(state.store.create_request, agent, secret, reason, ttl, call)
-    except st.StoreError as exc:
-        await state.refused(agent, "call.refused", exc.kind, secret=exc.secret)
-        headers = {"Retry-After": "60"} if exc.code == "rate_limited" else None
-        raise _refusal(exc, headers) from None
-    state.announce(req)
+    req = await record_ask(asked, call)
     return JSONResponse(
         {
             "id": req.id,

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from vm_image import proc
 
+from .detached import start_detached
 from .errors import InvalidInput, RestartError
 from .files import fsync_dir, write_all, write_json_atomic
 from .models import Endpoint
@@ -408,18 +409,12 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
     stop_forward_proxy(host_dir)
     check_port_free(plan.listen, "the egress proxy's port")
     conf = write_config(plan, user)
-    log = os.open(host_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        child = subprocess.Popen(
-            [binary, "-d", "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
-    finally:
-        os.close(log)
+    child = start_detached(
+        [binary, "-d", "-c", str(conf)],
+        host_dir / LOG_NAME,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        append=True,
+    )
     deadline = time.monotonic() + START_TIMEOUT
     while (plan.listen.host, plan.listen.port) not in proc.listening_tcp(child.pid):
         if child.poll() is not None or time.monotonic() > deadline:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from .agent_cmdline import check_options
+from .detached import start_detached
 from .errors import RollbackError, UnsafeCommandLine
 from .models import CHECKPOINT_TAG, SourceVM
 from .terminal import log_tail
@@ -127,23 +128,9 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
     workdir = agent_workdir(source)
     env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        # start_new_session: setsid() in the child before exec, so neither setpriv nor QEMU (nor the
-        # QEMU parent that waits while the daemon loads the checkpoint) has root's terminal.
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(),
-        )
-    finally:
-        os.close(log)
+    # Neither setpriv nor QEMU (nor the QEMU parent that waits while the daemon loads the
+    # checkpoint) may hold root's terminal.
+    child = start_detached(argv, log_path, env=env, cwd=workdir)
     if daemonizes:
         try:
             code = child.wait(START_TIMEOUT)

@@ -41,6 +41,7 @@ from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 
 from .agent_read import read_regular
+from .detached import start_detached
 from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
@@ -292,20 +293,8 @@ class QemuRunner:
         if self.qemu_user:
             ensure_system_user(self.qemu_user)
         argv = qemu_command(spec, self.qemu_user)
-        log = os.open(spec.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            # Not -daemonize: the sandbox forbids fork. A new session detaches QEMU from us instead.
-            child = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                umask=0o077,
-                start_new_session=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            )
-        finally:
-            os.close(log)
+        # Not -daemonize: the sandbox forbids fork. A new session detaches QEMU from us instead.
+        child = start_detached(argv, spec.qemu_log, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, umask=0o077)
         pid = self._wait_running(spec, child)
         try:
             self._record_identity(spec, pid, argv[0])
