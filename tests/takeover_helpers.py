@@ -6,9 +6,11 @@ The agent's VM for the end-to-end tests comes from tests/vm_fixtures.py (vm_imag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -257,8 +259,10 @@ def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) 
     return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)
 
 
-def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
-    """Stop the VM a takeover into `host_dir` started, if it got that far (`runner`: the qemu runner)."""
+def stop_host_vm(host_dir: Path, runner: object | None = None) -> list[int]:
+    """Stop the VM a takeover into `host_dir` started, if it got that far (`runner`: the qemu runner
+    with the run's own --qemu-user, which is how it knows its QEMU). Any QEMU still running on the
+    host directory's disk afterwards is killed and named (and returned): a test must not leave VMs behind."""
     try:
         from takeover import egress
         from takeover.config import TakeoverConfig
@@ -269,9 +273,30 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> None:
 
         journal = Journal.load(host_dir)
         if journal is None or not journal.entry("scrub").get("result"):
-            return
+            return []
         spec = vm_spec(Context(TakeoverConfig(host_dir=host_dir), host_dir, journal, Progress()))
-        (runner or QemuRunner()).stop(spec)
+        (runner or QemuRunner(journal.data.get("options", {}).get("qemu_user"))).stop(spec)
         egress.release(host_dir, drop_rules=True)
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own failure
         print(f"cleanup: {exc}", file=sys.stderr)
+    leftover = qemus_using(host_dir / "disk.qcow2")
+    for pid in leftover:
+        print(f"cleanup: QEMU pid {pid} still ran on {host_dir}; killed", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftover
+
+
+def qemus_using(disk: Path) -> list[int]:
+    """QEMU processes whose command line names `disk`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"qemu-system-x86_64") and any(str(disk).encode() in a for a in cmdline):
+            found.append(int(entry.name))
+    return found

@@ -220,6 +220,8 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         # A second run refuses: the directory holds a taken-over VM.
         again = takeover_run(agent_vm.ready, host_dir)
         assert again.returncode == 1 and "already holds a taken-over VM" in again.stderr
+        # The tests' own cleanup finds the host's QEMU by the run's --qemu-user: nothing is left to kill.
+        assert stop_host_vm(host_dir) == []
     finally:
         stop_host_vm(host_dir)
         listed.close()
