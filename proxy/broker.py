@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import redact
+from .config import check_egress_proxy
 from .policy import Destination, Injection, Policy, PolicyError, Target, parse_url
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -220,8 +221,6 @@ TUNNEL_REFUSED = re.compile(r"Tunnel connection failed: (\d{3})\b.{0,80}")
 
 def _tunnel(target: Target, limits: Limits, context: ssl.SSLContext | None) -> http.client.HTTPConnection:
     """A connection to the forward proxy that CONNECTs to the target; TLS is end to end, for the URL's name."""
-    from .config import check_egress_proxy
-
     host, port = check_egress_proxy(limits.egress_proxy)
     conn: http.client.HTTPConnection
     if context is not None:
@@ -248,13 +247,9 @@ class _QuickAckHTTP(http.client.HTTPConnection):
         _quick_ack(self.sock)
 
 
-class _QuickAckHTTPS(http.client.HTTPSConnection):
-    def connect(self) -> None:
+class _QuickAckHTTPS(_QuickAckHTTP, http.client.HTTPSConnection):
+    def connect(self) -> None:  # the TLS handshake's last flight, too
         super().connect()
-        _quick_ack(self.sock)
-
-    def send(self, data: Any) -> None:
-        super().send(data)
         _quick_ack(self.sock)
 
 

@@ -48,7 +48,7 @@ from .detached import start_detached
 from .errors import InvalidInput, RestartError
 from .files import fsync_dir, write_all, write_json_atomic
 from .models import Endpoint
-from .restart import check_port_free, ensure_system_user
+from .restart import check_port_free, current_boot_id, ensure_system_user
 from .terminal import log_tail
 
 RECORD_NAME = "egress.json"
@@ -285,8 +285,7 @@ def egress_user(qemu_uid: int) -> str:
     return f"{EGRESS_USER_PREFIX}{qemu_uid}"
 
 
-def apply_rules(plan: EgressPlan, host_dir: Path) -> None:
-    qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
+def apply_rules(plan: EgressPlan, host_dir: Path, qemu_uid: int) -> None:
     owner = table_owner(qemu_uid)
     if owner is not None and owner != str(host_dir) and in_use(Path(owner)):
         raise RestartError(
@@ -320,7 +319,7 @@ def remove_rules(plan: EgressPlan, host_dir: Path) -> bool:
 def _process_record(host_dir: Path) -> dict[str, int] | None:
     try:
         data = json.loads((host_dir / PROCESS_NAME).read_text())
-        if data["boot_id"] != Path("/proc/sys/kernel/random/boot_id").read_text().strip():
+        if data["boot_id"] != current_boot_id():
             return None
         return {"pid": int(data["pid"]), "start_ticks": int(data["start_ticks"])}
     except (OSError, ValueError, KeyError, TypeError):
@@ -424,9 +423,9 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
                 hint="read the log; the port may have been taken meanwhile",
             )
         time.sleep(0.05)
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     write_json_atomic(
-        host_dir / PROCESS_NAME, {"boot_id": boot_id, "pid": child.pid, "start_ticks": proc.start_ticks(child.pid)}
+        host_dir / PROCESS_NAME,
+        {"boot_id": current_boot_id(), "pid": child.pid, "start_ticks": proc.start_ticks(child.pid)},
     )
     fsync_dir(host_dir)
     return child.pid
@@ -435,12 +434,13 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
 def enforce(plan: EgressPlan, host_dir: Path) -> dict[str, Any]:
     """Rules first, then the proxy: the VM never runs with a wider path out than the plan's."""
     ensure_system_user(plan.qemu_user, "secret-proxy-vm QEMU")
-    user = egress_user(pwd.getpwnam(plan.qemu_user).pw_uid)
+    qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
+    user = egress_user(qemu_uid)
     ensure_system_user(user, f"secret-proxy-vm egress proxy for {plan.qemu_user}")
-    apply_rules(plan, host_dir)
+    apply_rules(plan, host_dir, qemu_uid)
     save_plan(host_dir, plan)
     pid = start_forward_proxy(plan, host_dir, user)
-    return {**plan.to_dict(), "forward_proxy_pid": pid, "nft_table": table_name(pwd.getpwnam(plan.qemu_user).pw_uid)}
+    return {**plan.to_dict(), "forward_proxy_pid": pid, "nft_table": table_name(qemu_uid)}
 
 
 def release(host_dir: Path, *, drop_rules: bool = False) -> dict[str, Any]:
