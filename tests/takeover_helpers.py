@@ -233,6 +233,9 @@ def listeners(n: int) -> Iterator[list[Listener]]:
 # -- the end-to-end tests: `python -m takeover` as root, and the host's VM it leaves --------------
 
 ROOT = Path(__file__).resolve().parent.parent
+# The host VM's QEMU user in the takeover tests: the egress rules match it, so not the one a running
+# `make demo` VM uses.
+E2E_QEMU_USER = "spvm-e2e-qemu"
 
 
 def takeover(*args: str) -> subprocess.CompletedProcess:

@@ -296,7 +296,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
     from scripts import demo
 
     from .cloud_image import cloud_base_image
-    from .takeover_helpers import host_ssh, stop_host_vm, takeover_run
+    from .takeover_helpers import E2E_QEMU_USER, host_ssh, stop_host_vm, takeover_run
     from .vm_fixtures import AGENT_USER, AgentVM, free_port, up_agent_vm_on
 
     base = cloud_base_image()
@@ -326,7 +326,7 @@ def test_a_vm_on_a_cloud_image_is_taken_over_and_the_agent_keeps_only_http(tmp_p
             "--token-file",
             str(token_file),
             "--qemu-user",
-            "spvm-e2e-qemu",  # its own: the egress rules match QEMU's user, a running demo keeps its own
+            E2E_QEMU_USER,
             ssh_port=ssh_port,
         )
         assert result.returncode == 0, result.stderr[-4000:]

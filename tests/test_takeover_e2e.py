@@ -27,12 +27,10 @@ from takeover.steps import NAMES
 from vm_image import proc
 
 from . import vm_fixtures
-from .takeover_helpers import Listener, host_ssh, stop_host_vm, takeover, takeover_run
+from .takeover_helpers import E2E_QEMU_USER, Listener, host_ssh, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
-# The host VM's QEMU user: the egress rules match it, so not the one a running `make demo` VM uses.
-E2E_QEMU_USER = "spvm-e2e-qemu"
 
 SECRET = "sk-e2e-0123456789"
 
