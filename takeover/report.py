@@ -62,6 +62,7 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
                 "pidfile",
             )
         },
+        "forwards": restart.get("forwards", {}),
         "egress": restart.get("egress", {}),
         "verify": result["verify"],
         "agent_token": result["verify"].get("agent_token"),
@@ -114,7 +115,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         "",
         f"VM host key:   {keys.get('vm_host_key_fingerprint', '-')} (pinned in {keys.get('known_hosts', '-')})",
         f"Host login:    {keys.get('login_key_fingerprint', '-')} ({keys.get('login_key', '-')})",
-        f"Proxy:         http://{spec.get('proxy_listen', '-')} (forwarded to the VM's :3737)",
+        f"Proxy:         http://{spec.get('proxy_listen', '-')} (forwarded to the VM's :3737, "
+        f"{_backlog_words(report.get('forwards') or {})})",
         f"SSH:           ssh -i {keys.get('login_key', '-')} -o UserKnownHostsFile={keys.get('known_hosts', '-')} "
         f"-p {ssh_port} proxy@{ssh_host}",
         f"Runner:        {vm.get('runner')} (pid {vm.get('pid')})"
@@ -135,6 +137,13 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     if (report.get("egress") or {}).get("filter") == "off":
         lines.append("  - the VM's outbound network (--no-egress-filter): it can reach anything this host can")
     return lines
+
+
+def _backlog_words(forwards: dict[str, Any]) -> str:
+    backlogs = forwards.get("backlog")
+    if not backlogs:
+        return "listen backlog 1: QEMU's own, not widened"
+    return f"listen backlog {min(backlogs.values())}"
 
 
 def _egress_line(egress: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ from vm_image import proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 
+from . import forward_backlog
 from .agent_read import read_regular
 from .detached import start_detached
 from .errors import RestartError, VerifyError
@@ -584,6 +585,18 @@ def make_runner(name: str, *, qemu_user: str | None, libvirt_uri: str) -> Runner
     raise ValueError(f"unknown runner {name!r}")
 
 
+def widen_forwards(spec: HostVMSpec, pid: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Give QEMU's two forwarded ports a real listen backlog (`forward_backlog`); a failure is reported, not fatal."""
+    try:
+        return {"backlog": forward_backlog.widen(pid, (spec.proxy_listen, spec.ssh_listen))}
+    except forward_backlog.BacklogError as exc:
+        progress(
+            f"warning: {exc}; the forwarded ports keep QEMU's backlog of 1, "
+            "so agents connecting at once may wait seconds for their handshakes"
+        )
+        return {"backlog": None, "error": str(exc)}
+
+
 def restart_as_host(
     spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
@@ -596,6 +609,7 @@ def restart_as_host(
         "pid": pid,
         "pid_start_ticks": proc.start_ticks(pid),
         "start_seconds": round(time.monotonic() - started, 3),
+        "forwards": widen_forwards(spec, pid, progress),
         "spec": spec.to_dict(),
         **runner.describe(spec),
     }

@@ -26,7 +26,7 @@ from .models import CHECKPOINT_TAG, Endpoint, SourceVM
 from .progress import Progress
 from .relocate import DISK_NAME
 from .report import build_report, summary, write_report
-from .restart import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving
+from .restart import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving, widen_forwards
 from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, Context, steps_to_run, vm_spec
 from .verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
 
@@ -162,7 +162,8 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     plan = egress.load_plan(cfg.host_dir)
     limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
     pid = runner.start(spec)
-    return {"started": True, "pid": pid, **wait_until_serving(spec, pid), "egress": limits}
+    forwards = widen_forwards(spec, pid, Progress().line)
+    return {"started": True, "pid": pid, **wait_until_serving(spec, pid), "egress": limits, "forwards": forwards}
 
 
 def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:

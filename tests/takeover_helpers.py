@@ -290,6 +290,16 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> list[int]:
     return leftover
 
 
+def listen_backlog(port: int) -> int | None:
+    """The listen backlog of the TCP socket listening on 127.0.0.1:`port`, as `ss` shows it (Send-Q), or None."""
+    out = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[3] == f"127.0.0.1:{port}":
+            return int(fields[2])
+    return None
+
+
 def qemus_using(disk: Path) -> list[int]:
     """QEMU processes whose command line names `disk`."""
     found = []

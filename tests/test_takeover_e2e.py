@@ -27,7 +27,7 @@ from takeover.steps import NAMES
 from vm_image import proc
 
 from . import vm_fixtures
-from .takeover_helpers import E2E_QEMU_USER, Listener, host_ssh, stop_host_vm, takeover, takeover_run
+from .takeover_helpers import E2E_QEMU_USER, Listener, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -123,6 +123,12 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert [s["status"] for s in report["steps"]] == ["done"] * len(NAMES)
         assert report["verify"]["agent_key"] == "refused" and report["verify"]["auth_methods"] == ["publickey"]
         assert os.stat(token_file).st_mode & 0o777 == 0o600
+        # QEMU's forwards hold a burst of agents: their backlog is no longer libslirp's 1.
+        assert report["forwards"]["backlog"] == {
+            f"127.0.0.1:{agent_vm.proxy_port}": 4096,
+            f"127.0.0.1:{ssh_port}": 4096,
+        }
+        assert listen_backlog(agent_vm.proxy_port) == 4096 and "listen backlog 4096" in result.stdout
         for name in ("disk.qcow2", "host_key", "journal.json", "report.json", "known_hosts"):
             assert os.stat(host_dir / name).st_mode & 0o077 == 0, name
 
@@ -213,6 +219,7 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert stopped["stopped"] is True and stopped["egress"]["forward_proxy_stopped"] is True
         started = json.loads(takeover("start", "--host-dir", str(host_dir)).stdout)
         assert started["started"] is True and started["egress"]["destinations"] == synced["destinations"]
+        assert listen_backlog(agent_vm.proxy_port) == 4096 and started["forwards"]["backlog"]
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
         # A second run refuses: the directory holds a taken-over VM.
