@@ -28,7 +28,7 @@ guest's clock against the host's: the offset is measured over SSH (the probe wit
 the shortest round trip, before and after the decisions) and its uncertainty is
 printed. A tap's latency is also given from the tap on the host's clock alone.
 
-    .venv/bin/python bench/bench_waiters.py [--through-vm] [--connect-at-once] [--agents 50] [--per-agent 20]
+    .venv/bin/python bench/bench_waiters.py [--through-vm [--cpus N]] [--connect-at-once] [--agents 50] [--per-agent 20]
         [--decisions 30] [--wait 60]
 
 Through the VM it also prints what bounds the proxy there: the guest's load, the
@@ -397,11 +397,14 @@ def through_the_vm(opts: argparse.Namespace, emu: BotApiEmulator) -> Iterator[Pr
     from vm_image.guest_files import DATA_DIR
 
     url = guest_url(emu.port)
-    with taken_over_vm(settings_toml(url, opts.per_agent), allow_telegram_api_url=url, memory_mb=opts.memory) as vm:
+    with taken_over_vm(
+        settings_toml(url, opts.per_agent), allow_telegram_api_url=url, memory_mb=opts.memory, cpus=opts.cpus
+    ) as vm:
         tokens = json.loads(vm.python(MAKE_AGENTS, str(opts.agents)))
         rss = "grep VmRSS /proc/$(systemctl show --property MainPID --value secret-proxy.service)/status"
         yield Proxy(
-            f"through the taken-over VM's forwarded port (TCG, {opts.memory} MB); the CLI in the VM over SSH",
+            f"through the taken-over VM's forwarded port (TCG, {opts.memory} MB, {opts.cpus} vCPU); "
+            "the CLI in the VM over SSH",
             vm.proxy_port,
             tokens,
             cli=lambda rid: vm.argv("/usr/local/bin/secret-proxy", "approve", rid),
@@ -432,6 +435,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--through-vm", action="store_true", help="the proxy in a taken-over VM (root, TCG)")
     parser.add_argument("--memory", type=int, default=256, help="the VM's memory in MB (--through-vm)")
+    parser.add_argument("--cpus", type=int, default=1, help="the VM's vCPUs (--through-vm)")
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--per-agent", type=int, default=20)
     parser.add_argument("--decisions", type=int, default=30, help="approvals through each channel")

@@ -62,7 +62,9 @@ class TakenOverVM:
 
 
 @contextmanager
-def taken_over_vm(proxy_settings: str, *, allow_telegram_api_url: str, memory_mb: int = 256) -> Iterator[TakenOverVM]:
+def taken_over_vm(
+    proxy_settings: str, *, allow_telegram_api_url: str, memory_mb: int = 256, cpus: int = 1
+) -> Iterator[TakenOverVM]:
     """A VM taken over with `proxy_settings` (TOML) as its proxy's config.toml; removed on exit."""
     work = Path(tempfile.mkdtemp(prefix="spx-bench-vm-", dir="/var/tmp"))  # root's, 0700: the takeover trusts it
     host_dir = work / "host"
@@ -70,7 +72,7 @@ def taken_over_vm(proxy_settings: str, *, allow_telegram_api_url: str, memory_mb
     agent = vm_fixtures.ensure_agent_user()
     os.chown(agent_state, agent.uid, agent.gid)
     try:
-        vm = vm_fixtures.launch_agent_vm(agent_state, memory_mb=memory_mb)
+        vm = vm_fixtures.launch_agent_vm(agent_state, memory_mb=memory_mb, cpus=cpus)
         config = work / "proxy.toml"
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the bot token
         with os.fdopen(fd, "w") as f:

@@ -317,6 +317,7 @@ def test_libvirt_runner_defines_a_persistent_autostarted_domain(agent_vm, libvir
         assert host_ssh(host_dir, ssh_port, "true").returncode == 0
         report = json.loads((host_dir / "report.json").read_text())
         assert report["vm"]["runner"] == "libvirt" and report["vm"]["autostart"] is True
+        assert listen_backlog(agent_vm.proxy_port) == 4096  # libvirt's QEMU too
     finally:
         stop_host_vm(host_dir, LibvirtRunner(libvirtd))
         shutil.rmtree(host_dir, ignore_errors=True)
