@@ -12,8 +12,9 @@ starts it from root's terminal, so the replay is fenced three ways:
 - nothing of root's session: a new session with no controlling terminal (the
   agent can ptrace a process of its own uid, and with a terminal it could read
   root's keys or push input into root's shell with TIOCSTI), no descriptor but
-  /dev/null and the log, a clean environment, and the agent's own directory as
-  its working directory.
+  /dev/null and a pipe (root copies it to the log, at most 1 MiB, while QEMU
+  starts, then closes its end: detached.py), a clean environment, and the
+  agent's own directory as its working directory.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from .agent_cmdline import check_options
-from .detached import start_detached
+from .detached import LogDrain, start_drained
 from .errors import RollbackError, UnsafeCommandLine
 from .models import CHECKPOINT_TAG, SourceVM
 from .terminal import log_tail
@@ -129,21 +130,31 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
     env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline
     # Neither setpriv nor QEMU (nor the QEMU parent that waits while the daemon loads the
-    # checkpoint) may hold root's terminal.
-    child = start_detached(argv, log_path, env=env, cwd=workdir)
+    # checkpoint) may hold root's terminal, nor root's log: its output comes through a pipe
+    # root closes once the start is over (detached.py).
+    child, drain = start_drained(argv, log_path, env=env, cwd=workdir)
+    try:
+        return _wait_started(child, daemonizes, drain, log_path)
+    finally:
+        drain.close()
+
+
+def _wait_started(child: subprocess.Popen[bytes], daemonizes: bool, drain: LogDrain, log_path: Path) -> int | None:
+    def failed(what: str) -> RollbackError:
+        drain.close()  # the log holds all QEMU said before the tail is read
+        return RollbackError(f"the agent's QEMU {what}: {log_tail(log_path, 600)}")
+
     if daemonizes:
         try:
             code = child.wait(START_TIMEOUT)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-            raise RollbackError(
-                f"the agent's QEMU did not finish starting within {START_TIMEOUT:.0f} s: {log_tail(log_path, 600)}"
-            ) from None
+            raise failed(f"did not finish starting within {START_TIMEOUT:.0f} s") from None
         if code != 0:
-            raise RollbackError(f"the agent's QEMU did not start again (exit {code}): {log_tail(log_path, 600)}")
+            raise failed(f"did not start again (exit {code})")
         return None
     time.sleep(2)
     if child.poll() is not None:
-        raise RollbackError(f"the agent's QEMU exited at once (exit {child.returncode}): {log_tail(log_path, 600)}")
+        raise failed(f"exited at once (exit {child.returncode})")
     return child.pid
