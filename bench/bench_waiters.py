@@ -2,9 +2,9 @@
 
 One proxy with Telegram pointed at the Bot API emulator (tests/telegram_emulator.py,
 in this process). 50 agents ask for 20 requests each and hold all 1,000 in
-`GET /v1/requests/ID?wait=60`, one connection each, opened 4 at a time and each
-checked with a status call before the next (`--connect-at-once`: in one burst,
-more than QEMU's port forward accepts; see docs/benchmarks.md). Then 30 requests are approved
+`GET /v1/requests/ID?wait=60`, one connection each, all opened in one burst, as
+agents reconnecting after a restart of the VM would (`--paced`: 4 at a time, each
+checked with a status call before the next; see docs/benchmarks.md). Then 30 requests are approved
 by taps in the emulator (decided inside the proxy's process) and 30 with the CLI
 (`secret-proxy approve`, another process). It prints p50/p99 approval-to-agent
 latency, the proxy's RSS, and how many of the 1,000 waits were answered (each
@@ -28,7 +28,7 @@ guest's clock against the host's: the offset is measured over SSH (the probe wit
 the shortest round trip, before and after the decisions) and its uncertainty is
 printed. A tap's latency is also given from the tap on the host's clock alone.
 
-    .venv/bin/python bench/bench_waiters.py [--through-vm [--cpus N]] [--connect-at-once] [--agents 50] [--per-agent 20]
+    .venv/bin/python bench/bench_waiters.py [--through-vm [--cpus N]] [--paced] [--agents 50] [--per-agent 20]
         [--decisions 30] [--wait 60]
 
 Through the VM it also prints what bounds the proxy there: the guest's load, the
@@ -183,9 +183,9 @@ class Waits:
 async def connect(port: int, token: str, rid: str, opening: asyncio.Semaphore | None) -> Connection:
     """A connection to the proxy; with `opening`, known to reach it (a status call answered) before the next opens.
 
-    QEMU's user network accepts a forwarded port's connections through a listening socket with a
-    backlog of 1 (libslirp's tcp_listen); a burst of new connections overflows it and the kernel drops
-    their handshakes. Agents that arrive over time do not burst; `opening` makes the benchmark's not.
+    QEMU's user network listens on a forwarded port with a backlog of 1 (libslirp's tcp_listen),
+    which dropped the handshakes of a burst until the takeover widened it (takeover/forward_backlog.py);
+    `opening` paces the connections as agents arriving over time would.
     """
     if opening is None:
         return await asyncio.open_connection("127.0.0.1", port)
@@ -246,7 +246,7 @@ async def run(opts: argparse.Namespace, proxy: Proxy, emu: BotApiEmulator) -> No
     waits = Waits()
     ids = [(token, await ask(proxy.port, token, n, waits)) for token in proxy.tokens for n in range(opts.per_agent)]
     held_since = time.time()
-    opening = None if opts.connect_at_once else asyncio.Semaphore(4)
+    opening = asyncio.Semaphore(4) if opts.paced else None
     waiters = [asyncio.create_task(hold(proxy.port, token, rid, opts.wait, waits, opening)) for token, rid in ids]
     # The bot posts one message per pending request; decide only once they are all shown.
     deadline = time.monotonic() + opts.messages_timeout
@@ -301,7 +301,7 @@ async def run(opts: argparse.Namespace, proxy: Proxy, emu: BotApiEmulator) -> No
         f"posted all {len(ids)} messages {messages_after:.1f} s after the waits began"
     )
     if waits.held:
-        how = "in one burst" if opts.connect_at_once else "each connection checked before the next (4 at a time)"
+        how = "each connection checked before the next (4 at a time)" if opts.paced else "in one burst"
         print(
             f"connections opened {how}: every wait held {max(waits.held.values()) - held_since:.1f} s after the first"
         )
@@ -441,9 +441,9 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=30, help="approvals through each channel")
     parser.add_argument("--wait", type=int, default=60, help="each call's ?wait= in seconds")
     parser.add_argument(
-        "--connect-at-once",
+        "--paced",
         action="store_true",
-        help="open the 1,000 connections in one burst (through the VM: more than QEMU's port forward accepts)",
+        help="open the connections 4 at a time, each checked before the next (default: in one burst)",
     )
     parser.add_argument("--messages-timeout", type=float, default=600, help="for the bot to post every request")
     opts = parser.parse_args()

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "tcg", "kvm"),
         default="auto",
         help="kvm when /dev/kvm is usable, else tcg (default auto)",
+    )
+    vm.add_argument(
+        "--memory",
+        type=_bounded(128, 65536),
+        default=TakeoverConfig.memory_mb,
+        metavar="MB",
+        help=f"the host's VM's memory (default {TakeoverConfig.memory_mb}; the agent's VM size is not used)",
+    )
+    vm.add_argument(
+        "--cpus",
+        type=_bounded(1, 64),
+        default=TakeoverConfig.cpus,
+        metavar="N",
+        help=f"the host's VM's vCPUs (default {TakeoverConfig.cpus})",
     )
     vm.add_argument(
         "--proxy-listen", type=Endpoint.parse, help="HOST:PORT for the proxy (default: the address the agent's VM used)"
@@ -151,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
 def resolve_accel(requested: str) -> str:
     from vm_image.qemu_command import choose_accel  # one KVM check for both sides
 
@@ -188,6 +215,8 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         libvirt_uri=args.libvirt_uri,
         qemu_user=None if args.qemu_user == "root" else args.qemu_user,
         accel=resolve_accel(args.accel),
+        memory_mb=args.memory,
+        cpus=args.cpus,
         keep_source=args.keep_source,
         proxy_config=args.proxy_config,
         allow_telegram_api_url=args.allow_telegram_api_url,

@@ -31,6 +31,8 @@ class TakeoverConfig:
     libvirt_uri: str = "qemu:///system"
     qemu_user: str | None = "secret-proxy-vm"
     accel: str = "tcg"
+    memory_mb: int = 256
+    cpus: int = 2  # a decision by the CLI in the guest gets its own vCPU (docs/benchmarks.md)
     keep_source: bool = False
     proxy_config: Path | None = None
     allow_telegram_api_url: str | None = None  # the operator's yes to a Bot API other than Telegram's own

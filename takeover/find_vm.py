@@ -59,8 +59,6 @@ class ReadyInfo:
     pid: int | None = None
     pidfile: Path | None = None
     setup_key_pub: Path | None = None
-    memory_mb: int = 256
-    cpus: int = 1
     path: Path | None = None
     owner: int | None = None  # the ready file's owner, from fstat of the descriptor it was read through
 
@@ -94,8 +92,6 @@ def read_ready_file(path: Path) -> ReadyInfo:
             pid=_int(data.get("pid"), "pid", 1, 2**22) if data.get("pid") is not None else None,
             pidfile=_abs_path(data["pidfile"], "pidfile") if data.get("pidfile") else None,
             setup_key_pub=_abs_path(data["setup_key_pub"], "setup_key_pub") if data.get("setup_key_pub") else None,
-            memory_mb=_int(data.get("memory_mb", 256), "memory_mb", 64, 65536),
-            cpus=_int(data.get("cpus", 1), "cpus", 1, 64),
             path=path,
             owner=st.st_uid,
         )
@@ -149,11 +145,15 @@ def find_and_check_vm(
         status = mon.execute("query-status")
         usernet = mon.hmp("info usernet", timeout=30) if "human-monitor-command" in commands else ""
         forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
+        # The RAM the checkpoint will write, as QEMU has it: the ready file's `memory_mb` is only a claim.
+        ram = mon.execute("query-memory-size-summary")
+        memory_mb = -(-(int(ram.get("base-memory", 0)) + int(ram.get("plugged-memory", 0))) // 2**20)
+        cpus = len(mon.execute("query-cpus-fast"))
 
     proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
     image = inspect_image(disk, force_share=True, owner=info.uid)
     replay_command(list(info.cmdline), str(disk), ready.disk, owner=info.uid)  # refuses now, not at rollback
-    check_free_space(host_dir, disk_st, ready.memory_mb)
+    check_free_space(host_dir, disk_st, memory_mb)
 
     notes = []
     if "snapshot-save" not in commands:
@@ -178,8 +178,8 @@ def find_and_check_vm(
         cwd=info.cwd,
         cmdline=list(info.cmdline),
         proxy=proxy,
-        memory_mb=ready.memory_mb,
-        cpus=ready.cpus,
+        memory_mb=memory_mb,
+        cpus=cpus,
         block_nodes=nodes,
         vmstate_node=vmstate_node,
         ready_file=str(ready.path) if ready.path else None,
@@ -296,11 +296,9 @@ def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) ->
         )
 
 
-def explicit_ready(
-    monitor: Path, disk: Path, proxy: Endpoint | None = None, memory_mb: int = 256, cpus: int = 1
-) -> ReadyInfo:
+def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None) -> ReadyInfo:
     """A ReadyInfo from command-line paths, for a VM launched without a ready file."""
     for path, what in ((monitor, "--monitor"), (disk, "--disk")):
         if not str(path).startswith("/"):
             raise InvalidInput(f"{what} must be an absolute path")
-    return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy, memory_mb=memory_mb, cpus=cpus)
+    return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy)

@@ -136,11 +136,13 @@ def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
         qemu_user=options.get("qemu_user"),
         libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri),
     )
-    # The VM as the run made it: its SSH forward and accelerator, not this command's defaults.
+    # The VM as the run made it: its SSH forward, accelerator and size, not this command's defaults.
     saved_ssh = options.get("ssh_listen")  # TakeoverConfig.to_dict keeps an Endpoint as {"host", "port"}
     cfg = replace(
         cfg,
         accel=options.get("accel", cfg.accel),
+        memory_mb=options.get("memory_mb", cfg.memory_mb),
+        cpus=options.get("cpus", cfg.cpus),
         ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict) else cfg.ssh_listen,
     )
     return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner

@@ -262,8 +262,8 @@ def vm_spec(ctx: Context) -> HostVMSpec:
         kernel=boot.kernel,
         initrd=boot.initrd,
         append=boot.append,
-        memory_mb=source.memory_mb,
-        cpus=source.cpus,
+        memory_mb=cfg.memory_mb,  # the operator's, never the agent's: the agent's VM size is only reported
+        cpus=cfg.cpus,
         accel=cfg.accel,
         proxy_listen=source.proxy,
         ssh_listen=cfg.ssh_listen,

@@ -213,6 +213,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert info.uid != 0 and info.uid != agent_vm.uid
         assert str(host_dir / "disk.qcow2") in " ".join(info.cmdline)
         assert str(agent_vm.state) not in " ".join(info.cmdline)
+        # Its size is the operator's (the defaults: 256 MB, 2 vCPUs), not the agent's ready file's (1 vCPU).
+        assert info.cmdline[info.cmdline.index("-m") + 1] == "256"
+        assert info.cmdline[info.cmdline.index("-smp") + 1] == "2"
 
         # The operator can stop and start the host's VM (the qemu runner has no autostart).
         stopped = json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout)

@@ -42,6 +42,7 @@ from takeover.monitor import Monitor
 from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
 from takeover.verify import read_agent_private_key
 from vm_image import proc
+from vm_image.qemu_command import VmConfig, qemu_argv
 
 from .takeover_helpers import (
     MonitorOnlyQemu,
@@ -487,13 +488,8 @@ def test_the_real_qemu_running_the_agents_library_is_refused(host_dir):
 # -- the honest case, with vm_image's own QEMU command line ----------------------------------------
 
 
-def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
-    """vm_image's real command line (q35, virtio, both forwards, daemonized), paused with -S so no guest runs:
-    its modules and libraries are the host's, its files the agent's, its proxy forward on loopback."""
-    from vm_image.qemu_command import VmConfig, qemu_argv
-
-    workdir = agent_workdir(AGENT)
-    disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
+def vm_images_own_qemu(workdir: Path, disk: Path) -> tuple[VmConfig, MonitorOnlyQemu]:
+    """vm_image's real command line (q35, virtio, both forwards, daemonized, 256 MB, 1 vCPU), paused with -S."""
     cfg = VmConfig(
         disk=disk,
         kernel=None,
@@ -509,22 +505,54 @@ def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
     )
     as_user(AGENT, *qemu_argv(cfg, "/usr/bin/qemu-system-x86_64"), "-S")
     pid = int(cfg.pidfile.read_text())
-    vm = MonitorOnlyQemu(pid, proc.start_ticks(pid), cfg.monitor, disk, cfg.pidfile, cfg.proxy_port)
+    return cfg, MonitorOnlyQemu(pid, proc.start_ticks(pid), cfg.monitor, disk, cfg.pidfile, cfg.proxy_port)
+
+
+def test_vm_image_s_own_qemu_command_line_passes_step_1(host_dir):
+    """No guest runs: its modules and libraries are the host's, its files the agent's, its proxy forward on loopback."""
+    workdir = agent_workdir(AGENT)
+    disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
+    cfg, vm = vm_images_own_qemu(workdir, disk)
     try:
         ready = agent_writes_ready(
             workdir,
             monitor=str(cfg.monitor),
             disk=str(disk),
-            pid=pid,
+            pid=vm.pid,
             pidfile=str(cfg.pidfile),
             proxy={"host": "127.0.0.1", "port": cfg.proxy_port},
         )
         source = find_and_check_vm(read_ready_file(ready), host_dir)
         assert (source.pid, source.uid, source.proxy) == (
-            pid,
+            vm.pid,
             pwd.getpwnam(AGENT).pw_uid,
             Endpoint("127.0.0.1", cfg.proxy_port),
         )
+    finally:
+        vm.kill()
+        remove_workdir(workdir)
+
+
+def test_the_ready_files_size_claims_reach_nothing_root_does(host_dir):
+    """The ready file asks for 64 GiB and 64 vCPUs, or claims 64 MB to slip past the free-space check:
+    step 1 takes the RAM the checkpoint writes from QEMU itself, and the host's VM is the operator's size."""
+    workdir = agent_workdir(AGENT)
+    disk = make_qcow2(workdir / "disk.qcow2", owner=AGENT)
+    cfg, vm = vm_images_own_qemu(workdir, disk)
+    try:
+        for claim in ({"memory_mb": 65536, "cpus": 64}, {"memory_mb": 64, "cpus": 1}):
+            ready = agent_writes_ready(
+                workdir,
+                monitor=str(cfg.monitor),
+                disk=str(disk),
+                proxy={"host": "127.0.0.1", "port": cfg.proxy_port},
+                **claim,
+            )
+            source = find_and_check_vm(read_ready_file(ready), host_dir)
+            assert (source.memory_mb, source.cpus) == (256, 1)  # what QEMU runs, whatever the claim
+        result = takeover_run("--ready-file", str(ready), "--host-dir", str(host_dir), "--cpus", "65")
+        assert result.returncode == 2 and "argument --cpus: 65 is outside 1..64" in result.stderr
+        assert vm.alive()
     finally:
         vm.kill()
         remove_workdir(workdir)
