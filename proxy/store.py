@@ -34,6 +34,7 @@ SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]{32}")
 SCHEMA_VERSION = 3
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
+COMMIT_MARK = "commit.mark"  # closed after every commit: the watch's cue (Store._announce_commit)
 STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used")
 
 SCHEMA = """
@@ -259,9 +260,24 @@ class Store:
             conn.execute(commit)
             if depth == 0:
                 self._epoch += 1
+                self._announce_commit()
         finally:
             local.depth = depth
             local.cache = None
+
+    def _announce_commit(self) -> None:
+        """Close a marker file opened for writing: an inotify event that comes after the commit is visible.
+
+        The WAL's own events come before it (SQLite publishes a commit after its fsync, which raises
+        none), so without this a running server learns of another process's commit only by looking
+        again later (proxy/watch.py); with it, at once.
+        """
+        # O_NONBLOCK: a FIFO put in its place fails at once instead of holding the commit's caller.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            os.close(os.open(self.settings.data_dir / COMMIT_MARK, flags, 0o600))
+        except OSError:
+            pass  # another user's marker, say: the watch's later looks still notice the commit
 
     def _read_cache(self) -> dict[tuple[str, str], Agent | Request]:
         """Per-thread cache of agents and requests for the hot path, status polls.

@@ -1,14 +1,14 @@
 """Notice another process's commit to the database at once, with inotify (Linux, via ctypes).
 
-A commit by the CLI (over SSH, in another process) writes the database's WAL, and
-the CLI closes the file when it is done; both raise inotify events on the data
-directory. The first write comes before the commit is visible to readers (SQLite
-publishes it in the shared-memory index after its fsync, which raises no event),
-so the last event of a burst is followed by more looks at growing intervals (the
-fsync can take a while on a busy disk, and tens of milliseconds in a TCG guest),
-and the close event comes after the commit in any case, but only when the writer
-closes the database (the CLI, after it has printed). Where inotify is missing the
-caller polls.
+A commit by the CLI (over SSH, in another process) writes the database's WAL,
+which raises inotify events on the data directory, but before the commit is
+visible to readers (SQLite publishes it in the shared-memory index after its
+fsync, which raises no event). So every commit ends by closing a marker file
+(`Store._announce_commit`): that event comes after the commit is visible, and
+the waiter learns of it at once. The last event of a burst is still followed by
+more looks at growing intervals, for a writer whose marker could not be written
+(the fsync can take a while on a busy disk, and tens of milliseconds in a TCG
+guest). Where inotify is missing the caller polls.
 """
 
 from __future__ import annotations

@@ -48,3 +48,34 @@ def test_the_follow_up_looks_stop(tmp_path):
             watch.stop()
 
     assert 2 <= asyncio.run(scenario()) <= 10
+
+
+def test_every_commit_ends_with_an_event_after_it_is_visible(tmp_path):
+    """The WAL's events come before a commit is visible; the marker's close comes after it, so a server
+    watching the directory learns of another process's commit without looking again later."""
+    import ctypes
+    import os
+    import struct
+
+    from proxy.store import COMMIT_MARK, Store, init_data_dir
+
+    from .proxy_helpers import make_settings
+
+    settings = make_settings(tmp_path)
+    init_data_dir(settings)
+    with Store(settings) as store:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(settings.data_dir), 0x08 | 0x02) >= 0
+        try:
+            store.add_agent("alice", ["*"], "test")
+            events, buf = [], os.read(fd, 65536)
+            while buf:
+                _, mask, _, size = struct.unpack_from("iIII", buf)
+                events.append((mask, buf[16 : 16 + size].rstrip(b"\0").decode()))
+                buf = buf[16 + size :]
+        finally:
+            os.close(fd)
+    assert events[-1] == (0x08, COMMIT_MARK), events  # IN_CLOSE_WRITE, after the WAL's writes
+    assert any(name.endswith("-wal") for _, name in events[:-1]), events
+    assert os.stat(settings.data_dir / COMMIT_MARK).st_mode & 0o777 == 0o600
