@@ -45,8 +45,7 @@ class Changes:
         self.store.invalidate()  # another process's commit: drop reads cached before it
         for request_id in set(request_ids):
             for waiter in self._waiters.get(request_id, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
+                _wake(waiter)
         self._any.set()
         self._any = asyncio.Event()
 
@@ -55,14 +54,19 @@ class Changes:
         return sum(len(w) for w in self._waiters.values())
 
     async def wait(self, request_id: str, timeout: float) -> None:
-        """Until the request changes or `timeout` passes."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Until the request changes or `timeout` passes.
+
+        The waiting task awaits the future itself (no `wait_for` task in between), so a change wakes
+        it in the loop's next turn: the writer's `ProxyState.write` yields once for it to answer.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.setdefault(request_id, set()).add(waiter)
+        timer = loop.call_later(timeout, _wake, waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
+            await waiter
         finally:
+            timer.cancel()
             waiters = self._waiters.get(request_id)
             if waiters is not None:
                 waiters.discard(waiter)
@@ -75,6 +79,11 @@ class Changes:
             await asyncio.wait_for(self._any.wait(), timeout)
         except TimeoutError:
             pass
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ApprovalChannel(Protocol):
@@ -131,9 +140,13 @@ class ProxyState:
         if self._writer is None:
             self._writer = GroupCommitWriter(self.store)
         try:
-            return await self._writer.submit(lambda: fn(*args, **kwargs))
+            result = await self._writer.submit(lambda: fn(*args, **kwargs))
         finally:
             self.look_for_changes()
+        # One turn of the loop for the agents just woken to answer before the caller goes on:
+        # what a Telegram tap does next (its reply to Telegram) takes a while to build.
+        await asyncio.sleep(0)
+        return result
 
     def look_for_changes(self) -> None:
         try:
