@@ -435,7 +435,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--through-vm", action="store_true", help="the proxy in a taken-over VM (root, TCG)")
     parser.add_argument("--memory", type=int, default=256, help="the VM's memory in MB (--through-vm)")
-    parser.add_argument("--cpus", type=int, default=1, help="the VM's vCPUs (--through-vm)")
+    parser.add_argument("--cpus", type=int, default=2, help="the VM's vCPUs (--through-vm; the takeover's default)")
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--per-agent", type=int, default=20)
     parser.add_argument("--decisions", type=int, default=30, help="approvals through each channel")

@@ -63,16 +63,17 @@ class TakenOverVM:
 
 @contextmanager
 def taken_over_vm(
-    proxy_settings: str, *, allow_telegram_api_url: str, memory_mb: int = 256, cpus: int = 1
+    proxy_settings: str, *, allow_telegram_api_url: str, memory_mb: int = 256, cpus: int = 2
 ) -> Iterator[TakenOverVM]:
-    """A VM taken over with `proxy_settings` (TOML) as its proxy's config.toml; removed on exit."""
+    """A VM taken over with `proxy_settings` (TOML) as its proxy's config.toml, of `memory_mb` and `cpus`
+    (the takeover's --memory and --cpus; the agent's VM has vm_image's defaults); removed on exit."""
     work = Path(tempfile.mkdtemp(prefix="spx-bench-vm-", dir="/var/tmp"))  # root's, 0700: the takeover trusts it
     host_dir = work / "host"
     agent_state = Path(tempfile.mkdtemp(prefix="bench-state-", dir=vm_fixtures.TEST_ROOT))
     agent = vm_fixtures.ensure_agent_user()
     os.chown(agent_state, agent.uid, agent.gid)
     try:
-        vm = vm_fixtures.launch_agent_vm(agent_state, memory_mb=memory_mb, cpus=cpus)
+        vm = vm_fixtures.launch_agent_vm(agent_state)
         config = work / "proxy.toml"
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the bot token
         with os.fdopen(fd, "w") as f:
@@ -86,6 +87,8 @@ def taken_over_vm(
             "--allow-telegram-api-url": allow_telegram_api_url,
             "--accel": "tcg",
             "--qemu-user": QEMU_USER,
+            "--memory": memory_mb,
+            "--cpus": cpus,
         }
         argv = [sys.executable, "-m", "takeover", "run", *(str(x) for pair in options.items() for x in pair)]
         # Its progress goes to our stderr; its summary to stderr too, so stdout stays the benchmark's.

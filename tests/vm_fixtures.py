@@ -111,7 +111,7 @@ class AgentVM:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-def launch_agent_vm(state: Path | None = None, memory_mb: int = 256, cpus: int = 1) -> AgentVM:
+def launch_agent_vm(state: Path | None = None, memory_mb: int = 256) -> AgentVM:
     """A copy of the agent's image in a fresh state directory, started as the agent with `vm_image launch`."""
     user = ensure_agent_user()
     image = agent_image()
@@ -132,8 +132,6 @@ def launch_agent_vm(state: Path | None = None, memory_mb: int = 256, cpus: int =
         str(ssh_port),
         "--memory",
         str(memory_mb),
-        "--cpus",
-        str(cpus),
         "--accel",
         "tcg",
         timeout=900,
