@@ -51,18 +51,22 @@ class LogDrain:
         self._thread.start()
 
     def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
         stopped_at = None
         while True:
             if self._stop.is_set():
                 stopped_at = stopped_at or time.monotonic()
                 if time.monotonic() - stopped_at > _CLOSE_GRACE:
                     return
-            ready, _, _ = select.select([self._read_fd], [], [], 0.1)
-            if not ready:
+            if not poller.poll(100):
                 if stopped_at is not None:
                     return
                 continue
-            chunk = os.read(self._read_fd, 65536)
+            try:
+                chunk = os.read(self._read_fd, 65536)
+            except OSError:
+                return
             if not chunk:  # every writer has closed its end
                 return
             self._copy(chunk)
@@ -71,10 +75,13 @@ class LogDrain:
         room = self._limit - self._written
         if room <= 0:
             return  # read and dropped, so the writer never blocks on a full pipe
-        os.write(self._log_fd, chunk[:room])
-        self._written += min(room, len(chunk))
-        if self._written >= self._limit:
-            os.write(self._log_fd, f"\n[log cut at {self._limit} bytes]\n".encode())
+        try:
+            os.write(self._log_fd, chunk[:room])
+            self._written += min(room, len(chunk))
+            if self._written >= self._limit:
+                os.write(self._log_fd, f"\n[log cut at {self._limit} bytes]\n".encode())
+        except OSError:  # a full or failing disk: keep draining, stop copying
+            self._written = self._limit
 
     def close(self) -> None:
         """Copy what is already there, then close root's end: the process's later writes fail."""

@@ -145,10 +145,7 @@ def find_and_check_vm(
         status = mon.execute("query-status")
         usernet = mon.hmp("info usernet", timeout=30) if "human-monitor-command" in commands else ""
         forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
-        # The RAM the checkpoint will write, as QEMU has it: the ready file's `memory_mb` is only a claim.
-        ram = mon.execute("query-memory-size-summary")
-        memory_mb = -(-(int(ram.get("base-memory", 0)) + int(ram.get("plugged-memory", 0))) // 2**20)
-        cpus = len(mon.execute("query-cpus-fast"))
+        memory_mb, cpus = _vm_size(mon)
 
     proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
     image = inspect_image(disk, force_share=True, owner=info.uid)
@@ -282,6 +279,22 @@ def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], st
         opened = [b.get("inserted", {}).get("file") for b in blocks if b.get("inserted")]
         raise DiskMismatch(f"the QEMU behind this monitor does not have {disk} open (it has: {opened or 'no disks'})")
     return writable, ours
+
+
+def _vm_size(mon: Monitor) -> tuple[int, int]:
+    """The agent's VM's RAM (MiB) and vCPUs, as its QEMU answers: the RAM is what the checkpoint writes.
+
+    Still the agent's process's answer (it may ptrace its QEMU), so only bounded here; what keeps
+    the copy within root's disk is relocate's byte budget.
+    """
+    ram = mon.execute("query-memory-size-summary")
+    cpus = mon.execute("query-cpus-fast")
+    if not isinstance(ram, dict) or not isinstance(cpus, list):
+        raise MonitorNotQMP("the agent's QEMU answered its memory size or CPU list in a shape QEMU never uses")
+    ram_bytes = _int(ram.get("base-memory"), "the VM's base memory", 0, 2**46) + _int(
+        ram.get("plugged-memory", 0), "the VM's plugged memory", 0, 2**46
+    )
+    return -(-ram_bytes // 2**20), _int(len(cpus), "the VM's vCPU count", 0, 1024)
 
 
 def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,14 @@ _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (the unifi
 
 
 class BacklogError(Exception):
-    """A forwarded port's backlog could not be widened; the VM still serves, one handshake at a time."""
+    """A forwarded port's backlog could not be widened; the VM still serves, one handshake at a time.
+
+    `widened` holds the ports that were (endpoint -> backlog), when some were.
+    """
+
+    def __init__(self, message: str, widened: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.widened = widened or {}
 
 
 def somaxconn() -> int:
@@ -47,7 +55,7 @@ def widen(pid: int, endpoints: Iterable[Endpoint], backlog: int = BACKLOG) -> di
     Raises BacklogError, naming the endpoint or the reason, when the process is gone, the
     kernel refuses the copy, or one of the endpoints is not a socket that process listens on.
     """
-    wanted = {(e.host, e.port): str(e) for e in endpoints}
+    wanted = {(_canonical(e.host), e.port): str(e) for e in endpoints}
     effective = min(backlog, somaxconn())
     try:
         pidfd = os.pidfd_open(pid)
@@ -59,16 +67,28 @@ def widen(pid: int, endpoints: Iterable[Endpoint], backlog: int = BACKLOG) -> di
             with _copy(pidfd, pid, fd) as sock:
                 if sock is None or not _is_tcp_listener(sock):
                     continue
-                name = sock.getsockname()[:2]
-                if name in wanted:
+                host, port = sock.getsockname()[:2]
+                name = wanted.get((_canonical(host), port))
+                if name is not None:
                     sock.listen(backlog)
-                    done[wanted[name]] = effective
+                    done[name] = effective
+    except BacklogError as exc:
+        raise BacklogError(str(exc), done) from None
+    except OSError as exc:
+        raise BacklogError(f"a socket of process {pid} refused: {exc.strerror or exc}", done) from None
     finally:
         os.close(pidfd)
     missing = sorted(set(wanted.values()) - set(done))
     if missing:
-        raise BacklogError(f"process {pid} listens on no TCP socket at {', '.join(missing)}")
+        raise BacklogError(f"process {pid} listens on no TCP socket at {', '.join(missing)}", done)
     return done
+
+
+def _canonical(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 def _socket_fds(pid: int) -> list[int]:

@@ -140,9 +140,9 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _backlog_words(forwards: dict[str, Any]) -> str:
-    backlogs = forwards.get("backlog")
-    if not backlogs:
-        return "listen backlog 1: QEMU's own, not widened"
+    backlogs = forwards.get("backlog") or {}
+    if forwards.get("error") or not backlogs:
+        return "listen backlog not widened everywhere: " + str(forwards.get("error", "no record"))
     return f"listen backlog {min(backlogs.values())}"
 
 

@@ -594,7 +594,7 @@ def widen_forwards(spec: HostVMSpec, pid: int, progress: Callable[[str], None]) 
             f"warning: {exc}; the forwarded ports keep QEMU's backlog of 1, "
             "so agents connecting at once may wait seconds for their handshakes"
         )
-        return {"backlog": None, "error": str(exc)}
+        return {"backlog": exc.widened or None, "error": str(exc)}
 
 
 def restart_as_host(

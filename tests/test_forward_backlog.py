@@ -103,10 +103,10 @@ def test_a_burst_of_agents_is_dropped_by_qemus_own_backlog_and_held_once_widened
     assert widen(pid, [proxy, ssh]) == {str(proxy): 4096, str(ssh): 4096}
     assert listen_backlog(proxy.port) == 4096 and listen_backlog(ssh.port) == 4096
     # Still QEMU's socket, in QEMU's hands: root kept no copy of it.
-    assert (
-        f"pid={pid},"
-        in subprocess.run(["ss", "-Htlnp", f"sport = :{proxy.port}"], capture_output=True, text=True, check=True).stdout
-    )
+    holders = subprocess.run(
+        ["ss", "-Htlnp", f"sport = :{proxy.port}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"pid={pid}," in holders and f"pid={os.getpid()}," not in holders
     os.kill(pid, signal.SIGSTOP)
     try:
         assert burst(proxy.port, 500) == 500
@@ -117,8 +117,9 @@ def test_a_burst_of_agents_is_dropped_by_qemus_own_backlog_and_held_once_widened
 def test_a_port_the_process_does_not_listen_on_is_named(qemu_forwarding):
     pid, proxy, _ = qemu_forwarding
     elsewhere = Endpoint("127.0.0.1", free_port())
-    with pytest.raises(BacklogError, match=f"listens on no TCP socket at {elsewhere}"):
+    with pytest.raises(BacklogError, match=f"listens on no TCP socket at {elsewhere}") as exc:
         widen(pid, [proxy, elsewhere])
+    assert exc.value.widened == {str(proxy): 4096}  # the one it found is widened, and the report says so
 
 
 def test_a_process_that_is_gone_is_named():

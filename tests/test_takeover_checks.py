@@ -457,3 +457,30 @@ def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu)
     recover_interrupted_checkpoint(journal)
     assert not journal.done("checkpoint") and first_step_to_run(journal) == "find_vm"
     assert qemu.alive()
+
+
+@pytest.mark.parametrize(
+    ("memory", "cpus", "error"),
+    [
+        ({"base-memory": 268435456, "plugged-memory": 0}, [{"cpu-index": 0}], None),
+        ({"base-memory": -1}, [], "base memory must be an integer"),
+        ({"base-memory": "256M"}, [], "base memory must be an integer"),
+        ({"base-memory": 2**60}, [], "base memory must be an integer"),
+        ("256", [], "a shape QEMU never uses"),
+        ({"base-memory": 0}, {"cpus": 1}, "a shape QEMU never uses"),
+    ],
+)
+def test_the_vm_size_the_agents_qemu_answers_is_checked(memory, cpus, error):
+    """The agent may ptrace its QEMU and answer anything: the size is bounded before step 1 uses it."""
+    from takeover.errors import TakeoverError
+    from takeover.find_vm import _vm_size
+
+    class Answers:
+        def execute(self, command: str) -> object:
+            return {"query-memory-size-summary": memory, "query-cpus-fast": cpus}[command]
+
+    if error is None:
+        assert _vm_size(Answers()) == (256, 1)
+    else:
+        with pytest.raises(TakeoverError, match=error):
+            _vm_size(Answers())

@@ -344,7 +344,9 @@ def finished(work):
     kernel = halting_kernel(boot / "vmlinuz")
     root_file(boot / "initrd.img", "initrd", 0o600)
     proxy, ssh = Endpoint("127.0.0.1", free_port()), Endpoint("127.0.0.1", free_port())
-    options = TakeoverConfig(host_dir=host_dir, ssh_listen=ssh, qemu_user=None, accel="tcg").to_dict()
+    options = TakeoverConfig(
+        host_dir=host_dir, ssh_listen=ssh, qemu_user=None, accel="tcg", memory_mb=320, cpus=3
+    ).to_dict()
     journal = Journal.new(host_dir, options)  # what `takeover run` records
     source = SourceVM(
         monitor="/nonexistent/qmp.sock",
@@ -360,8 +362,8 @@ def finished(work):
         cwd="/",
         cmdline=[],
         proxy=proxy,
-        memory_mb=64,
-        cpus=1,
+        memory_mb=4096,  # the agent's VM: never the host's size
+        cpus=8,
         block_nodes=[],
         vmstate_node="",
     )
@@ -383,6 +385,7 @@ def finished(work):
     journal.set_state(DONE)
     spec, runner = _finished_vm(TakeoverConfig(host_dir=host_dir))
     assert spec.ssh_listen == ssh and spec.proxy_listen == proxy
+    assert (spec.memory_mb, spec.cpus) == (320, 3)  # the run's --memory/--cpus, not the agent's nor the defaults
     yield host_dir, spec, runner
     runner.stop(spec)
 
