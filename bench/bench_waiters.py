@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.agent.approval import RECONNECT_PAUSE_SECONDS  # noqa: E402
 from proxy.config import load_settings  # noqa: E402
+from takeover.config import TakeoverConfig  # noqa: E402
 from tests.proxy_helpers import start_server  # noqa: E402
 from tests.telegram_emulator import BotApiEmulator  # noqa: E402
 
@@ -434,8 +435,9 @@ echo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--through-vm", action="store_true", help="the proxy in a taken-over VM (root, TCG)")
-    parser.add_argument("--memory", type=int, default=256, help="the VM's memory in MB (--through-vm)")
-    parser.add_argument("--cpus", type=int, default=2, help="the VM's vCPUs (--through-vm; the takeover's default)")
+    # The VM's size: the takeover's own defaults unless told otherwise.
+    parser.add_argument("--memory", type=int, default=TakeoverConfig.memory_mb, help="the VM's MB (--through-vm)")
+    parser.add_argument("--cpus", type=int, default=TakeoverConfig.cpus, help="the VM's vCPUs (--through-vm)")
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--per-agent", type=int, default=20)
     parser.add_argument("--decisions", type=int, default=30, help="approvals through each channel")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.demo import free_port
+from takeover.config import TakeoverConfig
 from takeover.models import Endpoint
 from takeover.verify import SSHTarget
 from tests import vm_fixtures
@@ -63,7 +64,11 @@ class TakenOverVM:
 
 @contextmanager
 def taken_over_vm(
-    proxy_settings: str, *, allow_telegram_api_url: str, memory_mb: int = 256, cpus: int = 2
+    proxy_settings: str,
+    *,
+    allow_telegram_api_url: str,
+    memory_mb: int = TakeoverConfig.memory_mb,
+    cpus: int = TakeoverConfig.cpus,
 ) -> Iterator[TakenOverVM]:
     """A VM taken over with `proxy_settings` (TOML) as its proxy's config.toml, of `memory_mb` and `cpus`
     (the takeover's --memory and --cpus; the agent's VM has vm_image's defaults); removed on exit."""
