@@ -211,23 +211,18 @@ async def get_request(request: HttpRequest) -> Response:
     req = _own_request(state, agent, request_id)
     if wait and req.status == "pending":
         waits = state.limits.waits
-        if waits[agent.name] >= state.limits.max_waits:
+        if waits.full(agent.name):
             await state.refused(agent, "status.refused", "too_many_waits")
             raise ApiError(
                 "rate_limited",
-                f"this agent already holds {state.limits.max_waits} waiting calls; wait on fewer requests at once",
+                f"this agent already holds {waits.per_key} waiting calls; wait on fewer requests at once",
                 {"Retry-After": "1"},
             )
-        waits[agent.name] += 1
-        try:
+        with waits.hold(agent.name):
             deadline = time.monotonic() + wait
             while req.status == "pending" and (remaining := deadline - time.monotonic()) > 0:
                 await state.changes.wait(request_id, min(remaining, WAIT_SLICE_SECONDS))
                 req = _own_request(state, agent, request_id)
-        finally:
-            waits[agent.name] -= 1
-            if not waits[agent.name]:
-                del waits[agent.name]
     return Response(_rendered_view(req), media_type="application/json")
 
 

@@ -1,31 +1,37 @@
 """Make an approved call for the agent: the value is injected here and never returned.
 
 The destination is checked against the secret's policy when the call is asked for
-(`proxy/api.py`) and again here, at connect time, with the address the name resolves
-to: a name that resolves to a loopback, private, link-local, multicast, reserved or
+(`proxy/calls_api.py`) and again here, at connect time, with the addresses the name resolves
+to: a name with any loopback, private, link-local, site-local, multicast, reserved or
 metadata address is refused unless the operator allowed private addresses for that
-destination. The connection goes to the address that was checked (no second look-up
-an attacker's DNS could answer differently), TLS is verified against the system's or
-the operator's CA bundle, no redirect is followed, and the request, the response and
-the time are bounded. What comes back has the value removed (`proxy/redact.py`).
+destination. The connection goes to the addresses that were checked, in turn (no second
+look-up an attacker's DNS could answer differently), TLS is verified against the system's or
+the operator's CA bundle, no redirect is followed, and the request, the answer and the
+whole call's time are bounded (`proxy/upstream.py`). Headers that make a server route a
+call elsewhere than its URL says (`X-HTTP-Method-Override`, `X-Original-URL`, ...) are
+refused unless the secret's policy names them, so an approved GET stays a GET. What comes
+back has every rendering of the value the proxy sent removed (`proxy/redact.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hashlib
-import http.client
 import ipaddress
 import re
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import quote
 
-from . import redact
+from . import redact, upstream
 from .config import check_egress_proxy
+from .errors import BrokerError
 from .policy import Destination, Injection, Policy, PolicyError, Target, parse_url
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -47,6 +53,34 @@ RESERVED_HEADERS = {
     # a compressed answer would carry the value past redaction
     "accept-encoding",
 }
+# Headers with which a server, or a proxy in front of it, routes a call elsewhere than its method and
+# URL say: the approver approved the method and URL. Refused unless the policy names them.
+ROUTING_HEADERS = {
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-envoy-original-path",
+    "x-forwarded-host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "forwarded",
+    "x-host",
+    "x-original-host",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-proxy-url",
+}
 # Cloud metadata endpoints; all but the IPv6 one are also link-local or private, listed to be plain.
 METADATA = {
     ipaddress.ip_address("169.254.169.254"),
@@ -55,15 +89,6 @@ METADATA = {
 }
 
 Resolver = Callable[[str, int], list[str]]
-
-
-class BrokerError(Exception):
-    """A call refused or failed; `code` is the API's error code."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -93,7 +118,7 @@ class Limits:
 @dataclass(frozen=True)
 class Answer:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]]  # the bytes sent, read as Latin-1, after redaction
     body: bytes
     redactions: int
     address: str
@@ -104,12 +129,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_headers(headers: object, injection: Injection | None) -> tuple[tuple[str, str], ...]:
+def check_headers(headers: object, policy: Policy) -> tuple[tuple[str, str], ...]:
     """The agent's headers as (name, value) pairs, or a refusal naming the bad one."""
     if headers is None:
         return ()
     if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
         raise BrokerError("invalid_request", f"`headers` must be an object of at most {MAX_HEADERS} names")
+    injection = policy.injection
     out = []
     for name, value in headers.items():
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", name):
@@ -119,6 +145,12 @@ def check_headers(headers: object, injection: Injection | None) -> tuple[tuple[s
         lower = name.lower()
         if lower in RESERVED_HEADERS:
             raise BrokerError("invalid_request", f"header {name!r} is set by the proxy, not the agent")
+        if (lower in ROUTING_HEADERS or lower.startswith("x-forwarded-")) and lower not in policy.allow_headers:
+            raise BrokerError(
+                "invalid_request",
+                f"header {name!r} makes a server route the call elsewhere than its method and URL say; "
+                f"the operator may allow it with `secrets set NAME --allow-header {name}`",
+            )
         if (
             injection is not None
             and injection.kind in ("header", "basic")
@@ -158,7 +190,7 @@ def check_call(
         p.partition("=")[0] == policy.injection.name for p in target.query.split("&")
     ):
         raise BrokerError("invalid_request", f"query parameter {policy.injection.name!r} is set by the proxy")
-    return target, destination, check_headers(headers, policy.injection)
+    return target, destination, check_headers(headers, policy)
 
 
 def blocked(address: str) -> bool:
@@ -173,6 +205,7 @@ def blocked(address: str) -> bool:
         or ip.is_multicast
         or ip.is_reserved
         or ip.is_unspecified
+        or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)  # fec0::/10, deprecated but routed inside
         or not ip.is_global
     )
 
@@ -182,12 +215,12 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def pick_address(target: Target, destination: Destination, resolve: Resolver) -> str:
-    """The address to connect to; every address the name has must be allowed, so DNS cannot pick a bad one."""
-    try:
-        addresses = resolve(target.host_for_connect, target.port)
-    except (OSError, UnicodeError) as exc:
-        raise BrokerError("upstream_unreachable", f"{target.host} does not resolve: {exc}") from None
+# Name look-ups block; they get threads of their own, so a slow resolver cannot starve anything else.
+_LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="broker-dns")
+
+
+def pick_addresses(target: Target, destination: Destination, addresses: list[str]) -> list[str]:
+    """The addresses to try, in order; every address the name has must be allowed, so DNS cannot pick a bad one."""
     if not addresses:
         raise BrokerError("upstream_unreachable", f"{target.host} does not resolve")
     if not destination.allow_private:
@@ -198,169 +231,92 @@ def pick_address(target: Target, destination: Destination, resolve: Resolver) ->
                 f"{target.host} resolves to {bad[0]}, a loopback, private, link-local or metadata "
                 "address; the operator must allow private addresses for this destination",
             )
-    return addresses[0]
+    return addresses
 
 
-class _PinnedConnection(http.client.HTTPSConnection):
-    """HTTP(S) to an address already checked, with TLS verified for the URL's host name."""
-
-    def __init__(self, target: Target, address: str, context: ssl.SSLContext | None, timeout: float) -> None:
-        super().__init__(target.host_for_connect, target.port, timeout=timeout, context=context)
-        self._address = address
-        self._tls = context is not None
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        if self._tls:
-            sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
-        self.sock = sock
+async def _resolve(target: Target, resolve: Resolver) -> list[str]:
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_LOOKUPS, resolve, target.host_for_connect, target.port)
+    except (OSError, UnicodeError) as exc:
+        raise BrokerError("upstream_unreachable", f"{target.host} does not resolve: {exc}") from None
 
 
-TUNNEL_REFUSED = re.compile(r"Tunnel connection failed: (\d{3})\b.{0,80}")
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
-def _tunnel(target: Target, limits: Limits, context: ssl.SSLContext | None) -> http.client.HTTPConnection:
-    """A connection to the forward proxy that CONNECTs to the target; TLS is end to end, for the URL's name."""
-    host, port = check_egress_proxy(limits.egress_proxy)
-    conn: http.client.HTTPConnection
-    if context is not None:
-        conn = _QuickAckHTTPS(host, port, timeout=limits.timeout_seconds, context=context)
-    else:
-        conn = _QuickAckHTTP(host, port, timeout=limits.timeout_seconds)
-    conn.set_tunnel(target.host_for_connect, target.port)
-    return conn
-
-
-def _quick_ack(sock: socket.socket | None) -> None:
-    # tinyproxy relays without TCP_NODELAY: its second small write waits for our ACK, which Linux
-    # delays by 40 ms unless asked not to. The flag does not stick, so it is set after every send.
-    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
-
-
-class _QuickAckHTTP(http.client.HTTPConnection):
-    def send(self, data: Any) -> None:
-        super().send(data)
-        _quick_ack(self.sock)
-
-
-class _QuickAckHTTPS(_QuickAckHTTP, http.client.HTTPSConnection):
-    def connect(self) -> None:  # the TLS handshake's last flight, too
-        super().connect()
-        _quick_ack(self.sock)
-
-
-def _failed(target: Target, exc: Exception) -> BrokerError:
-    refused = TUNNEL_REFUSED.match(str(exc)) if isinstance(exc, OSError) else None
-    if refused is None:
-        return BrokerError("upstream_unreachable", f"the call to {target.host} failed: {type(exc).__name__}")
-    if refused.group(1) == "403":  # tinyproxy's answer for a target its filter does not list
-        return BrokerError(
-            "egress_refused",
-            f"the host's egress allow-list does not list {target.host}:{target.port}; the operator adds it "
-            f"with `python -m takeover egress allow {target.scheme}://{target.host}:{target.port}`",
-        )
-    return BrokerError(
-        "upstream_unreachable", f"the host's forward proxy could not reach {target.host}: {refused.group(0)}"
-    )
-
-
-def _inject(
-    target: Target, headers: tuple[tuple[str, str], ...], injection: Injection, value: bytes
-) -> tuple[str, list[tuple[str, str | bytes]]]:
-    text = value.decode("utf-8", "surrogateescape")
+def outgoing(
+    call: Call, target: Target, headers: Headers, injection: Injection, value: bytes, body: bytes
+) -> tuple[upstream.Outgoing, tuple[bytes, ...]]:
+    """The request with the value put in, and every rendering of the value it carries (for redaction)."""
     path = target.path_and_query
-    out: list[tuple[str, str | bytes]] = list(headers)
+    out: list[tuple[bytes, bytes]] = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    renderings: list[bytes] = []
     if injection.kind == "header":
         # Bytes, so a value that is not Latin-1 goes out as its own UTF-8 rather than failing to encode.
         before, _, after = injection.template.partition("{value}")
-        out.append((injection.name, before.encode() + value + after.encode()))
+        line = before.encode() + value + after.encode()
+        out.append((injection.name.encode(), line))
+        renderings += [line, injection.name.encode() + b": " + line]
     elif injection.kind == "query":
-        from urllib.parse import quote
-
+        text = value.decode("utf-8", "surrogateescape")
         param = f"{injection.name}={quote(text, safe='', errors='surrogateescape')}"
         path = target.path + "?" + (f"{target.query}&{param}" if target.query else param)
+        renderings += [param.encode(), injection.name.encode() + b"=" + value]
     else:
-        token = base64.b64encode(injection.name.encode() + b":" + value).decode()
-        out.append(("Authorization", f"Basic {token}"))
-    return path, out
+        user_value = injection.name.encode() + b":" + value
+        line = b"Basic " + base64.b64encode(user_value)
+        out.append((b"Authorization", line))
+        renderings += [user_value, line, b"Authorization: " + line]
+    request = upstream.Outgoing(call.method, target.host_for_connect, target.port, path, out, body)
+    return request, tuple(renderings)
 
 
-def execute(
+async def execute(
     policy: Policy, call: Call, body: bytes, value: bytes, limits: Limits, resolve: Resolver = system_resolver
 ) -> Answer:
-    """Make `call` (already approved and claimed) with the value injected; blocking, run it in a thread."""
+    """Make `call` (already approved and claimed) with the value injected, all within the call's deadline."""
     if any(c in value for c in (b"\r", b"\n", b"\x00")):
         raise BrokerError("internal_error", "the stored value has line breaks and cannot go into a call")
     target, destination, headers = check_call(policy, call.method, call.url, dict(call.headers))
     assert policy.injection is not None
+    request, renderings = outgoing(call, target, headers, policy.injection, value, body)
+    spellings = redact.forms(value, renderings)
+    tls = _tls_context(limits.ca_file) if target.scheme == "https" else None
     started = time.monotonic()
-    deadline = started + limits.timeout_seconds
-    context = None
-    if target.scheme == "https":
-        context = ssl.create_default_context(cafile=limits.ca_file or None)
-    conn: http.client.HTTPConnection
-    if limits.egress_proxy:
-        # The guest has no DNS and no route but the host's forward proxy, which resolves the name
-        # and holds the allow-list (takeover/egress.py); its rules keep inside addresses out too.
-        address = f"{target.host_for_connect}:{target.port} via {limits.egress_proxy}"
-        conn = _tunnel(target, limits, context)
-    else:
-        address = pick_address(target, destination, resolve)
-        conn = _PinnedConnection(target, address, context, limits.timeout_seconds)
-    path, sent_headers = _inject(target, headers, policy.injection, value)
-    spellings = redact.forms(
-        value, (policy.injection.name.encode() + b":" + value,) if policy.injection.kind == "basic" else ()
-    )
     try:
-        conn.putrequest(call.method, path, skip_accept_encoding=True)
-        for name, val in sent_headers:
-            conn.putheader(name, val)
-        if body or call.method in ("POST", "PUT", "PATCH"):
-            conn.putheader("Content-Length", str(len(body)))
-        conn.putheader("Accept-Encoding", "identity")  # a compressed body could hide the value from redaction
-        conn.endheaders(body or None)
-        if conn.sock is not None:  # the answer's head, too, within what is left of the deadline
-            conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
-        response = conn.getresponse()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(
-                    "upstream_timeout", f"the destination did not answer within {limits.timeout_seconds:g} s"
-                )
-            if conn.sock is not None:
-                conn.sock.settimeout(remaining)
-            chunk = response.read1(65536) if call.method != "HEAD" else b""
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limits.max_response_bytes:
-                raise BrokerError(
-                    "response_too_large", f"the destination's answer is over {limits.max_response_bytes} bytes"
-                )
-            chunks.append(chunk)
-        raw_headers = response.getheaders()
-        status = response.status
-    except ssl.SSLError as exc:
-        raise BrokerError("tls_failed", f"TLS with {target.host} failed: {exc.reason or exc}") from None
+        async with asyncio.timeout(limits.timeout_seconds):
+            if limits.egress_proxy:
+                # The guest has no DNS and no route but the host's forward proxy, which resolves the name
+                # and holds the allow-list (takeover/egress.py); its rules keep inside addresses out too.
+                via = check_egress_proxy(limits.egress_proxy)
+                addresses: list[str] = []
+                address = f"{target.host_for_connect}:{target.port} via {limits.egress_proxy}"
+            else:
+                via = None
+                addresses = pick_addresses(target, destination, await _resolve(target, resolve))
+                address = addresses[0]
+            reader, writer = await upstream.connect(request, addresses, via, tls)
+            try:
+                if not via:
+                    address = str(writer.get_extra_info("peername", (address,))[0])
+                incoming = await upstream.exchange(reader, writer, request, limits.max_response_bytes)
+            finally:
+                writer.transport.abort()
     except TimeoutError:
         raise BrokerError(
             "upstream_timeout", f"the destination did not answer within {limits.timeout_seconds:g} s"
         ) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise _failed(target, exc) from None
-    finally:
-        conn.close()
-    answer_body, count = redact.redact(b"".join(chunks), spellings)
+    except ssl.SSLError as exc:
+        raise BrokerError("tls_failed", f"TLS with {target.host} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise BrokerError("upstream_unreachable", f"the call to {target.host} failed: {type(exc).__name__}") from None
+    answer_body, count = redact.redact(incoming.body, spellings)
     answer_headers = []
-    for name, val in raw_headers:
-        clean, n = redact.redact_text(val, spellings)
-        count += n
-        answer_headers.append((name, clean))
-    return Answer(status, answer_headers, answer_body, count, address, time.monotonic() - started)
+    for raw_name, raw_value in incoming.headers:
+        name, n = redact.redact_field(raw_name, spellings)
+        clean, m = redact.redact_field(raw_value, spellings)
+        count += n + m
+        answer_headers.append((name.decode("latin-1"), clean.decode("latin-1")))
+    return Answer(incoming.status, answer_headers, answer_body, count, address, time.monotonic() - started)

@@ -64,10 +64,7 @@ def _body(body: dict[str, Any], max_bytes: int, *, hash_allowed: bool) -> tuple[
 def _checked_call(
     state: ProxyState, body: dict[str, Any], policy: Policy | None, *, hash_allowed: bool
 ) -> tuple[broker.Call, bytes | None]:
-    try:
-        target, _, headers = broker.check_call(policy, body.get("method"), body.get("url"), body.get("headers"))
-    except broker.BrokerError as exc:
-        raise ApiError(exc.code, exc.detail) from None
+    target, _, headers = broker.check_call(policy, body.get("method"), body.get("url"), body.get("headers"))
     data, digest, size = _body(body, state.settings.broker_max_request_bytes, hash_allowed=hash_allowed)
     return broker.Call(body["method"], body["url"], headers, digest, size), data
 
@@ -111,12 +108,33 @@ async def make_call(request: HttpRequest) -> JSONResponse:
     if req is None or req.agent != agent.name or state.store.get_call(request_id) is None:
         await state.refused(agent, "call.refused", "not_found", request_id)
         raise ApiError("not_found", "no such call request")
+    slots = state.limits.calls
+    full = slots.full(agent.name)
+    if full:
+        # Refused before the approval is claimed: it stays usable for a later try.
+        await state.refused(agent, "call.refused", "too_many_calls", request_id, req.secret)
+        raise ApiError(
+            "too_many_calls",
+            f"this agent already has {slots.per_key} calls under way; try again when one ends"
+            if full == "agent"
+            else f"the proxy already makes {slots.total} calls; try again shortly",
+            {"Retry-After": "1"},
+        )
+    with slots.hold(agent.name):
+        secret, value, policy, call, data = await _claim(state, agent, request_id, req.secret, body)
+        return await _attempt(state, agent, request_id, secret, value, policy, call, data)
+
+
+async def _claim(
+    state: ProxyState, agent: st.Agent, request_id: str, secret: str, body: dict[str, Any]
+) -> tuple[str, bytes, Policy, broker.Call, bytes]:
+    """Use up the approval for exactly this call; everything the agent sent is checked before."""
     try:
-        call, data = _checked_call(state, body, state.store.get_policy(req.secret), hash_allowed=False)
+        call, data = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=False)
         assert data is not None
         secret, value, policy = await state.write(state.store.claim_call, agent, request_id, call)
     except ApiError as exc:
-        await state.refused(agent, "call.refused", exc.code, request_id, req.secret)
+        await state.refused(agent, "call.refused", exc.code, request_id, secret)
         raise
     except st.StoreError as exc:
         # An altered call is audited every time, not folded into a count: it is an attempt to be looked at.
@@ -126,7 +144,7 @@ async def make_call(request: HttpRequest) -> JSONResponse:
                 f"agent:{agent.name}",
                 "call.refused",
                 request_id,
-                req.secret,
+                secret,
                 code=exc.code,
                 detail=exc.detail,
             )
@@ -136,6 +154,20 @@ async def make_call(request: HttpRequest) -> JSONResponse:
     except crypto.CryptoError:
         log.error("call %s: the value does not decrypt under the master key", request_id)
         raise ApiError("internal_error", "the value could not be decrypted") from None
+    return secret, value, policy, call, data
+
+
+async def _attempt(
+    state: ProxyState,
+    agent: st.Agent,
+    request_id: str,
+    secret: str,
+    value: bytes,
+    policy: Policy,
+    call: broker.Call,
+    data: bytes,
+) -> JSONResponse:
+    """Make the claimed call; whatever happens, it ends in `call.completed` or `call.failed` in the audit."""
     limits = broker.Limits(
         state.settings.broker_max_request_bytes,
         state.settings.broker_max_response_bytes,
@@ -152,13 +184,26 @@ async def make_call(request: HttpRequest) -> JSONResponse:
         "request_size": call.body_size,
         "request_sha256": call.body_sha256,
     }
-    try:
-        answer = await asyncio.to_thread(broker.execute, policy, call, data, value, limits, state.resolver)
-    except broker.BrokerError as exc:
-        await state.write(
-            state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret, code=exc.code, **audit
+
+    async def failed(code: str) -> None:
+        # Shielded: an agent that hangs up mid-call must not leave `call.started` without its end.
+        record = state.write(
+            state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret, code=code, **audit
         )
-        raise ApiError(exc.code, exc.detail) from None
+        await asyncio.shield(record)
+
+    try:
+        answer = await broker.execute(policy, call, data, value, limits, state.resolver)
+    except ApiError as exc:
+        await failed(exc.code)
+        raise
+    except asyncio.CancelledError:
+        await failed("cancelled")
+        raise
+    except Exception as exc:
+        log.error("call %s failed inside the proxy: %s", request_id, type(exc).__name__)
+        await failed("internal_error")
+        raise ApiError("internal_error", "the call failed inside the proxy; see its log") from None
     finally:
         del value
     await state.write(

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from . import crypto
+from .broker import Call
 from .config import ConfigError, Settings, load_settings
-from .policy import PolicyError, build_policy
+from .policy import Policy, PolicyError, build_policy
+from .shown import header_lines, visible
 from .store import STATUSES, Store, StoreError, init_data_dir
 
 
@@ -51,7 +53,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
     try:  # checked before the value is read: a typo in a flag must not cost the operator a paste
-        policy = build_policy(args.allow, args.allow_private, args.inject, args.broker_only)
+        policy = build_policy(args.allow, args.allow_private, args.inject, args.broker_only, args.allow_header)
     except PolicyError as exc:
         raise CliError(f"{exc}; see `python -m proxy secrets set --help`") from None
     if sys.stdin.isatty():
@@ -124,33 +126,44 @@ def cmd_agents_revoke(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
     with Store(settings) as store:
         rows = store.list_requests(args.status)
-        if args.json:
-            calls = {r.id: store.get_call(r.id) for r in rows}
-            print(
-                json.dumps(
-                    [{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None} for r in rows], indent=2
-                )
-            )
-            return
         calls = {r.id: store.get_call(r.id) for r in rows}
+        policies = {r.secret: store.get_policy(r.secret) for r in rows if calls[r.id]}
+    if args.json:
+        listed = [{**r.__dict__, "call": calls[r.id].__dict__ if calls[r.id] else None} for r in rows]
+        print(json.dumps(listed, indent=2))
+        return
     for r in rows:
         call = calls[r.id]
-        use = f"\tcall {call.method} {call.url} body {call.body_size} B sha256 {call.body_sha256[:16]}…" if call else ""
-        print(f"{r.id}\t{r.status}\t{r.agent}\t{r.secret}\t{_when(r.created_at)}\t{r.reason!r}{use}")
+        # Everything the agent wrote is escaped: a newline, an escape sequence or a bidi override in a
+        # reason or a header must not forge a line of this listing.
+        print(
+            f"{r.id}\t{r.status}\t{visible(r.agent)}\t{visible(r.secret)}\t{_when(r.created_at)}\t"
+            f"reason: {visible(r.reason)}"
+        )
+        if call is not None:
+            for line in _call_lines(call, policies.get(r.secret)):
+                print(f"\t{line}")
+
+
+def _call_lines(call: Call, policy: Policy | None) -> list[str]:
+    return [
+        f"call {visible(call.method)} {visible(call.url)} body {call.body_size} B sha256 {call.body_sha256}",
+        *(f"header {line}" for line in header_lines(call, policy)),
+    ]
 
 
 def _decide(settings: Settings, request_id: str, approve: bool) -> None:
     with Store(settings) as store:
         decision = store.decide(request_id, approve, operator())
         call = store.get_call(request_id)
+        policy = store.get_policy(decision.request.secret) if call else None
     req = decision.request
     if not decision.changed:
         raise CliError(f"request {request_id} is already {req.status}; a decision is final")
-    print(f"{req.status} {req.id} ({req.agent} asked for {req.secret})")
+    print(f"{req.status} {req.id} ({visible(req.agent)} asked for {visible(req.secret)})")
     if call is not None:
-        print(f"  call: {call.method} {call.url} (body {call.body_size} bytes, sha256 {call.body_sha256})")
-        for name, value in call.headers:
-            print(f"  header: {name}: {value!r}")
+        for line in _call_lines(call, policy):
+            print(f"  {line}")
 
 
 def cmd_approve(settings: Settings, args: argparse.Namespace) -> None:
@@ -225,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the value goes into a call: 'Header: ...{value}...', 'query:NAME' or 'basic:USER'",
     )
     s.add_argument("--broker-only", action="store_true", help="never hand the value out; only use it in calls")
+    s.add_argument(
+        "--allow-header",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let the agent send this routing header (X-HTTP-Method-Override, X-Forwarded-Host, ...); "
+        "refused by default because it changes where or how the destination routes the call (repeatable)",
+    )
     s.set_defaults(fn=cmd_secrets_set)
     s = secrets.add_parser("show", help="a secret's use policy (never its value)")
     s.add_argument("name")

@@ -50,6 +50,9 @@ class Settings:
     broker_ca_file: str = ""
     call_rate_per_minute: int = 30
     call_burst: int = 10
+    # Brokered calls under way at once, for one agent and in all; more are refused (too_many_calls), not queued.
+    broker_max_calls_per_agent: int = 4
+    broker_max_concurrent_calls: int = 16
     # The host's forward proxy (http://IP:PORT) that every outbound connection goes through: Telegram
     # and brokered calls. Set by the takeover, whose host-side allow-list is the only way out of the VM.
     egress_proxy: str = ""

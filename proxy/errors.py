@@ -33,6 +33,9 @@ STATUS = {
     "egress_refused": 403,
     "tls_failed": 502,
     "response_too_large": 502,
+    "bad_response": 502,
+    "encoded_response": 502,
+    "too_many_calls": 429,
     "upstream_timeout": 504,
 }
 
@@ -43,6 +46,13 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+
+
+class BrokerError(ApiError):
+    """A brokered call refused or failed (`proxy/broker.py`, `proxy/upstream.py`); answered as any ApiError."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(code, detail)
 
 
 def error_response(code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

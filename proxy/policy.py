@@ -62,6 +62,9 @@ class Policy:
     destinations: tuple[Destination, ...]
     injection: Injection | None
     broker_only: bool = False
+    # Headers that change how a destination routes a call (`proxy/broker.py` ROUTING_HEADERS) that the
+    # operator lets the agent send anyway; lower case.
+    allow_headers: tuple[str, ...] = ()
 
     def destination_for(self, url: Target) -> Destination | None:
         return next((d for d in self.destinations if d.allows(url)), None)
@@ -73,12 +76,19 @@ class Policy:
     def from_json(cls, text: str) -> Policy:
         raw = json.loads(text)
         injection = Injection(**raw["injection"]) if raw.get("injection") else None
-        return cls(tuple(Destination(**d) for d in raw["destinations"]), injection, bool(raw["broker_only"]))
+        return cls(
+            tuple(Destination(**d) for d in raw["destinations"]),
+            injection,
+            bool(raw["broker_only"]),
+            tuple(raw.get("allow_headers", ())),  # absent in policies stored before it existed
+        )
 
     def lines(self) -> list[str]:
         out = [f"allow {d.show()}" for d in self.destinations] or ["allow (no destination: cannot be used in calls)"]
         out.append(f"inject {self.injection.show()}" if self.injection else "inject (none)")
         out.append("retrieval: refused (broker-only)" if self.broker_only else "retrieval: allowed with approval")
+        if self.allow_headers:
+            out.append(f"routing headers the agent may send: {', '.join(self.allow_headers)}")
         return out
 
 
@@ -102,9 +112,12 @@ class Target:
 
 
 def parse_url(url: str) -> Target:
-    """Split an http(s) URL; refuse what could mean two things (user info, fragments, dot segments, %2F)."""
+    """Split an http(s) URL; refuse what could mean two things (user info, fragments, dot segments, %2F,
+    `;` parameters in a path segment, which servers and proxies before them read differently: `/v1/..;/admin`)."""
     if not isinstance(url, str) or len(url) > 4096 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise PolicyError("a URL must be at most 4096 printable characters without spaces")
+    if not url.isascii():
+        raise PolicyError("a URL must be ASCII: percent-encode other characters (urllib.parse.quote does)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -129,6 +142,10 @@ def parse_url(url: str) -> Target:
     decoded = unquote(path)
     if "%2f" in path.lower() or "%5c" in path.lower() or "\\" in decoded:
         raise PolicyError("the URL's path must not encode / or \\")
+    if ";" in decoded:
+        raise PolicyError("the URL's path must not hold ; (a path parameter such as ..;/ or ;jsessionid=)")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise PolicyError("the URL's path must not encode control characters")
     segments = decoded.split("/")
     if "." in segments or ".." in segments or "//" in decoded:
         raise PolicyError("the URL's path must not contain . or .. segments or //")
@@ -165,13 +182,25 @@ def parse_injection(spec: str) -> Injection:
     return Injection("header", name.strip(), template)
 
 
-def build_policy(allow: list[str], allow_private: list[str], inject: str | None, broker_only: bool) -> Policy | None:
+def build_policy(
+    allow: list[str],
+    allow_private: list[str],
+    inject: str | None,
+    broker_only: bool,
+    allow_headers: list[str] | None = None,
+) -> Policy | None:
     """The policy the CLI's flags describe, or None for a retrieve-only secret."""
     destinations = [parse_destination(u) for u in allow] + [parse_destination(u, True) for u in allow_private]
+    headers = sorted({h.strip().lower() for h in allow_headers or []})
+    bad = [h for h in headers if not HEADER_NAME_RE.fullmatch(h)]
+    if bad:
+        raise PolicyError(f"--allow-header {bad[0]!r} is not a header name")
+    if headers and not destinations:
+        raise PolicyError("--allow-header needs at least one --allow destination")
     if not destinations and inject is None and not broker_only:
         return None
     if destinations and inject is None:
         raise PolicyError("--allow needs --inject: say how the value goes into the call")
     if inject is not None and not destinations:
         raise PolicyError("--inject needs at least one --allow destination")
-    return Policy(tuple(destinations), parse_injection(inject) if inject else None, broker_only)
+    return Policy(tuple(destinations), parse_injection(inject) if inject else None, broker_only, tuple(headers))

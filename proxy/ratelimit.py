@@ -1,9 +1,13 @@
-"""Per-agent token buckets: one set for each kind of call (create, poll, retrieve)."""
+"""Per-agent budgets: token buckets for each kind of call (create, poll, retrieve, call), and counts of
+calls held open (`?wait=`, brokered calls)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -33,3 +37,34 @@ class RateLimiter:
             return True, 0
         retry = math.ceil((1.0 - bucket.tokens) / rate) if rate > 0 else 60
         return False, max(1, retry)
+
+
+@dataclass
+class InFlight:
+    """How many calls of one kind are open at once: for one agent, and in all.
+
+    A budget of rates says nothing of calls that stay open (a `?wait=`, a brokered call to
+    a slow destination); this one does. Over it, a call is refused at once, never queued.
+    """
+
+    per_key: int
+    total: int = 0  # 0: no bound on the sum
+    _held: Counter[str] = field(default_factory=Counter)
+
+    def full(self, key: str) -> str | None:
+        """Why another call for `key` may not start now ("agent" or "total"), or None if it may."""
+        if self._held[key] >= self.per_key:
+            return "agent"
+        if self.total and sum(self._held.values()) >= self.total:
+            return "total"
+        return None
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        self._held[key] += 1
+        try:
+            yield
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]

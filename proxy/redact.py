@@ -1,52 +1,187 @@
 """Take a secret's value out of whatever a destination answers, before the agent sees it.
 
-A service may echo a credential back (an error page quoting the header, a debug
-endpoint). The value is removed raw and in the encodings a response is likely to
-carry it in: standard and URL-safe base64 (with or without padding, and of
-`user:value` for basic auth), and URL encoding (`%XX` and `+` for spaces).
+A service may echo a credential back: an error page quoting the request, a debug endpoint
+that base64-encodes the headers it got, a JSON body that escapes `/` as `\\/`. What is
+searched for is every rendering of the value that the proxy itself sent (`Renderings`):
+the value, the injected header's value and whole line (`Authorization: Bearer VALUE`),
+`USER:VALUE` for basic auth, `NAME=VALUE` for a query parameter. Each is found:
+
+* as it is, and in hex, case-insensitively (an upper-cased value is still the value);
+* in base64 (standard and URL-safe) at each of the three alignments a rendering can have
+  inside a longer encoded text, so base64 of a whole request dump gives it away too;
+* inside percent-escapes (`%2F`, `%2f`, double `%252F`) and JSON escapes (`\\/`, `\\u002B`,
+  surrogate pairs), in any mix: the answer is searched again with those decoded;
+* in a header name or value with its white space taken out (a value cut by a folded line);
+  such a field is replaced whole.
+
+What no redaction can promise: a destination that transforms the value in a way of its own
+(encrypts it, reverses it, spells it one character per line) gets it past this module. The
+real boundary is the secret's list of destinations (docs/brokered-calls.md).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import re
-from urllib.parse import quote, quote_plus
+from dataclasses import dataclass
 
 MARK = b"[REDACTED]"
-_LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
+# Shorter base64 cores than this would match by chance in ordinary text.
+MIN_CORE = 8
+_ESCAPE = re.compile(
+    rb"%[0-9A-Fa-f]{2}"
+    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a JSON surrogate pair
+    rb"|\\u[0-9a-fA-F]{4}"
+    rb"|\\[\\/\"]"
+)
+_SPACE = re.compile(rb"[\s]+")
 
 
-def forms(value: bytes, extra: tuple[bytes, ...] = ()) -> list[bytes]:
-    """Every spelling of `value` (and of `extra`, e.g. `user:value`) to remove, longest first."""
-    found: set[bytes] = set()
-    for raw in (value, *extra):
+@dataclass(frozen=True)
+class Spellings:
+    """What to search for: text forms (compared case-insensitively, lower-cased here) and base64 forms (exact)."""
+
+    folded: tuple[bytes, ...]
+    exact: tuple[bytes, ...]
+
+
+def _base64_cores(raw: bytes) -> set[bytes]:
+    """The base64 characters that depend on `raw` alone, wherever it starts in the encoded text."""
+    cores = set()
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw)
+        # Character i carries bits [6i, 6i+6); the rendering's bits are [8*shift, 8*(shift+len)).
+        start = -(-8 * shift // 6)
+        end = 8 * (shift + len(raw)) // 6
+        core = encoded[start:end]
+        if len(core) >= MIN_CORE:
+            cores.add(core)
+            cores.add(core.replace(b"+", b"-").replace(b"/", b"_"))
+    return cores
+
+
+def forms(value: bytes, renderings: tuple[bytes, ...] = ()) -> Spellings:
+    """Every spelling of `value` and of the `renderings` the proxy sent it in (e.g. `Bearer VALUE`)."""
+    folded: set[bytes] = set()
+    exact: set[bytes] = set()
+    for raw in (value, *renderings):
         if not raw:
             continue
-        found.add(raw)
-        for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
-            found.add(encoded)
-            found.add(encoded.rstrip(b"="))
-        text = raw.decode("utf-8", "surrogateescape")
-        for url in (
-            quote(text, safe="", errors="surrogateescape"),
-            quote_plus(text, safe="", errors="surrogateescape"),
-        ):
-            found.add(url.encode())
-            found.add(_LOWER_HEX.sub(lambda m: m.group(0).lower(), url).encode())
-    return sorted(found, key=len, reverse=True)
+        folded.add(raw.lower())
+        folded.add(binascii.hexlify(raw))
+        if b" " in raw:  # form encoding writes a space as +
+            folded.add(raw.replace(b" ", b"+").lower())
+        exact.update(_base64_cores(raw))
+    by_length = sorted(folded, key=len, reverse=True), sorted(exact, key=len, reverse=True)
+    return Spellings(tuple(by_length[0]), tuple(by_length[1]))
 
 
-def redact(data: bytes, spellings: list[bytes]) -> tuple[bytes, int]:
-    """`data` with every spelling replaced by MARK, and how many replacements were made."""
-    count = 0
-    for spelling in spellings:
-        n = data.count(spelling)
-        if n:
-            count += n
-            data = data.replace(spelling, MARK)
-    return data, count
+@dataclass(frozen=True)
+class _View:
+    """`data` with escapes decoded; `starts[i]`/`ends[i]` are the original span of its byte i."""
+
+    data: bytes
+    starts: list[int]
+    ends: list[int]
 
 
-def redact_text(text: str, spellings: list[bytes]) -> tuple[str, int]:
-    out, n = redact(text.encode("utf-8", "surrogateescape"), spellings)
-    return out.decode("utf-8", "surrogateescape"), n
+def _identity(data: bytes) -> _View:
+    return _View(data, list(range(len(data))), list(range(1, len(data) + 1)))
+
+
+def _decode_escape(token: bytes) -> bytes:
+    if token[0:1] == b"%":
+        return bytes([int(token[1:3], 16)])
+    if token[1:2] == b"u":
+        codes = [int(token[i + 2 : i + 6], 16) for i in range(0, len(token), 6)]
+        if len(codes) == 2:
+            return chr(0x10000 + ((codes[0] - 0xD800) << 10) + (codes[1] - 0xDC00)).encode()
+        return chr(codes[0]).encode("utf-8", "surrogatepass")
+    return token[1:2]
+
+
+def _unescaped(view: _View) -> _View | None:
+    """`view` with percent and JSON escapes decoded once, or None if it has none."""
+    data = view.data
+    if b"%" not in data and b"\\" not in data:
+        return None
+    out = bytearray()
+    starts: list[int] = []
+    ends: list[int] = []
+    at = 0
+    for match in _ESCAPE.finditer(data):
+        a, b = match.span()
+        out += data[at:a]
+        starts += view.starts[at:a]
+        ends += view.ends[at:a]
+        decoded = _decode_escape(match.group())
+        out += decoded
+        starts += [view.starts[a]] * len(decoded)
+        ends += [view.ends[b - 1]] * len(decoded)
+        at = b
+    if at == 0:
+        return None
+    out += data[at:]
+    starts += view.starts[at:]
+    ends += view.ends[at:]
+    return _View(bytes(out), starts, ends)
+
+
+def _find_all(haystack: bytes, needle: bytes) -> list[tuple[int, int]]:
+    found = []
+    at = haystack.find(needle)
+    while at != -1:
+        found.append((at, at + len(needle)))
+        at = haystack.find(needle, at + 1)
+    return found
+
+
+def _spans(data: bytes, spellings: Spellings) -> list[tuple[int, int]]:
+    """Where in `data` any spelling stands, in the answer as it is or with its escapes decoded."""
+    spans: list[tuple[int, int]] = []
+    view: _View | None = _identity(data)
+    for _ in range(3):  # as it is, decoded once, decoded twice (%252F)
+        if view is None:
+            break
+        lower = view.data.lower()
+        for needle in spellings.folded:
+            for a, b in _find_all(lower, needle):
+                spans.append((view.starts[a], view.ends[b - 1]))
+        for needle in spellings.exact:
+            for a, b in _find_all(view.data, needle):
+                spans.append((view.starts[a], view.ends[b - 1]))
+        view = _unescaped(view)
+    return spans
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def redact(data: bytes, spellings: Spellings) -> tuple[bytes, int]:
+    """`data` with every spelling replaced by MARK, and how many places were replaced."""
+    spans = _merged(_spans(data, spellings))
+    if not spans:
+        return data, 0
+    out = bytearray()
+    at = 0
+    for a, b in spans:
+        out += data[at:a] + MARK
+        at = b
+    out += data[at:]
+    return bytes(out), len(spans)
+
+
+def redact_field(data: bytes, spellings: Spellings) -> tuple[bytes, int]:
+    """A header name or value: redacted as a body is, and replaced whole if its white space hid a spelling."""
+    out, count = redact(data, spellings)
+    if count == 0 and _spans(_SPACE.sub(b"", data), spellings):
+        return MARK, 1
+    return out, count

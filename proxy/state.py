@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .broker import system_resolver
 from .config import Settings
-from .ratelimit import RateLimiter
+from .ratelimit import InFlight, RateLimiter
 from .refusals import RefusalCounter
 from .store import Agent, Request, Store
 from .writer import GroupCommitWriter
@@ -92,14 +91,14 @@ class ApprovalChannel(Protocol):
 
 @dataclass
 class Limits:
-    """Per-agent budgets for each kind of call, and the count of calls held in `?wait=`."""
+    """Per-agent budgets for each kind of call, and the calls each agent may hold open at once."""
 
     create: RateLimiter
     poll: RateLimiter
     retrieve: RateLimiter
-    max_waits: int
     call: RateLimiter
-    waits: Counter[str] = field(default_factory=Counter)
+    waits: InFlight  # `?wait=` polls
+    calls: InFlight  # brokered calls under way: a slow destination holds one
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
@@ -107,8 +106,9 @@ class Limits:
             RateLimiter(s.rate_per_minute, s.rate_burst),
             RateLimiter(s.poll_rate_per_minute, s.poll_burst),
             RateLimiter(s.retrieve_rate_per_minute, s.retrieve_burst),
-            s.max_waits_per_agent,
             RateLimiter(s.call_rate_per_minute, s.call_burst),
+            InFlight(s.max_waits_per_agent),
+            InFlight(s.broker_max_calls_per_agent, s.broker_max_concurrent_calls),
         )
 
 

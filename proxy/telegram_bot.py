@@ -20,7 +20,6 @@ import html
 import logging
 import re
 import time
-import unicodedata
 import warnings
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, Invali
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, ExtBot
 
 from .broker import Call
+from .policy import Policy
+from .shown import header_lines, visible
 from .state import ProxyState
 from .store import REQUEST_ID_RE, Request
 
@@ -133,44 +134,36 @@ def display_name(user: TelegramUser) -> str:
     return f"{name} @{user.username}" if user.username else name
 
 
-# Characters that could make a reason look like more than one line of text, or like the proxy's own
-# lines: controls (newlines, tabs, escapes), line and paragraph separators, bidirectional overrides and
-# isolates, zero-width and other invisible format characters, and lone surrogates.
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
-
-
-def visible(text: str) -> str:
-    """`text` with every invisible or line-breaking character shown as a Python-style escape."""
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) not in _HIDDEN_CATEGORIES:
-            out.append(ch)
-        elif ch in "\n\r\t":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
-
-
 def _shown(text: str) -> str:
     # Every agent-controlled field is escaped: the agent must not be able to forge markup, links, buttons or lines.
     return html.escape(visible(text))
 
 
-def _request_lines(req: Request, call: Call | None = None) -> list[str]:
+def _request_lines(req: Request, call: Call | None = None, policy: Policy | None = None) -> list[str]:
     return [
         f"Agent: <code>{_shown(req.agent)}</code>",
         f"Secret: <code>{_shown(req.secret)}</code>",
-        *_call_lines(call),
+        *_call_lines(call, policy),
         f"Reason: {_shown(req.reason)}",
     ]
 
 
 CALL_PATH_CHARS = 600
+HEADER_VALUE_CHARS = 200
+HEADERS_CHARS = 1800
 
 
-def _call_lines(call: Call | None) -> list[str]:
+def _within(lines: list[str], budget: int) -> list[str]:
+    kept: list[str] = []
+    for line in lines:
+        budget -= len(line)
+        if budget < 0:
+            break
+        kept.append(line)
+    return kept
+
+
+def _call_lines(call: Call | None, policy: Policy | None) -> list[str]:
     """What a brokered call will do with the secret: the approver approves exactly this, once."""
     if call is None:
         return []
@@ -179,29 +172,34 @@ def _call_lines(call: Call | None) -> list[str]:
     path = target.path_and_query
     if len(path) > CALL_PATH_CHARS:  # a message holds 4096 characters; the CLI shows the whole URL
         path = f"{path[:CALL_PATH_CHARS]}… ({len(path)} characters; see `python -m proxy requests list`)"
-    names = ", ".join(sorted({name for name, _ in call.headers}, key=str.lower)) or "none"
+    headers = header_lines(call, policy, HEADER_VALUE_CHARS)
+    kept = _within(headers, HEADERS_CHARS)
+    if len(kept) < len(headers):  # a message holds 4096 characters; the approver is told what is not shown
+        kept.append(f"… and {len(headers) - len(kept)} more headers: see `python -m proxy requests list`")
+    headers = kept
     return [
         "Use: <b>one call made by the proxy</b>; the agent never sees the value",
         f"Call: <code>{_shown(call.method)}</code> to <code>{_shown(target.scheme + '://' + target.host + port)}"
         f"</code>",
         f"Path: <code>{_shown(path)}</code>",
-        f"Headers: {_shown(names)}",
+        "Headers:" if headers else "Headers: none",
+        *(f"  <code>{html.escape(h)}</code>" for h in headers),
         f"Body: {call.body_size} bytes, SHA-256 <code>{call.body_sha256[:16]}…</code>",
     ]
 
 
-def render_pending(req: Request, call: Call | None = None) -> str:
+def render_pending(req: Request, call: Call | None = None, policy: Policy | None = None) -> str:
     return "\n".join(
         [
             "<b>Secret use request</b>" if call else "<b>Secret request</b>",
-            *_request_lines(req, call),
+            *_request_lines(req, call, policy),
             f"Expires: {utc(req.expires_at)} if undecided",
             f"Request: <code>{html.escape(req.id)}</code>",
         ]
     )
 
 
-def render_closed(req: Request, names: dict[int, str], call: Call | None = None) -> str:
+def render_closed(req: Request, names: dict[int, str], call: Call | None = None, policy: Policy | None = None) -> str:
     if req.decided_at is not None and req.status == "denied":
         title, outcome = "Denied", f"❌ Denied by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
     elif req.decided_at is not None:
@@ -211,7 +209,7 @@ def render_closed(req: Request, names: dict[int, str], call: Call | None = None)
     return "\n".join(
         [
             f"<b>Secret {'use ' if call else ''}request: {title}</b>",
-            *_request_lines(req, call),
+            *_request_lines(req, call, policy),
             f"Request: <code>{html.escape(req.id)}</code>",
             outcome,
         ]
@@ -577,7 +575,7 @@ class TelegramChannel:
         try:
             message = await self._app.bot.send_message(
                 self.chat_id,
-                render_pending(req, self.store.get_call(req.id)),
+                render_pending(req, self.store.get_call(req.id), self.store.get_policy(req.secret)),
                 parse_mode=ParseMode.HTML,
                 reply_markup=buttons(req.id),
                 link_preview_options=NO_PREVIEW,
@@ -595,7 +593,7 @@ class TelegramChannel:
         assert self._app is not None
         try:
             await self._app.bot.edit_message_text(
-                render_closed(req, self._names, self.store.get_call(req.id)),
+                render_closed(req, self._names, self.store.get_call(req.id), self.store.get_policy(req.secret)),
                 chat_id=chat_id,
                 message_id=message_id,
                 parse_mode=ParseMode.HTML,

@@ -140,7 +140,9 @@ def test_a_call_approved_with_the_cli_reaches_the_destination_with_the_value_the
     listed = cli(rig.data.settings.data_dir, "requests", "list", "--status", "pending").stdout.decode()
     assert rid in listed and f"call POST {url}" in listed
     approved = cli(rig.data.settings.data_dir, "approve", rid)
-    assert approved.returncode == 0 and f"call: POST {url}" in approved.stdout.decode()
+    shown = approved.stdout.decode()
+    assert approved.returncode == 0 and f"call POST {url}" in shown
+    assert "header Content-Type: application/json" in shown and "header Authorization: Bearer ••••••" in shown
     before = len(rig.up.requests)
     made = rig.make(rid, url, body=b'{"tag": "v1"}')
     assert made.status_code == 200, made.text

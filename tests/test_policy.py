@@ -115,6 +115,7 @@ def test_a_policy_needs_both_destination_and_injection():
         "0.0.0.0",
         "224.0.0.1",
         "100.64.0.1",
+        "fec0::1",  # site-local: deprecated, still routed inside some networks
     ],
 )
 def test_private_loopback_link_local_and_metadata_addresses_are_blocked(address):
@@ -146,6 +147,6 @@ def test_a_name_resolving_to_any_blocked_address_is_refused_even_with_a_good_one
     destination = POLICY.destinations[0]  # type: ignore[union-attr]
     target = parse_url("https://api.example.com/v1/x")
     with pytest.raises(broker.BrokerError) as refused:
-        broker.pick_address(target, destination, lambda host, port: ["93.184.216.34", "10.0.0.5"])
+        broker.pick_addresses(target, destination, ["93.184.216.34", "10.0.0.5"])
     assert refused.value.code == "address_not_allowed"
-    assert broker.pick_address(target, destination, lambda host, port: ["93.184.216.34"]) == "93.184.216.34"
+    assert broker.pick_addresses(target, destination, ["93.184.216.34"]) == ["93.184.216.34"]
