@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
+from .egress import Destination, refuse_unsafe
 from .errors import InvalidInput, TakeoverError, from_vm_image
 from .files import check_trusted_parent
 from .models import Endpoint
@@ -160,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     sync = actions.add_parser("sync", help="compare with the destinations of the VM's stored policies")
     common(sync)
     sync.add_argument(
-        "--apply", action="store_true", help="allow what they name (without it, only show what is missing)"
+        "--apply",
+        nargs="?",
+        const="",
+        metavar="DIGEST",
+        help="allow exactly what the last `sync` showed (checked against its DIGEST when given); the VM is not "
+        "asked again. Without it, only show what is missing",
     )
     return p
 
@@ -200,6 +206,10 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
             "the egress filter matches the host VM's QEMU user, and root's connections cannot be singled out",
             hint="keep the default --qemu-user (or name another user), or pass --no-egress-filter",
         )
+    if not args.no_egress_filter:
+        # Before anything is taken over: a destination any local user could answer for is refused now.
+        named = [*args.egress_allow, *([args.allow_telegram_api_url] if args.allow_telegram_api_url else [])]
+        refuse_unsafe({Destination.parse(url) for url in named})
     if args.token_file is not None and args.token_file.parent != args.host_dir:
         # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
         # that directory itself (root's, 0700) and checks the path again before writing.
@@ -260,8 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "stop":
             show(json_text(stop_host_vm(cfg)))
         elif args.command == "egress":
-            urls, apply = getattr(args, "urls", []), getattr(args, "apply", False)
-            show(json_text(change_egress(cfg, args.action, urls, apply=apply)))
+            urls, applying = getattr(args, "urls", []), getattr(args, "apply", None)
+            digest = applying or None
+            show(json_text(change_egress(cfg, args.action, urls, apply=applying is not None, digest=digest)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

@@ -3,16 +3,22 @@
 Enforced on the host, outside the guest, so root inside the guest cannot widen it:
 
 * QEMU's user network turns every connection the guest makes into a socket of the
-  QEMU process. An nftables table for QEMU's uid lets that uid open new connections
-  only to the forward proxy on 127.0.0.1; every other address, the host's other
-  loopback services, and DNS (slirp forwards the guest's queries as QEMU) are
-  rejected before anything leaves the machine. So DNS cannot carry data out either.
+  QEMU process. An nftables table for QEMU's uid lets that uid send TCP only: replies
+  on its own listening sockets (the forwarded proxy and SSH ports) and connections to
+  the forward proxy on 127.0.0.1. No UDP at all, whatever conntrack says: a datagram a
+  local user sent first to slirp's socket would make the guest's answer a "reply".
 * tinyproxy, Debian's small forward proxy, holds the allow-list: `CONNECT host:port`
   (and for http destinations absolute URLs) of the listed destinations, default deny.
-  It resolves names on the host. Root starts it; it drops to its own system user.
+  It resolves names on the host. Root starts it on a port below 1024 (no local user can
+  take that port if it dies); it drops to its own system user. Only QEMU's uid may
+  connect to it: any other local user could hold its MaxClients connections.
 * The same table keeps tinyproxy's uid away from loopback, private, link-local and
   metadata addresses unless a destination names that address literally: a listed
   name whose DNS answer points inside cannot open the host's or the LAN's services.
+  Its DNS goes only to the host's resolvers (resolv.conf), and no destination may use
+  port 53. An address of this host is reachable only when listed literally and only on
+  a port below net.ipv4.ip_unprivileged_port_start: a listener on a higher port is
+  whoever bound it last, and an agent binds an abandoned one to receive the brokered key.
 
 The table is per QEMU uid (nftables matches the socket's owner), so each running host VM
 runs QEMU as a user of its own; a second one with the same user is refused while the
@@ -26,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import ipaddress
 import json
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -56,7 +64,8 @@ PROCESS_NAME = "egress.process.json"
 CONF_NAME = "egress.tinyproxy.conf"
 FILTER_NAME = "egress.filter"
 LOG_NAME = "egress.log"
-FILES = (RECORD_NAME, PROCESS_NAME, LOG_NAME)
+PROPOSAL_NAME = "egress.proposal.json"  # what `egress sync` showed, for `sync --apply` to apply exactly
+FILES = (RECORD_NAME, PROCESS_NAME, LOG_NAME, PROPOSAL_NAME)
 CONFIG_ROOT = Path("/run/secret-proxy-vm-egress")  # tinyproxy's config and filter, per forward-proxy user
 EGRESS_USER_PREFIX = "spvm-egress-"  # + QEMU's uid: one forward-proxy user per table (see nft_ruleset)
 GUEST_SEES_HOST = "10.0.2.2"  # slirp: the guest's address for the host's loopback
@@ -69,6 +78,12 @@ INSIDE_V4 = (
     "192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3"
 )
 INSIDE_V6 = "::/127, ::ffff:0.0.0.0/96, 64:ff9b::/96, fc00::/7, fe80::/10, ff00::/8"
+DNS_PORT = 53
+RESOLV_CONF = Path("/etc/resolv.conf")
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+# Where a new forward proxy listens: below 1024, so that if tinyproxy dies no local user can take
+# its port and pose as it (an agent's own proxy there would forward the guest anywhere).
+PROXY_PORTS = range(700, 1000)
 
 
 @dataclass(frozen=True, order=True)
@@ -164,17 +179,101 @@ class EgressPlan:
         return EgressPlan(self.listen, tuple(sorted(destinations)), self.qemu_user)
 
 
+def unprivileged_port_start() -> int:
+    """The lowest port any local user may bind (net.ipv4.ip_unprivileged_port_start; 1024 by default)."""
+    try:
+        return int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        return 1024  # kernels before 4.11 have no such setting: the fixed limit
+
+
+def is_host_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is this host's own (loopback, or an interface's): a local process may listen there."""
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((str(ip), 0))  # succeeds only for a local address (no IP_FREEBIND here)
+        except OSError:
+            return False
+    return True
+
+
+def refuse_unsafe(destinations: set[Destination] | tuple[Destination, ...]) -> None:
+    """Refuse to list a destination on the DNS port, or on this host at a port any local user may bind.
+
+    Checked when a destination is listed (a stored list is enforced by the rules alone). Whoever
+    listens on a host address receives what the VM sends there, a brokered key in its header
+    included; an agent binds the port the moment its server stops (or before it starts). Below
+    ip_unprivileged_port_start only root (or CAP_NET_BIND_SERVICE) can listen, which the kernel
+    checks at every bind: no window. nftables enforces the same at each connection (nft_ruleset).
+    """
+    start = unprivileged_port_start()
+    for d in sorted(destinations):
+        if d.port == DNS_PORT:
+            raise InvalidInput(
+                f"egress destination {d.url} is on port {DNS_PORT}: the forward proxy reaches port {DNS_PORT} only "
+                "for its own name resolution, at the host's resolvers, and a destination there would reach them",
+                hint="a brokered API is not served on the DNS port; name its real port",
+            )
+        if d.ip is not None and d.port >= start and is_host_address(d.ip):
+            raise InvalidInput(
+                f"egress destination {d.url} is on this host, at a port any local user may listen on "
+                f"(from {start} up): whoever binds it when its server is not running, an agent too, receives "
+                "what the VM sends there, brokered keys included",
+                hint=f"serve it on a port below {start} (only root or CAP_NET_BIND_SERVICE can listen there) "
+                "and list that, e.g. http://127.0.0.1:900",
+            )
+
+
+def free_privileged_port(host: str, ports: range = PROXY_PORTS) -> int:
+    """A port below 1024 that nobody holds on `host`, picked at random from `ports`."""
+    candidates = [p for p in ports if p < unprivileged_port_start()]
+    random.shuffle(candidates)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in candidates:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RestartError(
+        f"no free port in {ports.start}..{ports.stop - 1} below net.ipv4.ip_unprivileged_port_start "
+        f"({unprivileged_port_start()}) on {host}: the forward proxy listens where no local user can",
+        hint="free one of those ports, or set net.ipv4.ip_unprivileged_port_start back to 1024",
+    )
+
+
 def new_plan(urls: list[str], qemu_user: str | None) -> EgressPlan:
-    """A plan for a new takeover: a free loopback port for the forward proxy, and the listed URLs."""
+    """A plan for a new takeover: a free privileged loopback port for the forward proxy, and the listed URLs."""
     if not qemu_user:
         raise InvalidInput(
             "the egress filter needs QEMU to run as a user of its own (--qemu-user), not as root",
             hint="pass --qemu-user NAME, or --no-egress-filter and accept that the VM can reach anything",
         )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return EgressPlan(Endpoint("127.0.0.1", port), tuple(sorted({Destination.parse(u) for u in urls})), qemu_user)
+    destinations = tuple(sorted({Destination.parse(u) for u in urls}))
+    refuse_unsafe(destinations)
+    return EgressPlan(Endpoint("127.0.0.1", free_privileged_port("127.0.0.1")), destinations, qemu_user)
+
+
+def host_resolvers(path: Path = RESOLV_CONF) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The name servers the host's resolver (glibc) asks: resolv.conf's first three, else 127.0.0.1."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                found.append(ipaddress.ip_address(words[1].partition("%")[0]))
+            except ValueError:
+                continue  # glibc skips it too
+    return found[:3] or [ipaddress.ip_address("127.0.0.1")]
 
 
 def load_plan(host_dir: Path) -> EgressPlan | None:
@@ -189,6 +288,49 @@ def load_plan(host_dir: Path) -> EgressPlan | None:
 
 def save_plan(host_dir: Path, plan: EgressPlan) -> None:
     write_json_atomic(host_dir / RECORD_NAME, plan.to_dict())
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Destinations `egress sync` showed the operator, and their digest: `sync --apply` adds exactly
+    these, never what the VM answers later (a guest could plant one between the two commands)."""
+
+    destinations: tuple[Destination, ...]
+
+    @property
+    def digest(self) -> str:
+        text = "\n".join(d.url for d in sorted(self.destinations))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def save_proposal(host_dir: Path, proposal: Proposal) -> None:
+    write_json_atomic(
+        host_dir / PROPOSAL_NAME,
+        {"destinations": [d.url for d in proposal.destinations], "digest": proposal.digest},
+    )
+
+
+def take_proposal(host_dir: Path, digest: str | None) -> Proposal:
+    """The list the last `sync` showed, if its digest is `digest` (when given); removed once taken."""
+    path = host_dir / PROPOSAL_NAME
+    try:
+        data = json.loads(path.read_text())
+        proposal = Proposal(tuple(sorted({Destination.parse(u) for u in data["destinations"]})))
+    except FileNotFoundError:
+        raise InvalidInput(
+            "`egress sync --apply` applies the list `egress sync` showed, and there is none to apply",
+            hint="run `python -m takeover egress sync`, read what it proposes, then `egress sync --apply DIGEST`",
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RestartError(f"{path} is unreadable: {exc}", hint=f"remove {path} and run `egress sync` again") from None
+    if digest is not None and digest != proposal.digest:
+        raise InvalidInput(
+            f"the last list `egress sync` showed has digest {proposal.digest}, not {digest}: it is not the list "
+            "you read (the VM's answer may have changed since)",
+            hint="run `python -m takeover egress sync` again and apply the digest it prints",
+        )
+    path.unlink()
+    return proposal
 
 
 def tinyproxy_config(plan: EgressPlan, filter_path: Path, user: str, group: str) -> str:
@@ -223,24 +365,45 @@ def table_name(qemu_uid: int) -> str:
     return f"{TABLE_PREFIX}{qemu_uid}"
 
 
-def nft_ruleset(plan: EgressPlan, host_dir: Path, qemu_uid: int, egress_uid: int) -> str:
+def nft_ruleset(
+    plan: EgressPlan,
+    host_dir: Path,
+    qemu_uid: int,
+    egress_uid: int,
+    resolvers: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    unprivileged_start: int,
+) -> str:
     """One atomic nft transaction: replace this QEMU uid's table with the plan's rules."""
     name = table_name(qemu_uid)
     literal4 = sorted({f"{d.ip} . {d.port}" for d in plan.destinations if d.ip is not None and d.ip.version == 4})
     literal6 = sorted({f"{d.ip} . {d.port}" for d in plan.destinations if d.ip is not None and d.ip.version == 6})
+    dns4 = sorted({str(r) for r in resolvers if r.version == 4})
+    dns6 = sorted({str(r) for r in resolvers if r.version == 6})
     proxy = plan.listen
+    family = "ip6" if ":" in proxy.host else "ip"
+    eu = f"meta skuid {egress_uid}"
     rules = [
-        # The host's VM: replies on its forwarded ports, and new connections to the forward proxy only.
-        f"meta skuid {qemu_uid} ct state established,related accept",
-        f"meta skuid {qemu_uid} ip daddr {proxy.host} tcp dport {proxy.port} accept",
+        # The forward proxy serves QEMU's uid alone: another local user could hold its MaxClients.
+        f"{family} daddr {proxy.host} tcp dport {proxy.port} ct state new meta skuid != {qemu_uid} counter reject",
+        # The host's VM: TCP only, whatever conntrack says (a local user's datagram to slirp's UDP
+        # socket would make the guest's answer "established"); replies on its own listening sockets
+        # (the forwarded ports: others opened those), and connections to the forward proxy.
+        f"meta skuid {qemu_uid} meta l4proto != tcp counter reject",
+        f"meta skuid {qemu_uid} ct direction reply ct state established accept",
+        f"meta skuid {qemu_uid} {family} daddr {proxy.host} tcp dport {proxy.port} accept",
         f"meta skuid {qemu_uid} counter reject",
-        # The forward proxy: names resolve, inside addresses only where listed literally.
-        f"meta skuid {egress_uid} udp dport 53 accept",
-        f"meta skuid {egress_uid} tcp dport 53 accept",
-        *([f"meta skuid {egress_uid} ip daddr . tcp dport {{ {', '.join(literal4)} }} accept"] if literal4 else []),
-        *([f"meta skuid {egress_uid} ip6 daddr . tcp dport {{ {', '.join(literal6)} }} accept"] if literal6 else []),
-        f"meta skuid {egress_uid} ct state new ip daddr {{ {INSIDE_V4} }} counter reject",
-        f"meta skuid {egress_uid} ct state new ip6 daddr {{ {INSIDE_V6} }} counter reject",
+        # The forward proxy: names resolve at the host's resolvers only (no destination has port 53).
+        *(f"{eu} ip daddr {{ {', '.join(dns4)} }} {p} dport {DNS_PORT} accept" for p in ("udp", "tcp") if dns4),
+        *(f"{eu} ip6 daddr {{ {', '.join(dns6)} }} {p} dport {DNS_PORT} accept" for p in ("udp", "tcp") if dns6),
+        f"{eu} meta l4proto != tcp counter reject",
+        # This host's own addresses at a port any local user may bind: whoever listens there is not
+        # the destination, even one listed literally (an agent binds it once the server is gone).
+        f"{eu} ct state new fib daddr type local tcp dport >= {unprivileged_start} counter reject",
+        *([f"{eu} ip daddr . tcp dport {{ {', '.join(literal4)} }} accept"] if literal4 else []),
+        *([f"{eu} ip6 daddr . tcp dport {{ {', '.join(literal6)} }} accept"] if literal6 else []),
+        f"{eu} ct state new fib daddr type local counter reject",
+        f"{eu} ct state new ip daddr {{ {INSIDE_V4} }} counter reject",
+        f"{eu} ct state new ip6 daddr {{ {INSIDE_V6} }} counter reject",
     ]
     body = "\n".join(f"    {r}" for r in rules)
     return (
@@ -293,7 +456,9 @@ def apply_rules(plan: EgressPlan, host_dir: Path, qemu_uid: int) -> None:
             "filter matches connections by that user, so two VMs cannot share it",
             hint="give this takeover a QEMU user of its own (--qemu-user NAME)",
         )
-    ruleset = nft_ruleset(plan, host_dir, qemu_uid, pwd.getpwnam(egress_user(qemu_uid)).pw_uid)
+    egress_uid = pwd.getpwnam(egress_user(qemu_uid)).pw_uid
+    # Read at each enforce: `takeover start` and every list change follow the host's resolvers.
+    ruleset = nft_ruleset(plan, host_dir, qemu_uid, egress_uid, host_resolvers(), unprivileged_port_start())
     out = _nft(["-f", "-"], ruleset)
     if out.returncode != 0:
         raise RestartError(

@@ -159,7 +159,7 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     spec, runner = _finished_vm(cfg)
     pid = runner.pid(spec)
     if pid is not None:
-        return {"started": False, "pid": pid, "detail": "already running"}
+        return {"started": False, "pid": pid, "detail": "already running", **restart_forward_proxy(cfg)}
     check_ports_free(spec)
     plan = egress.load_plan(cfg.host_dir)
     limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
@@ -168,17 +168,32 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     return {"started": True, "pid": pid, **wait_until_serving(spec, pid), "egress": limits, "forwards": forwards}
 
 
+def restart_forward_proxy(cfg: TakeoverConfig) -> dict[str, Any]:
+    """A running VM whose forward proxy died (nothing restarts tinyproxy by itself) gets it back.
+
+    Until then the guest's egress fails closed: QEMU's uid may connect only to the proxy's port,
+    which is below 1024 for a takeover made since, so no local user can listen there meanwhile.
+    """
+    plan = egress.load_plan(cfg.host_dir)
+    if plan is None or egress.running_pid(cfg.host_dir) is not None:
+        return {}
+    return {"egress": {**egress.enforce(plan, cfg.host_dir), "forward_proxy": "restarted"}}
+
+
 def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     spec, runner = _finished_vm(cfg)
     return {"stopped": runner.stop(spec, undefine=False), "egress": egress.release(cfg.host_dir)}
 
 
-def change_egress(cfg: TakeoverConfig, action: str, urls: list[str], *, apply: bool = False) -> dict[str, Any]:
+def change_egress(
+    cfg: TakeoverConfig, action: str, urls: list[str], *, apply: bool = False, digest: str | None = None
+) -> dict[str, Any]:
     """List, widen or narrow what the taken-over VM may reach; a running VM keeps running.
 
-    `sync` asks the VM (over the host's SSH key) where its stored policies send calls and
-    shows what the list lacks; only `--apply` adds it. The VM's answer is a proposal: the
-    guest is the host's now, but the operator decides what leaves the machine.
+    `sync` asks the VM (over the host's SSH key) where its stored policies send calls, shows
+    what the list lacks with a digest, and records it; `sync --apply [DIGEST]` adds exactly
+    that record and never asks the VM again: its answer is a proposal the operator reads,
+    and a guest must not change it between the reading and the applying.
     """
     require_root()
     plan = egress.load_plan(cfg.host_dir)
@@ -189,22 +204,46 @@ def change_egress(cfg: TakeoverConfig, action: str, urls: list[str], *, apply: b
         )
     if action == "list":
         return {**plan.to_dict(), "forward_proxy_pid": egress.running_pid(cfg.host_dir)}
+    if action == "sync" and not apply:
+        return propose_sync(cfg, plan)
     if action == "sync":
-        wanted, unusable = policy_destinations(cfg)
-        missing = sorted(wanted - set(plan.destinations))
-        report: dict[str, Any] = {"missing": [d.url for d in missing], "unusable": unusable}
-        if not apply or not missing:
-            return {**report, "applied": False if missing else "nothing to add"}
-        urls, action = [d.url for d in missing], "allow"
+        proposal = egress.take_proposal(cfg.host_dir, digest)
+        if not proposal.destinations:
+            return {"applied": "nothing to add", "digest": proposal.digest}
+        urls, action = [d.url for d in proposal.destinations], "allow"
     if not urls:
         raise InvalidInput(f"`egress {action}` needs at least one URL, e.g. https://api.example.com")
     named = {egress.Destination.parse(u) for u in urls}
     current = set(plan.destinations)
+    if action == "allow":
+        egress.refuse_unsafe(named - current)
     plan = plan.with_destinations(current | named if action == "allow" else current - named)
     if egress.running_pid(cfg.host_dir) is None:  # the VM is stopped: `start` enforces the saved plan
         egress.save_plan(cfg.host_dir, plan)
         return {**plan.to_dict(), "applied": "at the next start"}
     return {**egress.enforce(plan, cfg.host_dir), "applied": "now"}
+
+
+def propose_sync(cfg: TakeoverConfig, plan: egress.EgressPlan) -> dict[str, Any]:
+    """What the VM's policies name and the list lacks, recorded for `sync --apply` with its digest."""
+    wanted, unusable = policy_destinations(cfg)
+    missing: set[egress.Destination] = set()
+    for destination in wanted - set(plan.destinations):
+        try:
+            egress.refuse_unsafe({destination})
+        except InvalidInput as exc:
+            unusable.append(str(exc))
+            continue
+        missing.add(destination)
+    proposal = egress.Proposal(tuple(sorted(missing)))
+    egress.save_proposal(cfg.host_dir, proposal)
+    return {
+        "missing": [d.url for d in proposal.destinations],
+        "unusable": unusable,
+        "digest": proposal.digest,
+        "applied": False if missing else "nothing to add",
+        **({"to_apply": f"python -m takeover egress sync --apply {proposal.digest}"} if missing else {}),
+    }
 
 
 def status(cfg: TakeoverConfig) -> dict[str, Any]:
@@ -216,7 +255,17 @@ def status(cfg: TakeoverConfig) -> dict[str, Any]:
         "state": journal.state,
         "journal": str(cfg.host_dir / JOURNAL_NAME),
         "steps": {s: journal.entry(s).get("status", "pending") for s in NAMES},
+        **egress_status(cfg.host_dir),
     }
+
+
+def egress_status(host_dir: Path) -> dict[str, Any]:
+    """Whether the forward proxy runs: if it died, the VM's egress fails until `takeover start`."""
+    plan = egress.load_plan(host_dir)
+    if plan is None:
+        return {}
+    pid = egress.running_pid(host_dir)
+    return {"forward_proxy": pid if pid is not None else "not running: `python -m takeover start` restarts it"}
 
 
 __all__ = ["run_takeover", "start_host_vm", "stop_host_vm", "status", "TakeoverError"]

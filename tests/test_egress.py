@@ -21,6 +21,7 @@ from takeover import egress
 from takeover.egress import Destination, EgressPlan
 from takeover.errors import InvalidInput, RestartError
 from takeover.files import ensure_host_dir
+from tests.egress_helpers import privileged_listener
 from tests.takeover_helpers import ensure_user, listeners
 
 pytestmark = pytest.mark.root
@@ -75,7 +76,8 @@ def egress_host_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_qemus_user_reaches_the_forward_proxy_and_only_the_listed_destinations_through_it(egress_host_dir):
-    with listeners(3) as (listed, unlisted, by_name):
+    with listeners(2) as (unlisted, by_name), privileged_listener() as listed:
+        # The host's loopback may be listed on a port below 1024 only: no local user can listen there.
         plan = egress.new_plan([f"http://127.0.0.1:{listed.port}/", f"https://localhost:{by_name.port}"], QEMU_STANDIN)
         result = egress.enforce(plan, egress_host_dir)
         assert result["forward_proxy_pid"] == egress.running_pid(egress_host_dir)
@@ -120,7 +122,7 @@ def test_a_udp_datagram_from_qemus_user_never_arrives(egress_host_dir):
 
 def test_changing_the_list_reloads_the_forward_proxy_which_keeps_its_port(egress_host_dir):
     """A reload, not a restart: while the port was free an agent could listen there and pose as the proxy."""
-    with listeners(1) as (later,):
+    with privileged_listener() as later:
         plan = egress.new_plan([], QEMU_STANDIN)
         pid = egress.enforce(plan, egress_host_dir)["forward_proxy_pid"]
         refused = as_qemu(CONNECT_SCRIPT + f"print(through_proxy({plan.listen.port}, '127.0.0.1:{later.port}'))")
@@ -258,7 +260,7 @@ def test_two_host_vms_each_reach_their_own_listed_loopback_destination(egress_ho
     ensure_user(QEMU_STANDIN_2)
     other_dir = ensure_host_dir(tmp_path / "other-host")
     try:
-        with listeners(2) as (mine, theirs):
+        with privileged_listener() as mine, privileged_listener() as theirs:
             plans = [
                 (egress.new_plan([f"https://127.0.0.1:{mine.port}"], QEMU_STANDIN), egress_host_dir),
                 (egress.new_plan([f"https://127.0.0.1:{theirs.port}"], QEMU_STANDIN_2), other_dir),
