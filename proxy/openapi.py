@@ -237,8 +237,10 @@ OPENAPI: dict[str, Any] = {
                     "409": _error("pending"),
                     "410": _error("expired", "already_used"),
                     "413": _error("too_large"),
-                    "429": _LIMITED,
-                    "502": _error("upstream_unreachable", "tls_failed", "response_too_large"),
+                    "429": {**_LIMITED, **_error("rate_limited", "too_many_calls")},
+                    "502": _error(
+                        "upstream_unreachable", "tls_failed", "response_too_large", "bad_response", "encoded_response"
+                    ),
                     "504": _error("upstream_timeout"),
                 },
             }

@@ -282,6 +282,37 @@ def test_reason_cannot_forge_lines_or_reorder_text(rig):
     assert not any(ch in text for ch in "\r\t\u202e\u202c\u2066\u2069\u200b\u2028\x1b")
 
 
+def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_masked(rig):
+    """The approver approves what is sent: a GET with X-HTTP-Method-Override is shown as such."""
+    from proxy.policy import build_policy
+
+    with Store(rig.data.settings) as store:
+        policy = build_policy(
+            ["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True, ["X-HTTP-Method-Override"]
+        )
+        store.set_secret("api-call-shown", SECRET_VALUE.encode(), "operator:test", policy)
+    call = {
+        "secret": "api-call-shown",
+        "reason": "list the repos",
+        "method": "GET",
+        "url": "https://api.example.com/v1/repos",
+        "headers": {"X-HTTP-Method-Override": "DELETE", "Accept": "application/json"},
+    }
+    created = httpx.post(
+        f"{rig.url}/v1/calls", json=call, headers={"Authorization": f"Bearer {rig.data.token}"}, timeout=30
+    )
+    assert created.status_code == 201, created.text
+    text = rig.message_for(created.json()["id"])["text"]
+    lines = text.split("\n")
+    start = lines.index("Headers:")
+    assert lines[start + 1 : start + 4] == [
+        "  Accept: application/json",
+        "  X-HTTP-Method-Override: DELETE",
+        "  Authorization: Bearer •••••• (added by the proxy)",
+    ]
+    assert SECRET_VALUE not in text
+
+
 # -- refusals --------------------------------------------------------------------------
 
 

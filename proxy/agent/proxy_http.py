@@ -154,6 +154,11 @@ HINTS = {
     "broker_only": "this secret is never handed out; use it with `call` (or the MCP tool use_secret_in_call)",
     "call_mismatch": "make exactly the call that was approved (same method, URL, headers and body), or ask again",
     "too_large": "the call's body is over the proxy's limit (broker_max_request_bytes)",
+    "too_many_calls": "this agent has as many calls under way as the proxy allows; the approval is still "
+    "unused: make the call again when one ends",
+    "bad_response": "the destination's answer was not HTTP the proxy accepts; the approval is used up",
+    "encoded_response": "the destination compressed its answer in a way the proxy cannot redact; the approval "
+    "is used up",
     "invalid_request": "check the name ([A-Za-z0-9_.-], at most 128) and the reason (1-1000 characters)",
 }
 
