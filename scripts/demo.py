@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from takeover.egress import free_privileged_port  # noqa: E402
 from takeover.models import Endpoint  # noqa: E402
 from takeover.verify import SSHTarget  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
@@ -310,7 +311,12 @@ class Demo:
         with self.steps.step(
             f"agent: use {BROKERED_NAME!r} in one API call, never holding it — secret-proxy-agent call"
         ) as note:
-            self.brokered_call(note, bool(telegram))
+            try:
+                self.brokered_call(note, bool(telegram))
+            finally:
+                withdrawn = self.withdraw_api(note)
+            if not withdrawn:
+                raise SystemExit("demo: withdrawing the stand-in API failed (see above)")
         with self.steps.step("agent: every other way in is closed") as note:
             self.check_agent_is_locked_out(note)
         with self.steps.step("where everything is") as note:
@@ -444,6 +450,30 @@ class Demo:
         if tried["status"] < 400:
             raise SystemExit("demo: a broker-only secret could be asked for retrieval")
 
+    def withdraw_api(self, note) -> bool:
+        """The stand-in API ends with the demo: its secret and its egress listing go first, so nothing
+        stays listed or brokered that nothing serves (the VM keeps running after the demo)."""
+        api = getattr(self, "api", None)
+        if api is None:
+            return True
+        deleted = self.host_ssh("/usr/local/bin/secret-proxy", "secrets", "delete", BROKERED_NAME)
+        removed = subprocess.run(
+            [PYTHON, "-m", "takeover", "egress", "remove", "--host-dir", str(self.host_dir), api.url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        api.stop()
+        self.api = None
+        note(
+            f"the stand-in API stops with the demo: {BROKERED_NAME} "
+            f"{'deleted' if deleted.returncode == 0 else 'NOT deleted: ' + deleted.stderr.strip()[-200:]}, "
+            f"{api.url} {'removed from' if removed.returncode == 0 else 'NOT removed from'} the egress list"
+        )
+        if removed.returncode != 0:
+            note(f"`takeover egress remove {api.url}` failed: {removed.stderr.strip()[-600:]}")
+        return deleted.returncode == 0 and removed.returncode == 0
+
     def check_agent_is_locked_out(self, note) -> None:
         for what, code in AGENT_TRY.items():
             target = self.host_dir / ("disk.qcow2" if "disk" in what else "qmp.sock")
@@ -491,11 +521,17 @@ class StandInApi:
             def log_message(self, *args: object) -> None:
                 pass  # it would print the key's header
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Below 1024: the host lists a loopback destination only where no local user can listen, or an
+        # agent could bind the port once this API is gone and receive the key in the next approved call.
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_privileged_port("127.0.0.1", range(900, 1000))), Handler)
         self.port = self.server.server_address[1]
         # The host's loopback: the guest reaches it through the host's egress proxy, which resolves it there.
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def telegram_config_path(args: argparse.Namespace) -> Path:
@@ -566,7 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.host_dir / "journal.json").exists():
         print(f"demo: a previous demo's VM is in {args.host_dir}; stopping and removing it first")
         reset(args)
-    Demo(args).run()
+    demo = Demo(args)
+    try:
+        demo.run()
+    finally:  # a demo that stopped half-way leaves its stand-in API neither listed nor brokered either
+        demo.withdraw_api(lambda line: print(f"demo: {line}"))
     return 0
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def host_dir(tmp_path: Path) -> Iterator[Path]:
 
 QEMU_UDP_ECHO = """
 import socket
+import subprocess
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1], flush=True)
@@ -59,6 +61,7 @@ except OSError as exc:
 
 QEMU_TCP_FORWARD = """
 import socket
+import subprocess
 s = socket.create_server(("127.0.0.1", 0))
 print(s.getsockname()[1], flush=True)
 s.settimeout(15)
@@ -285,3 +288,28 @@ def test_a_dead_forward_proxy_is_reported_its_port_stays_roots_and_start_brings_
     again = runbook.restart_forward_proxy(TakeoverConfig(host_dir=host_dir))
     assert again["egress"]["forward_proxy"] == "restarted"
     assert runbook.egress_status(host_dir)["forward_proxy"] == egress.running_pid(host_dir)
+
+
+def test_the_demo_withdraws_its_stand_in_apis_secret_and_listing_before_the_api_stops(host_dir, monkeypatch):
+    """`make demo` left http://127.0.0.1:PORT listed (and brokered) after its API exited with it."""
+    from scripts import demo
+
+    demo_run = demo.Demo(demo.parse_args(["--host-dir", str(host_dir)]))
+    demo_run.api = api = demo.StandInApi("sk-api-test")
+    assert api.port < 1024  # while it runs, and after, no local user can listen there
+    plan = egress.new_plan([api.url], QEMU_STANDIN)
+    egress.save_plan(host_dir, plan)
+    asked: list[tuple[str, ...]] = []
+
+    def host_ssh(*remote: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        asked.append(remote)  # the VM's proxy CLI, over the host's key: played here
+        return subprocess.CompletedProcess(remote, 0, "", "")
+
+    monkeypatch.setattr(demo_run, "host_ssh", host_ssh)
+    notes: list[str] = []
+    assert demo_run.withdraw_api(notes.append) is True
+    assert asked == [("/usr/local/bin/secret-proxy", "secrets", "delete", demo.BROKERED_NAME)]
+    assert egress.load_plan(host_dir).destinations == ()  # type: ignore[union-attr]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", api.port), timeout=3)
+    assert "removed from the egress list" in notes[0]
