@@ -178,6 +178,8 @@ def test_a_loopback_destination_any_local_user_could_listen_on_is_refused_when_l
     argv = ["run", "--ready-file", str(tmp_path / "ready"), "--host-dir", str(tmp_path / "h"), "--accel", "tcg"]
     with pytest.raises(InvalidInput, match="any local user may listen on"):
         config_from_args(build_parser().parse_args([*argv, "--egress-allow", url]))
+    with pytest.raises(InvalidInput, match="any local user may listen on"):  # whoever answers decides approvals
+        config_from_args(build_parser().parse_args([*argv, "--allow-telegram-api-url", "http://127.0.0.1:8081"]))
     # `takeover egress allow`
     egress.save_plan(host_dir, egress.new_plan([], QEMU_STANDIN))
     assert main(["egress", "allow", "--host-dir", str(host_dir), url, "https://[::1]:8443"]) == 1
