@@ -7,7 +7,6 @@ what to do); 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import traceback
@@ -211,8 +210,12 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         # Before anything is taken over: a destination any local user could answer for is refused now.
         refuse_unsafe({Destination.parse(url) for url in args.egress_allow})
         if args.allow_telegram_api_url:
-            with contextlib.suppress(InvalidInput):  # not a URL the list can hold: the takeover says so itself
-                refuse_unsafe({Destination.parse(args.allow_telegram_api_url)})
+            try:
+                bot_api = Destination.parse(args.allow_telegram_api_url)
+            except InvalidInput:
+                pass  # not a URL the list can hold: the takeover's own check of the config says so
+            else:
+                refuse_unsafe({bot_api})
     if args.token_file is not None and args.token_file.parent != args.host_dir:
         # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
         # that directory itself (root's, 0700) and checks the path again before writing.
