@@ -12,8 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
-from .api import routes
 from .config import Settings
+from .routes import routes
 from .state import ProxyState
 from .store import Store
 from .watch import DirectoryWatch
@@ -115,7 +115,7 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
     app = Starlette(
         routes=routes(),
         exception_handlers={
-            errors.ApiError: errors.on_api_error,
+            errors.ProxyError: errors.on_proxy_error,
             HTTPException: errors.on_http_exception,
             Exception: errors.on_unexpected,
         },

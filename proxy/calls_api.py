@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse
 
 from . import broker, crypto
 from . import store as st
-from .api import _json_body, _refusal, _request_id, _state, _within_budget, authenticate, iso, read_ask, record_ask
-from .errors import ApiError
+from .api_common import authenticate, iso, json_body, read_ask, record_ask, request_id_of, state_of, within_budget
+from .errors import ApiError, ProxyError, StoreError
 from .policy import Policy
 from .state import ProxyState
 
@@ -77,7 +77,7 @@ async def create_call(request: HttpRequest) -> JSONResponse:
         raise ApiError("forbidden", f"agent {agent.name!r} may not use {secret!r}")
     try:
         call, _ = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=True)
-    except ApiError as exc:
+    except ProxyError as exc:
         await state.refused(agent, "call.refused", exc.code, secret=secret)
         raise
     req = await record_ask(asked, call)
@@ -99,11 +99,11 @@ async def create_call(request: HttpRequest) -> JSONResponse:
 
 
 async def make_call(request: HttpRequest) -> JSONResponse:
-    state = _state(request)
+    state = state_of(request)
     agent = authenticate(request)
-    await _within_budget(state, agent, state.limits.call, "call.refused")
-    request_id = await _request_id(state, agent, request, "call.refused")
-    body = await _json_body(request)
+    await within_budget(state, agent, state.limits.call, "call.refused")
+    request_id = await request_id_of(state, agent, request, "call.refused")
+    body = await json_body(request)
     req = state.store.get_request(request_id)
     if req is None or req.agent != agent.name or state.store.get_call(request_id) is None:
         await state.refused(agent, "call.refused", "not_found", request_id)
@@ -133,10 +133,7 @@ async def _claim(
         call, data = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=False)
         assert data is not None
         secret, value, policy = await state.write(state.store.claim_call, agent, request_id, call)
-    except ApiError as exc:
-        await state.refused(agent, "call.refused", exc.code, request_id, secret)
-        raise
-    except st.StoreError as exc:
+    except StoreError as exc:
         # An altered call is audited every time, not folded into a count: it is an attempt to be looked at.
         if exc.code == "call_mismatch":
             await state.write(
@@ -150,7 +147,10 @@ async def _claim(
             )
         else:
             await state.refused(agent, "call.refused", exc.kind, request_id, exc.secret)
-        raise _refusal(exc) from None
+        raise
+    except ProxyError as exc:  # the call itself refused (broker.check_call), or its body
+        await state.refused(agent, "call.refused", exc.code, request_id, secret)
+        raise
     except crypto.CryptoError:
         log.error("call %s: the value does not decrypt under the master key", request_id)
         raise ApiError("internal_error", "the value could not be decrypted") from None
@@ -194,7 +194,7 @@ async def _attempt(
 
     try:
         answer = await broker.execute(policy, call, data, value, limits, state.resolver)
-    except ApiError as exc:
+    except ProxyError as exc:
         await failed(exc.code)
         raise
     except asyncio.CancelledError:

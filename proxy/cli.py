@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 from . import crypto
 from .broker import Call
 from .config import ConfigError, Settings, load_settings
+from .errors import StoreError
 from .policy import Policy, PolicyError, build_policy
 from .shown import header_lines, visible
-from .store import STATUSES, Store, StoreError, init_data_dir
+from .store import STATUSES, Store, init_data_dir
 
 
 class CliError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -79,23 +80,46 @@ class Settings:
 _ENV_PREFIX = "SECRET_PROXY_"
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _setting_types() -> dict[str, object]:
+    # The real types, not the annotations' strings (`from __future__ import annotations` makes them strings).
+    return typing.get_type_hints(Settings)
+
+
 def _coerce(name: str, raw: object) -> object:
-    kinds = {f.name: f.type for f in fields(Settings)}
-    kind = kinds[name]
+    """`raw` (from TOML or the environment) as the setting's own type, or a ConfigError naming it."""
+    kind = _setting_types()[name]
     try:
-        if kind == "Path":
+        if kind is Path:
             return Path(str(raw))
-        if kind in ("int", "float"):
-            if not isinstance(raw, (str, int, float)):  # a TOML list, table or date
+        if kind is bool:  # before int: a bool is an int, and "false" is a truthy string
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in _TRUE | _FALSE:
                 raise ValueError(raw)
-            return int(raw) if kind == "int" else float(raw)
-        if kind == "tuple[int, ...]":
+            return text in _TRUE
+        if kind in (int, float):
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):  # a TOML list, table or date
+                raise ValueError(raw)
+            return int(raw) if kind is int else float(raw)
+        if kind == tuple[int, ...]:
             if isinstance(raw, (list, tuple)):
                 return tuple(int(x) for x in raw)
             return tuple(int(x) for x in str(raw).split(",") if x.strip())
-        return str(raw)
+        if kind is str:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError(raw)
+            return str(raw)
     except ValueError:
-        raise ConfigError(f"setting {name!r} has an invalid value; expected {kind}") from None
+        raise ConfigError(f"setting {name!r} has an invalid value; expected {_type_name(kind)}") from None
+    raise ConfigError(f"setting {name!r} has a type the loader does not know: {kind}")
+
+
+def _type_name(kind: object) -> str:
+    return getattr(kind, "__name__", None) or str(kind)
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

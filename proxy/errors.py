@@ -1,4 +1,14 @@
-"""JSON errors with stable codes: `{"error": CODE, "detail": TEXT}`, never HTML."""
+"""Every refusal and failure of the proxy has a stable code, answered as `{"error": CODE, "detail": TEXT}`,
+never HTML, with the HTTP status `STATUS[CODE]`. One base, one handler:
+
+    ProxyError(code, detail, headers)   what every one carries; `on_proxy_error` answers it
+    ├── ApiError      the HTTP layer refused: bad input, a budget, an id of the wrong shape
+    ├── StoreError    the store refused; `kind` is how the audit names it, `secret` the secret involved
+    └── BrokerError   a brokered call was refused or failed (proxy/broker.py, proxy/upstream.py)
+
+The CLI prints the same code and detail. The model followed is httpx's `_exceptions.py`: a tree
+drawn where it is defined, each name saying what went wrong.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ STATUS = {
 }
 
 
-class ApiError(Exception):
+class ProxyError(Exception):
     def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.code = code
@@ -48,8 +58,27 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class BrokerError(ApiError):
-    """A brokered call refused or failed (`proxy/broker.py`, `proxy/upstream.py`); answered as any ApiError."""
+class ApiError(ProxyError):
+    """Refused by the HTTP layer before the store was asked."""
+
+
+class StoreError(ProxyError):
+    """A refusal by the store with a stable code that the API and the CLI report as is.
+
+    `kind` is what the audit log calls it when it differs from the code (a full
+    pending queue answers `rate_limited`, audited as `too_many_pending`); `secret`
+    names the secret involved, for that entry. Refusals of an agent's call are
+    audited by the caller (`proxy/refusals.py`), which counts repeats.
+    """
+
+    def __init__(self, code: str, detail: str, *, kind: str | None = None, secret: str | None = None) -> None:
+        super().__init__(code, detail)
+        self.kind = kind or code
+        self.secret = secret
+
+
+class BrokerError(ProxyError):
+    """A brokered call refused or failed."""
 
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(code, detail)
@@ -59,8 +88,8 @@ def error_response(code: str, detail: str, headers: dict[str, str] | None = None
     return JSONResponse({"error": code, "detail": detail}, status_code=STATUS[code], headers=headers)
 
 
-async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
+async def on_proxy_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProxyError)
     return error_response(exc.code, exc.detail, exc.headers)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import wire
+
 
 def _json(description: str, schema: str) -> dict[str, Any]:
     """A response whose JSON body is the named schema."""
@@ -28,9 +30,15 @@ def _asking(ttl_description: str) -> dict[str, Any]:
         "type": "object",
         "required": ["secret", "reason"],
         "properties": {
-            "secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-            "ttl_seconds": {"type": "integer", "minimum": 1, "default": 300, "description": ttl_description},
+            "secret": {"type": "string", "pattern": f"^{wire.SECRET_NAME}$"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": wire.MAX_REASON_CHARS},
+            "ttl_seconds": {
+                "type": "integer",
+                "minimum": 1,
+                # No "default": the operator sets it (default_ttl_seconds, max_ttl_seconds).
+                "description": ttl_description + " Absent: the proxy's default_ttl_seconds (300 unless the "
+                "operator set another); at most its max_ttl_seconds.",
+            },
         },
     }
 
@@ -56,7 +64,7 @@ def _new(summary: str, schema: str, forbidden: tuple[str, ...]) -> dict[str, Any
 
 
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^req_[A-Za-z0-9_-]{32}$"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": f"^{wire.REQUEST_ID}$"}}
 _LIMITED = {**_error("rate_limited"), "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 
 OPENAPI: dict[str, Any] = {
@@ -180,7 +188,7 @@ OPENAPI: dict[str, Any] = {
                         "name": "wait",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                        "schema": {"type": "number", "minimum": 0, "maximum": wire.MAX_WAIT_SECONDS},
                     },
                 ],
                 "responses": {

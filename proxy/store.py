@@ -21,17 +21,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import audit, crypto
+from . import audit, crypto, wire
 from .broker import Call
 from .config import Settings
+from .errors import StoreError
 from .policy import Policy
 
 # Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME_RE = wire.SECRET_NAME_RE
+AGENT_NAME_RE = wire.AGENT_NAME_RE
 SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 # The only shape `create_request` issues: "req_" + 24 random bytes in base64url.
-REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]{32}")
+REQUEST_ID_RE = wire.REQUEST_ID_RE
 SCHEMA_VERSION = 3
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
 COMMIT_MARK = "commit.mark"  # closed after every commit: the watch's cue (Store._announce_commit)
@@ -93,23 +94,6 @@ CREATE TABLE IF NOT EXISTS telegram_messages (
     closed INTEGER NOT NULL DEFAULT 0
 );
 """
-
-
-class StoreError(Exception):
-    """A refusal with a stable code that the API and the CLI report as is.
-
-    `kind` is what the audit log calls it when it differs from the code (a full
-    pending queue answers `rate_limited`, audited as `too_many_pending`); `secret`
-    names the secret involved, for that entry. Refusals of an agent's call are
-    audited by the caller (`proxy/refusals.py`), which counts repeats.
-    """
-
-    def __init__(self, code: str, detail: str, *, kind: str | None = None, secret: str | None = None) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.kind = kind or code
-        self.secret = secret
 
 
 @dataclass(frozen=True)
@@ -434,7 +418,7 @@ class Store:
     # -- agents ------------------------------------------------------------
     def add_agent(self, name: str, scopes: list[str], actor: str) -> str:
         if not AGENT_NAME_RE.fullmatch(name):
-            raise StoreError("invalid_request", "agent name must match [A-Za-z0-9_.-]{1,64}")
+            raise StoreError("invalid_request", f"agent name must match {wire.AGENT_NAME}")
         scopes = [s.strip() for s in scopes if s.strip()]
         if not scopes or any(not SCOPE_RE.fullmatch(s) for s in scopes):
             raise StoreError(
@@ -892,4 +876,4 @@ def retrieval_refusal(req: Request) -> StoreError | None:
 
 def check_secret_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise StoreError("invalid_request", "secret name must match [A-Za-z0-9_.-]{1,128}")
+        raise StoreError("invalid_request", f"secret name must match {wire.SECRET_NAME}")

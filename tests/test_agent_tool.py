@@ -212,7 +212,7 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
             elif len(calls) == 1:
                 self.reply(429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "1"})
             else:
-                self.reply(200, {"id": "req_flaky", "status": "approved", "secret": "api-key"})
+                self.reply(200, {"id": "req_flakyflakyflakyflakyflakyflakyfl", "status": "approved", "secret": "api-key"})
 
         def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
             raw = json.dumps(body).encode()
@@ -230,7 +230,7 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         result = run_agent(
-            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", "req_flaky", "--timeout", "20"
+            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", "req_flakyflakyflakyflakyflakyflakyfl", "--timeout", "20"
         )
     finally:
         server.shutdown()
@@ -278,12 +278,12 @@ def test_the_token_goes_only_to_the_proxy_url_not_to_a_proxy_or_a_redirect(token
             https_proxy=hop,
             ALL_PROXY=hop,
         )
-        result = run_agent(env, "status", "req_abc")
+        result = run_agent(env, "status", "req_abcabcabcabcabcabcabcabcabcabcab")
     finally:
         redirecting.shutdown()
         elsewhere.shutdown()
     assert result.returncode == errors.EXIT_UNREACHABLE  # a redirect is not an answer
-    assert redirecting.seen == [("/v1/requests/req_abc", f"Bearer {proxy_data.token}")]
+    assert redirecting.seen == [("/v1/requests/req_abcabcabcabcabcabcabcabcabcabcab", f"Bearer {proxy_data.token}")]
     assert elsewhere.seen == []
 
 
@@ -296,7 +296,7 @@ def test_missing_configuration_is_named(tmp_path: Path) -> None:
     )
     assert no_token.returncode == errors.EXIT_USAGE
     assert "SECRET_PROXY_TOKEN" in no_token.stderr and "SECRET_PROXY_TOKEN_FILE" in no_token.stderr
-    missing_file = run_agent(agent_env("http://127.0.0.1:9", tmp_path / "nope"), "status", "req_x")
+    missing_file = run_agent(agent_env("http://127.0.0.1:9", tmp_path / "nope"), "status", "req_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
     assert missing_file.returncode == errors.EXIT_USAGE and str(tmp_path / "nope") in missing_file.stderr
 
 

@@ -10,7 +10,8 @@ import stat
 import pytest
 
 from proxy import crypto
-from proxy.store import Store, StoreError, ensure_key_rotation_finished, init_data_dir
+from proxy.errors import StoreError
+from proxy.store import Store, ensure_key_rotation_finished, init_data_dir
 
 from .proxy_helpers import SECRET_VALUE, make_settings, provision
 

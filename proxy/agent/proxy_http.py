@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 from .errors import Denied, Expired, Refused, Unreachable, UsageError
 
-REQUEST_ID_RE = re.compile(r"^req_[A-Za-z0-9_-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^req_[A-Za-z0-9_-]{32}$")  # proxy/wire.py REQUEST_ID, pinned by a test
 MAX_WAIT_SECONDS = 60  # the API's own bound on ?wait= (docs/api.md)
 READ_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 15
 CONNECT_TIMEOUT_SECONDS = 10.0
