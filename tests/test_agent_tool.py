@@ -27,6 +27,7 @@ from proxy.demo import free_port
 from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy, cli, start_server
 
 REQUEST_ID_RE = re.compile(r"req_[A-Za-z0-9_-]+")
+FLAKY_ID = "req_" + "flaky" * 6 + "fl"  # the shape the proxy issues: 32 characters after req_
 
 
 # -- helpers (test_agent_mcp.py uses them too) ------------------------------------------------
@@ -212,7 +213,7 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
             elif len(calls) == 1:
                 self.reply(429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "1"})
             else:
-                self.reply(200, {"id": "req_flakyflakyflakyflakyflakyflakyfl", "status": "approved", "secret": "api-key"})
+                self.reply(200, {"id": FLAKY_ID, "status": "approved", "secret": "api-key"})
 
         def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
             raw = json.dumps(body).encode()
@@ -230,7 +231,7 @@ def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, to
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         result = run_agent(
-            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", "req_flakyflakyflakyflakyflakyflakyfl", "--timeout", "20"
+            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", FLAKY_ID, "--timeout", "20"
         )
     finally:
         server.shutdown()
@@ -296,7 +297,7 @@ def test_missing_configuration_is_named(tmp_path: Path) -> None:
     )
     assert no_token.returncode == errors.EXIT_USAGE
     assert "SECRET_PROXY_TOKEN" in no_token.stderr and "SECRET_PROXY_TOKEN_FILE" in no_token.stderr
-    missing_file = run_agent(agent_env("http://127.0.0.1:9", tmp_path / "nope"), "status", "req_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
+    missing_file = run_agent(agent_env("http://127.0.0.1:9", tmp_path / "nope"), "status", "req_" + "x" * 32)
     assert missing_file.returncode == errors.EXIT_USAGE and str(tmp_path / "nope") in missing_file.stderr
 
 
