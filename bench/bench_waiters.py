@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.agent.approval import RECONNECT_PAUSE_SECONDS  # noqa: E402
 from proxy.config import load_settings  # noqa: E402
+from takeover import egress  # noqa: E402
 from takeover.config import TakeoverConfig  # noqa: E402
 from tests.proxy_helpers import start_server  # noqa: E402
 from tests.telegram_emulator import BotApiEmulator  # noqa: E402
@@ -455,7 +456,8 @@ def main() -> None:
     emu = BotApiEmulator(TOKEN)
     emu.add_chat(CHAT, "supergroup", "Approvers")
     emu.add_user(APPROVER, "Approver", "approver")
-    emu.start("127.0.0.1", 0)
+    # Below 1024 (the VM reaches it through the host's egress list, which takes no higher host port).
+    emu.start("127.0.0.1", egress.free_privileged_port("127.0.0.1", range(900, 1000)) if opts.through_vm else 0)
     try:
         with (through_the_vm if opts.through_vm else on_the_host)(opts, emu) as proxy:
             asyncio.run(run(opts, proxy, emu))

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
+from takeover import egress
 from vm_image import proc
 
 from . import vm_fixtures
@@ -44,7 +45,8 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
     emu.add_chat(CHAT, "supergroup", "Approvers")
     emu.add_user(APPROVER, "Ada", "ada")
     emu.add_user(STRANGER, "Mallory", "mallory")
-    emu.start("127.0.0.1", 0)
+    # Below 1024: the host's egress list takes a host address only where no local user can listen.
+    emu.start("127.0.0.1", egress.free_privileged_port("127.0.0.1", range(900, 1000)))
     host_dir = Path("/var/lib") / f"secret-proxy-vm-story-{os.getpid()}"
     port = free_port()
     env = {

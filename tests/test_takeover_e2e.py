@@ -27,7 +27,8 @@ from takeover.steps import NAMES
 from vm_image import proc
 
 from . import vm_fixtures
-from .takeover_helpers import E2E_QEMU_USER, Listener, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
+from .egress_helpers import PrivilegedListener
+from .takeover_helpers import E2E_QEMU_USER, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -87,7 +88,8 @@ u.sendto(b"out", ("10.0.2.2", udp))
 def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     host_dir = tmp_path / "host"
     ssh_port = free_port()
-    listed, unlisted = Listener(), Listener()
+    # Below 1024: a host address is listed only where no local user can listen (threat row 80).
+    listed, unlisted = PrivilegedListener(), PrivilegedListener()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     proxy_toml = tmp_path / "proxy.toml"
