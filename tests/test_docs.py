@@ -33,3 +33,15 @@ def test_every_test_the_docs_cite_exists():
         if not path.is_file() or name not in _defined(path):
             missing.append(f"tests/{file}::{name}")
     assert missing == [], "the docs cite tests that do not exist"
+
+
+PATH_CITED = re.compile(r"\b((?:proxy|takeover|vm_image|tests|bench|scripts)/[A-Za-z0-9_/]+\.(?:py|S|sh))\b")
+
+
+def test_every_source_file_the_docs_name_exists():
+    missing = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in PATH_CITED.findall(doc.read_text()):
+            if not (ROOT / path).is_file():
+                missing.add(f"{doc.name}: {path}")
+    assert sorted(missing) == []
