@@ -74,7 +74,10 @@ def owner(module: str, table: dict[str, tuple[str, ...]]) -> str:
 def graph() -> dict[str, set[str]]:
     found = dict(modules())
     known = set(found)
-    return {name: {m for i in imports(name, path) if (m := ours(i, known)) and m != name} for name, path in found.items()}
+    edges = {}
+    for name, path in found.items():
+        edges[name] = {m for i in imports(name, path) if (m := ours(i, known)) and m != name}
+    return edges
 
 
 def test_every_import_follows_the_layer_table():
