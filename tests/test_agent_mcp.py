@@ -3,41 +3,26 @@ against a real `proxy serve`; every decision is the operator CLI's, in another p
 
 from __future__ import annotations
 
-import asyncio
-import json
 import subprocess
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp import ClientSession
 
 from proxy.agent import errors
+from tests.agent_helpers import (
+    agent_env,
+    decide,
+    decide_when_asked,
+    outcome,
+    pending_ids,
+    run_agent,
+    token_file,
+    with_mcp_server,
+)
 from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy
-from tests.test_agent_tool import agent_env, decide, decide_when_asked, pending_ids, run_agent, token_file
 from vm_image.proxy_venv import export_argv, find_uv
-
-Session = Callable[[ClientSession], Awaitable[Any]]
-
-
-def with_mcp_server(env: dict[str, str], play: Session) -> Any:
-    """Starts the MCP server as an MCP client does (a child on stdio), initializes, and plays `play`."""
-    params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.agent", "mcp"], env=env, cwd=ROOT)
-
-    async def run() -> Any:
-        async with stdio_client(params) as (read, write):
-            async with ClientSession(read, write, read_timeout_seconds=90) as session:
-                await session.initialize()
-                return await play(session)
-
-    return asyncio.run(run())
-
-
-def outcome(result: Any) -> dict:
-    assert not result.is_error, result.content
-    return result.structured_content or json.loads(result.content[0].text)
 
 
 @pytest.fixture

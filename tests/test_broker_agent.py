@@ -17,12 +17,11 @@ from mcp import ClientSession
 from proxy.policy import build_policy
 from proxy.store import Store
 
+from .agent_helpers import agent_env, decide_when_asked, outcome, run_agent, token_file, with_mcp_server
+from .broker_helpers import Rig
 from .broker_upstream import Upstream, make_ca
 from .proxy_helpers import SECRET_VALUE
-from .test_agent_mcp import outcome, with_mcp_server
-from .test_agent_tool import agent_env, decide_when_asked, run_agent, token_file
-from .test_broker import Rig
-from .test_telegram import ALICE, CHAT, start_rig, wait_until_polling
+from .telegram_helpers import ALICE, CHAT, start_rig, wait_until_polling
 
 
 @pytest.fixture(scope="module")
