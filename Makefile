@@ -1,7 +1,7 @@
 # The README's Quick start: `make demo` runs the main job, `make test` the whole suite.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-local test test-fast lint bench clean
+.PHONY: setup demo demo-local test test-unit test-fast lint bench clean
 
 setup:
 	./scripts/setup.sh
@@ -24,6 +24,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy --strict proxy
 	$(PY) -m mypy vm_image takeover
+
+# The unit tier: neither root nor VMs (seconds to a couple of minutes); `make test` runs everything.
+test-unit: setup
+	$(PY) -m pytest -q -m "not slow and not root"
 
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +14,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
+from takeover.files import ensure_host_dir
 
 from .proxy_helpers import LiveServer, Proxy, make_settings, provision, start_server
+from .takeover_helpers import AGENT
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -57,3 +62,35 @@ def live(proxy_data: Proxy) -> Iterator[LiveServer]:
     server = start_server(proxy_data.settings)
     yield server
     server.stop()
+
+
+# -- an agent user of its own, for the takeover's relocation and cloud tests -------------------------
+
+
+@pytest.fixture(scope="session")
+def agent_user() -> pwd.struct_passwd:
+    """A real unprivileged account, ours alone (created once; kept for later runs)."""
+    try:
+        return pwd.getpwnam(AGENT)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(AGENT)
+
+
+@pytest.fixture
+def agent_dir(agent_user):
+    """The agent's own directory, where it can reach (not under root's 0700 pytest temp)."""
+    path = Path(tempfile.mkdtemp(prefix="spvm-ct-agent-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    os.chown(path, agent_user.pw_uid, agent_user.pw_gid)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def host_dir(tmp_path):
+    return ensure_host_dir(tmp_path / "host")

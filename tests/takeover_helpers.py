@@ -313,3 +313,25 @@ def qemus_using(disk: Path) -> list[int]:
         if cmdline and cmdline[0].endswith(b"qemu-system-x86_64") and any(str(disk).encode() in a for a in cmdline):
             found.append(int(entry.name))
     return found
+
+
+# The host's own system build, cached between runs (the scrub and cloud tests rebuild from it).
+HOST_SYSTEM_CACHE = Path("/var/tmp/secret-proxy-vm-tests/host-system")
+AGENT = "spvm-ct-1"  # the relocation and cloud tests' agent user (conftest's `agent_user`)
+
+
+def as_agent(agent_user, *argv: str) -> None:
+    subprocess.run(
+        ["setpriv", f"--reuid={agent_user.pw_uid}", f"--regid={agent_user.pw_gid}", "--clear-groups", "--", *argv],
+        check=True,
+        capture_output=True,
+        cwd="/",
+    )
+
+
+def agent_image(agent_user, path: Path, size: str = "64M", *extra: str, fill: str | None = None) -> Path:
+    """A qcow2 the agent makes itself (qemu-img as the agent), optionally with `write -P` data in it."""
+    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size)
+    if fill:
+        as_agent(agent_user, "qemu-io", "-f", "qcow2", "-c", fill, str(path))
+    return path

@@ -138,3 +138,13 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in `tests/*_helpers.py` (and fixtures in conftest.py), one place each."""
+    wrong = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for module in imports(f"tests.{path.stem}", path):
+            if module.split(".")[-1].startswith("test_") and module.startswith("tests."):
+                wrong.append(f"{path.name} imports {module}")
+    assert wrong == []

@@ -31,8 +31,14 @@ from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.relocate import DISK_NAME, relocate_disk
 from takeover.replay import start_source_vm
 
-from .takeover_helpers import assert_replayed_and_quit, open_appliance, start_monitor_only_qemu
-from .test_takeover_relocate import AGENT, agent_dir, agent_image, agent_user, host_dir  # noqa: F401 (fixtures)
+from .takeover_helpers import (
+    AGENT,
+    HOST_SYSTEM_CACHE,
+    agent_image,
+    assert_replayed_and_quit,
+    open_appliance,
+    start_monitor_only_qemu,
+)
 
 
 def sandboxed(agent_user, script: str, timeout: float = 20) -> tuple[int, str, str]:
@@ -382,8 +388,6 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     from takeover.scrub import ScrubPlan, scrub_and_rekey
     from vm_image.disk import write_system_overlay
     from vm_image.rootfs import base_rootfs
-
-    from .test_takeover_scrub import HOST_SYSTEM_CACHE
 
     raw = tmp_path / "agent.raw"
     with open(raw, "wb") as f:

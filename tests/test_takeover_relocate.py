@@ -8,10 +8,8 @@ that make a filesystem look full.
 from __future__ import annotations
 
 import os
-import pwd
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,57 +18,11 @@ from takeover import relocate
 from takeover.agent_sandbox import SandboxError
 from takeover.diskimage import inspect_image
 from takeover.errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
-from takeover.files import ensure_host_dir
 from takeover.relocate import DISK_NAME, relocate_disk
 
+from .takeover_helpers import AGENT, agent_image, as_agent
+
 pytestmark = pytest.mark.root
-AGENT = "spvm-ct-1"
-
-
-@pytest.fixture(scope="session")
-def agent_user() -> pwd.struct_passwd:
-    """A real unprivileged account, ours alone (created once; kept for later runs)."""
-    try:
-        return pwd.getpwnam(AGENT)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(AGENT)
-
-
-@pytest.fixture
-def agent_dir(agent_user):
-    """The agent's own directory, where it can reach (not under root's 0700 pytest temp)."""
-    path = Path(tempfile.mkdtemp(prefix="spvm-ct-agent-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    os.chown(path, agent_user.pw_uid, agent_user.pw_gid)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture
-def host_dir(tmp_path):
-    return ensure_host_dir(tmp_path / "host")
-
-
-def as_agent(agent_user, *argv: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={agent_user.pw_uid}", f"--regid={agent_user.pw_gid}", "--clear-groups", "--", *argv],
-        check=True,
-        capture_output=True,
-        cwd="/",
-    )
-
-
-def agent_image(agent_user, path: Path, size: str = "64M", *extra: str, fill: str | None = None) -> Path:
-    """A qcow2 the agent makes itself (qemu-img as the agent), optionally with `write -P` data in it."""
-    as_agent(agent_user, "qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size)
-    if fill:
-        as_agent(agent_user, "qemu-io", "-f", "qcow2", "-c", fill, str(path))
-    return path
 
 
 def leftovers(host_dir: Path) -> list[str]:

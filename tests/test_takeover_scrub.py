@@ -17,7 +17,7 @@ from takeover.host_keys import generate_host_keys
 from takeover.models import Endpoint
 from takeover.scrub import ScrubPlan, scrub_and_rekey
 
-from .takeover_helpers import open_appliance
+from .takeover_helpers import HOST_SYSTEM_CACHE, open_appliance
 
 pytestmark = pytest.mark.slow
 
@@ -406,8 +406,6 @@ def test_every_change_is_recorded_with_a_reason(scrubbed):
 
 
 # -- the default: the agent's filesystem replaced by the host's own build -------------------------
-
-HOST_SYSTEM_CACHE = Path("/var/tmp/secret-proxy-vm-tests/host-system")
 
 
 @pytest.fixture(scope="module")
