@@ -19,9 +19,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from . import audit, crypto, wire
+from . import audit, crypto, key_files, schema, wire
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
@@ -33,67 +32,9 @@ AGENT_NAME_RE = wire.AGENT_NAME_RE
 SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 # The only shape `create_request` issues: "req_" + 24 random bytes in base64url.
 REQUEST_ID_RE = wire.REQUEST_ID_RE
-SCHEMA_VERSION = 3
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
 COMMIT_MARK = "commit.mark"  # closed after every commit: the watch's cue (Store._announce_commit)
 STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
-    wrapped_key BLOB NOT NULL,
-    ciphertext BLOB NOT NULL,
-    updated_at REAL NOT NULL,
-    policy TEXT
-);
-CREATE TABLE IF NOT EXISTS agents (
-    name TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    scopes TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
-    agent TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    ttl_seconds INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    decided_at REAL,
-    decided_by TEXT,
-    retrieved_at REAL
-);
-CREATE INDEX IF NOT EXISTS requests_status ON requests (status, expires_at);
-CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent, status);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER NOT NULL UNIQUE,
-    ts REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    request_id TEXT,
-    secret TEXT,
-    detail TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS calls (
-    request_id TEXT PRIMARY KEY,
-    method TEXT NOT NULL,
-    url TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    body_sha256 TEXT NOT NULL,
-    body_size INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS telegram_messages (
-    request_id TEXT PRIMARY KEY,
-    chat_id INTEGER NOT NULL,
-    message_id INTEGER NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -140,57 +81,16 @@ def init_data_dir(settings: Settings) -> None:
         raise StoreError("already_initialized", f"{settings.key_path} exists; refusing to overwrite a master key")
     key = crypto.new_master_key()
     crypto.write_key_file(settings.key_path, key)
-    _fsync_dir(data_dir)
+    key_files.fsync_dir(data_dir)
     with Store(settings, key):
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_key_rotation_finished(settings: Settings) -> None:
-    """Finish or undo a rotation that a crash interrupted (see `Store.rotate_master_key`)."""
-    pending = settings.key_path.with_suffix(".key.new")
-    if not pending.exists():
-        return
-    # Under the write lock: a rotation running in another process holds it from before it writes
-    # the pending file until its commit, so a proxy starting meanwhile waits instead of deleting it.
-    conn = sqlite3.connect(settings.db_path, timeout=30.0, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if not pending.exists():
-                return  # that rotation finished meanwhile
-            new = crypto.read_key_file(pending)
-            row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
-            if row and row[0] == new.key_id:
-                _replace_if_present(pending, settings.key_path)
-            else:
-                pending.unlink(missing_ok=True)
-        finally:
-            conn.execute("ROLLBACK")
-    finally:
-        conn.close()
-    _fsync_dir(settings.data_dir)
-
-
-def _replace_if_present(pending: Path, key_path: Path) -> None:
-    try:
-        os.replace(pending, key_path)
-    except FileNotFoundError:
-        pass  # the rotating process renamed it right after its commit
 
 
 class Store:
     def __init__(self, settings: Settings, key: crypto.MasterKey | None = None) -> None:
         self.settings = settings
         if key is None:
-            ensure_key_rotation_finished(settings)
+            key_files.ensure_key_rotation_finished(settings)
             key = crypto.read_key_file(settings.key_path)
         self._key = key
         self._local = threading.local()
@@ -299,7 +199,7 @@ class Store:
 
     def _setup(self) -> None:
         conn = self._conn()
-        conn.executescript(SCHEMA)
+        conn.executescript(schema.SCHEMA)
         with self.transaction() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchone()
             if row is None:
@@ -308,39 +208,14 @@ class Store:
                 conn.execute(
                     "INSERT INTO meta VALUES ('audit_key', ?)", (crypto.wrap_audit_key(self._key, audit_key).hex(),)
                 )
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(schema.SCHEMA_VERSION),))
                 audit.write_head(conn, audit_key, 0, audit.GENESIS)
             elif row[0] != self._key.key_id:
                 raise StoreError(
                     "wrong_master_key", f"{self.settings.key_path} is not the key this database was sealed with"
                 )
             else:
-                self._migrate(conn)
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Bring a database written by an older proxy to SCHEMA_VERSION, in the caller's transaction."""
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 1
-        if version < 2:
-            # 1 -> 2: `agents.revoked_at` was never set (revoking deletes the row), and the audit
-            # head gains a MAC. The old head is blessed only if it names the last entry, so a log
-            # truncated before the upgrade still fails `audit verify`.
-            if "revoked_at" in [c[1] for c in conn.execute("PRAGMA table_info(agents)")]:
-                conn.execute("ALTER TABLE agents DROP COLUMN revoked_at")
-            audit_key = self._load_audit_key(conn)
-            head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
-            last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            if last is None and head is None:
-                audit.write_head(conn, audit_key, 0, audit.GENESIS)
-            elif last is not None and head is not None and head[0] == last[1]:
-                audit.write_head(conn, audit_key, last[0], last[1])
-        if version < 3:
-            # 2 -> 3: a secret may carry a use policy (brokered calls); the `calls` table is new and
-            # was created by SCHEMA. Existing secrets get none: retrievable as before, never brokered.
-            if "policy" not in [c[1] for c in conn.execute("PRAGMA table_info(secrets)")]:
-                conn.execute("ALTER TABLE secrets ADD COLUMN policy TEXT")
-        if version < SCHEMA_VERSION:
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                schema.migrate(conn, self._load_audit_key)
 
     def _load_audit_key(self, conn: sqlite3.Connection | None = None) -> crypto.AuditKey:
         row = (conn or self._conn()).execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()
@@ -804,8 +679,8 @@ class Store:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'", (audit_wrapped.hex(),))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'master_key_id'", (new.key_id,))
             self._audit(conn, actor, "master_key.rotated", old_key_id=old.key_id, new_key_id=new.key_id)
-        _replace_if_present(pending, self.settings.key_path)
-        _fsync_dir(self.settings.data_dir)
+        key_files.replace_if_present(pending, self.settings.key_path)
+        key_files.fsync_dir(self.settings.data_dir)
         self._key = new
         return new.key_id
 

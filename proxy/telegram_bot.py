@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import logging
 import re
 import time
 import warnings
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from telegram import (
@@ -35,16 +33,13 @@ from telegram import (
     MaybeInaccessibleMessage,
     Update,
 )
-from telegram import User as TelegramUser
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, ExtBot
 
-from .broker import Call
-from .policy import Policy
-from .shown import header_lines, visible
 from .state import ProxyState
 from .store import REQUEST_ID_RE, Request
+from .telegram_render import display_name, render_closed, render_pending, render_pending_list
 
 log = logging.getLogger("proxy.telegram")
 
@@ -60,8 +55,6 @@ FIRST_RETRY_SECONDS = 0.5
 SYNC_EVERY_SECONDS = 1.0  # catches decisions made by another process (the CLI) and expiry
 MAX_ATTEMPTS_PER_MESSAGE = 3  # a message Telegram keeps refusing must not hold up the others
 STOP_TIMEOUT_SECONDS = 5.0
-PENDING_LIST_MAX = 20
-PENDING_REASON_CHARS = 200
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)  # a URL in a reason must not render a preview card
 
 REFUSALS = {
@@ -123,127 +116,6 @@ class TokenRedactor(logging.Filter):
         if record.stack_info and self.token in record.stack_info:
             record.stack_info = record.stack_info.replace(self.token, "<telegram-token>")
         return True
-
-
-def utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def display_name(user: TelegramUser) -> str:
-    name = user.full_name or f"user {user.id}"
-    return f"{name} @{user.username}" if user.username else name
-
-
-def _shown(text: str) -> str:
-    # Every agent-controlled field is escaped: the agent must not be able to forge markup, links, buttons or lines.
-    return html.escape(visible(text))
-
-
-def _request_lines(req: Request, call: Call | None = None, policy: Policy | None = None) -> list[str]:
-    return [
-        f"Agent: <code>{_shown(req.agent)}</code>",
-        f"Secret: <code>{_shown(req.secret)}</code>",
-        *_call_lines(call, policy),
-        f"Reason: {_shown(req.reason)}",
-    ]
-
-
-CALL_PATH_CHARS = 600
-HEADER_VALUE_CHARS = 200
-HEADERS_CHARS = 1800
-
-
-def _within(lines: list[str], budget: int) -> list[str]:
-    kept: list[str] = []
-    for line in lines:
-        budget -= len(line)
-        if budget < 0:
-            break
-        kept.append(line)
-    return kept
-
-
-def _call_lines(call: Call | None, policy: Policy | None) -> list[str]:
-    """What a brokered call will do with the secret: the approver approves exactly this, once."""
-    if call is None:
-        return []
-    target = call.target
-    port = "" if (target.scheme, target.port) in (("https", 443), ("http", 80)) else f":{target.port}"
-    path = target.path_and_query
-    if len(path) > CALL_PATH_CHARS:  # a message holds 4096 characters; the CLI shows the whole URL
-        path = f"{path[:CALL_PATH_CHARS]}… ({len(path)} characters; see `python -m proxy requests list`)"
-    headers = header_lines(call, policy, HEADER_VALUE_CHARS)
-    kept = _within(headers, HEADERS_CHARS)
-    if len(kept) < len(headers):  # a message holds 4096 characters; the approver is told what is not shown
-        kept.append(f"… and {len(headers) - len(kept)} more headers: see `python -m proxy requests list`")
-    headers = kept
-    return [
-        "Use: <b>one call made by the proxy</b>; the agent never sees the value",
-        f"Call: <code>{_shown(call.method)}</code> to <code>{_shown(target.scheme + '://' + target.host + port)}"
-        f"</code>",
-        f"Path: <code>{_shown(path)}</code>",
-        "Headers:" if headers else "Headers: none",
-        *(f"  <code>{html.escape(h)}</code>" for h in headers),
-        f"Body: {call.body_size} bytes, SHA-256 <code>{call.body_sha256[:16]}…</code>",
-    ]
-
-
-def render_pending(req: Request, call: Call | None = None, policy: Policy | None = None) -> str:
-    return "\n".join(
-        [
-            "<b>Secret use request</b>" if call else "<b>Secret request</b>",
-            *_request_lines(req, call, policy),
-            f"Expires: {utc(req.expires_at)} if undecided",
-            f"Request: <code>{html.escape(req.id)}</code>",
-        ]
-    )
-
-
-def render_closed(req: Request, names: dict[int, str], call: Call | None = None, policy: Policy | None = None) -> str:
-    if req.decided_at is not None and req.status == "denied":
-        title, outcome = "Denied", f"❌ Denied by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
-    elif req.decided_at is not None:
-        title, outcome = "Approved", f"✅ Approved by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
-    else:
-        title, outcome = "Expired", f"⌛ Expired undecided at {utc(req.expires_at)}"
-    return "\n".join(
-        [
-            f"<b>Secret {'use ' if call else ''}request: {title}</b>",
-            *_request_lines(req, call, policy),
-            f"Request: <code>{html.escape(req.id)}</code>",
-            outcome,
-        ]
-    )
-
-
-def _who(actor: str | None, names: dict[int, str]) -> str:
-    actor = actor or "unknown"
-    kind, _, ident = actor.partition(":")
-    if kind == "telegram" and ident.isdigit():
-        name = names.get(int(ident))
-        return f"{html.escape(name)} (id {ident})" if name else f"Telegram user id {ident}"
-    if kind == "operator":
-        return f"{html.escape(actor)} (CLI)"
-    return html.escape(actor)
-
-
-def render_pending_list(requests: list[Request]) -> str:
-    if not requests:
-        return "No pending requests."
-    lines = [f"<b>{len(requests)} pending request{'s' if len(requests) != 1 else ''}</b>"]
-    for req in requests[:PENDING_LIST_MAX]:
-        reason = req.reason if len(req.reason) <= PENDING_REASON_CHARS else req.reason[:PENDING_REASON_CHARS] + "…"
-        lines.append(
-            f"\n<code>{html.escape(req.id)}</code>\n<code>{_shown(req.agent)}</code> asks for "
-            f"<code>{_shown(req.secret)}</code>: {_shown(reason)}\n"
-            f"expires {utc(req.expires_at)}"
-        )
-    if len(requests) > PENDING_LIST_MAX:
-        lines.append(
-            f"\n… and {len(requests) - PENDING_LIST_MAX} more (python -m proxy requests list --status pending)"
-        )
-    lines.append("\nDecide with the buttons on each request's message.")
-    return "\n".join(lines)
 
 
 def buttons(request_id: str) -> InlineKeyboardMarkup:

@@ -11,7 +11,8 @@ import pytest
 
 from proxy import crypto
 from proxy.errors import StoreError
-from proxy.store import Store, ensure_key_rotation_finished, init_data_dir
+from proxy.key_files import ensure_key_rotation_finished
+from proxy.store import Store, init_data_dir
 
 from .proxy_helpers import SECRET_VALUE, make_settings, provision
 

@@ -1,0 +1,96 @@
+"""The database's schema, and the migrations that bring a database written by an older proxy to it.
+
+Every migration runs inside the caller's transaction, so an upgrade is all or nothing; a test
+per version (tests/test_store.py, tests/test_broker.py) opens a database in that version's shape.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from . import audit, crypto
+
+SCHEMA_VERSION = 3
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    wrapped_key BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    policy TEXT
+);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    ttl_seconds INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    decided_at REAL,
+    decided_by TEXT,
+    retrieved_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status, expires_at);
+CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent, status);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    request_id TEXT,
+    secret TEXT,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calls (
+    request_id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    url TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    body_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS telegram_messages (
+    request_id TEXT PRIMARY KEY,
+    chat_id INTEGER NOT NULL,
+    message_id INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def migrate(conn: sqlite3.Connection, load_audit_key: Callable[[sqlite3.Connection], crypto.AuditKey]) -> None:
+    """Bring a database written by an older proxy to SCHEMA_VERSION, in the caller's transaction."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row else 1
+    if version < 2:
+        # 1 -> 2: `agents.revoked_at` was never set (revoking deletes the row), and the audit
+        # head gains a MAC. The old head is blessed only if it names the last entry, so a log
+        # truncated before the upgrade still fails `audit verify`.
+        if "revoked_at" in [c[1] for c in conn.execute("PRAGMA table_info(agents)")]:
+            conn.execute("ALTER TABLE agents DROP COLUMN revoked_at")
+        audit_key = load_audit_key(conn)
+        head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is None and head is None:
+            audit.write_head(conn, audit_key, 0, audit.GENESIS)
+        elif last is not None and head is not None and head[0] == last[1]:
+            audit.write_head(conn, audit_key, last[0], last[1])
+    if version < 3:
+        # 2 -> 3: a secret may carry a use policy (brokered calls); the `calls` table is new and
+        # was created by SCHEMA. Existing secrets get none: retrievable as before, never brokered.
+        if "policy" not in [c[1] for c in conn.execute("PRAGMA table_info(secrets)")]:
+            conn.execute("ALTER TABLE secrets ADD COLUMN policy TEXT")
+    if version < SCHEMA_VERSION:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
