@@ -56,7 +56,8 @@ from .detached import start_detached
 from .errors import InvalidInput, RestartError
 from .files import fsync_dir, write_all, write_json_atomic
 from .models import Endpoint
-from .restart import check_port_free, current_boot_id, ensure_system_user
+from .ports import check_port_free
+from .system_user import ensure_system_user
 from .terminal import log_tail
 
 RECORD_NAME = "egress.json"
@@ -484,7 +485,7 @@ def remove_rules(plan: EgressPlan, host_dir: Path) -> bool:
 def _process_record(host_dir: Path) -> dict[str, int] | None:
     try:
         data = json.loads((host_dir / PROCESS_NAME).read_text())
-        if data["boot_id"] != current_boot_id():
+        if data["boot_id"] != proc.current_boot_id():
             return None
         return {"pid": int(data["pid"]), "start_ticks": int(data["start_ticks"])}
     except (OSError, ValueError, KeyError, TypeError):
@@ -590,7 +591,7 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
         time.sleep(0.05)
     write_json_atomic(
         host_dir / PROCESS_NAME,
-        {"boot_id": current_boot_id(), "pid": child.pid, "start_ticks": proc.start_ticks(child.pid)},
+        {"boot_id": proc.current_boot_id(), "pid": child.pid, "start_ticks": proc.start_ticks(child.pid)},
     )
     fsync_dir(host_dir)
     return child.pid

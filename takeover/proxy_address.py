@@ -19,9 +19,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
+
 from .errors import UnsafeProxyAddress
 from .models import Endpoint
-from .restart import GUEST_PROXY_PORT
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 FIRST_UNPRIVILEGED_PORT = 1024

@@ -27,7 +27,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -47,8 +46,9 @@ from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
 from .models import Endpoint
 from .monitor import Monitor
+from .ports import check_port_free, listener_pids, wait_for_health
+from .system_user import ensure_system_user
 from .terminal import log_tail
-from .verify import listener_pids, wait_for_health
 
 DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
@@ -180,10 +180,6 @@ class QemuIdentity:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def current_boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
 def identity_path(spec: HostVMSpec) -> Path:
     return spec.pidfile.with_name(IDENTITY_NAME)
 
@@ -203,41 +199,6 @@ def read_identity(path: Path) -> QemuIdentity | None:
 def exe_inode(pid: int) -> tuple[int, int]:
     st = os.stat(f"/proc/{pid}/exe")  # the running binary's inode, even if its file was replaced since
     return st.st_dev, st.st_ino
-
-
-def port_holders(endpoint: Endpoint) -> list[str]:
-    """Who listens on `endpoint`'s port: "pid N (uid U user, EXE)" from /proc/net/tcp and /proc/*/fd."""
-    found = []
-    for pid in sorted(listener_pids(endpoint)):
-        try:
-            info = proc.read_process(pid)
-        except OSError:
-            continue
-        try:
-            user = pwd.getpwuid(info.uid).pw_name
-        except KeyError:
-            user = "?"
-        found.append(f"pid {pid} (uid {info.uid} {user}, {info.exe})")
-    return found
-
-
-def check_port_free(endpoint: Endpoint, what: str) -> None:
-    """Refuse to start while anyone holds a port the host's QEMU is to listen on."""
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU's slirp does: TIME_WAIT is no holder
-        try:
-            sock.bind((endpoint.host, endpoint.port))
-            return
-        except OSError as exc:
-            reason = exc.strerror
-    holders = ", ".join(port_holders(endpoint)) or f"a process this host cannot name ({reason})"
-    raise RestartError(
-        f"{endpoint} ({what}) is held by {holders}; the host's VM must listen there, and whoever holds it "
-        f"would answer in the VM's place",
-        hint=f"find and stop that process (`ss -ltnp 'sport = :{endpoint.port}'`); if it is the agent's, it is "
-        f"posing as the VM. Then rerun `python -m takeover start`",
-    )
 
 
 def check_ports_free(spec: HostVMSpec) -> None:
@@ -330,7 +291,7 @@ class QemuRunner:
                 f"the QEMU answering at {spec.monitor} (pid {pid}, uid {info.uid}, {info.exe}) "
                 f"is not the one just started from {binary}"
             )
-        identity = QemuIdentity(current_boot_id(), pid, info.start_ticks, info.uid, info.exe, dev, ino)
+        identity = QemuIdentity(proc.current_boot_id(), pid, info.start_ticks, info.uid, info.exe, dev, ino)
         write_json_atomic(identity_path(spec), identity.to_dict())
 
     def allowed_uids(self) -> set[int]:
@@ -352,7 +313,7 @@ class QemuRunner:
         """
         identity = read_identity(identity_path(spec))
         if identity is not None:
-            if identity.boot_id != current_boot_id() or not proc.alive(identity.pid, identity.start_ticks):
+            if identity.boot_id != proc.current_boot_id() or not proc.alive(identity.pid, identity.start_ticks):
                 return None
             pid, exe = identity.pid, (identity.exe_dev, identity.exe_ino)
         else:
@@ -543,38 +504,6 @@ def libvirt_domain_xml(spec: HostVMSpec) -> str:
   </qemu:commandline>
 </domain>
 """
-
-
-def ensure_system_user(name: str, comment: str = "secret-proxy-vm QEMU") -> None:
-    """An unprivileged system user (QEMU's, the egress proxy's): created once, no home, no login."""
-    try:
-        pwd.getpwnam(name)
-        return
-    except KeyError:
-        pass
-    proc_ = subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--user-group",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            comment,
-            name,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if proc_.returncode != 0:
-        raise RestartError(
-            f"cannot create the system user {name!r} ({comment}): {proc_.stderr.strip()}",
-            hint="create it yourself (useradd --system) or pass --qemu-user root",
-        )
 
 
 def make_runner(name: str, *, qemu_user: str | None, libvirt_uri: str) -> Runner:

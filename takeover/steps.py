@@ -8,11 +8,10 @@ or reordering a step is one edit to `STEPS`.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from . import egress
 from .agent_owner import HostBoundary
@@ -26,6 +25,7 @@ from .find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from .host_keys import generate_host_keys, load_host_keys
 from .journal import Journal
 from .models import Endpoint, SourceVM
+from .ports import bind_refusal
 from .relocate import DISK_NAME, PARTIAL_NAME, relocate_disk
 from .report import build_report, summary, write_report
 from .restart import HostVMSpec, Runner, make_runner, restart_as_host
@@ -33,8 +33,11 @@ from .revoke import revoke_agent_access
 from .scrub import ScrubPlan, scrub_and_rekey
 from .verify import SSHTarget, create_agent_token, verify_host_vm
 
-if TYPE_CHECKING:
-    from .progress import Progress
+
+class Notes(Protocol):
+    """What a step may tell the operator: `progress.Progress` (which takes its titles from this table)."""
+
+    def note(self, text: str) -> None: ...
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Context:
     cfg: TakeoverConfig
     host_dir: Path
     journal: Journal
-    progress: Progress
+    progress: Notes
     proxy_config: bytes | None = None
     summary: str = ""
     cache: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +76,7 @@ def step_find_vm(ctx: Context) -> dict[str, Any]:
     source = find_and_check_vm(ready, ctx.host_dir, boundary, proxy_listen=cfg.proxy_listen)
     if cfg.ssh_listen.port == source.proxy.port and cfg.ssh_listen.host == source.proxy.host:
         raise InvalidInput(f"--ssh-listen {cfg.ssh_listen} is the proxy's address")
-    check_port_free(cfg.ssh_listen)
+    check_ssh_listen_free(cfg.ssh_listen)
     ctx.note(f"QEMU pid {source.pid} (uid {source.uid}) has {source.disk} open; proxy at {source.proxy}")
     for note in source.notes:
         ctx.note(f"note: {note}")
@@ -234,15 +237,13 @@ def raise_no_vm_named() -> NoReturn:
     raise InvalidInput("no --ready-file given; pass the agent's ready file (STATE/run/ready) or --monitor and --disk")
 
 
-def check_port_free(endpoint: Endpoint) -> None:
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((endpoint.host, endpoint.port))
-        except OSError as exc:
-            raise InvalidInput(
-                f"{endpoint} (the host's SSH forward) is in use: {exc.strerror}", hint="choose another --ssh-listen"
-            ) from None
+def check_ssh_listen_free(endpoint: Endpoint) -> None:
+    """Step 1 refuses a taken --ssh-listen before anything changes (step 5 checks again, naming the holder)."""
+    reason = bind_refusal(endpoint, reuse_addr=False)
+    if reason is not None:
+        raise InvalidInput(
+            f"{endpoint} (the host's SSH forward) is in use: {reason}", hint="choose another --ssh-listen"
+        )
 
 
 def boot_files(ctx: Context) -> BootFiles:

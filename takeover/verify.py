@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vm_image import health, proc
+from vm_image import proc
 from vm_image.ssh_command import ssh_argv
 
 from .agent_read import read_regular
 from .errors import InvalidInput, VerifyError
 from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from .models import Endpoint
+from .ports import listener_pids, wait_for_health
 
 BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -132,15 +133,6 @@ def _pid_alive(pid: int) -> Callable[[], bool]:
     return lambda: proc.alive(pid, ticks)
 
 
-def wait_for_health(proxy: Endpoint, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
-    try:
-        return health.wait_for_health(proxy.url, timeout, alive)
-    except health.ProcessGone:
-        raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered") from None
-    except health.HealthTimeout as exc:
-        raise VerifyError(str(exc)) from None
-
-
 def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
     started = time.monotonic()
     last = ""
@@ -238,33 +230,6 @@ def read_agent_private_key(path: Path, agent_uid: int | None) -> bytes | None:
         return read_regular(path, 16384, owner=agent_uid)[0]
     except OSError:  # missing, a link, not a regular file, not the agent's, or too large: not tried
         return None
-
-
-def listener_pids(endpoint: Endpoint) -> set[int]:
-    """Pids holding a listening TCP socket on `endpoint`'s port (from /proc/net/tcp{,6})."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == endpoint.port:  # 0A: LISTEN
-                inodes.add(f"socket:[{inode}]")
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in inodes:
-                    pids.add(int(entry.name))
-                    break
-        except OSError:
-            continue
-    return pids
 
 
 def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Path) -> dict[str, str]:

@@ -30,12 +30,13 @@ from takeover.journal import DONE, Journal
 from takeover.models import Endpoint, SourceVM
 from takeover.relocate import DISK_NAME
 from takeover.report import summary
-from takeover.restart import QemuIdentity, current_boot_id, identity_path, read_identity
+from takeover.restart import QemuIdentity, identity_path, read_identity
 from takeover.runbook import _finished_vm
 from takeover.steps import NAMES
 from takeover.terminal import printable
 from takeover.verify import SSHTarget, create_agent_token
 from vm_image import proc
+from vm_image.proc import current_boot_id
 
 from .takeover_helpers import MonitorOnlyQemu, make_qcow2
 from .vm_fixtures import free_port

@@ -30,6 +30,11 @@ class ProcessInfo:
     gids: tuple[int, ...] = ()
 
 
+def current_boot_id() -> str:
+    """This boot of the machine: a (pid, start time) pair recorded before a reboot names nothing after it."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 def read_process(pid: int) -> ProcessInfo:
     base = Path(f"/proc/{pid}")
     status = _status_fields(base / "status")
