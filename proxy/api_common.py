@@ -126,11 +126,11 @@ async def read_ask(request: HttpRequest, refusal: str) -> Asked:
     return Asked(state, agent, body, secret, reason, ttl, refusal)
 
 
-async def record_ask(asked: Asked, call: broker.Call | None = None) -> st.Request:
-    """The pending request, committed, and announced to the approvers."""
+async def record_ask(asked: Asked, call: broker.Call | None = None, body: bytes | None = None) -> st.Request:
+    """The pending request (with its call and the call's body, if any), committed, and announced to the approvers."""
     state, agent = asked.state, asked.agent
     try:
-        req = await state.write(state.store.create_request, agent, asked.secret, asked.reason, asked.ttl, call)
+        req = await state.write(state.store.create_request, agent, asked.secret, asked.reason, asked.ttl, call, body)
     except StoreError as exc:
         await state.refused(agent, asked.refusal, exc.kind, secret=exc.secret)
         if exc.code == "rate_limited":

@@ -3,7 +3,9 @@
 `POST /v1/calls` checks the call against the secret's policy (an unlisted destination is
 refused here, before anyone is asked and before any connection) and creates a pending
 request that shows the approver the call. `POST /v1/requests/{id}/call`, with the same
-call and the body itself, claims the approval (once) and makes the call (`proxy/broker.py`).
+call and the body itself, claims the approval (once) and makes the call (`proxy/broker.py`); with an
+empty body `{}` it makes the call as it was asked and stored, so that an approval outlives the agent
+process that asked (a restarted MCP server, a `call` that timed out).
 """
 
 from __future__ import annotations
@@ -69,6 +71,24 @@ def _checked_call(
     return broker.Call(body["method"], body["url"], headers, digest, size), data
 
 
+def _stored_call(state: ProxyState, request_id: str) -> tuple[broker.Call, bytes]:
+    """The call as the agent asked for it, with its body, if it may still be made; checked like a sent one."""
+    req, call = state.store.get_request(request_id), state.store.get_call(request_id)
+    assert req is not None and call is not None  # make_call looked both up
+    refusal = st.retrieval_refusal(req)
+    if refusal is not None:  # used, expired, pending, denied: say so rather than "send the body"
+        raise refusal
+    data = state.store.call_body(request_id)
+    if data is None:
+        raise ApiError(
+            "invalid_request",
+            "this call was asked by its body's hash, so the proxy does not hold the body: send the call "
+            "with `body_base64`",
+        )
+    broker.check_call(state.store.get_policy(req.secret), call.method, call.url, dict(call.headers))
+    return call, data
+
+
 async def create_call(request: HttpRequest) -> JSONResponse:
     asked = await read_ask(request, "call.refused")
     state, agent, body, secret = asked.state, asked.agent, asked.body, asked.secret
@@ -76,11 +96,11 @@ async def create_call(request: HttpRequest) -> JSONResponse:
         await state.refused(agent, "call.refused", "forbidden", secret=secret)
         raise ApiError("forbidden", f"agent {agent.name!r} may not use {secret!r}")
     try:
-        call, _ = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=True)
+        call, data = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=True)
     except ProxyError as exc:
         await state.refused(agent, "call.refused", exc.code, secret=secret)
         raise
-    req = await record_ask(asked, call)
+    req = await record_ask(asked, call, data)
     return JSONResponse(
         {
             "id": req.id,
@@ -128,9 +148,14 @@ async def make_call(request: HttpRequest) -> JSONResponse:
 async def _claim(
     state: ProxyState, agent: st.Agent, request_id: str, secret: str, body: dict[str, Any]
 ) -> tuple[str, bytes, Policy, broker.Call, bytes]:
-    """Use up the approval for exactly this call; everything the agent sent is checked before."""
+    """Use up the approval for exactly this call; everything the agent sent is checked before.
+
+    An empty body means the call as asked: the stored call, checked against the policy again."""
     try:
-        call, data = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=False)
+        if body:
+            call, data = _checked_call(state, body, state.store.get_policy(secret), hash_allowed=False)
+        else:
+            call, data = _stored_call(state, request_id)
         assert data is not None
         secret, value, policy = await state.write(state.store.claim_call, agent, request_id, call)
     except StoreError as exc:

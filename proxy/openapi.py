@@ -110,8 +110,9 @@ OPENAPI: dict[str, Any] = {
                     "secret": {"type": "string"},
                     "status": {
                         "type": "string",
-                        "enum": ["pending", "approved", "denied", "expired", "retrieved", "used"],
-                        "description": "`used`: an approved brokered call was made.",
+                        "enum": ["pending", "approved", "denied", "expired", "retrieved", "used", "cancelled"],
+                        "description": "`used`: an approved brokered call was made; `cancelled`: the agent "
+                        "withdrew it while pending.",
                     },
                     "reason": {"type": "string"},
                     "created_at": {"type": "string", "format": "date-time"},
@@ -120,8 +121,46 @@ OPENAPI: dict[str, Any] = {
                     "decided_by": {
                         "type": "string",
                         "nullable": True,
-                        "enum": ["approver", "operator", None],
-                        "description": "The role that decided, not the person.",
+                        "enum": ["approver", "operator", "agent", None],
+                        "description": "The role that decided, not the person (`agent`: it cancelled).",
+                    },
+                    "call": {
+                        "type": "object",
+                        "nullable": True,
+                        "properties": {"method": {"type": "string"}, "url": {"type": "string"}},
+                        "description": "For a call request, the call's method and URL; null for a retrieval.",
+                    },
+                },
+            },
+            "Cancelled": {
+                "allOf": [
+                    _ref("RequestStatus"),
+                    {
+                        "type": "object",
+                        "properties": {
+                            "cancelled": {
+                                "type": "boolean",
+                                "description": "false: it was no longer pending and is left as it was",
+                            }
+                        },
+                    },
+                ]
+            },
+            "SecretUse": {
+                "type": "object",
+                "required": ["name", "retrieve", "call", "destinations", "inject"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "retrieve": {"type": "boolean", "description": "false for a broker-only secret"},
+                    "call": {"type": "boolean", "description": "it may be used in brokered calls"},
+                    "destinations": {"type": "array", "items": {"type": "string"}},
+                    "inject": {
+                        "type": "object",
+                        "nullable": True,
+                        "properties": {
+                            "kind": {"type": "string", "enum": ["header", "query", "basic"]},
+                            "name": {"type": "string"},
+                        },
                     },
                 },
             },
@@ -177,7 +216,68 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": '`{"status": "ok"}`'}},
             }
         },
-        "/v1/requests": _new("Ask for a secret", "NewRequest", ("forbidden",)),
+        "/v1/requests": {
+            **_new("Ask for a secret", "NewRequest", ("forbidden",)),
+            "get": {
+                "summary": "This agent's own requests, newest first",
+                "security": _AUTH,
+                "parameters": [
+                    {"name": "status", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": '`{"requests": [RequestStatus, ...]}`',
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"requests": {"type": "array", "items": _ref("RequestStatus")}},
+                                }
+                            }
+                        },
+                    },
+                    "400": _error("invalid_request"),
+                    "401": _error("unauthorized"),
+                    "429": _LIMITED,
+                },
+            },
+        },
+        "/v1/requests/{id}/cancel": {
+            "post": {
+                "summary": "Withdraw a pending request; one no longer pending is left as it is",
+                "security": _AUTH,
+                "parameters": [_ID],
+                "responses": {
+                    "200": _json("The request after", "Cancelled"),
+                    "400": _error("malformed_id"),
+                    "401": _error("unauthorized"),
+                    "404": _error("not_found"),
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/v1/secrets": {
+            "get": {
+                "summary": "The secrets this agent may ask for, and how each may be used; never a value",
+                "security": _AUTH,
+                "responses": {
+                    "200": {
+                        "description": '`{"secrets": [SecretUse, ...]}`',
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"secrets": {"type": "array", "items": _ref("SecretUse")}},
+                                }
+                            }
+                        },
+                    },
+                    "401": _error("unauthorized"),
+                    "429": _LIMITED,
+                },
+            }
+        },
         "/v1/requests/{id}": {
             "get": {
                 "summary": "A request's status; `?wait=N` holds until it leaves pending",
@@ -225,7 +325,8 @@ OPENAPI: dict[str, Any] = {
         ),
         "/v1/requests/{id}/call": {
             "post": {
-                "summary": "Make the approved call, exactly once; the answer has the secret redacted",
+                "summary": "Make the approved call, exactly once; the answer has the secret redacted. An empty "
+                "body `{}` makes the call as asked (the proxy kept it).",
                 "security": _AUTH,
                 "parameters": [_ID],
                 "requestBody": _json_body("CallSpec"),

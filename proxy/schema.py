@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from . import audit, crypto
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS calls (
     url TEXT NOT NULL,
     headers TEXT NOT NULL,
     body_sha256 TEXT NOT NULL,
-    body_size INTEGER NOT NULL
+    body_size INTEGER NOT NULL,
+    body BLOB
 );
 CREATE TABLE IF NOT EXISTS telegram_messages (
     request_id TEXT PRIMARY KEY,
@@ -92,5 +93,10 @@ def migrate(conn: sqlite3.Connection, load_audit_key: Callable[[sqlite3.Connecti
         # was created by SCHEMA. Existing secrets get none: retrievable as before, never brokered.
         if "policy" not in [c[1] for c in conn.execute("PRAGMA table_info(secrets)")]:
             conn.execute("ALTER TABLE secrets ADD COLUMN policy TEXT")
+    if version < 4:
+        # 3 -> 4: a call keeps its body (NULL when asked by hash, and once made or expired), so that the
+        # proxy can make an approved call by its id alone. Calls asked before have none: made as before.
+        if "body" not in [c[1] for c in conn.execute("PRAGMA table_info(calls)")]:
+            conn.execute("ALTER TABLE calls ADD COLUMN body BLOB")
     if version < SCHEMA_VERSION:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

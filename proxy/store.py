@@ -34,7 +34,7 @@ SCOPE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 REQUEST_ID_RE = wire.REQUEST_ID_RE
 RECHECK_SECONDS = 0.02  # how stale a read may be about another process's commit
 COMMIT_MARK = "commit.mark"  # closed after every commit: the watch's cue (Store._announce_commit)
-STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used")
+STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class Store:
         except OSError:
             pass  # another user's marker, say: the watch's later looks still notice the commit
 
-    def _read_cache(self) -> dict[tuple[str, str], Agent | Request]:
+    def _read_cache(self) -> dict[tuple[str, str], Agent | Request | Call | None]:
         """Per-thread cache of agents and requests for the hot path, status polls.
 
         A commit in this process (the writer thread, this thread) bumps `_epoch`
@@ -175,7 +175,7 @@ class Store:
         """
         local = self._local
         now = time.monotonic()
-        cache: dict[tuple[str, str], Agent | Request] | None = getattr(local, "cache", None)
+        cache: dict[tuple[str, str], Agent | Request | Call | None] | None = getattr(local, "cache", None)
         if cache is not None and local.cache_epoch == self._epoch and now - local.checked_at < RECHECK_SECONDS:
             return cache
         epoch = self._epoch
@@ -266,7 +266,15 @@ class Store:
         return Policy.from_json(row[0]) if row and row[0] else None
 
     def get_call(self, request_id: str) -> Call | None:
-        """The exact call a request asks to make, or None for a plain retrieval request."""
+        """The exact call a request asks to make, or None for a plain retrieval request.
+
+        Cached like requests (a call never changes once asked): every status poll shows whether
+        its request is a call."""
+        cache = self._read_cache()
+        key = ("call", request_id)
+        if key in cache:
+            hit = cache[key]
+            return hit if isinstance(hit, Call) else None
         row = (
             self._conn()
             .execute(
@@ -274,9 +282,23 @@ class Store:
             )
             .fetchone()
         )
-        if row is None:
-            return None
-        return Call(row[0], row[1], tuple((h[0], h[1]) for h in json.loads(row[2])), row[3], row[4])
+        call = (
+            None
+            if row is None
+            else Call(row[0], row[1], tuple((h[0], h[1]) for h in json.loads(row[2])), row[3], row[4])
+        )
+        cache[key] = call
+        return call
+
+    def call_body(self, request_id: str) -> bytes | None:
+        """The body of a call as asked, kept until the call is made or expires; None if asked by its hash."""
+        row = self._conn().execute("SELECT body FROM calls WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def secrets_in_scope(self, agent: Agent) -> list[tuple[str, Policy | None]]:
+        """The secrets `agent` may ask for, with their use policies (never a value)."""
+        rows = self._conn().execute("SELECT name, policy FROM secrets ORDER BY name")
+        return [(name, Policy.from_json(p) if p else None) for name, p in rows if agent.may_request(name)]
 
     def delete_secret(self, name: str, actor: str) -> None:
         with self.transaction() as conn:
@@ -345,11 +367,18 @@ class Store:
 
     # -- requests ----------------------------------------------------------
     def create_request(
-        self, agent: Agent, secret: str, reason: str, ttl_seconds: int, call: Call | None = None
+        self,
+        agent: Agent,
+        secret: str,
+        reason: str,
+        ttl_seconds: int,
+        call: Call | None = None,
+        body: bytes | None = None,
     ) -> Request:
         """A new pending request (to retrieve, or to make `call`); a refusal raises StoreError and writes nothing.
 
-        The caller has checked `call` against the secret's policy (`broker.check_call`)."""
+        The caller has checked `call` against the secret's policy (`broker.check_call`), and `body`
+        (None when the agent asked by the body's hash) against `call`'s hash and size."""
         actor = f"agent:{agent.name}"
         now = time.time()
         refusal: StoreError | None = None
@@ -393,8 +422,17 @@ class Store:
                 call_detail: dict[str, object] = {}
                 if call is not None:
                     conn.execute(
-                        "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?)",
-                        (request_id, call.method, call.url, json.dumps(call.headers), call.body_sha256, call.body_size),
+                        "INSERT INTO calls (request_id, method, url, headers, body_sha256, body_size, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            request_id,
+                            call.method,
+                            call.url,
+                            json.dumps(call.headers),
+                            call.body_sha256,
+                            call.body_size,
+                            body,
+                        ),
                     )
                     call_detail = {
                         "call": {
@@ -445,6 +483,41 @@ class Store:
             )
         return [Request(*r) for r in rows]
 
+    def agent_requests(self, agent: Agent, status: str | None = None, limit: int = 50) -> list[Request]:
+        """`agent`'s own requests, newest first (never another agent's)."""
+        self.expire_due()
+        where, args = (
+            ("agent = ?", (agent.name,)) if status is None else ("agent = ? AND status = ?", (agent.name, status))
+        )
+        rows = self._conn().execute(
+            f"SELECT {_REQUEST_COLS} FROM requests WHERE {where} ORDER BY created_at DESC LIMIT ?", (*args, limit)
+        )
+        return [Request(*r) for r in rows]
+
+    def cancel(self, agent: Agent, request_id: str) -> Decision:
+        """Withdraw `agent`'s own pending request: `cancelled`, audited; a later decision changes nothing.
+
+        A request no longer pending is left as it is (`changed` False): an approval the agent no
+        longer wants simply expires, and a denial or a use stays on record as it was."""
+        self.expire_due()
+        now = time.time()
+        with self.transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
+            ).fetchone()
+            if row is None:
+                raise StoreError("not_found", "no such request")
+            req = Request(*row)
+            if req.status != "pending":
+                return Decision(req, changed=False)
+            conn.execute(
+                "UPDATE requests SET status = 'cancelled', decided_at = ?, decided_by = ? WHERE id = ?",
+                (now, f"agent:{agent.name}", request_id),
+            )
+            conn.execute("UPDATE calls SET body = NULL WHERE request_id = ?", (request_id,))
+            self._audit(conn, f"agent:{agent.name}", "request.cancelled", request_id, req.secret)
+        return Decision(self.get_request(request_id), changed=True)  # type: ignore[arg-type]
+
     def expire_due(self) -> list[Request]:
         """Mark every pending or approved request past its deadline as expired; return them."""
         now = time.time()
@@ -466,6 +539,7 @@ class Store:
                     (request_id, now),
                 ).rowcount
                 if changed:
+                    conn.execute("UPDATE calls SET body = NULL WHERE request_id = ?", (request_id,))
                     self._audit(conn, "proxy", "request.expired", request_id, before.secret, was=before.status)
                     expired.append(
                         Request(
@@ -579,6 +653,7 @@ class Store:
             policy = Policy.from_json(policy_json)
             value = crypto.open_sealed(self._current_key(conn), req.secret, sealed)
             conn.execute("UPDATE requests SET status = 'used', retrieved_at = ? WHERE id = ?", (now, request_id))
+            conn.execute("UPDATE calls SET body = NULL WHERE request_id = ?", (request_id,))  # kept until made
             self._audit(conn, actor, "call.started", request_id, req.secret, method=call.method, url=call.url)
         return req.secret, value, policy
 
@@ -739,6 +814,8 @@ def _retrieval_refusal(req: Request, now: float) -> StoreError | None:
         return StoreError(
             "already_used", "the approved call was already made; ask again for another", secret=req.secret
         )
+    if req.status == "cancelled":
+        return StoreError("expired", "the request was cancelled by the agent; make a new request", secret=req.secret)
     if req.status == "expired" or req.expires_at <= now:
         return StoreError("expired", "the request expired; make a new request", secret=req.secret)
     return None

@@ -93,7 +93,12 @@ def render_pending(req: Request, call: Call | None = None, policy: Policy | None
 
 
 def render_closed(req: Request, names: dict[int, str], call: Call | None = None, policy: Policy | None = None) -> str:
-    if req.decided_at is not None and req.status == "denied":
+    if req.status == "cancelled":
+        title, outcome = (
+            "Withdrawn",
+            f"↩️ Withdrawn by the agent at {utc(req.decided_at or req.expires_at)}: nothing to decide",
+        )
+    elif req.decided_at is not None and req.status == "denied":
         title, outcome = "Denied", f"❌ Denied by {_who(req.decided_by, names)} at {utc(req.decided_at)}"
     elif req.decided_at is not None:
         title, outcome = "Approved", f"✅ Approved by {_who(req.decided_by, names)} at {utc(req.decided_at)}"

@@ -46,6 +46,8 @@ def test_openapi_describes_every_route(client):
         "/v1/requests/{id}/secret",
         "/v1/calls",
         "/v1/requests/{id}/call",
+        "/v1/requests/{id}/cancel",
+        "/v1/secrets",
     }
 
 
@@ -75,7 +77,17 @@ def test_full_round_trip_retrieves_once(client, proxy_data):
     assert decide(proxy_data, rid).changed
     status = client.get(f"/v1/requests/{rid}", headers=auth(proxy_data.token)).json()
     assert status["status"] == "approved" and status["decided_by"] == "operator"
-    assert set(status) == {"id", "secret", "status", "reason", "created_at", "expires_at", "decided_at", "decided_by"}
+    assert set(status) == {
+        "id",
+        "secret",
+        "status",
+        "reason",
+        "created_at",
+        "expires_at",
+        "decided_at",
+        "decided_by",
+        "call",
+    }
 
     got = client.get(f"/v1/requests/{rid}/secret", headers=auth(proxy_data.token))
     assert got.status_code == 200 and got.json() == {"secret": "api-key", "value": SECRET_VALUE}

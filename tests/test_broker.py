@@ -267,7 +267,7 @@ def test_a_version_2_database_gains_policies_and_its_secrets_stay_retrieve_only(
         assert store.retrieve(agent, req.id) == ("api-key", SECRET_VALUE.encode())
         assert store.get_call(req.id) is None
     db = sqlite3.connect(proxy.settings.db_path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     db.close()
 
 

@@ -260,7 +260,7 @@ def test_a_version_1_database_is_migrated(tmp_path):
         assert store.authenticate(proxy.token) is not None
     db = sqlite3.connect(proxy.settings.db_path)
     assert "revoked_at" not in [c[1] for c in db.execute("PRAGMA table_info(agents)")]
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     db.close()
 
 
