@@ -10,7 +10,7 @@ each on a fresh TLS connection as the broker makes it:
 - brokered (ask + approve + make): also `POST /v1/calls` and the approval (the operator's store call in
   this process, standing in for the human, whose minutes are not the proxy's cost);
 - brokered through the host's forward proxy (make): as in a taken-over VM, a second `proxy serve` with
-  `egress_proxy` set tunnels the call through tinyproxy (`takeover/egress.py`, started here as the
+  `egress_proxy` set tunnels the call through tinyproxy (`takeover/host/egress.py`, started here as the
   takeover starts it; needs root and tinyproxy) instead of resolving and connecting itself.
 
 The ratio is what to read; absolute numbers depend on the machine (and the disk, for the fsyncs).
@@ -39,7 +39,7 @@ from proxy.config import load_settings  # noqa: E402
 from proxy.demo import free_port  # noqa: E402
 from proxy.policy import build_policy  # noqa: E402
 from proxy.store import Store, init_data_dir  # noqa: E402
-from takeover import egress  # noqa: E402
+from takeover.host import egress  # noqa: E402
 from takeover.models import Endpoint  # noqa: E402
 from tests.broker_upstream import Upstream, make_ca  # noqa: E402
 from tests.proxy_helpers import start_server  # noqa: E402

@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.agent.approval import RECONNECT_PAUSE_SECONDS  # noqa: E402
 from proxy.config import load_settings  # noqa: E402
-from takeover import egress  # noqa: E402
 from takeover.config import TakeoverConfig  # noqa: E402
+from takeover.host import egress  # noqa: E402
 from tests.proxy_helpers import start_server  # noqa: E402
 from tests.telegram_emulator import BotApiEmulator  # noqa: E402
 
@@ -186,7 +186,7 @@ async def connect(port: int, token: str, rid: str, opening: asyncio.Semaphore | 
     """A connection to the proxy; with `opening`, known to reach it (a status call answered) before the next opens.
 
     QEMU's user network listens on a forwarded port with a backlog of 1 (libslirp's tcp_listen),
-    which dropped the handshakes of a burst until the takeover widened it (takeover/forward_backlog.py);
+    which dropped the handshakes of a burst until the takeover widened it (takeover/host/forward_backlog.py);
     `opening` paces the connections as agents arriving over time would.
     """
     if opening is None:

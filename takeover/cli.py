@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
-from .egress import Destination, refuse_unsafe
 from .errors import InvalidInput, TakeoverError, from_vm_image
-from .files import check_trusted_parent
+from .host.egress import Destination, refuse_unsafe
+from .host.files import check_trusted_parent
+from .host.terminal import show
 from .models import Endpoint
 from .progress import Progress
 from .rollback import roll_back
 from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
 from .steps import NAMES
-from .terminal import show
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
-from .files import read_root_only_file
+from .host.files import read_root_only_file
 from .models import Endpoint
 
 DEFAULT_HOST_DIR = Path("/var/lib/secret-proxy-vm")
@@ -36,7 +36,7 @@ class TakeoverConfig:
     keep_source: bool = False
     proxy_config: Path | None = None
     allow_telegram_api_url: str | None = None  # the operator's yes to a Bot API other than Telegram's own
-    # The host's VM reaches only Telegram and these destinations (takeover/egress.py); off only by choice.
+    # The host's VM reaches only Telegram and these destinations (takeover/host/egress.py); off only by choice.
     egress_filter: bool = True
     egress_allow: tuple[str, ...] = ()
     agent_name: str | None = None

@@ -3,7 +3,7 @@
 Written atomically (temp file 0600, fsync, rename, fsync the directory) after
 every change, so a crash leaves either the old or the new journal. A rerun
 reads it to resume; `rollback` reads it to find the source VM again. Which steps
-there are, in what order, and where a rerun resumes, is `steps.py`'s table.
+there are, in what order, and where a rerun resumes, is the table in `steps/__init__.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DestinationTaken, JournalError
-from .files import write_json_atomic
+from .host.files import write_json_atomic
 
 VERSION = 1
 JOURNAL_NAME = "journal.json"

@@ -11,8 +11,8 @@ from typing import TextIO
 
 from vm_image.progress import Steps
 
+from .host.terminal import printable
 from .steps import NAMES, TITLES
-from .terminal import printable
 
 
 class Progress(Steps):

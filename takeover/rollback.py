@@ -1,7 +1,7 @@
 """`python -m takeover rollback`: stop the host's VM and bring the agent's VM back from `takeover-checkpoint`.
 
 Only for an unfinished takeover: once the host's VM is verified the agent's disk may be gone.
-The agent's QEMU is started again through replay.py's fences; the host's copy is deleted only
+The agent's QEMU is started again through agent/replay.py's fences; the host's copy is deleted only
 once the agent's VM answers /health again.
 """
 
@@ -14,18 +14,19 @@ from typing import Any
 from vm_image import proc
 from vm_image.health import HealthTimeout, wait_for_health
 
-from . import egress
+from .agent.diskimage import inspect_image
+from .agent.replay import start_source_vm
 from .config import TakeoverConfig
-from .diskimage import inspect_image
 from .errors import JournalError, RollbackError
+from .host import egress
+from .host.runners import make_runner
 from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
-from .relocate import DISK_NAME, PARTIAL_NAME
-from .replay import start_source_vm
-from .restart import make_runner
 from .runbook import require_root
-from .steps import Context, vm_spec
+from .steps.context import Context
+from .steps.relocate import DISK_NAME, PARTIAL_NAME
+from .steps.restart import vm_spec
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
 HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", *egress.FILES)

@@ -1,4 +1,4 @@
-"""The runbook: `run` (the steps of `steps.py`, journaled, resumable), `start`, `stop` and `status`.
+"""The runbook: `run` (the steps of `steps/__init__.py`, journaled, resumable), `start`, `stop` and `status`.
 
 This file only sequences the steps, records each in the journal, and decides what a rerun
 redoes. Until the new VM is verified, the agent's disk and its `takeover-checkpoint` stay
@@ -15,20 +15,22 @@ from typing import Any
 
 from vm_image import proc
 
-from . import egress
+from .agent.diskimage import inspect_image
 from .config import TakeoverConfig, read_proxy_config
-from .diskimage import inspect_image
 from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError, VerifyError
-from .files import ensure_host_dir
-from .host_keys import load_host_keys
+from .host import egress
+from .host.files import ensure_host_dir
+from .host.keys import load_host_keys
+from .host.runners import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving, widen_forwards
 from .journal import DONE, IN_PROGRESS, JOURNAL_NAME, Journal, check_destination
 from .models import CHECKPOINT_TAG, Endpoint, SourceVM
 from .progress import Progress
-from .relocate import DISK_NAME
-from .report import build_report, summary, write_report
-from .restart import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving, widen_forwards
-from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, Context, steps_to_run, vm_spec
-from .verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
+from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, steps_to_run
+from .steps.context import Context
+from .steps.relocate import DISK_NAME
+from .steps.report import build_report, summary, write_report
+from .steps.restart import vm_spec
+from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
 
 
 def require_root() -> None:

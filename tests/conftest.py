@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from takeover.files import ensure_host_dir
+from takeover.host.files import ensure_host_dir
 
 from .proxy_helpers import LiveServer, Proxy, make_settings, provision, start_server
 from .takeover_helpers import AGENT

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
+from takeover.host.monitor import Monitor
 from takeover.models import CHECKPOINT_TAG
-from takeover.monitor import Monitor
 from vm_image import proc
 
 
@@ -256,7 +256,7 @@ def takeover_run(ready: Path, host_dir: Path, *more: str, ssh_port: int | None =
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """The host's login, as the takeover's own checks make it: its key, the pinned host key, strict checking."""
     from takeover.models import Endpoint
-    from takeover.verify import SSHTarget
+    from takeover.steps.verify import SSHTarget
 
     target = SSHTarget(Endpoint("127.0.0.1", port), host_dir / "host_key", host_dir / "known_hosts")
     return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)
@@ -267,12 +267,13 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> list[int]:
     with the run's own --qemu-user, which is how it knows its QEMU). Any QEMU still running on the
     host directory's disk afterwards is killed and named (and returned): a test must not leave VMs behind."""
     try:
-        from takeover import egress
         from takeover.config import TakeoverConfig
+        from takeover.host import egress
+        from takeover.host.runners import QemuRunner
         from takeover.journal import Journal
         from takeover.progress import Progress
-        from takeover.restart import QemuRunner
-        from takeover.steps import Context, vm_spec
+        from takeover.steps.context import Context
+        from takeover.steps.restart import vm_spec
 
         journal = Journal.load(host_dir)
         if journal is None or not journal.entry("scrub").get("result"):

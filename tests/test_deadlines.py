@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from takeover.appliance import Watchdog
 from takeover.errors import ScrubError, VerifyError
-from takeover.guest import Guest
-from takeover.verify import run_bounded
+from takeover.guest.appliance import Watchdog
+from takeover.guest.editor import Guest
+from takeover.steps.verify import run_bounded
 from vm_image.errors import LaunchFailed
 from vm_image.launch import start_qemu
 

@@ -1,4 +1,4 @@
-"""A process of the agent's uid gets no descriptor of root's log (`takeover/detached.py`).
+"""A process of the agent's uid gets no descriptor of root's log (`takeover/host/detached.py`).
 
 The attack: the agent copies a descriptor of its own replayed QEMU (it may ptrace a process of
 its uid, or use pidfd_getfd) and writes to root's log for as long as it likes, until root's disk
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from takeover.detached import LOG_LIMIT, start_detached, start_drained
+from takeover.host.detached import LOG_LIMIT, start_detached, start_drained
 
 pytestmark = pytest.mark.root
 

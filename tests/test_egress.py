@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from takeover import egress
-from takeover.egress import Destination, EgressPlan
 from takeover.errors import InvalidInput, RestartError
-from takeover.files import ensure_host_dir
+from takeover.host import egress
+from takeover.host.egress import Destination, EgressPlan
+from takeover.host.files import ensure_host_dir
 from tests.egress_helpers import privileged_listener
 from tests.takeover_helpers import ensure_user, listeners
 

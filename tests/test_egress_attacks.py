@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from takeover import egress, runbook
+from takeover import runbook
 from takeover.cli import build_parser, config_from_args, main
 from takeover.config import TakeoverConfig
-from takeover.egress import Destination, EgressPlan
 from takeover.errors import InvalidInput
-from takeover.files import ensure_host_dir
+from takeover.host import egress
+from takeover.host.egress import Destination, EgressPlan
+from takeover.host.files import ensure_host_dir
 from tests.egress_helpers import as_user, finish, privileged_listener, through_proxy
 from tests.takeover_helpers import ensure_user
 

@@ -1,4 +1,4 @@
-"""QEMU's forwarded ports hold a burst of agents connecting at once (`takeover/forward_backlog.py`).
+"""QEMU's forwarded ports hold a burst of agents connecting at once (`takeover/host/forward_backlog.py`).
 
 Played with a real QEMU, run as an unprivileged user (`-runas`, as the host's VM runs),
 whose forwards are libslirp's own listening sockets. QEMU is stopped (SIGSTOP) during
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from takeover.forward_backlog import BacklogError, widen
+from takeover.host.forward_backlog import BacklogError, widen
 from takeover.models import Endpoint
 from tests.takeover_helpers import ensure_user, free_port, listen_backlog
 

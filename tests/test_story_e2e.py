@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
-from takeover import egress
+from takeover.host import egress
 from vm_image import proc
 
 from . import vm_fixtures

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from takeover.checkpoint import save_checkpoint_and_stop
+from takeover.agent.diskimage import inspect_image
+from takeover.agent.replay import start_source_vm
 from takeover.config import read_proxy_config
-from takeover.diskimage import inspect_image
 from takeover.errors import (
     DiskMismatch,
     InvalidInput,
@@ -24,16 +24,16 @@ from takeover.errors import (
     NotTheAgentsVM,
     ReadyFileError,
 )
-from takeover.files import ensure_host_dir
-from takeover.find_vm import explicit_ready, find_and_check_vm, read_ready_file
+from takeover.host.files import ensure_host_dir
+from takeover.host.monitor import Monitor
+from takeover.host.runners import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.journal import Journal
 from takeover.models import CHECKPOINT_TAG, Endpoint
-from takeover.monitor import Monitor
-from takeover.replay import start_source_vm
-from takeover.restart import HostVMSpec, libvirt_domain_xml, qemu_command
-from takeover.revoke import remove_agent_file
 from takeover.runbook import recover_interrupted_checkpoint
 from takeover.steps import first_step_to_run
+from takeover.steps.checkpoint import save_checkpoint_and_stop
+from takeover.steps.find_vm import explicit_ready, find_and_check_vm, read_ready_file
+from takeover.steps.revoke import remove_agent_file
 
 from .takeover_helpers import (
     agent_workdir,
@@ -473,7 +473,7 @@ def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu)
 def test_the_vm_size_the_agents_qemu_answers_is_checked(memory, cpus, error):
     """The agent may ptrace its QEMU and answer anything: the size is bounded before step 1 uses it."""
     from takeover.errors import TakeoverError
-    from takeover.find_vm import _vm_size
+    from takeover.steps.find_vm import _vm_size
 
     class Answers:
         def execute(self, command: str) -> object:

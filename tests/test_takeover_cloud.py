@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from takeover import nbd_sink
-from takeover.agent_sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
-from takeover.checkpoint import save_checkpoint_and_stop
-from takeover.diskimage import inspect_image
+from takeover.agent import nbd_sink
+from takeover.agent.diskimage import inspect_image
+from takeover.agent.replay import start_source_vm
+from takeover.agent.sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
 from takeover.errors import DiskMismatch
-from takeover.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
 from takeover.models import CHECKPOINT_TAG, Endpoint
-from takeover.relocate import DISK_NAME, relocate_disk
-from takeover.replay import start_source_vm
+from takeover.steps.checkpoint import save_checkpoint_and_stop
+from takeover.steps.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
+from takeover.steps.relocate import DISK_NAME, relocate_disk
 
 from .takeover_helpers import (
     AGENT,
@@ -384,8 +384,8 @@ def test_the_rebuild_never_mounts_the_agents_filesystem_and_drops_its_partition_
     With the rebuild (the default) the appliance never reads it: the host's copy is replaced by a blank
     disk of the same size before libguestfs starts, then formatted whole.
     """
-    from takeover.host_keys import generate_host_keys
-    from takeover.scrub import ScrubPlan, scrub_and_rekey
+    from takeover.guest.scrub import ScrubPlan, scrub_and_rekey
+    from takeover.host.keys import generate_host_keys
     from vm_image.disk import write_system_overlay
     from vm_image.rootfs import base_rootfs
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
-from takeover.monitor import Monitor
-from takeover.restart import LibvirtRunner
+from takeover.host.monitor import Monitor
+from takeover.host.runners import LibvirtRunner
 from takeover.steps import NAMES
 from vm_image import proc
 

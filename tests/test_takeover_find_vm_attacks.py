@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from takeover.agent_owner import HostBoundary
-from takeover.diskimage import inspect_image
+from takeover.agent.diskimage import inspect_image
+from takeover.agent.owner import HostBoundary
+from takeover.agent.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
 from takeover.errors import (
     DiskFormatError,
     InvalidInput,
@@ -35,12 +36,11 @@ from takeover.errors import (
     UnsafeProxyAddress,
     UntrustedQemu,
 )
-from takeover.files import ensure_host_dir
-from takeover.find_vm import check_pidfile, explicit_ready, find_and_check_vm, read_ready_file
+from takeover.host.files import ensure_host_dir
+from takeover.host.monitor import Monitor
 from takeover.models import Endpoint
-from takeover.monitor import Monitor
-from takeover.proxy_address import Forward, check_agent_address, choose_proxy_address, confirmed_forwards
-from takeover.verify import read_agent_private_key
+from takeover.steps.find_vm import check_pidfile, explicit_ready, find_and_check_vm, read_ready_file
+from takeover.steps.verify import read_agent_private_key
 from vm_image import proc
 from vm_image.qemu_command import VmConfig, qemu_argv
 

@@ -25,16 +25,16 @@ import pytest
 
 from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
-from takeover.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
+from takeover.host.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
+from takeover.host.runners import QemuIdentity, identity_path, read_identity
+from takeover.host.terminal import printable
 from takeover.journal import DONE, Journal
 from takeover.models import Endpoint, SourceVM
-from takeover.relocate import DISK_NAME
-from takeover.report import summary
-from takeover.restart import QemuIdentity, identity_path, read_identity
 from takeover.runbook import _finished_vm
 from takeover.steps import NAMES
-from takeover.terminal import printable
-from takeover.verify import SSHTarget, create_agent_token
+from takeover.steps.relocate import DISK_NAME
+from takeover.steps.report import summary
+from takeover.steps.verify import SSHTarget, create_agent_token
 from vm_image import proc
 from vm_image.proc import current_boot_id
 

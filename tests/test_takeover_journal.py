@@ -10,7 +10,7 @@ import pytest
 
 from takeover.config import TakeoverConfig
 from takeover.errors import DestinationTaken, JournalError
-from takeover.files import ensure_host_dir
+from takeover.host.files import ensure_host_dir
 from takeover.journal import DONE, ROLLED_BACK, Journal, check_destination
 from takeover.runbook import open_journal
 from takeover.steps import NAMES, first_step_to_run, steps_to_run
@@ -116,8 +116,8 @@ def test_the_report_and_the_progress_display_take_the_steps_from_the_one_table(h
     import io
 
     from takeover.progress import Progress
-    from takeover.report import build_report
     from takeover.steps import STEPS, TITLES
+    from takeover.steps.report import build_report
 
     journal = Journal.new(host_dir, {})
     finished(journal, "find_vm")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from takeover import relocate
-from takeover.agent_sandbox import SandboxError
-from takeover.diskimage import inspect_image
+from takeover.agent.diskimage import inspect_image
+from takeover.agent.sandbox import SandboxError
 from takeover.errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
-from takeover.relocate import DISK_NAME, relocate_disk
+from takeover.steps import relocate
+from takeover.steps.relocate import DISK_NAME, relocate_disk
 
 from .takeover_helpers import AGENT, agent_image, as_agent
 

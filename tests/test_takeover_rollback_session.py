@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from takeover.checkpoint import save_checkpoint_and_stop
+from takeover.agent.replay import replay_command, start_source_vm
 from takeover.errors import RollbackError, UnsafeCommandLine
-from takeover.files import ensure_host_dir
-from takeover.find_vm import explicit_ready, find_and_check_vm
+from takeover.host.files import ensure_host_dir
+from takeover.host.monitor import Monitor
 from takeover.models import CHECKPOINT_TAG, Endpoint
-from takeover.monitor import Monitor
-from takeover.replay import replay_command, start_source_vm
+from takeover.steps.checkpoint import save_checkpoint_and_stop
+from takeover.steps.find_vm import explicit_ready, find_and_check_vm
 from vm_image import proc
 from vm_image.qemu_command import VmConfig, qemu_argv
 
@@ -339,7 +339,7 @@ def qemus_using(disk: Path) -> list[int]:
 ROLLBACK_SNIPPET = """
 import json, sys
 from takeover.models import SourceVM
-from takeover.replay import start_source_vm
+from takeover.agent.replay import start_source_vm
 start_source_vm(SourceVM.from_dict(json.load(open(sys.argv[1]))), __import__("pathlib").Path(sys.argv[2]))
 print("rollback: started")
 """

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from takeover.diskimage import inspect_image
-from takeover.files import ensure_host_dir
-from takeover.guest_files import SSHD_CONFIG, SUDOERS, UNIT, WRAPPER
-from takeover.host_keys import generate_host_keys
+from takeover.agent.diskimage import inspect_image
+from takeover.guest.files import SSHD_CONFIG, SUDOERS, UNIT, WRAPPER
+from takeover.guest.scrub import ScrubPlan, scrub_and_rekey
+from takeover.host.files import ensure_host_dir
+from takeover.host.keys import generate_host_keys
 from takeover.models import Endpoint
-from takeover.scrub import ScrubPlan, scrub_and_rekey
 
 from .takeover_helpers import HOST_SYSTEM_CACHE, open_appliance
 

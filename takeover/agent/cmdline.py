@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import UnsafeCommandLine
+from ..errors import UnsafeCommandLine
 
 WORD = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no slash, comma or '=': names no file and adds no option
 SIZE = re.compile(r"[0-9]{1,7}[kKmMgGtT]?")

@@ -3,7 +3,7 @@
 A qcow2 header can name a backing file or an external data file by any path,
 and qemu-img's parsers are large C code. So root never reads a header the agent
 wrote: a file root does not own is read by its owner, in the sandbox
-(takeover/agent_sandbox.py), and may sit on a short chain of backing files (a
+(takeover/agent/sandbox.py), and may sit on a short chain of backing files (a
 cloud image's overlay) that its owner can read. Root reads only its own files
 (the host's copy, made by root's qemu-img from raw bytes), and those must be a
 self-contained qcow2. A root-owned file offered as the agent's disk is refused.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .agent_sandbox import AgentUser, SandboxError, run_as_agent
-from .errors import CopyError, DiskFormatError, TakeoverError
+from ..errors import CopyError, DiskFormatError, TakeoverError
+from .sandbox import AgentUser, SandboxError, run_as_agent
 
 QEMU_IMG = "qemu-img"
 ACCEPTED_FORMATS = ("qcow2", "raw")

@@ -1,6 +1,6 @@
 """A write-only NBD server on one socket: how the agent's flattened disk reaches root's file.
 
-The agent's `qemu-img convert` runs sandboxed as the agent (takeover/agent_sandbox.py)
+The agent's `qemu-img convert` runs sandboxed as the agent (takeover/agent/sandbox.py)
 and writes the disk's raw bytes to this server over a socketpair; the server writes
 them into a file root created 0600. The other end is hostile: it may send any bytes.
 So the server is small and in Python (no memory bugs to aim at), speaks only what

@@ -24,9 +24,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR
-from .errors import NotTheAgentsVM, PrivilegedAgent, TakeoverError
-from .journal import JOURNAL_NAME
+from ..config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR
+from ..errors import NotTheAgentsVM, PrivilegedAgent, TakeoverError
+from ..journal import JOURNAL_NAME
 
 HOST_DIRS = (DEFAULT_HOST_DIR, DEFAULT_CACHE_DIR, Path("/var/lib/libvirt"))
 HOST_QEMU_USERS = ("libvirt-qemu", "qemu", "libvirt-dnsmasq")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 
-from .errors import UnsafeProxyAddress
-from .models import Endpoint
+from ..errors import UnsafeProxyAddress
+from ..models import Endpoint
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 FIRST_UNPRIVILEGED_PORT = 1024

@@ -6,14 +6,14 @@ QEMU is started again with its own command line, recorded from
 starts it from root's terminal, so the replay is fenced three ways:
 
 - only options vm_image itself writes, every path a file of the agent's
-  (agent_cmdline.py); checked in step 1, before anything changes, and again here;
+  (agent/cmdline.py); checked in step 1, before anything changes, and again here;
 - the host's QEMU binary, as the agent's own uid, gid and groups, with no new
   privileges and no capabilities (setpriv);
 - nothing of root's session: a new session with no controlling terminal (the
   agent can ptrace a process of its own uid, and with a terminal it could read
   root's keys or push input into root's shell with TIOCSTI), no descriptor but
   /dev/null and a pipe (root copies it to the log, at most 1 MiB, while QEMU
-  starts, then closes its end: detached.py), a clean environment, and the
+  starts, then closes its end: host/detached.py), a clean environment, and the
   agent's own directory as its working directory.
 """
 
@@ -28,11 +28,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from .agent_cmdline import check_options
-from .detached import LogDrain, start_drained
-from .errors import RollbackError, UnsafeCommandLine
-from .models import CHECKPOINT_TAG, SourceVM
-from .terminal import log_tail
+from ..errors import RollbackError, UnsafeCommandLine
+from ..host.detached import LogDrain, start_drained
+from ..host.terminal import log_tail
+from ..models import CHECKPOINT_TAG, SourceVM
+from .cmdline import check_options
 
 QEMU_BINARY = re.compile(r"^qemu-system-x86_64$")
 # Options whose effect must not survive into the replay: an old snapshot or migration
@@ -48,7 +48,7 @@ def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | No
 
     `owner` is the agent's uid (the QEMU process's): every file the command line names must be
     theirs. Raises UnsafeCommandLine when it cannot be replayed: not QEMU x86_64, an option
-    outside the allow-list (agent_cmdline.py), or no -drive with the disk.
+    outside the allow-list (agent/cmdline.py), or no -drive with the disk.
     """
     if len(cmdline) < 2:
         raise UnsafeCommandLine("the source QEMU's command line is empty")
@@ -131,7 +131,7 @@ def start_source_vm(source: SourceVM, log_path: Path, load_checkpoint: bool = Tr
     daemonizes = "-daemonize" in source.cmdline or "--daemonize" in source.cmdline
     # Neither setpriv nor QEMU (nor the QEMU parent that waits while the daemon loads the
     # checkpoint) may hold root's terminal, nor root's log: its output comes through a pipe
-    # root closes once the start is over (detached.py).
+    # root closes once the start is over (host/detached.py).
     child, drain = start_drained(argv, log_path, env=env, cwd=workdir)
     try:
         return _wait_started(child, daemonizes, drain, log_path)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import TakeoverError
+from ..errors import TakeoverError
 
 SAFE_PATH = "/usr/bin:/bin"
 MAX_OUTPUT = 1 << 20  # bytes of stdout plus stderr; `qemu-img info` prints a few KiB

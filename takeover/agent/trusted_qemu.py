@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vm_image import proc
 
-from .errors import UntrustedQemu
+from ..errors import UntrustedQemu
 
 TRUSTED_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))
 

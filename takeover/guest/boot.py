@@ -21,8 +21,8 @@ from vm_image import debs
 from vm_image.boot_files import KERNEL_APPEND, BootFiles
 from vm_image.boot_files import boot_files as vm_image_boot_files
 
-from .errors import TakeoverError, from_vm_image
-from .files import check_safe_path
+from ..errors import TakeoverError, from_vm_image
+from ..host.files import check_safe_path
 
 APT_ARCHIVES = Path("/var/cache/apt/archives")  # a .deb apt already fetched (and checked) on this host
 # Drivers a VM on QEMU's virtio devices never needs; leaving them out makes the tree a

@@ -20,8 +20,8 @@ from typing import Any
 
 import guestfs
 
+from ..errors import ScrubError
 from .appliance import LAUNCH_TIMEOUT, SESSION_TIMEOUT, ApplianceLog, Watchdog
-from .errors import ScrubError
 
 # Debian 12 merges /usr: /lib, /bin and /sbin are symlinks into /usr. Those links (and only
 # with these targets) are followed; any other symlink on a path we touch is the agent's.

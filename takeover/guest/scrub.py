@@ -26,12 +26,12 @@ from vm_image.guest_files import DATA_DIR as PROXY_DATA
 from vm_image.guest_files import PROXY_HOME, PROXY_USER, ROOT_DEVICE
 from vm_image.guest_files import VENV as PROXY_VENV
 
-from . import guest_files
-from .diskimage import QEMU_IMG, inspect_image
-from .errors import ScrubError
-from .files import fsync_dir, fsync_file
-from .guest import Change, Guest
-from .host_keys import HostKeys
+from ..agent.diskimage import QEMU_IMG, inspect_image
+from ..errors import ScrubError
+from ..host.files import fsync_dir, fsync_file
+from ..host.keys import HostKeys
+from . import files as guest_files
+from .editor import Change, Guest
 
 # What the scrub leaves in place, for docs/threat-model.md. Each line: what, and why it is open.
 # The first four hold only when the agent's system is kept (--keep-agent-system); by default the

@@ -52,13 +52,13 @@ from urllib.parse import urlsplit
 
 from vm_image import proc
 
+from ..errors import InvalidInput, RestartError
+from ..models import Endpoint
 from .detached import start_detached
-from .errors import InvalidInput, RestartError
 from .files import fsync_dir, write_all, write_json_atomic
-from .models import Endpoint
 from .ports import check_port_free
-from .system_user import ensure_system_user
 from .terminal import log_tail
+from .users import ensure_system_user
 
 RECORD_NAME = "egress.json"
 PROCESS_NAME = "egress.process.json"

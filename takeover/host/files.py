@@ -17,7 +17,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 # Paths that reach a QEMU or ssh command line. QEMU option values treat ',' specially and
 # ssh options treat spaces and '%' specially, so the host's own paths are kept to this set.

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import Endpoint
+from ..models import Endpoint
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (the unified syscall table)

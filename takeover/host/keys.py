@@ -15,9 +15,9 @@ from pathlib import Path
 
 from vm_image import keys
 
-from .errors import HostKeyError, from_vm_image
+from ..errors import HostKeyError, from_vm_image
+from ..models import Endpoint
 from .files import fsync_dir, fsync_file, write_private
-from .models import Endpoint
 
 HOST_KEY = "host_key"
 KNOWN_HOSTS = "known_hosts"

@@ -17,7 +17,7 @@ from typing import Any
 
 from vm_image import qmp
 
-from .errors import MonitorNotQMP, MonitorUnreachable, TakeoverError
+from ..errors import MonitorNotQMP, MonitorUnreachable, TakeoverError
 
 CONNECT_TIMEOUT = qmp.CONNECT_TIMEOUT
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from vm_image import health, proc
 
-from .errors import RestartError, VerifyError
-from .models import Endpoint
+from ..errors import RestartError, VerifyError
+from ..models import Endpoint
 
 
 def listener_pids(endpoint: Endpoint) -> set[int]:

@@ -39,16 +39,16 @@ from vm_image import proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 
+from ..errors import RestartError, VerifyError
+from ..models import Endpoint
 from . import forward_backlog
-from .agent_read import read_regular
 from .detached import start_detached
-from .errors import RestartError, VerifyError
 from .files import check_safe_path, write_json_atomic
-from .models import Endpoint
 from .monitor import Monitor
 from .ports import check_port_free, listener_pids, wait_for_health
-from .system_user import ensure_system_user
+from .regular_file import read_regular
 from .terminal import log_tail
+from .users import ensure_system_user
 
 DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
@@ -524,21 +524,3 @@ def widen_forwards(spec: HostVMSpec, pid: int, progress: Callable[[str], None]) 
             "so agents connecting at once may wait seconds for their handshakes"
         )
         return {"backlog": exc.widened or None, "error": str(exc)}
-
-
-def restart_as_host(
-    spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None
-) -> dict[str, Any]:
-    progress(f"starting {spec.name} with the {runner.name} runner")
-    if runner.stop(spec):
-        progress("stopped a host VM left by an earlier attempt")
-    started = time.monotonic()
-    pid = runner.start(spec)
-    return {
-        "pid": pid,
-        "pid_start_ticks": proc.start_ticks(pid),
-        "start_seconds": round(time.monotonic() - started, 3),
-        "forwards": widen_forwards(spec, pid, progress),
-        "spec": spec.to_dict(),
-        **runner.describe(spec),
-    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pwd
 import subprocess
 
-from .errors import RestartError
+from ..errors import RestartError
 
 
 def ensure_system_user(name: str, comment: str = "secret-proxy-vm QEMU") -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 from vm_image import proc
 
-from .diskimage import inspect_image
-from .errors import CheckpointError
-from .models import CHECKPOINT_TAG, SourceVM
-from .monitor import Monitor, Peer, QMPCommandError
+from ..agent.diskimage import inspect_image
+from ..errors import CheckpointError
+from ..host.monitor import Monitor, Peer, QMPCommandError
+from ..models import CHECKPOINT_TAG, SourceVM
+from .context import Context
 
 JOB_ID = "takeover-checkpoint-save"
 SAVE_TIMEOUT = 900.0  # RAM state under TCG writes at tens of MB/s; a 4 GiB guest still fits
@@ -130,3 +131,7 @@ def _save_with_hmp(mon: Monitor) -> None:
     out = mon.hmp(f"savevm {CHECKPOINT_TAG}", timeout=SAVE_TIMEOUT).strip()
     if out:
         raise CheckpointError(f"savevm failed: {out[-300:]}")
+
+
+def step_checkpoint(ctx: Context) -> dict[str, Any]:
+    return save_checkpoint_and_stop(ctx.source, ctx.note).to_dict()

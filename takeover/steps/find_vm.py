@@ -4,8 +4,8 @@ The ready file is the agent's and may lie; so may the socket it names. What we
 believe instead: the kernel (the socket's peer pid and uid, the owners of the
 files, the binary the process runs, the files it has open, the addresses it
 listens on) and QEMU's own answer to `query-block` where the kernel confirms it.
-Whose VM it is and who the agent is: `agent_owner`; whether the process is the
-host's QEMU: `trusted_qemu`; where the proxy will listen: `proxy_address`.
+Whose VM it is and who the agent is: `agent/owner.py`; whether the process is the
+host's QEMU: `agent/trusted_qemu.py`; where the proxy will listen: `agent/proxy_address.py`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vm_image import proc
 from vm_image.layout import READY_MARKER
 
-from .agent_owner import (
+from ..agent.diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image
+from ..agent.owner import (
     HostBoundary,
     agent_file,
     check_groups,
@@ -30,9 +31,10 @@ from .agent_owner import (
     check_process_ids,
     one_owner,
 )
-from .agent_read import NotAgentFile, read_regular
-from .diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image
-from .errors import (
+from ..agent.proxy_address import choose_proxy_address, confirmed_forwards
+from ..agent.replay import replay_command
+from ..agent.trusted_qemu import check_host_qemu
+from ..errors import (
     DiskMismatch,
     InvalidInput,
     MonitorNotQMP,
@@ -41,11 +43,11 @@ from .errors import (
     NotTheAgentsVM,
     ReadyFileError,
 )
-from .models import Endpoint, SourceVM
-from .monitor import Monitor, Peer
-from .proxy_address import choose_proxy_address, confirmed_forwards
-from .replay import replay_command
-from .trusted_qemu import check_host_qemu
+from ..host.monitor import Monitor, Peer
+from ..host.ports import bind_refusal
+from ..host.regular_file import NotAgentFile, read_regular
+from ..models import Endpoint, SourceVM
+from .context import Context
 
 READY_MAX_BYTES = 64 * 1024
 QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
@@ -315,3 +317,39 @@ def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None) -> 
         if not str(path).startswith("/"):
             raise InvalidInput(f"{what} must be an absolute path")
     return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy)
+
+
+def step_find_vm(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    if cfg.monitor or cfg.disk:
+        if not (cfg.monitor and cfg.disk):
+            raise InvalidInput("--monitor and --disk go together")
+        ready = explicit_ready(cfg.monitor, cfg.disk)  # the proxy: where the agent's QEMU forwards it
+    elif cfg.ready_file is not None:
+        ready = read_ready_file(cfg.ready_file)
+    else:
+        raise_no_vm_named()
+    # The VM must be one unprivileged user's, outside every host directory (agent/owner.py's docstring).
+    boundary = HostBoundary.for_takeover(ctx.host_dir, cfg.qemu_user, extra_dirs=(cfg.cache_dir,))
+    source = find_and_check_vm(ready, ctx.host_dir, boundary, proxy_listen=cfg.proxy_listen)
+    if cfg.ssh_listen.port == source.proxy.port and cfg.ssh_listen.host == source.proxy.host:
+        raise InvalidInput(f"--ssh-listen {cfg.ssh_listen} is the proxy's address")
+    check_ssh_listen_free(cfg.ssh_listen)
+    ctx.note(f"QEMU pid {source.pid} (uid {source.uid}) has {source.disk} open; proxy at {source.proxy}")
+    for note in source.notes:
+        ctx.note(f"note: {note}")
+    return source.to_dict()
+
+
+def raise_no_vm_named() -> NoReturn:
+    """There is no default ready file: the host never guesses which user's VM to take."""
+    raise InvalidInput("no --ready-file given; pass the agent's ready file (STATE/run/ready) or --monitor and --disk")
+
+
+def check_ssh_listen_free(endpoint: Endpoint) -> None:
+    """Step 1 refuses a taken --ssh-listen before anything changes (step 5 checks again, naming the holder)."""
+    reason = bind_refusal(endpoint, reuse_addr=False)
+    if reason is not None:
+        raise InvalidInput(
+            f"{endpoint} (the host's SSH forward) is in use: {reason}", hint="choose another --ssh-listen"
+        )

@@ -2,12 +2,12 @@
 
 Root never parses what the agent wrote. The agent's disk and its backing files
 (a cloud image's overlay sits on the user's base image) are read only by
-`qemu-img` running as the agent, sandboxed (takeover/agent_sandbox.py): first
+`qemu-img` running as the agent, sandboxed (takeover/agent/sandbox.py): first
 `qemu-img info` on each file of the chain (diskimage.inspect_agent_disk: qcow2
 on top, qcow2 or raw below, at most two backing files, each readable by the
 agent), then `qemu-img convert` of exactly that chain into raw bytes. Those
 bytes travel over a socketpair to a small NBD server in this process
-(takeover/nbd_sink.py), which writes them into `HOST_DIR/.disk.raw.partial`,
+(takeover/agent/nbd_sink.py), which writes them into `HOST_DIR/.disk.raw.partial`,
 created here O_EXCL, 0600, root:root, within a byte budget that leaves the
 filesystem room. Root's own `qemu-img convert -f raw` then makes the qcow2:
 every qcow2 structure in the host's copy is root's, and a raw source has none
@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agent_sandbox import AgentUser, SandboxError, run_as_agent
-from .diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
-from .errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
-from .files import fsync_dir, fsync_file
-from .nbd_sink import SinkError, serve_writes
+from ..agent.diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
+from ..agent.nbd_sink import SinkError, serve_writes
+from ..agent.sandbox import AgentUser, SandboxError, run_as_agent
+from ..errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
+from ..host.files import fsync_dir, fsync_file
+from .context import Context
 
 DISK_NAME = "disk.qcow2"
 PARTIAL_NAME = ".disk.qcow2.partial"
@@ -259,3 +260,21 @@ def _sha256_file(path: Path) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+def step_relocate(ctx: Context) -> dict[str, Any]:
+    source = ctx.source
+    # A copy from an attempt whose scrub did not finish is not trusted: start from the source again.
+    for name in (DISK_NAME, PARTIAL_NAME):
+        path = ctx.host_dir / name
+        if path.exists():
+            ctx.note(f"discarding {path} from an unfinished earlier attempt")
+            path.unlink()
+    result = relocate_disk(
+        Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino), progress=ctx.note
+    )
+    ctx.note(
+        f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "
+        f"allocated (source {result.source_allocated / 2**20:.0f} MiB)"
+    )
+    return result.to_dict()

@@ -7,15 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .files import write_json_atomic
-from .journal import Journal
-from .terminal import printable
+from ..host.files import write_json_atomic
+from ..host.terminal import printable
+from ..journal import Journal
 
 REPORT_NAME = "report.json"
 
 
 def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) -> dict[str, Any]:
-    """`titles`: each step's name and title, in order (`steps.TITLES`; steps.py imports this module)."""
+    """`titles`: each step's name and title, in order (`steps.TITLES`; the step table imports this module)."""
     steps = []
     for step, title in titles.items():
         entry = journal.entry(step)

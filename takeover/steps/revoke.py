@@ -16,8 +16,9 @@ from typing import Any
 
 from vm_image import proc
 
-from .errors import TakeoverError
-from .models import SourceVM
+from ..errors import TakeoverError
+from ..models import SourceVM
+from .context import Context
 
 
 def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> dict[str, Any]:
@@ -72,3 +73,12 @@ def remove_agent_file(
         return "removed"
     finally:
         os.close(dir_fd)
+
+
+def step_revoke(ctx: Context) -> dict[str, Any]:
+    result = revoke_agent_access(ctx.source, keep_source=ctx.cfg.keep_source)
+    for item in result["removed"]:
+        ctx.note(f"removed {item['path']}")
+    for item in result["kept"]:
+        ctx.note(f"kept {item['path']}: {item['outcome']}")
+    return result

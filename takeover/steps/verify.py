@@ -26,11 +26,13 @@ from typing import Any
 from vm_image import proc
 from vm_image.ssh_command import ssh_argv
 
-from .agent_read import read_regular
-from .errors import InvalidInput, VerifyError
-from .files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
-from .models import Endpoint
-from .ports import listener_pids, wait_for_health
+from ..errors import InvalidInput, VerifyError
+from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
+from ..host.keys import load_host_keys
+from ..host.ports import listener_pids, wait_for_health
+from ..host.regular_file import read_regular
+from ..models import Endpoint
+from .context import Context
 
 BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -263,3 +265,36 @@ def which_ssh() -> None:
     for tool in ("ssh", "ssh-keyscan"):
         if shutil.which(tool) is None:
             raise VerifyError(f"{tool} is not installed on the host", hint="apt-get install openssh-client")
+
+
+def step_verify(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    source = ctx.source
+    restart = ctx.journal.result("restart")
+    key, known_hosts = load_host_keys(ctx.host_dir)
+    ssh = SSHTarget(cfg.ssh_listen, key, known_hosts)
+    result = verify_host_vm(
+        source.proxy,
+        ssh,
+        restart["pid"],
+        setup_key_pub=source.setup_key_pub,
+        agent_uid=source.uid,
+        timeout=cfg.boot_timeout,
+        progress=ctx.note,
+    )
+    ctx.note(
+        f"/health after {result['health_seconds']:.0f} s; SSH as the host works; the agent's key: {result['agent_key']}"
+    )
+    if cfg.agent_name:
+        token_file = cfg.token_file or ctx.host_dir / f"agent-{cfg.agent_name}.token"
+        if token_file.exists():
+            ctx.note(f"{token_file} exists from an earlier attempt; not creating the agent again")
+            result["agent_token"] = {
+                "agent": cfg.agent_name,
+                "secrets": cfg.agent_secrets,
+                "token_file": str(token_file),
+            }
+        else:
+            result["agent_token"] = create_agent_token(ssh, cfg.agent_name, cfg.agent_secrets, token_file)
+            ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
+    return result

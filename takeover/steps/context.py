@@ -1,0 +1,35 @@
+"""What every step is given: the run's settings, host directory, journal, and where to say what it does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import TakeoverConfig
+from ..journal import Journal
+from ..models import SourceVM
+
+
+class Notes(Protocol):
+    """What a step may tell the operator: `progress.Progress` (which takes its titles from this table)."""
+
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class Context:
+    cfg: TakeoverConfig
+    host_dir: Path
+    journal: Journal
+    progress: Notes
+    proxy_config: bytes | None = None
+    summary: str = ""
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> SourceVM:
+        return SourceVM.from_dict(self.journal.result("find_vm"))
+
+    def note(self, text: str) -> None:
+        self.progress.note(text)

@@ -1,0 +1,70 @@
+"""Step 5: start the VM again as the host's, from the host's disk, with the host's kernel.
+
+The egress filter is enforced before QEMU starts; the runners themselves (qemu, libvirt) and
+the description of the VM they share are `host/runners.py`, which `takeover start` uses too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vm_image import proc
+
+from ..config import TakeoverConfig
+from ..guest.boot import BootFiles
+from ..host import egress
+from ..host.runners import HostVMSpec, Runner, make_runner, widen_forwards
+from .context import Context
+from .relocate import DISK_NAME
+
+
+def step_restart(ctx: Context) -> dict[str, Any]:
+    spec = vm_spec(ctx)
+    plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
+    limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}
+    return {**restart_as_host(spec, runner_for(ctx.cfg), ctx.note), "egress": limits}
+
+
+def vm_spec(ctx: Context) -> HostVMSpec:
+    cfg, source = ctx.cfg, ctx.source
+    boot = BootFiles.from_dict(ctx.journal.result("scrub")["boot"])
+    return HostVMSpec(
+        name=cfg.vm_name,
+        disk=ctx.host_dir / DISK_NAME,
+        kernel=boot.kernel,
+        initrd=boot.initrd,
+        append=boot.append,
+        memory_mb=cfg.memory_mb,  # the operator's, never the agent's: the agent's VM size is only reported
+        cpus=cfg.cpus,
+        accel=cfg.accel,
+        proxy_listen=source.proxy,
+        ssh_listen=cfg.ssh_listen,
+        monitor=ctx.host_dir / "qmp.sock",
+        pidfile=ctx.host_dir / "qemu.pid",
+        serial_log=ctx.host_dir / "serial.log",
+        qemu_log=ctx.host_dir / "qemu.log",
+    )
+
+
+def runner_for(cfg: TakeoverConfig) -> Runner:
+    return make_runner(cfg.runner, qemu_user=cfg.qemu_user, libvirt_uri=cfg.libvirt_uri)
+
+
+def restart_as_host(
+    spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    progress(f"starting {spec.name} with the {runner.name} runner")
+    if runner.stop(spec):
+        progress("stopped a host VM left by an earlier attempt")
+    started = time.monotonic()
+    pid = runner.start(spec)
+    return {
+        "pid": pid,
+        "pid_start_ticks": proc.start_ticks(pid),
+        "start_seconds": round(time.monotonic() - started, 3),
+        "forwards": widen_forwards(spec, pid, progress),
+        "spec": spec.to_dict(),
+        **runner.describe(spec),
+    }
