@@ -22,8 +22,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy --strict proxy
-	$(PY) -m mypy vm_image takeover
+	$(PY) -m mypy --strict proxy vm_image takeover
 
 # The unit tier: neither root nor VMs (seconds to a couple of minutes); `make test` runs everything.
 test-unit: setup

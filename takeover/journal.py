@@ -79,7 +79,8 @@ class Journal:
         entry = self.entry(step)
         if entry.get("status") != "done":
             raise JournalError(f"step {step!r} has not finished; its result is not in {self.path}")
-        return entry["result"]
+        result: dict[str, Any] = entry["result"]
+        return result
 
     def begin(self, step: str) -> None:
         self.data["steps"][step] = {"status": "started", "started": time.time()}

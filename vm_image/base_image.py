@@ -37,7 +37,7 @@ def image_info(path: Path) -> dict[str, Any]:
         raise MissingTool("qemu-img is not installed (package qemu-utils)") from None
     if result.returncode != 0:
         raise BadInput(f"--base-image {path}: qemu-img cannot read it: {result.stderr.strip()}")
-    info = json.loads(result.stdout)
+    info: dict[str, Any] = json.loads(result.stdout)  # qemu-img's --output=json info is one object
     if info.get("format") not in FORMATS:
         raise BadInput(f"--base-image {path} is {info.get('format')!r}; use a qcow2 or raw image")
     if info["format"] == "raw":

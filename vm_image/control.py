@@ -23,9 +23,10 @@ def read_ready(path: Path) -> dict[str, Any]:
     if marker.strip() != READY_MARKER:
         return {}
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except ValueError:
         return {}
+    return data if isinstance(data, dict) else {}  # what is not an object is as unreadable as bad JSON
 
 
 def status(layout: Layout) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _check_name(package: str) -> None:
         raise ValueError(f"not a Debian package name: {package!r}")
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     if shutil.which(argv[0]) is None:
         raise MissingTool(f"{argv[0]} is not installed (package apt)")
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=900)

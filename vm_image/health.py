@@ -22,7 +22,7 @@ def answers(url: str, timeout: float = 5) -> bool:
     """`url`/health answers 200 with {"status": "ok"}."""
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
-            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+            return bool(resp.status == 200 and json.loads(resp.read()).get("status") == "ok")
     except (OSError, ValueError, AttributeError):
         return False
 

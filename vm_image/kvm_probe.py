@@ -282,7 +282,7 @@ def _open_own_dir(directory: Path, uid: int, create: bool) -> int | None:
     return fd
 
 
-def _kill_group(child: subprocess.Popen) -> None:
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
     if child.poll() is None:
         try:
             os.killpg(child.pid, signal.SIGKILL)

@@ -163,7 +163,7 @@ def _inputs_digest() -> str:
     return h.hexdigest()
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     if proc.returncode != 0:
         raise VenvError(f"{' '.join(argv[:3])} failed: {proc.stderr.strip()[-500:]}")

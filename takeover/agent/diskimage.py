@@ -154,7 +154,7 @@ def inspect_agent_disk(path: Path, agent: AgentUser, *, force_share: bool = Fals
     )
 
 
-def _agent_info(path: Path, fmt: str | None, agent: AgentUser, force_share: bool, below: Path | None) -> dict:
+def _agent_info(path: Path, fmt: str | None, agent: AgentUser, force_share: bool, below: Path | None) -> dict[str, Any]:
     argv = [
         QEMU_IMG,
         "info",
@@ -193,7 +193,7 @@ def _agent_info(path: Path, fmt: str | None, agent: AgentUser, force_share: bool
     return info
 
 
-def _parse(text: str, path: Path) -> dict:
+def _parse(text: str, path: Path) -> dict[str, Any]:
     try:
         info = json.loads(text)
     except ValueError:
@@ -203,7 +203,7 @@ def _parse(text: str, path: Path) -> dict:
     return info
 
 
-def _check_level(info: dict, path: Path) -> None:
+def _check_level(info: dict[str, Any], path: Path) -> None:
     data = (info.get("format-specific") or {}).get("data") or {}
     if not isinstance(data, dict):
         data = {}
@@ -218,7 +218,7 @@ def _check_level(info: dict, path: Path) -> None:
             raise DiskFormatError(f"qemu-img reports a {key} of {info.get(key)!r} for {path}")
 
 
-def _snapshots(info: dict) -> tuple[str, ...]:
+def _snapshots(info: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(s.get("name")) for s in info.get("snapshots") or [] if isinstance(s, dict))
 
 

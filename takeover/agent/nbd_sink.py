@@ -174,10 +174,10 @@ def _handshake(conn: _Conn, size: int) -> None:
 def _valid_info_request(data: bytes) -> bool:
     if len(data) < 6:
         return False
-    (name_len,) = struct.unpack(">I", data[:4])
+    name_len: int = struct.unpack(">I", data[:4])[0]
     if 4 + name_len + 2 > len(data):
         return False
-    (count,) = struct.unpack(">H", data[4 + name_len : 6 + name_len])
+    count: int = struct.unpack(">H", data[4 + name_len : 6 + name_len])[0]
     return len(data) == 6 + name_len + 2 * count
 
 

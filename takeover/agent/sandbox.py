@@ -115,7 +115,7 @@ def run_as_agent(
     *,
     timeout: float,
     pass_fds: tuple[int, ...] = (),
-    while_running: Callable[[subprocess.Popen], None] | None = None,
+    while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> SandboxResult:
     """Run `argv` in the sandbox as `agent`; returns its exit status and (bounded) output.
 
@@ -177,7 +177,7 @@ def _read_bounded(child: subprocess.Popen[bytes], deadline: float, name: str) ->
     return bytes(out[child.stdout.fileno()]), bytes(out[child.stderr.fileno()])
 
 
-def _kill_group(child: subprocess.Popen) -> None:
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
     # The sandbox is its own session and process group: anything it started goes with it,
     # even when the first process has already exited.
     try:

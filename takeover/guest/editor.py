@@ -192,7 +192,8 @@ class Guest:
             raise ScrubError(f"{path} in the guest is missing or not a regular file")
         if entry.size > limit:
             raise ScrubError(f"{path} in the guest is {entry.size} bytes, more than we read ({limit})")
-        return self.g.read_file(path)
+        data: bytes = self.g.read_file(path)  # guestfs is untyped
+        return data
 
     def listdir(self, path: str) -> list[str]:
         path = self.canonical(path)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 # The proxy's unit and CLI wrapper are vm_image's text, written again by the host (one source for both).
-from vm_image.guest_files import UNIT, WRAPPER  # noqa: F401
+from vm_image.guest_files import UNIT as UNIT
+from vm_image.guest_files import WRAPPER as WRAPPER
 
 HEADER = "# Written by the host's takeover (python -m takeover); what the agent left here is gone.\n"
 

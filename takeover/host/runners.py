@@ -265,7 +265,7 @@ class QemuRunner:
             raise
         return pid
 
-    def _wait_running(self, spec: HostVMSpec, child: subprocess.Popen) -> int:
+    def _wait_running(self, spec: HostVMSpec, child: subprocess.Popen[bytes]) -> int:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if child.poll() is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
+
+from vm_image.boot_files import BootFiles
 
 from ..config import TakeoverConfig
 from ..journal import Journal
@@ -25,7 +27,7 @@ class Context:
     progress: Notes
     proxy_config: bytes | None = None
     summary: str = ""
-    cache: dict[str, Any] = field(default_factory=dict)
+    boot: BootFiles | None = None  # the host's kernel and initrd, prepared once per run (steps/scrub.py)
 
     @property
     def source(self) -> SourceVM:

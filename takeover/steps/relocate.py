@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
-from ..agent.nbd_sink import SinkError, serve_writes
+from ..agent.nbd_sink import SinkError, SinkResult, serve_writes
 from ..agent.sandbox import AgentUser, SandboxError, run_as_agent
 from ..errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
 from ..host.files import fsync_dir, fsync_file
@@ -162,11 +162,12 @@ def _space_budget(host_dir: Path, image: ImageInfo) -> int:
     return min(image.virtual_size, (free - SPACE_MARGIN) // 2)
 
 
-def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, budget: int):
+def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, budget: int) -> SinkResult:
     """The agent's `qemu-img convert` (sandboxed) writes raw bytes over NBD into `raw` (root's file)."""
     fd = os.open(raw, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    outcome: dict[str, Any] = {}
+    outcome: dict[str, SinkResult] = {}  # what the server thread got
+    failed: list[SinkError] = []
     try:
         os.fchmod(fd, 0o600)
         os.fchown(fd, 0, 0)
@@ -182,7 +183,7 @@ def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, b
             target,
         ]
 
-        def serve(_child: subprocess.Popen) -> None:
+        def serve(_child: subprocess.Popen[bytes]) -> None:
             theirs.close()  # the sandbox holds its end; ours sees EOF when it exits
             try:
                 outcome["sink"] = serve_writes(
@@ -194,12 +195,12 @@ def _flatten(source_disk: Path, image: ImageInfo, agent: AgentUser, raw: Path, b
                     deadline=time.monotonic() + FLATTEN_TIMEOUT,
                 )
             except SinkError as exc:
-                outcome["error"] = exc
+                failed.append(exc)
             finally:
                 ours.close()  # a qemu-img still writing gets EPIPE and exits
 
         result = run_as_agent(argv, agent, timeout=FLATTEN_TIMEOUT, pass_fds=(theirs.fileno(),), while_running=serve)
-        error = outcome.get("error")
+        error = failed[0] if failed else None
         if error is not None and error.over_budget:
             raise NotEnoughSpace(
                 f"the agent's disk did not fit in {budget / 2**20:.0f} MiB of the host "

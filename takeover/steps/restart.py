@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from vm_image import proc
+from vm_image.boot_files import BootFiles
 
 from ..config import TakeoverConfig
-from ..guest.boot import BootFiles
 from ..host import egress
 from ..host.runners import HostVMSpec, Runner, make_runner, widen_forwards
 from .context import Context

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vm_image.boot_files import BootFiles
+
 from ..agent.diskimage import inspect_image
 from ..config import telegram_destination
 from ..errors import ScrubError, from_vm_image
-from ..guest.boot import BootFiles, host_boot_files, modules_tarball
+from ..guest.boot import host_boot_files, modules_tarball
 from ..guest.scrub import ScrubPlan, scrub_and_rekey
 from ..host import egress
 from ..host.files import ensure_host_dir
@@ -47,11 +49,11 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
 
 
 def boot_files(ctx: Context) -> BootFiles:
-    if "boot" not in ctx.cache:
+    if ctx.boot is None:
         ctx.note("preparing the host's own kernel and initrd")
         cfg = ctx.cfg
-        ctx.cache["boot"] = host_boot_files(ctx.host_dir / "boot", cfg.kernel, cfg.initrd, cfg.kernel_append)
-    return ctx.cache["boot"]
+        ctx.boot = host_boot_files(ctx.host_dir / "boot", cfg.kernel, cfg.initrd, cfg.kernel_append)
+    return ctx.boot
 
 
 def guest_proxy_config(ctx: Context) -> bytes | None:

@@ -62,7 +62,7 @@ class SSHTarget:
         host, port = self.endpoint.host, self.endpoint.port
         return ssh_argv(host, port, self.user, remote, options=(*pinned, *options), key=key or self.key)
 
-    def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return run_bounded(self.argv(*remote), timeout)
 
 
@@ -70,7 +70,7 @@ class SSHTimeout(VerifyError):
     """An ssh or ssh-keyscan that did not finish in time (the guest accepted but never answered)."""
 
 
-def run_bounded(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+def run_bounded(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
