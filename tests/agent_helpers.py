@@ -4,9 +4,11 @@ and decide requests as the operator does (the CLI, in another process)."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -112,3 +114,86 @@ def with_mcp_server(env: dict[str, str], play: Session) -> Any:
 def outcome(result: Any) -> dict:
     assert not result.is_error, result.content
     return result.structured_content or json.loads(result.content[0].text)
+
+
+class SilentProxy:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers: a proxy that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.accepted: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # kept open, never read from or written to
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+class ScriptedProxy:
+    """A stand-in proxy on 127.0.0.1 that answers each request with the next of `replies` for its path
+    (status, JSON body, headers), the last one repeated; every request is kept in `seen` (method, path, body)."""
+
+    def __init__(self, replies: dict[str, list[tuple[int, dict, dict]]]) -> None:
+        self.replies = replies
+        self.seen: list[tuple[str, str, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.answer()
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.answer()
+
+            def answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append((self.command, self.path, body))
+                key = f"{self.command} {self.path.split('?')[0]}"
+                queue = outer.replies[key]
+                status, reply, headers = queue.pop(0) if len(queue) > 1 else queue[0]
+                raw = json.dumps(reply).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def approve_each_when_asked(data_dir: Path, count: int, timeout: float = 30) -> threading.Thread:
+    """A thread that approves, with the CLI, each of the next `count` requests as they come."""
+
+    def run() -> None:
+        done: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < count and time.monotonic() < deadline:
+            for request_id in pending_ids(data_dir):
+                if request_id not in done:
+                    decide(data_dir, request_id)
+                    done.add(request_id)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

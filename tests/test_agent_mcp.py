@@ -30,13 +30,41 @@ def mcp_env(live: LiveServer, proxy_data: Proxy, tmp_path: Path) -> dict[str, st
     return agent_env(live.url, token_file(tmp_path, proxy_data.token), SECRET_PROXY_MCP_WAIT="30")
 
 
-def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(mcp_env: dict) -> None:
+@pytest.fixture
+def valued_env(mcp_env: dict) -> dict[str, str]:
+    """The server as configured by someone who opted in to values in the model's context."""
+    return {**mcp_env, "SECRET_PROXY_MCP_RETURN_VALUES": "1"}
+
+
+KEPT_OUT = {
+    "list_secrets",
+    "list_requests",
+    "cancel_request",
+    "run_with_secret",
+    "wait_for_decision",
+    "use_secret_in_call",
+}
+
+
+def test_by_default_no_tool_returns_a_value_into_the_models_context(mcp_env: dict, live: LiveServer) -> None:
+    async def play(session: ClientSession) -> Any:
+        tools = (await session.list_tools()).tools
+        asked = await session.call_tool("request_secret", {"name": "api-key", "reason": "r"})
+        return tools, asked
+
+    tools, asked = with_mcp_server(mcp_env, play)
+    assert {tool.name for tool in tools} == KEPT_OUT
+    assert asked.is_error and pending_ids(live.settings.data_dir) == []  # no such tool: nothing asked
+
+
+def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(valued_env: dict) -> None:
     async def play(session: ClientSession) -> Any:
         return (await session.list_tools()).tools, session.initialize_result
 
-    tools, _ = with_mcp_server(mcp_env, play)
+    tools, _ = with_mcp_server(valued_env, play)
     by_name = {tool.name: tool for tool in tools}
-    assert set(by_name) == {"request_secret", "wait_for_decision", "use_secret_in_call"}
+    assert set(by_name) == KEPT_OUT | {"request_secret"}
+    assert "run_with_secret" in by_name["request_secret"].description  # the better way, named
     asking = by_name["request_secret"]
     assert "A human approves every use" in asking.description
     assert asking.input_schema["required"] == ["name", "reason"]
@@ -46,21 +74,21 @@ def test_the_tools_tell_a_model_that_a_human_approves_and_what_to_write(mcp_env:
 
 
 def test_request_secret_returns_the_value_when_a_human_approves_during_the_wait(
-    mcp_env: dict, live: LiveServer
+    valued_env: dict, live: LiveServer
 ) -> None:
     approver = decide_when_asked(live.settings.data_dir)
 
     async def play(session: ClientSession) -> Any:
         return await session.call_tool("request_secret", {"name": "api-key", "reason": "deploy web-api to staging"})
 
-    result = outcome(with_mcp_server(mcp_env, play))
+    result = outcome(with_mcp_server(valued_env, play))
     approver.join(5)
     assert result["status"] == "approved" and result["value"] == SECRET_VALUE
     assert result["secret"] == "api-key" and result["id"].startswith("req_")
 
 
-def test_a_pending_request_is_picked_up_by_wait_for_decision(mcp_env: dict, live: LiveServer) -> None:
-    mcp_env["SECRET_PROXY_MCP_WAIT"] = "1"
+def test_a_pending_request_is_picked_up_by_wait_for_decision(valued_env: dict, live: LiveServer) -> None:
+    valued_env["SECRET_PROXY_MCP_WAIT"] = "1"
 
     async def play(session: ClientSession) -> Any:
         first = outcome(await session.call_tool("request_secret", {"name": "api-key", "reason": "nightly backup"}))
@@ -71,19 +99,19 @@ def test_a_pending_request_is_picked_up_by_wait_for_decision(mcp_env: dict, live
         third = outcome(await session.call_tool("wait_for_decision", {"id": first["id"]}))
         return first, second, third
 
-    first, second, third = with_mcp_server(mcp_env, play)
+    first, second, third = with_mcp_server(valued_env, play)
     assert "value" not in first
     assert second == {"status": "approved", "id": first["id"], "secret": "api-key", "value": SECRET_VALUE}
     assert third["status"] == "expired" and "value" not in third  # handed out once
 
 
-def test_a_denial_returns_no_value(mcp_env: dict, live: LiveServer) -> None:
+def test_a_denial_returns_no_value(valued_env: dict, live: LiveServer) -> None:
     approver = decide_when_asked(live.settings.data_dir, "deny")
 
     async def play(session: ClientSession) -> Any:
         return await session.call_tool("request_secret", {"name": "api-key", "reason": "read the billing data"})
 
-    result = outcome(with_mcp_server(mcp_env, play))
+    result = outcome(with_mcp_server(valued_env, play))
     approver.join(5)
     assert result["status"] == "denied" and "value" not in result
     assert "do not ask again" in result["what_to_do"]
@@ -98,7 +126,7 @@ def test_a_denial_returns_no_value(mcp_env: dict, live: LiveServer) -> None:
 )
 def test_a_refusal_is_a_tool_error_that_says_what_to_do(mcp_env: dict, arguments: dict, says: str) -> None:
     async def play(session: ClientSession) -> Any:
-        return await session.call_tool("request_secret", arguments)
+        return await session.call_tool("run_with_secret", {**arguments, "env_var": "KEY", "command": ["true"]})
 
     result = with_mcp_server(mcp_env, play)
     assert result.is_error

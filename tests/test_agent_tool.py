@@ -268,8 +268,8 @@ def test_exec_of_a_missing_command_exits_127_before_asking(env: dict, live: Live
 # -- exec -------------------------------------------------------------------------------------
 CHILD = """
 import hashlib, os, sys, time
-print(hashlib.sha256(os.environ["API_KEY"].encode()).hexdigest(), "token" if "SECRET_PROXY_TOKEN" in os.environ
-      else "no-token", flush=True)
+print(hashlib.sha256(os.environ["API_KEY"].encode()).hexdigest(),
+      ",".join(sorted(k for k in os.environ if k.startswith("SECRET_PROXY_"))) or "no-proxy-credentials", flush=True)
 time.sleep(3)
 sys.exit(42)
 """
@@ -304,8 +304,10 @@ def files_holding(value: bytes, roots: list[Path], since: float) -> list[Path]:
     return hits
 
 
+@pytest.mark.parametrize("masking", [True, False], ids=["masked", "no-masking"])
+@pytest.mark.parametrize("token_in", ["file", "environment"])
 def test_exec_puts_the_value_only_in_the_childs_environment(
-    tmp_path: Path, live: LiveServer, token_path: Path, proxy_data: Proxy
+    tmp_path: Path, live: LiveServer, token_path: Path, proxy_data: Proxy, masking: bool, token_in: str
 ) -> None:
     # A value of this test's own, so that no other test's files can look like a leak.
     value = "sk-exec-" + os.urandom(16).hex()
@@ -314,7 +316,12 @@ def test_exec_puts_the_value_only_in_the_childs_environment(
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    env = agent_env(live.url, None, HOME=str(home), TMPDIR=str(work), SECRET_PROXY_TOKEN=proxy_data.token)
+    credentials = (
+        {"SECRET_PROXY_TOKEN": proxy_data.token}
+        if token_in == "environment"
+        else {"SECRET_PROXY_TOKEN_FILE": str(token_path)}
+    )
+    env = agent_env(live.url, None, HOME=str(home), TMPDIR=str(work), SECRET_PROXY_MCP_WAIT="30", **credentials)
     agent = subprocess.Popen(
         agent_argv(
             "exec",
@@ -325,6 +332,7 @@ def test_exec_puts_the_value_only_in_the_childs_environment(
             "API_KEY",
             "--timeout",
             "30",
+            *([] if masking else ["--no-masking"]),
             "--",
             sys.executable,
             "-c",
@@ -344,9 +352,11 @@ def test_exec_puts_the_value_only_in_the_childs_environment(
     out, err = agent.communicate(timeout=30)
 
     assert agent.returncode == 42, err  # the child's own exit code
-    assert printed.split() == [hashlib.sha256(value.encode()).hexdigest(), "no-token"]
+    # No SECRET_PROXY_URL, _TOKEN, _TOKEN_FILE: the child cannot ask the proxy for more.
+    assert printed.split() == [hashlib.sha256(value.encode()).hexdigest(), "no-proxy-credentials"]
     assert out == b""
-    assert argvs[agent.pid].split(b"\0")[:2] == [sys.executable.encode(), b"-c"]  # the child replaced the agent
+    if not masking:
+        assert argvs[agent.pid].split(b"\0")[:2] == [sys.executable.encode(), b"-c"]  # the child replaced the agent
     assert [pid for pid, argv in argvs.items() if value.encode() in argv] == []
     assert value.encode() not in first.encode() + err
     scanned = [tmp_path, Path(tempfile.gettempdir()), live.settings.data_dir]

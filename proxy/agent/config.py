@@ -4,6 +4,9 @@ SECRET_PROXY_URL        the proxy's base URL, e.g. http://10.0.2.2:3737
 SECRET_PROXY_TOKEN      the agent's token, or
 SECRET_PROXY_TOKEN_FILE a file holding it (better: not in the environment of every child)
 SECRET_PROXY_MCP_WAIT   seconds an MCP tool call waits for a decision before it answers "pending"
+SECRET_PROXY_MCP_RETURN_VALUES
+                        1 (or true, yes): the MCP server offers `request_secret`, which returns a value
+                        into the model's context; unset, no tool ever does
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class AgentConfig:
     url: str
     token: str = field(repr=False)
     mcp_wait_seconds: float = DEFAULT_MCP_WAIT_SECONDS
+    mcp_return_values: bool = False
 
 
 def load_config(env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -42,7 +46,21 @@ def load_config(env: Mapping[str, str] | None = None) -> AgentConfig:
         raise UsageError(
             f"SECRET_PROXY_URL is not an http(s) base URL: {url!r}", hint="set it like http://127.0.0.1:3737"
         )
-    return AgentConfig(url=url.rstrip("/"), token=_token(env), mcp_wait_seconds=_mcp_wait(env))
+    return AgentConfig(
+        url=url.rstrip("/"),
+        token=_token(env),
+        mcp_wait_seconds=_mcp_wait(env),
+        mcp_return_values=_opted_in(env, "SECRET_PROXY_MCP_RETURN_VALUES"),
+    )
+
+
+def _opted_in(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise UsageError(f"{name} must be 1 or 0 (true/false, yes/no): {raw!r}", hint=f"unset {name} for the default (0)")
 
 
 def _token(env: Mapping[str, str]) -> str:
