@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--monitor", type=Path, help="the QMP socket, instead of a ready file (with --disk)")
     src.add_argument("--disk", type=Path, help="the VM's qcow2, instead of a ready file (with --monitor)")
     vm = run.add_argument_group("the host's VM")
-    vm.add_argument("--runner", choices=("qemu", "libvirt"), default="qemu")
-    vm.add_argument("--libvirt-uri", default="qemu:///system")
+    vm.add_argument("--runner", choices=("qemu", "libvirt"), default=TakeoverConfig.runner)
+    vm.add_argument("--libvirt-uri", default=TakeoverConfig.libvirt_uri)
     vm.add_argument(
         "--qemu-user",
-        default="secret-proxy-vm",
+        default=TakeoverConfig.qemu_user,
         help="unprivileged user the qemu runner's QEMU switches to (created if missing; 'root' to not switch)",
     )
     vm.add_argument(
@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the VM reach anything (reported as not blocked); by default it reaches only Telegram "
         "and --egress-allow through a forward proxy on the host",
     )
-    vm.add_argument("--boot-timeout", type=float, default=600.0, help="seconds to wait for /health and SSH")
+    vm.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=TakeoverConfig.boot_timeout,
+        help=f"seconds to wait for /health and SSH (default {TakeoverConfig.boot_timeout:.0f})",
+    )
     vm.add_argument(
         "--no-reinstall-venv",
         action="store_true",
@@ -136,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--keep-source", action="store_true", help="do not delete the agent's disk at the end")
     ag = run.add_argument_group("an agent token, created through the new SSH key")
     ag.add_argument("--agent-name", help="create this agent in the fresh proxy")
-    ag.add_argument("--agent-secrets", default="*", help="comma-separated secret name patterns (default *)")
+    ag.add_argument(
+        "--agent-secrets",
+        default=TakeoverConfig.agent_secrets,
+        help=f"comma-separated secret name patterns (default {TakeoverConfig.agent_secrets})",
+    )
     ag.add_argument(
         "--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)"
     )

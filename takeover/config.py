@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
 from .host.files import read_root_only_file
 from .models import Endpoint
+from .record import from_record, to_record
 
 DEFAULT_HOST_DIR = Path("/var/lib/secret-proxy-vm")
 DEFAULT_CACHE_DIR = Path("/var/cache/secret-proxy-vm")  # the host's own system build, shared by takeovers
 DEFAULT_SSH = Endpoint("127.0.0.1", 2223)
-VM_NAME = "secret-proxy-vm"
+VM_NAME = "secret-proxy-vm"  # the libvirt domain's and QEMU's -name
+DEFAULT_QEMU_USER = "secret-proxy-vm"  # the system user the qemu runner's QEMU runs as
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 TELEGRAM_API_URL = "https://api.telegram.org"
 PROXY_CONFIG_MAX_BYTES = 64 * 1024
 
@@ -28,8 +32,8 @@ class TakeoverConfig:
     proxy_listen: Endpoint | None = None  # default: the address the agent's VM used (ready file)
     ssh_listen: Endpoint = DEFAULT_SSH
     runner: str = "qemu"
-    libvirt_uri: str = "qemu:///system"
-    qemu_user: str | None = "secret-proxy-vm"
+    libvirt_uri: str = DEFAULT_LIBVIRT_URI
+    qemu_user: str | None = DEFAULT_QEMU_USER
     accel: str = "tcg"
     memory_mb: int = 256
     cpus: int = 2  # a decision by the CLI in the guest gets its own vCPU (docs/benchmarks.md)
@@ -43,7 +47,7 @@ class TakeoverConfig:
     agent_secrets: str = "*"
     token_file: Path | None = None
     vm_name: str = VM_NAME
-    boot_timeout: float = 600.0
+    boot_timeout: float = BOOT_TIMEOUT
     reinstall_venv: bool = True
     cache_dir: Path = DEFAULT_CACHE_DIR
     rebuild_system: bool = True  # replace the agent's filesystem with the host's own build (scrub.rebuild_system)
@@ -54,7 +58,19 @@ class TakeoverConfig:
     fail_after: str | None = None  # tests only: fail right after this step (hidden option)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, (Path, Endpoint)) else v) for k, v in asdict(self).items()}
+        """The options as the journal keeps them (`record.to_record`)."""
+        record: dict[str, Any] = to_record(self)
+        return record
+
+    @classmethod
+    def saved(cls, options: dict[str, Any], host_dir: Path) -> TakeoverConfig:
+        """The options a run was made with, from its journal, for `start`, `stop` and `rollback`.
+
+        An option the journal lacks was not there yet when it was written, and takes its default,
+        except `qemu_user`: before it existed the host's QEMU ran as root. The host directory is
+        the one the command names.
+        """
+        return replace(from_record(cls, {"qemu_user": None, **options}, "the journal's options"), host_dir=host_dir)
 
 
 def read_proxy_config(path: Path, *, allow_telegram_api_url: str | None = None) -> bytes:

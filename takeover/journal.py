@@ -12,13 +12,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import DestinationTaken, JournalError
 from .host.files import write_json_atomic
+from .record import from_record, to_record
 
 VERSION = 1
 JOURNAL_NAME = "journal.json"
+T = TypeVar("T")
 
 IN_PROGRESS = "in_progress"
 DONE = "done"
@@ -62,6 +64,12 @@ class Journal:
         return journal
 
     @property
+    def options(self) -> dict[str, Any]:
+        """The run's options as `TakeoverConfig.to_dict` wrote them (`TakeoverConfig.saved` reads them)."""
+        options: dict[str, Any] = self.data.get("options") or {}
+        return options
+
+    @property
     def state(self) -> str:
         return str(self.data.get("state"))
 
@@ -75,7 +83,12 @@ class Journal:
     def done(self, step: str) -> bool:
         return self.entry(step).get("status") == "done"
 
+    def read(self, step: str, kind: type[T]) -> T:
+        """A finished step's result as the dataclass the step returned (`record.from_record`)."""
+        return from_record(kind, self.result(step), f"step {step}'s result in {self.path}")
+
     def result(self, step: str) -> dict[str, Any]:
+        """A finished step's result as written (JSON); `read` gives it typed."""
         entry = self.entry(step)
         if entry.get("status") != "done":
             raise JournalError(f"step {step!r} has not finished; its result is not in {self.path}")
@@ -87,9 +100,10 @@ class Journal:
         self._log(step, "started")
         self.save()
 
-    def finish(self, step: str, result: dict[str, Any]) -> None:
+    def finish(self, step: str, result: object) -> None:
+        """`result`: the step's dataclass (or a dict), kept as `record.to_record` writes it."""
         entry = self.data["steps"].setdefault(step, {"started": time.time()})
-        entry.update(status="done", finished=time.time(), result=result)
+        entry.update(status="done", finished=time.time(), result=to_record(result))
         entry["duration_s"] = round(entry["finished"] - entry["started"], 3)
         self._log(step, "done")
         self.save()

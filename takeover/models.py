@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
+from .record import from_record, to_record
 
 CHECKPOINT_TAG = "takeover-checkpoint"
 
@@ -71,11 +72,10 @@ class SourceVM:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record: dict[str, Any] = to_record(self)
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SourceVM:
-        values = dict(data)
-        values.pop("agent_files", None)  # written by earlier versions, never read: a journal from one still resumes
-        values["proxy"] = Endpoint(**values["proxy"])
-        return cls(**values)
+        # Earlier versions also wrote `agent_files`, never read: from_record ignores it, so their journals resume.
+        return from_record(cls, data, "step find_vm's result")

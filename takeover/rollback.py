@@ -19,14 +19,13 @@ from .agent.replay import start_source_vm
 from .config import TakeoverConfig
 from .errors import JournalError, RollbackError
 from .host import egress
-from .host.runners import make_runner
 from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
 from .runbook import require_root
 from .steps.context import Context
 from .steps.relocate import DISK_NAME, PARTIAL_NAME
-from .steps.restart import vm_spec
+from .steps.restart import runner_for, vm_spec
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
 HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", *egress.FILES)
@@ -51,17 +50,13 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
     if not journal.done("find_vm"):
         journal.set_state(ROLLED_BACK)
         return {"rolled_back": True, "detail": "nothing had changed (step 1 did not finish)"}
-    source = SourceVM.from_dict(journal.result("find_vm"))
-    options = journal.data.get("options", {})
-    runner = make_runner(
-        options.get("runner", cfg.runner),
-        qemu_user=options.get("qemu_user"),
-        libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri),
-    )
+    source = journal.read("find_vm", SourceVM)
+    saved = TakeoverConfig.saved(journal.options, host_dir)  # the runner and VM the run used
+    runner = runner_for(saved)
     started = time.monotonic()
     if journal.entry("restart"):
         try:
-            spec = vm_spec(Context(cfg, host_dir, journal, progress))
+            spec = vm_spec(Context(saved, host_dir, journal, progress))
             if runner.stop(spec):
                 progress.note("stopped the host's VM")
         except (JournalError, KeyError):

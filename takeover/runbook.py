@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,16 @@ from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError,
 from .host import egress
 from .host.files import ensure_host_dir
 from .host.keys import load_host_keys
-from .host.runners import HostVMSpec, Runner, check_ports_free, make_runner, wait_until_serving, widen_forwards
+from .host.runners import HostVMSpec, Runner, check_ports_free, wait_until_serving, widen_forwards
 from .journal import DONE, IN_PROGRESS, JOURNAL_NAME, Journal, check_destination
-from .models import CHECKPOINT_TAG, Endpoint, SourceVM
+from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
 from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, steps_to_run
+from .steps.checkpoint import CheckpointResult
 from .steps.context import Context
 from .steps.relocate import DISK_NAME
 from .steps.report import build_report, summary, write_report
-from .steps.restart import vm_spec
+from .steps.restart import runner_for, vm_spec
 from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
 
 
@@ -64,12 +64,12 @@ def recover_interrupted_checkpoint(journal: Journal) -> None:
     entry = journal.entry("checkpoint")
     if not journal.done("find_vm") or journal.done("checkpoint") or not entry:
         return
-    source = SourceVM.from_dict(journal.result("find_vm"))
+    source = journal.read("find_vm", SourceVM)
     if proc.alive(source.pid, source.pid_start_ticks):
         return  # still running: step 1 is redone and checks it again
     if CHECKPOINT_TAG in inspect_image(Path(source.disk), force_share=True, owner=source.uid).snapshots:
         journal.begin("checkpoint")
-        journal.finish("checkpoint", {"tag": CHECKPOINT_TAG, "method": "recovered after an interrupted run"})
+        journal.finish("checkpoint", CheckpointResult(CHECKPOINT_TAG, "recovered after an interrupted run"))
 
 
 def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple[dict[str, Any], str]:
@@ -132,22 +132,9 @@ def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
             f"{cfg.host_dir} holds no verified takeover",
             hint="run `python -m takeover run` first (or rerun it to finish)",
         )
-    options = journal.data.get("options", {})
-    runner = make_runner(
-        options.get("runner", "qemu"),
-        qemu_user=options.get("qemu_user"),
-        libvirt_uri=options.get("libvirt_uri", cfg.libvirt_uri),
-    )
-    # The VM as the run made it: its SSH forward, accelerator and size, not this command's defaults.
-    saved_ssh = options.get("ssh_listen")  # TakeoverConfig.to_dict keeps an Endpoint as {"host", "port"}
-    cfg = replace(
-        cfg,
-        accel=options.get("accel", cfg.accel),
-        memory_mb=options.get("memory_mb", cfg.memory_mb),
-        cpus=options.get("cpus", cfg.cpus),
-        ssh_listen=Endpoint(saved_ssh["host"], saved_ssh["port"]) if isinstance(saved_ssh, dict) else cfg.ssh_listen,
-    )
-    return vm_spec(Context(cfg, cfg.host_dir, journal, Progress())), runner
+    # The VM as the run made it (runner, SSH forward, accelerator, size), not this command's defaults.
+    saved = TakeoverConfig.saved(journal.options, cfg.host_dir)
+    return vm_spec(Context(saved, saved.host_dir, journal, Progress())), runner_for(saved)
 
 
 def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
@@ -167,7 +154,13 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
     pid = runner.start(spec)
     forwards = widen_forwards(spec, pid, Progress().line)
-    return {"started": True, "pid": pid, **wait_until_serving(spec, pid), "egress": limits, "forwards": forwards}
+    return {
+        "started": True,
+        "pid": pid,
+        **wait_until_serving(spec, pid, cfg.boot_timeout),
+        "egress": limits,
+        "forwards": forwards,
+    }
 
 
 def restart_forward_proxy(cfg: TakeoverConfig) -> dict[str, Any]:

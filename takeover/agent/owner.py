@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR
+from ..config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_QEMU_USER
 from ..errors import NotTheAgentsVM, PrivilegedAgent, TakeoverError
 from ..journal import JOURNAL_NAME
 
@@ -57,7 +57,7 @@ class HostBoundary:
 
     @classmethod
     def for_takeover(
-        cls, host_dir: Path, qemu_user: str | None = "secret-proxy-vm", extra_dirs: tuple[Path, ...] = ()
+        cls, host_dir: Path, qemu_user: str | None = DEFAULT_QEMU_USER, extra_dirs: tuple[Path, ...] = ()
     ) -> HostBoundary:
         users = HOST_QEMU_USERS + ((qemu_user,) if qemu_user else ())
         return cls(host_dirs=(host_dir, *HOST_DIRS, *extra_dirs), host_users=users)

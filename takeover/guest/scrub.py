@@ -63,14 +63,11 @@ class ScrubPlan:
 
 @dataclass
 class ScrubResult:
-    changes: list[dict[str, str]]
-    findings: list[str]
-    not_blocked: list[str]
-    snapshots_removed: list[str]
+    changes: list[dict[str, str]] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    not_blocked: list[str] = field(default_factory=list)
+    snapshots_removed: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 @dataclass(frozen=True)

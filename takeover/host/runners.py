@@ -50,9 +50,7 @@ from .regular_file import read_regular
 from .terminal import log_tail
 from .users import ensure_system_user
 
-DEFAULT_QEMU_USER = "secret-proxy-vm"
 START_TIMEOUT = 60.0
-HEALTH_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 # -runas needs setuid, and the process must not fork or exec afterwards; seccomp enforces the latter.
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
@@ -81,13 +79,6 @@ class HostVMSpec:
             raise ValueError(f"accel must be tcg or kvm, not {self.accel!r}")
         if not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"VM name {self.name!r} must be letters, digits, - and _")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (str(v) if isinstance(v, (Path, Endpoint)) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
 
     def hostfwd(self) -> str:
         return (
@@ -206,7 +197,7 @@ def check_ports_free(spec: HostVMSpec) -> None:
     check_port_free(spec.ssh_listen, "the host's SSH forward")
 
 
-def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
+def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float) -> dict[str, Any]:
     """/health answers through the proxy's port, and the only process listening there is the host's QEMU."""
     ticks = proc.start_ticks(pid)
     try:
@@ -226,6 +217,24 @@ def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float = HEALTH_TIMEO
     return {"health_seconds": round(seconds, 3), "listener_pids": sorted(holders)}
 
 
+@dataclass(frozen=True)
+class VMDescription:
+    """What a runner says about the VM it started, for the journal and the report."""
+
+    runner: str
+    qemu_user: str | None = None  # the qemu runner's
+    monitor: str | None = None
+    pidfile: str | None = None
+    qemu_log: str | None = None
+    command: list[str] | None = None
+    uri: str | None = None  # the libvirt runner's
+    domain: str | None = None
+    persistent: bool | None = None
+    autostart: bool | None = None
+    active: bool | None = None
+    error: str | None = None
+
+
 class Runner(Protocol):
     name: str
 
@@ -235,13 +244,13 @@ class Runner(Protocol):
 
     def pid(self, spec: HostVMSpec) -> int | None: ...
 
-    def describe(self, spec: HostVMSpec) -> dict[str, Any]: ...
+    def describe(self, spec: HostVMSpec) -> VMDescription: ...
 
 
 class QemuRunner:
     name = "qemu"
 
-    def __init__(self, qemu_user: str | None = DEFAULT_QEMU_USER) -> None:
+    def __init__(self, qemu_user: str | None) -> None:
         self.qemu_user = qemu_user
 
     def start(self, spec: HostVMSpec) -> int:
@@ -353,21 +362,21 @@ class QemuRunner:
             stale.unlink(missing_ok=True)
         return True
 
-    def describe(self, spec: HostVMSpec) -> dict[str, Any]:
-        return {
-            "runner": self.name,
-            "qemu_user": self.qemu_user,
-            "monitor": str(spec.monitor),
-            "pidfile": str(spec.pidfile),
-            "qemu_log": str(spec.qemu_log),
-            "command": qemu_command(spec, self.qemu_user),
-        }
+    def describe(self, spec: HostVMSpec) -> VMDescription:
+        return VMDescription(
+            runner=self.name,
+            qemu_user=self.qemu_user,
+            monitor=str(spec.monitor),
+            pidfile=str(spec.pidfile),
+            qemu_log=str(spec.qemu_log),
+            command=qemu_command(spec, self.qemu_user),
+        )
 
 
 class LibvirtRunner:
     name = "libvirt"
 
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    def __init__(self, uri: str) -> None:
         self.uri = uri
 
     def _connect(self) -> Any:
@@ -446,22 +455,22 @@ class LibvirtRunner:
         finally:
             conn.close()
 
-    def describe(self, spec: HostVMSpec) -> dict[str, Any]:
+    def describe(self, spec: HostVMSpec) -> VMDescription:
         import libvirt
 
         conn = self._connect()
         try:
             dom = conn.lookupByName(spec.name)
-            return {
-                "runner": self.name,
-                "uri": self.uri,
-                "domain": spec.name,
-                "persistent": bool(dom.isPersistent()),
-                "autostart": bool(dom.autostart()),
-                "active": bool(dom.isActive()),
-            }
+            return VMDescription(
+                runner=self.name,
+                uri=self.uri,
+                domain=spec.name,
+                persistent=bool(dom.isPersistent()),
+                autostart=bool(dom.autostart()),
+                active=bool(dom.isActive()),
+            )
         except libvirt.libvirtError as exc:
-            return {"runner": self.name, "uri": self.uri, "domain": spec.name, "error": str(exc)}
+            return VMDescription(runner=self.name, uri=self.uri, domain=spec.name, error=str(exc))
         finally:
             conn.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ..journal import Journal
 from .checkpoint import step_checkpoint
@@ -27,12 +26,19 @@ from .verify import step_verify
 # -- the last step: it lists every step, so it is written beside the table ----------------------
 
 
-def step_report(ctx: Context) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReportResult:
+    """Step 8's result: where the report is."""
+
+    report: str
+
+
+def step_report(ctx: Context) -> ReportResult:
     ctx.journal.data["steps"]["report"]["status"] = "done"  # the report lists itself as done
     report = build_report(ctx.journal, ctx.host_dir, TITLES)
     path = write_report(report, ctx.host_dir)
     ctx.summary = summary(report)
-    return {"report": str(path)}
+    return ReportResult(str(path))
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -42,7 +48,7 @@ def step_report(ctx: Context) -> dict[str, Any]:
 class Step:
     name: str  # the journal's key and --fail-after's value
     title: str  # what the progress display and the report call it
-    run: Callable[[Context], dict[str, Any]]
+    run: Callable[[Context], object]  # returns the step's result, a dataclass the journal keeps (record.py)
     # Where a rerun starts again when it finds this step unfinished (None: the step itself).
     resume_from: str | None = None
 

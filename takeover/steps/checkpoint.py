@@ -30,11 +30,8 @@ QUIT_TIMEOUT = 120.0
 class CheckpointResult:
     tag: str
     method: str  # "snapshot-save" or "savevm"
-    save_seconds: float
-    quit_seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+    save_seconds: float = 0.0  # 0 when recovered after an interrupted run (runbook.recover_interrupted_checkpoint)
+    quit_seconds: float = 0.0
 
 
 def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
@@ -133,5 +130,5 @@ def _save_with_hmp(mon: Monitor) -> None:
         raise CheckpointError(f"savevm failed: {out[-300:]}")
 
 
-def step_checkpoint(ctx: Context) -> dict[str, Any]:
-    return save_checkpoint_and_stop(ctx.source, ctx.note).to_dict()
+def step_checkpoint(ctx: Context) -> CheckpointResult:
+    return save_checkpoint_and_stop(ctx.source, ctx.note)

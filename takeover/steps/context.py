@@ -31,7 +31,7 @@ class Context:
 
     @property
     def source(self) -> SourceVM:
-        return SourceVM.from_dict(self.journal.result("find_vm"))
+        return self.journal.read("find_vm", SourceVM)
 
     def note(self, text: str) -> None:
         self.progress.note(text)

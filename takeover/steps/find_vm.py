@@ -319,7 +319,7 @@ def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None) -> 
     return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy)
 
 
-def step_find_vm(ctx: Context) -> dict[str, Any]:
+def step_find_vm(ctx: Context) -> SourceVM:
     cfg = ctx.cfg
     if cfg.monitor or cfg.disk:
         if not (cfg.monitor and cfg.disk):
@@ -338,7 +338,7 @@ def step_find_vm(ctx: Context) -> dict[str, Any]:
     ctx.note(f"QEMU pid {source.pid} (uid {source.uid}) has {source.disk} open; proxy at {source.proxy}")
     for note in source.notes:
         ctx.note(f"note: {note}")
-    return source.to_dict()
+    return source
 
 
 def raise_no_vm_named() -> NoReturn:

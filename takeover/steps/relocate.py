@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..agent.diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
 from ..agent.nbd_sink import SinkError, SinkResult, serve_writes
@@ -62,9 +61,6 @@ class RelocateResult:
     virtual_size: int = 0
     backing_files: list[str] = field(default_factory=list)
     agent_uid: int = -1
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 def relocate_disk(
@@ -263,7 +259,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def step_relocate(ctx: Context) -> dict[str, Any]:
+def step_relocate(ctx: Context) -> RelocateResult:
     source = ctx.source
     # A copy from an attempt whose scrub did not finish is not trusted: start from the source again.
     for name in (DISK_NAME, PARTIAL_NAME):
@@ -278,4 +274,4 @@ def step_relocate(ctx: Context) -> dict[str, Any]:
         f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "
         f"allocated (source {result.source_allocated / 2**20:.0f} MiB)"
     )
-    return result.to_dict()
+    return result

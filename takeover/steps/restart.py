@@ -8,28 +8,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from vm_image import proc
-from vm_image.boot_files import BootFiles
 
 from ..config import TakeoverConfig
 from ..host import egress
-from ..host.runners import HostVMSpec, Runner, make_runner, widen_forwards
+from ..host.runners import HostVMSpec, Runner, VMDescription, make_runner, widen_forwards
 from .context import Context
 from .relocate import DISK_NAME
+from .scrub import ScrubOutcome
 
 
-def step_restart(ctx: Context) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class RestartResult(VMDescription):
+    """Step 5's result: the host's QEMU (pid and start time), the VM it runs, and the limits it runs under."""
+
+    pid: int
+    pid_start_ticks: int
+    start_seconds: float
+    forwards: dict[str, Any]  # widen_forwards' report
+    spec: HostVMSpec
+    egress: dict[str, Any] = field(default_factory=dict)  # egress.enforce's report, or {"filter": "off"}
+
+
+def step_restart(ctx: Context) -> RestartResult:
     spec = vm_spec(ctx)
     plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
     limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}
-    return {**restart_as_host(spec, runner_for(ctx.cfg), ctx.note), "egress": limits}
+    return replace(restart_as_host(spec, runner_for(ctx.cfg), ctx.note), egress=limits)
 
 
 def vm_spec(ctx: Context) -> HostVMSpec:
     cfg, source = ctx.cfg, ctx.source
-    boot = BootFiles.from_dict(ctx.journal.result("scrub")["boot"])
+    boot = ctx.journal.read("scrub", ScrubOutcome).boot
     return HostVMSpec(
         name=cfg.vm_name,
         disk=ctx.host_dir / DISK_NAME,
@@ -54,17 +67,18 @@ def runner_for(cfg: TakeoverConfig) -> Runner:
 
 def restart_as_host(
     spec: HostVMSpec, runner: Runner, progress: Callable[[str], None] = lambda _: None
-) -> dict[str, Any]:
+) -> RestartResult:
     progress(f"starting {spec.name} with the {runner.name} runner")
     if runner.stop(spec):
         progress("stopped a host VM left by an earlier attempt")
     started = time.monotonic()
     pid = runner.start(spec)
-    return {
-        "pid": pid,
-        "pid_start_ticks": proc.start_ticks(pid),
-        "start_seconds": round(time.monotonic() - started, 3),
-        "forwards": widen_forwards(spec, pid, progress),
-        "spec": spec.to_dict(),
-        **runner.describe(spec),
-    }
+    described = runner.describe(spec)
+    return RestartResult(
+        **{f.name: getattr(described, f.name) for f in fields(described)},
+        pid=pid,
+        pid_start_ticks=proc.start_ticks(pid),
+        start_seconds=round(time.monotonic() - started, 3),
+        forwards=widen_forwards(spec, pid, progress),
+        spec=spec,
+    )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vm_image import proc
 
@@ -21,7 +21,15 @@ from ..models import SourceVM
 from .context import Context
 
 
-def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RevokeResult:
+    """Step 7's result: each of the agent's files, removed or kept, with why (`{"path", "outcome"}`)."""
+
+    removed: list[dict[str, str]]
+    kept: list[dict[str, str]]
+
+
+def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> RevokeResult:
     if proc.alive(source.pid, source.pid_start_ticks):
         raise TakeoverError(
             f"the agent's QEMU (pid {source.pid}) is running again",
@@ -44,7 +52,7 @@ def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> dict[str, Any
             Path(source.disk), "file", source.uid, inode=(source.disk_dev, source.disk_ino), owner=source.disk_uid
         )
         (removed if outcome == "removed" else kept).append({"path": source.disk, "outcome": outcome})
-    return {"removed": removed, "kept": kept}
+    return RevokeResult(removed, kept)
 
 
 def remove_agent_file(
@@ -75,10 +83,10 @@ def remove_agent_file(
         os.close(dir_fd)
 
 
-def step_revoke(ctx: Context) -> dict[str, Any]:
+def step_revoke(ctx: Context) -> RevokeResult:
     result = revoke_agent_access(ctx.source, keep_source=ctx.cfg.keep_source)
-    for item in result["removed"]:
+    for item in result.removed:
         ctx.note(f"removed {item['path']}")
-    for item in result["kept"]:
+    for item in result.kept:
         ctx.note(f"kept {item['path']}: {item['outcome']}")
     return result

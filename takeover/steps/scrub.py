@@ -6,8 +6,8 @@ prepares what only the host may provide and records what the later steps need (k
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from vm_image.boot_files import BootFiles
 
@@ -15,7 +15,7 @@ from ..agent.diskimage import inspect_image
 from ..config import telegram_destination
 from ..errors import ScrubError, from_vm_image
 from ..guest.boot import host_boot_files, modules_tarball
-from ..guest.scrub import ScrubPlan, scrub_and_rekey
+from ..guest.scrub import ScrubPlan, ScrubResult, scrub_and_rekey
 from ..host import egress
 from ..host.files import ensure_host_dir
 from ..host.keys import generate_host_keys
@@ -23,7 +23,15 @@ from .context import Context
 from .relocate import DISK_NAME
 
 
-def step_scrub(ctx: Context) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class ScrubOutcome(ScrubResult):
+    """Step 4's result: what the scrub did, the public half of the host's new keys, and the boot files."""
+
+    keys: dict[str, str] = field(default_factory=dict)  # HostKeys.to_dict: fingerprints and public keys
+    boot: BootFiles  # what the host's VM boots from (steps/restart.py's vm_spec)
+
+
+def step_scrub(ctx: Context) -> ScrubOutcome:
     cfg = ctx.cfg
     boot = boot_files(ctx)
     modules = modules_tarball(boot, ctx.host_dir / "boot") if cfg.replace_modules else None
@@ -40,12 +48,10 @@ def step_scrub(ctx: Context) -> dict[str, Any]:
         system_overlay=overlay,
         force_tcg=cfg.accel != "kvm",
     )
-    result = scrub_and_rekey(ctx.host_dir / DISK_NAME, plan, ctx.note).to_dict()
-    ctx.note(f"{len(result['changes'])} changes recorded")
+    result = scrub_and_rekey(ctx.host_dir / DISK_NAME, plan, ctx.note)
+    ctx.note(f"{len(result.changes)} changes recorded")
     inspect_image(ctx.host_dir / DISK_NAME)  # the scrub must leave a clean, self-contained qcow2
-    result["keys"] = keys.to_dict()
-    result["boot"] = boot.to_dict()
-    return result
+    return ScrubOutcome(**vars(result), keys=keys.to_dict(), boot=boot)
 
 
 def boot_files(ctx: Context) -> BootFiles:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vm_image import proc
 from vm_image.ssh_command import ssh_argv
@@ -33,8 +32,8 @@ from ..host.ports import listener_pids, wait_for_health
 from ..host.regular_file import read_regular
 from ..models import Endpoint
 from .context import Context
+from .restart import RestartResult
 
-BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SECRET_PATTERNS = re.compile(r"^[A-Za-z0-9_.*?-]+(,[A-Za-z0-9_.*?-]+)*$")
 CLI = "/usr/local/bin/secret-proxy"
@@ -66,6 +65,29 @@ class SSHTarget:
         return run_bounded(self.argv(*remote), timeout)
 
 
+@dataclass(frozen=True)
+class AgentToken:
+    """The agent the run created in the fresh proxy, and the file its token is in (never the token)."""
+
+    agent: str
+    secrets: str
+    token_file: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Step 6's result: what was proven about the host's VM, and how long it took."""
+
+    health_seconds: float
+    ssh_seconds: float
+    listener_pids: list[int]
+    host_key: str
+    auth_methods: list[str]
+    agent_key: str  # "refused", or why the agent's setup key was not tried
+    seconds: float
+    agent_token: AgentToken | None = None
+
+
 class SSHTimeout(VerifyError):
     """An ssh or ssh-keyscan that did not finish in time (the guest accepted but never answered)."""
 
@@ -84,9 +106,9 @@ def verify_host_vm(
     *,
     setup_key_pub: str | None,
     agent_uid: int | None,
-    timeout: float = BOOT_TIMEOUT,
+    timeout: float,
     progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
+) -> VerifyResult:
     started = time.monotonic()
     alive = _pid_alive(qemu_pid)
     progress(f"waiting for {proxy.url}/health (the guest is booting)")
@@ -116,15 +138,15 @@ def verify_host_vm(
     if methods != ["publickey"]:
         raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
     agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid)
-    return {
-        "health_seconds": round(health_s, 3),
-        "ssh_seconds": round(ssh_s, 3),
-        "listener_pids": sorted(owners),
-        "host_key": shown,
-        "auth_methods": methods,
-        "agent_key": agent_key,
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    return VerifyResult(
+        health_seconds=round(health_s, 3),
+        ssh_seconds=round(ssh_s, 3),
+        listener_pids=sorted(owners),
+        host_key=shown,
+        auth_methods=methods,
+        agent_key=agent_key,
+        seconds=round(time.monotonic() - started, 3),
+    )
 
 
 def _pid_alive(pid: int) -> Callable[[], bool]:
@@ -234,7 +256,7 @@ def read_agent_private_key(path: Path, agent_uid: int | None) -> bytes | None:
         return None
 
 
-def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Path) -> dict[str, str]:
+def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Path) -> AgentToken:
     """`secret-proxy agents add NAME --secrets PATTERNS` over the host's SSH; token to a new 0600 file.
 
     The file is created 0600 with O_EXCL and O_NOFOLLOW in a directory reached from / without
@@ -258,7 +280,7 @@ def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Pat
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"agent": name, "secrets": patterns, "token_file": str(token_file)}
+    return AgentToken(name, patterns, str(token_file))
 
 
 def which_ssh() -> None:
@@ -267,34 +289,29 @@ def which_ssh() -> None:
             raise VerifyError(f"{tool} is not installed on the host", hint="apt-get install openssh-client")
 
 
-def step_verify(ctx: Context) -> dict[str, Any]:
+def step_verify(ctx: Context) -> VerifyResult:
     cfg = ctx.cfg
     source = ctx.source
-    restart = ctx.journal.result("restart")
+    restart = ctx.journal.read("restart", RestartResult)
     key, known_hosts = load_host_keys(ctx.host_dir)
     ssh = SSHTarget(cfg.ssh_listen, key, known_hosts)
     result = verify_host_vm(
         source.proxy,
         ssh,
-        restart["pid"],
+        restart.pid,
         setup_key_pub=source.setup_key_pub,
         agent_uid=source.uid,
         timeout=cfg.boot_timeout,
         progress=ctx.note,
     )
-    ctx.note(
-        f"/health after {result['health_seconds']:.0f} s; SSH as the host works; the agent's key: {result['agent_key']}"
-    )
+    ctx.note(f"/health after {result.health_seconds:.0f} s; SSH as the host works; the agent's key: {result.agent_key}")
     if cfg.agent_name:
         token_file = cfg.token_file or ctx.host_dir / f"agent-{cfg.agent_name}.token"
         if token_file.exists():
             ctx.note(f"{token_file} exists from an earlier attempt; not creating the agent again")
-            result["agent_token"] = {
-                "agent": cfg.agent_name,
-                "secrets": cfg.agent_secrets,
-                "token_file": str(token_file),
-            }
+            token = AgentToken(cfg.agent_name, cfg.agent_secrets, str(token_file))
         else:
-            result["agent_token"] = create_agent_token(ssh, cfg.agent_name, cfg.agent_secrets, token_file)
+            token = create_agent_token(ssh, cfg.agent_name, cfg.agent_secrets, token_file)
             ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
+        return dataclasses.replace(result, agent_token=token)
     return result
