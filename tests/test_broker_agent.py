@@ -17,7 +17,16 @@ from mcp import ClientSession
 from proxy.policy import build_policy
 from proxy.store import Store
 
-from .agent_helpers import agent_env, decide_when_asked, outcome, run_agent, token_file, with_mcp_server
+from .agent_helpers import (
+    REQUEST_ID_RE,
+    agent_env,
+    decide,
+    decide_when_asked,
+    outcome,
+    run_agent,
+    token_file,
+    with_mcp_server,
+)
 from .broker_helpers import Rig
 from .broker_upstream import Upstream, make_ca
 from .proxy_helpers import SECRET_VALUE
@@ -139,3 +148,40 @@ def test_a_telegram_tap_approves_one_call_shown_with_its_destination(tmp_path: P
     finally:
         tg.stop()  # also checks that the value is nowhere in the proxy's DEBUG log
         up.stop()
+
+
+def test_a_call_that_timed_out_is_made_by_wait_once_approved_without_a_second_approval(rig: Rig, env: dict) -> None:
+    url = rig.base + "/v1/releases"
+    timed_out = run_agent(
+        env, "call", "api-call", "--reason", "publish v5", "-X", "POST", url, "--data", "{}", "--timeout", "1"
+    )
+    assert timed_out.returncode == 5, timed_out.stderr
+    request_id = REQUEST_ID_RE.search(timed_out.stderr).group(0)
+    assert f"secret-proxy-agent wait {request_id}" in timed_out.stderr
+    decide(rig.data.settings.data_dir, request_id)
+    before = len(rig.up.requests)
+    made = run_agent(env, "wait", request_id, "--timeout", "20")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["path"] == "/v1/releases" and len(rig.up.requests) == before + 1
+    again = run_agent(env, "call", "--id", request_id)
+    assert again.returncode == 4 and "made already" in again.stderr and "expired" not in again.stderr
+    assert len(rig.up.requests) == before + 1
+
+
+def test_a_restarted_mcp_server_makes_a_call_approved_after_the_first_one_gave_up(rig: Rig, env: dict) -> None:
+    async def ask(session: ClientSession) -> Any:
+        return await session.call_tool(
+            "use_secret_in_call",
+            {"name": "api-call", "reason": "list releases", "method": "GET", "url": rig.base + "/v1/releases"},
+        )
+
+    pending = outcome(with_mcp_server({**env, "SECRET_PROXY_MCP_WAIT": "1"}, ask))
+    assert pending["status"] == "pending"
+    decide(rig.data.settings.data_dir, pending["id"])
+
+    async def finish(session: ClientSession) -> Any:  # a new server process: it knows nothing of the first
+        return await session.call_tool("wait_for_decision", {"id": pending["id"]})
+
+    done = outcome(with_mcp_server(env, finish))
+    assert done["status"] == "done" and done["http_status"] == 200 and done["id"] == pending["id"]
+    assert json.loads(done["body"])["path"] == "/v1/releases"

@@ -35,6 +35,7 @@ from .proxy_http import ProxyApi
 MAX_OUTPUT_BYTES = 64 * 1024  # of each of stdout and stderr, returned to the model
 DEFAULT_RUN_SECONDS = 120.0
 MAX_RUN_SECONDS = 600.0
+LOOKUP_SECONDS = 30.0
 
 INSTRUCTIONS = """\
 Secrets (API keys, passwords, tokens) are kept by a secret proxy. A human approves every single use:
@@ -105,20 +106,23 @@ def build_server(config: AgentConfig) -> MCPServer:
     def deadline() -> float:
         return time.monotonic() + config.mcp_wait_seconds
 
+    def lookup() -> float:  # one exchange, no waiting for a human
+        return time.monotonic() + LOOKUP_SECONDS
+
     # Sync tools: the SDK runs them in a worker thread, so a held long poll never blocks the session.
     @server.tool(description=LIST_SECRETS)
     def list_secrets() -> dict[str, Any]:
-        return _answer(lambda: {"secrets": api.secrets(deadline())})
+        return _answer(lambda: {"secrets": api.secrets(lookup())})
 
     @server.tool(description=LIST_REQUESTS)
     def list_requests(
         status: Annotated[str | None, Field(description="only requests with this status, e.g. pending")] = None,
     ) -> dict[str, Any]:
-        return _answer(lambda: {"requests": api.requests(deadline(), status)})
+        return _answer(lambda: {"requests": api.requests(lookup(), status)})
 
     @server.tool(description=CANCEL_REQUEST)
     def cancel_request(id: Annotated[str, Field(description=ID_HELP)]) -> dict[str, Any]:  # noqa: A002
-        return _answer(lambda: api.cancel(id, deadline()))
+        return _answer(lambda: api.cancel(id, lookup()))
 
     @server.tool(description=WAIT_FOR_DECISION)
     def wait_for_decision(id: Annotated[str, Field(description=ID_HELP)]) -> dict[str, Any]:  # noqa: A002 - the model's name
