@@ -1,7 +1,7 @@
 # The README's Quick start: `make demo` runs the main job, `make test` the whole suite.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-local test test-unit test-fast lint bench clean
+.PHONY: setup demo demo-local test test-unit test-fast lint bench clean agent-wheel
 
 setup:
 	./scripts/setup.sh
@@ -30,6 +30,11 @@ test-unit: setup
 
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
+
+# The agent's tools alone (proxy/agent/wheel.py; standard library only, so no setup): build/secret_proxy_agent-*.whl
+AGENT_WHEEL_DIR ?= build
+agent-wheel:
+	python3 -m proxy.agent.wheel $(AGENT_WHEEL_DIR)
 
 bench: setup
 	$(PY) bench/bench_api.py --rounds 5 --seconds 3

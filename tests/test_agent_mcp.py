@@ -3,7 +3,9 @@ against a real `proxy serve`; every decision is the operator CLI's, in another p
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,29 @@ def test_the_guest_venv_does_not_get_the_mcp_sdk(tmp_path: Path) -> None:
     guest = export()
     assert "starlette" in guest and "mcp" not in guest and "pydantic" not in guest
     assert "mcp" in export("--extra", "agent")  # the export can name the SDK: its absence above is the point
+
+
+def test_run_with_secret_returns_the_commands_output_with_the_value_masked(mcp_env: dict, live: LiveServer) -> None:
+    approver = decide_when_asked(live.settings.data_dir)
+    child = (
+        "import os, sys; print('key', os.environ['API_KEY']); "
+        "print(sorted(k for k in os.environ if k.startswith('SECRET_PROXY_')), file=sys.stderr); sys.exit(7)"
+    )
+
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool(
+            "run_with_secret",
+            {
+                "name": "api-key",
+                "reason": "check the key works against the staging API",
+                "env_var": "API_KEY",
+                "command": [sys.executable, "-c", child],
+            },
+        )
+
+    result = outcome(with_mcp_server(mcp_env, play))
+    approver.join(5)
+    assert result["status"] == "done" and result["exit_code"] == 7
+    assert result["stdout"] == "key <concealed by secret-proxy>\n"
+    assert result["stderr"] == "[]\n"  # the child got no proxy URL, token or token file
+    assert SECRET_VALUE not in json.dumps(result)
