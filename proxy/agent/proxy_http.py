@@ -210,7 +210,8 @@ HINTS = {
     "forbidden": "this agent may not ask for that secret; ask the operator to widen its scope",
     "unknown_secret": "check the secret's name; the operator stores secrets with `python -m proxy secrets set`",
     "rate_limited": "wait a minute, then ask again",
-    "not_found": "check the request id; it must be one of this agent's requests",
+    "not_found": "check the request id; it must be one of this agent's requests (`secret-proxy-agent requests`)",
+    "malformed_id": "pass the req_... id the proxy gave you",
     "destination_not_allowed": "the operator's policy for this secret does not list that URL; use a listed "
     "destination or ask the operator (`python -m proxy secrets show NAME`)",
     "address_not_allowed": "the destination resolves to a private or loopback address the policy does not allow",
