@@ -146,6 +146,7 @@ class ScriptedProxy:
     def __init__(self, replies: dict[str, list[tuple[int, dict, dict]]]) -> None:
         self.replies = replies
         self.seen: list[tuple[str, str, bytes]] = []
+        self.times: list[float] = []  # when each came, on the monotonic clock
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -158,6 +159,7 @@ class ScriptedProxy:
             def answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.seen.append((self.command, self.path, body))
+                outer.times.append(time.monotonic())
                 key = f"{self.command} {self.path.split('?')[0]}"
                 queue = outer.replies[key]
                 status, reply, headers = queue.pop(0) if len(queue) > 1 else queue[0]

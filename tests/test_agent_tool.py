@@ -25,6 +25,7 @@ from proxy.agent import errors
 from proxy.demo import free_port
 from tests.agent_helpers import (
     REQUEST_ID_RE,
+    ScriptedProxy,
     agent_argv,
     agent_env,
     decide,
@@ -141,41 +142,22 @@ def test_unreachable_proxy_exits_7(token_path: Path) -> None:
 
 def test_a_proxy_that_answers_429_while_waiting_is_waited_for(tmp_path: Path, token_path: Path) -> None:
     """The proxy may rate-limit status calls too: the wait honours Retry-After instead of giving up."""
-    calls: list[float] = []
-
-    class Flaky(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            calls.append(time.monotonic())
-            if self.path.endswith("/secret"):
-                self.reply(200, {"secret": "api-key", "value": SECRET_VALUE})
-            elif len(calls) == 1:
-                self.reply(429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "1"})
-            else:
-                self.reply(200, {"id": FLAKY_ID, "status": "approved", "secret": "api-key"})
-
-        def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = ScriptedProxy(
+        {
+            f"GET /v1/requests/{FLAKY_ID}": [
+                (429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "1"}),
+                (200, {"id": FLAKY_ID, "status": "approved", "secret": "api-key"}, {}),
+            ],
+            f"GET /v1/requests/{FLAKY_ID}/secret": [(200, {"secret": "api-key", "value": SECRET_VALUE}, {})],
+        }
+    )
     try:
-        result = run_agent(
-            agent_env(f"http://127.0.0.1:{server.server_port}", token_path), "wait", FLAKY_ID, "--timeout", "20"
-        )
+        result = run_agent(agent_env(proxy.url, token_path), "wait", FLAKY_ID, "--timeout", "20")
     finally:
-        server.shutdown()
+        proxy.close()
     assert result.returncode == errors.EXIT_OK, result.stderr
     assert result.stdout == SECRET_VALUE
-    assert calls[1] - calls[0] >= 0.9  # it slept as long as Retry-After said
+    assert proxy.times[1] - proxy.times[0] >= 0.9  # it slept as long as Retry-After said
     assert "asking again in 1 s" in result.stderr
 
 
