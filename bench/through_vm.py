@@ -23,8 +23,8 @@ from pathlib import Path
 
 from proxy.demo import free_port
 from takeover.config import TakeoverConfig
+from takeover.host.ssh import SSHTarget
 from takeover.models import Endpoint
-from takeover.steps.verify import SSHTarget
 from tests import vm_fixtures
 from vm_image.guest_files import DATA_DIR, VENV
 

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from takeover.host.egress import free_privileged_port  # noqa: E402
+from takeover.host.ssh import SSHTarget  # noqa: E402
 from takeover.models import Endpoint  # noqa: E402
-from takeover.steps.verify import SSHTarget  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 from vm_image.progress import Steps  # noqa: E402
 from vm_image.ssh_command import agent_login_argv  # noqa: E402
@@ -171,7 +171,7 @@ class Demo:
         return {"status": status, "body": json.loads(text or "{}")}
 
     def host_ssh(self, *remote: str, stdin: str = "") -> subprocess.CompletedProcess:
-        """The host's login to its VM, as the takeover's own checks make it (takeover.steps.verify.SSHTarget)."""
+        """The host's login to its VM, as the takeover's own checks make it (takeover.host.ssh.SSHTarget)."""
         target = SSHTarget(
             Endpoint("127.0.0.1", self.args.host_ssh_port), self.host_dir / "host_key", self.host_dir / "known_hosts"
         )

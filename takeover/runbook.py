@@ -21,6 +21,7 @@ from .host import egress
 from .host.files import ensure_host_dir
 from .host.keys import load_host_keys
 from .host.runners import HostVMSpec, Runner, check_ports_free, wait_until_serving, widen_forwards
+from .host.ssh import SSHTarget, which_ssh
 from .journal import DONE, IN_PROGRESS, JOURNAL_NAME, Journal, check_destination
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
@@ -30,7 +31,7 @@ from .steps.context import Context
 from .steps.relocate import DISK_NAME
 from .steps.report import build_report, summary, write_report
 from .steps.restart import runner_for, vm_spec
-from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS, SSHTarget, which_ssh
+from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS
 
 
 def require_root() -> None:

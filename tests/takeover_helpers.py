@@ -255,8 +255,8 @@ def takeover_run(ready: Path, host_dir: Path, *more: str, ssh_port: int | None =
 
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """The host's login, as the takeover's own checks make it: its key, the pinned host key, strict checking."""
+    from takeover.host.ssh import SSHTarget
     from takeover.models import Endpoint
-    from takeover.steps.verify import SSHTarget
 
     target = SSHTarget(Endpoint("127.0.0.1", port), host_dir / "host_key", host_dir / "known_hosts")
     return subprocess.run(target.argv(*remote), input=stdin, capture_output=True, text=True, timeout=120)

@@ -18,7 +18,7 @@ import pytest
 from takeover.errors import ScrubError, VerifyError
 from takeover.guest.appliance import Watchdog
 from takeover.guest.editor import Guest
-from takeover.steps.verify import run_bounded
+from takeover.host.ssh import run_bounded
 from vm_image.errors import LaunchFailed
 from vm_image.launch import start_qemu
 

@@ -27,6 +27,7 @@ from takeover.config import TakeoverConfig, read_proxy_config
 from takeover.errors import InvalidInput
 from takeover.host.files import create_private_under_trusted_dirs, ensure_host_dir, write_json_atomic
 from takeover.host.runners import QemuIdentity, identity_path, read_identity
+from takeover.host.ssh import SSHTarget
 from takeover.host.terminal import printable
 from takeover.journal import DONE, Journal
 from takeover.models import Endpoint, SourceVM
@@ -34,7 +35,7 @@ from takeover.runbook import _finished_vm
 from takeover.steps import NAMES
 from takeover.steps.relocate import DISK_NAME
 from takeover.steps.report import summary
-from takeover.steps.verify import SSHTarget, create_agent_token
+from takeover.steps.verify import create_agent_token
 from vm_image import proc
 from vm_image.proc import current_boot_id
 

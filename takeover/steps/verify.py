@@ -14,7 +14,6 @@ import dataclasses
 import os
 import pwd
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -23,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vm_image import proc
-from vm_image.ssh_command import ssh_argv
 
 from ..errors import InvalidInput, VerifyError
 from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from ..host.keys import load_host_keys
 from ..host.ports import listener_pids, wait_for_health
 from ..host.regular_file import read_regular
+from ..host.ssh import SSHTarget, SSHTimeout, run_bounded
 from ..models import Endpoint
 from .context import Context
 from .restart import RestartResult
@@ -37,32 +36,6 @@ from .restart import RestartResult
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SECRET_PATTERNS = re.compile(r"^[A-Za-z0-9_.*?-]+(,[A-Za-z0-9_.*?-]+)*$")
 CLI = "/usr/local/bin/secret-proxy"
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    endpoint: Endpoint
-    key: Path
-    known_hosts: Path
-    user: str = "proxy"
-
-    def argv(self, *remote: str, key: Path | None = None, options: tuple[str, ...] = ()) -> list[str]:
-        pinned = (
-            "BatchMode=yes",
-            "StrictHostKeyChecking=yes",
-            f"UserKnownHostsFile={self.known_hosts}",
-            "GlobalKnownHostsFile=/dev/null",
-            "HostKeyAlgorithms=ssh-ed25519",
-            "IdentitiesOnly=yes",
-            "IdentityAgent=none",
-            "ConnectTimeout=10",
-            "LogLevel=ERROR",
-        )
-        host, port = self.endpoint.host, self.endpoint.port
-        return ssh_argv(host, port, self.user, remote, options=(*pinned, *options), key=key or self.key)
-
-    def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run_bounded(self.argv(*remote), timeout)
 
 
 @dataclass(frozen=True)
@@ -86,17 +59,6 @@ class VerifyResult:
     agent_key: str  # "refused", or why the agent's setup key was not tried
     seconds: float
     agent_token: AgentToken | None = None
-
-
-class SSHTimeout(VerifyError):
-    """An ssh or ssh-keyscan that did not finish in time (the guest accepted but never answered)."""
-
-
-def run_bounded(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise SSHTimeout(f"`{argv[0]}` to the VM did not finish within {timeout:.0f} s") from None
 
 
 def verify_host_vm(
@@ -281,12 +243,6 @@ def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Pat
     finally:
         os.close(fd)
     return AgentToken(name, patterns, str(token_file))
-
-
-def which_ssh() -> None:
-    for tool in ("ssh", "ssh-keyscan"):
-        if shutil.which(tool) is None:
-            raise VerifyError(f"{tool} is not installed on the host", hint="apt-get install openssh-client")
 
 
 def step_verify(ctx: Context) -> VerifyResult:
