@@ -128,6 +128,10 @@ async def make_call(request: HttpRequest) -> JSONResponse:
     if req is None or req.agent != agent.name or state.store.get_call(request_id) is None:
         await state.refused(agent, "call.refused", "not_found", request_id)
         raise ApiError("not_found", "no such call request")
+    refusal = st.retrieval_refusal(req)
+    if refusal is not None:  # used, expired, denied, pending: known from a read, and refused without a slot
+        await state.refused(agent, "call.refused", refusal.kind, request_id, req.secret)
+        raise refusal
     slots = state.limits.calls
     full = slots.full(agent.name)
     if full:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from proxy.store import Store
 from proxy.telegram_render import render_closed
 from tests.agent_helpers import agent_env, outcome, pending_ids, run_agent, token_file, with_mcp_server
 from tests.proxy_helpers import SECRET_VALUE, LiveServer, Proxy, cli
+from tests.telegram_helpers import ALICE, CHAT, start_rig, wait_until_polling
 
 
 @pytest.fixture
@@ -83,3 +85,26 @@ def test_the_mcp_server_lists_scope_and_requests_and_cancels(env: dict, live: Li
     assert pending["status"] == "pending" and "run_with_secret again" in pending["what_to_do"]
     assert [r["id"] for r in mine["requests"]] == [pending["id"]]
     assert cancelled["status"] == "cancelled" and cancelled["cancelled"] is True
+
+
+def test_a_cancel_edits_the_approvers_telegram_message_and_a_late_tap_changes_nothing(tmp_path: Path) -> None:
+    tg = start_rig(tmp_path / "tg")
+    try:
+        wait_until_polling(tg)
+        request_id = tg.ask("rotate the staging key")
+        message = tg.message_for(request_id)
+        env = agent_env(tg.url, token_file(tmp_path, tg.data.token))
+        assert run_agent(env, "cancel", request_id).returncode == 0
+        edited = tg.emu.wait_for(
+            lambda: next(
+                (m for m in tg.emu.messages(CHAT) if request_id in m["text"] and "Withdrawn" in m["text"]), None
+            ),
+            10,
+            "the message edited to say the agent withdrew the request",
+        )
+        assert edited["message_id"] == message["message_id"] and not edited.get("reply_markup")
+        tg.emu.tap(ALICE, CHAT, message["message_id"], f"a:{request_id}")  # a tap on the old buttons, too late
+        time.sleep(1)
+        assert tg.status(request_id) == "cancelled"
+    finally:
+        tg.stop()
