@@ -23,7 +23,7 @@ from tests.agent_helpers import (
     token_file,
     with_mcp_server,
 )
-from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy
+from tests.proxy_helpers import ROOT, SECRET_VALUE, LiveServer, Proxy, cli
 from vm_image.proxy_venv import export_argv, find_uv
 
 
@@ -188,3 +188,5 @@ def test_run_with_secret_returns_the_commands_output_with_the_value_masked(mcp_e
     assert result["stdout"] == "key <concealed by secret-proxy>\n"
     assert result["stderr"] == "[]\n"  # the child got no proxy URL, token or token file
     assert SECRET_VALUE not in json.dumps(result)
+    shown = cli(live.settings.data_dir, "requests", "list").stdout.decode()
+    assert "run_with_secret runs: " in shown and "-c" in shown  # the approver read which command gets the value

@@ -28,7 +28,6 @@ import argparse
 import base64
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -37,14 +36,11 @@ from typing import Any
 from . import approval, masked_run
 from .config import load_config
 from .errors import EXIT_CANNOT_EXECUTE, AgentError, CallFailed, UsageError
-from .proxy_http import REQUEST_ID_RE, ProxyApi
+from .proxy_http import MAX_REASON_CHARS, REQUEST_ID_RE, SECRET_NAME_RE, STATUSES, ProxyApi
 
 PROG = "secret-proxy-agent"
 DEFAULT_TIMEOUT_SECONDS = 600.0  # the proxy's default pending timeout: waiting longer finds it expired
 LOOKUP_SECONDS = 30.0  # status, list, requests, cancel: one exchange each
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # the API's secret names (docs/api.md)
-MAX_REASON_CHARS = 1000
-STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used", "cancelled")
 
 
 def say(text: str) -> None:
@@ -227,7 +223,7 @@ def _checked_id(request_id: str) -> str:
 
 
 def _check_asking(args: argparse.Namespace) -> None:
-    if not NAME_RE.fullmatch(args.name):
+    if not SECRET_NAME_RE.fullmatch(args.name):
         raise UsageError(f"not a secret name: {args.name!r}", hint="names are [A-Za-z0-9_.-], 1-128 characters")
     if args.reason is None or not args.reason.strip() or len(args.reason) > MAX_REASON_CHARS:
         raise UsageError(

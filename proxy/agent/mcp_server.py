@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from pydantic import Field
 from . import approval, masked_run
 from .config import AgentConfig
 from .errors import AgentError, Denied, Expired, TimedOut, UsageError
-from .proxy_http import ProxyApi
+from .proxy_http import MAX_REASON_CHARS, ProxyApi
 
 MAX_OUTPUT_BYTES = 64 * 1024  # of each of stdout and stderr, returned to the model
 DEFAULT_RUN_SECONDS = 120.0
@@ -163,7 +164,7 @@ def build_server(config: AgentConfig) -> MCPServer:
             env = masked_run.child_environment(os.environ)
             masked_run.check_command(command, env, [env_var])
             until = deadline()
-            request_id = id or approval.ask(api, name, reason, until)
+            request_id = id or approval.ask(api, name, reason_with_command(reason, command), until)
             view = approval.wait_for_decision(api, request_id, until)
             if view.get("secret") != name or approval.is_call(view):
                 raise UsageError(
@@ -239,6 +240,15 @@ def build_server(config: AgentConfig) -> MCPServer:
             return _outcome(get)
 
     return server
+
+
+def reason_with_command(reason: str, command: list[str]) -> str:
+    """The reason the approver reads, with the command the value will be given to (cut to the API's limit)."""
+    shown = f"\n[run_with_secret runs: {shlex.join(command)}]"
+    if len(reason) + len(shown) > MAX_REASON_CHARS:
+        room = MAX_REASON_CHARS - len(reason) - len("\n[run_with_secret runs: …]")
+        shown = f"\n[run_with_secret runs: {shlex.join(command)[: max(0, room)]}…]" if room > 20 else ""
+    return reason + shown
 
 
 def _value(api: ProxyApi, view: dict[str, Any], until: float) -> dict[str, Any]:

@@ -26,7 +26,12 @@ from urllib.parse import quote, urlsplit
 
 from .errors import Denied, Expired, Refused, TimedOut, Unreachable, UsageError
 
-REQUEST_ID_RE = re.compile(r"^req_[A-Za-z0-9_-]{32}$")  # proxy/wire.py REQUEST_ID, pinned by a test
+# Stdlib copies of proxy/wire.py's rules (this package imports nothing else of `proxy`), pinned equal to
+# them by tests/test_agent_wire.py.
+REQUEST_ID_RE = re.compile(r"^req_[A-Za-z0-9_-]{32}$")
+SECRET_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+MAX_REASON_CHARS = 1000
+STATUSES = ("pending", "approved", "denied", "expired", "retrieved", "used", "cancelled")  # proxy/store.py
 MAX_WAIT_SECONDS = 60  # the API's own bound on ?wait= (docs/api.md)
 CONNECT_TIMEOUT_SECONDS = 10.0
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # a brokered call's answer, in base64 inside JSON
