@@ -139,9 +139,13 @@ class SilentProxy:
             conn.close()
 
 
+DROP = 0  # a ScriptedProxy reply status: close the connection without answering
+
+
 class ScriptedProxy:
     """A stand-in proxy on 127.0.0.1 that answers each request with the next of `replies` for its path
-    (status, JSON body, headers), the last one repeated; every request is kept in `seen` (method, path, body)."""
+    (status, JSON body, headers; status DROP hangs up instead), the last one repeated; every request is
+    kept in `seen` (method, path, body)."""
 
     def __init__(self, replies: dict[str, list[tuple[int, dict, dict]]]) -> None:
         self.replies = replies
@@ -163,6 +167,10 @@ class ScriptedProxy:
                 key = f"{self.command} {self.path.split('?')[0]}"
                 queue = outer.replies[key]
                 status, reply, headers = queue.pop(0) if len(queue) > 1 else queue[0]
+                if status == DROP:  # a network blip: the connection closes without an answer
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 raw = json.dumps(reply).encode()
                 self.send_response(status)
                 for name, value in {"Content-Type": "application/json", **headers}.items():

@@ -16,6 +16,7 @@ from mcp import ClientSession
 
 from proxy.agent import errors
 from tests.agent_helpers import (
+    DROP,
     ScriptedProxy,
     SilentProxy,
     agent_env,
@@ -203,3 +204,30 @@ def test_a_5xx_of_a_brokered_call_carries_the_proxys_code_and_detail(token_path:
     assert error["error"] == "upstream_timeout" and "no whole answer within 30 s" in error["message"]
     assert error["id"] == REQUEST_ID and "approval is used up" in error["what_to_do"]
     assert len([m for m, _, _ in proxy.seen if m == "POST"]) == 1  # a made call is never made again
+
+
+DROPPED = (DROP, {}, {})
+
+
+def test_a_connection_dropped_before_the_call_is_made_costs_nothing_and_the_call_is_made(token_path: Path) -> None:
+    proxy = _approved_call_proxy(DROPPED, _answer(200, b"made"))
+
+    async def play(session: ClientSession) -> Any:
+        return await session.call_tool("wait_for_decision", {"id": REQUEST_ID})
+
+    try:
+        result = outcome(with_mcp_server(agent_env(proxy.url, token_path, SECRET_PROXY_MCP_WAIT="20"), play))
+    finally:
+        proxy.close()
+    assert result["status"] == "done" and result["body"] == "made"
+
+
+def test_a_connection_dropped_while_the_call_was_made_says_the_answer_is_lost(token_path: Path) -> None:
+    used = (410, {"error": "already_used", "detail": "the approved call was already made"}, {})
+    proxy = _approved_call_proxy(DROPPED, used)
+    try:
+        result = run_agent(agent_env(proxy.url, token_path), "wait", REQUEST_ID, "--timeout", "20")
+    finally:
+        proxy.close()
+    assert result.returncode == errors.EXIT_EXPIRED, result.stderr
+    assert "the call was made, and its answer is lost" in result.stderr and REQUEST_ID in result.stderr
