@@ -161,7 +161,7 @@ async def _claim(
         else:
             call, data = _stored_call(state, request_id)
         assert data is not None
-        secret, value, policy = await state.write(state.store.claim_call, agent, request_id, call)
+        secret, value, policy = await _shielded_claim(state, agent, request_id, call)
     except StoreError as exc:
         # An altered call is audited every time, not folded into a count: it is an attempt to be looked at.
         if exc.code == "call_mismatch":
@@ -184,6 +184,27 @@ async def _claim(
         log.error("call %s: the value does not decrypt under the master key", request_id)
         raise ApiError("internal_error", "the value could not be decrypted") from None
     return secret, value, policy, call, data
+
+
+async def _shielded_claim(
+    state: ProxyState, agent: st.Agent, request_id: str, call: broker.Call
+) -> tuple[str, bytes, Policy]:
+    """The claim, shielded: a handler cancelled while it commits (the proxy shutting down) must not leave
+    `call.started` without its end; once committed, the end is recorded as `call.failed` (cancelled)."""
+    task = asyncio.ensure_future(state.write(state.store.claim_call, agent, request_id, call))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: _abandoned(state, agent, request_id, t))
+        raise
+
+
+def _abandoned(state: ProxyState, agent: st.Agent, request_id: str, claim: asyncio.Future[Any]) -> None:
+    if claim.cancelled() or claim.exception() is not None:
+        return  # nothing was claimed: the approval stays
+    secret = claim.result()[0]
+    record = state.write(state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret, code="cancelled")
+    asyncio.ensure_future(record)
 
 
 async def _attempt(

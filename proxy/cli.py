@@ -149,7 +149,7 @@ def cmd_requests_list(settings: Settings, args: argparse.Namespace) -> None:
 def _call_lines(call: Call, policy: Policy | None) -> list[str]:
     return [
         f"call {visible(call.method)} {visible(call.url)} body {call.body_size} B sha256 {call.body_sha256}",
-        *(f"header {line}" for line in header_lines(call, policy)),
+        *(f"header {line}" for lines in header_lines(call, policy) for line in lines),
     ]
 
 

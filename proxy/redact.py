@@ -9,8 +9,12 @@ the value, the injected header's value and whole line (`Authorization: Bearer VA
 * as it is, and in hex, case-insensitively (an upper-cased value is still the value);
 * in base64 (standard and URL-safe) at each of the three alignments a rendering can have
   inside a longer encoded text, so base64 of a whole request dump gives it away too;
-* inside percent-escapes (`%2F`, `%2f`, double `%252F`) and JSON escapes (`\\/`, `\\u002B`,
-  surrogate pairs), in any mix: the answer is searched again with those decoded;
+* inside percent-escapes (`%2F`, `%2f`, double `%252F`), JSON escapes (`\\/`, `\\u002B`, `\\t`,
+  surrogate pairs) and HTML character references (`&amp;`, `&#x27;`), in any mix: the answer is
+  searched again with those decoded, and once more with line breaks taken out (base64 wrapped
+  at 64 or 76 columns, as PEM, `base64` and MIME write it);
+* as a server that reads header bytes as Latin-1 echoes a non-ASCII value (UTF-8 of each byte),
+  and upper- or lower-cased beyond ASCII;
 * in a header name or value with its white space taken out (a value cut by a folded line);
   such a field is replaced whole.
 
@@ -23,7 +27,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html.entities
 import re
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MARK = b"[REDACTED]"
@@ -33,8 +40,10 @@ _ESCAPE = re.compile(
     rb"%[0-9A-Fa-f]{2}"
     rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a JSON surrogate pair
     rb"|\\u[0-9a-fA-F]{4}"
-    rb"|\\[\\/\"]"
+    rb"|\\[\\/\"bfnrt]"
+    rb"|&#[0-9]{1,7};|&#[xX][0-9a-fA-F]{1,6};|&[A-Za-z]{2,8};"
 )
+_JSON_SHORT = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 _SPACE = re.compile(rb"[\s]+")
 
 
@@ -73,52 +82,64 @@ def forms(value: bytes, renderings: tuple[bytes, ...] = ()) -> Spellings:
         if b" " in raw:  # form encoding writes a space as +
             folded.add(raw.replace(b" ", b"+").lower())
         exact.update(_base64_cores(raw))
+        # A server that reads header bytes as Latin-1 (RFC 9110's default) echoes each byte as a character.
+        if not raw.isascii():
+            text = raw.decode("utf-8", "replace")
+            for variant in (raw.decode("latin-1").encode(), text.upper().encode(), text.lower().encode()):
+                exact.add(variant)
+                exact.update(_base64_cores(variant))
     by_length = sorted(folded, key=len, reverse=True), sorted(exact, key=len, reverse=True)
     return Spellings(tuple(by_length[0]), tuple(by_length[1]))
 
 
 @dataclass(frozen=True)
 class _View:
-    """`data` with escapes decoded; `starts[i]`/`ends[i]` are the original span of its byte i."""
+    """`data` with escapes decoded; `starts[i]`/`ends[i]` are the original span of its byte i (arrays of
+    machine integers: a list of a million ints would cost the guest's small memory 30 times more)."""
 
     data: bytes
-    starts: list[int]
-    ends: list[int]
+    starts: array[int]
+    ends: array[int]
 
 
 def _identity(data: bytes) -> _View:
-    return _View(data, list(range(len(data))), list(range(1, len(data) + 1)))
+    return _View(data, array("q", range(len(data))), array("q", range(1, len(data) + 1)))
 
 
 def _decode_escape(token: bytes) -> bytes:
     if token[0:1] == b"%":
         return bytes([int(token[1:3], 16)])
+    if token[0:1] == b"&":
+        name = token[1:-1].decode("ascii")
+        if name.startswith("#"):
+            code = int(name[2:], 16) if name[1:2] in ("x", "X") else int(name[1:])
+            return chr(code).encode("utf-8", "surrogatepass") if code < 0x110000 else token
+        char = html.entities.name2codepoint.get(name)
+        return chr(char).encode() if char is not None else token
     if token[1:2] == b"u":
         codes = [int(token[i + 2 : i + 6], 16) for i in range(0, len(token), 6)]
         if len(codes) == 2:
             return chr(0x10000 + ((codes[0] - 0xD800) << 10) + (codes[1] - 0xDC00)).encode()
         return chr(codes[0]).encode("utf-8", "surrogatepass")
-    return token[1:2]
+    return _JSON_SHORT.get(token[1:2], token[1:2])
 
 
-def _unescaped(view: _View) -> _View | None:
-    """`view` with percent and JSON escapes decoded once, or None if it has none."""
+def _rewritten(view: _View, pattern: re.Pattern[bytes], replace: Callable[[bytes], bytes]) -> _View | None:
+    """`view` with every match of `pattern` replaced, the spans kept; None if nothing matched."""
     data = view.data
-    if b"%" not in data and b"\\" not in data:
-        return None
     out = bytearray()
-    starts: list[int] = []
-    ends: list[int] = []
+    starts: array[int] = array("q")
+    ends: array[int] = array("q")
     at = 0
-    for match in _ESCAPE.finditer(data):
+    for match in pattern.finditer(data):
         a, b = match.span()
         out += data[at:a]
         starts += view.starts[at:a]
         ends += view.ends[at:a]
-        decoded = _decode_escape(match.group())
+        decoded = replace(match.group())
         out += decoded
-        starts += [view.starts[a]] * len(decoded)
-        ends += [view.ends[b - 1]] * len(decoded)
+        starts += array("q", [view.starts[a]] * len(decoded))
+        ends += array("q", [view.ends[b - 1]] * len(decoded))
         at = b
     if at == 0:
         return None
@@ -126,6 +147,23 @@ def _unescaped(view: _View) -> _View | None:
     starts += view.starts[at:]
     ends += view.ends[at:]
     return _View(bytes(out), starts, ends)
+
+
+def _unescaped(view: _View) -> _View | None:
+    """`view` with percent, JSON and HTML escapes decoded once, or None if it has none."""
+    if not any(c in view.data for c in (b"%", b"\\", b"&")):
+        return None
+    return _rewritten(view, _ESCAPE, _decode_escape)
+
+
+_BREAKS = re.compile(rb"[\r\n]+")
+
+
+def _unwrapped(view: _View) -> _View | None:
+    """`view` without its line breaks: wrapped base64 read as one line."""
+    if b"\n" not in view.data and b"\r" not in view.data:
+        return None
+    return _rewritten(view, _BREAKS, lambda _: b"")
 
 
 def _find_all(haystack: bytes, needle: bytes) -> list[tuple[int, int]]:
@@ -140,10 +178,16 @@ def _find_all(haystack: bytes, needle: bytes) -> list[tuple[int, int]]:
 def _spans(data: bytes, spellings: Spellings) -> list[tuple[int, int]]:
     """Where in `data` any spelling stands, in the answer as it is or with its escapes decoded."""
     spans: list[tuple[int, int]] = []
-    view: _View | None = _identity(data)
-    for _ in range(3):  # as it is, decoded once, decoded twice (%252F)
-        if view is None:
+    views = [_identity(data)]
+    for _ in range(2):  # decoded once, decoded twice (%252F)
+        decoded = _unescaped(views[-1])
+        if decoded is None:
             break
+        views.append(decoded)
+    unwrapped = _unwrapped(views[-1])
+    if unwrapped is not None:
+        views.append(unwrapped)
+    for view in views:
         lower = view.data.lower()
         for needle in spellings.folded:
             for a, b in _find_all(lower, needle):
@@ -151,7 +195,6 @@ def _spans(data: bytes, spellings: Spellings) -> list[tuple[int, int]]:
         for needle in spellings.exact:
             for a, b in _find_all(view.data, needle):
                 spans.append((view.starts[a], view.ends[b - 1]))
-        view = _unescaped(view)
     return spans
 
 
@@ -180,8 +223,29 @@ def redact(data: bytes, spellings: Spellings) -> tuple[bytes, int]:
 
 
 def redact_field(data: bytes, spellings: Spellings) -> tuple[bytes, int]:
-    """A header name or value: redacted as a body is, and replaced whole if its white space hid a spelling."""
-    out, count = redact(data, spellings)
-    if count == 0 and _spans(_SPACE.sub(b"", data), spellings):
-        return MARK, 1
-    return out, count
+    """A header name or value: replaced whole if it holds a spelling, also one its white space hid."""
+    count = len(_merged(_spans(data, spellings)))
+    if count or _spans(_SPACE.sub(b"", data), spellings):
+        return MARK, max(count, 1)
+    return data, 0
+
+
+WITHHELD = (
+    b"[REDACTED: the destination's answer held the secret, so the proxy withholds all of it; "
+    b"only its status and headers are given]"
+)
+
+
+def withhold_if_held(body: bytes, spellings: Spellings) -> tuple[bytes, int]:
+    """`body` as it is, or WITHHELD whole if any spelling stands in it, and how many places it stood in.
+
+    Not a redaction in place: with the value's places marked, an agent that sent an echoing API a
+    thousand guesses would read off the one that was replaced. Whole, it learns one bit per approval."""
+    count = len(_merged(_spans(body, spellings)))
+    return (WITHHELD, count) if count else (body, 0)
+
+
+def redact_text(text: str, spellings: Spellings) -> tuple[str, int]:
+    """`redact` for text (an error's detail): as its UTF-8 bytes."""
+    out, count = redact(text.encode("utf-8", "surrogateescape"), spellings)
+    return out.decode("utf-8", "surrogateescape"), count

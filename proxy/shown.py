@@ -47,17 +47,21 @@ def injected_header(policy: Policy | None) -> tuple[str, str] | None:
     return injection.name, injection.template.replace("{value}", MASK)
 
 
-def header_lines(call: Call, policy: Policy | None, limit: int | None = None) -> list[str]:
-    """`Name: value` for every header the call sends, escaped; values cut at `limit` characters if given."""
-    out = []
+def header_lines(call: Call, policy: Policy | None, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """`Name: value` for every header the call sends, escaped, values cut at `limit` characters if given:
+    (what the approver must always see: where the secret goes and any routing header the policy lets
+    through; the other headers). A place that must shorten the list shortens only the second."""
+    first: list[str] = []
+    injected = injected_header(policy)
+    if injected is not None:
+        first.append(f"{injected[0]}: {injected[1]} (added by the proxy)")
+    elif policy is not None and policy.injection is not None:
+        first.append(f"(the secret goes into the query parameter {policy.injection.name!r})")
+    routing = set(policy.allow_headers) if policy else set()
+    rest: list[str] = []
     for name, value in call.headers:
         shown = visible(value)
         if limit is not None and len(shown) > limit:
             shown = f"{shown[:limit]}… ({len(shown)} characters; see `python -m proxy requests list`)"
-        out.append(f"{visible(name)}: {shown}")
-    injected = injected_header(policy)
-    if injected is not None:
-        out.append(f"{injected[0]}: {injected[1]} (added by the proxy)")
-    elif policy is not None and policy.injection is not None:
-        out.append(f"(the secret goes into the query parameter {policy.injection.name!r})")
-    return out
+        (first if name.lower() in routing else rest).append(f"{visible(name)}: {shown}")
+    return first, rest

@@ -65,11 +65,11 @@ def _call_lines(call: Call | None, policy: Policy | None) -> list[str]:
     path = target.path_and_query
     if len(path) > CALL_PATH_CHARS:  # a message holds 4096 characters; the CLI shows the whole URL
         path = f"{path[:CALL_PATH_CHARS]}… ({len(path)} characters; see `python -m proxy requests list`)"
-    headers = header_lines(call, policy, HEADER_VALUE_CHARS)
-    kept = _within(headers, HEADERS_CHARS)
-    if len(kept) < len(headers):  # a message holds 4096 characters; the approver is told what is not shown
-        kept.append(f"… and {len(headers) - len(kept)} more headers: see `python -m proxy requests list`")
-    headers = kept
+    first, rest = header_lines(call, policy, HEADER_VALUE_CHARS)
+    kept = _within(rest, HEADERS_CHARS)
+    if len(kept) < len(rest):  # a message holds 4096 characters; the approver is told what is not shown
+        kept.append(f"… and {len(rest) - len(kept)} more headers: see `python -m proxy requests list`")
+    headers = first + kept  # where the secret goes and the routing headers are never cut
     return [
         "Use: <b>one call made by the proxy</b>; the agent never sees the value",
         f"Call: <code>{_shown(call.method)}</code> to <code>{_shown(target.scheme + '://' + target.host + port)}"

@@ -30,6 +30,8 @@ MAX_RESPONSE_HEADERS = 100
 MAX_INFORMATIONAL = 5
 MAX_CONTENT_CODINGS = 3
 READ_SIZE = 65536
+# Content codings by their registered names: the ones an error may name (RFC 9110 and IANA's registry).
+KNOWN_CODINGS = {"br", "compress", "x-compress", "zstd", "dcb", "dcz", "exi", "pack200-gzip", "aes128gcm"}
 _CONNECT_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3})([^\r\n]{0,80})")
 
 
@@ -102,8 +104,8 @@ async def _tunnel(proxy: tuple[str, int], host: str, port: int) -> tuple[asyncio
             f"the host's egress allow-list does not list {host}:{port}; the operator adds it "
             f"with `python -m takeover egress allow https://{authority}`",
         )
-    said = status.group(0).decode("ascii", "replace") if status else "no HTTP status"
-    raise BrokerError("upstream_unreachable", f"the host's forward proxy could not reach {host}: {said!r}")
+    said = f"status {status.group(1).decode()}" if status else "no HTTP status"
+    raise BrokerError("upstream_unreachable", f"the host's forward proxy could not reach {host}: {said}")
 
 
 async def connect(
@@ -151,9 +153,11 @@ def _decode(body: bytes, codings: list[str], limit: int) -> bytes:
         elif coding == "deflate":  # RFC 9110's deflate is zlib-wrapped; some servers send it raw
             wbits = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
         else:
+            # Only a coding's registered name is repeated: anything else the destination wrote could be the value.
+            named = repr(coding) if coding in KNOWN_CODINGS else "a coding it does not know"
             raise BrokerError(
                 "encoded_response",
-                f"the destination encoded its answer with {coding!r}, which the proxy cannot decode to redact; "
+                f"the destination encoded its answer with {named}, which the proxy cannot decode to redact; "
                 "it was asked for identity",
             )
         body = _inflate(body, wbits, limit)
@@ -218,9 +222,17 @@ async def exchange(
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
     except h11.RemoteProtocolError as exc:
+        # h11's message quotes the offending line, which may be the value echoed back: never pass it on.
         if response is None and "buffer" in str(exc).lower():
             raise _too_large(MAX_HEAD_BYTES, "answer's head") from None
-        raise BrokerError("bad_response", f"the destination's answer is not HTTP the proxy accepts: {exc}") from None
+        if "Transfer-Encoding" in str(exc):
+            raise BrokerError(
+                "bad_response", "the destination used a Transfer-Encoding other than chunked, which the proxy refuses"
+            ) from None
+        raise BrokerError(
+            "bad_response",
+            "the destination's answer is not HTTP/1.1 the proxy accepts (a malformed status line, header or chunk)",
+        ) from None
     if response is None:
         raise BrokerError("bad_response", "the destination closed the connection without an answer")
     headers = list(response.headers.raw_items())

@@ -97,10 +97,18 @@ class HostileUpstream:
                 if not chunk:
                     return
                 data += chunk
-            head = data.split(b"\r\n\r\n")[0]
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0
+            )
+            while len(body) < min(length, 1 << 20):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
             path = head.split(b" ")[1].decode()
             self.requests.append(Seen(path, head))
-            for piece, pause in self._answer(path, head):
+            for piece, pause in self._answer(path, head, body):
                 if pause:
                     time.sleep(pause)
                 conn.sendall(piece)
@@ -109,13 +117,19 @@ class HostileUpstream:
         finally:
             conn.close()
 
-    def _answer(self, path: str, head: bytes) -> Iterator[tuple[bytes, float]]:
+    def _answer(self, path: str, head: bytes, body: bytes = b"") -> Iterator[tuple[bytes, float]]:
         name = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
         line = next(
             (h for h in head.split(b"\r\n") if h.lower().startswith((b"authorization:", b"x-key:"))), b"Missing: -"
         )
         value = line.split(b":", 1)[1].strip()
-        if name in ECHOES:
+        if name == "not-http":  # a line server that quotes what it could not parse (Redis, SMTP)
+            yield b"-ERR unknown command '" + line + b"'\r\n", 0
+        elif name == "bad-header":
+            yield b"HTTP/1.1 200 OK\r\nX-Echo " + line + b"\r\nContent-Length: 0\r\n\r\n", 0
+        elif name == "echo-body":  # an API that stores and returns what it was sent (a note, a gist)
+            yield _response(200, body, [("ETag", f'"{hash(body)}"')]), 0
+        elif name in ECHOES:
             yield _response(200, ECHOES[name](line, head)), 0
         elif name in ("gzip", "deflate", "deflate-raw", "gzip-twice"):
             body = line

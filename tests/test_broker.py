@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from proxy import redact
 from proxy.policy import build_policy
 from proxy.store import Store
 
@@ -145,7 +146,8 @@ def test_the_value_is_redacted_raw_base64_and_url_encoded_from_the_answer(rig, s
     rid = rig.approved(url, secret=secret, method="GET", body=b"")
     made = rig.make(rid, url, method="GET", body=b"")
     text = answer_body(made)
-    assert text.count(b"[REDACTED]") == 3 and made.json()["redactions"] >= 4
+    # The body held the value three ways: it is withheld whole (its places would be an oracle).
+    assert text == redact.WITHHELD and made.json()["redactions"] >= 4
     for spelling in (SECRET_VALUE, base64.b64encode(SECRET_VALUE.encode()).decode()):
         assert spelling not in made.text
     assert ["X-Echo", "[REDACTED]"] in made.json()["headers"]
@@ -305,7 +307,9 @@ def test_concurrent_attempts_at_one_approved_call_make_it_once(rig):
 
     with ThreadPoolExecutor(8) as pool:
         codes = sorted(pool.map(attempt, range(8)))
-    assert codes == [200] + [410] * 7
+    # One is made; the others find it used (410), or find the agent's call slots full (429,
+    # broker_max_calls_per_agent) before anything is claimed.
+    assert codes.count(200) == 1 and set(codes) <= {200, 410, 429}, codes
     assert len([r for r in rig.up.requests if r.path == "/v1/race"]) == before + 1
 
 

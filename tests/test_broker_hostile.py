@@ -21,7 +21,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from proxy import broker
+from proxy import broker, redact
 from proxy.policy import build_policy
 from proxy.store import Store
 
@@ -63,8 +63,16 @@ class Rig:
             base_url=self.server.url, timeout=60, headers={"Authorization": f"Bearer {token or self.data.token}"}
         )
 
-    def ask(self, path: str, secret: str = "api-hostile", headers: dict | None = None, token: str | None = None):
-        call = {"secret": secret, "reason": "test", "method": "GET", "url": self.base + path, "headers": headers or {}}
+    def ask(
+        self,
+        path: str,
+        secret: str = "api-hostile",
+        headers: dict | None = None,
+        token: str | None = None,
+        body: bytes = b"",
+    ):
+        call = {"secret": secret, "reason": "test", "method": "POST" if body else "GET", "url": self.base + path}
+        call.update(headers=headers or {}, body_base64=base64.b64encode(body).decode())
         with self.client(token) as http:
             return http.post("/v1/calls", json=call)
 
@@ -75,9 +83,12 @@ class Rig:
             store.decide(created.json()["id"], True, "operator:test")
         return created.json()["id"]
 
-    def make(self, rid: str, path: str, headers: dict | None = None, token: str | None = None) -> httpx.Response:
+    def make(
+        self, rid: str, path: str, headers: dict | None = None, token: str | None = None, body: bytes = b""
+    ) -> httpx.Response:
         with self.client(token) as http:
-            call = {"method": "GET", "url": self.base + path, "headers": headers or {}}
+            call = {"method": "POST" if body else "GET", "url": self.base + path, "headers": headers or {}}
+            call["body_base64"] = base64.b64encode(body).decode()
             return http.post(f"/v1/requests/{rid}/call", json=call)
 
     def call(self, path: str, token: str | None = None, **kw: object) -> httpx.Response:
@@ -126,8 +137,8 @@ def test_a_compressed_answer_is_decoded_and_redacted_never_passed_through(rig, p
     made = rig.call(path)
     assert made.status_code == 200, made.text
     got = everything_the_agent_got(made)
-    # The destination echoed the injected line; the agent gets it decoded, and redacted whole.
-    assert base64.b64decode(made.json()["body_base64"]) == b"[REDACTED]"
+    # The destination echoed the injected line; decoded, it held the value: withheld whole.
+    assert base64.b64decode(made.json()["body_base64"]) == redact.WITHHELD
     assert not any(n.lower() == "content-encoding" for n, _ in made.json()["headers"])
     assert_no_spelling_of(SECRET_VALUE, got)
 
@@ -154,7 +165,7 @@ def test_the_value_echoed_in_any_common_spelling_is_redacted(rig, echo):
     made = rig.call(f"/v1/echo/{echo}")
     assert made.status_code == 200, made.text
     got = everything_the_agent_got(made)
-    assert made.json()["redactions"] >= 1 and b"[REDACTED]" in got
+    assert made.json()["redactions"] >= 1 and got.startswith(redact.WITHHELD)
     assert_no_spelling_of(SECRET_VALUE, got)
     # The header line itself, spelled the destination's way, is gone too.
     sent = f"Authorization: Bearer {SECRET_VALUE}".encode()
@@ -316,3 +327,34 @@ def test_in_flight_bounds_the_sum_as_well_as_each_agent():
         with slots.hold("b"):
             assert slots.full("b") == "total" and slots.full("c") == "total"
     assert slots.full("a") is None
+
+
+# -- what the review found (2026-12-04) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/not-http", "/v1/bad-header"])
+def test_an_error_about_a_malformed_answer_never_quotes_it(rig, path):
+    """h11 quotes the line it could not parse; a destination that echoes the request makes that line the key."""
+    made = rig.call(path)
+    assert made.status_code == 502 and made.json()["error"] == "bad_response", made.text
+    assert_no_spelling_of(SECRET_VALUE, made.content)
+
+
+def test_an_answer_that_echoes_guesses_tells_the_agent_only_that_one_matched(rig):
+    """A thousand candidate values in the approved body, echoed back: redacting the one that is the secret
+    in place would point at it. The body is withheld whole, and its digest headers dropped."""
+    guesses = [f"sk-live-GUESS-{i:04d}" for i in range(1000)]
+    guesses[737] = SECRET_VALUE
+    body = "\n".join(guesses).encode()
+    rid = rig.approved("/v1/echo-body", body=body)
+    made = rig.make(rid, "/v1/echo-body", body=body)
+    assert made.status_code == 200, made.text
+    answer = base64.b64decode(made.json()["body_base64"])
+    assert answer == redact.WITHHELD and b"GUESS" not in answer
+    headers = dict(made.json()["headers"])
+    assert "ETag" not in headers and headers["Content-Length"] == str(len(answer))
+
+
+def test_a_header_value_with_white_space_at_its_ends_is_refused_before_anyone_is_asked(rig):
+    refused = rig.ask("/v1/x", headers={"X-Note": " padded "})
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"

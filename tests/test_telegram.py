@@ -171,8 +171,8 @@ def test_reason_cannot_forge_lines_or_reorder_text(rig):
     assert not any(ch in text for ch in "\r\t\u202e\u202c\u2066\u2069\u200b\u2028\x1b")
 
 
-def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_masked(rig):
-    """The approver approves what is sent: a GET with X-HTTP-Method-Override is shown as such."""
+def store_call_secret(rig: Rig) -> None:
+    """A broker-only secret for api.example.com that lets the agent send X-HTTP-Method-Override."""
     from proxy.policy import build_policy
 
     with Store(rig.data.settings) as store:
@@ -180,6 +180,11 @@ def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_m
             ["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True, ["X-HTTP-Method-Override"]
         )
         store.set_secret("api-call-shown", SECRET_VALUE.encode(), "operator:test", policy)
+
+
+def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_masked(rig):
+    """The approver approves what is sent: a GET with X-HTTP-Method-Override is shown as such."""
+    store_call_secret(rig)
     call = {
         "secret": "api-call-shown",
         "reason": "list the repos",
@@ -195,11 +200,32 @@ def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_m
     lines = text.split("\n")
     start = lines.index("Headers:")
     assert lines[start + 1 : start + 4] == [
-        "  Accept: application/json",
-        "  X-HTTP-Method-Override: DELETE",
         "  Authorization: Bearer •••••• (added by the proxy)",
+        "  X-HTTP-Method-Override: DELETE",  # allowed by the policy: shown first, never cut
+        "  Accept: application/json",
     ]
     assert SECRET_VALUE not in text
+
+
+def test_filler_headers_cannot_push_where_the_secret_goes_or_a_routing_header_out_of_the_message(rig):
+    """The message is cut to fit Telegram; what it cuts is only the ordinary headers, and it says so."""
+    store_call_secret(rig)
+    fillers = {f"X-Filler-{i}": "f" * 190 for i in range(12)}
+    call = {
+        "secret": "api-call-shown",
+        "reason": "list the repos",
+        "method": "GET",
+        "url": "https://api.example.com/v1/repos",
+        "headers": {**fillers, "X-HTTP-Method-Override": "DELETE"},
+    }
+    created = httpx.post(
+        f"{rig.url}/v1/calls", json=call, headers={"Authorization": f"Bearer {rig.data.token}"}, timeout=30
+    )
+    assert created.status_code == 201, created.text
+    text = rig.message_for(created.json()["id"])["text"]
+    assert "Authorization: Bearer •••••• (added by the proxy)" in text
+    assert "X-HTTP-Method-Override: DELETE" in text
+    assert "more headers: see `python -m proxy requests list`" in text
 
 
 # -- refusals --------------------------------------------------------------------------

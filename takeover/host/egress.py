@@ -78,7 +78,11 @@ INSIDE_V4 = (
     "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, "
     "192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3"
 )
-INSIDE_V6 = "::/127, ::ffff:0.0.0.0/96, 64:ff9b::/96, fc00::/7, fe80::/10, ff00::/8"
+# fec0::/10 (site-local), 64:ff9b:1::/48 (local-use NAT64) and 2002::/16 (6to4, which embeds an IPv4
+# address) as the broker's `blocked()` refuses them.
+INSIDE_V6 = (
+    "::/127, ::ffff:0.0.0.0/96, 64:ff9b::/96, 64:ff9b:1::/48, 2002::/16, fc00::/7, fe80::/10, fec0::/10, ff00::/8"
+)
 DNS_PORT = 53
 RESOLV_CONF = Path("/etc/resolv.conf")
 UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
