@@ -18,7 +18,7 @@ demo-local: setup
 test: setup
 	$(PY) -m pytest -v --durations=15
 
-# Lint and types (CI runs this before the tests): ruff for lint and format; mypy strict for the proxy.
+# Lint and types (CI runs this before the tests): ruff for lint and format; mypy strict for every package.
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

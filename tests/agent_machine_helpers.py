@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from takeover.agent_machine import AgentMachine, MachineAddress
+from takeover.agent.machine import AgentMachine, MachineAddress
 
 SSHD = "/usr/sbin/sshd"
 

@@ -1,4 +1,4 @@
-"""The host's connection to an agent machine (takeover/agent_machine.py), against a real one made here:
+"""The host's connection to an agent machine (takeover/agent/machine.py), against a real one made here:
 its own network and mount namespaces and sshd (tests/agent_machine_helpers.py). Root in that machine is
 the agent: it may show another host key, stall, flood, or name files that are not what they say."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from takeover.agent_machine import (
+from takeover.agent.machine import (
     AgentMachineError,
     AgentMachineFlood,
     AgentMachineTimeout,
