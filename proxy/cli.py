@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from . import crypto
+from .approval import ApprovalError, ApprovalRule, parse_rule
 from .broker import Call
 from .config import ConfigError, Settings, load_settings
 from .errors import StoreError
@@ -55,7 +56,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
     try:  # checked before the value is read: a typo in a flag must not cost the operator a paste
         policy = build_policy(args.allow, args.allow_private, args.inject, args.broker_only, args.allow_header)
-    except PolicyError as exc:
+        approval = _approval_rule(settings, args)
+    except (PolicyError, ApprovalError) as exc:
         raise CliError(f"{exc}; see `python -m proxy secrets set --help`") from None
     if sys.stdin.isatty():
         value = getpass.getpass(f"value for {args.name}: ").encode()
@@ -64,12 +66,37 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
         if value.endswith(b"\n"):
             value = value[:-1]  # `echo value |` adds a newline nobody means as part of a key
     with Store(settings) as store:
-        store.set_secret(args.name, value, operator(), policy)
+        store.set_secret(args.name, value, operator(), policy, approval)
+        rule = store.get_approval(args.name)
     print(f"stored {args.name}")
-    for line in policy.lines() if policy else []:
+    for line in [*(policy.lines() if policy else []), *rule.lines()]:
         print(f"  {line}")
     if policy and any(d.scheme == "http" for d in policy.destinations):
         print("warning: an http:// destination gets the value unencrypted; prefer https://", file=sys.stderr)
+
+
+def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule | None:
+    """The rule `--approval`/`--approvers` describe; None when neither is given (the rule stays as it is)."""
+    if args.approval is None:
+        if args.approvers:
+            raise ApprovalError("--approvers needs --approval approve or --approval quorum:N")
+        return None
+    return parse_rule(args.approval, args.approvers, settings.telegram_approvers)
+
+
+def cmd_secrets_approval(settings: Settings, args: argparse.Namespace) -> None:
+    """Change only how much approval a secret needs; its value and use policy stay."""
+    try:
+        rule = _approval_rule(settings, args)
+    except ApprovalError as exc:
+        raise CliError(f"{exc}; see `python -m proxy secrets approval --help`") from None
+    if rule is None:
+        raise CliError("give --approval auto|approve|quorum:N|deny (and optionally --approvers ID,ID)")
+    with Store(settings) as store:
+        store.set_approval(args.name, rule, operator())
+    print(f"approval rule of {args.name} set; requests already pending keep the rule they were made under")
+    for line in rule.lines():
+        print(f"  {line}")
 
 
 def cmd_secrets_show(settings: Settings, args: argparse.Namespace) -> None:
@@ -77,8 +104,11 @@ def cmd_secrets_show(settings: Settings, args: argparse.Namespace) -> None:
         if not store.secret_exists(args.name):
             raise StoreError("unknown_secret", f"no secret named {args.name!r}")
         policy = store.get_policy(args.name)
+        rule = store.get_approval(args.name)
     print(args.name)
     for line in policy.lines() if policy else ["no use policy: retrievable with approval, never brokered"]:
+        print(f"  {line}")
+    for line in rule.lines():
         print(f"  {line}")
 
 
@@ -156,11 +186,23 @@ def _call_lines(call: Call, policy: Policy | None) -> list[str]:
 def _decide(settings: Settings, request_id: str, approve: bool) -> None:
     with Store(settings) as store:
         decision = store.decide(request_id, approve, operator())
+        rule = store.request_rule(request_id)
         call = store.get_call(request_id)
         policy = store.get_policy(decision.request.secret) if call else None
     req = decision.request
+    if decision.vote == "repeated":
+        raise CliError(
+            f"the operator already approved {request_id} ({decision.votes} of {rule.needed}); "
+            "the CLI counts as one approver: the others approve in Telegram"
+        )
     if not decision.changed:
         raise CliError(f"request {request_id} is already {req.status}; a decision is final")
+    if req.status == "pending":
+        print(
+            f"approval counted for {req.id}: {decision.votes} of {rule.needed} distinct approvers; "
+            f"{rule.needed - decision.votes} more needed in Telegram"
+        )
+        return
     print(f"{req.status} {req.id} ({visible(req.agent)} asked for {visible(req.secret)})")
     if call is not None:
         for line in _call_lines(call, policy):
@@ -247,8 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the agent send this routing header (X-HTTP-Method-Override, X-Forwarded-Host, ...); "
         "refused by default because it changes where or how the destination routes the call (repeatable)",
     )
+    _approval_flags(s)
     s.set_defaults(fn=cmd_secrets_set)
-    s = secrets.add_parser("show", help="a secret's use policy (never its value)")
+    s = secrets.add_parser("approval", help="change how much approval a secret needs (value and policy stay)")
+    s.add_argument("name")
+    _approval_flags(s)
+    s.set_defaults(fn=cmd_secrets_approval)
+    s = secrets.add_parser("show", help="a secret's use policy and approval rule (never its value)")
     s.add_argument("name")
     s.set_defaults(fn=cmd_secrets_show)
     secrets.add_parser("list", help="list names (never values)").set_defaults(fn=cmd_secrets_list)
@@ -291,6 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
     return p
+
+
+def _approval_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--approval",
+        metavar="RULE",
+        help="how much approval a request needs: auto (none; still audited and rate limited), approve "
+        "(one approver, the default), quorum:N (N distinct approvers; one deny ends it; the CLI counts as one) "
+        "or deny (never); without it `secrets set` keeps the secret's rule",
+    )
+    s.add_argument(
+        "--approvers",
+        metavar="ID,ID",
+        help="only these Telegram user ids (from SECRET_PROXY_TELEGRAM_APPROVERS) may decide; the operator's CLI "
+        "always may",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

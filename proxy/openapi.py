@@ -44,7 +44,8 @@ def _asking(ttl_description: str) -> dict[str, Any]:
 
 
 def _new(summary: str, schema: str, forbidden: tuple[str, ...]) -> dict[str, Any]:
-    """POST of a new request (a retrieval or a call): answered 201 with it, pending."""
+    """POST of a new request (a retrieval or a call): answered 201 with it, pending (approved at once for a
+    secret whose approval rule is `auto`; refused with `denied` when it is `deny`)."""
     return {
         "post": {
             "summary": summary,
@@ -217,7 +218,7 @@ OPENAPI: dict[str, Any] = {
             }
         },
         "/v1/requests": {
-            **_new("Ask for a secret", "NewRequest", ("forbidden",)),
+            **_new("Ask for a secret", "NewRequest", ("forbidden", "denied")),
             "get": {
                 "summary": "This agent's own requests, newest first",
                 "security": _AUTH,
@@ -321,7 +322,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/calls": _new(
             "Ask to use a secret in one exact HTTP call that the proxy will make",
             "NewCall",
-            ("forbidden", "no_policy", "destination_not_allowed"),
+            ("forbidden", "denied", "no_policy", "destination_not_allowed"),
         ),
         "/v1/requests/{id}/call": {
             "post": {

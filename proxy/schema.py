@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from . import audit, crypto
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     wrapped_key BLOB NOT NULL,
     ciphertext BLOB NOT NULL,
     updated_at REAL NOT NULL,
-    policy TEXT
+    policy TEXT,
+    approval TEXT
 );
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS requests (
     expires_at REAL NOT NULL,
     decided_at REAL,
     decided_by TEXT,
-    retrieved_at REAL
+    retrieved_at REAL,
+    approval TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status, expires_at);
 CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent, status);
@@ -66,7 +68,15 @@ CREATE TABLE IF NOT EXISTS telegram_messages (
     request_id TEXT PRIMARY KEY,
     chat_id INTEGER NOT NULL,
     message_id INTEGER NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0
+    closed INTEGER NOT NULL DEFAULT 0,
+    votes_shown INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS votes (
+    request_id TEXT NOT NULL,
+    voter TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (request_id, voter)
 );
 """
 
@@ -98,5 +108,15 @@ def migrate(conn: sqlite3.Connection, load_audit_key: Callable[[sqlite3.Connecti
         # proxy can make an approved call by its id alone. Calls asked before have none: made as before.
         if "body" not in [c[1] for c in conn.execute("PRAGMA table_info(calls)")]:
             conn.execute("ALTER TABLE calls ADD COLUMN body BLOB")
+    if version < 5:
+        # 4 -> 5: approval rules (proxy/approval.py). A secret and a request without one keep
+        # today's rule, `approve`; the `votes` table is new and was created by SCHEMA.
+        for table, column, sql in (
+            ("secrets", "approval", "approval TEXT"),
+            ("requests", "approval", "approval TEXT"),
+            ("telegram_messages", "votes_shown", "votes_shown INTEGER NOT NULL DEFAULT 0"),
+        ):
+            if column not in [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {sql}")
     if version < SCHEMA_VERSION:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

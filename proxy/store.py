@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from . import audit, crypto, key_files, schema, wire
+from .approval import ApprovalRule, voter
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
@@ -65,7 +66,11 @@ class Request:
 @dataclass(frozen=True)
 class Decision:
     request: Request
-    changed: bool  # False when the request was already decided or expired
+    changed: bool  # False when the request was already decided or expired, or the vote was not counted
+    # For a quorum: "counted" (a new approver's vote; the request may still be pending), "repeated"
+    # (this approver had already approved: counts once) or "not_allowed" (outside the secret's approvers).
+    vote: str | None = None
+    votes: int = 0  # distinct approvals so far
 
 
 _REQUEST_COLS = (
@@ -240,17 +245,29 @@ class Store:
             self._audit(conn, actor, action, request_id, secret, **detail)
 
     # -- secrets -----------------------------------------------------------
-    def set_secret(self, name: str, value: bytes, actor: str, policy: Policy | None = None) -> None:
+    def set_secret(
+        self, name: str, value: bytes, actor: str, policy: Policy | None = None, approval: ApprovalRule | None = None
+    ) -> None:
+        """Store a value with its use policy; `approval` None keeps the secret's approval rule (a new one's is
+        `approve`), so that replacing a value never quietly loosens how much approval it needs."""
         check_secret_name(name)
         if not value:
             raise StoreError("invalid_request", "a secret value must not be empty")
         sealed = crypto.seal(self._key, name, value)
         with self.transaction() as conn:
-            existed = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
+            existed = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
+            rule_json = approval.to_json() if approval else (existed[0] if existed else None)
             conn.execute(
-                "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at, policy)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (name, sealed.wrapped_key, sealed.ciphertext, time.time(), policy.to_json() if policy else None),
+                "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at, policy, approval)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    sealed.wrapped_key,
+                    sealed.ciphertext,
+                    time.time(),
+                    policy.to_json() if policy else None,
+                    rule_json,
+                ),
             )
             self._audit(
                 conn,
@@ -259,7 +276,38 @@ class Store:
                 secret=name,
                 replaced=bool(existed),
                 policy=policy.lines() if policy else None,
+                approval=ApprovalRule.from_json(rule_json).lines(),
             )
+
+    def set_approval(self, name: str, rule: ApprovalRule, actor: str) -> None:
+        """Change only a secret's approval rule. Pending requests keep the rule they were created under."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise StoreError("unknown_secret", f"no secret named {name!r}; store it with `secrets set` first")
+            conn.execute("UPDATE secrets SET approval = ? WHERE name = ?", (rule.to_json(), name))
+            self._audit(
+                conn,
+                actor,
+                "secret.approval_set",
+                secret=name,
+                was=ApprovalRule.from_json(row[0]).lines(),
+                approval=rule.lines(),
+            )
+
+    def get_approval(self, name: str) -> ApprovalRule:
+        row = self._conn().execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
+        return ApprovalRule.from_json(row[0] if row else None)
+
+    def request_rule(self, request_id: str) -> ApprovalRule:
+        """The approval rule a request was created under: the one it is decided by."""
+        row = self._conn().execute("SELECT approval FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return ApprovalRule.from_json(row[0] if row else None)
+
+    def votes(self, request_id: str) -> list[str]:
+        """The actors whose approvals count toward a request's quorum, first first (one per person)."""
+        rows = self._conn().execute("SELECT actor FROM votes WHERE request_id = ? ORDER BY ts", (request_id,))
+        return [r[0] for r in rows]
 
     def get_policy(self, name: str) -> Policy | None:
         row = self._conn().execute("SELECT policy FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -394,11 +442,21 @@ class Store:
             )
         request_id = "req_" + pysecrets.token_urlsafe(24)
         with self.transaction() as conn:
+            rule_row = conn.execute("SELECT approval FROM secrets WHERE name = ?", (secret,)).fetchone()
+            rule_json = rule_row[0] if rule_row else None
+            rule = ApprovalRule.from_json(rule_json)
             pending = conn.execute(
                 "SELECT COUNT(*) FROM requests WHERE agent = ? AND status = 'pending' AND expires_at > ?",
                 (agent.name, now),
             ).fetchone()[0]
-            if pending >= self.settings.max_pending_per_agent:
+            if rule.kind == "deny":
+                refusal = StoreError(
+                    "denied",
+                    f"{secret!r} is never handed out or used: its approval rule is `deny`; ask the operator",
+                    kind="rule_denies",
+                    secret=secret,
+                )
+            elif pending >= self.settings.max_pending_per_agent:
                 refusal = StoreError(
                     "rate_limited",
                     f"agent has {pending} pending requests (limit {self.settings.max_pending_per_agent}); "
@@ -408,7 +466,8 @@ class Store:
                 )
             else:
                 conn.execute(
-                    f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, NULL, NULL)",
+                    f"INSERT INTO requests ({_REQUEST_COLS}, approval)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, NULL, NULL, ?)",
                     (
                         request_id,
                         agent.name,
@@ -417,6 +476,7 @@ class Store:
                         ttl_seconds,
                         now,
                         now + self.settings.pending_timeout_seconds,
+                        rule_json,
                     ),
                 )
                 call_detail: dict[str, object] = {}
@@ -450,8 +510,17 @@ class Store:
                     secret,
                     reason=reason,
                     ttl_seconds=ttl_seconds,
+                    approval=rule.kind if rule.kind != "quorum" else f"quorum:{rule.needed}",
                     **call_detail,
                 )
+                if rule.kind == "auto":
+                    # No human: approved in the transaction that made it, audited as the proxy's decision.
+                    conn.execute(
+                        "UPDATE requests SET status = 'approved', decided_at = ?, decided_by = 'proxy:auto',"
+                        " expires_at = ? WHERE id = ?",
+                        (now, now + ttl_seconds, request_id),
+                    )
+                    self._audit(conn, "proxy", "request.approved", request_id, secret, rule="auto")
         if refusal is not None:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
@@ -572,6 +641,35 @@ class Store:
                         status=req.status,
                     )
                     return Decision(req, changed=False)
+                rule = ApprovalRule.from_json(
+                    conn.execute("SELECT approval FROM requests WHERE id = ?", (request_id,)).fetchone()[0]
+                )
+                kind, _, ident = actor.partition(":")
+                if kind == "telegram" and not (ident.lstrip("-").isdigit() and rule.allows_approver(int(ident))):
+                    self._audit(
+                        conn, actor, "decision.refused", request_id, req.secret, code="not_this_secrets_approver"
+                    )
+                    return Decision(req, changed=False, vote="not_allowed")
+                votes = 0
+                if approve and rule.needed > 1:
+                    who = voter(actor)
+                    if not conn.execute(
+                        "INSERT OR IGNORE INTO votes (request_id, voter, actor, ts) VALUES (?, ?, ?, ?)",
+                        (request_id, who, actor, now),
+                    ).rowcount:
+                        votes = conn.execute(
+                            "SELECT COUNT(*) FROM votes WHERE request_id = ?", (request_id,)
+                        ).fetchone()[0]
+                        self._audit(
+                            conn, actor, "decision.refused", request_id, req.secret, code="already_voted", votes=votes
+                        )
+                        return Decision(req, changed=False, vote="repeated", votes=votes)
+                    votes = conn.execute("SELECT COUNT(*) FROM votes WHERE request_id = ?", (request_id,)).fetchone()[0]
+                    self._audit(
+                        conn, actor, "request.vote", request_id, req.secret, votes=votes, needed=rule.needed, voter=who
+                    )
+                    if votes < rule.needed:
+                        return Decision(req, changed=True, vote="counted", votes=votes)
                 status = "approved" if approve else "denied"
                 expires_at = now + req.ttl_seconds if approve else req.expires_at
                 conn.execute(
@@ -582,7 +680,7 @@ class Store:
                 refusal = None
         if refusal is not None:
             raise refusal
-        return Decision(self.get_request(request_id), changed=True)  # type: ignore[arg-type]
+        return Decision(self.get_request(request_id), changed=True, vote="counted" if votes else None, votes=votes)  # type: ignore[arg-type]
 
     def retrieve(self, agent: Agent, request_id: str) -> tuple[str, bytes]:
         """Hand out an approved value once; every other case is a refusal with its own code.
@@ -763,7 +861,9 @@ class Store:
     def remember_message(self, request_id: str, chat_id: int, message_id: int) -> None:
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO telegram_messages VALUES (?, ?, ?, 0)", (request_id, chat_id, message_id)
+                "INSERT OR REPLACE INTO telegram_messages (request_id, chat_id, message_id, closed)"
+                " VALUES (?, ?, ?, 0)",
+                (request_id, chat_id, message_id),
             )
 
     def messages_to_close(self) -> list[tuple[Request, int, int]]:
@@ -779,6 +879,25 @@ class Store:
             .fetchall()
         )
         return [(Request(*r[:11]), r[11], r[12]) for r in rows]
+
+    def messages_to_refresh(self) -> list[tuple[Request, int, int, int]]:
+        """Open Telegram messages of pending requests whose count of approvals changed since they were shown
+        (a tap, the operator's CLI in another process), with that count."""
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {', '.join('r.' + c.strip() for c in _REQUEST_COLS.split(','))}, m.chat_id, m.message_id,"
+                " (SELECT COUNT(*) FROM votes v WHERE v.request_id = r.id) AS n"
+                " FROM telegram_messages m JOIN requests r ON r.id = m.request_id"
+                " WHERE m.closed = 0 AND r.status = 'pending' AND n != m.votes_shown"
+            )
+            .fetchall()
+        )
+        return [(Request(*r[:11]), r[11], r[12], r[13]) for r in rows]
+
+    def mark_votes_shown(self, request_id: str, votes: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE telegram_messages SET votes_shown = ? WHERE request_id = ?", (votes, request_id))
 
     def telegram_message(self, request_id: str) -> tuple[int, int] | None:
         """(chat id, message id) of the message that shows the request, to bind taps to it."""

@@ -1,4 +1,5 @@
-"""Human approval in Telegram: one message per request, one tap decides.
+"""Human approval in Telegram: one message per request; one tap decides, or as many distinct approvers as
+the secret's approval rule needs (proxy/approval.py), the message showing who approved so far.
 
 The bot shares the event loop with uvicorn and long-polls Telegram, so the VM
 needs no inbound port. The database is the source of truth for what the chat
@@ -65,6 +66,8 @@ REFUSALS = {
     "message_mismatch": "This button does not belong to this message. Nothing was changed.",
     "already_decided": "This request was already decided; a decision is final.",
     "expired": "This request expired undecided; the agent must ask again.",
+    "not_this_secrets_approver": "You are not an approver of this secret. Nothing was changed.",
+    "already_voted": "You already approved this request; it needs other approvers. Your approval counts once.",
 }
 
 
@@ -428,6 +431,8 @@ class TelegramChannel:
         # Store calls go through the writer thread: they may record an expiry, a disk write.
         for req, chat_id, message_id in await self.state.write(self.store.messages_to_close):
             await self._close(req, chat_id, message_id)
+        for req, chat_id, message_id, votes in await self.state.write(self.store.messages_to_refresh):
+            await self._refresh(req, chat_id, message_id, votes)
         for req in await self.state.write(self.store.unposted_pending):
             if req.id not in self._given_up:
                 await self._post(req)
@@ -447,7 +452,7 @@ class TelegramChannel:
         try:
             message = await self._app.bot.send_message(
                 self.chat_id,
-                render_pending(req, self.store.get_call(req.id), self.store.get_policy(req.secret)),
+                self._pending_text(req),
                 parse_mode=ParseMode.HTML,
                 reply_markup=buttons(req.id),
                 link_preview_options=NO_PREVIEW,
@@ -461,11 +466,52 @@ class TelegramChannel:
             raise _unavailable(exc, self.chat_id) from None
         await self.state.write(self.store.remember_message, req.id, message.chat_id, message.message_id)
 
+    def _pending_text(self, req: Request) -> str:
+        return render_pending(
+            req,
+            self.store.get_call(req.id),
+            self.store.get_policy(req.secret),
+            self.store.request_rule(req.id),
+            self.store.votes(req.id),
+            self._names,
+        )
+
+    async def _refresh(self, req: Request, chat_id: int, message_id: int, votes: int) -> None:
+        """Show a quorum's new approvals on its message, buttons kept: who approved so far, how many more."""
+        assert self._app is not None
+        try:
+            await self._app.bot.edit_message_text(
+                self._pending_text(req),
+                chat_id=chat_id,
+                message_id=message_id,
+                parse_mode=ParseMode.HTML,
+                link_preview_options=NO_PREVIEW,
+                reply_markup=buttons(req.id),
+            )
+        except BadRequest as exc:
+            text = exc.message.lower()
+            if _chat_level(exc):
+                raise _unavailable(exc, chat_id) from None
+            if "not modified" not in text and not self._refused_once(
+                f"refresh:{req.id}", f"updating the message for {req.id}", exc
+            ):
+                return
+        except TelegramError as exc:
+            raise _unavailable(exc, chat_id) from None
+        await self.state.write(self.store.mark_votes_shown, req.id, votes)
+
     async def _close(self, req: Request, chat_id: int, message_id: int) -> None:
         assert self._app is not None
         try:
             await self._app.bot.edit_message_text(
-                render_closed(req, self._names, self.store.get_call(req.id), self.store.get_policy(req.secret)),
+                render_closed(
+                    req,
+                    self._names,
+                    self.store.get_call(req.id),
+                    self.store.get_policy(req.secret),
+                    self.store.request_rule(req.id),
+                    self.store.votes(req.id),
+                ),
                 chat_id=chat_id,
                 message_id=message_id,
                 parse_mode=ParseMode.HTML,
@@ -530,11 +576,23 @@ class TelegramChannel:
             # The write wakes the agent's `?wait=` when it returns (ProxyState.write).
             decision = await self.state.write(self.store.decide, request_id, approve, actor)
             self._wake_sync()
+            if decision.changed and decision.request.status == "pending":  # a quorum's vote, counted
+                needed = self.store.request_rule(request_id).needed
+                await self._answer(
+                    query.id, f"Approval counted: {decision.votes} of {needed}. Nothing is approved yet.", alert=False
+                )
+                return
             if decision.changed:
                 await self._answer(query.id, "Approved." if approve else "Denied.", alert=False)
                 return
-            # Decided or expired between our check and the write; `decide` audited that refusal.
-            code = "expired" if decision.request.status == "expired" else "already_decided"
+            # Decided or expired between our check and the write, or a vote that does not count;
+            # `decide` audited that refusal.
+            if decision.vote == "repeated":
+                code = "already_voted"
+            elif decision.vote == "not_allowed":
+                code = "not_this_secrets_approver"
+            else:
+                code = "expired" if decision.request.status == "expired" else "already_decided"
             await self._answer(query.id, REFUSALS[code], alert=True)
             return
 
@@ -570,6 +628,9 @@ class TelegramChannel:
         # this message was posted for, so nobody decides a request they were not shown.
         if self.store.telegram_message(req.id) != (chat_id, message_id):
             return "message_mismatch"
+        # The rule the request was created under names who may decide it; a later change never widens it.
+        if not self.store.request_rule(req.id).allows_approver(user_id):
+            return "not_this_secrets_approver"
         if req.status == "expired":
             return "expired"
         if req.status != "pending":

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from telegram import User as TelegramUser
 
+from .approval import DEFAULT, ApprovalRule
 from .broker import Call
 from .policy import Policy
 from .shown import header_lines, visible
@@ -81,18 +82,46 @@ def _call_lines(call: Call | None, policy: Policy | None) -> list[str]:
     ]
 
 
-def render_pending(req: Request, call: Call | None = None, policy: Policy | None = None) -> str:
+def rule_lines(rule: ApprovalRule, votes: list[str], names: dict[int, str]) -> list[str]:
+    """The request's approval rule and where it stands; nothing for the default rule (one approver, any)."""
+    out: list[str] = []
+    if rule.kind == "quorum":
+        so_far = ", ".join(_who(v, names) for v in votes) or "nobody yet"
+        more = rule.needed - len(votes)
+        out.append(f"Approval: <b>{rule.needed} distinct approvers</b>; one deny ends it")
+        out.append(f"Approved so far: {so_far}; {more} more needed" if more > 0 else f"Approved by {so_far}")
+    if rule.approvers:
+        out.append(f"Only these approvers decide: {', '.join(f'id {a}' for a in rule.approvers)} (and the CLI)")
+    return out
+
+
+def render_pending(
+    req: Request,
+    call: Call | None = None,
+    policy: Policy | None = None,
+    rule: ApprovalRule = DEFAULT,
+    votes: list[str] | None = None,
+    names: dict[int, str] | None = None,
+) -> str:
     return "\n".join(
         [
             "<b>Secret use request</b>" if call else "<b>Secret request</b>",
             *_request_lines(req, call, policy),
+            *rule_lines(rule, votes or [], names or {}),
             f"Expires: {utc(req.expires_at)} if undecided",
             f"Request: <code>{html.escape(req.id)}</code>",
         ]
     )
 
 
-def render_closed(req: Request, names: dict[int, str], call: Call | None = None, policy: Policy | None = None) -> str:
+def render_closed(
+    req: Request,
+    names: dict[int, str],
+    call: Call | None = None,
+    policy: Policy | None = None,
+    rule: ApprovalRule = DEFAULT,
+    votes: list[str] | None = None,
+) -> str:
     if req.status == "cancelled":
         title, outcome = (
             "Withdrawn",
@@ -110,6 +139,7 @@ def render_closed(req: Request, names: dict[int, str], call: Call | None = None,
             *_request_lines(req, call, policy),
             f"Request: <code>{html.escape(req.id)}</code>",
             outcome,
+            *([f"Approvals: {', '.join(_who(v, names) for v in votes)}"] if rule.kind == "quorum" and votes else []),
         ]
     )
 

@@ -20,6 +20,7 @@ TOKEN = "987654321:AAE-tEsT-bOt-ToKeN-never-logged-0123456789"
 CHAT = -1001234567890
 OTHER_CHAT = -1009876543210
 ALICE, BOB = 1001, 1002  # approvers
+CAROL = 1003  # an approver only where a test configures her (SECRET_PROXY_TELEGRAM_APPROVERS)
 MALLORY = 6666  # in the chat, not an approver
 
 # The proxy's own logging, but at DEBUG: the libraries log URLs (with the token) at DEBUG and INFO.
@@ -40,6 +41,7 @@ class Rig:
     process: subprocess.Popen
     log_path: Path
     tokens_to_hide: tuple[str, ...] = field(default=(TOKEN,))
+    env: dict[str, str] = field(default_factory=dict)  # the proxy process's, for a restart
 
     def agent(self, token: str | None = None) -> AgentClient:
         return AgentClient(self.url, token or self.data.token, timeout=30)
@@ -80,6 +82,7 @@ def start_rig(
     emu.add_user(ALICE, "Alice", "alice_ops")
     emu.add_user(BOB, "Bob", "bob_sec")
     emu.add_user(MALLORY, "Mallory", "mallory")
+    emu.add_user(CAROL, "Carol", "carol_ops")
     emu.start("127.0.0.1", 0)
     if down:
         emu.go_down(down)
@@ -101,15 +104,8 @@ def start_rig(
         }
     )
     log_path = tmp / "proxy.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", DEBUG_SERVE, "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=base,
-            stdout=log,
-            stderr=log,
-        )
-    rig = Rig(emu, data, f"http://127.0.0.1:{port}", process, log_path, (TOKEN, proxy_token))
+    process = _serve(base, port, log_path)
+    rig = Rig(emu, data, f"http://127.0.0.1:{port}", process, log_path, (TOKEN, proxy_token), base)
     try:
         wait_until_serving(rig.url, process, rig.logs)
     except RuntimeError:
@@ -123,3 +119,24 @@ def start_rig(
 
 def wait_until_polling(rig: Rig) -> None:
     rig.emu.wait_for(lambda: rig.emu.calls("getUpdates"), 15, "the bot to start long polling")
+
+
+def _serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", DEBUG_SERVE, "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+
+
+def restart_proxy(rig: Rig) -> None:
+    """Stop the proxy process and start another on the same data directory, port and emulator."""
+    stop_process(rig.process, 15)
+    port = int(rig.url.rsplit(":", 1)[1])
+    rig.process = _serve(rig.env, port, rig.log_path)
+    wait_until_serving(rig.url, rig.process, rig.logs)
+    calls = len(rig.emu.calls("getUpdates"))
+    rig.emu.wait_for(lambda: len(rig.emu.calls("getUpdates")) > calls, 15, "the new proxy to poll")

@@ -14,6 +14,7 @@ import pytest
 
 from proxy import redact
 from proxy.policy import build_policy
+from proxy.schema import SCHEMA_VERSION
 from proxy.store import Store
 
 from .broker_helpers import Rig, answer_body
@@ -269,7 +270,7 @@ def test_a_version_2_database_gains_policies_and_its_secrets_stay_retrieve_only(
         assert store.retrieve(agent, req.id) == ("api-key", SECRET_VALUE.encode())
         assert store.get_call(req.id) is None
     db = sqlite3.connect(proxy.settings.db_path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     db.close()
 
 

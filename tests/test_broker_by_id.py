@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.schema import SCHEMA_VERSION
 from proxy.store import Store
 
 from .broker_helpers import Rig
@@ -71,5 +72,5 @@ def test_a_version_3_database_gains_call_bodies_and_its_calls_are_made_as_before
         assert store.call_body(req.id) is None and store.get_call(req.id) is None
     db = sqlite3.connect(proxy.settings.db_path)
     assert "body" in [c[1] for c in db.execute("PRAGMA table_info(calls)")]
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     db.close()

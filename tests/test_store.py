@@ -10,8 +10,10 @@ import stat
 import pytest
 
 from proxy import crypto
+from proxy.approval import DEFAULT
 from proxy.errors import StoreError
 from proxy.key_files import ensure_key_rotation_finished
+from proxy.schema import SCHEMA_VERSION
 from proxy.store import Store, init_data_dir
 
 from .proxy_helpers import SECRET_VALUE, make_settings, provision
@@ -260,7 +262,7 @@ def test_a_version_1_database_is_migrated(tmp_path):
         assert store.authenticate(proxy.token) is not None
     db = sqlite3.connect(proxy.settings.db_path)
     assert "revoked_at" not in [c[1] for c in db.execute("PRAGMA table_info(agents)")]
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     db.close()
 
 
@@ -341,3 +343,27 @@ def test_a_proxy_starting_during_a_rotation_waits_for_it_instead_of_deleting_the
         req = store.create_request(agent, "api-key", "r", 60)
         store.decide(req.id, True, "operator:test")
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
+
+
+def test_a_version_4_database_gains_approval_rules_and_its_requests_need_one_approver(tmp_path):
+    """Schema 4: no approval rules, no votes. Secrets and requests from before keep today's rule, `approve`."""
+    proxy = provision(make_settings(tmp_path))
+    with Store(proxy.settings) as store:
+        pending = store.create_request(store.authenticate(proxy.token), "api-key", "before the upgrade", 60)
+    db = sqlite3.connect(proxy.settings.db_path)
+    db.execute("DROP TABLE votes")
+    for table, column in (("secrets", "approval"), ("requests", "approval"), ("telegram_messages", "votes_shown")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
+        assert store.get_approval("api-key") == DEFAULT and store.request_rule(pending.id) == DEFAULT
+        decision = store.decide(pending.id, True, "operator:test")
+        assert decision.changed and decision.request.status == "approved"
+        store.remember_message(pending.id, -100, 7)  # the message table's new column has its default
+    db = sqlite3.connect(proxy.settings.db_path)
+    assert "approval" in [c[1] for c in db.execute("PRAGMA table_info(requests)")]
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()

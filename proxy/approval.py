@@ -1,0 +1,96 @@
+"""How much human approval a secret needs: its approval rule, and how a request's votes add up under it.
+
+A rule is per secret, written by the operator with the CLI: `auto` (no human; the request is
+approved when it is made, still audited and rate limited), `approve` (the default: one approver),
+`quorum N` (N distinct approvers; one deny ends it denied) or `deny` (never). It may name the only
+Telegram approvers who may decide it. A request keeps a copy of the rule it was created under, so
+that changing a secret's rule never widens a request already pending (docs/telegram.md).
+
+Votes are counted per person, never per tap: an approver tapping twice counts once, and the
+operator's CLI counts as one approver (`OPERATOR`) whoever runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+KINDS = ("auto", "approve", "quorum", "deny")
+MAX_QUORUM = 9
+OPERATOR = "operator"  # the one vote every CLI user shares
+
+
+class ApprovalError(ValueError):
+    """A rule the CLI cannot store; the message says what to write instead."""
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    kind: str = "approve"  # one of KINDS
+    needed: int = 1  # distinct approvals that approve; 1 unless a quorum
+    approvers: tuple[int, ...] = ()  # Telegram user ids who may decide; empty: every configured approver
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "needed": self.needed, "approvers": list(self.approvers)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> ApprovalRule:
+        """The stored rule; None (a secret or request from before rules existed) is the default, `approve`."""
+        if not text:
+            return DEFAULT
+        raw = json.loads(text)
+        return cls(raw["kind"], int(raw["needed"]), tuple(int(a) for a in raw["approvers"]))
+
+    def allows_approver(self, user_id: int) -> bool:
+        return not self.approvers or user_id in self.approvers
+
+    def show(self) -> str:
+        what = {
+            "auto": "auto (no human; approved when asked, audited and rate limited)",
+            "approve": "approve (one approver)",
+            "quorum": f"quorum {self.needed} (distinct approvers; one deny ends it)",
+            "deny": "deny (never)",
+        }[self.kind]
+        return what
+
+    def lines(self) -> list[str]:
+        out = [f"approval: {self.show()}"]
+        if self.approvers and self.kind in ("approve", "quorum"):
+            out.append(f"approvers: {', '.join(str(a) for a in self.approvers)} (and the operator's CLI)")
+        return out
+
+
+DEFAULT = ApprovalRule()
+
+
+def voter(actor: str) -> str:
+    """Who a vote counts for: one Telegram user, or the operator role however many people use the CLI."""
+    return OPERATOR if actor.startswith("operator:") else actor
+
+
+def parse_rule(spec: str, approvers: str | None = None, configured: tuple[int, ...] = ()) -> ApprovalRule:
+    """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`."""
+    kind, _, count = spec.strip().partition(":")
+    if kind not in KINDS or (count and kind != "quorum"):
+        raise ApprovalError(f"--approval {spec!r}: write auto, approve, quorum:N or deny")
+    needed = 1
+    if kind == "quorum":
+        if not count.isdigit() or not 2 <= int(count) <= MAX_QUORUM:
+            raise ApprovalError(f"--approval quorum:N needs N from 2 to {MAX_QUORUM} (quorum:1 is `approve`)")
+        needed = int(count)
+    ids: tuple[int, ...] = ()
+    if approvers:
+        parts = [p.strip() for p in approvers.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            raise ApprovalError("--approvers takes Telegram user ids, comma-separated (numbers, not usernames)")
+        ids = tuple(sorted({int(p) for p in parts}))
+        if kind not in ("approve", "quorum"):
+            raise ApprovalError(f"--approvers has no meaning for --approval {kind}: nobody decides it")
+        outside = [i for i in ids if configured and i not in configured]
+        if outside:
+            raise ApprovalError(
+                f"--approvers {outside[0]} is not in SECRET_PROXY_TELEGRAM_APPROVERS; add it there first"
+            )
+        if needed > len(ids) + 1:  # the operator's CLI is one more approver
+            raise ApprovalError(f"quorum:{needed} cannot be reached by {len(ids)} approvers and the operator")
+    return ApprovalRule(kind, needed, ids)

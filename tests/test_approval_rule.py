@@ -1,0 +1,46 @@
+"""The approval rule the operator writes (`--approval`, `--approvers`): what is accepted and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.approval import DEFAULT, ApprovalError, ApprovalRule, parse_rule, voter
+
+
+def test_rules_are_parsed_and_survive_the_store_round_trip():
+    for spec, approvers, expected in (
+        ("auto", None, ApprovalRule("auto")),
+        ("approve", None, DEFAULT),
+        ("quorum:2", "1002,1001,1001", ApprovalRule("quorum", 2, (1001, 1002))),
+        ("deny", None, ApprovalRule("deny")),
+    ):
+        rule = parse_rule(spec, approvers, (1001, 1002, 1003))
+        assert rule == expected and ApprovalRule.from_json(rule.to_json()) == rule
+    assert ApprovalRule.from_json(None) == DEFAULT  # a secret or request from before rules existed
+
+
+@pytest.mark.parametrize(
+    ("spec", "approvers", "says"),
+    [
+        ("quorum", None, "N from 2"),
+        ("quorum:1", None, "N from 2"),
+        ("quorum:10", None, "N from 2"),
+        ("approve:2", None, "write auto, approve"),
+        ("sometimes", None, "write auto, approve"),
+        ("approve", "@alice", "user ids"),
+        ("deny", "1001", "no meaning"),
+        ("approve", "1009", "not in SECRET_PROXY_TELEGRAM_APPROVERS"),
+        ("quorum:3", "1001", "cannot be reached"),
+    ],
+)
+def test_a_rule_that_cannot_mean_what_was_meant_is_refused(spec, approvers, says):
+    with pytest.raises(ApprovalError, match=says):
+        parse_rule(spec, approvers, (1001, 1002, 1003))
+
+
+def test_every_operator_account_is_one_voter_and_each_approver_is_their_own():
+    assert voter("operator:root@10.0.0.1") == voter("operator:alice") == "operator"
+    assert voter("telegram:1001") != voter("telegram:1002")
+    assert ApprovalRule("quorum", 2, (1001,)).allows_approver(1001)
+    assert not ApprovalRule("quorum", 2, (1001,)).allows_approver(1002)
+    assert DEFAULT.allows_approver(1002)
