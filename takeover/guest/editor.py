@@ -34,6 +34,9 @@ MERGED_USR = {
     "/libx32": "usr/libx32",
 }
 
+# The guest's whole disk as the appliance sees it (the guest itself sees it as /dev/vda).
+_APPLIANCE_ROOT = "/dev/sda"
+
 
 @dataclass(frozen=True)
 class Change:
@@ -56,7 +59,9 @@ class Entry:
 
 @dataclass
 class Guest:
-    g: Any  # guestfs.GuestFS
+    # The libguestfs handle. Private: every read and change goes through the methods below, so the
+    # path checks and the change log cannot be bypassed.
+    _g: Any  # guestfs.GuestFS
     changes: list[Change] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # things seen and reported, not changed
     watchdog: Watchdog = field(default_factory=Watchdog)
@@ -120,19 +125,19 @@ class Guest:
         # The contract: one filesystem on the whole disk (root=/dev/vda). Anything else is
         # not an image vm_image builds, and guessing which partition is root would be unsafe.
         filesystems = {dev: kind for dev, kind in g.list_filesystems().items() if kind not in ("", "unknown", "swap")}
-        if list(filesystems) != ["/dev/sda"]:
+        if list(filesystems) != [_APPLIANCE_ROOT]:
             raise ScrubError(
                 f"expected one filesystem on the whole disk, found {filesystems or 'none'}",
                 hint="the host takes over only images built by `vm_image build`; a cloud image's "
                 "disk (`--base-image`) only without --keep-agent-system",
             )
-        return "/dev/sda"
+        return _APPLIANCE_ROOT
 
     def close(self) -> None:
         try:
-            self.g.sync()
-            self.g.umount_all()
-            self.g.shutdown()  # reports write errors the appliance saw while flushing
+            self._g.sync()
+            self._g.umount_all()
+            self._g.shutdown()  # reports write errors the appliance saw while flushing
         except RuntimeError as exc:
             if self.watchdog.fired:
                 raise ScrubError(
@@ -141,7 +146,12 @@ class Guest:
             raise ScrubError(f"libguestfs failed while flushing the scrubbed disk: {exc}") from None
         finally:
             self.watchdog.disarm()
-            self.g.close()
+            self._g.close()
+
+    def discard(self) -> None:
+        """Stop the appliance without flushing: after a failure, the half-scrubbed copy is not to be trusted."""
+        self.watchdog.disarm()
+        self._g.close()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -152,12 +162,12 @@ class Guest:
         if top not in MERGED_USR or not sep:
             return path
         try:
-            st = self.g.lstatns(top)
+            st = self._g.lstatns(top)
         except RuntimeError:
             return path
         if not stat.S_ISLNK(st["st_mode"]):
             return path
-        target = self.g.readlink(top)
+        target = self._g.readlink(top)
         if target.strip("/") != MERGED_USR[top]:
             raise ScrubError(
                 f"{top} in the guest is a symlink to {target!r}, not to /{MERGED_USR[top]}; the image was tampered with"
@@ -167,7 +177,7 @@ class Guest:
     def lstat(self, path: str) -> Entry | None:
         path = self.canonical(path)
         try:
-            st = self.g.lstatns(path)
+            st = self._g.lstatns(path)
         except RuntimeError:
             return None
         return Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
@@ -192,20 +202,47 @@ class Guest:
             raise ScrubError(f"{path} in the guest is missing or not a regular file")
         if entry.size > limit:
             raise ScrubError(f"{path} in the guest is {entry.size} bytes, more than we read ({limit})")
-        data: bytes = self.g.read_file(path)  # guestfs is untyped
+        data: bytes = self._g.read_file(path)  # guestfs is untyped
         return data
+
+    def readlink(self, path: str) -> str:
+        """Where the symlink at `path` points, as written (never followed)."""
+        path = self.canonical(path)
+        self._check_ancestors(path)
+        target: str = self._g.readlink(path)  # guestfs is untyped
+        return target
+
+    def root_filesystem_type(self) -> str:
+        """The kind of the one filesystem on the whole disk (ext4 for an image vm_image builds)."""
+        kind: str = self._g.vfs_type(_APPLIANCE_ROOT)
+        return kind
+
+    def files_with_xattr(self, directory: str, names: list[str], attribute: str) -> list[str]:
+        """The paths of those files in `directory` that carry the extended attribute `attribute`."""
+        found: list[str] = []
+        for start in range(0, len(names), 500):
+            pending = list(names[start : start + 500])
+            batch = list(pending)
+            current = None
+            # lxattrlist answers in one flat list: per file, a record with an empty name, then its xattrs.
+            for attr in self._g.lxattrlist(directory, batch):
+                if attr["attrname"] == "":
+                    current = pending.pop(0) if pending else None
+                elif current is not None and attr["attrname"] == attribute:
+                    found.append(f"{directory.rstrip('/')}/{current}")
+        return found
 
     def listdir(self, path: str) -> list[str]:
         path = self.canonical(path)
         if not self.is_dir(path) or not self._ancestors_real(path):
             return []
-        return sorted(self.g.ls(path))
+        return sorted(self._g.ls(path))
 
     def walk(self) -> Iterator[Entry]:
         """Every file, directory and link on the filesystem, with mode and owner."""
         with tempfile.TemporaryDirectory(prefix="takeover-find-") as tmp:
             listing = Path(tmp) / "find0"
-            self.g.find0("/", str(listing))
+            self._g.find0("/", str(listing))
             names = [n for n in listing.read_bytes().split(b"\0") if n]
         by_dir: dict[str, list[str]] = defaultdict(list)
         for raw in names:
@@ -215,7 +252,7 @@ class Guest:
         for parent, bases in by_dir.items():
             for start in range(0, len(bases), 500):
                 batch = bases[start : start + 500]
-                for base, st in zip(batch, self.g.lstatnslist(parent, batch), strict=True):
+                for base, st in zip(batch, self._g.lstatnslist(parent, batch), strict=True):
                     path = parent.rstrip("/") + "/" + base
                     yield Entry(path, st["st_mode"], st["st_uid"], st["st_gid"], st["st_size"])
 
@@ -226,12 +263,12 @@ class Guest:
         path = self.canonical(path)
         link = self._first_link_ancestor(path)
         if link is not None:
-            self.g.rm(link)
+            self._g.rm(link)
             self.changes.append(Change(link, "removed", f"symlink on the way to {path}; {why}"))
             return True
         if not self.lexists(path):
             return False
-        self.g.rm_rf(path)
+        self._g.rm_rf(path)
         self.changes.append(Change(path, "removed", why))
         return True
 
@@ -249,14 +286,14 @@ class Guest:
             current += "/" + part
             entry = self.lstat(current)
             if entry is not None and not stat.S_ISDIR(entry.mode):
-                self.g.rm_rf(current)
+                self._g.rm_rf(current)
                 self.changes.append(Change(current, "removed", "was in the way of a directory we create"))
                 entry = None
             if entry is None:
-                self.g.mkdir(current)
-                self.g.chmod(0o755, current)
-        self.g.chmod(mode, path)
-        self.g.lchown(uid, gid, path)
+                self._g.mkdir(current)
+                self._g.chmod(0o755, current)
+        self._g.chmod(mode, path)
+        self._g.lchown(uid, gid, path)
 
     def write(self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0, why: str = "") -> None:
         path = self.canonical(path)
@@ -267,25 +304,52 @@ class Guest:
         existed = self.lexists(path)
         entry = self.lstat(path)
         if entry is not None and not stat.S_ISREG(entry.mode):
-            self.g.rm_rf(path)  # a link or directory where we write a file: never write through it
-        self.g.write(path, data)
-        self.g.chmod(mode, path)
-        self.g.lchown(uid, gid, path)
+            self._g.rm_rf(path)  # a link or directory where we write a file: never write through it
+        self._g.write(path, data)
+        self._g.chmod(mode, path)
+        self._g.lchown(uid, gid, path)
         self.changes.append(Change(path, "replaced" if existed else "written", why))
 
     def chmod(self, path: str, mode: int, why: str) -> None:
         path = self.canonical(path)
-        self.g.chmod(mode, path)
+        self._g.chmod(mode, path)
         self.changes.append(Change(path, "changed", why))
 
     def remove_xattr(self, path: str, name: str, why: str) -> None:
-        self.g.lremovexattr(name, path)
+        self._g.lremovexattr(name, path)
         self.changes.append(Change(path, "stripped", f"{name}: {why}"))
+
+    def symlink(self, path: str, target: str, why: str) -> None:
+        """A symlink at `path` pointing at `target`; whatever was at `path` is removed, never written through."""
+        path = self.canonical(path)
+        self._check_ancestors(path)
+        existed = self.lexists(path)
+        if existed:
+            self._g.rm_rf(path)
+        self._g.ln_s(target, path)
+        self.changes.append(Change(path, "replaced" if existed else "written", why))
+
+    def record(self, path: str, action: str, detail: str) -> None:
+        """A change made to a file's content before it is written back (a line of /etc/passwd removed)."""
+        self.changes.append(Change(path, action, detail))
+
+    def replace_filesystem(self, tarballs: list[Path], why: str) -> None:
+        """A fresh filesystem on the whole disk, filled from these tarballs in order; nothing of the old is read.
+
+        A cloud image's partition table goes too: the host boots one filesystem, root=/dev/vda.
+        """
+        self._g.umount_all()
+        self._g.wipefs(_APPLIANCE_ROOT)
+        self._g.mkfs("ext4", _APPLIANCE_ROOT, label="secret-proxy")
+        self._g.mount(_APPLIANCE_ROOT, "/")
+        for tarball in tarballs:
+            self._g.tar_in(str(tarball), "/")
+        self.changes.append(Change("/", "replaced", why))
 
     def tar_in(self, tarball: Path, directory: str, why: str) -> None:
         directory = self.canonical(directory)
         self.mkdir(directory, 0o755)
-        self.g.tar_in(str(tarball), directory)
+        self._g.tar_in(str(tarball), directory)
         self.changes.append(Change(directory, "replaced", why))
 
     # -- path checks -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..errors import ScrubError
 from ..host.files import fsync_dir, fsync_file
 from ..host.keys import HostKeys
 from . import files as guest_files
-from .editor import Change, Guest
+from .editor import Guest
 
 # What the scrub leaves in place, for docs/threat-model.md. Each line: what, and why it is open.
 # The first four hold only when the agent's system is kept (--keep-agent-system); by default the
@@ -115,10 +115,10 @@ def scrub_and_rekey(disk: Path, plan: ScrubPlan, progress: Callable[[str], None]
         timed("modules", lambda: replace_kernel_modules(guest, plan.modules_tar))
         timed("venv", lambda: replace_proxy_venv(guest, plan.venv_tar))
     except RuntimeError as exc:  # libguestfs reports failures as RuntimeError
-        guest.g.close()
+        guest.discard()
         raise ScrubError(f"libguestfs failed during the scrub: {exc}") from None
     except BaseException:
-        guest.g.close()
+        guest.discard()
         raise
     t = time.monotonic()
     guest.close()
@@ -147,20 +147,9 @@ def rebuild_system(guest: Guest, system_tar: Path, overlay_tar: Path | None) -> 
     of the agent's in it. The steps after this one still run: they find nothing to remove,
     and write the host's keys, configuration, venv and modules as before.
     """
-    g = guest.g
-    g.umount_all()
-    g.wipefs("/dev/sda")  # a cloud image's partition table goes too: the host boots one filesystem, root=/dev/vda
-    g.mkfs("ext4", "/dev/sda", label="secret-proxy")
-    g.mount("/dev/sda", "/")
-    g.tar_in(str(system_tar), "/")
-    if overlay_tar is not None:
-        g.tar_in(str(overlay_tar), "/")
-    guest.changes.append(
-        Change(
-            "/",
-            "replaced",
-            "the agent's whole filesystem, by the host's own build of Debian 12 from Debian's signed packages",
-        )
+    guest.replace_filesystem(
+        [system_tar] + ([overlay_tar] if overlay_tar is not None else []),
+        "the agent's whole filesystem, by the host's own build of Debian 12 from Debian's signed packages",
     )
 
 
@@ -214,28 +203,23 @@ def scrub_accounts(guest: Guest) -> ProxyIds:
     for line in lines:
         fields = line.split(":")
         if len(fields) != 7 or not fields[2].isdigit() or not fields[3].isdigit():
-            guest.changes.append(Change("/etc/passwd", "changed", f"removed malformed line {line[:40]!r}"))
+            guest.record("/etc/passwd", "changed", f"removed malformed line {line[:40]!r}")
             continue
         name, password, uid = fields[0], fields[1], int(fields[2])
         if uid == 0 and name != "root":
-            guest.changes.append(Change("/etc/passwd", "changed", f"removed {name!r}, a second account with uid 0"))
+            guest.record("/etc/passwd", "changed", f"removed {name!r}, a second account with uid 0")
             continue
         if password not in ("x", "*", "!", "!*"):
             fields[1] = "x"
-            guest.changes.append(Change("/etc/passwd", "changed", f"password hash of {name!r} moved out (set to x)"))
+            guest.record("/etc/passwd", "changed", f"password hash of {name!r} moved out (set to x)")
         if name == PROXY_USER:
             if proxy is not None:
                 raise ScrubError("/etc/passwd defines the proxy user twice")
             if uid == 0 or int(fields[3]) == 0:
                 raise ScrubError("the proxy user has uid or gid 0 in the guest; refusing to run the proxy as root")
             if fields[5] != PROXY_HOME or fields[6] != "/bin/bash":
-                guest.changes.append(
-                    Change(
-                        "/etc/passwd",
-                        "changed",
-                        f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash",
-                    )
-                )
+                reset = f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash"
+                guest.record("/etc/passwd", "changed", reset)
                 fields[5], fields[6] = PROXY_HOME, "/bin/bash"
             proxy = ProxyIds(uid, int(fields[3]))
         elif name != "root" and fields[6] not in (
@@ -456,7 +440,7 @@ def scrub_boot_hooks(guest: Guest, plan: ScrubPlan) -> None:
         why="standard content",
     )
     guest.write("/etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n", 0o644, why="standard content")
-    fs_type = guest.g.vfs_type("/dev/sda")
+    fs_type = guest.root_filesystem_type()
     guest.write(
         "/etc/fstab",
         f"{ROOT_DEVICE} / {fs_type} rw,errors=remount-ro 0 1\n".encode(),
@@ -514,7 +498,7 @@ def _keep_or_remove_link(guest: Guest, path: str) -> None:
     if not stat.S_ISLNK(entry.mode):
         guest.remove(path, "not an enable link")
         return
-    target = posixpath.normpath(posixpath.join(posixpath.dirname(path), guest.g.readlink(path)))
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(path), guest.readlink(path)))
     if target == "/dev/null" or target.startswith(PACKAGE_UNIT_DIRS):
         return
     guest.remove(path, f"enable link to a local unit ({target})")
@@ -547,18 +531,8 @@ def strip_privilege_bits(guest: Guest) -> None:
 
 
 def _strip_capabilities(guest: Guest, directory: str, names: list[str]) -> None:
-    for start in range(0, len(names), 500):
-        pending = list(names[start : start + 500])
-        batch = list(pending)
-        current = None
-        # lxattrlist answers in one flat list: per file, a record with an empty name, then its xattrs.
-        for attr in guest.g.lxattrlist(directory, batch):
-            if attr["attrname"] == "":
-                current = pending.pop(0) if pending else None
-            elif current is not None and attr["attrname"] == "security.capability":
-                guest.remove_xattr(
-                    f"{directory.rstrip('/')}/{current}", "security.capability", "file capabilities grant root powers"
-                )
+    for path in guest.files_with_xattr(directory, names, "security.capability"):
+        guest.remove_xattr(path, "security.capability", "file capabilities grant root powers")
 
 
 # -- the proxy -----------------------------------------------------------------------------------
@@ -583,8 +557,7 @@ def reset_proxy(guest: Guest, plan: ScrubPlan, proxy: ProxyIds) -> None:
     guest.mkdir("/etc/systemd/system/multi-user.target.wants", 0o755)
     link = "/etc/systemd/system/multi-user.target.wants/secret-proxy.service"
     guest.remove(link, "re-created by the host")
-    guest.g.ln_s("/etc/systemd/system/secret-proxy.service", link)
-    guest.changes.append(Change(link, "written", "enables the host's unit"))
+    guest.symlink(link, "/etc/systemd/system/secret-proxy.service", "enables the host's unit")
     guest.write("/usr/local/bin/secret-proxy", guest_files.WRAPPER.encode(), 0o755, why="the host's CLI wrapper")
 
 
