@@ -494,8 +494,9 @@ class Demo:
 class StandInApi:
     """An HTTP API on the host's loopback that wants `Bearer KEY` and says whether it got it.
 
-    It answers with the Authorization header it received, so the demo shows the proxy removed the
-    key from the answer before the agent saw it.
+    Its body says who the key belongs to; a debug header echoes the Authorization header it received,
+    as a leaky API would, so the demo shows the proxy removed the key from the answer before the agent
+    saw it. (An answer whose body held the key would be withheld whole: docs/brokered-calls.md.)
     """
 
     def __init__(self, key: str) -> None:
@@ -506,13 +507,9 @@ class StandInApi:
             def do_GET(self) -> None:  # noqa: N802 - the http.server interface
                 authorized = secrets.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}")
                 api.calls.append({"path": self.path, "authorized": authorized})
-                body = json.dumps(
-                    {
-                        "user": "demo-agent@example" if authorized else None,
-                        "authorization_received": self.headers.get("Authorization", ""),
-                    }
-                ).encode()
+                body = json.dumps({"user": "demo-agent@example" if authorized else None}).encode()
                 self.send_response(200 if authorized else 401)
+                self.send_header("X-Debug-Authorization-Received", self.headers.get("Authorization", ""))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

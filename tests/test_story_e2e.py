@@ -135,7 +135,8 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         # The brokered call: the approver saw the call; the agent got the API's answer, never the key.
         assert "GET" in taps["call_message"]["text"] and "/v1/whoami" in taps["call_message"]["text"]
         assert "the API saw 1 call, with the right key; the agent never held it" in output
-        assert "[REDACTED]" in output and "broker_only" in output
+        assert '"user": "demo-agent@example"' in output  # the API's answer reached the agent
+        assert "X-Debug-Authorization-Received: [REDACTED]" in output and "broker_only" in output
         for line in ("read the host's disk", "connect to the host's monitor"):
             assert any(line in ln and "PermissionError" in ln for ln in output.splitlines()), line
         assert "SSH with its setup key: " in output and "Permission denied" in output
