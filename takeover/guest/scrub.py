@@ -193,44 +193,25 @@ def remove_internal_snapshots(disk: Path) -> list[str]:
 # -- accounts ------------------------------------------------------------------------------------
 
 
+LOCKED_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false", "/bin/sync")
+
+
 def scrub_accounts(guest: Guest) -> ProxyIds:
     """One root, a proxy user that is not root, and no usable password anywhere."""
     lines = guest.read("/etc/passwd").decode("utf-8", "replace").splitlines()
-    homes = tuple(
-        sorted({f[5].rstrip("/") for f in (line.split(":") for line in lines) if len(f) == 7 and f[5].startswith("/")})
-    )
+    homes = _passwd_homes(lines)
     kept, proxy = [], None
     for line in lines:
-        fields = line.split(":")
-        if len(fields) != 7 or not fields[2].isdigit() or not fields[3].isdigit():
-            guest.record("/etc/passwd", "changed", f"removed malformed line {line[:40]!r}")
+        fields = _scrubbed_passwd_entry(guest, line)
+        if fields is None:
             continue
-        name, password, uid = fields[0], fields[1], int(fields[2])
-        if uid == 0 and name != "root":
-            guest.record("/etc/passwd", "changed", f"removed {name!r}, a second account with uid 0")
-            continue
-        if password not in ("x", "*", "!", "!*"):
-            fields[1] = "x"
-            guest.record("/etc/passwd", "changed", f"password hash of {name!r} moved out (set to x)")
-        if name == PROXY_USER:
+        if fields[0] == PROXY_USER:
             if proxy is not None:
                 raise ScrubError("/etc/passwd defines the proxy user twice")
-            if uid == 0 or int(fields[3]) == 0:
-                raise ScrubError("the proxy user has uid or gid 0 in the guest; refusing to run the proxy as root")
-            if fields[5] != PROXY_HOME or fields[6] != "/bin/bash":
-                reset = f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash"
-                guest.record("/etc/passwd", "changed", reset)
-                fields[5], fields[6] = PROXY_HOME, "/bin/bash"
-            proxy = ProxyIds(uid, int(fields[3]))
-        elif name != "root" and fields[6] not in (
-            "/usr/sbin/nologin",
-            "/sbin/nologin",
-            "/bin/false",
-            "/usr/bin/false",
-            "/bin/sync",
-        ):
+            proxy = _normalise_proxy_entry(guest, fields)
+        elif fields[0] != "root" and fields[6] not in LOCKED_SHELLS:
             guest.findings.append(
-                f"account {name!r} (uid {uid}) has login shell {fields[6]}; it cannot log in "
+                f"account {fields[0]!r} (uid {int(fields[2])}) has login shell {fields[6]}; it cannot log in "
                 f"(password locked, SSH allows only {PROXY_USER})"
             )
         kept.append(":".join(fields))
@@ -245,6 +226,40 @@ def scrub_accounts(guest: Guest) -> ProxyIds:
         _lock_passwords(guest, "/etc/gshadow", name_field=0, password_field=1, proxy_password="!")
     _drop_supplementary_groups(guest, proxy)
     return ProxyIds(proxy.uid, proxy.gid, homes)
+
+
+def _passwd_homes(lines: list[str]) -> tuple[str, ...]:
+    """Every home directory /etc/passwd names, read before the scrub changes it."""
+    entries = (line.split(":") for line in lines)
+    return tuple(sorted({f[5].rstrip("/") for f in entries if len(f) == 7 and f[5].startswith("/")}))
+
+
+def _scrubbed_passwd_entry(guest: Guest, line: str) -> list[str] | None:
+    """The line's fields with any password hash moved out; None for a line to drop (malformed, a second root)."""
+    fields = line.split(":")
+    if len(fields) != 7 or not fields[2].isdigit() or not fields[3].isdigit():
+        guest.record("/etc/passwd", "changed", f"removed malformed line {line[:40]!r}")
+        return None
+    name, password, uid = fields[0], fields[1], int(fields[2])
+    if uid == 0 and name != "root":
+        guest.record("/etc/passwd", "changed", f"removed {name!r}, a second account with uid 0")
+        return None
+    if password not in ("x", "*", "!", "!*"):
+        fields[1] = "x"
+        guest.record("/etc/passwd", "changed", f"password hash of {name!r} moved out (set to x)")
+    return fields
+
+
+def _normalise_proxy_entry(guest: Guest, fields: list[str]) -> ProxyIds:
+    """The proxy user's entry (changed in place): not root, with its own home and bash."""
+    uid, gid = int(fields[2]), int(fields[3])
+    if uid == 0 or gid == 0:
+        raise ScrubError("the proxy user has uid or gid 0 in the guest; refusing to run the proxy as root")
+    if fields[5] != PROXY_HOME or fields[6] != "/bin/bash":
+        reset = f"proxy home/shell {fields[5]}:{fields[6]} reset to {PROXY_HOME}:/bin/bash"
+        guest.record("/etc/passwd", "changed", reset)
+        fields[5], fields[6] = PROXY_HOME, "/bin/bash"
+    return ProxyIds(uid, gid)
 
 
 def _lock_passwords(guest: Guest, path: str, name_field: int, password_field: int, proxy_password: str) -> None:
