@@ -37,6 +37,26 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
     require_root()
     progress = progress or Progress()
     host_dir = cfg.host_dir
+    journal = _unfinished_journal(host_dir)
+    if not journal.done("find_vm"):
+        journal.set_state(ROLLED_BACK)
+        return {"rolled_back": True, "detail": "nothing had changed (step 1 did not finish)"}
+    source = journal.read("find_vm", SourceVM)
+    started = time.monotonic()
+    _stop_host_vm(journal, host_dir, progress)
+    if proc.alive(source.pid, source.pid_start_ticks):
+        progress.note(f"the agent's QEMU (pid {source.pid}) is still running; nothing to restart")
+        detail = "the agent's VM was still running"
+    else:
+        detail = _restart_agent_vm(source, host_dir, progress, cold=cold)
+    # Only now, with the agent's VM answering, does the host's copy go.
+    _remove_host_copy(host_dir)
+    journal.set_state(ROLLED_BACK)
+    return {"rolled_back": True, "detail": detail, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _unfinished_journal(host_dir: Path) -> Journal:
+    """The run's journal, if it is one a rollback may undo: it exists, is not verified, not rolled back."""
     journal = Journal.load(host_dir)
     if journal is None:
         raise JournalError(f"no takeover journal in {host_dir}; nothing to roll back")
@@ -47,48 +67,48 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
         )
     if journal.state == ROLLED_BACK:
         raise RollbackError("this takeover was already rolled back", hint="nothing to do")
-    if not journal.done("find_vm"):
-        journal.set_state(ROLLED_BACK)
-        return {"rolled_back": True, "detail": "nothing had changed (step 1 did not finish)"}
-    source = journal.read("find_vm", SourceVM)
+    return journal
+
+
+def _stop_host_vm(journal: Journal, host_dir: Path, progress: Progress) -> None:
+    """The host's VM and its egress proxy stopped, if the run got far enough to start them."""
     saved = TakeoverConfig.saved(journal.options, host_dir)  # the runner and VM the run used
-    runner = runner_for(saved)
-    started = time.monotonic()
     if journal.entry("restart"):
         try:
             spec = vm_spec(Context(saved, host_dir, journal, progress))
-            if runner.stop(spec):
+            if runner_for(saved).stop(spec):
                 progress.note("stopped the host's VM")
         except (JournalError, KeyError):
             pass  # the restart never got far enough to have a spec
     if egress.release(host_dir, drop_rules=True).get("forward_proxy_stopped"):
         progress.note("stopped the host's egress proxy")
-    if proc.alive(source.pid, source.pid_start_ticks):
-        progress.note(f"the agent's QEMU (pid {source.pid}) is still running; nothing to restart")
-        detail = "the agent's VM was still running"
-    else:
-        disk = Path(source.disk)
-        if not disk.exists():
-            raise RollbackError(f"the agent's disk {disk} is gone; it cannot be restarted")
-        has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True, owner=source.uid).snapshots
-        if not has_checkpoint and not cold:
-            raise RollbackError(
-                f"{disk} has no {CHECKPOINT_TAG} snapshot",
-                hint="rerun with --cold to boot the agent's disk without its saved state",
-            )
-        progress.note(
-            f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
-            f"a terminal" + (f", from {CHECKPOINT_TAG}" if has_checkpoint and not cold else " (cold boot)")
+
+
+def _restart_agent_vm(source: SourceVM, host_dir: Path, progress: Progress, *, cold: bool) -> str:
+    """The agent's QEMU started again from its checkpoint (or cold), answering /health; says which."""
+    disk = Path(source.disk)
+    if not disk.exists():
+        raise RollbackError(f"the agent's disk {disk} is gone; it cannot be restarted")
+    has_checkpoint = CHECKPOINT_TAG in inspect_image(disk, force_share=True, owner=source.uid).snapshots
+    if not has_checkpoint and not cold:
+        raise RollbackError(
+            f"{disk} has no {CHECKPOINT_TAG} snapshot",
+            hint="rerun with --cold to boot the agent's disk without its saved state",
         )
-        start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=has_checkpoint and not cold)
-        try:
-            seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
-        except HealthTimeout as exc:
-            raise RollbackError(f"the agent's VM started but {exc}; see {host_dir / 'rollback-qemu.log'}") from None
-        progress.note(f"{source.proxy.url}/health answers after {seconds:.0f} s")
-        detail = "the agent's VM is back from its checkpoint" if has_checkpoint and not cold else "cold boot"
-    # Only now, with the agent's VM answering, does the host's copy go.
+    from_checkpoint = has_checkpoint and not cold
+    progress.note(
+        f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
+        f"a terminal" + (f", from {CHECKPOINT_TAG}" if from_checkpoint else " (cold boot)")
+    )
+    start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=from_checkpoint)
+    try:
+        seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
+    except HealthTimeout as exc:
+        raise RollbackError(f"the agent's VM started but {exc}; see {host_dir / 'rollback-qemu.log'}") from None
+    progress.note(f"{source.proxy.url}/health answers after {seconds:.0f} s")
+    return "the agent's VM is back from its checkpoint" if from_checkpoint else "cold boot"
+
+
+def _remove_host_copy(host_dir: Path) -> None:
     for name in (DISK_NAME, PARTIAL_NAME, "host_key", "host_key.pub", "known_hosts", *HOST_FILES):
         (host_dir / name).unlink(missing_ok=True)
-    journal.set_state(ROLLED_BACK)
-    return {"rolled_back": True, "detail": detail, "seconds": round(time.monotonic() - started, 3)}

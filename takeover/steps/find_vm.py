@@ -31,7 +31,7 @@ from ..agent.owner import (
     check_process_ids,
     one_owner,
 )
-from ..agent.proxy_address import choose_proxy_address, confirmed_forwards
+from ..agent.proxy_address import Forward, choose_proxy_address, confirmed_forwards
 from ..agent.replay import replay_command
 from ..agent.trusted_qemu import check_host_qemu
 from ..errors import (
@@ -121,6 +121,56 @@ def find_and_check_vm(
     `proxy_listen` is the operator's --proxy-listen; without it the proxy keeps the agent's address, checked.
     """
     boundary = boundary or HostBoundary.for_takeover(host_dir)
+    disk, disk_st = _the_disk(ready)
+    owner = whose_vm(ready, disk_st, boundary)  # from the files, before anything is sent to the monitor
+    seen = _ask_the_monitor(ready, disk, disk_st, owner, boundary)
+    info = seen.process
+    proxy = choose_proxy_address(ready.proxy, seen.forwards, proxy_listen)
+    image = inspect_image(disk, force_share=True, owner=info.uid)
+    replay_command(list(info.cmdline), str(disk), ready.disk, owner=info.uid)  # refuses now, not at rollback
+    check_free_space(host_dir, disk_st, seen.memory_mb)
+    return SourceVM(
+        monitor=str(ready.monitor),
+        disk=str(disk),
+        disk_dev=disk_st.st_dev,
+        disk_ino=disk_st.st_ino,
+        disk_uid=disk_st.st_uid,
+        pid=seen.pid,
+        pid_start_ticks=info.start_ticks,
+        uid=info.uid,
+        gid=info.gid,
+        groups=list(info.groups),
+        cwd=info.cwd,
+        cmdline=list(info.cmdline),
+        proxy=proxy,
+        memory_mb=seen.memory_mb,
+        cpus=seen.cpus,
+        block_nodes=seen.nodes,
+        vmstate_node=seen.vmstate_node,
+        ready_file=str(ready.path) if ready.path else None,
+        pidfile=str(ready.pidfile) if ready.pidfile else None,
+        setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
+        notes=_notes(seen, proxy_listen, image.snapshots),
+    )
+
+
+@dataclass(frozen=True)
+class _MonitorAnswers:
+    """What the agent's QEMU said over its monitor, each answer checked against the kernel's view."""
+
+    pid: int
+    process: proc.ProcessInfo
+    nodes: list[str]
+    vmstate_node: str
+    commands: set[str]
+    status: str | None
+    forwards: list[Forward]  # the forwards the kernel confirms its QEMU listens on
+    memory_mb: int
+    cpus: int
+
+
+def _the_disk(ready: ReadyInfo) -> tuple[Path, os.stat_result]:
+    """The disk the ready file names, with symlinks resolved; a regular file."""
     disk = Path(os.path.realpath(ready.disk))
     try:
         disk_st = os.stat(disk)
@@ -128,8 +178,13 @@ def find_and_check_vm(
         raise DiskMismatch(f"disk {ready.disk} does not exist") from None
     if not stat.S_ISREG(disk_st.st_mode):
         raise DiskMismatch(f"disk {disk} is not a regular file")
+    return disk, disk_st
 
-    owner = whose_vm(ready, disk_st, boundary)  # from the files, before anything is sent to the monitor
+
+def _ask_the_monitor(
+    ready: ReadyInfo, disk: Path, disk_st: os.stat_result, owner: int, boundary: HostBoundary
+) -> _MonitorAnswers:
+    """The monitor's peer checked as the owner's QEMU, then asked which disk it has open, its state and size."""
 
     def check_peer(peer: Peer) -> None:
         check_the_process(ready, peer, proc.read_process(peer.pid), owner, boundary)
@@ -148,44 +203,23 @@ def find_and_check_vm(
         usernet = mon.hmp("info usernet", timeout=30) if "human-monitor-command" in commands else ""
         forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
         memory_mb, cpus = _vm_size(mon)
+    return _MonitorAnswers(
+        peer.pid, info, nodes, vmstate_node, commands, status.get("status"), forwards, memory_mb, cpus
+    )
 
-    proxy = choose_proxy_address(ready.proxy, forwards, proxy_listen)
-    image = inspect_image(disk, force_share=True, owner=info.uid)
-    replay_command(list(info.cmdline), str(disk), ready.disk, owner=info.uid)  # refuses now, not at rollback
-    check_free_space(host_dir, disk_st, memory_mb)
 
+def _notes(seen: _MonitorAnswers, proxy_listen: Endpoint | None, snapshots: tuple[str, ...]) -> list[str]:
+    """What the report should mention about the agent's VM as it was found."""
     notes = []
-    if "snapshot-save" not in commands:
+    if "snapshot-save" not in seen.commands:
         notes.append("QEMU has no snapshot-save job; the checkpoint uses HMP savevm")
-    if status.get("status") != "running":
-        notes.append(f"the agent's VM was {status.get('status')!r}, not running")
+    if seen.status != "running":
+        notes.append(f"the agent's VM was {seen.status!r}, not running")
     if proxy_listen is not None:
         notes.append(f"the proxy listens at {proxy_listen} (--proxy-listen), not where the agent's VM had it")
-    if image.snapshots:
-        notes.append(f"the agent's disk already had snapshots: {', '.join(image.snapshots)}")
-    return SourceVM(
-        monitor=str(ready.monitor),
-        disk=str(disk),
-        disk_dev=disk_st.st_dev,
-        disk_ino=disk_st.st_ino,
-        disk_uid=disk_st.st_uid,
-        pid=peer.pid,
-        pid_start_ticks=info.start_ticks,
-        uid=info.uid,
-        gid=info.gid,
-        groups=list(info.groups),
-        cwd=info.cwd,
-        cmdline=list(info.cmdline),
-        proxy=proxy,
-        memory_mb=memory_mb,
-        cpus=cpus,
-        block_nodes=nodes,
-        vmstate_node=vmstate_node,
-        ready_file=str(ready.path) if ready.path else None,
-        pidfile=str(ready.pidfile) if ready.pidfile else None,
-        setup_key_pub=str(ready.setup_key_pub) if ready.setup_key_pub else None,
-        notes=notes,
-    )
+    if snapshots:
+        notes.append(f"the agent's disk already had snapshots: {', '.join(snapshots)}")
+    return notes
 
 
 def whose_vm(ready: ReadyInfo, disk_st: os.stat_result, boundary: HostBoundary) -> int:
