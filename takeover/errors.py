@@ -3,7 +3,25 @@
 Every error carries what went wrong (`str(err)`) and what to do about it
 (`err.hint`); the CLI prints both and exits non-zero. What vm_image (the
 shared VM layer) raises becomes a takeover error in one place,
-`from_vm_image`, with the takeover's advice.
+`from_vm_image`, with the takeover's advice: its monitor errors become the
+ones of the same name here, any other the kind the caller names.
+
+    HintedError(message, hint)   vm_image/errors.py: what every error of vm_image and takeover carries
+    └── TakeoverError            the takeover's base; the CLI prints the message and the hint
+        ├── NotRoot, InvalidInput, ReadyFileError                  before anything is looked at
+        ├── MonitorUnreachable, MonitorNotQMP                      the agent's monitor (host/monitor.py)
+        ├── QMPCommandError, QMPTimeout                            QEMU refused or did not answer a command
+        ├── NotTheAgentsVM, PrivilegedAgent, UntrustedQemu, DiskMismatch, UnsafeCommandLine,
+        │   DiskFormatError, UnsafeProxyAddress                    step 1: not the agent's own, plain VM
+        ├── NotEnoughSpace, DestinationTaken                       the host directory
+        ├── CheckpointError, CopyError, ScrubError, HostKeyError,
+        │   RestartError, VerifyError                              steps 2-6, one each
+        ├── RollbackError, JournalError, InjectedFault             the run as a whole
+        ├── SandboxError (agent/sandbox.py), BootFilesError (guest/boot.py)   defined where they are raised
+        ├── AgentMachineError (agent/machine.py)
+        │   └── AgentMachineTimeout, AgentMachineFlood
+        └── VerifyError
+            └── SSHTimeout (host/ssh.py)
 """
 
 from __future__ import annotations
@@ -11,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from vm_image import errors as vm_errors
 from vm_image.errors import HintedError, VmImageError
 
 
@@ -26,8 +45,10 @@ def from_vm_image(
     takeover's hint (`error`'s own unless `hint` is given): vm_image's advice names vm_image's commands."""
     try:
         yield
+    except vm_errors.QMPCommandError as exc:
+        raise QMPCommandError(exc.command, exc.error_class, f"{context}{exc}") from None
     except VmImageError as exc:
-        raise error(f"{context}{exc}", hint=hint) from None
+        raise _SAME_NAMED.get(type(exc), error)(f"{context}{exc}", hint=hint) from None
 
 
 class NotRoot(TakeoverError):
@@ -54,6 +75,17 @@ class MonitorNotQMP(TakeoverError):
         "the socket named as the VM's monitor does not speak QMP; it may be planted. "
         "Find the real QEMU monitor socket and pass it with --monitor"
     )
+
+
+class QMPCommandError(TakeoverError):
+    def __init__(self, command: str, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+        self.error_class = error_class
+
+
+class QMPTimeout(TakeoverError):
+    pass
 
 
 class DiskMismatch(TakeoverError):
@@ -172,3 +204,11 @@ class UnsafeProxyAddress(TakeoverError):
         ">= 1024, as the agent's QEMU really forwarded it. To choose another address, pass "
         "--proxy-listen HOST:PORT"
     )
+
+
+# vm_image's monitor errors and the takeover's of the same name (the takeover's hint, not vm_image's).
+_SAME_NAMED: dict[type[VmImageError], type[TakeoverError]] = {
+    vm_errors.MonitorUnreachable: MonitorUnreachable,
+    vm_errors.MonitorNotQMP: MonitorNotQMP,
+    vm_errors.QMPTimeout: QMPTimeout,
+}

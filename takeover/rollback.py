@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vm_image import proc
-from vm_image.health import HealthTimeout, wait_for_health
+from vm_image.errors import HealthTimeout
+from vm_image.health import wait_for_health
 
 from .agent.diskimage import inspect_image
 from .agent.replay import start_source_vm

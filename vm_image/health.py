@@ -7,15 +7,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
-from .errors import VmImageError
-
-
-class HealthTimeout(VmImageError):
-    hint = "the guest's serial log says how far its boot got"
-
-
-class ProcessGone(VmImageError):
-    hint = "the VM's QEMU exited; its log and the guest's serial log say why"
+from .errors import HealthTimeout, ProcessGone
 
 
 def answers(url: str, timeout: float = 5) -> bool:

@@ -21,8 +21,8 @@ from typing import Any
 
 from . import proc
 from .boot_files import KERNEL_APPEND
-from .errors import BadInput, LaunchFailed
-from .health import HealthTimeout, ProcessGone, wait_for_health
+from .errors import BadInput, HealthTimeout, LaunchFailed, ProcessGone
+from .health import wait_for_health
 from .layout import READY_MARKER, Layout
 from .manifest import read_json, write_text_atomic
 from .progress import Steps

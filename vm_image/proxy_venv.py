@@ -20,16 +20,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BuildFailed, MissingTool
+from .errors import MissingTool, VenvError
 from .guest_files import VENV
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_VENV = VENV
 GUEST_PYTHON = "/usr/bin/python3.11"
-
-
-class VenvError(BuildFailed):
-    hint = "check that uv.lock's wheels can be fetched from PyPI (or are in uv's cache)"
 
 
 def find_uv() -> str | None:

@@ -2,7 +2,7 @@
 
 We open the unix socket ourselves (so a caller can ask the kernel who accepted it, see
 `QMP.connected`) and hand it to `qemu.qmp.QMPClient`, which does the protocol. Every call blocks
-until QEMU answers or its timeout ends; every failure is one of the errors below.
+until QEMU answers or its timeout ends; every failure is one of vm_image/errors.py's monitor errors.
 """
 
 from __future__ import annotations
@@ -17,29 +17,9 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from .errors import VmImageError
+from .errors import IS_IT_RUNNING, MonitorNotQMP, MonitorUnreachable, QMPCommandError, QMPTimeout, VmImageError
 
 CONNECT_TIMEOUT = 10.0
-HINT = "is the VM running? `python -m vm_image status` tells"
-
-
-class MonitorUnreachable(VmImageError):
-    hint = HINT
-
-
-class MonitorNotQMP(VmImageError):
-    hint = "the socket named as the VM's monitor does not speak QMP; check that it is QEMU's"
-
-
-class QMPCommandError(VmImageError):
-    def __init__(self, command: str, error_class: str, message: str) -> None:
-        super().__init__(f"QEMU refused {command!r}: {error_class}: {message}")
-        self.command = command
-        self.error_class = error_class
-
-
-class QMPTimeout(VmImageError):
-    hint = HINT
 
 
 class QMP:
@@ -124,4 +104,6 @@ def execute(monitor: Path, command: str, timeout: float = 10.0, **arguments: Any
         with QMP(monitor, timeout) as qmp:
             return qmp.execute(command, arguments or None, timeout)
     except (VmImageError, QMPError, OSError, EOFError) as exc:
-        raise VmImageError(f"QMP {command!r} on {monitor} failed: {exc or type(exc).__name__}", hint=HINT) from None
+        raise VmImageError(
+            f"QMP {command!r} on {monitor} failed: {exc or type(exc).__name__}", hint=IS_IT_RUNNING
+        ) from None

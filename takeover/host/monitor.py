@@ -17,7 +17,7 @@ from typing import Any
 
 from vm_image import qmp
 
-from ..errors import MonitorNotQMP, MonitorUnreachable, TakeoverError
+from ..errors import from_vm_image
 
 CONNECT_TIMEOUT = qmp.CONNECT_TIMEOUT
 
@@ -27,13 +27,6 @@ class Peer:
     pid: int
     uid: int
     gid: int
-
-
-class QMPCommandError(TakeoverError):
-    def __init__(self, command: str, error_class: str, message: str) -> None:
-        super().__init__(message)
-        self.command = command
-        self.error_class = error_class
 
 
 class Monitor(qmp.QMP):
@@ -47,12 +40,8 @@ class Monitor(qmp.QMP):
         # Runs on the kernel's credentials before a byte of the peer's is read: a process that is not
         # the VM being taken over never gets its greeting parsed by root.
         self._check_peer = check_peer
-        try:
+        with from_vm_image():
             super().__init__(path, timeout)
-        except qmp.MonitorUnreachable as exc:
-            raise MonitorUnreachable(str(exc)) from None
-        except qmp.MonitorNotQMP as exc:
-            raise MonitorNotQMP(str(exc)) from None
 
     def connected(self, sock: socket.socket) -> None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -61,12 +50,8 @@ class Monitor(qmp.QMP):
             self._check_peer(self.peer)
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 60) -> Any:
-        try:
+        with from_vm_image():
             return super().execute(command, arguments, timeout)
-        except qmp.QMPCommandError as exc:
-            raise QMPCommandError(exc.command, exc.error_class, str(exc)) from None
-        except qmp.QMPTimeout as exc:
-            raise TakeoverError(str(exc)) from None
 
     def __enter__(self) -> Monitor:
         return self

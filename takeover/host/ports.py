@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from vm_image import errors as vm_errors
 from vm_image import health, proc
 
 from ..errors import RestartError, VerifyError
@@ -95,7 +96,7 @@ def wait_for_health(proxy: Endpoint, timeout: float, alive: Callable[[], bool] =
     """Seconds until the host's VM answers /health at `proxy`; VerifyError if QEMU dies or time runs out."""
     try:
         return health.wait_for_health(proxy.url, timeout, alive)
-    except health.ProcessGone:
+    except vm_errors.ProcessGone:
         raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered") from None
-    except health.HealthTimeout as exc:
+    except vm_errors.HealthTimeout as exc:
         raise VerifyError(str(exc)) from None

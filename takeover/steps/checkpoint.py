@@ -16,8 +16,8 @@ from typing import Any
 from vm_image import proc
 
 from ..agent.diskimage import inspect_image
-from ..errors import CheckpointError
-from ..host.monitor import Monitor, Peer, QMPCommandError
+from ..errors import CheckpointError, QMPCommandError
+from ..host.monitor import Monitor, Peer
 from ..models import CHECKPOINT_TAG, SourceVM
 from .context import Context
 
