@@ -29,9 +29,12 @@ class ApprovalRule:
     kind: str = "approve"  # one of KINDS
     needed: int = 1  # distinct approvals that approve; 1 unless a quorum
     approvers: tuple[int, ...] = ()  # Telegram user ids who may decide; empty: every configured approver
+    max_grant: int = 0  # the longest grant an approver may give, seconds (grants.FOREVER: until revoked); 0: none
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "needed": self.needed, "approvers": list(self.approvers)})
+        return json.dumps(
+            {"kind": self.kind, "needed": self.needed, "approvers": list(self.approvers), "max_grant": self.max_grant}
+        )
 
     @classmethod
     def from_json(cls, text: str | None) -> ApprovalRule:
@@ -39,7 +42,9 @@ class ApprovalRule:
         if not text:
             return DEFAULT
         raw = json.loads(text)
-        return cls(raw["kind"], int(raw["needed"]), tuple(int(a) for a in raw["approvers"]))
+        return cls(
+            raw["kind"], int(raw["needed"]), tuple(int(a) for a in raw["approvers"]), int(raw.get("max_grant", 0))
+        )
 
     def allows_approver(self, user_id: int) -> bool:
         return not self.approvers or user_id in self.approvers
@@ -57,6 +62,11 @@ class ApprovalRule:
         out = [f"approval: {self.show()}"]
         if self.approvers and self.kind in ("approve", "quorum"):
             out.append(f"approvers: {', '.join(str(a) for a in self.approvers)} (and the operator's CLI)")
+        if self.kind == "approve":
+            longest = {0: "none (each approval is for one use)", -1: "until revoked"}.get(
+                self.max_grant, f"{self.max_grant // 60} min"
+            )
+            out.append(f"longest grant: {longest}")
         return out
 
 
@@ -68,8 +78,13 @@ def voter(actor: str) -> str:
     return OPERATOR if actor.startswith("operator:") else actor
 
 
-def parse_rule(spec: str, approvers: str | None = None, configured: tuple[int, ...] = ()) -> ApprovalRule:
-    """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`."""
+def parse_rule(
+    spec: str, approvers: str | None = None, configured: tuple[int, ...] = (), max_grant: int = 0
+) -> ApprovalRule:
+    """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`, and
+    the longest grant (seconds; -1 until revoked) an approver may give, which only `approve` allows."""
+    if max_grant and spec.strip() != "approve":
+        raise ApprovalError("--max-grant needs --approval approve: a grant is one approver's decision")
     kind, _, count = spec.strip().partition(":")
     if kind not in KINDS or (count and kind != "quorum"):
         raise ApprovalError(f"--approval {spec!r}: write auto, approve, quorum:N or deny")
@@ -93,4 +108,4 @@ def parse_rule(spec: str, approvers: str | None = None, configured: tuple[int, .
             )
         if needed > len(ids) + 1:  # the operator's CLI is one more approver
             raise ApprovalError(f"quorum:{needed} cannot be reached by {len(ids)} approvers and the operator")
-    return ApprovalRule(kind, needed, ids)
+    return ApprovalRule(kind, needed, ids, max_grant)

@@ -20,6 +20,7 @@ from .approval import ApprovalError, ApprovalRule, parse_rule
 from .broker import Call
 from .config import ConfigError, Settings, load_settings
 from .errors import StoreError
+from .grants import GrantError, parse_length
 from .policy import Policy, PolicyError, build_policy
 from .shown import header_lines, visible
 from .store import STATUSES, Store, init_data_dir
@@ -78,10 +79,14 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
 def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule | None:
     """The rule `--approval`/`--approvers` describe; None when neither is given (the rule stays as it is)."""
     if args.approval is None:
-        if args.approvers:
-            raise ApprovalError("--approvers needs --approval approve or --approval quorum:N")
+        if args.approvers or args.max_grant:
+            raise ApprovalError("--approvers and --max-grant need --approval (approve, or quorum:N for --approvers)")
         return None
-    return parse_rule(args.approval, args.approvers, settings.telegram_approvers)
+    try:
+        max_grant = parse_length(args.max_grant) if args.max_grant else 0
+    except GrantError as exc:
+        raise ApprovalError(f"--max-grant: {exc}") from None
+    return parse_rule(args.approval, args.approvers, settings.telegram_approvers, max_grant)
 
 
 def cmd_secrets_approval(settings: Settings, args: argparse.Namespace) -> None:
@@ -183,9 +188,9 @@ def _call_lines(call: Call, policy: Policy | None) -> list[str]:
     ]
 
 
-def _decide(settings: Settings, request_id: str, approve: bool) -> None:
+def _decide(settings: Settings, request_id: str, approve: bool, grant: int = 0, calls: int | None = None) -> None:
     with Store(settings) as store:
-        decision = store.decide(request_id, approve, operator())
+        decision = store.decide(request_id, approve, operator(), grant, calls)
         rule = store.request_rule(request_id)
         call = store.get_call(request_id)
         policy = store.get_policy(decision.request.secret) if call else None
@@ -210,11 +215,39 @@ def _decide(settings: Settings, request_id: str, approve: bool) -> None:
 
 
 def cmd_approve(settings: Settings, args: argparse.Namespace) -> None:
-    _decide(settings, args.id, True)
+    try:
+        grant = parse_length(args.grant_for) if args.grant_for else 0
+    except GrantError as exc:
+        raise CliError(f"--for: {exc}") from None
+    if args.calls is not None and (not grant or args.calls < 1):
+        raise CliError("--calls N (N >= 1) needs --for: it bounds a grant's calls")
+    _decide(settings, args.id, True, grant, args.calls)
+    if grant:
+        print("  granted: the same agent's next requests for this secret are approved at once until it ends")
 
 
 def cmd_deny(settings: Settings, args: argparse.Namespace) -> None:
     _decide(settings, args.id, False)
+
+
+def cmd_grants_list(settings: Settings, args: argparse.Namespace) -> None:
+    with Store(settings) as store:
+        grants = store.list_grants(live_only=not args.all)
+    for g in grants:
+        scope = f"{g.method} {g.url_prefix}" if g.method else "retrieval"
+        ends = "until revoked" if g.expires_at is None else f"until {_when(g.expires_at)}"
+        calls = "-" if g.calls_left is None else str(g.calls_left)
+        ended = f"ended {_when(g.ended_at)}: {g.ended_why}" if g.ended_at else "live"
+        print(
+            f"{g.id}	{visible(g.agent)}	{visible(g.secret)}	{visible(scope)}	calls left {calls}	{ends}	"
+            f"by {g.granted_by}	{ended}"
+        )
+
+
+def cmd_grants_revoke(settings: Settings, args: argparse.Namespace) -> None:
+    with Store(settings) as store:
+        store.revoke_grant(args.id, operator())
+    print(f"revoked {args.id}: it approves nothing more")
 
 
 def cmd_audit_show(settings: Settings, args: argparse.Namespace) -> None:
@@ -326,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{name} a pending request")
         s.add_argument("id")
         s.set_defaults(fn=fn)
+        if name == "approve":
+            s.add_argument(
+                "--for",
+                dest="grant_for",
+                metavar="LENGTH",
+                help="also grant the agent this secret (for a call: the same method and destination prefix) for "
+                "15m, 1h or forever (until revoked), within the secret's --max-grant",
+            )
+            s.add_argument("--calls", type=int, metavar="N", help="with --for: at most N more calls under the grant")
+
+    grants = sub.add_parser("grants", help="time-boxed grants").add_subparsers(dest="sub", required=True)
+    s = grants.add_parser("list", help="live grants (--all: ended ones too)")
+    s.add_argument("--all", action="store_true")
+    s.set_defaults(fn=cmd_grants_list)
+    s = grants.add_parser("revoke", help="end a grant: it approves nothing more")
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_grants_revoke)
 
     aud = sub.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
     s = aud.add_parser("show")
@@ -353,6 +403,12 @@ def _approval_flags(s: argparse.ArgumentParser) -> None:
         metavar="ID,ID",
         help="only these Telegram user ids (from SECRET_PROXY_TELEGRAM_APPROVERS) may decide; the operator's CLI "
         "always may",
+    )
+    s.add_argument(
+        "--max-grant",
+        metavar="LENGTH",
+        help="with --approval approve: the longest grant an approver may give, 15m, 1h or forever (until revoked); "
+        "without it every approval is for one use",
     )
 
 

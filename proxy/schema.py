@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from . import audit, crypto
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
@@ -71,6 +71,22 @@ CREATE TABLE IF NOT EXISTS telegram_messages (
     closed INTEGER NOT NULL DEFAULT 0,
     votes_shown INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS grants (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    method TEXT,
+    url_prefix TEXT,
+    calls_left INTEGER,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    granted_by TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    ended_at REAL,
+    ended_why TEXT,
+    ended_shown INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS grants_live ON grants (agent, secret, ended_at);
 CREATE TABLE IF NOT EXISTS votes (
     request_id TEXT NOT NULL,
     voter TEXT NOT NULL,
@@ -118,5 +134,6 @@ def migrate(conn: sqlite3.Connection, load_audit_key: Callable[[sqlite3.Connecti
         ):
             if column not in [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {sql}")
+    # 5 -> 6: grants (proxy/grants.py); the table is new and was created by SCHEMA. Nothing to change.
     if version < SCHEMA_VERSION:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

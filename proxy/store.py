@@ -25,6 +25,7 @@ from .approval import ApprovalRule, voter
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
+from .grants import FOREVER, Grant, call_prefix, within
 from .policy import Policy
 
 # Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
@@ -73,6 +74,10 @@ class Decision:
     votes: int = 0  # distinct approvals so far
 
 
+_GRANT_COLS = (
+    "id, agent, secret, method, url_prefix, calls_left, created_at, expires_at, granted_by, request_id, ended_at,"
+    " ended_why"
+)
 _REQUEST_COLS = (
     "id, agent, secret, reason, ttl_seconds, status, created_at, expires_at, decided_at, decided_by, retrieved_at"
 )
@@ -278,6 +283,7 @@ class Store:
                 policy=policy.lines() if policy else None,
                 approval=ApprovalRule.from_json(rule_json).lines(),
             )
+            self._end_grants(conn, actor, "the secret's value or use policy changed", "secret = ?", (name,))
 
     def set_approval(self, name: str, rule: ApprovalRule, actor: str) -> None:
         """Change only a secret's approval rule. Pending requests keep the rule they were created under."""
@@ -294,6 +300,7 @@ class Store:
                 was=ApprovalRule.from_json(row[0]).lines(),
                 approval=rule.lines(),
             )
+            self._end_grants(conn, actor, "the secret's approval rule changed", "secret = ?", (name,))
 
     def get_approval(self, name: str) -> ApprovalRule:
         row = self._conn().execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -353,6 +360,7 @@ class Store:
             if conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 0:
                 raise StoreError("unknown_secret", f"no secret named {name!r}")
             self._audit(conn, actor, "secret.deleted", secret=name)
+            self._end_grants(conn, actor, "the secret was deleted", "secret = ?", (name,))
 
     def list_secrets(self) -> list[tuple[str, float]]:
         return [tuple(r) for r in self._conn().execute("SELECT name, updated_at FROM secrets ORDER BY name")]
@@ -386,6 +394,7 @@ class Store:
             if conn.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount == 0:
                 raise StoreError("unknown_agent", f"no agent named {name!r}")
             self._audit(conn, actor, "agent.revoked", agent=name)
+            self._end_grants(conn, actor, "the agent's token was revoked", "agent = ?", (name,))
 
     def list_agents(self) -> list[Agent]:
         rows = self._conn().execute("SELECT name, scopes, created_at FROM agents ORDER BY name")
@@ -513,14 +522,21 @@ class Store:
                     approval=rule.kind if rule.kind != "quorum" else f"quorum:{rule.needed}",
                     **call_detail,
                 )
-                if rule.kind == "auto":
-                    # No human: approved in the transaction that made it, audited as the proxy's decision.
+                grant = self._live_grant(conn, agent.name, secret, call, now) if rule.kind == "approve" else None
+                if rule.kind == "auto" or grant is not None:
+                    # No new tap: approved in the transaction that made it, audited as the proxy's decision
+                    # with the rule or the grant that allowed it.
                     conn.execute(
-                        "UPDATE requests SET status = 'approved', decided_at = ?, decided_by = 'proxy:auto',"
+                        "UPDATE requests SET status = 'approved', decided_at = ?, decided_by = ?,"
                         " expires_at = ? WHERE id = ?",
-                        (now, now + ttl_seconds, request_id),
+                        (now, f"grant:{grant.id}" if grant else "proxy:auto", now + ttl_seconds, request_id),
                     )
-                    self._audit(conn, "proxy", "request.approved", request_id, secret, rule="auto")
+                    used: dict[str, object] = {"grant": grant.id} if grant else {"rule": "auto"}
+                    self._audit(conn, "proxy", "request.approved", request_id, secret, **used)
+                    if grant is not None and grant.calls_left is not None:
+                        conn.execute("UPDATE grants SET calls_left = calls_left - 1 WHERE id = ?", (grant.id,))
+                        if grant.calls_left <= 1:
+                            self._end_grants(conn, "proxy", "its calls are used up", "id = ?", (grant.id,))
         if refusal is not None:
             raise refusal
         return self.get_request(request_id)  # type: ignore[return-value]
@@ -588,8 +604,16 @@ class Store:
         return Decision(self.get_request(request_id), changed=True)  # type: ignore[arg-type]
 
     def expire_due(self) -> list[Request]:
-        """Mark every pending or approved request past its deadline as expired; return them."""
+        """Mark every pending or approved request past its deadline as expired (and end every grant past its
+        time); return the requests."""
         now = time.time()
+        if (
+            self._conn()
+            .execute("SELECT 1 FROM grants WHERE ended_at IS NULL AND expires_at <= ? LIMIT 1", (now,))
+            .fetchone()
+        ):
+            with self.transaction() as conn:
+                self._end_grants(conn, "proxy", "its time is over", "expires_at <= ?", (now,))
         due = (
             self._conn()
             .execute("SELECT id FROM requests WHERE status IN ('pending', 'approved') AND expires_at <= ?", (now,))
@@ -619,10 +643,17 @@ class Store:
                     )
         return expired
 
-    def decide(self, request_id: str, approve: bool, actor: str) -> Decision:
-        """Approve or deny a pending request. A decision is final: later ones change nothing."""
+    def decide(
+        self, request_id: str, approve: bool, actor: str, grant_seconds: int = 0, grant_calls: int | None = None
+    ) -> Decision:
+        """Approve or deny a pending request. A decision is final: later ones change nothing.
+
+        `grant_seconds` (grants.FOREVER: until revoked) approves, besides this request, the same agent's
+        next ones for the same secret (for a call: the same method and destination prefix, `grant_calls`
+        of them at most) for that long; only within the rule's `max_grant`, else refused (`forbidden`)."""
         self.expire_due()
         now = time.time()
+        grant_refusal: StoreError | None = None
         with self.transaction() as conn:
             row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
             if row is None:
@@ -650,37 +681,160 @@ class Store:
                         conn, actor, "decision.refused", request_id, req.secret, code="not_this_secrets_approver"
                     )
                     return Decision(req, changed=False, vote="not_allowed")
+                if approve and grant_seconds and not (rule.kind == "approve" and within(grant_seconds, rule.max_grant)):
+                    # The buttons offer only the lengths the rule allows; a forged tap or a CLI flag asks for more.
+                    self._audit(conn, actor, "decision.refused", request_id, req.secret, code="grant_not_allowed")
+                    grant_refusal = StoreError(
+                        "forbidden",
+                        f"{req.secret!r} allows no grant that long (see `secrets show`); approve it once instead",
+                        kind="grant_not_allowed",
+                        secret=req.secret,
+                    )
                 votes = 0
-                if approve and rule.needed > 1:
-                    who = voter(actor)
-                    if not conn.execute(
-                        "INSERT OR IGNORE INTO votes (request_id, voter, actor, ts) VALUES (?, ?, ?, ?)",
-                        (request_id, who, actor, now),
-                    ).rowcount:
+                refusal = None
+                if grant_refusal is None:
+                    if approve and rule.needed > 1:
+                        who = voter(actor)
+                        counted = conn.execute(
+                            "INSERT OR IGNORE INTO votes (request_id, voter, actor, ts) VALUES (?, ?, ?, ?)",
+                            (request_id, who, actor, now),
+                        ).rowcount
                         votes = conn.execute(
                             "SELECT COUNT(*) FROM votes WHERE request_id = ?", (request_id,)
                         ).fetchone()[0]
+                        if not counted:  # this person's approval is in already: it counts once
+                            self._audit(
+                                conn,
+                                actor,
+                                "decision.refused",
+                                request_id,
+                                req.secret,
+                                code="already_voted",
+                                votes=votes,
+                            )
+                            return Decision(req, changed=False, vote="repeated", votes=votes)
                         self._audit(
-                            conn, actor, "decision.refused", request_id, req.secret, code="already_voted", votes=votes
+                            conn,
+                            actor,
+                            "request.vote",
+                            request_id,
+                            req.secret,
+                            votes=votes,
+                            needed=rule.needed,
+                            voter=who,
                         )
-                        return Decision(req, changed=False, vote="repeated", votes=votes)
-                    votes = conn.execute("SELECT COUNT(*) FROM votes WHERE request_id = ?", (request_id,)).fetchone()[0]
-                    self._audit(
-                        conn, actor, "request.vote", request_id, req.secret, votes=votes, needed=rule.needed, voter=who
+                        if votes < rule.needed:
+                            return Decision(req, changed=True, vote="counted", votes=votes)
+                    status = "approved" if approve else "denied"
+                    expires_at = now + req.ttl_seconds if approve else req.expires_at
+                    conn.execute(
+                        "UPDATE requests SET status = ?, decided_at = ?, decided_by = ?, expires_at = ? WHERE id = ?",
+                        (status, now, actor, expires_at, request_id),
                     )
-                    if votes < rule.needed:
-                        return Decision(req, changed=True, vote="counted", votes=votes)
-                status = "approved" if approve else "denied"
-                expires_at = now + req.ttl_seconds if approve else req.expires_at
-                conn.execute(
-                    "UPDATE requests SET status = ?, decided_at = ?, decided_by = ?, expires_at = ? WHERE id = ?",
-                    (status, now, actor, expires_at, request_id),
-                )
-                self._audit(conn, actor, f"request.{status}", request_id, req.secret)
-                refusal = None
+                    self._audit(conn, actor, f"request.{status}", request_id, req.secret)
+                    if approve and grant_seconds:
+                        self._start_grant(conn, req, actor, grant_seconds, grant_calls, now)
         if refusal is not None:
             raise refusal
+        if grant_refusal is not None:
+            raise grant_refusal
         return Decision(self.get_request(request_id), changed=True, vote="counted" if votes else None, votes=votes)  # type: ignore[arg-type]
+
+    # -- grants ------------------------------------------------------------
+    def _start_grant(
+        self, conn: sqlite3.Connection, req: Request, actor: str, seconds: int, calls: int | None, now: float
+    ) -> None:
+        call = self.get_call(req.id)
+        grant_id = "gr_" + pysecrets.token_urlsafe(12)
+        expires_at = None if seconds == FOREVER else now + seconds
+        prefix = call_prefix(call) if call else None
+        conn.execute(
+            f"INSERT INTO grants ({_GRANT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            (
+                grant_id,
+                req.agent,
+                req.secret,
+                call.method if call else None,
+                prefix,
+                calls,
+                now,
+                expires_at,
+                actor,
+                req.id,
+            ),
+        )
+        self._audit(
+            conn,
+            actor,
+            "grant.started",
+            req.id,
+            req.secret,
+            grant=grant_id,
+            agent=req.agent,
+            method=call.method if call else None,
+            url_prefix=prefix,
+            calls=calls,
+            expires_at=expires_at,
+        )
+
+    def _live_grant(
+        self, conn: sqlite3.Connection, agent: str, secret: str, call: Call | None, now: float
+    ) -> Grant | None:
+        rows = conn.execute(
+            f"SELECT {_GRANT_COLS} FROM grants WHERE agent = ? AND secret = ? AND ended_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > ?) AND (calls_left IS NULL OR calls_left > 0)"
+            " ORDER BY created_at",
+            (agent, secret, now),
+        ).fetchall()
+        return next((g for g in (Grant(*r) for r in rows) if g.covers(call)), None)
+
+    def _end_grants(self, conn: sqlite3.Connection, actor: str, why: str, where: str, args: tuple[object, ...]) -> int:
+        """End every live grant matching `where`, each audited; the ones already over are left as they are."""
+        live = conn.execute(
+            f"SELECT id, secret, request_id FROM grants WHERE ended_at IS NULL AND {where}", args
+        ).fetchall()
+        for grant_id, secret, request_id in live:
+            conn.execute("UPDATE grants SET ended_at = ?, ended_why = ? WHERE id = ?", (time.time(), why, grant_id))
+            self._audit(conn, actor, "grant.ended", request_id, secret, grant=grant_id, why=why)
+        return len(live)
+
+    def grant_of(self, request_id: str) -> Grant | None:
+        """The grant an approval of `request_id` started, if any."""
+        row = self._conn().execute(f"SELECT {_GRANT_COLS} FROM grants WHERE request_id = ?", (request_id,)).fetchone()
+        return Grant(*row) if row else None
+
+    def grants_ended_unshown(self) -> list[tuple[Grant, Request, int, int]]:
+        """Ended grants whose request's Telegram message does not say so yet, with where that message is."""
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {', '.join('g.' + c.strip() for c in _GRANT_COLS.split(','))}, m.chat_id, m.message_id"
+                " FROM grants g JOIN telegram_messages m ON m.request_id = g.request_id"
+                " WHERE g.ended_at IS NOT NULL AND g.ended_shown = 0"
+            )
+            .fetchall()
+        )
+        out = []
+        for r in rows:
+            req = self.get_request(r[9])
+            if req is not None:
+                out.append((Grant(*r[:12]), req, r[12], r[13]))
+        return out
+
+    def mark_grant_end_shown(self, grant_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE grants SET ended_shown = 1 WHERE id = ?", (grant_id,))
+
+    def revoke_grant(self, grant_id: str, actor: str) -> None:
+        with self.transaction() as conn:
+            if not self._end_grants(conn, actor, f"revoked by {actor}", "id = ?", (grant_id,)):
+                raise StoreError("not_found", f"no live grant {grant_id!r}; see `python -m proxy grants list`")
+
+    def list_grants(self, live_only: bool = True) -> list[Grant]:
+        self.expire_due()
+        where = " WHERE ended_at IS NULL" if live_only else ""
+        rows = self._conn().execute(f"SELECT {_GRANT_COLS} FROM grants{where} ORDER BY created_at")
+        return [Grant(*r) for r in rows]
 
     def retrieve(self, agent: Agent, request_id: str) -> tuple[str, bytes]:
         """Hand out an approved value once; every other case is a refusal with its own code.

@@ -38,9 +38,19 @@ from telegram.constants import ParseMode
 from telegram.error import BadRequest, ChatMigrated, Conflict, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, ExtBot
 
+from .approval import ApprovalRule
+from .errors import StoreError
+from .grants import FOREVER, within
 from .state import ProxyState
 from .store import REQUEST_ID_RE, Request
-from .telegram_render import display_name, render_closed, render_pending, render_pending_list
+from .telegram_render import (
+    display_name,
+    grant_button_text,
+    render_closed,
+    render_grants,
+    render_pending,
+    render_pending_list,
+)
 
 log = logging.getLogger("proxy.telegram")
 
@@ -49,8 +59,12 @@ BotApp: TypeAlias = Application[
     ExtBot[None], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any], dict[Any, Any], None
 ]
 
-# Callback data is "a:<id>" or "d:<id>"; ids are "req_" + 32 URL-safe characters, so 38 bytes (limit 64).
-CALLBACK_RE = re.compile(rf"([ad]):({REQUEST_ID_RE.pattern})")
+# Callback data is "a:<id>" (approve once), "t:", "h:" or "r:<id>" (approve with a grant of 15 min, 1 h or
+# until revoked) or "d:<id>"; ids are "req_" + 32 URL-safe characters, so 38 bytes (limit 64).
+CALLBACK_RE = re.compile(rf"([adthr]):({REQUEST_ID_RE.pattern})")
+GRANT_SECONDS = {"a": 0, "t": 15 * 60, "h": 60 * 60, "r": FOREVER}
+# "x:<grant id>" ends a grant, from the /grants list.
+END_GRANT_RE = re.compile(r"x:(gr_[A-Za-z0-9_-]{16})")
 POLL_TIMEOUT_SECONDS = 10  # long-poll length; stop() cancels a poll in flight, so it never waits this out
 FIRST_RETRY_SECONDS = 0.5
 SYNC_EVERY_SECONDS = 1.0  # catches decisions made by another process (the CLI) and expiry
@@ -68,6 +82,8 @@ REFUSALS = {
     "expired": "This request expired undecided; the agent must ask again.",
     "not_this_secrets_approver": "You are not an approver of this secret. Nothing was changed.",
     "already_voted": "You already approved this request; it needs other approvers. Your approval counts once.",
+    "grant_not_allowed": "This secret allows no grant that long. Nothing was changed.",
+    "unknown_grant": "No such live grant; it may have ended already. Nothing was changed.",
 }
 
 
@@ -121,15 +137,22 @@ class TokenRedactor(logging.Filter):
         return True
 
 
-def buttons(request_id: str) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup(
+def buttons(request_id: str, rule: ApprovalRule | None = None) -> InlineKeyboardMarkup:
+    """Approve and Deny, and a button per grant length the request's rule allows."""
+    rows = [
         [
-            [
-                InlineKeyboardButton("Approve", callback_data=f"a:{request_id}"),
-                InlineKeyboardButton("Deny", callback_data=f"d:{request_id}"),
-            ]
+            InlineKeyboardButton("Approve", callback_data=f"a:{request_id}"),
+            InlineKeyboardButton("Deny", callback_data=f"d:{request_id}"),
         ]
-    )
+    ]
+    if rule is not None and rule.kind == "approve" and rule.max_grant:
+        lengths = [
+            InlineKeyboardButton(grant_button_text(seconds), callback_data=f"{letter}:{request_id}")
+            for letter, seconds in GRANT_SECONDS.items()
+            if seconds and within(seconds, rule.max_grant)
+        ]
+        rows.append(lengths)
+    return InlineKeyboardMarkup(rows)
 
 
 def _retry_after_seconds(exc: RetryAfter) -> float:
@@ -293,6 +316,7 @@ class TelegramChannel:
         )
         app.add_handler(CallbackQueryHandler(self._on_tap))
         app.add_handler(CommandHandler("pending", self._on_pending))
+        app.add_handler(CommandHandler("grants", self._on_grants))
         app.add_error_handler(self._on_handler_error)
         return app
 
@@ -364,7 +388,11 @@ class TelegramChannel:
         try:
             # Only a convenience (the command menu); /pending works without it.
             await app.bot.set_my_commands(
-                [BotCommand("pending", "List requests waiting for a decision")], scope=BotCommandScopeChat(self.chat_id)
+                [
+                    BotCommand("pending", "List requests waiting for a decision"),
+                    BotCommand("grants", "List live grants and end them"),
+                ],
+                scope=BotCommandScopeChat(self.chat_id),
             )
         except TelegramError as exc:
             log.debug("Telegram: could not register the /pending command (%s)", exc.message)
@@ -433,6 +461,9 @@ class TelegramChannel:
             await self._close(req, chat_id, message_id)
         for req, chat_id, message_id, votes in await self.state.write(self.store.messages_to_refresh):
             await self._refresh(req, chat_id, message_id, votes)
+        for grant, req, chat_id, message_id in await self.state.write(self.store.grants_ended_unshown):
+            await self._close(req, chat_id, message_id)  # the closed message, now saying the grant ended
+            await self.state.write(self.store.mark_grant_end_shown, grant.id)
         for req in await self.state.write(self.store.unposted_pending):
             if req.id not in self._given_up:
                 await self._post(req)
@@ -454,7 +485,7 @@ class TelegramChannel:
                 self.chat_id,
                 self._pending_text(req),
                 parse_mode=ParseMode.HTML,
-                reply_markup=buttons(req.id),
+                reply_markup=buttons(req.id, self.store.request_rule(req.id)),
                 link_preview_options=NO_PREVIEW,
             )
         except BadRequest as exc:
@@ -486,7 +517,7 @@ class TelegramChannel:
                 message_id=message_id,
                 parse_mode=ParseMode.HTML,
                 link_preview_options=NO_PREVIEW,
-                reply_markup=buttons(req.id),
+                reply_markup=buttons(req.id, self.store.request_rule(req.id)),
             )
         except BadRequest as exc:
             text = exc.message.lower()
@@ -511,6 +542,7 @@ class TelegramChannel:
                     self.store.get_policy(req.secret),
                     self.store.request_rule(req.id),
                     self.store.votes(req.id),
+                    self.store.grant_of(req.id),
                 ),
                 chat_id=chat_id,
                 message_id=message_id,
@@ -561,6 +593,9 @@ class TelegramChannel:
         chat_id = message.chat.id if message is not None else None
         message_id = message.message_id if message is not None else None
         data = query.data or ""
+        if (ending := END_GRANT_RE.fullmatch(data)) is not None:
+            await self._end_grant(query.id, user.id, actor, chat_id, ending.group(1))
+            return
         parsed = CALLBACK_RE.fullmatch(data)
         request_id = parsed.group(2) if parsed else None
         if request_id in self._posting:
@@ -571,10 +606,19 @@ class TelegramChannel:
         code = self._refusal(user.id, chat_id, message_id, parsed is not None, request_id, req)
         if code is None:
             assert request_id is not None
-            approve = parsed.group(1) == "a"  # type: ignore[union-attr]
+            letter = parsed.group(1)  # type: ignore[union-attr]
+            approve = letter != "d"
             # Durable before the approver hears back: the writer returns after the COMMIT.
             # The write wakes the agent's `?wait=` when it returns (ProxyState.write).
-            decision = await self.state.write(self.store.decide, request_id, approve, actor)
+            try:
+                decision = await self.state.write(
+                    self.store.decide, request_id, approve, actor, GRANT_SECONDS.get(letter, 0)
+                )
+            except StoreError as exc:  # a grant longer than the rule allows: a forged button; audited by decide
+                if exc.kind != "grant_not_allowed":
+                    raise
+                await self._answer(query.id, REFUSALS["grant_not_allowed"], alert=True)
+                return
             self._wake_sync()
             if decision.changed and decision.request.status == "pending":  # a quorum's vote, counted
                 needed = self.store.request_rule(request_id).needed
@@ -583,7 +627,8 @@ class TelegramChannel:
                 )
                 return
             if decision.changed:
-                await self._answer(query.id, "Approved." if approve else "Denied.", alert=False)
+                granted = " A grant started: see the message." if GRANT_SECONDS.get(letter) else ""
+                await self._answer(query.id, ("Approved." + granted) if approve else "Denied.", alert=False)
                 return
             # Decided or expired between our check and the write, or a vote that does not count;
             # `decide` audited that refusal.
@@ -637,6 +682,21 @@ class TelegramChannel:
             return "already_decided"
         return None
 
+    async def _end_grant(self, query_id: str, user_id: int, actor: str, chat_id: int | None, grant_id: str) -> None:
+        """An approver taps End under a grant in the /grants list: it approves nothing more."""
+        code = self._outsider(user_id, chat_id)
+        if code is None:
+            try:
+                await self.state.write(self.store.revoke_grant, grant_id, actor)
+            except StoreError:
+                code = "unknown_grant"
+            else:
+                self._wake_sync()
+                await self._answer(query_id, "Grant ended: it approves nothing more.", alert=False)
+                return
+        await self.state.write(self.store.record, actor, "grant.refused", None, None, code=code, grant=grant_id)
+        await self._answer(query_id, REFUSALS[code], alert=True)
+
     async def _answer(self, query_id: str, text: str, *, alert: bool) -> None:
         assert self._app is not None
         try:
@@ -644,6 +704,12 @@ class TelegramChannel:
         except TelegramError as exc:
             # The decision (or refusal) already stands; an old query simply cannot be answered any more.
             log.warning("Telegram: could not answer a tap (%s)", exc.message)
+
+    def _outsider(self, user_id: int, chat_id: int | None) -> str | None:
+        """Why a command or a grant's End button is refused: not an approver, or not in their chat."""
+        if user_id not in self.approvers:
+            return "not_an_approver"
+        return "wrong_chat" if chat_id != self.chat_id else None
 
     def _wake_sync(self) -> None:
         if self._wake is not None:
@@ -654,9 +720,7 @@ class TelegramChannel:
         message, user, chat = update.effective_message, update.effective_user, update.effective_chat
         if message is None or user is None or chat is None:
             return
-        code = (
-            "not_an_approver" if user.id not in self.approvers else ("wrong_chat" if chat.id != self.chat_id else None)
-        )
+        code = self._outsider(user.id, chat.id)
         if code is not None:
             await self.state.write(
                 self.store.record, f"telegram:{user.id}", "pending.refused", None, None, code=code, chat_id=chat.id
@@ -672,3 +736,30 @@ class TelegramChannel:
             await message.reply_text(text, parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW, do_quote=False)
         except TelegramError as exc:
             log.warning("Telegram: could not answer /pending (%s)", exc.message)
+
+    # -- /grants ----------------------------------------------------------------------------
+    async def _on_grants(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The live grants, each with a button that ends it; for approvers in the approvers' chat only."""
+        message, user, chat = update.effective_message, update.effective_user, update.effective_chat
+        if message is None or user is None or chat is None:
+            return
+        code = self._outsider(user.id, chat.id)
+        markup = None
+        if code is not None:
+            await self.state.write(
+                self.store.record, f"telegram:{user.id}", "grants.refused", None, None, code=code, chat_id=chat.id
+            )
+            text = "Only approvers can list grants, in the approvers' chat."
+        else:
+            grants = await self.state.write(self.store.list_grants)
+            text = render_grants(grants)
+            if grants:
+                markup = InlineKeyboardMarkup(
+                    [[InlineKeyboardButton(f"End {g.id}", callback_data=f"x:{g.id}")] for g in grants[:20]]
+                )
+        try:
+            await message.reply_text(
+                text, parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEW, do_quote=False, reply_markup=markup
+            )
+        except TelegramError as exc:
+            log.warning("Telegram: could not answer /grants (%s)", exc.message)

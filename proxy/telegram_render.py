@@ -11,6 +11,7 @@ from telegram import User as TelegramUser
 
 from .approval import DEFAULT, ApprovalRule
 from .broker import Call
+from .grants import LENGTH_NAMES, Grant
 from .policy import Policy
 from .shown import header_lines, visible
 from .store import Request
@@ -121,6 +122,7 @@ def render_closed(
     policy: Policy | None = None,
     rule: ApprovalRule = DEFAULT,
     votes: list[str] | None = None,
+    grant: Grant | None = None,
 ) -> str:
     if req.status == "cancelled":
         title, outcome = (
@@ -140,8 +142,41 @@ def render_closed(
             f"Request: <code>{html.escape(req.id)}</code>",
             outcome,
             *([f"Approvals: {', '.join(_who(v, names) for v in votes)}"] if rule.kind == "quorum" and votes else []),
+            *grant_lines(grant),
         ]
     )
+
+
+def grant_lines(grant: Grant | None) -> list[str]:
+    """What a grant started by this approval covers, and whether it has ended."""
+    if grant is None:
+        return []
+    length = "until revoked" if grant.expires_at is None else f"until {utc(grant.expires_at)}"
+    scope = (
+        f"<code>{_shown(grant.method)}</code> calls to <code>{_shown(grant.url_prefix or '')}</code>…"
+        if grant.method
+        else "retrievals"
+    )
+    calls = f", at most {grant.calls_left} more" if grant.calls_left is not None and grant.ended_at is None else ""
+    out = [f"🔓 Grant <code>{html.escape(grant.id)}</code>: the agent's {scope} of this secret{calls}, {length}"]
+    if grant.ended_at is not None:
+        out.append(f"🔒 Grant ended at {utc(grant.ended_at)}: {html.escape(grant.ended_why or '')}")
+    return out
+
+
+def grant_button_text(seconds: int) -> str:
+    return f"Approve for {LENGTH_NAMES[seconds]}"
+
+
+def render_grants(grants: list[Grant]) -> str:
+    if not grants:
+        return "No live grants."
+    lines = [f"<b>{len(grants)} live grant{'s' if len(grants) != 1 else ''}</b>"]
+    for g in grants[:PENDING_LIST_MAX]:
+        lines.append(f"\n<code>{_shown(g.agent)}</code> / <code>{_shown(g.secret)}</code>")
+        lines.extend(grant_lines(g))
+    lines.append("\nEnd one with its button below, or `python -m proxy grants revoke ID`.")
+    return "\n".join(lines)
 
 
 def _who(actor: str | None, names: dict[int, str]) -> str:

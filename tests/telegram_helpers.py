@@ -140,3 +140,17 @@ def restart_proxy(rig: Rig) -> None:
     wait_until_serving(rig.url, rig.process, rig.logs)
     calls = len(rig.emu.calls("getUpdates"))
     rig.emu.wait_for(lambda: len(rig.emu.calls("getUpdates")) > calls, 15, "the new proxy to poll")
+
+
+def answer_to(rig: Rig, query_id: str) -> str:
+    """What the approver who tapped was told."""
+    return rig.emu.wait_for(lambda: rig.emu.answer_for(query_id), 10, f"the answer to tap {query_id}")["text"]
+
+
+def message_showing(rig: Rig, message_id: int, text: str) -> dict:
+    """The bot's message once it has been edited to show `text`."""
+    return rig.emu.wait_for(
+        lambda: (m := rig.emu.message(CHAT, message_id)) and text in m["text"] and m,
+        10,
+        f"the message to show {text!r}",
+    )

@@ -44,3 +44,16 @@ def test_every_operator_account_is_one_voter_and_each_approver_is_their_own():
     assert ApprovalRule("quorum", 2, (1001,)).allows_approver(1001)
     assert not ApprovalRule("quorum", 2, (1001,)).allows_approver(1002)
     assert DEFAULT.allows_approver(1002)
+
+
+def test_a_grant_fits_within_the_secrets_longest_grant_only():
+    from proxy.grants import FOREVER, GrantError, parse_length, within
+
+    assert [parse_length(t) for t in ("15m", "1h", "forever")] == [900, 3600, FOREVER]
+    with pytest.raises(GrantError, match="15m, 1h, forever"):
+        parse_length("2h")
+    assert within(900, 3600) and within(3600, 3600) and not within(FOREVER, 3600) and not within(900, 0)
+    assert within(FOREVER, FOREVER)
+    assert parse_rule("approve", max_grant=3600).max_grant == 3600
+    with pytest.raises(ApprovalError, match="needs --approval approve"):
+        parse_rule("quorum:2", max_grant=3600)

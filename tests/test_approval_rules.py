@@ -15,7 +15,18 @@ from proxy.store import Store
 from proxy.telegram_bot import REFUSALS
 
 from .proxy_helpers import SECRET_VALUE, cli
-from .telegram_helpers import ALICE, BOB, CAROL, CHAT, Rig, restart_proxy, start_rig, wait_until_polling
+from .telegram_helpers import (
+    ALICE,
+    BOB,
+    CAROL,
+    CHAT,
+    Rig,
+    answer_to,
+    message_showing,
+    restart_proxy,
+    start_rig,
+    wait_until_polling,
+)
 
 APPROVERS = {"SECRET_PROXY_TELEGRAM_APPROVERS": f"{ALICE},{BOB},{CAROL}"}
 
@@ -39,18 +50,6 @@ def audit(rig: Rig, request_id: str | None = None) -> list:
         return [e for e in store.audit_entries() if request_id is None or e.request_id == request_id]
 
 
-def answer(rig: Rig, query: str) -> str:
-    return rig.emu.wait_for(lambda: rig.emu.answer_for(query), 10, f"the answer to tap {query}")["text"]
-
-
-def message_text(rig: Rig, message_id: int, shows: str) -> dict:
-    return rig.emu.wait_for(
-        lambda: (m := rig.emu.message(CHAT, message_id)) and shows in m["text"] and m,
-        10,
-        f"the message to show {shows!r}",
-    )
-
-
 def refusals(rig: Rig, request_id: str, code: str, user: int) -> list:
     return [
         e
@@ -66,23 +65,23 @@ def test_a_2_of_3_quorum_needs_two_distinct_approvers_and_one_approver_twice_cou
     assert "Approval: 2 distinct approvers; one deny ends it" in message["text"]
     assert "Approved so far: nobody yet; 2 more needed" in message["text"]
 
-    assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == (
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == (
         "Approval counted: 1 of 2. Nothing is approved yet."
     )
-    shown = message_text(rig, message["message_id"], "Approved so far: Alice @alice_ops (id 1001); 1 more needed")
+    shown = message_showing(rig, message["message_id"], "Approved so far: Alice @alice_ops (id 1001); 1 more needed")
     assert shown.get("reply_markup"), "the buttons stay while the quorum is incomplete"
     assert rig.status(rid) == "pending"
     assert rig.agent().retrieve(rid).body["error"] == "pending"
 
     # Alice again: her approval counts once, and the refusal is audited.
-    assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_voted"]
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_voted"]
     assert refusals(rig, rid, "already_voted", ALICE)
     assert rig.status(rid) == "pending"
 
-    assert answer(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
+    assert answer_to(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
     assert rig.status(rid) == "approved"
     assert rig.agent().retrieve(rid).body["value"] == SECRET_VALUE
-    closed = message_text(rig, message["message_id"], "Approvals: Alice @alice_ops (id 1001), Carol @carol_ops")
+    closed = message_showing(rig, message["message_id"], "Approvals: Alice @alice_ops (id 1001), Carol @carol_ops")
     assert "reply_markup" not in closed
     entries = audit(rig, rid)
     assert [e.detail["votes"] for e in entries if e.action == "request.vote"] == [1, 2]
@@ -93,12 +92,12 @@ def test_one_deny_ends_a_quorum_denied(rig):
     store_secret(rig, "api-quorum-deny", "--approval", "quorum:2")
     rid = rig.ask("ship it", "api-quorum-deny")
     message = rig.message_for(rid)
-    assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
-    assert answer(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"d:{rid}")) == "Denied."
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
+    assert answer_to(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"d:{rid}")) == "Denied."
     assert rig.status(rid) == "denied"
     assert rig.agent().retrieve(rid).body["error"] == "denied"
     # Carol's late approval changes nothing.
-    assert answer(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_decided"]
+    assert answer_to(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_decided"]
     assert rig.status(rid) == "denied"
 
 
@@ -117,8 +116,8 @@ def test_the_operators_cli_counts_as_one_approver_of_a_quorum(rig):
     )
     assert again.returncode == 1 and b"counts as one approver" in again.stderr
     assert rig.status(rid) == "pending"
-    message_text(rig, message["message_id"], "(CLI); 1 more needed")
-    assert answer(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
+    message_showing(rig, message["message_id"], "(CLI); 1 more needed")
+    assert answer_to(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
     assert rig.status(rid) == "approved"
     votes = [e for e in audit(rig, rid) if e.action == "request.vote"]
     assert [e.detail["voter"] for e in votes] == ["operator", f"telegram:{BOB}"]
@@ -152,11 +151,13 @@ def test_an_approver_outside_the_secrets_approvers_is_refused_and_audited(rig):
     message = rig.message_for(rid)
     assert "Only these approvers decide: id 1001 (and the CLI)" in message["text"]
     for tap in (f"a:{rid}", f"d:{rid}"):
-        assert answer(rig, rig.emu.tap(BOB, CHAT, message["message_id"], tap)) == REFUSALS["not_this_secrets_approver"]
+        assert (
+            answer_to(rig, rig.emu.tap(BOB, CHAT, message["message_id"], tap)) == REFUSALS["not_this_secrets_approver"]
+        )
     assert len(refusals(rig, rid, "not_this_secrets_approver", BOB)) == 2
     assert rig.status(rid) == "pending"
     assert rig.emu.message(CHAT, message["message_id"])["text"] == message["text"]
-    assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
     assert rig.status(rid) == "approved"
 
 
@@ -171,12 +172,12 @@ def test_a_rule_change_never_widens_a_pending_request(rig):
     # The pending request is still decided under its quorum of Alice and Bob.
     assert rig.status(rid) == "pending"
     assert (
-        answer(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}"))
+        answer_to(rig, rig.emu.tap(CAROL, CHAT, message["message_id"], f"a:{rid}"))
         == REFUSALS["not_this_secrets_approver"]
     )
-    assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
     assert rig.status(rid) == "pending"
-    assert answer(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
+    assert answer_to(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
     # A request made after the change is under the new rule.
     assert rig.agent().ask("api-changed", "after the change").body["status"] == "approved"
     changes = [e for e in audit(rig) if e.action == "secret.approval_set" and e.secret == "api-changed"]
@@ -190,14 +191,16 @@ def test_a_restart_keeps_a_partial_quorum(tmp_path):
         store_secret(rig, "api-restart", "--approval", "quorum:2")
         rid = rig.ask("approved across a restart", "api-restart")
         message = rig.message_for(rid)
-        assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
-        message_text(rig, message["message_id"], "1 more needed")
+        assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith(
+            "Approval counted"
+        )
+        message_showing(rig, message["message_id"], "1 more needed")
         restart_proxy(rig)
         assert rig.status(rid) == "pending"
         # The new process knows Alice's approval: hers again counts once, Bob's completes the quorum.
-        assert answer(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_voted"]
+        assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")) == REFUSALS["already_voted"]
         assert rig.status(rid) == "pending"
-        assert answer(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
+        assert answer_to(rig, rig.emu.tap(BOB, CHAT, message["message_id"], f"a:{rid}")) == "Approved."
         assert rig.agent().retrieve(rid).body["value"] == SECRET_VALUE
     finally:
         rig.stop()

@@ -345,13 +345,15 @@ def test_a_proxy_starting_during_a_rotation_waits_for_it_instead_of_deleting_the
         assert store.retrieve(agent, req.id)[1] == SECRET_VALUE.encode()
 
 
-def test_a_version_4_database_gains_approval_rules_and_its_requests_need_one_approver(tmp_path):
-    """Schema 4: no approval rules, no votes. Secrets and requests from before keep today's rule, `approve`."""
+def test_a_version_4_database_gains_approval_rules_and_grants_and_its_requests_need_one_approver(tmp_path):
+    """Schema 4: no approval rules, votes or grants (5 added the first two, 6 grants). Secrets and requests
+    from before keep today's rule, `approve`, which allows no grant."""
     proxy = provision(make_settings(tmp_path))
     with Store(proxy.settings) as store:
         pending = store.create_request(store.authenticate(proxy.token), "api-key", "before the upgrade", 60)
     db = sqlite3.connect(proxy.settings.db_path)
     db.execute("DROP TABLE votes")
+    db.execute("DROP TABLE grants")
     for table, column in (("secrets", "approval"), ("requests", "approval"), ("telegram_messages", "votes_shown")):
         db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
@@ -363,6 +365,7 @@ def test_a_version_4_database_gains_approval_rules_and_its_requests_need_one_app
         decision = store.decide(pending.id, True, "operator:test")
         assert decision.changed and decision.request.status == "approved"
         store.remember_message(pending.id, -100, 7)  # the message table's new column has its default
+        assert store.list_grants() == [] and store.get_approval("api-key").max_grant == 0
     db = sqlite3.connect(proxy.settings.db_path)
     assert "approval" in [c[1] for c in db.execute("PRAGMA table_info(requests)")]
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
