@@ -204,3 +204,25 @@ def test_a_restart_keeps_a_partial_quorum(tmp_path):
         assert rig.agent().retrieve(rid).body["value"] == SECRET_VALUE
     finally:
         rig.stop()
+
+
+def test_an_auto_secret_is_still_rate_limited(tmp_path):
+    """No human decides an `auto` secret, so the agent's budget is what bounds how often it is handed out."""
+    from starlette.testclient import TestClient
+
+    from proxy.app import create_app
+    from proxy.approval import ApprovalRule
+
+    from .proxy_helpers import make_settings, provision
+
+    proxy = provision(make_settings(tmp_path, rate_per_minute=6, rate_burst=3))
+    with Store(proxy.settings) as store:
+        store.set_approval("api-key", ApprovalRule("auto"), "operator:test")
+    with TestClient(create_app(proxy.settings)) as client:
+        headers = {"Authorization": f"Bearer {proxy.token}"}
+        answers = [
+            client.post("/v1/requests", json={"secret": "api-key", "reason": "auto"}, headers=headers) for _ in range(4)
+        ]
+    assert [a.status_code for a in answers] == [201, 201, 201, 429]
+    assert [a.json().get("status") for a in answers[:3]] == ["approved"] * 3
+    assert answers[3].json()["error"] == "rate_limited"
