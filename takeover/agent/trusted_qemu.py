@@ -25,6 +25,7 @@ from pathlib import Path
 from vm_image import proc
 
 from ..errors import UntrustedQemu
+from ..host.files import only_root_can_change
 
 TRUSTED_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))
 
@@ -39,21 +40,9 @@ def host_qemu_binaries() -> dict[tuple[int, int], Path]:
                 st = os.stat(real)
             except OSError:
                 continue
-            if root_controlled(real):
+            if only_root_can_change(real):
                 found[(st.st_dev, st.st_ino)] = real
     return found
-
-
-def root_controlled(path: Path) -> bool:
-    """The file and every directory above it are root-owned and writable by no one else."""
-    for part in (path, *path.parents):
-        try:
-            st = os.stat(part)
-        except OSError:
-            return False
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            return False
-    return True
 
 
 def check_host_qemu(pid: int) -> Path:

@@ -55,7 +55,7 @@ from vm_image import proc
 from ..errors import InvalidInput, RestartError
 from ..models import Endpoint
 from .detached import start_detached
-from .files import fsync_dir, write_all, write_json_atomic
+from .files import fsync_dir, write_atomic, write_json_atomic
 from .ports import check_port_free
 from .terminal import log_tail
 from .users import ensure_system_user
@@ -536,18 +536,8 @@ def write_config(plan: EgressPlan, user: str) -> Path:
         os.chmod(directory, mode, follow_symlinks=False)
     conf, filt = config_dir(user) / CONF_NAME, config_dir(user) / FILTER_NAME
     for path, text in ((filt, filter_text(plan)), (conf, tinyproxy_config(plan, filt, user, group.gr_name))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchown(fd, 0, group.gr_gid)
-            os.fchmod(fd, 0o640)  # root writes it, tinyproxy's user reads it again at a reload
-            write_all(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    fsync_dir(config_dir(user))
+        # 0640: root writes it, tinyproxy's user reads it again at a reload.
+        write_atomic(path, text.encode(), mode=0o640, gid=group.gr_gid)
     return conf
 
 

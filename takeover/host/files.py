@@ -47,17 +47,37 @@ def create_private(path: Path) -> int:
 
 def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
     """Write `data` to a new 0600 file; with `replace`, atomically replace what is there."""
-    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
     if replace:
-        target.unlink(missing_ok=True)
-    fd = create_private(target)
+        write_atomic(path, data)
+        return
+    fd = create_private(path)
     try:
         write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if replace:
-        os.replace(target, path)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> None:
+    """Replace `path` so a reader sees the old file or the new one, never half of one, and never a link's target.
+
+    The new file is created 0600 beside it (O_EXCL, O_NOFOLLOW), given its group and `mode` before a byte
+    is written, synced, and renamed over `path`; then the directory is synced, so the rename survives a crash.
+    """
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    target.unlink(missing_ok=True)
+    fd = create_private(target)
+    try:
+        if gid is not None:
+            os.fchown(fd, 0, gid)
+        if mode != 0o600:
+            os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(target, path)
     fsync_dir(path.parent)
 
 
@@ -89,7 +109,7 @@ def ensure_host_dir(path: Path) -> Path:
     write) beforehand to keep a way in, so an existing one must be ours and closed.
     """
     path = check_safe_path(path, "host directory")
-    _check_parents(path.parent)
+    _refuse_parents_others_could_swap(path.parent)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -123,7 +143,7 @@ def open_trusted_dir(path: Path, what: str) -> int:
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     walked = Path("/")
     try:
-        _check_trusted_dir(fd, walked, what)
+        _refuse_unless_only_root_can_change(fd, walked, what)
         for name in absolute.parts[1:]:
             walked = walked / name
             try:
@@ -140,14 +160,16 @@ def open_trusted_dir(path: Path, what: str) -> int:
                 ) from None
             os.close(fd)
             fd = nxt
-            _check_trusted_dir(fd, walked, what)
+            _refuse_unless_only_root_can_change(fd, walked, what)
         return fd
     except BaseException:
         os.close(fd)
         raise
 
 
-def _check_trusted_dir(fd: int, path: Path, what: str) -> None:
+def _refuse_unless_only_root_can_change(fd: int, path: Path, what: str) -> None:
+    # For the operator's secret files: root's directory, writable by no one else (a sticky one such as
+    # /tmp is accepted: others cannot rename or remove root's entries in it).
     st = os.fstat(fd)
     writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
     if st.st_uid != 0 or writable_by_others:
@@ -221,7 +243,11 @@ def create_private_under_trusted_dirs(path: Path, what: str) -> int:
     return fd
 
 
-def _check_parents(path: Path) -> None:
+def _refuse_parents_others_could_swap(path: Path) -> None:
+    # For the host directory's parents, wider than `_refuse_unless_only_root_can_change`: a parent may be
+    # ours as well as root's, and group-writable by root's group, because the host directory itself
+    # is then checked to be ours and closed; what is refused is a parent where someone else could
+    # rename the host directory away and put theirs in its place.
     for parent in [path, *path.parents]:
         st = os.stat(parent)
         writable_by_others = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
@@ -231,3 +257,20 @@ def _check_parents(path: Path) -> None:
                 f"{parent}, a parent of the host directory, can be changed by others "
                 f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); choose another --host-dir"
             )
+
+
+def only_root_can_change(path: Path) -> bool:
+    """The file and every directory above it are root-owned and writable by no one else.
+
+    For the host's QEMU binary, whose answers root believes: stricter than `open_trusted_dir`, no
+    sticky directory is accepted on the way (anyone may create a name in one), and the path given is
+    the binary's real one, symlinks already resolved.
+    """
+    for part in (path, *path.parents):
+        try:
+            st = os.stat(part)
+        except OSError:
+            return False
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    return True
