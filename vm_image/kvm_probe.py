@@ -23,7 +23,6 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import signal
 import stat
 import subprocess
@@ -32,7 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-QEMU = "qemu-system-x86_64"
+from .qemu_binary import QEMU, find_qemu
+
 PROBE_SECONDS = 5.0  # a guest that runs prints its marker in well under a second, even under TCG
 EXIT_CODE = 0x10  # written to isa-debug-exit; QEMU then exits with (code << 1) | 1
 ROOT_CACHE_DIR = Path("/run/secret-proxy-vm")
@@ -79,7 +79,7 @@ def kvm_verdict(probe: Probe | None = None) -> Verdict:
     except OSError as exc:
         return Verdict(False, f"{probe.device} does not open read-write: {exc.strerror}", 0.0)
     os.close(fd)
-    binary = probe.qemu or shutil.which(QEMU)
+    binary = probe.qemu or find_qemu()
     if binary is None:
         return Verdict(False, f"{QEMU} is not installed", 0.0)
     key = cache_key(binary, probe.uid)

@@ -57,10 +57,26 @@ def read_process(pid: int) -> ProcessInfo:
     )
 
 
-def start_ticks(pid: int) -> int:
+@dataclass(frozen=True)
+class Stat:
+    state: str  # field 3: R, S, D, Z, ...
+    ppid: int  # field 4
+    start_ticks: int  # field 22: start time since boot, in clock ticks
+
+
+def read_stat(pid: int) -> Stat:
+    """The fields of /proc/PID/stat we use. OSError if the process is gone; ValueError if unreadable."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    rest = stat[stat.rindex(")") + 2 :].split()
+    try:
+        return Stat(rest[0], int(rest[1]), int(rest[19]))
+    except IndexError:
+        raise ValueError(f"/proc/{pid}/stat has fewer fields than Linux writes") from None
+
+
+def start_ticks(pid: int) -> int:
+    return read_stat(pid).start_ticks
 
 
 def alive(pid: int, ticks: int) -> bool:
@@ -71,8 +87,7 @@ def alive(pid: int, ticks: int) -> bool:
 
 
 def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()[0]
+    return read_stat(pid).state
 
 
 def wait_gone(pid: int, ticks: int, timeout: float) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +9,7 @@ from . import kvm_probe
 from .errors import BadInput, MissingTool
 from .guest_files import PROXY_PORT
 from .guest_files import SSH_PORT as GUEST_SSH_PORT
-
-QEMU = "qemu-system-x86_64"
+from .qemu_binary import QEMU, find_qemu
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ def choose_accel(requested: str, probe: kvm_probe.Probe | None = None) -> str:
 
 
 def qemu_binary() -> str:
-    path = shutil.which(QEMU)
+    path = find_qemu()
     if path is None:
         raise MissingTool(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86 (or run `make setup`)")
     return path

@@ -28,6 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from vm_image.qemu_binary import QEMU, find_qemu
+
 from ..errors import RollbackError, UnsafeCommandLine
 from ..host.detached import LogDrain, start_drained
 from ..host.terminal import log_tail
@@ -53,10 +55,10 @@ def replay_command(cmdline: list[str], disk: str, disk_as_named: str | Path | No
     if len(cmdline) < 2:
         raise UnsafeCommandLine("the source QEMU's command line is empty")
     if not QEMU_BINARY.match(os.path.basename(cmdline[0])):
-        raise UnsafeCommandLine(f"the source process is {os.path.basename(cmdline[0])!r}, not qemu-system-x86_64")
-    host_qemu = shutil.which("qemu-system-x86_64")
+        raise UnsafeCommandLine(f"the source process is {os.path.basename(cmdline[0])!r}, not {QEMU}")
+    host_qemu = find_qemu()
     if host_qemu is None:
-        raise UnsafeCommandLine("qemu-system-x86_64 is not installed on the host")
+        raise UnsafeCommandLine(f"{QEMU} is not installed on the host")
     args, skip = [], False
     for arg in cmdline[1:]:
         if skip:

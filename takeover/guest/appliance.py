@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from vm_image import proc
+
 LAUNCH_TIMEOUT = 300.0  # TCG launches take ~20-40 s here, plus ~10 s for supermin's first build
 SESSION_TIMEOUT = 1800.0  # the whole scrub of one disk, launch included
 LOG_LINES = 30
@@ -142,10 +144,9 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
 
 
 def _stat_fields(pid: int) -> tuple[int, int, str]:
-    """(ppid, start ticks, state) from /proc/PID/stat; the command name may hold spaces and parentheses."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat[stat.rindex(")") + 2 :].split()
-    return int(rest[1]), int(rest[19]), rest[0]
+    """(ppid, start ticks, state) of the process, from vm_image's one reader of /proc/PID/stat."""
+    stat = proc.read_stat(pid)
+    return stat.ppid, stat.start_ticks, stat.state
 
 
 def _start_ticks(pid: int) -> int | None:

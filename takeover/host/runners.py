@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from xml.sax.saxutils import escape, quoteattr
 from vm_image import proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
+from vm_image.qemu_binary import QEMU, find_qemu
 
 from ..errors import RestartError, VerifyError
 from ..models import Endpoint
@@ -126,9 +126,9 @@ def machine_args(spec: HostVMSpec) -> list[str]:
 
 
 def qemu_command(spec: HostVMSpec, qemu_user: str | None) -> list[str]:
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = find_qemu()
     if qemu is None:
-        raise RestartError("qemu-system-x86_64 is not installed")
+        raise RestartError(f"{QEMU} is not installed")
     return [
         qemu,
         "-name",
@@ -328,7 +328,7 @@ class QemuRunner:
         else:
             try:
                 pid = int(spec.pidfile.read_text().strip())
-                binary = shutil.which("qemu-system-x86_64")
+                binary = find_qemu()
                 binary_st = os.stat(binary) if binary else None
             except (OSError, ValueError):
                 return None
