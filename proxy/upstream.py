@@ -50,7 +50,7 @@ class Outgoing:
 @dataclass(frozen=True)
 class Incoming:
     status: int
-    headers: list[tuple[bytes, bytes]]  # as sent, names in their own case
+    headers: list[tuple[bytes, bytes]]  # as sent, names in their own case; Content-Encoding dropped if decoded
     body: bytes  # decoded from any Content-Encoding
 
 
@@ -245,6 +245,6 @@ async def exchange(
     body = b"".join(chunks)
     if any(c not in ("", "identity") for c in codings):
         body = _decode(body, codings, max_body)
+        # Content-Length is the broker's to set, over the body the agent finally gets (broker._consistent).
         headers = [(n, v) for n, v in headers if n.lower() != b"content-encoding"]
-        headers = [(n, str(len(body)).encode() if n.lower() == b"content-length" else v) for n, v in headers]
     return Incoming(response.status_code, headers, body)

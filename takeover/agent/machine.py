@@ -257,19 +257,14 @@ class Connection:
 
     def read_file(self, path: str, max_bytes: int, *, timeout: float = COMMAND_TIMEOUT) -> bytes:
         """A small file of the agent machine (a ready file): at most `max_bytes`, or refused, never read whole."""
-        check_remote_path(path)
-        # head stops at max+1 bytes: a file of gigabytes costs the machine one short read, and us nothing.
-        got = self.run(["head", "-c", str(max_bytes + 1), "--", path], timeout=timeout, max_output=max_bytes + 1)
-        if got.returncode != 0:
-            said = got.stderr.decode(errors="replace").strip()[-200:]
-            raise AgentMachineError(f"cannot read {path} on the agent machine: {said or f'exit {got.returncode}'}")
-        if len(got.stdout) > max_bytes:
-            raise AgentMachineFlood(f"{path} on the agent machine is over {max_bytes} bytes")
-        return got.stdout
+        chunks: list[bytes] = []
+        self.copy_file(path, chunks.append, max_bytes, timeout=timeout)
+        return b"".join(chunks)
 
     def copy_file(self, path: str, sink: Callable[[bytes], None], max_bytes: int, *, timeout: float) -> int:
-        """Stream a file of the agent machine into `sink`, at most `max_bytes`; returns how many bytes came."""
+        """Stream a file of the agent machine into `sink`, at most `max_bytes` or refused; returns how many came."""
         check_remote_path(path)
+        # head stops at max+1 bytes: a file of gigabytes costs the machine one short read, and us nothing.
         size = [0]
 
         def counted(chunk: bytes) -> None:
