@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .agent.machine import MachineAddress
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError, from_vm_image
 from .host.egress import Destination, refuse_unsafe
@@ -43,6 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ready-file", type=Path, help="the agent's ready file (STATE/run/ready)")
     src.add_argument("--monitor", type=Path, help="the QMP socket, instead of a ready file (with --disk)")
     src.add_argument("--disk", type=Path, help="the VM's qcow2, instead of a ready file (with --monitor)")
+    am = run.add_argument_group("an agent in a machine of its own (docs/takeover.md: the agent on its own machine)")
+    am.add_argument(
+        "--agent-machine",
+        metavar="USER@HOST[:PORT]",
+        help="the agent's VM is nested in this machine, reached as root over SSH; --ready-file is then its path there",
+    )
+    am.add_argument("--agent-machine-key", type=Path, metavar="KEY", help="root's private key for it (root's, 0600)")
+    am.add_argument(
+        "--agent-machine-known-hosts",
+        type=Path,
+        metavar="FILE",
+        help="its SSH host key, pinned (a known_hosts line; root's); never learnt on first use",
+    )
+    am.add_argument(
+        "--serve-on",
+        type=Endpoint.parse,
+        metavar="HOST:PORT",
+        help="where the host serves the proxy back to the agent machine, reachable by it alone "
+        "(default: this host's address on the route to it, and the nested proxy's port)",
+    )
+    am.add_argument(
+        "--copy-user",
+        default=TakeoverConfig.copy_user,
+        help=f"unprivileged user that reads the disk brought out of the machine (default {TakeoverConfig.copy_user})",
+    )
     vm = run.add_argument_group("the host's VM")
     vm.add_argument("--runner", choices=("qemu", "libvirt"), default=TakeoverConfig.runner)
     vm.add_argument("--libvirt-uri", default=TakeoverConfig.libvirt_uri)
@@ -225,6 +251,15 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
                 pass  # not a URL the list can hold: the takeover's own check of the config says so
             else:
                 refuse_unsafe({bot_api})
+    if args.agent_machine is not None:
+        MachineAddress.parse(args.agent_machine)
+        if args.agent_machine_key is None or args.agent_machine_known_hosts is None:
+            raise InvalidInput(
+                "--agent-machine needs --agent-machine-key and --agent-machine-known-hosts",
+                hint="root's key for the machine, and its host key as a known_hosts line (docs/takeover.md)",
+            )
+    elif args.serve_on is not None:
+        raise InvalidInput("--serve-on is for an agent machine (--agent-machine); a local agent keeps its address")
     if args.token_file is not None and args.token_file.parent != args.host_dir:
         # Refuse now, not after the VM is taken over. Directly in --host-dir is fine: the takeover makes
         # that directory itself (root's, 0700) and checks the path again before writing.
@@ -258,6 +293,11 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         kernel=args.kernel,
         initrd=args.initrd,
         kernel_append=args.kernel_append,
+        agent_machine=args.agent_machine,
+        agent_machine_key=args.agent_machine_key,
+        agent_machine_known_hosts=args.agent_machine_known_hosts,
+        serve_on=args.serve_on,
+        copy_user=args.copy_user,
         fail_after=args.fail_after,
     )
 

@@ -17,6 +17,8 @@ DEFAULT_CACHE_DIR = Path("/var/cache/secret-proxy-vm")  # the host's own system 
 DEFAULT_SSH = Endpoint("127.0.0.1", 2223)
 VM_NAME = "secret-proxy-vm"  # the libvirt domain's and QEMU's -name
 DEFAULT_QEMU_USER = "secret-proxy-vm"  # the system user the qemu runner's QEMU runs as
+# The system user that reads a disk brought out of an agent machine (it has no local owner to read it as).
+DEFAULT_COPY_USER = "secret-proxy-vm-copy"
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 BOOT_TIMEOUT = 600.0  # a TCG boot of Debian with Python on one core takes one to three minutes
 TELEGRAM_API_URL = "https://api.telegram.org"
@@ -55,6 +57,12 @@ class TakeoverConfig:
     kernel: Path | None = None  # the operator's own kernel and initrd instead of vm_image.boot_files
     initrd: Path | None = None
     kernel_append: str | None = None
+    # The agent in a machine of its own (agent/machine.py): the ready file, monitor and disk are paths in it.
+    agent_machine: str | None = None  # USER@HOST[:PORT], reached as root over SSH
+    agent_machine_key: Path | None = None
+    agent_machine_known_hosts: Path | None = None
+    serve_on: Endpoint | None = None  # where the host serves the proxy back to that machine
+    copy_user: str = DEFAULT_COPY_USER
     fail_after: str | None = None  # tests only: fail right after this step (hidden option)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,11 @@ class SourceVM:
     pidfile: str | None = None
     setup_key_pub: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Set when the agent's VM was nested in an agent machine (agent/nested_vm.py): then every path,
+    # pid and id above is that machine's, and its claim; `proxy` is where the host serves the proxy
+    # back to it, and `machine_proxy` where the nested VM served it inside the machine.
+    machine: str | None = None
+    machine_proxy: Endpoint | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = to_record(self)

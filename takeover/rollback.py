@@ -16,10 +16,13 @@ from vm_image.errors import HealthTimeout
 from vm_image.health import wait_for_health
 
 from .agent.diskimage import inspect_image
+from .agent.machine import connect
+from .agent.machine_disk import discard_staging
+from .agent.nested_vm import nested_alive, nested_snapshots, restart_nested, wait_nested_health
 from .agent.replay import start_source_vm
 from .config import TakeoverConfig
 from .errors import JournalError, RollbackError
-from .host import egress
+from .host import egress, serve_back
 from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
@@ -29,7 +32,7 @@ from .steps.relocate import DISK_NAME, PARTIAL_NAME
 from .steps.restart import runner_for, vm_spec
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
-HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", *egress.FILES)
+HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", "agent-qmp.sock", "agent-proxy.sock", *egress.FILES)
 HEALTH_TIMEOUT = 300.0
 
 
@@ -45,7 +48,9 @@ def roll_back(cfg: TakeoverConfig, progress: Progress | None = None, *, cold: bo
     source = journal.read("find_vm", SourceVM)
     started = time.monotonic()
     _stop_host_vm(journal, host_dir, progress)
-    if proc.alive(source.pid, source.pid_start_ticks):
+    if source.machine is not None:
+        detail = _restart_nested_vm(journal, source, host_dir, progress, cold=cold)
+    elif proc.alive(source.pid, source.pid_start_ticks):
         progress.note(f"the agent's QEMU (pid {source.pid}) is still running; nothing to restart")
         detail = "the agent's VM was still running"
     else:
@@ -110,6 +115,32 @@ def _restart_agent_vm(source: SourceVM, host_dir: Path, progress: Progress, *, c
     return "the agent's VM is back from its checkpoint" if from_checkpoint else "cold boot"
 
 
+def _restart_nested_vm(journal: Journal, source: SourceVM, host_dir: Path, progress: Progress, *, cold: bool) -> str:
+    """The nested VM started again inside its agent machine, from its checkpoint (or cold), answering /health."""
+    serve_back.remove(source.proxy)
+    saved = TakeoverConfig.saved(journal.options, host_dir)
+    with connect(saved, host_dir) as conn:
+        if nested_alive(conn, source.pid, source.pid_start_ticks):
+            progress.note(f"the nested QEMU (pid {source.pid}) still runs in {source.machine}; nothing to restart")
+            return "the nested VM was still running"
+        has_checkpoint = CHECKPOINT_TAG in nested_snapshots(conn, source.disk)
+        if not has_checkpoint and not cold:
+            raise RollbackError(
+                f"{source.disk} in {source.machine} has no {CHECKPOINT_TAG} snapshot",
+                hint="rerun with --cold to boot the nested disk without its saved state",
+            )
+        from_checkpoint = has_checkpoint and not cold
+        progress.note(
+            f"starting the nested QEMU again in {source.machine} as uid {source.uid}"
+            + (f", from {CHECKPOINT_TAG}" if from_checkpoint else " (cold boot)")
+        )
+        restart_nested(conn, source, load_checkpoint=from_checkpoint)
+        seconds = wait_nested_health(conn, source, host_dir, HEALTH_TIMEOUT)
+    progress.note(f"the nested proxy at {source.machine_proxy} answers /health after {seconds:.0f} s")
+    return "the nested VM is back from its checkpoint" if from_checkpoint else "cold boot"
+
+
 def _remove_host_copy(host_dir: Path) -> None:
+    discard_staging(host_dir)
     for name in (DISK_NAME, PARTIAL_NAME, "host_key", "host_key.pub", "known_hosts", *HOST_FILES):
         (host_dir / name).unlink(missing_ok=True)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vm_image import proc
 
 from .agent.diskimage import inspect_image
+from .agent.machine import Connection
+from .agent.nested_vm import nested_alive, nested_snapshots
 from .config import TakeoverConfig, read_proxy_config
 from .errors import DestinationTaken, InjectedFault, InvalidInput, JournalError, NotRoot, TakeoverError, VerifyError
 from .host import egress
@@ -30,7 +33,7 @@ from .steps.checkpoint import CheckpointResult
 from .steps.context import Context
 from .steps.relocate import DISK_NAME
 from .steps.report import build_report, summary, write_report
-from .steps.restart import runner_for, vm_spec
+from .steps.restart import runner_for, serve_to_machine, vm_spec
 from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS
 
 
@@ -41,9 +44,10 @@ def require_root() -> None:
 
 def prepare_host_dir(cfg: TakeoverConfig) -> Path:
     host_dir = ensure_host_dir(cfg.host_dir)
-    if cfg.runner == "libvirt":
-        # libvirt runs QEMU as libvirt-qemu and relabels the disk, kernel and initrd for it; that user
-        # must be able to traverse (not list) the directory. Every file in it stays 0600.
+    if cfg.runner == "libvirt" or cfg.agent_machine is not None:
+        # libvirt runs QEMU as libvirt-qemu and relabels the disk, kernel and initrd for it, and a disk
+        # from an agent machine is read as the copy user (agent/machine_disk.py): that user must be able
+        # to traverse (not list) the directory. Every file in it stays 0600.
         os.chmod(host_dir, 0o711)
     return host_dir
 
@@ -60,15 +64,27 @@ def open_journal(cfg: TakeoverConfig, host_dir: Path) -> Journal:
     return Journal.new(host_dir, cfg.to_dict())
 
 
-def recover_interrupted_checkpoint(journal: Journal) -> None:
-    """A run that died during step 2 may have saved the snapshot and stopped QEMU already."""
+def recover_interrupted_checkpoint(journal: Journal, machine: Callable[[], Connection] | None = None) -> None:
+    """A run that died during step 2 may have saved the snapshot and stopped QEMU already.
+
+    `machine` opens the connection to the agent machine, for a VM nested in one.
+    """
     entry = journal.entry("checkpoint")
     if not journal.done("find_vm") or journal.done("checkpoint") or not entry:
         return
     source = journal.read("find_vm", SourceVM)
-    if proc.alive(source.pid, source.pid_start_ticks):
+    if source.machine is not None:
+        if machine is None:
+            return  # nothing known here of a process in another machine: step 1 is redone
+        conn = machine()
+        if nested_alive(conn, source.pid, source.pid_start_ticks):
+            return
+        saved = CHECKPOINT_TAG in nested_snapshots(conn, source.disk)
+    elif proc.alive(source.pid, source.pid_start_ticks):
         return  # still running: step 1 is redone and checks it again
-    if CHECKPOINT_TAG in inspect_image(Path(source.disk), force_share=True, owner=source.uid).snapshots:
+    else:
+        saved = CHECKPOINT_TAG in inspect_image(Path(source.disk), force_share=True, owner=source.uid).snapshots
+    if saved:
         journal.begin("checkpoint")
         journal.finish("checkpoint", CheckpointResult(CHECKPOINT_TAG, "recovered after an interrupted run"))
 
@@ -96,8 +112,16 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
     which_ssh()
     host_dir = prepare_host_dir(cfg)
     journal = open_journal(cfg, host_dir)
-    recover_interrupted_checkpoint(journal)
     ctx = Context(cfg, host_dir, journal, progress, proxy_config)
+    try:
+        return _run_steps(ctx, progress)
+    finally:
+        ctx.close()  # the agent machine's connection, if one was opened
+
+
+def _run_steps(ctx: Context, progress: Progress) -> tuple[dict[str, Any], str]:
+    cfg, host_dir, journal = ctx.cfg, ctx.host_dir, ctx.journal
+    recover_interrupted_checkpoint(journal, ctx.machine)
     todo = steps_to_run(journal)
     for step in STEPS:
         if step not in todo:
@@ -153,6 +177,9 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     check_ports_free(spec)
     plan = egress.load_plan(cfg.host_dir)
     limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
+    journal = Journal.load(cfg.host_dir)
+    assert journal is not None  # _finished_vm read it
+    serve_to_machine(journal.read("find_vm", SourceVM), cfg.host_dir)  # a VM served to an agent machine
     pid = runner.start(spec)
     forwards = widen_forwards(spec, pid, Progress().line)
     return {

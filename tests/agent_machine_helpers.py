@@ -9,6 +9,7 @@ leaves this machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from takeover.agent.machine import AgentMachine, MachineAddress
 
 SSHD = "/usr/sbin/sshd"
+MACHINE_ETC = "/etc/secret-proxy"  # private to each machine (the agent's tools read their address there)
 
 
 def _ip(*args: str) -> None:
@@ -62,11 +64,23 @@ class AgentMachineRig:
             MachineAddress("root", self.address), self.work / "root_key", known_hosts or self.work / "known_hosts"
         )
 
-    def inside(self, argv: list[str], *, timeout: float = 60, user: str | None = None) -> subprocess.CompletedProcess:
+    def inside(
+        self, argv: list[str], *, timeout: float = 60, user: str | None = None, input: bytes | None = None
+    ) -> subprocess.CompletedProcess:
         """Run `argv` in the machine (its network and mount namespaces), as root or as `user`."""
         as_user = ["runuser", "-u", user, "--"] if user else []
-        enter = ["nsenter", f"--target={self.sshd.pid}", "--mount", "--net", "--"]
-        return subprocess.run([*enter, *as_user, *argv], capture_output=True, timeout=timeout)
+        return subprocess.run([*self.enter, *as_user, *argv], capture_output=True, timeout=timeout, input=input)
+
+    @property
+    def enter(self) -> list[str]:
+        """The command prefix that runs a command in the machine's namespaces."""
+        return ["nsenter", f"--target={self.machine_pid}", "--mount", "--net", "--"]
+
+    @property
+    def machine_pid(self) -> int:
+        # `ip netns exec ... unshare ... sh -c 'mount ...; exec sshd'`: the sshd is the process in the
+        # machine's mount namespace; the Popen is `ip`, which exec'd into it, so its pid is the sshd's.
+        return self.sshd.pid
 
     def stop(self) -> None:
         if self.sshd.poll() is None:
@@ -142,7 +156,12 @@ def start_agent_machine() -> AgentMachineRig:
     os.makedirs("/run/sshd", exist_ok=True)
     private = f"/srv/spvm-am-{index}"
     os.makedirs(private, exist_ok=True)
-    script = f"mount -t tmpfs -o mode=0755 spvm-am {private} && exec {SSHD} -D -e -f {work / 'sshd_config'}"
+    # /etc/secret-proxy too: the takeover writes the agent's address there, in the machine, not on this host.
+    os.makedirs(MACHINE_ETC, exist_ok=True)
+    script = (
+        f"mount -t tmpfs -o mode=0755 spvm-am {private} && mount -t tmpfs -o mode=0755 spvm-etc {MACHINE_ETC} "
+        f"&& exec {SSHD} -D -e -f {work / 'sshd_config'}"
+    )
     log = open(work / "sshd.log", "wb")
     sshd = subprocess.Popen(
         ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
@@ -158,3 +177,92 @@ def start_agent_machine() -> AgentMachineRig:
             raise RuntimeError(f"the agent machine's sshd did not start: {said[-500:]}")
         time.sleep(0.05)
     return rig
+
+
+@dataclass
+class QemuInMachine:
+    """A QEMU with `-machine none` started in the agent machine as `user`: a real monitor and open qcow2, no guest."""
+
+    rig: AgentMachineRig
+    dir: str  # in the machine's private directory: the host cannot see it
+    pid: int
+    proxy_port: int
+    user: str
+
+    @property
+    def monitor(self) -> str:
+        return f"{self.dir}/qmp.sock"
+
+    @property
+    def disk(self) -> str:
+        return f"{self.dir}/disk.qcow2"
+
+    @property
+    def pidfile(self) -> str:
+        return f"{self.dir}/qemu.pid"
+
+    @property
+    def ready(self) -> str:
+        return f"{self.dir}/ready"
+
+    def write_ready(self, **fields: object) -> str:
+        """The ready file vm_image writes, with `fields` changed (the agent's to write as it likes)."""
+        data = {
+            "version": 1,
+            "monitor": self.monitor,
+            "disk": self.disk,
+            "pid": self.pid,
+            "pidfile": self.pidfile,
+            "proxy": {"host": "127.0.0.1", "port": self.proxy_port},
+            **fields,
+        }
+        write_in_machine(self.rig, self.ready, "READY_FOR_TAKEOVER\n" + json.dumps(data) + "\n", self.user)
+        return self.ready
+
+    def alive(self) -> bool:
+        return self.rig.inside(["kill", "-0", str(self.pid)]).returncode == 0
+
+    def kill(self) -> None:
+        """This QEMU, and the one its pidfile names now (a rollback's replay), both gone."""
+        pids = {str(self.pid), self.rig.inside(["cat", self.pidfile]).stdout.decode().strip()}
+        self.rig.inside(["kill", "-9", *sorted(p for p in pids if p.isdigit())])
+
+
+def write_in_machine(rig: AgentMachineRig, path: str, text: str, user: str | None = None) -> None:
+    got = rig.inside(["sh", "-c", 'cat > "$0"', path], user=user, input=text.encode())
+    assert got.returncode == 0, got.stderr
+
+
+def start_qemu_in_machine(
+    rig: AgentMachineRig, user: str, name: str = "vm", *, disk_size: str = "64M"
+) -> QemuInMachine:
+    """A directory of `user`'s in the machine's private tmpfs with a qcow2, and a QEMU on it as `user`."""
+    directory = f"{rig.private}/{name}"
+    assert rig.inside(["install", "-d", "-o", user, "-m", "0755", directory]).returncode == 0
+    disk = f"{directory}/disk.qcow2"
+    made = rig.inside(["qemu-img", "create", "-q", "-f", "qcow2", disk, disk_size], user=user)
+    assert made.returncode == 0, made.stderr
+    port = 20000 + rig.index * 10 + len(name) % 10  # inside the machine's own network namespace: nothing else there
+    argv = [
+        "qemu-system-x86_64",
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-drive",
+        f"file={disk},if=none,id=d0,format=qcow2",
+        "-netdev",
+        f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:3737",
+        "-qmp",
+        f"unix:{directory}/qmp.sock,server=on,wait=off",
+        "-daemonize",
+        "-pidfile",
+        f"{directory}/qemu.pid",
+    ]
+    started = rig.inside(argv, user=user)
+    assert started.returncode == 0, started.stderr
+    pid = int(rig.inside(["cat", f"{directory}/qemu.pid"]).stdout)
+    vm = QemuInMachine(rig, directory, pid, port, user=user)
+    vm.write_ready()
+    return vm

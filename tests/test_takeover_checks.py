@@ -472,15 +472,15 @@ def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu)
 )
 def test_the_vm_size_the_agents_qemu_answers_is_checked(memory, cpus, error):
     """The agent may ptrace its QEMU and answer anything: the size is bounded before step 1 uses it."""
+    from takeover.agent.qemu_answers import vm_size
     from takeover.errors import TakeoverError
-    from takeover.steps.find_vm import _vm_size
 
     class Answers:
         def execute(self, command: str) -> object:
             return {"query-memory-size-summary": memory, "query-cpus-fast": cpus}[command]
 
     if error is None:
-        assert _vm_size(Answers()) == (256, 1)
+        assert vm_size(Answers()) == (256, 1)
     else:
         with pytest.raises(TakeoverError, match=error):
-            _vm_size(Answers())
+            vm_size(Answers())

@@ -23,12 +23,13 @@ import pytest
 
 from takeover.agent import nbd_sink
 from takeover.agent.diskimage import inspect_image
+from takeover.agent.qemu_answers import disk_nodes
 from takeover.agent.replay import start_source_vm
 from takeover.agent.sandbox import AgentUser, SandboxError, run_as_agent, sandbox_argv
 from takeover.errors import DiskMismatch
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.steps.checkpoint import save_checkpoint_and_stop
-from takeover.steps.find_vm import _disk_nodes, explicit_ready, find_and_check_vm
+from takeover.steps.find_vm import explicit_ready, find_and_check_vm
 from takeover.steps.relocate import DISK_NAME, relocate_disk
 
 from .takeover_helpers import (
@@ -244,12 +245,12 @@ def block(disk: str, chain: list[str], ro: bool = False) -> dict:
 def test_step_1_accepts_an_overlay_on_a_base_image_and_refuses_long_or_odd_chains():
     disk = "/agent/disk.qcow2"
     seed = {"device": "seed", "inserted": {"node-name": "seed", "file": "/agent/seed.iso", "drv": "raw", "ro": True}}
-    assert _disk_nodes([block(disk, ["qcow2"]), seed], Path(disk)) == (["top"], "top")
-    assert _disk_nodes([block(disk, ["qcow2", "raw"])], Path(disk)) == (["top"], "top")
+    assert disk_nodes([block(disk, ["qcow2"]), seed], Path(disk)) == (["top"], "top")
+    assert disk_nodes([block(disk, ["qcow2", "raw"])], Path(disk)) == (["top"], "top")
     with pytest.raises(DiskMismatch, match="over 3 backing files"):
-        _disk_nodes([block(disk, ["qcow2", "qcow2", "qcow2"])], Path(disk))
+        disk_nodes([block(disk, ["qcow2", "qcow2", "qcow2"])], Path(disk))
     with pytest.raises(DiskMismatch, match="'vmdk'"):
-        _disk_nodes([block(disk, ["vmdk"])], Path(disk))
+        disk_nodes([block(disk, ["vmdk"])], Path(disk))
 
 
 # -- step 1, 2, 3 and rollback on a real QEMU (as the agent) whose disk has a backing file ----------

@@ -66,7 +66,13 @@ class Stat:
 
 def read_stat(pid: int) -> Stat:
     """The fields of /proc/PID/stat we use. OSError if the process is gone; ValueError if unreadable."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    return parse_stat(Path(f"/proc/{pid}/stat").read_text(), pid)
+
+
+def parse_stat(stat: str, pid: int) -> Stat:
+    """/proc/PID/stat's text (read here, or in an agent machine) as a Stat; ValueError if it is not that."""
+    if ")" not in stat:
+        raise ValueError(f"/proc/{pid}/stat is not in the kernel's format")
     # The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
     rest = stat[stat.rindex(")") + 2 :].split()
     try:

@@ -7,6 +7,10 @@ SECRET_PROXY_MCP_WAIT   seconds an MCP tool call waits for a decision before it 
 SECRET_PROXY_MCP_RETURN_VALUES
                         1 (or true, yes): the MCP server offers `request_secret`, which returns a value
                         into the model's context; unset, no tool ever does
+
+Where the host took the proxy over from an agent machine, it wrote the served address to
+/etc/secret-proxy/url and the agent's token to /etc/secret-proxy/token (takeover/agent/nested_vm.py):
+they are used when the variables above are unset.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from urllib.parse import urlsplit
 
 from .errors import UsageError
 
+MACHINE_URL_FILE = Path("/etc/secret-proxy/url")
+MACHINE_TOKEN_FILE = Path("/etc/secret-proxy/token")
 DEFAULT_MCP_WAIT_SECONDS = 45.0  # under the 60 s many MCP clients give a tool call
 MAX_MCP_WAIT_SECONDS = 600.0
 
@@ -35,7 +41,7 @@ class AgentConfig:
 
 def load_config(env: Mapping[str, str] | None = None) -> AgentConfig:
     env = os.environ if env is None else env
-    url = env.get("SECRET_PROXY_URL", "").strip()
+    url = env.get("SECRET_PROXY_URL", "").strip() or _machine_file(MACHINE_URL_FILE)
     if not url:
         raise UsageError(
             "SECRET_PROXY_URL is not set",
@@ -72,6 +78,8 @@ def _token(env: Mapping[str, str]) -> str:
         )
     if inline:
         return inline
+    if not path and MACHINE_TOKEN_FILE.exists():
+        path = str(MACHINE_TOKEN_FILE)
     if not path:
         raise UsageError(
             "no agent token: neither SECRET_PROXY_TOKEN nor SECRET_PROXY_TOKEN_FILE is set",
@@ -112,3 +120,12 @@ def _mcp_wait(env: Mapping[str, str]) -> float:
             hint=f"unset it for the default ({DEFAULT_MCP_WAIT_SECONDS:g} s)",
         )
     return seconds
+
+
+def _machine_file(path: Path) -> str:
+    """The first line of a file the takeover wrote in this machine, or "" when there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(4096).strip().splitlines()[0] if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError, IndexError):
+        return ""

@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import TakeoverConfig
 from ..errors import InvalidInput, TakeoverError
+from ..host.files import read_root_only_file
 
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -120,6 +122,7 @@ class Connection:
         self.machine = machine
         self.control = control_dir / "agent-machine.ctl"
         self._master: subprocess.Popen[bytes] | None = None
+        self._forwards: dict[str, str] = {}  # local socket -> the -L spec it was forwarded with
 
     def __enter__(self) -> Connection:
         self.open()
@@ -190,6 +193,9 @@ class Connection:
                 os.killpg(master.pid, signal.SIGKILL)
                 master.wait()
         self.control.unlink(missing_ok=True)
+        for local in self._forwards:  # the master's listeners end with it; their socket files stay behind
+            Path(local).unlink(missing_ok=True)
+        self._forwards.clear()
 
     def _argv(self, remote: Sequence[str]) -> list[str]:
         if self._master is None:
@@ -204,11 +210,15 @@ class Connection:
         timeout: float = COMMAND_TIMEOUT,
         max_output: int = MAX_OUTPUT,
         sink: Callable[[bytes], None] | None = None,
+        input: bytes | None = None,
     ) -> Output:
-        """Run `remote` (an argv) on the agent machine; its stdout goes to `sink` if given, else is returned."""
+        """Run `remote` (an argv) on the agent machine; its stdout goes to `sink` if given, else is returned.
+
+        `input` (a few KiB at most: it is written before anything is read) becomes its stdin.
+        """
         child = subprocess.Popen(
             self._argv(remote),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -217,6 +227,13 @@ class Connection:
         err: list[bytes] = []
         sizes = [0, 0]
         assert child.stdout is not None and child.stderr is not None
+        if input is not None:
+            assert child.stdin is not None and len(input) <= 16384  # within a pipe's buffer: no deadlock
+            try:
+                child.stdin.write(input)
+            except BrokenPipeError:
+                pass  # it exited without reading: its status says why
+            child.stdin.close()
         streams = {child.stdout.fileno(): 0, child.stderr.fileno(): 1}
         deadline = time.monotonic() + timeout
         try:
@@ -282,13 +299,56 @@ class Connection:
     def forward_unix(self, remote: str, local: Path, *, timeout: float = COMMAND_TIMEOUT) -> None:
         """Make the agent machine's unix socket `remote` reachable as `local` (root's, in root's directory)."""
         check_remote_path(remote)
+        self._forward(f"{local}:{remote}", remote, timeout)
+
+    def forward_tcp(self, host: str, port: int, local: Path, *, timeout: float = COMMAND_TIMEOUT) -> None:
+        """`host:port` as the agent machine reaches it (the nested proxy), as the unix socket `local` here."""
+        if not HOST_RE.fullmatch(host) or not 0 < port < 65536:
+            raise InvalidInput(f"{host}:{port} is not an address to forward from the agent machine")
+        self._forward(f"{local}:{host}:{port}", f"{host}:{port}", timeout)
+
+    def _forward(self, spec: str, what: str, timeout: float) -> None:
         if self._master is None:
             raise AgentMachineError("the connection to the agent machine is not open")
-        argv = [*self._options(), "-O", "forward", "-L", f"{local}:{remote}", self.machine.address.ssh_host]
+        local = spec.split(":", 1)[0]
+        if self._forwards.get(local) == spec and os.path.exists(local):
+            return  # already forwarded on this connection: each connect opens a new channel to `what`
+        if local in self._forwards:
+            self._ssh_control("cancel", self._forwards.pop(local), what, timeout)
+        Path(local).unlink(missing_ok=True)
+        self._ssh_control("forward", spec, what, timeout)
+        self._forwards[local] = spec
+
+    def _ssh_control(self, command: str, spec: str, what: str, timeout: float) -> None:
+        argv = [*self._options(), "-O", command, "-L", spec, self.machine.address.ssh_host]
         try:
             done = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise AgentMachineTimeout(f"forwarding {remote} from the agent machine took over {timeout:g} s") from None
+            raise AgentMachineTimeout(f"`{command}` of {what} from the agent machine took over {timeout:g} s") from None
         if done.returncode != 0:
             said = done.stderr.decode(errors="replace").strip()[-200:]
-            raise AgentMachineError(f"cannot forward {remote} from the agent machine: {said}")
+            raise AgentMachineError(f"cannot {command} {what} from the agent machine: {said}")
+
+
+def machine_of(cfg: TakeoverConfig) -> AgentMachine:
+    """The agent machine the options name, with root's key and the pinned host key (both required)."""
+    if cfg.agent_machine is None:
+        raise InvalidInput("no --agent-machine given")
+    if cfg.agent_machine_key is None or cfg.agent_machine_known_hosts is None:
+        raise InvalidInput(
+            "--agent-machine needs --agent-machine-key (root's key for it) and --agent-machine-known-hosts "
+            "(its host key, pinned: the takeover never learns a host key on first use)"
+        )
+    # Whoever could change either file would be the agent machine as far as root knows.
+    read_root_only_file(cfg.agent_machine_key, "--agent-machine-key", 64 * 1024)
+    pinned = read_root_only_file(cfg.agent_machine_known_hosts, "--agent-machine-known-hosts", 64 * 1024, secret=False)
+    if not pinned.strip():
+        raise InvalidInput(f"--agent-machine-known-hosts {cfg.agent_machine_known_hosts} is empty")
+    return AgentMachine(MachineAddress.parse(cfg.agent_machine), cfg.agent_machine_key, cfg.agent_machine_known_hosts)
+
+
+def connect(cfg: TakeoverConfig, control_dir: Path) -> Connection:
+    """An open connection to the agent machine of `cfg`, its control socket in `control_dir` (root's)."""
+    conn = Connection(machine_of(cfg), control_dir)
+    conn.open()
+    return conn

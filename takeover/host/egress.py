@@ -424,14 +424,14 @@ def nft_ruleset(
     )
 
 
-def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     return subprocess.run([nft, *args], input=stdin, capture_output=True, text=True, timeout=30)
 
 
 def table_owner(qemu_uid: int) -> str | None:
     """The host directory whose VM this uid's table filters (its comment), or None if there is none."""
-    out = _nft(["list", "table", "inet", table_name(qemu_uid)])
+    out = run_nft(["list", "table", "inet", table_name(qemu_uid)])
     if out.returncode != 0:
         return None
     # nft 1.0.6's JSON leaves the comment out; the text form has it on the table's second line.
@@ -464,7 +464,7 @@ def apply_rules(plan: EgressPlan, host_dir: Path, qemu_uid: int) -> None:
     egress_uid = pwd.getpwnam(egress_user(qemu_uid)).pw_uid
     # Read at each enforce: `takeover start` and every list change follow the host's resolvers.
     ruleset = nft_ruleset(plan, host_dir, qemu_uid, egress_uid, host_resolvers(), unprivileged_port_start())
-    out = _nft(["-f", "-"], ruleset)
+    out = run_nft(["-f", "-"], ruleset)
     if out.returncode != 0:
         raise RestartError(
             f"nftables refused the egress rules: {out.stderr.strip()[-400:]}",
@@ -480,7 +480,7 @@ def remove_rules(plan: EgressPlan, host_dir: Path) -> bool:
         return False
     if table_owner(qemu_uid) != str(host_dir):
         return False
-    return _nft(["delete", "table", "inet", table_name(qemu_uid)]).returncode == 0
+    return run_nft(["delete", "table", "inet", table_name(qemu_uid)]).returncode == 0
 
 
 # -- the forward proxy's process ------------------------------------------------------------------

@@ -180,11 +180,13 @@ def _refuse_unless_only_root_can_change(fd: int, path: Path, what: str) -> None:
         )
 
 
-def read_root_only_file(path: Path, what: str, limit: int) -> bytes:
+def read_root_only_file(path: Path, what: str, limit: int, *, secret: bool = True) -> bytes:
     """Read an operator's secret file: one open without following links, checked on that descriptor.
 
     It must be a regular file owned by root, mode 0600 or narrower, in directories only
     root can change (see `open_trusted_dir`); the bytes come from the descriptor checked.
+    A file that is not secret but must not change under root (a pinned host key) may be
+    readable by others (`secret=False`), never writable by them.
     """
     absolute = Path(os.path.abspath(path))
     dir_fd = open_trusted_dir(absolute.parent, what)
@@ -205,11 +207,13 @@ def read_root_only_file(path: Path, what: str, limit: int) -> bytes:
                 f"{what} {path} is owned by uid {st.st_uid}, not root",
                 hint=f"chown root:root {path} (and check who wrote it)",
             )
-        if st.st_mode & 0o077:
+        if st.st_mode & (0o077 if secret else 0o022):
             raise InvalidInput(
                 f"{what} {path} is readable by others or writable by them (mode "
-                f"{stat.S_IMODE(st.st_mode):o}), and it holds a secret",
-                hint=f"chmod 600 {path}",
+                f"{stat.S_IMODE(st.st_mode):o}), and it holds a secret"
+                if secret
+                else f"{what} {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})",
+                hint=f"chmod {600 if secret else 644} {path}",
             )
         data = os.read(fd, limit + 1)
     finally:

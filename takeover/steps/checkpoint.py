@@ -16,6 +16,8 @@ from typing import Any
 from vm_image import proc
 
 from ..agent.diskimage import inspect_image
+from ..agent.machine import Connection
+from ..agent.nested_vm import forward_monitor, nested_alive, nested_snapshots, wait_nested_gone
 from ..errors import CheckpointError, QMPCommandError
 from ..host.monitor import Monitor, Peer
 from ..models import CHECKPOINT_TAG, SourceVM
@@ -43,30 +45,63 @@ def save_checkpoint_and_stop(source: SourceVM, progress: Callable[[str], None] =
             )
 
     with Monitor(Path(source.monitor), check_peer=check_peer) as mon:
-        started = time.monotonic()
-        commands = {c["name"] for c in mon.execute("query-commands")}
-        progress(f"saving snapshot {CHECKPOINT_TAG} (disk and {source.memory_mb} MiB of RAM)")
-        if "snapshot-save" in commands:
-            _save_with_job(mon, source)
-            method = "snapshot-save"
-        else:
-            _save_with_hmp(mon)
-            method = "savevm"
-        save_seconds = time.monotonic() - started
-        progress("stopping the agent's QEMU (quit flushes and closes the disk)")
-        started = time.monotonic()
-        try:
-            mon.execute("quit", timeout=30)
-        except Exception:  # noqa: BLE001 - QEMU may close the socket before answering; we check the pid below
-            pass
+        method, save_seconds = _save_and_quit(mon, source, progress)
+    started = time.monotonic()
     if not proc.wait_gone(source.pid, source.pid_start_ticks, QUIT_TIMEOUT):
-        raise CheckpointError(
-            f"QEMU pid {source.pid} did not exit within {QUIT_TIMEOUT:.0f} s after quit",
-            hint="the snapshot is saved; stop that QEMU and rerun `python -m takeover run`",
-        )
+        raise _still_running(source)
     quit_seconds = time.monotonic() - started
     confirm_checkpoint(source)
     return CheckpointResult(CHECKPOINT_TAG, method, round(save_seconds, 3), round(quit_seconds, 3))
+
+
+def checkpoint_nested(
+    source: SourceVM, conn: Connection, host_dir: Path, progress: Callable[[str], None] = lambda _: None
+) -> CheckpointResult:
+    """The same for a VM nested in an agent machine: its monitor forwarded, its exit and snapshot as it says."""
+    if not nested_alive(conn, source.pid, source.pid_start_ticks):
+        raise CheckpointError(
+            f"the nested QEMU (pid {source.pid}) is no longer running in {source.machine}",
+            hint="rerun `python -m takeover run` to find the VM again",
+        )
+    with Monitor(forward_monitor(conn, source.monitor, host_dir)) as mon:
+        method, save_seconds = _save_and_quit(mon, source, progress)
+    started = time.monotonic()
+    if not wait_nested_gone(conn, source, QUIT_TIMEOUT):
+        raise _still_running(source)
+    quit_seconds = time.monotonic() - started
+    if CHECKPOINT_TAG not in nested_snapshots(conn, source.disk):
+        raise CheckpointError(
+            f"{source.disk} in {source.machine} has no snapshot {CHECKPOINT_TAG} after the save",
+            hint="start the nested VM again (`vm_image launch` in the agent machine) and rerun the takeover",
+        )
+    return CheckpointResult(CHECKPOINT_TAG, method, round(save_seconds, 3), round(quit_seconds, 3))
+
+
+def _save_and_quit(mon: Monitor, source: SourceVM, progress: Callable[[str], None]) -> tuple[str, float]:
+    """Save the checkpoint (a job where QEMU has one, else HMP savevm), then quit; returns the method and time."""
+    started = time.monotonic()
+    commands = {c["name"] for c in mon.execute("query-commands")}
+    progress(f"saving snapshot {CHECKPOINT_TAG} (disk and {source.memory_mb} MiB of RAM)")
+    if "snapshot-save" in commands:
+        _save_with_job(mon, source)
+        method = "snapshot-save"
+    else:
+        _save_with_hmp(mon)
+        method = "savevm"
+    save_seconds = time.monotonic() - started
+    progress("stopping the agent's QEMU (quit flushes and closes the disk)")
+    try:
+        mon.execute("quit", timeout=30)
+    except Exception:  # noqa: BLE001 - QEMU may close the socket before answering; the caller checks the pid
+        pass
+    return method, save_seconds
+
+
+def _still_running(source: SourceVM) -> CheckpointError:
+    return CheckpointError(
+        f"QEMU pid {source.pid} did not exit within {QUIT_TIMEOUT:.0f} s after quit",
+        hint="the snapshot is saved; stop that QEMU and rerun `python -m takeover run`",
+    )
 
 
 def confirm_checkpoint(source: SourceVM) -> None:
@@ -131,4 +166,7 @@ def _save_with_hmp(mon: Monitor) -> None:
 
 
 def step_checkpoint(ctx: Context) -> CheckpointResult:
-    return save_checkpoint_and_stop(ctx.source, ctx.note)
+    source = ctx.source
+    if source.machine is not None:
+        return checkpoint_nested(source, ctx.machine(), ctx.host_dir, ctx.note)
+    return save_checkpoint_and_stop(source, ctx.note)

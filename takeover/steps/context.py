@@ -8,6 +8,7 @@ from typing import Protocol
 
 from vm_image.boot_files import BootFiles
 
+from ..agent.machine import Connection, connect
 from ..config import TakeoverConfig
 from ..journal import Journal
 from ..models import SourceVM
@@ -28,6 +29,18 @@ class Context:
     proxy_config: bytes | None = None
     summary: str = ""
     boot: BootFiles | None = None  # the host's kernel and initrd, prepared once per run (steps/scrub.py)
+    _machine: Connection | None = None
+
+    def machine(self) -> Connection:
+        """The one connection to the agent machine (--agent-machine), opened at first use, closed by `close`."""
+        if self._machine is None:
+            self._machine = connect(self.cfg, self.host_dir)
+        return self._machine
+
+    def close(self) -> None:
+        machine, self._machine = self._machine, None
+        if machine is not None:
+            machine.close()
 
     @property
     def source(self) -> SourceVM:

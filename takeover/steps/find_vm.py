@@ -10,18 +10,18 @@ host's QEMU: `agent/trusted_qemu.py`; where the proxy will listen: `agent/proxy_
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from vm_image import proc
-from vm_image.layout import READY_MARKER
 
-from ..agent.diskimage import ACCEPTED_FORMATS, AGENT_HINT, MAX_BACKING_FILES, inspect_image
+from ..agent.diskimage import inspect_image
+from ..agent.nested_vm import find_nested_vm
 from ..agent.owner import (
     HostBoundary,
     agent_file,
@@ -32,6 +32,8 @@ from ..agent.owner import (
     one_owner,
 )
 from ..agent.proxy_address import Forward, choose_proxy_address, confirmed_forwards
+from ..agent.qemu_answers import disk_nodes, vm_size
+from ..agent.ready_file import ReadyInfo, explicit_ready, read_ready_file
 from ..agent.replay import replay_command
 from ..agent.trusted_qemu import check_host_qemu
 from ..errors import (
@@ -41,76 +43,15 @@ from ..errors import (
     MonitorUnreachable,
     NotEnoughSpace,
     NotTheAgentsVM,
-    ReadyFileError,
 )
+from ..host import serve_back
 from ..host.monitor import Monitor, Peer
 from ..host.ports import bind_refusal
-from ..host.regular_file import NotAgentFile, read_regular
+from ..host.regular_file import read_regular
 from ..models import Endpoint, SourceVM
 from .context import Context
 
-READY_MAX_BYTES = 64 * 1024
 QEMU_EXE = re.compile(r"^qemu-system-[a-z0-9_]+$")
-
-
-@dataclass(frozen=True)
-class ReadyInfo:
-    monitor: Path
-    disk: Path
-    proxy: Endpoint | None  # the agent's claim; None: take the address its QEMU forwards
-    pid: int | None = None
-    pidfile: Path | None = None
-    setup_key_pub: Path | None = None
-    path: Path | None = None
-    owner: int | None = None  # the ready file's owner, from fstat of the descriptor it was read through
-
-
-def read_ready_file(path: Path) -> ReadyInfo:
-    """Parse the ready file: `READY_FOR_TAKEOVER`, a newline, one JSON object (docs/architecture.md)."""
-    try:
-        raw, st = read_regular(path, READY_MAX_BYTES)
-    except FileNotFoundError:
-        raise ReadyFileError(f"no ready file at {path}; the agent's VM has not signalled it is ready") from None
-    except NotAgentFile as exc:
-        raise ReadyFileError(f"ready file: {exc}") from None
-    except OSError as exc:
-        # ELOOP: a symlink. The file is the agent's, and we are root: never read through its links.
-        raise ReadyFileError(f"cannot open ready file {path} without following links: {exc.strerror}") from None
-    first, _, rest = raw.decode("utf-8", "replace").partition("\n")
-    if first.strip() != READY_MARKER:
-        raise ReadyFileError(f"ready file {path} does not start with {READY_MARKER}")
-    try:
-        data = json.loads(rest)
-    except json.JSONDecodeError as exc:
-        raise ReadyFileError(f"ready file {path}: the JSON after the first line is invalid ({exc.msg})") from None
-    if not isinstance(data, dict) or data.get("version") != 1:
-        raise ReadyFileError(f"ready file {path} is not a version 1 ready file")
-    try:
-        proxy = data.get("proxy")  # absent: the address the agent's QEMU forwards (proxy_address)
-        return ReadyInfo(
-            monitor=_abs_path(data["monitor"], "monitor"),
-            disk=_abs_path(data["disk"], "disk"),
-            proxy=Endpoint(str(proxy["host"]), proxy["port"]) if proxy else None,
-            pid=_int(data.get("pid"), "pid", 1, 2**22) if data.get("pid") is not None else None,
-            pidfile=_abs_path(data["pidfile"], "pidfile") if data.get("pidfile") else None,
-            setup_key_pub=_abs_path(data["setup_key_pub"], "setup_key_pub") if data.get("setup_key_pub") else None,
-            path=path,
-            owner=st.st_uid,
-        )
-    except (KeyError, TypeError, InvalidInput) as exc:
-        raise ReadyFileError(f"ready file {path}: missing or invalid field ({exc})") from None
-
-
-def _abs_path(value: Any, what: str) -> Path:
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        raise InvalidInput(f"{what} must be an absolute path")
-    return Path(value)
-
-
-def _int(value: Any, what: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidInput(f"{what} must be an integer from {low} to {high}")
-    return value
 
 
 def find_and_check_vm(
@@ -193,7 +134,7 @@ def _ask_the_monitor(
         peer = mon.peer
         info = proc.read_process(peer.pid)
         check_the_process(ready, peer, info, owner, boundary)  # again: the greeting took time
-        nodes, vmstate_node = _disk_nodes(mon.execute("query-block"), disk)
+        nodes, vmstate_node = disk_nodes(mon.execute("query-block"), disk)
         # QEMU's answer names a path; the kernel's view of the process's open files names inodes.
         # Both must agree, or the path was swapped between QEMU opening it and now.
         if (disk_st.st_dev, disk_st.st_ino) not in proc.open_files(peer.pid):
@@ -202,7 +143,7 @@ def _ask_the_monitor(
         status = mon.execute("query-status")
         usernet = mon.hmp("info usernet", timeout=30) if "human-monitor-command" in commands else ""
         forwards = confirmed_forwards(usernet, proc.listening_tcp(peer.pid))
-        memory_mb, cpus = _vm_size(mon)
+        memory_mb, cpus = vm_size(mon)
     return _MonitorAnswers(
         peer.pid, info, nodes, vmstate_node, commands, status.get("status"), forwards, memory_mb, cpus
     )
@@ -279,60 +220,6 @@ def check_pidfile(path: Path, pid: int) -> None:
         raise NotTheAgentsVM(f"the pidfile {str(path)!r} names {text[:20]!r}, but the monitor belongs to pid {pid}")
 
 
-def _disk_nodes(blocks: list[dict[str, Any]], disk: Path) -> tuple[list[str], str]:
-    """The writable nodes a checkpoint covers, and the node holding our disk (it also gets the RAM state)."""
-    ours, writable = None, []
-    for block in blocks:
-        inserted = block.get("inserted")
-        if not inserted:
-            continue
-        node = inserted.get("node-name", "")
-        filename = inserted.get("file", "")
-        if filename.startswith("/") and os.path.realpath(filename) == str(disk):
-            ours = node
-            if inserted.get("drv") != "qcow2":
-                raise DiskMismatch(f"QEMU opened {disk} as {inserted.get('drv')!r}, not qcow2")
-            # A cloud image's overlay sits on the user's base image: allowed. The chain is read later
-            # only as the agent (relocate, diskimage); QEMU's own view is held to the same rule here.
-            depth = inserted.get("backing_file_depth") or 0
-            if not isinstance(depth, int) or depth > MAX_BACKING_FILES:
-                raise DiskMismatch(
-                    f"QEMU opened {disk} over {depth} backing files; at most {MAX_BACKING_FILES} are taken over",
-                    hint=AGENT_HINT,
-                )
-            image = (inserted.get("image") or {}).get("backing-image")
-            while isinstance(image, dict):
-                if image.get("format") not in ACCEPTED_FORMATS:
-                    raise DiskMismatch(
-                        f"{disk} has a backing file {image.get('filename')!r} in format "
-                        f"{image.get('format')!r}; accepted: {' and '.join(ACCEPTED_FORMATS)}",
-                        hint=AGENT_HINT,
-                    )
-                image = image.get("backing-image")
-        if not inserted.get("ro"):
-            writable.append(node)
-    if ours is None:
-        opened = [b.get("inserted", {}).get("file") for b in blocks if b.get("inserted")]
-        raise DiskMismatch(f"the QEMU behind this monitor does not have {disk} open (it has: {opened or 'no disks'})")
-    return writable, ours
-
-
-def _vm_size(mon: Monitor) -> tuple[int, int]:
-    """The agent's VM's RAM (MiB) and vCPUs, as its QEMU answers: the RAM is what the checkpoint writes.
-
-    Still the agent's process's answer (it may ptrace its QEMU), so only bounded here; what keeps
-    the copy within root's disk is relocate's byte budget.
-    """
-    ram = mon.execute("query-memory-size-summary")
-    cpus = mon.execute("query-cpus-fast")
-    if not isinstance(ram, dict) or not isinstance(cpus, list):
-        raise MonitorNotQMP("the agent's QEMU answered its memory size or CPU list in a shape QEMU never uses")
-    ram_bytes = _int(ram.get("base-memory"), "the VM's base memory", 0, 2**46) + _int(
-        ram.get("plugged-memory", 0), "the VM's plugged memory", 0, 2**46
-    )
-    return -(-ram_bytes // 2**20), _int(len(cpus), "the VM's vCPU count", 0, 1024)
-
-
 def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) -> None:
     # The copy takes the disk's allocated blocks, plus the RAM state the checkpoint adds to it,
     # plus a margin for the scrub's writes and the journal.
@@ -345,16 +232,10 @@ def check_free_space(host_dir: Path, disk_st: os.stat_result, memory_mb: int) ->
         )
 
 
-def explicit_ready(monitor: Path, disk: Path, proxy: Endpoint | None = None) -> ReadyInfo:
-    """A ReadyInfo from command-line paths, for a VM launched without a ready file."""
-    for path, what in ((monitor, "--monitor"), (disk, "--disk")):
-        if not str(path).startswith("/"):
-            raise InvalidInput(f"{what} must be an absolute path")
-    return ReadyInfo(monitor=monitor, disk=disk, proxy=proxy)
-
-
 def step_find_vm(ctx: Context) -> SourceVM:
     cfg = ctx.cfg
+    if cfg.agent_machine is not None:
+        return find_vm_in_machine(ctx)
     if cfg.monitor or cfg.disk:
         if not (cfg.monitor and cfg.disk):
             raise InvalidInput("--monitor and --disk go together")
@@ -370,6 +251,36 @@ def step_find_vm(ctx: Context) -> SourceVM:
         raise InvalidInput(f"--ssh-listen {cfg.ssh_listen} is the proxy's address")
     check_ssh_listen_free(cfg.ssh_listen)
     ctx.note(f"QEMU pid {source.pid} (uid {source.uid}) has {source.disk} open; proxy at {source.proxy}")
+    for note in source.notes:
+        ctx.note(f"note: {note}")
+    return source
+
+
+def find_vm_in_machine(ctx: Context) -> SourceVM:
+    """Step 1 when the agent's VM is nested in an agent machine (agent/nested_vm.py says what is believed)."""
+    cfg = ctx.cfg
+    if cfg.monitor or cfg.disk:
+        raise InvalidInput("--monitor and --disk name this host's files; with --agent-machine pass --ready-file")
+    if cfg.ready_file is None:
+        raise InvalidInput("--agent-machine needs --ready-file: the ready file's path inside that machine")
+    if cfg.proxy_listen is not None:
+        raise InvalidInput(
+            "--proxy-listen is for a local agent; with --agent-machine the proxy is served on --serve-on"
+        )
+    if not ipaddress.ip_address(cfg.ssh_listen.host).is_loopback:
+        raise InvalidInput(f"--ssh-listen {cfg.ssh_listen}: with an agent machine the VM's SSH stays on loopback")
+    conn = ctx.machine()
+    machine_ip = conn.machine.address.ssh_host
+    source = find_nested_vm(conn, str(cfg.ready_file), ctx.host_dir)
+    assert source.machine_proxy is not None  # find_nested_vm always finds where the nested proxy was
+    serve_on = cfg.serve_on or Endpoint(serve_back.route_source(machine_ip), source.machine_proxy.port)
+    serve_back.check_serve_on(serve_on, machine_ip)
+    check_ssh_listen_free(cfg.ssh_listen)
+    source = replace(source, proxy=serve_on)
+    ctx.note(
+        f"in {source.machine}: QEMU pid {source.pid} (uid {source.uid}) has {source.disk} open, proxy at "
+        f"{source.machine_proxy}; the host will serve it at {serve_on}"
+    )
     for note in source.notes:
         ctx.note(f"note: {note}")
     return source

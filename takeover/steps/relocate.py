@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..agent.diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
+from ..agent.machine_disk import discard_staging, fetch_disk
 from ..agent.nbd_sink import SinkError, SinkResult, serve_writes
 from ..agent.sandbox import AgentUser, SandboxError, run_as_agent
 from ..errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
@@ -69,8 +70,13 @@ def relocate_disk(
     *,
     expect_inode: tuple[int, int] | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    self_contained: bool = False,
 ) -> RelocateResult:
-    """Flatten `source_disk` (and its backing files) into `host_dir/disk.qcow2`; see the module docstring."""
+    """Flatten `source_disk` (and its backing files) into `host_dir/disk.qcow2`; see the module docstring.
+
+    `self_contained`: refuse any backing file (a disk brought out of an agent machine, whose backing
+    file names would be read on this host).
+    """
     started = time.monotonic()
     final, partial, raw = host_dir / DISK_NAME, host_dir / PARTIAL_NAME, host_dir / RAW_NAME
     if os.path.lexists(final):
@@ -85,6 +91,12 @@ def relocate_disk(
         raise DiskFormatError(
             f"the agent's disk {source_disk} claims a size of {image.virtual_size} bytes; "
             f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
+        )
+    if self_contained and image.backing:
+        raise DiskFormatError(
+            f"the disk from the agent machine has backing files ({', '.join(b.path for b in image.backing)}); "
+            f"their names would be read on this host",
+            hint="flatten it in the agent machine first (qemu-img convert -O qcow2) and launch the VM from that",
         )
     budget = _space_budget(host_dir, image)
     chain = ", ".join(b.path for b in image.backing) or "none"
@@ -267,11 +279,26 @@ def step_relocate(ctx: Context) -> RelocateResult:
         if path.exists():
             ctx.note(f"discarding {path} from an unfinished earlier attempt")
             path.unlink()
-    result = relocate_disk(
-        Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino), progress=ctx.note
-    )
+    if source.machine is not None:
+        result = _relocate_from_machine(ctx)
+    else:
+        result = relocate_disk(
+            Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino), progress=ctx.note
+        )
     ctx.note(
         f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "
         f"allocated (source {result.source_allocated / 2**20:.0f} MiB)"
     )
     return result
+
+
+def _relocate_from_machine(ctx: Context) -> RelocateResult:
+    """The nested disk copied out as bytes (agent/machine_disk.py), then flattened by the local path's rules."""
+    staged = fetch_disk(ctx.machine(), ctx.source, ctx.host_dir, ctx.cfg.copy_user, ctx.note)
+    try:
+        st = os.lstat(staged)
+        return relocate_disk(
+            staged, ctx.host_dir, expect_inode=(st.st_dev, st.st_ino), progress=ctx.note, self_contained=True
+        )
+    finally:
+        discard_staging(ctx.host_dir)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from vm_image import proc
 
+from ..agent.machine import MachineAddress
 from ..config import TakeoverConfig
-from ..host import egress
+from ..host import egress, serve_back
 from ..host.runners import HostVMSpec, Runner, VMDescription, make_runner, widen_forwards
+from ..models import SourceVM
 from .context import Context
 from .relocate import DISK_NAME
 from .scrub import ScrubOutcome
@@ -31,13 +34,25 @@ class RestartResult(VMDescription):
     forwards: dict[str, Any]  # widen_forwards' report
     spec: HostVMSpec
     egress: dict[str, Any] = field(default_factory=dict)  # egress.enforce's report, or {"filter": "off"}
+    serve_filter: str | None = None  # the nftables table keeping the served proxy to the agent machine (serve_back.py)
 
 
 def step_restart(ctx: Context) -> RestartResult:
     spec = vm_spec(ctx)
     plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
     limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}
-    return replace(restart_as_host(spec, runner_for(ctx.cfg), ctx.note), egress=limits)
+    served = serve_to_machine(ctx.source, ctx.host_dir)
+    if served:
+        ctx.note(f"{ctx.source.proxy} admits only {ctx.source.machine} (and root here): nftables table {served}")
+    return replace(restart_as_host(spec, runner_for(ctx.cfg), ctx.note), egress=limits, serve_filter=served or None)
+
+
+def serve_to_machine(source: SourceVM, host_dir: Path) -> str:
+    """For a VM taken from an agent machine: only that machine may reach the served proxy, from before
+    QEMU binds it (host/serve_back.py); returns the nftables table's name, or "" for a local agent."""
+    if source.machine is None:
+        return ""
+    return serve_back.apply(source.proxy, MachineAddress.parse(source.machine).ssh_host, host_dir)
 
 
 def vm_spec(ctx: Context) -> HostVMSpec:

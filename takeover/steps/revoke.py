@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vm_image import proc
 
+from ..agent.machine import Connection
+from ..agent.nested_vm import nested_alive, remove_nested_file, tell_agent
 from ..errors import TakeoverError
+from ..host.files import read_root_only_file
 from ..models import SourceVM
 from .context import Context
+from .verify import VerifyResult
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class RevokeResult:
 
     removed: list[dict[str, str]]
     kept: list[dict[str, str]]
+    told_agent: list[str] | None = None  # files written in the agent machine (its new address)
 
 
 def revoke_agent_access(source: SourceVM, *, keep_source: bool) -> RevokeResult:
@@ -83,10 +88,56 @@ def remove_agent_file(
         os.close(dir_fd)
 
 
+def revoke_in_machine(source: SourceVM, conn: Connection, *, keep_source: bool) -> RevokeResult:
+    """The nested VM's leftovers in the agent machine removed, each only if still what step 1 saw."""
+    if nested_alive(conn, source.pid, source.pid_start_ticks):
+        raise TakeoverError(
+            f"the nested QEMU (pid {source.pid}) is running again in {source.machine}",
+            hint="it was started again after the checkpoint; stop it and rerun",
+        )
+    wanted: list[tuple[str, str]] = [(source.monitor, "socket")]
+    for path in (source.ready_file, source.pidfile):
+        if path:
+            wanted.append((path, "regular file"))
+    if source.setup_key_pub:  # without it, what is left cannot log in to a VM again
+        wanted += [
+            (source.setup_key_pub, "regular file"),
+            (str(Path(source.setup_key_pub).with_suffix("")), "regular file"),
+        ]
+    removed: list[dict[str, str]] = []
+    kept: list[dict[str, str]] = []
+    for path, kind in wanted:
+        outcome = remove_nested_file(conn, path, kind, source)
+        (removed if outcome == "removed" else kept).append({"path": path, "outcome": outcome})
+    if keep_source:
+        kept.append({"path": source.disk, "outcome": "kept (--keep-source)"})
+    else:
+        outcome = remove_nested_file(conn, source.disk, "regular file", source, disk=True)
+        (removed if outcome == "removed" else kept).append({"path": source.disk, "outcome": outcome})
+    return RevokeResult(removed, kept)
+
+
 def step_revoke(ctx: Context) -> RevokeResult:
-    result = revoke_agent_access(ctx.source, keep_source=ctx.cfg.keep_source)
+    source = ctx.source
+    if source.machine is not None:
+        result = revoke_in_machine(source, ctx.machine(), keep_source=ctx.cfg.keep_source)
+        result = replace(result, told_agent=_tell_agent(ctx))
+    else:
+        result = revoke_agent_access(source, keep_source=ctx.cfg.keep_source)
     for item in result.removed:
         ctx.note(f"removed {item['path']}")
     for item in result.kept:
         ctx.note(f"kept {item['path']}: {item['outcome']}")
     return result
+
+
+def _tell_agent(ctx: Context) -> list[str]:
+    """The served URL, and the token verify created if any, written where the agent's tools in its machine read them."""
+    source = ctx.source
+    token = None
+    verified = ctx.journal.read("verify", VerifyResult)
+    if verified.agent_token is not None:
+        token = read_root_only_file(Path(verified.agent_token.token_file), "the agent's token file", 4096)
+    written = tell_agent(ctx.machine(), source.proxy.url, token, source.uid, source.gid)
+    ctx.note(f"told the agent machine: SECRET_PROXY_URL={source.proxy.url} in {', '.join(written)}")
+    return written

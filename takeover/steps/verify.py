@@ -23,7 +23,8 @@ from pathlib import Path
 
 from vm_image import proc
 
-from ..errors import InvalidInput, VerifyError
+from ..agent.machine import check_remote_path
+from ..errors import InvalidInput, TakeoverError, VerifyError
 from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from ..host.keys import load_host_keys
 from ..host.ports import listener_pids, wait_for_health
@@ -70,6 +71,7 @@ def verify_host_vm(
     agent_uid: int | None,
     timeout: float,
     progress: Callable[[str], None] = lambda _: None,
+    agent_private: bytes | None = None,
 ) -> VerifyResult:
     started = time.monotonic()
     alive = _pid_alive(qemu_pid)
@@ -99,7 +101,7 @@ def verify_host_vm(
     methods = offered_methods(ssh)
     if methods != ["publickey"]:
         raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
-    agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid)
+    agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid, agent_private)
     return VerifyResult(
         health_seconds=round(health_s, 3),
         ssh_seconds=round(ssh_s, 3),
@@ -161,11 +163,18 @@ def offered_methods(ssh: SSHTarget) -> list[str]:
     return match.group(1).split(",")
 
 
-def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid: int | None) -> str:
-    """Log in with the agent's own setup key; it must be refused."""
+def check_agent_key_refused(
+    ssh: SSHTarget, setup_key_pub: str | None, agent_uid: int | None, private: bytes | None = None
+) -> str:
+    """Log in with the agent's own setup key; it must be refused.
+
+    `private` is the key when it was fetched elsewhere (from an agent machine); `agent_uid` is then
+    the unprivileged user whose ssh parses it.
+    """
     if not setup_key_pub:
         return "no setup key named in the ready file; not tried"
-    private = read_agent_private_key(Path(setup_key_pub).with_suffix(""), agent_uid)
+    if private is None:
+        private = read_agent_private_key(Path(setup_key_pub).with_suffix(""), agent_uid)
     if private is None:
         return f"no readable private key next to {setup_key_pub}; not tried"
     if agent_uid is None:
@@ -251,14 +260,19 @@ def step_verify(ctx: Context) -> VerifyResult:
     restart = ctx.journal.read("restart", RestartResult)
     key, known_hosts = load_host_keys(ctx.host_dir)
     ssh = SSHTarget(cfg.ssh_listen, key, known_hosts)
+    agent_uid, agent_private = source.uid, None
+    if source.machine is not None and source.setup_key_pub:
+        # The key is in the agent machine: fetched (bounded), and tried as the copy user, never as root.
+        agent_uid, agent_private = pwd.getpwnam(cfg.copy_user).pw_uid, _machine_setup_key(ctx, source.setup_key_pub)
     result = verify_host_vm(
         source.proxy,
         ssh,
         restart.pid,
         setup_key_pub=source.setup_key_pub,
-        agent_uid=source.uid,
+        agent_uid=agent_uid,
         timeout=cfg.boot_timeout,
         progress=ctx.note,
+        agent_private=agent_private,
     )
     ctx.note(f"/health after {result.health_seconds:.0f} s; SSH as the host works; the agent's key: {result.agent_key}")
     if cfg.agent_name:
@@ -271,3 +285,11 @@ def step_verify(ctx: Context) -> VerifyResult:
             ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
         return dataclasses.replace(result, agent_token=token)
     return result
+
+
+def _machine_setup_key(ctx: Context, setup_key_pub: str) -> bytes | None:
+    private = str(Path(setup_key_pub).with_suffix(""))
+    try:
+        return ctx.machine().read_file(check_remote_path(private), 16384)
+    except TakeoverError:
+        return None  # gone or unreadable: reported as not tried
