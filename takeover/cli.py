@@ -7,6 +7,7 @@ what to do); 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import traceback
@@ -257,6 +258,13 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
             raise InvalidInput(
                 "--agent-machine needs --agent-machine-key and --agent-machine-known-hosts",
                 hint="root's key for the machine, and its host key as a known_hosts line (docs/takeover.md)",
+            )
+        if args.proxy_listen is not None:
+            raise InvalidInput("--proxy-listen is for a local agent; with --agent-machine, name --serve-on")
+        if not ipaddress.ip_address(args.ssh_listen.host).is_loopback:
+            raise InvalidInput(
+                f"--ssh-listen {args.ssh_listen}: with an agent machine the VM's SSH stays on this host's loopback, "
+                f"where the agent machine cannot reach it"
             )
     elif args.serve_on is not None:
         raise InvalidInput("--serve-on is for an agent machine (--agent-machine); a local agent keeps its address")

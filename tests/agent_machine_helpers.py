@@ -21,6 +21,7 @@ from pathlib import Path
 from takeover.agent.machine import AgentMachine, MachineAddress
 
 SSHD = "/usr/sbin/sshd"
+AUTHORIZED_OPTIONS = "restrict,port-forwarding"
 MACHINE_ETC = "/etc/secret-proxy"  # private to each machine (the agent's tools read their address there)
 
 
@@ -132,7 +133,9 @@ def start_agent_machine() -> AgentMachineRig:
         _ip("-n", netns, *args)
     for key in ("host_key", "root_key"):
         _keygen(work / key)
-    shutil.copy(work / "root_key.pub", work / "authorized_keys")
+    # As docs/takeover.md tells an operator to install root's dedicated key: no pty, no agent or X11
+    # forwarding, no ~/.ssh/rc; only commands and the forwards the takeover makes.
+    (work / "authorized_keys").write_text(f"{AUTHORIZED_OPTIONS} {(work / 'root_key.pub').read_text()}")
     (work / "known_hosts").write_text(f"10.213.{index}.2 {' '.join((work / 'host_key.pub').read_text().split()[:2])}\n")
     (work / "sshd_config").write_text(
         "\n".join(

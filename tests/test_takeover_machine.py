@@ -33,6 +33,7 @@ from takeover.agent.nested_vm import (
 from takeover.errors import (
     DiskFormatError,
     DiskMismatch,
+    InvalidInput,
     MonitorNotQMP,
     NotEnoughSpace,
     NotTheAgentsVM,
@@ -139,7 +140,7 @@ def test_a_monitor_that_does_not_speak_qmp_is_refused(vm, conn, host_dir):
         "s=socket.socket(socket.AF_UNIX);s.bind(sys.argv[1]);s.listen(1)\n"
         "while True:\n c,_=s.accept();c.sendall(b'220 not qmp\\r\\n' * 100);c.close()\n"
     )
-    server = subprocess.Popen([*vm.rig.enter, "runuser", "-u", vm.user, "--", "python3", "-c", script, fake])
+    server = subprocess.Popen([*vm.rig.enter, "runuser", "-u", vm.user, "--", "/usr/bin/python3", "-c", script, fake])
     try:
         for _ in range(50):
             if vm.rig.inside(["test", "-S", fake]).returncode == 0:
@@ -281,7 +282,12 @@ def _neighbour(rig: AgentMachineRig) -> str:
 
 def _connects(argv_prefix: list[str], host: str, port: int) -> bool:
     probe = f"import socket; socket.create_connection(('{host}', {port}), timeout=3).close()"
-    return subprocess.run([*argv_prefix, "python3", "-c", probe], capture_output=True, timeout=30).returncode == 0
+    return (
+        subprocess.run(
+            [*argv_prefix, "/usr/bin/python3", "-I", "-c", probe], capture_output=True, timeout=30
+        ).returncode
+        == 0
+    )
 
 
 def test_the_served_proxy_is_reachable_from_the_agent_machine_alone(rig, agent_user, tmp_path):
@@ -334,3 +340,57 @@ def test_a_serve_on_address_the_machine_cannot_use_or_that_serves_everyone_is_re
 
 def test_the_default_served_address_is_this_hosts_side_of_the_route_to_the_machine(rig):
     assert serve_back.route_source(rig.address) == rig.host_address
+
+
+# -- what the operator names: refused before anything is touched ------------------------------------------
+
+
+def _run_args(*more: str) -> list[str]:
+    return ["run", "--ready-file", "/srv/agent/run/ready", "--agent-machine", "root@10.213.9.2", *more]
+
+
+@pytest.mark.parametrize(
+    "more, error",
+    [
+        ((), "needs --agent-machine-key and --agent-machine-known-hosts"),
+        (
+            ("--agent-machine-key", "/k", "--agent-machine-known-hosts", "/h", "--ssh-listen", "10.0.0.1:2223"),
+            "loopback",
+        ),
+        (
+            ("--agent-machine-key", "/k", "--agent-machine-known-hosts", "/h", "--proxy-listen", "127.0.0.1:9"),
+            "--serve-on",
+        ),
+    ],
+)
+def test_agent_machine_options_that_would_expose_the_vm_or_guess_a_key_are_refused(more, error):
+    from takeover.cli import build_parser, config_from_args
+
+    with pytest.raises(InvalidInput, match=error):
+        config_from_args(build_parser().parse_args(_run_args(*more)))
+
+
+def test_serve_on_without_an_agent_machine_is_refused():
+    from takeover.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--ready-file", "/r", "--serve-on", "10.0.0.1:3737"])
+    with pytest.raises(InvalidInput, match="--serve-on is for an agent machine"):
+        config_from_args(args)
+
+
+@pytest.mark.parametrize(
+    "which, mode, error", [("key", 0o644, "readable by others"), ("known_hosts", 0o666, "writable")]
+)
+def test_a_machine_key_or_pinned_host_key_others_could_read_or_change_is_refused(rig, tmp_path, which, mode, error):
+    from takeover.agent.machine import machine_of
+    from takeover.config import TakeoverConfig
+
+    key, known = tmp_path / "key", tmp_path / "known_hosts"
+    shutil.copy(rig.work / "root_key", key)
+    shutil.copy(rig.work / "known_hosts", known)
+    os.chmod(key, 0o600)
+    os.chmod(known, 0o644)
+    os.chmod(key if which == "key" else known, mode)
+    cfg = TakeoverConfig(agent_machine=f"root@{rig.address}", agent_machine_key=key, agent_machine_known_hosts=known)
+    with pytest.raises(InvalidInput, match=error):
+        machine_of(cfg)

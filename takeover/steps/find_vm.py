@@ -10,7 +10,6 @@ host's QEMU: `agent/trusted_qemu.py`; where the proxy will listen: `agent/proxy_
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
@@ -263,12 +262,6 @@ def find_vm_in_machine(ctx: Context) -> SourceVM:
         raise InvalidInput("--monitor and --disk name this host's files; with --agent-machine pass --ready-file")
     if cfg.ready_file is None:
         raise InvalidInput("--agent-machine needs --ready-file: the ready file's path inside that machine")
-    if cfg.proxy_listen is not None:
-        raise InvalidInput(
-            "--proxy-listen is for a local agent; with --agent-machine the proxy is served on --serve-on"
-        )
-    if not ipaddress.ip_address(cfg.ssh_listen.host).is_loopback:
-        raise InvalidInput(f"--ssh-listen {cfg.ssh_listen}: with an agent machine the VM's SSH stays on loopback")
     conn = ctx.machine()
     machine_ip = conn.machine.address.ssh_host
     source = find_nested_vm(conn, str(cfg.ready_file), ctx.host_dir)
