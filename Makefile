@@ -1,7 +1,7 @@
 # The README's Quick start: `make demo` runs the main job, `make test` the whole suite.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-local test test-unit test-fast lint bench clean agent-wheel
+.PHONY: setup demo demo-machine demo-local test test-unit test-fast lint bench clean agent-wheel
 
 setup:
 	./scripts/setup.sh
@@ -10,6 +10,11 @@ setup:
 # the agent asks for a secret, an approver approves, the agent retrieves it once (scripts/demo.py).
 demo: setup
 	$(PY) scripts/demo.py
+
+# The same story with the agent in a machine of its own (namespaces and sshd on a bridge, as Multipass or
+# libvirt give it): its VM nested there, taken over through SSH, served back on the bridge.
+demo-machine: setup
+	$(PY) scripts/demo.py --agent-machine
 
 # Only the proxy, on loopback, without a VM: one request, a CLI approval, one retrieval.
 demo-local: setup

@@ -35,6 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.agent_machine import AgentMachineRig, remove_agent_machine, start_agent_machine  # noqa: E402
+from takeover.agent.nested_vm import AGENT_TOKEN_FILE as MACHINE_TOKEN_FILE  # noqa: E402
+from takeover.agent.nested_vm import AGENT_URL_FILE as MACHINE_URL_FILE  # noqa: E402
+from takeover.host import serve_back  # noqa: E402
 from takeover.host.egress import free_privileged_port  # noqa: E402
 from takeover.host.ssh import SSHTarget  # noqa: E402
 from takeover.models import Endpoint  # noqa: E402
@@ -47,6 +51,8 @@ SECRET_NAME = "demo-api-key"
 BROKERED_NAME = "demo-api-token"  # broker-only: the agent may use it in calls, never hold it
 AGENT_TOOL = str(ROOT / "proxy/agent")  # the agent's command, run by Debian's python3 with nothing installed
 AGENT_NAME = "demo-agent"
+DEMO_MACHINE = 10  # the demo's agent machine: spvm-am10 on spvm-br10, 10.213.10.0/24 (the tests use 20 and up)
+
 QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
 # How this machine reaches PyPI and Debian (proxy, CA bundle, index) is the machine's, not root's: the agent gets it.
 NETWORK_ENV = {
@@ -92,11 +98,18 @@ def agent_env(user: str) -> dict[str, str]:
 
 
 def run_as_agent(
-    user: str, argv: list[str], *, stdin: str = "", capture: bool = True, timeout: float = 1800
+    user: str,
+    argv: list[str],
+    *,
+    stdin: str = "",
+    capture: bool = True,
+    timeout: float = 1800,
+    where: list[str] | tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
+    """`argv` as the agent user with a plain environment; `where` enters the agent's machine first (nsenter)."""
     env = agent_env(user)
     return subprocess.run(
-        ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+        [*where, "runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
         input=stdin,
         capture_output=capture,
         text=True,
@@ -106,14 +119,21 @@ def run_as_agent(
 
 
 def agent_http(
-    user: str, method: str, url: str, token: str = "", body: dict | None = None, times: int = 1
+    user: str,
+    method: str,
+    url: str,
+    token: str = "",
+    body: dict | None = None,
+    times: int = 1,
+    where: list[str] | tuple[str, ...] = (),
 ) -> list[tuple[int, str]]:
-    """`times` HTTP calls made by the agent user, each reply as (status, body text)."""
+    """`times` HTTP calls made by the agent user (in its machine, with `where`), each reply as (status, body text)."""
     result = run_as_agent(
         user,
         ["/usr/bin/python3", "-I", "-c", AGENT_HTTP, method, url, token, str(times)],
         stdin=json.dumps(body) if body else "",
         timeout=300,
+        where=where,
     )
     if result.returncode != 0:
         raise RuntimeError(f"the agent's HTTP call failed: {result.stderr.strip()}")
@@ -145,6 +165,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the host VM's QEMU user (its egress rules match it: one per running host VM)",
     )
     p.add_argument("--approve-timeout", type=float, default=600, help="seconds to wait for a Telegram approval")
+    p.add_argument(
+        "--agent-machine",
+        action="store_true",
+        help="the agent works in a machine of its own (namespaces and sshd on a bridge, scripts/agent_machine.py): "
+        "its VM is nested there, and the host takes it over through SSH and serves it back on the bridge",
+    )
+    p.add_argument(
+        "--agent-machine-index",
+        type=int,
+        default=DEMO_MACHINE,
+        help=f"N of the agent's machine: spvm-amN on the bridge spvm-brN, 10.213.N.0/24 (default {DEMO_MACHINE})",
+    )
     p.add_argument("--clean", action="store_true", help="stop and remove everything the demo made")
     return p.parse_args(argv)
 
@@ -156,16 +188,18 @@ class Demo:
         self.user = args.agent_user
         self.host_dir: Path = args.host_dir
         self.url = f"http://127.0.0.1:{args.port}"
+        self.rig: AgentMachineRig | None = None
+        self.where: list[str] = []  # the prefix that runs a command in the agent's machine (none: on this host)
 
     # -- the roles ---------------------------------------------------------------------------
     def as_agent(
         self, argv: list[str], stdin: str = "", capture: bool = True, timeout: float = 1800
     ) -> subprocess.CompletedProcess:
-        return run_as_agent(self.user, argv, stdin=stdin, capture=capture, timeout=timeout)
+        return run_as_agent(self.user, argv, stdin=stdin, capture=capture, timeout=timeout, where=self.where)
 
     def agent_http(self, method: str, path: str, token: str, body: dict | None = None) -> dict:
         try:
-            status, text = agent_http(self.user, method, self.url + path, token, body)[0]
+            status, text = agent_http(self.user, method, self.url + path, token, body, where=self.where)[0]
         except RuntimeError as exc:
             raise SystemExit(f"demo: {exc}") from None
         return {"status": status, "body": json.loads(text or "{}")}
@@ -191,26 +225,12 @@ class Demo:
     # -- the story ---------------------------------------------------------------------------
     def run(self) -> None:
         started = time.monotonic()
-        with self.steps.step(f"agent ({self.user}): build the image and start the VM — python -m vm_image up"):
-            self.ensure_agent_user()
-            up = self.as_agent(
-                [
-                    PYTHON,
-                    "-m",
-                    "vm_image",
-                    "up",
-                    "--state-dir",
-                    str(self.agent_state),
-                    "--port",
-                    str(self.args.port),
-                    "--ssh-port",
-                    str(self.args.agent_ssh_port),
-                ],
-                capture=False,
-            )
-            if up.returncode != 0:
-                raise SystemExit("demo: vm_image up failed (its error is above)")
-        ready = self.agent_state / "run/ready"
+        if self.args.agent_machine:
+            self.start_in_machine()
+        else:
+            with self.steps.step(f"agent ({self.user}): build the image and start the VM — python -m vm_image up"):
+                self.ensure_agent_user()
+                self.vm_image("up", self.agent_state, capture=False)
         with self.steps.step("host (root): take the VM over — python -m takeover run") as note:
             token_file = self.host_dir / f"agent-{AGENT_NAME}.token"
             argv = [
@@ -218,8 +238,7 @@ class Demo:
                 "-m",
                 "takeover",
                 "run",
-                "--ready-file",
-                str(ready),
+                *self.where_the_vm_is(),
                 "--host-dir",
                 str(self.host_dir),
                 "--ssh-listen",
@@ -285,11 +304,20 @@ class Demo:
                 f"(a stand-in API on this machine at {self.api.url}, reached from the guest through the host's "
                 "egress proxy: no outside network here)"
             )
-            self.hand_token_to_agent(token_file)
+            if self.rig is None:
+                self.hand_token_to_agent(token_file)
+                note(f"the agent's token is in {self.agent_token_file} (0600, {self.user})")
+            else:
+                self.token = token_file.read_text().strip()
+                said = self.rig.inside(["cat", MACHINE_URL_FILE]).stdout.decode().strip()
+                note(f"the takeover told the agent's machine: {MACHINE_URL_FILE} says {said}; its token is in")
+                note(f"{MACHINE_TOKEN_FILE} (0600, {self.user}): the agent's tools read both there")
             token = self.token
-            note(f"the agent's token is in {self.agent_token_file} (0600, {self.user})")
         with self.steps.step("agent: ask for the secret, with a reason, and wait — secret-proxy-agent get") as note:
-            note(f"$ SECRET_PROXY_URL={self.url} SECRET_PROXY_TOKEN_FILE={self.agent_token_file} \\")
+            if self.rig is None:
+                note(f"$ SECRET_PROXY_URL={self.url} SECRET_PROXY_TOKEN_FILE={self.agent_token_file} \\")
+            else:
+                note(f"(in its machine {self.rig.address}, reaching the proxy at {self.url})")
             note(f"  python3 -I {AGENT_TOOL} get {SECRET_NAME} --reason 'demo: call the API once'")
             asking = self.agent_tool("get", SECRET_NAME, "--reason", "demo: call the API once")
             request_id = self.request_id_from(asking, note)
@@ -332,6 +360,64 @@ class Demo:
             f"\ndemo complete in {time.monotonic() - started:.0f} s; step times: "
             + ", ".join(f"{s:.0f} s" for s in self.steps.seconds.values())
         )
+
+    def vm_image(self, command: str, state: Path | str, *more: str, capture: bool = True) -> None:
+        """`python -m vm_image COMMAND` as the agent (in its machine when there is one), or the demo stops."""
+        argv = [PYTHON, "-m", "vm_image", command, "--state-dir", str(state)]
+        if command in ("up", "launch"):
+            argv += ["--port", str(self.args.port), "--ssh-port", str(self.args.agent_ssh_port)]
+        done = self.as_agent(["env", "-C", str(ROOT), *argv, *more], capture=capture)
+        if done.returncode != 0:
+            raise SystemExit(f"demo: vm_image {command} failed: {(done.stderr or '(its error is above)')[-2000:]}")
+
+    def start_in_machine(self) -> None:
+        """The agent's machine, and its VM nested there (built here: the machine has no way to Debian's mirror)."""
+        with self.steps.step(f"agent ({self.user}): in a machine of its own, build the image and start the VM") as note:
+            self.ensure_agent_user()
+            index = self.args.agent_machine_index
+            remove_agent_machine(index)
+            self.rig = start_agent_machine(index, machine_dir(index))
+            self.where = self.rig.enter
+            self.url = f"http://{self.rig.host_address}:{self.args.port}"
+            note(
+                f"the agent's machine: {self.rig.address} on the bridge {self.rig.bridge} (this host: "
+                f"{self.rig.host_address}); root gets in over SSH with a dedicated key, its host key pinned"
+            )
+            where, self.where = self.where, []
+            note(
+                f"$ python -m vm_image build --state-dir {self.agent_state}   (as {self.user}, on this host's network)"
+            )
+            self.vm_image("build", self.agent_state, capture=False)
+            self.where = where
+            state = self.machine_state
+            made = self.rig.inside(["install", "-d", "-o", self.user, "-m", "0700", state])
+            copied = self.as_agent(["cp", "-a", "--sparse=always", str(self.agent_state / "image"), f"{state}/image"])
+            if made.returncode != 0 or copied.returncode != 0:
+                raise SystemExit(f"demo: carrying the image into the agent's machine failed: {copied.stderr}")
+            note(f"$ python -m vm_image launch --state-dir {state} --port {self.args.port}   (in its machine)")
+            self.vm_image("launch", state, "--accel", "tcg", capture=False)
+
+    @property
+    def machine_state(self) -> str:
+        assert self.rig is not None
+        return f"{self.rig.private}/agent-state"
+
+    def where_the_vm_is(self) -> list[str]:
+        """`takeover run`'s options naming the agent's VM: its ready file here, or in its machine over SSH."""
+        if self.rig is None:
+            return ["--ready-file", str(self.agent_state / "run/ready")]
+        return [
+            "--agent-machine",
+            f"root@{self.rig.address}",
+            "--agent-machine-key",
+            str(self.rig.work / "root_key"),
+            "--agent-machine-known-hosts",
+            str(self.rig.work / "known_hosts"),
+            "--ready-file",
+            f"{self.machine_state}/run/ready",
+            "--serve-on",
+            f"{self.rig.host_address}:{self.args.port}",
+        ]
 
     def ensure_agent_user(self) -> None:
         try:
@@ -389,13 +475,12 @@ class Demo:
     # -- the agent's command -----------------------------------------------------------------
     def agent_tool(self, *args: str) -> subprocess.Popen:
         """`secret-proxy-agent ARGS` as the agent: Debian's python3, nothing installed, only its token file."""
-        env = {
-            **agent_env(self.user),
-            "SECRET_PROXY_URL": self.url,
-            "SECRET_PROXY_TOKEN_FILE": str(self.agent_token_file),
-        }
+        env = agent_env(self.user)
+        if self.rig is None:  # in its machine, the tools read what the takeover wrote in /etc/secret-proxy
+            env.update({"SECRET_PROXY_URL": self.url, "SECRET_PROXY_TOKEN_FILE": str(self.agent_token_file)})
         return subprocess.Popen(
             [
+                *self.where,
                 "runuser",
                 "-u",
                 self.user,
@@ -482,6 +567,9 @@ class Demo:
             note(f"{what} ({target}): {last}")
             if tried.returncode == 0:
                 raise SystemExit(f"demo: the agent could {what}")
+        if self.rig is not None:
+            self.check_machine_is_cleared(note)
+            return
         setup_key = self.agent_state / "image/setup_key"
         login = self.as_agent(agent_login_argv(self.args.host_ssh_port, "true", key=setup_key), timeout=60)
         note(f"SSH with its setup key: {(login.stderr.strip().splitlines() or ['logged in'])[-1]}")
@@ -489,6 +577,23 @@ class Demo:
             raise SystemExit("demo: the agent's setup key still logs in")
         old = self.agent_state / "run/qmp.sock"
         note(f"its old monitor socket {old}: {'still there' if old.exists() else 'gone'}")
+
+    def check_machine_is_cleared(self, note) -> None:
+        """In the agent's machine: its VM's files are gone, and the host's VM's SSH is out of its reach."""
+        assert self.rig is not None
+        for name in ("run/qmp.sock", "run/ready", "image/disk.qcow2", "image/setup_key"):
+            path = f"{self.machine_state}/{name}"
+            there = self.rig.inside(["test", "-e", path]).returncode == 0
+            note(f"in its machine, {path}: {'STILL THERE' if there else 'gone'}")
+            if there:
+                raise SystemExit(f"demo: {path} is still in the agent's machine")
+        probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)"
+        for host in (self.rig.host_address, "127.0.0.1"):
+            tried = self.as_agent(["/usr/bin/python3", "-I", "-c", probe, host, str(self.args.host_ssh_port)])
+            last = (tried.stderr.strip().splitlines() or ["connected"])[-1]
+            note(f"the host VM's SSH at {host}:{self.args.host_ssh_port}, from its machine: {last}")
+            if tried.returncode == 0:
+                raise SystemExit("demo: the agent's machine reaches the host VM's SSH")
 
 
 class StandInApi:
@@ -544,10 +649,21 @@ def agent_state_dir(user: str) -> Path | None:
         return None
 
 
+def machine_dir(index: int) -> Path:
+    """The agent machine's keys and sshd config: root's."""
+    return Path("/root") / f".secret-proxy-vm-demo-machine-{index}"
+
+
 def reset(args: argparse.Namespace) -> None:
     """Stop both VMs and remove the host's directory; keep the agent's build cache (a second run starts here)."""
     subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT, capture_output=True)
     shutil.rmtree(args.host_dir, ignore_errors=True)
+    index = args.agent_machine_index
+    if args.agent_machine or Path(f"/run/netns/spvm-am{index}").exists():
+        # The agent's machine goes with its nested VM, and so does the filter of what was served to it.
+        remove_agent_machine(index)
+        shutil.rmtree(machine_dir(index), ignore_errors=True)
+        serve_back.remove(Endpoint(f"10.213.{index}.1", args.port))
     state = args.agent_state or agent_state_dir(args.agent_user)
     if state is not None and state.exists():
         subprocess.run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -176,3 +177,59 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         vm_fixtures.stop_both_vms(host_dir, agent_state)
         subprocess.run(["rm", "-rf", str(host_dir), str(agent_state)], check=False)
         emu.stop()
+
+
+def test_the_story_with_the_agent_in_a_machine_of_its_own():
+    """`make demo-machine`: the agent's VM nested in its machine, taken over through SSH, served back on the
+    bridge; the agent asks with its tool (which reads the address and token the takeover wrote in its machine),
+    the operator approves with the CLI, the agent gets the value once; its VM's files in its machine are gone."""
+    from scripts.agent_machine import _free_index, remove_agent_machine
+    from takeover.host import serve_back
+    from takeover.models import Endpoint
+
+    host_dir = Path("/var/lib") / f"secret-proxy-vm-story-machine-{os.getpid()}"
+    agent_state = vm_fixtures.TEST_ROOT / f"story-machine-state-{os.getpid()}"
+    agent = vm_fixtures.ensure_agent_user()
+    agent_state.mkdir(mode=0o700, exist_ok=True)
+    os.chown(agent_state, agent.uid, agent.gid)
+    index, port = _free_index(), free_port()
+    argv = [
+        sys.executable,
+        "scripts/demo.py",
+        "--agent-machine",
+        "--agent-machine-index",
+        str(index),
+        "--host-dir",
+        str(host_dir),
+        "--port",
+        str(port),
+        "--agent-state",
+        str(agent_state),
+        "--host-ssh-port",
+        str(free_port()),
+        "--qemu-user",
+        "spvm-story-qemu",
+    ]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        output = done.stdout + done.stderr
+        sys.stderr.write(output)
+        print(f"\nthe story in a machine took {time.monotonic() - started:.0f} s", file=sys.stderr)
+        assert done.returncode == 0, output[-3000:]
+        url = f"http://10.213.{index}.1:{port}"
+        assert f"/etc/secret-proxy/url says {url}" in output
+        assert f"reaching the proxy at {url}" in output
+        assert "the value the host stored" in output and "again → 410 already_retrieved" in output
+        assert "the API saw 1 call, with the right key; the agent never held it" in output
+        for name in ("run/qmp.sock", "run/ready", "image/disk.qcow2", "image/setup_key"):
+            assert f"/agent-state/{name}: gone" in output, name
+        assert output.count("from its machine: ConnectionRefusedError") == 2
+        for line in ("read the host's disk", "connect to the host's monitor"):
+            assert any(line in ln and "PermissionError" in ln for ln in output.splitlines()), line
+    finally:
+        vm_fixtures.stop_both_vms(host_dir, agent_state)
+        remove_agent_machine(index)  # its nested VM with it
+        serve_back.remove(Endpoint(f"10.213.{index}.1", port))
+        shutil.rmtree(demo.machine_dir(index), ignore_errors=True)
+        subprocess.run(["rm", "-rf", str(host_dir), str(agent_state)], check=False)
