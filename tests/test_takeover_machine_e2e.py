@@ -138,11 +138,18 @@ def takeover_from_machine(vm: NestedVM, host_dir: Path, serve_on: Endpoint, *mor
 def test_the_host_takes_over_a_vm_nested_in_the_agents_machine_and_serves_it_back_over_its_bridge(nested, host_dir):
     rig = nested.rig
     serve_on = Endpoint(rig.host_address, 3700 + rig.index)
+    args = ("--agent-name", "alice", "--agent-secrets", "api-*")
+    # The first run dies after the checkpoint; the rerun opens a new connection and resumes at the copy.
     started = time.monotonic()
-    result = takeover_from_machine(nested, host_dir, serve_on, "--agent-name", "alice", "--agent-secrets", "api-*")
+    interrupted = takeover_from_machine(nested, host_dir, serve_on, *args, "--fail-after", "checkpoint")
+    assert interrupted.returncode == 1 and "failing on purpose after step 'checkpoint'" in interrupted.stderr
+    result = takeover_from_machine(nested, host_dir, serve_on, *args)
     seconds = time.monotonic() - started
     try:
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "checkpoint and stop it: done in an earlier run" in result.stderr
+        url = f"http://{serve_on}"
+        assert f"Agent machine: root@{rig.address}, told SECRET_PROXY_URL={url}" in result.stdout
         print(f"\ntakeover from an agent machine: {seconds:.0f} s", file=sys.stderr)
         report = json.loads((host_dir / "report.json").read_text())
         journal = json.loads((host_dir / "journal.json").read_text())
@@ -155,7 +162,6 @@ def test_the_host_takes_over_a_vm_nested_in_the_agents_machine_and_serves_it_bac
         # In the machine: the nested VM's files are gone, and the agent's tools know the new address and token.
         for gone in ("run/qmp.sock", "run/ready", "image/disk.qcow2", "image/setup_key", "image/setup_key.pub"):
             assert not nested.exists(gone), gone
-        url = f"http://{serve_on}"
         assert rig.inside(["cat", nested_vm.AGENT_URL_FILE]).stdout.decode().strip() == url
         health = nested.as_agent("python3", "-I", "-c", HTTP_GET, f"{url}/health")
         assert health.returncode == 0 and health.stdout.startswith(b"200"), health.stderr

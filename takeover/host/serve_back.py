@@ -53,7 +53,7 @@ def check_serve_on(serve_on: Endpoint, machine_ip: str) -> None:
         )
     if serve_on.host == machine_ip:
         raise InvalidInput(f"--serve-on {serve_on} is the agent machine's own address, not this host's")
-    reason = bind_refusal(serve_on, reuse_addr=False)
+    reason = bind_refusal(serve_on, reuse_addr=True)  # as QEMU binds it: a TIME_WAIT from an earlier VM holds nothing
     if reason is not None:
         raise InvalidInput(
             f"--serve-on {serve_on} cannot be served from this host: {reason}",

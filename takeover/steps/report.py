@@ -36,7 +36,10 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
         "finished": time.time(),
         "host_dir": str(host_dir),
         "steps": steps,
-        "source": {k: source.get(k) for k in ("disk", "monitor", "pid", "uid", "ready_file", "notes")},
+        "source": {
+            k: source.get(k)
+            for k in ("disk", "monitor", "pid", "uid", "ready_file", "notes", "machine", "machine_proxy")
+        },
         "checkpoint": result["checkpoint"],
         "disk": result["relocate"],
         "scrub": {
@@ -60,6 +63,7 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
                 "qemu_user",
                 "monitor",
                 "pidfile",
+                "serve_filter",
             )
         },
         "forwards": restart.get("forwards", {}),
@@ -87,6 +91,19 @@ def write_report(report: dict[str, Any], host_dir: Path) -> Path:
 def summary(report: dict[str, Any]) -> str:
     """The operator's summary; each line is escaped on its own, so a value with a newline stays one line."""
     return "\n".join(printable(line) for line in _summary_lines(report))
+
+
+def _machine_lines(report: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """For a VM taken from an agent machine: where the agent reaches it now, and who else can."""
+    machine = (report.get("source") or {}).get("machine")
+    if not machine:
+        return []
+    told = (report.get("revoked") or {}).get("told_agent") or ["nothing"]
+    table = (report.get("vm") or {}).get("serve_filter") or "nftables"
+    return [
+        f"Agent machine: {machine}, told SECRET_PROXY_URL=http://{spec.get('proxy_listen', '-')} ({', '.join(told)})",
+        f"               only that machine (and root here) reaches it: nftables table {table}",
+    ]
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
@@ -119,6 +136,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         f"{_backlog_words(report.get('forwards') or {})})",
         f"SSH:           ssh -i {keys.get('login_key', '-')} -o UserKnownHostsFile={keys.get('known_hosts', '-')} "
         f"-p {ssh_port} proxy@{ssh_host}",
+        *_machine_lines(report, spec),
         f"Runner:        {vm.get('runner')} (pid {vm.get('pid')})"
         + (
             f", domain {vm.get('domain')} persistent={vm.get('persistent')} autostart={vm.get('autostart')}"
