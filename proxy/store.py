@@ -16,7 +16,7 @@ import secrets as pysecrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -97,8 +97,14 @@ def init_data_dir(settings: Settings) -> None:
 
 
 class Store:
-    def __init__(self, settings: Settings, key: crypto.MasterKey | None = None) -> None:
+    def __init__(
+        self, settings: Settings, key: crypto.MasterKey | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
+        # Wall-clock time for every deadline the store writes or checks (a request's expiry, a grant's end,
+        # an audit entry's time); a test passes a clock it moves, so that a 15-minute grant ends without
+        # waiting 15 minutes and without editing the database behind the store's back.
+        self._clock = clock
         if key is None:
             key_files.ensure_key_rotation_finished(settings)
             key = crypto.read_key_file(settings.key_path)
@@ -240,7 +246,7 @@ class Store:
         secret: str | None = None,
         **detail: object,
     ) -> None:
-        audit.append(conn, self._audit_key, time.time(), actor, action, request_id, secret, detail)
+        audit.append(conn, self._audit_key, self._clock(), actor, action, request_id, secret, detail)
 
     def record(
         self, actor: str, action: str, request_id: str | None = None, secret: str | None = None, **detail: object
@@ -269,7 +275,7 @@ class Store:
                     name,
                     sealed.wrapped_key,
                     sealed.ciphertext,
-                    time.time(),
+                    self._clock(),
                     policy.to_json() if policy else None,
                     rule_json,
                 ),
@@ -383,7 +389,7 @@ class Store:
                 raise StoreError("agent_exists", f"an agent named {name!r} exists; revoke it first")
             conn.execute(
                 "INSERT INTO agents (name, token_hash, scopes, created_at) VALUES (?, ?, ?, ?)",
-                (name, crypto.hash_token(token), ",".join(scopes), time.time()),
+                (name, crypto.hash_token(token), ",".join(scopes), self._clock()),
             )
             self._audit(conn, actor, "agent.added", agent=name, scopes=scopes)
         return token
@@ -437,7 +443,7 @@ class Store:
         The caller has checked `call` against the secret's policy (`broker.check_call`), and `body`
         (None when the agent asked by the body's hash) against `call`'s hash and size."""
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         refusal: StoreError | None = None
         if not agent.may_request(secret):
             raise StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}", secret=secret)
@@ -552,7 +558,7 @@ class Store:
             if row is None:
                 return None
             req = cache[key] = Request(*row)
-        if req.status in ("pending", "approved") and req.expires_at <= time.time():
+        if req.status in ("pending", "approved") and req.expires_at <= self._clock():
             # Report it expired without writing: reads run on the event loop, and the
             # sweeper (or the next write) records the expiry within a second.
             return replace(req, status="expired")
@@ -585,7 +591,7 @@ class Store:
         A request no longer pending is left as it is (`changed` False): an approval the agent no
         longer wants simply expires, and a denial or a use stays on record as it was."""
         self.expire_due()
-        now = time.time()
+        now = self._clock()
         with self.transaction() as conn:
             row = conn.execute(
                 f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
@@ -606,7 +612,7 @@ class Store:
     def expire_due(self) -> list[Request]:
         """Mark every pending or approved request past its deadline as expired (and end every grant past its
         time); return the requests."""
-        now = time.time()
+        now = self._clock()
         if (
             self._conn()
             .execute("SELECT 1 FROM grants WHERE ended_at IS NULL AND expires_at <= ? LIMIT 1", (now,))
@@ -652,7 +658,7 @@ class Store:
         next ones for the same secret (for a call: the same method and destination prefix, `grant_calls`
         of them at most) for that long; only within the rule's `max_grant`, else refused (`forbidden`)."""
         self.expire_due()
-        now = time.time()
+        now = self._clock()
         grant_refusal: StoreError | None = None
         with self.transaction() as conn:
             row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -794,7 +800,7 @@ class Store:
             f"SELECT id, secret, request_id FROM grants WHERE ended_at IS NULL AND {where}", args
         ).fetchall()
         for grant_id, secret, request_id in live:
-            conn.execute("UPDATE grants SET ended_at = ?, ended_why = ? WHERE id = ?", (time.time(), why, grant_id))
+            conn.execute("UPDATE grants SET ended_at = ?, ended_why = ? WHERE id = ?", (self._clock(), why, grant_id))
             self._audit(conn, actor, "grant.ended", request_id, secret, grant=grant_id, why=why)
         return len(live)
 
@@ -844,7 +850,7 @@ class Store:
         A refusal writes nothing; the caller audits it.
         """
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         self.expire_due()
         with self.transaction() as conn:
             req, approved_call = self._usable_request(conn, agent, request_id, now, call=False)
@@ -884,7 +890,7 @@ class Store:
         unused. The policy is read again here: the operator may have narrowed it since.
         """
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         self.expire_due()
         with self.transaction() as conn:
             req, approved = self._usable_request(conn, agent, request_id, now, call=True)

@@ -3,9 +3,9 @@ the agent over HTTP and the operator's CLI in another process (docs/telegram.md,
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -180,18 +180,87 @@ def test_a_grant_ends_at_its_time_and_survives_a_restart(tmp_path):
         rid = rig.ask("for a quarter of an hour", "api-timed")
         message = rig.message_for(rid)
         assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"t:{rid}")).startswith("Approved.")
+        with Store(rig.data.settings) as store:
+            (before,) = store.list_grants()
+        assert before.expires_at == pytest.approx(before.created_at + 15 * 60)
         restart_proxy(rig)
         assert status_of_new(rig, "api-timed") == "approved"  # the grant is in the database, not in memory
-        # Fifteen minutes pass: the grant's end is moved to now rather than waited for.
-        db = sqlite3.connect(rig.data.settings.db_path)
-        db.execute("UPDATE grants SET expires_at = ? WHERE request_id = ?", (time.time() - 1, rid))
-        db.commit()
-        db.close()
+        with Store(rig.data.settings) as store:
+            assert store.list_grants() == [before]  # the same end time, to the microsecond
+        # Fifteen minutes pass for a store whose clock is that far ahead (nobody waits, and nobody edits the
+        # database): its sweep ends the grant, and the running proxy, on the real clock, follows.
+        with Store(rig.data.settings, clock=lambda: time.time() + 15 * 60) as later:
+            later.expire_due()
         assert status_of_new(rig, "api-timed") == "pending"
         message_showing(rig, message["message_id"], "its time is over")
         assert [e for e in audit(rig) if e.action == "grant.ended" and e.detail["why"] == "its time is over"]
     finally:
         rig.stop()
+
+
+@dataclass
+class Clock:
+    """Wall-clock time a test moves by hand (Store's `clock`)."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_grant_approves_until_its_last_second_and_a_reopened_store_keeps_its_end_and_count(tmp_path):
+    """Expiry to the second, across restarts of the store, without sleeping: the store's own clock moves."""
+    from proxy.approval import ApprovalRule
+
+    from .proxy_helpers import make_settings, provision
+
+    proxy = provision(make_settings(tmp_path))
+    clock = Clock(1_800_000_000.0)
+    with Store(proxy.settings, clock=clock) as store:
+        store.set_approval("api-key", ApprovalRule("approve", max_grant=15 * 60), "operator:test")
+        first = store.create_request(store.authenticate(proxy.token), "api-key", "a quarter of an hour", 60)
+        store.decide(first.id, True, "telegram:1001", 15 * 60, 3)
+        (grant,) = store.list_grants()
+    assert (grant.expires_at, grant.calls_left) == (clock.now + 15 * 60, 3)
+
+    clock.now += 15 * 60 - 1  # the grant's last second, in a store opened anew (a restart)
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.list_grants() == [grant]
+        agent = store.authenticate(proxy.token)
+        assert store.create_request(agent, "api-key", "still inside", 60).status == "approved"
+        assert store.list_grants()[0].calls_left == 2
+    clock.now += 1  # its end: nothing more is approved, and the end is audited at that time
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.create_request(store.authenticate(proxy.token), "api-key", "too late", 60).status == "pending"
+        assert store.list_grants() == []
+        (ended,) = store.list_grants(live_only=False)
+        assert (ended.ended_at, ended.ended_why, ended.calls_left) == (clock.now, "its time is over", 2)
+
+
+def test_a_reopened_store_keeps_a_partial_quorum_until_the_request_expires(tmp_path):
+    from proxy.approval import ApprovalRule
+
+    from .proxy_helpers import make_settings, provision
+
+    proxy = provision(make_settings(tmp_path))
+    clock = Clock(1_800_000_000.0)
+    with Store(proxy.settings, clock=clock) as store:
+        store.set_approval("api-key", ApprovalRule("quorum", 2), "operator:test")
+        agent = store.authenticate(proxy.token)
+        kept = store.create_request(agent, "api-key", "approved across a restart", 60)
+        lapsed = store.create_request(agent, "api-key", "left undecided", 60)
+        for req in (kept, lapsed):
+            assert store.decide(req.id, True, "telegram:1001").vote == "counted"
+    clock.now = kept.expires_at - 1
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.votes(kept.id) == ["telegram:1001"]
+        assert store.decide(kept.id, True, "telegram:1001").vote == "repeated"
+        assert store.decide(kept.id, True, "telegram:1002").request.status == "approved"
+    clock.now = lapsed.expires_at
+    with Store(proxy.settings, clock=clock) as store:
+        late = store.decide(lapsed.id, True, "telegram:1002")
+        assert (late.changed, late.request.status) == (False, "expired")
+        assert store.votes(lapsed.id) == ["telegram:1001"]
 
 
 def test_a_grant_never_stands_in_for_a_quorum_nor_counts_as_a_vote(tmp_path):
