@@ -7,7 +7,8 @@ Telegram approvers who may decide it. A request keeps a copy of the rule it was 
 that changing a secret's rule never widens a request already pending (docs/telegram.md).
 
 Votes are counted per person, never per tap: an approver tapping twice counts once, and the
-operator's CLI counts as one approver (`OPERATOR`) whoever runs it.
+operator's CLI counts as one approver (`OPERATOR`) whoever runs it, unless the rule says the
+operator alone may decide (`operator_decides`): then the CLI's approval approves a quorum by itself.
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ class ApprovalRule:
     needed: int = 1  # distinct approvals that approve; 1 unless a quorum
     approvers: tuple[int, ...] = ()  # Telegram user ids who may decide; empty: every configured approver
     max_grant: int = 0  # the longest grant an approver may give, seconds (grants.FOREVER: until revoked); 0: none
+    # A quorum only: the operator's CLI approval decides alone (break-glass for a quorum that cannot gather).
+    # Without it the operator is one approver among the N.
+    operator_decides: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
-            {"kind": self.kind, "needed": self.needed, "approvers": list(self.approvers), "max_grant": self.max_grant}
+            {
+                "kind": self.kind,
+                "needed": self.needed,
+                "approvers": list(self.approvers),
+                "max_grant": self.max_grant,
+                "operator_decides": self.operator_decides,
+            }
         )
 
     @classmethod
@@ -42,9 +52,17 @@ class ApprovalRule:
         if not text:
             return DEFAULT
         raw = json.loads(text)
-        return cls(
-            raw["kind"], int(raw["needed"]), tuple(int(a) for a in raw["approvers"]), int(raw.get("max_grant", 0))
+        return cls(  # fields added later are absent from rules stored before them: their defaults
+            raw["kind"],
+            int(raw["needed"]),
+            tuple(int(a) for a in raw["approvers"]),
+            int(raw.get("max_grant", 0)),
+            bool(raw.get("operator_decides", False)),
         )
+
+    def decided_by_alone(self, who: str) -> bool:
+        """Whether the approval of `who` (a `voter`) approves a quorum by itself."""
+        return self.kind == "quorum" and self.operator_decides and who == OPERATOR
 
     def allows_approver(self, user_id: int) -> bool:
         return not self.approvers or user_id in self.approvers
@@ -62,6 +80,12 @@ class ApprovalRule:
         out = [f"approval: {self.show()}"]
         if self.approvers and self.kind in ("approve", "quorum"):
             out.append(f"approvers: {', '.join(str(a) for a in self.approvers)} (and the operator's CLI)")
+        if self.kind == "quorum":
+            out.append(
+                "operator: the CLI's approval alone decides (--operator-decides)"
+                if self.operator_decides
+                else "operator: the CLI counts as one approver of the quorum"
+            )
         if self.kind == "approve":
             longest = {0: "none (each approval is for one use)", -1: "until revoked"}.get(
                 self.max_grant, f"{self.max_grant // 60} min"
@@ -79,13 +103,22 @@ def voter(actor: str) -> str:
 
 
 def parse_rule(
-    spec: str, approvers: str | None = None, configured: tuple[int, ...] = (), max_grant: int = 0
+    spec: str,
+    approvers: str | None = None,
+    configured: tuple[int, ...] = (),
+    max_grant: int = 0,
+    operator_decides: bool = False,
 ) -> ApprovalRule:
-    """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`, and
-    the longest grant (seconds; -1 until revoked) an approver may give, which only `approve` allows."""
+    """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`,
+    the longest grant (seconds; -1 until revoked) an approver may give, which only `approve` allows, and
+    for a quorum whether the operator's CLI alone may decide."""
     if max_grant and spec.strip() != "approve":
         raise ApprovalError("--max-grant needs --approval approve: a grant is one approver's decision")
     kind, _, count = spec.strip().partition(":")
+    if operator_decides and kind != "quorum":
+        raise ApprovalError(
+            "--operator-decides needs --approval quorum:N; under approve the operator's CLI already decides alone"
+        )
     if kind not in KINDS or (count and kind != "quorum"):
         raise ApprovalError(f"--approval {spec!r}: write auto, approve, quorum:N or deny")
     needed = 1
@@ -108,4 +141,4 @@ def parse_rule(
             )
         if needed > len(ids) + 1:  # the operator's CLI is one more approver
             raise ApprovalError(f"quorum:{needed} cannot be reached by {len(ids)} approvers and the operator")
-    return ApprovalRule(kind, needed, ids, max_grant)
+    return ApprovalRule(kind, needed, ids, max_grant, operator_decides)

@@ -79,14 +79,17 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
 def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule | None:
     """The rule `--approval`/`--approvers` describe; None when neither is given (the rule stays as it is)."""
     if args.approval is None:
-        if args.approvers or args.max_grant:
-            raise ApprovalError("--approvers and --max-grant need --approval (approve, or quorum:N for --approvers)")
+        if args.approvers or args.max_grant or args.operator_decides:
+            raise ApprovalError(
+                "--approvers, --max-grant and --operator-decides need --approval "
+                "(approve, or quorum:N for --approvers and --operator-decides)"
+            )
         return None
     try:
         max_grant = parse_length(args.max_grant) if args.max_grant else 0
     except GrantError as exc:
         raise ApprovalError(f"--max-grant: {exc}") from None
-    return parse_rule(args.approval, args.approvers, settings.telegram_approvers, max_grant)
+    return parse_rule(args.approval, args.approvers, settings.telegram_approvers, max_grant, args.operator_decides)
 
 
 def cmd_secrets_approval(settings: Settings, args: argparse.Namespace) -> None:
@@ -209,6 +212,8 @@ def _decide(settings: Settings, request_id: str, approve: bool, grant: int = 0, 
         )
         return
     print(f"{req.status} {req.id} ({visible(req.agent)} asked for {visible(req.secret)})")
+    if req.status == "approved" and decision.votes and decision.votes < rule.needed:
+        print(f"  by the operator alone: the rule lets the operator decide ({decision.votes} of {rule.needed} votes)")
     if call is not None:
         for line in _call_lines(call, policy):
             print(f"  {line}")
@@ -403,6 +408,12 @@ def _approval_flags(s: argparse.ArgumentParser) -> None:
         metavar="ID,ID",
         help="only these Telegram user ids (from SECRET_PROXY_TELEGRAM_APPROVERS) may decide; the operator's CLI "
         "always may",
+    )
+    s.add_argument(
+        "--operator-decides",
+        action="store_true",
+        help="with --approval quorum:N: the operator's CLI approval alone approves (without it the CLI is one "
+        "approver of the N)",
     )
     s.add_argument(
         "--max-grant",

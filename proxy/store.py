@@ -719,6 +719,7 @@ class Store:
                                 votes=votes,
                             )
                             return Decision(req, changed=False, vote="repeated", votes=votes)
+                        alone = rule.decided_by_alone(who)  # the rule lets the operator decide alone
                         self._audit(
                             conn,
                             actor,
@@ -728,8 +729,9 @@ class Store:
                             votes=votes,
                             needed=rule.needed,
                             voter=who,
+                            **({"decides_alone": True} if alone else {}),
                         )
-                        if votes < rule.needed:
+                        if votes < rule.needed and not alone:
                             return Decision(req, changed=True, vote="counted", votes=votes)
                     status = "approved" if approve else "denied"
                     expires_at = now + req.ttl_seconds if approve else req.expires_at

@@ -89,7 +89,8 @@ def rule_lines(rule: ApprovalRule, votes: list[str], names: dict[int, str]) -> l
     if rule.kind == "quorum":
         so_far = ", ".join(_who(v, names) for v in votes) or "nobody yet"
         more = rule.needed - len(votes)
-        out.append(f"Approval: <b>{rule.needed} distinct approvers</b>; one deny ends it")
+        alone = "; or the operator's CLI alone" if rule.operator_decides else ""
+        out.append(f"Approval: <b>{rule.needed} distinct approvers</b>{alone}; one deny ends it")
         out.append(f"Approved so far: {so_far}; {more} more needed" if more > 0 else f"Approved by {so_far}")
     if rule.approvers:
         out.append(f"Only these approvers decide: {', '.join(f'id {a}' for a in rule.approvers)} (and the CLI)")

@@ -121,6 +121,31 @@ def test_the_operators_cli_counts_as_one_approver_of_a_quorum(rig):
     assert rig.status(rid) == "approved"
     votes = [e for e in audit(rig, rid) if e.action == "request.vote"]
     assert [e.detail["voter"] for e in votes] == ["operator", f"telegram:{BOB}"]
+    shown = cli(rig.data.settings.data_dir, "secrets", "show", "api-quorum-cli")
+    assert b"operator: the CLI counts as one approver of the quorum" in shown.stdout
+
+
+def test_a_quorum_that_lets_the_operator_decide_is_approved_by_the_cli_alone_and_by_no_single_approver(rig):
+    store_secret(rig, "api-quorum-op", "--approval", "quorum:2", "--operator-decides")
+    shown = cli(rig.data.settings.data_dir, "secrets", "show", "api-quorum-op")
+    assert b"operator: the CLI's approval alone decides (--operator-decides)" in shown.stdout, shown.stderr
+    rid = rig.ask("the approvers are asleep", "api-quorum-op")
+    message = rig.message_for(rid)
+    assert "Approval: 2 distinct approvers; or the operator's CLI alone; one deny ends it" in message["text"]
+    # An approver is still one of two: only the operator's role decides alone.
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
+    assert rig.status(rid) == "pending"
+    alone = rig.ask("nobody else is around", "api-quorum-op")
+    done = cli(rig.data.settings.data_dir, "approve", alone)
+    assert done.returncode == 0 and b"by the operator alone" in done.stdout, done.stderr
+    assert rig.status(alone) == "approved"
+    assert rig.agent().retrieve(alone).body["value"] == SECRET_VALUE
+    message_showing(rig, rig.message_for(alone)["message_id"], "✅ Approved by operator:")
+    entries = audit(rig, alone)
+    assert [(e.detail["voter"], e.detail["decides_alone"]) for e in entries if e.action == "request.vote"] == [
+        ("operator", True)
+    ]
+    assert [e.actor.split(":")[0] for e in entries if e.action == "request.approved"] == ["operator"]
 
 
 def test_an_auto_secret_is_approved_at_once_audited_and_never_posted(rig):
