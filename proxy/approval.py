@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .grants import LENGTH_NAMES, MAX_CALLS
+
 KINDS = ("auto", "approve", "quorum", "deny")
 MAX_QUORUM = 9
 OPERATOR = "operator"  # the one vote every CLI user shares
@@ -31,6 +33,7 @@ class ApprovalRule:
     needed: int = 1  # distinct approvals that approve; 1 unless a quorum
     approvers: tuple[int, ...] = ()  # Telegram user ids who may decide; empty: every configured approver
     max_grant: int = 0  # the longest grant an approver may give, seconds (grants.FOREVER: until revoked); 0: none
+    grant_calls: int = 0  # with max_grant: a grant approves at most this many requests (calls); 0: no count
     # A quorum only: the operator's CLI approval decides alone (break-glass for a quorum that cannot gather).
     # Without it the operator is one approver among the N.
     operator_decides: bool = False
@@ -42,6 +45,7 @@ class ApprovalRule:
                 "needed": self.needed,
                 "approvers": list(self.approvers),
                 "max_grant": self.max_grant,
+                "grant_calls": self.grant_calls,
                 "operator_decides": self.operator_decides,
             }
         )
@@ -57,6 +61,7 @@ class ApprovalRule:
             int(raw["needed"]),
             tuple(int(a) for a in raw["approvers"]),
             int(raw.get("max_grant", 0)),
+            int(raw.get("grant_calls", 0)),
             bool(raw.get("operator_decides", False)),
         )
 
@@ -87,10 +92,13 @@ class ApprovalRule:
                 else "operator: the CLI counts as one approver of the quorum"
             )
         if self.kind == "approve":
-            longest = {0: "none (each approval is for one use)", -1: "until revoked"}.get(
-                self.max_grant, f"{self.max_grant // 60} min"
+            longest = (
+                LENGTH_NAMES.get(self.max_grant, f"{self.max_grant // 60} min")
+                if self.max_grant
+                else "none (each approval is for one use)"
             )
-            out.append(f"longest grant: {longest}")
+            calls = f", at most {self.grant_calls} calls each" if self.max_grant and self.grant_calls else ""
+            out.append(f"longest grant: {longest}{calls}")
         return out
 
 
@@ -108,12 +116,17 @@ def parse_rule(
     configured: tuple[int, ...] = (),
     max_grant: int = 0,
     operator_decides: bool = False,
+    grant_calls: int | None = None,
 ) -> ApprovalRule:
     """`auto`, `approve`, `quorum:N` or `deny`, with an optional comma-separated subset of `configured`,
     the longest grant (seconds; -1 until revoked) an approver may give, which only `approve` allows, and
-    for a quorum whether the operator's CLI alone may decide."""
+    for a quorum whether the operator's CLI alone may decide; `grant_calls` bounds each grant's requests."""
     if max_grant and spec.strip() != "approve":
         raise ApprovalError("--max-grant needs --approval approve: a grant is one approver's decision")
+    if grant_calls is not None and not max_grant:
+        raise ApprovalError("--grant-calls needs --max-grant: it bounds the calls of a grant")
+    if grant_calls is not None and not 1 <= grant_calls <= MAX_CALLS:
+        raise ApprovalError(f"--grant-calls N needs N from 1 to {MAX_CALLS}")
     kind, _, count = spec.strip().partition(":")
     if operator_decides and kind != "quorum":
         raise ApprovalError(
@@ -141,4 +154,4 @@ def parse_rule(
             )
         if needed > len(ids) + 1:  # the operator's CLI is one more approver
             raise ApprovalError(f"quorum:{needed} cannot be reached by {len(ids)} approvers and the operator")
-    return ApprovalRule(kind, needed, ids, max_grant, operator_decides)
+    return ApprovalRule(kind, needed, ids, max_grant, grant_calls or 0, operator_decides)

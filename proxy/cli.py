@@ -79,9 +79,9 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
 def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule | None:
     """The rule `--approval`/`--approvers` describe; None when neither is given (the rule stays as it is)."""
     if args.approval is None:
-        if args.approvers or args.max_grant or args.operator_decides:
+        if args.approvers or args.max_grant or args.grant_calls is not None or args.operator_decides:
             raise ApprovalError(
-                "--approvers, --max-grant and --operator-decides need --approval "
+                "--approvers, --max-grant, --grant-calls and --operator-decides need --approval "
                 "(approve, or quorum:N for --approvers and --operator-decides)"
             )
         return None
@@ -89,7 +89,9 @@ def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule
         max_grant = parse_length(args.max_grant) if args.max_grant else 0
     except GrantError as exc:
         raise ApprovalError(f"--max-grant: {exc}") from None
-    return parse_rule(args.approval, args.approvers, settings.telegram_approvers, max_grant, args.operator_decides)
+    return parse_rule(
+        args.approval, args.approvers, settings.telegram_approvers, max_grant, args.operator_decides, args.grant_calls
+    )
 
 
 def cmd_secrets_approval(settings: Settings, args: argparse.Namespace) -> None:
@@ -420,6 +422,13 @@ def _approval_flags(s: argparse.ArgumentParser) -> None:
         metavar="LENGTH",
         help="with --approval approve: the longest grant an approver may give, 15m, 1h or forever (until revoked); "
         "without it every approval is for one use",
+    )
+    s.add_argument(
+        "--grant-calls",
+        type=int,
+        metavar="N",
+        help="with --max-grant: every grant approves at most N requests (calls, or retrievals); a Telegram grant "
+        "button gives N, `approve --for ... --calls M` at most N",
     )
 
 

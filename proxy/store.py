@@ -25,7 +25,7 @@ from .approval import ApprovalRule, voter
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
-from .grants import FOREVER, Grant, call_prefix, within
+from .grants import FOREVER, Grant, GrantError, call_prefix, calls_within, within
 from .policy import Policy
 
 # Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
@@ -656,7 +656,8 @@ class Store:
 
         `grant_seconds` (grants.FOREVER: until revoked) approves, besides this request, the same agent's
         next ones for the same secret (for a call: the same method and destination prefix, `grant_calls`
-        of them at most) for that long; only within the rule's `max_grant`, else refused (`forbidden`)."""
+        of them at most; None: the rule's `grant_calls`, if it sets one) for that long; only within the
+        rule's `max_grant` and `grant_calls`, else refused (`forbidden`, kind `grant_not_allowed`)."""
         self.expire_due()
         now = self._clock()
         grant_refusal: StoreError | None = None
@@ -687,15 +688,19 @@ class Store:
                         conn, actor, "decision.refused", request_id, req.secret, code="not_this_secrets_approver"
                     )
                     return Decision(req, changed=False, vote="not_allowed")
-                if approve and grant_seconds and not (rule.kind == "approve" and within(grant_seconds, rule.max_grant)):
+                if approve and grant_seconds:
                     # The buttons offer only the lengths the rule allows; a forged tap or a CLI flag asks for more.
-                    self._audit(conn, actor, "decision.refused", request_id, req.secret, code="grant_not_allowed")
-                    grant_refusal = StoreError(
-                        "forbidden",
-                        f"{req.secret!r} allows no grant that long (see `secrets show`); approve it once instead",
-                        kind="grant_not_allowed",
-                        secret=req.secret,
-                    )
+                    why = None
+                    if not (rule.kind == "approve" and within(grant_seconds, rule.max_grant)):
+                        why = f"{req.secret!r} allows no grant that long (see `secrets show`); approve it once instead"
+                    else:
+                        try:
+                            grant_calls = calls_within(grant_calls, rule.grant_calls)
+                        except GrantError as exc:
+                            why = f"{exc} (see `secrets show`); give fewer with --calls"
+                    if why is not None:
+                        self._audit(conn, actor, "decision.refused", request_id, req.secret, code="grant_not_allowed")
+                        grant_refusal = StoreError("forbidden", why, kind="grant_not_allowed", secret=req.secret)
                 votes = 0
                 refusal = None
                 if grant_refusal is None:

@@ -172,6 +172,60 @@ def test_a_brokered_grant_covers_only_the_approved_method_and_destination_prefix
     assert all(e.detail["call"]["body_sha256"] and e.detail["call"]["url"] for e in created)
 
 
+def test_a_telegram_grant_for_calls_gives_the_count_the_secrets_rule_sets_and_says_so(rig):
+    store_secret(
+        rig,
+        "api-grant-count",
+        "--allow",
+        "https://api.example.com/v1/",
+        "--inject",
+        "Authorization: Bearer {value}",
+        "--approval",
+        "approve",
+        "--max-grant",
+        "1h",
+        "--grant-calls",
+        "2",
+    )
+    assert "longest grant: 1 h, at most 2 calls each" in run(rig, "secrets", "show", "api-grant-count")
+
+    def ask(path: str) -> dict:
+        body = {"secret": "api-grant-count", "reason": "label issues", "method": "POST", "url": path}
+        created = rig.agent().call("POST", "/v1/calls", body)
+        assert created.status == 201, created.body
+        return created.body
+
+    first = ask("https://api.example.com/v1/issues/1/labels")
+    message = rig.message_for(first["id"])
+    labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
+    assert labels == ["Approve", "Deny", "Approve for 15 min, 2 calls", "Approve for 1 h, 2 calls"]
+    rid = first["id"]
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"h:{rid}")).startswith("Approved.")
+    closed = message_showing(rig, message["message_id"], "🔓 Grant")
+    covers = "POST calls to https://api.example.com:443/v1/issues/1/… of this secret (at most 2 more calls)"
+    assert covers in closed["text"]
+    assert [ask(f"https://api.example.com/v1/issues/1/{n}")["status"] for n in range(3)] == [
+        "approved",
+        "approved",
+        "pending",
+    ]
+    message_showing(rig, message["message_id"], "its calls are used up")
+
+    # The CLI may give fewer calls, never more than the rule's count; a refusal is audited.
+    second = ask("https://api.example.com/v1/issues/2/labels")["id"]
+    refused = cli(rig.data.settings.data_dir, "approve", second, "--for", "1h", "--calls", "3")
+    assert refused.returncode == 1 and b"at most 2 calls" in refused.stderr, refused.stderr
+    assert [e for e in audit(rig) if e.request_id == second and e.detail.get("code") == "grant_not_allowed"]
+    assert rig.status(second) == "pending"
+    run(rig, "approve", second, "--for", "1h", "--calls", "1")
+    assert [g.calls_left for g in grants_of(rig, "api-grant-count")] == [1]
+
+
+def grants_of(rig: Rig, secret: str) -> list:
+    with Store(rig.data.settings) as store:
+        return [g for g in store.list_grants() if g.secret == secret]
+
+
 def test_a_grant_ends_at_its_time_and_survives_a_restart(tmp_path):
     rig = start_rig(tmp_path)
     try:

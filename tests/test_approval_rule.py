@@ -73,3 +73,19 @@ def test_a_grant_fits_within_the_secrets_longest_grant_only():
     assert parse_rule("approve", max_grant=3600).max_grant == 3600
     with pytest.raises(ApprovalError, match="needs --approval approve"):
         parse_rule("quorum:2", max_grant=3600)
+
+
+def test_a_rules_count_of_grant_calls_bounds_every_grant_and_needs_grants():
+    from proxy.grants import GrantError, calls_within
+
+    assert parse_rule("approve", max_grant=3600, grant_calls=5).grant_calls == 5
+    for bad, says in ((0, "N from 1"), (1001, "N from 1")):
+        with pytest.raises(ApprovalError, match=says):
+            parse_rule("approve", max_grant=3600, grant_calls=bad)
+    with pytest.raises(ApprovalError, match="--grant-calls needs --max-grant"):
+        parse_rule("approve", grant_calls=5)
+    assert calls_within(None, 0) is None and calls_within(3, 0) == 3  # no cap: what was asked
+    assert calls_within(None, 5) == 5 and calls_within(2, 5) == 2  # a button asks nothing: the cap
+    for asked in (6, 0):
+        with pytest.raises(GrantError):
+            calls_within(asked, 5)
