@@ -143,6 +143,28 @@ def test_a_grant_ends_when_the_agents_token_is_revoked(rig):
     assert status_of_new(rig, "api-grant-agent", token) == "pending"
 
 
+def test_a_grant_ends_when_the_secret_becomes_a_quorum_and_none_is_given_under_one(rig):
+    """Quorum bypass: neither a grant from before the quorum nor the operator's grant stands in for it."""
+    store_secret(rig, "api-grant-quorum", "--approval", "approve", "--max-grant", "1h")
+    rid = rig.ask("one approver suffices today", "api-grant-quorum")
+    run(rig, "approve", rid, "--for", "1h")
+    assert status_of_new(rig, "api-grant-quorum") == "approved"
+    run(rig, "secrets", "approval", "api-grant-quorum", "--approval", "quorum:2", "--operator-decides")
+    pending = rig.ask("now it needs two", "api-grant-quorum")
+    assert rig.status(pending) == "pending"
+    ended = [e for e in audit(rig) if e.action == "grant.ended" and e.secret == "api-grant-quorum"]
+    assert [e.detail["why"] for e in ended] == ["the secret's approval rule changed"]
+    # Even the operator, who may decide this quorum alone, approves it once: a grant is refused, no vote counted.
+    refused = cli(rig.data.settings.data_dir, "approve", pending, "--for", "1h")
+    assert refused.returncode == 1 and b"allows no grant" in refused.stderr, refused.stderr
+    with Store(rig.data.settings) as store:
+        assert store.votes(pending) == []
+    assert grants_of(rig, "api-grant-quorum") == []
+    run(rig, "approve", pending)
+    assert rig.status(pending) == "approved"
+    assert status_of_new(rig, "api-grant-quorum") == "pending"
+
+
 def test_a_brokered_grant_covers_only_the_approved_method_and_destination_prefix(rig):
     from proxy.policy import build_policy
 
