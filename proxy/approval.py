@@ -3,7 +3,9 @@
 A rule is per secret, written by the operator with the CLI: `auto` (no human; the request is
 approved when it is made, still audited and rate limited), `approve` (the default: one approver),
 `quorum N` (N distinct approvers; one deny ends it denied) or `deny` (never). It may name the only
-Telegram approvers who may decide it. A request keeps a copy of the rule it was created under, so
+Telegram approvers who may decide it, and says whether the value may be retrieved at all or only
+used in brokered calls (`broker_only`, which no later rule change loosens unless it says so:
+`changed_rule`). A request keeps a copy of the rule it was created under, so
 that changing a secret's rule never widens a request already pending (docs/telegram.md).
 
 Votes are counted per person, never per tap: an approver tapping twice counts once, and the
@@ -14,7 +16,7 @@ operator alone may decide (`operator_decides`): then the CLI's approval approves
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .grants import LENGTH_NAMES, MAX_CALLS
 
@@ -33,6 +35,8 @@ class ApprovalRule:
     needed: int = 1  # distinct approvals that approve; 1 unless a quorum
     approvers: tuple[int, ...] = ()  # Telegram user ids who may decide; empty: every configured approver
     max_grant: int = 0  # the longest grant an approver may give, seconds (grants.FOREVER: until revoked); 0: none
+    # The value is never handed out, only used in brokered calls (`--broker-only`, `--retrieval refused`).
+    broker_only: bool = False
     grant_calls: int = 0  # with max_grant: a grant approves at most this many requests (calls); 0: no count
     # A quorum only: the operator's CLI approval decides alone (break-glass for a quorum that cannot gather).
     # Without it the operator is one approver among the N.
@@ -45,6 +49,7 @@ class ApprovalRule:
                 "needed": self.needed,
                 "approvers": list(self.approvers),
                 "max_grant": self.max_grant,
+                "broker_only": self.broker_only,
                 "grant_calls": self.grant_calls,
                 "operator_decides": self.operator_decides,
             }
@@ -61,6 +66,7 @@ class ApprovalRule:
             int(raw["needed"]),
             tuple(int(a) for a in raw["approvers"]),
             int(raw.get("max_grant", 0)),
+            bool(raw.get("broker_only", False)),
             int(raw.get("grant_calls", 0)),
             bool(raw.get("operator_decides", False)),
         )
@@ -83,6 +89,12 @@ class ApprovalRule:
 
     def lines(self) -> list[str]:
         out = [f"approval: {self.show()}"]
+        if self.kind != "deny":
+            out.append(
+                "retrieval: refused (brokered calls only; --broker-only)"
+                if self.broker_only
+                else "retrieval: allowed with approval"
+            )
         if self.approvers and self.kind in ("approve", "quorum"):
             out.append(f"approvers: {', '.join(str(a) for a in self.approvers)} (and the operator's CLI)")
         if self.kind == "quorum":
@@ -154,4 +166,16 @@ def parse_rule(
             )
         if needed > len(ids) + 1:  # the operator's CLI is one more approver
             raise ApprovalError(f"quorum:{needed} cannot be reached by {len(ids)} approvers and the operator")
-    return ApprovalRule(kind, needed, ids, max_grant, grant_calls or 0, operator_decides)
+    return ApprovalRule(
+        kind, needed, ids, max_grant=max_grant, grant_calls=grant_calls or 0, operator_decides=operator_decides
+    )
+
+
+def changed_rule(current: ApprovalRule, given: ApprovalRule | None, broker_only: bool | None) -> ApprovalRule:
+    """A secret's rule after the operator's change: `given` (None: `current` kept), and whether the value may
+    be retrieved as `broker_only` says, or else as it was. Rewriting how much approval a secret needs never
+    lets a broker-only value out; only `--retrieval allowed` does, and `given` asking for broker-only is kept."""
+    rule = given or current
+    if broker_only is None:
+        broker_only = current.broker_only or rule.broker_only
+    return replace(rule, broker_only=broker_only)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from . import audit, crypto, key_files, schema, wire
-from .approval import ApprovalRule, voter
+from .approval import ApprovalRule, changed_rule, voter
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
@@ -257,17 +257,25 @@ class Store:
 
     # -- secrets -----------------------------------------------------------
     def set_secret(
-        self, name: str, value: bytes, actor: str, policy: Policy | None = None, approval: ApprovalRule | None = None
+        self,
+        name: str,
+        value: bytes,
+        actor: str,
+        policy: Policy | None = None,
+        approval: ApprovalRule | None = None,
+        broker_only: bool | None = None,
     ) -> None:
         """Store a value with its use policy; `approval` None keeps the secret's approval rule (a new one's is
-        `approve`), so that replacing a value never quietly loosens how much approval it needs."""
+        `approve`), so that replacing a value never quietly loosens how much approval it needs, and
+        `broker_only` None keeps whether it may be retrieved (`approval.changed_rule`)."""
         check_secret_name(name)
         if not value:
             raise StoreError("invalid_request", "a secret value must not be empty")
         sealed = crypto.seal(self._key, name, value)
         with self.transaction() as conn:
             existed = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
-            rule_json = approval.to_json() if approval else (existed[0] if existed else None)
+            current = ApprovalRule.from_json(existed[0] if existed else None)
+            rule_json = changed_rule(current, approval, broker_only).to_json()
             conn.execute(
                 "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at, policy, approval)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -291,12 +299,16 @@ class Store:
             )
             self._end_grants(conn, actor, "the secret's value or use policy changed", "secret = ?", (name,))
 
-    def set_approval(self, name: str, rule: ApprovalRule, actor: str) -> None:
-        """Change only a secret's approval rule. Pending requests keep the rule they were created under."""
+    def set_approval(
+        self, name: str, rule: ApprovalRule | None, actor: str, broker_only: bool | None = None
+    ) -> ApprovalRule:
+        """Change only a secret's approval rule (None: keep it) and whether it may be retrieved (None: keep
+        that); return the rule now in force. Pending requests keep the rule they were created under."""
         with self.transaction() as conn:
             row = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise StoreError("unknown_secret", f"no secret named {name!r}; store it with `secrets set` first")
+            rule = changed_rule(ApprovalRule.from_json(row[0]), rule, broker_only)
             conn.execute("UPDATE secrets SET approval = ? WHERE name = ?", (rule.to_json(), name))
             self._audit(
                 conn,
@@ -307,6 +319,7 @@ class Store:
                 approval=rule.lines(),
             )
             self._end_grants(conn, actor, "the secret's approval rule changed", "secret = ?", (name,))
+        return rule
 
     def get_approval(self, name: str) -> ApprovalRule:
         row = self._conn().execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -356,10 +369,14 @@ class Store:
         row = self._conn().execute("SELECT body FROM calls WHERE request_id = ?", (request_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def secrets_in_scope(self, agent: Agent) -> list[tuple[str, Policy | None]]:
-        """The secrets `agent` may ask for, with their use policies (never a value)."""
-        rows = self._conn().execute("SELECT name, policy FROM secrets ORDER BY name")
-        return [(name, Policy.from_json(p) if p else None) for name, p in rows if agent.may_request(name)]
+    def secrets_in_scope(self, agent: Agent) -> list[tuple[str, Policy | None, ApprovalRule]]:
+        """The secrets `agent` may ask for, with their use policies and approval rules (never a value)."""
+        rows = self._conn().execute("SELECT name, policy, approval FROM secrets ORDER BY name")
+        return [
+            (name, Policy.from_json(p) if p else None, ApprovalRule.from_json(a))
+            for name, p, a in rows
+            if agent.may_request(name)
+        ]
 
     def delete_secret(self, name: str, actor: str) -> None:
         with self.transaction() as conn:
@@ -449,7 +466,7 @@ class Store:
             raise StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}", secret=secret)
         if not self.secret_exists(secret):
             raise StoreError("unknown_secret", f"no secret named {secret!r}", secret=secret)
-        if call is None and (policy := self.get_policy(secret)) is not None and policy.broker_only:
+        if call is None and self.get_approval(secret).broker_only:
             raise StoreError(
                 "broker_only",
                 f"{secret!r} can only be used in a brokered call (POST /v1/calls), never retrieved",
@@ -867,7 +884,7 @@ class Store:
                     f"this request approved a call, not a retrieval; make it with POST /v1/requests/{request_id}/call",
                     secret=req.secret,
                 )
-            if (policy := self.get_policy(req.secret)) is not None and policy.broker_only:
+            if self.get_approval(req.secret).broker_only:  # as the rule is now: a tightening applies at once
                 raise StoreError(
                     "broker_only",
                     f"{req.secret!r} can only be used in a brokered call, never retrieved",

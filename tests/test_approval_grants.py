@@ -169,8 +169,8 @@ def test_a_brokered_grant_covers_only_the_approved_method_and_destination_prefix
     from proxy.policy import build_policy
 
     with Store(rig.data.settings) as store:
-        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True)
-        store.set_secret("api-grant-call", SECRET_VALUE.encode(), "operator:test", policy)
+        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}")
+        store.set_secret("api-grant-call", SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
     run(rig, "secrets", "approval", "api-grant-call", "--approval", "approve", "--max-grant", "1h")
 
     def ask(method: str, url: str) -> dict:

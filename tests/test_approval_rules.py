@@ -209,6 +209,43 @@ def test_a_rule_change_never_widens_a_pending_request(rig):
     assert changes and changes[-1].detail["approval"][0].startswith("approval: auto")
 
 
+def test_broker_only_is_part_of_the_rule_and_no_rule_change_lets_the_value_out_unless_it_says_so(rig):
+    def show() -> str:
+        done = cli(rig.data.settings.data_dir, "secrets", "show", "api-brokered")
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode()
+
+    def asked() -> dict:
+        return rig.agent().ask("api-brokered", "may I hold it?").body
+
+    policy = ("--allow", "https://api.example.com/v1/", "--inject", "Authorization: Bearer {value}")
+    store_secret(rig, "api-brokered", *policy, "--broker-only")  # the old flag: --retrieval refused
+    assert "  approval: approve (one approver)\n  retrieval: refused (brokered calls only; --broker-only)" in show()
+    assert asked()["error"] == "broker_only"
+    # A new value, and a new approval rule, keep it broker-only: neither says otherwise.
+    store_secret(rig, "api-brokered", *policy)
+    done = cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--approval", "quorum:2")
+    assert done.returncode == 0 and b"retrieval: refused" in done.stdout, done.stderr
+    assert "retrieval: refused" in show() and asked()["error"] == "broker_only"
+    # Only --retrieval allowed lets it out; --retrieval refused closes it again, for an approved request too.
+    cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--approval", "approve")
+    done = cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--retrieval", "allowed")
+    assert done.returncode == 0 and "retrieval: allowed with approval" in show(), done.stderr
+    rid = asked()["id"]
+    assert cli(rig.data.settings.data_dir, "approve", rid).returncode == 0
+    cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--retrieval", "refused")
+    refused = rig.agent().retrieve(rid)
+    assert refused.status == 403 and refused.body["error"] == "broker_only", refused.body
+    both = cli(
+        rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--broker-only", "--retrieval", "allowed"
+    )
+    assert both.returncode == 2 and b"not allowed with argument" in both.stderr
+    listed = {s["name"]: s for s in rig.agent().call("GET", "/v1/secrets").body["secrets"]}
+    assert listed["api-brokered"]["retrieve"] is False and listed["api-brokered"]["call"] is True
+    changes = [e for e in audit(rig) if e.action == "secret.approval_set" and e.secret == "api-brokered"]
+    assert "retrieval: refused (brokered calls only; --broker-only)" in changes[-1].detail["approval"]
+
+
 def test_a_restart_keeps_a_partial_quorum(tmp_path):
     rig = start_rig(tmp_path, APPROVERS)
     try:
