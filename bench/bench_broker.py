@@ -81,7 +81,8 @@ def main() -> None:
                 "bench-key",
                 VALUE,
                 "operator:bench",
-                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}", True),
+                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: Bearer {value}"),
+                broker_only=True,
             )
             token = store.add_agent("bench", ["bench-*"], "operator:bench")
         server = start_server(settings, quiet=True)

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from . import broker, crypto, wire
 from . import store as st
 from .api_common import authenticate, iso, read_ask, record_ask, request_id_of, state_of, within_budget
+from .approval import ApprovalRule
 from .errors import ApiError, StoreError
 from .openapi import OPENAPI
 from .policy import Policy
@@ -149,10 +150,10 @@ async def list_secrets(request: HttpRequest) -> JSONResponse:
     state = state_of(request)
     agent = authenticate(request, state)
     await within_budget(state, agent, state.limits.poll, "secrets.refused")
-    return JSONResponse({"secrets": [secret_view(n, p) for n, p in state.store.secrets_in_scope(agent)]})
+    return JSONResponse({"secrets": [secret_view(n, p, r) for n, p, r in state.store.secrets_in_scope(agent)]})
 
 
-def secret_view(name: str, policy: Policy | None) -> dict[str, Any]:
+def secret_view(name: str, policy: Policy | None, rule: ApprovalRule) -> dict[str, Any]:
     """How a secret may be used: retrieved, used in calls (to which destinations, injected how), or both.
 
     The injection's kind and header or parameter name only: its template may hold fixed text
@@ -160,7 +161,7 @@ def secret_view(name: str, policy: Policy | None) -> dict[str, Any]:
     callable_ = policy is not None and bool(policy.destinations) and policy.injection is not None
     return {
         "name": name,
-        "retrieve": not (policy is not None and policy.broker_only),
+        "retrieve": not rule.broker_only,
         "call": callable_,
         "destinations": [d.show() for d in policy.destinations] if policy and callable_ else [],
         "inject": {"kind": policy.injection.kind, "name": policy.injection.name}

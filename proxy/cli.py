@@ -56,7 +56,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
     try:  # checked before the value is read: a typo in a flag must not cost the operator a paste
-        policy = build_policy(args.allow, args.allow_private, args.inject, args.broker_only, args.allow_header)
+        policy = build_policy(args.allow, args.allow_private, args.inject, args.allow_header)
         approval = _approval_rule(settings, args)
     except (PolicyError, ApprovalError) as exc:
         raise CliError(f"{exc}; see `python -m proxy secrets set --help`") from None
@@ -67,7 +67,7 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
         if value.endswith(b"\n"):
             value = value[:-1]  # `echo value |` adds a newline nobody means as part of a key
     with Store(settings) as store:
-        store.set_secret(args.name, value, operator(), policy, approval)
+        store.set_secret(args.name, value, operator(), policy, approval, _broker_only(args))
         rule = store.get_approval(args.name)
     print(f"stored {args.name}")
     for line in [*(policy.lines() if policy else []), *rule.lines()]:
@@ -79,26 +79,39 @@ def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
 def _approval_rule(settings: Settings, args: argparse.Namespace) -> ApprovalRule | None:
     """The rule `--approval`/`--approvers` describe; None when neither is given (the rule stays as it is)."""
     if args.approval is None:
-        if args.approvers or args.max_grant:
-            raise ApprovalError("--approvers and --max-grant need --approval (approve, or quorum:N for --approvers)")
+        if args.approvers or args.max_grant or args.grant_calls is not None or args.operator_decides:
+            raise ApprovalError(
+                "--approvers, --max-grant, --grant-calls and --operator-decides need --approval "
+                "(approve, or quorum:N for --approvers and --operator-decides)"
+            )
         return None
     try:
         max_grant = parse_length(args.max_grant) if args.max_grant else 0
     except GrantError as exc:
         raise ApprovalError(f"--max-grant: {exc}") from None
-    return parse_rule(args.approval, args.approvers, settings.telegram_approvers, max_grant)
+    return parse_rule(
+        args.approval, args.approvers, settings.telegram_approvers, max_grant, args.operator_decides, args.grant_calls
+    )
+
+
+def _broker_only(args: argparse.Namespace) -> bool | None:
+    """Whether `--retrieval` (or its old spelling `--broker-only`) asks for broker-only use; None: not said."""
+    return None if args.retrieval is None else args.retrieval == "refused"
 
 
 def cmd_secrets_approval(settings: Settings, args: argparse.Namespace) -> None:
-    """Change only how much approval a secret needs; its value and use policy stay."""
+    """Change only how a secret is approved and whether it may be retrieved; its value and use policy stay."""
     try:
         rule = _approval_rule(settings, args)
     except ApprovalError as exc:
         raise CliError(f"{exc}; see `python -m proxy secrets approval --help`") from None
-    if rule is None:
-        raise CliError("give --approval auto|approve|quorum:N|deny (and optionally --approvers ID,ID)")
+    if rule is None and args.retrieval is None:
+        raise CliError(
+            "give --approval auto|approve|quorum:N|deny (and optionally --approvers ID,ID), "
+            "or --retrieval allowed|refused"
+        )
     with Store(settings) as store:
-        store.set_approval(args.name, rule, operator())
+        rule = store.set_approval(args.name, rule, operator(), _broker_only(args))
     print(f"approval rule of {args.name} set; requests already pending keep the rule they were made under")
     for line in rule.lines():
         print(f"  {line}")
@@ -111,7 +124,7 @@ def cmd_secrets_show(settings: Settings, args: argparse.Namespace) -> None:
         policy = store.get_policy(args.name)
         rule = store.get_approval(args.name)
     print(args.name)
-    for line in policy.lines() if policy else ["no use policy: retrievable with approval, never brokered"]:
+    for line in policy.lines() if policy else ["no use policy: never used in brokered calls"]:
         print(f"  {line}")
     for line in rule.lines():
         print(f"  {line}")
@@ -209,6 +222,8 @@ def _decide(settings: Settings, request_id: str, approve: bool, grant: int = 0, 
         )
         return
     print(f"{req.status} {req.id} ({visible(req.agent)} asked for {visible(req.secret)})")
+    if req.status == "approved" and decision.votes and decision.votes < rule.needed:
+        print(f"  by the operator alone: the rule lets the operator decide ({decision.votes} of {rule.needed} votes)")
     if call is not None:
         for line in _call_lines(call, policy):
             print(f"  {line}")
@@ -313,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="how the value goes into a call: 'Header: ...{value}...', 'query:NAME' or 'basic:USER'",
     )
-    s.add_argument("--broker-only", action="store_true", help="never hand the value out; only use it in calls")
     s.add_argument(
         "--allow-header",
         action="append",
@@ -324,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _approval_flags(s)
     s.set_defaults(fn=cmd_secrets_set)
-    s = secrets.add_parser("approval", help="change how much approval a secret needs (value and policy stay)")
+    s = secrets.add_parser(
+        "approval",
+        help="change how much approval a secret needs or whether it may be retrieved (value and policy stay)",
+    )
     s.add_argument("name")
     _approval_flags(s)
     s.set_defaults(fn=cmd_secrets_approval)
@@ -391,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _approval_flags(s: argparse.ArgumentParser) -> None:
+    retrieval = s.add_mutually_exclusive_group()
+    retrieval.add_argument(
+        "--retrieval",
+        choices=("allowed", "refused"),
+        help="whether the value may be handed out with approval (allowed, a new secret's default) or only used "
+        "in brokered calls (refused); without it the secret keeps its setting, whatever else changes",
+    )
+    retrieval.add_argument(
+        "--broker-only",
+        dest="retrieval",
+        action="store_const",
+        const="refused",
+        help="the same as --retrieval refused: never hand the value out; only use it in calls",
+    )
     s.add_argument(
         "--approval",
         metavar="RULE",
@@ -405,10 +436,23 @@ def _approval_flags(s: argparse.ArgumentParser) -> None:
         "always may",
     )
     s.add_argument(
+        "--operator-decides",
+        action="store_true",
+        help="with --approval quorum:N: the operator's CLI approval alone approves (without it the CLI is one "
+        "approver of the N)",
+    )
+    s.add_argument(
         "--max-grant",
         metavar="LENGTH",
         help="with --approval approve: the longest grant an approver may give, 15m, 1h or forever (until revoked); "
         "without it every approval is for one use",
+    )
+    s.add_argument(
+        "--grant-calls",
+        type=int,
+        metavar="N",
+        help="with --max-grant: every grant approves at most N requests (calls, or retrievals); a Telegram grant "
+        "button gives N, `approve --for ... --calls M` at most N",
     )
 
 

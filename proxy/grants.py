@@ -21,6 +21,9 @@ LENGTHS = {"15m": 15 * 60, "1h": 60 * 60, "forever": FOREVER}
 LENGTH_NAMES = {15 * 60: "15 min", 60 * 60: "1 h", FOREVER: "until revoked"}
 
 
+MAX_CALLS = 1000  # the largest count a secret's rule may set for its grants (`--grant-calls`)
+
+
 class GrantError(ValueError):
     """A grant length that cannot be given; the message says which can."""
 
@@ -77,3 +80,18 @@ def within(length: int, max_grant: int) -> bool:
     if max_grant == FOREVER:
         return True
     return length != FOREVER and 0 < length <= max_grant
+
+
+def calls_within(asked: int | None, cap: int) -> int | None:
+    """How many requests a new grant may approve: what was asked (None: no count), within the secret's cap
+    (`--grant-calls`; 0: none). Without a count asked, the cap is the count: a Telegram button gives the most
+    the rule allows, never more."""
+    if asked is not None and asked < 1:
+        raise GrantError(f"a grant's count of calls is at least 1; got {asked}")
+    if not cap:
+        return asked
+    if asked is None:
+        return cap
+    if asked > cap:
+        raise GrantError(f"this secret's grants cover at most {cap} calls; got {asked}")
+    return asked

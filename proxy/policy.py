@@ -2,9 +2,9 @@
 
 A secret with no policy can only be retrieved (the original flow). A policy lists
 destinations (scheme, host, port, optional path prefix) and one injection (a header
-template, a query parameter, or basic auth); `broker_only` forbids retrieval, so the
-value never leaves the proxy. The policy is data the operator writes with the CLI;
-the agent only ever sees whether a call matches it.
+template, a query parameter, or basic auth). Whether the value may also be retrieved is
+part of the secret's approval rule (`proxy/approval.py`, `broker_only`). The policy is
+data the operator writes with the CLI; the agent only ever sees whether a call matches it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class Injection:
 class Policy:
     destinations: tuple[Destination, ...]
     injection: Injection | None
-    broker_only: bool = False
     # Headers that change how a destination routes a call (`proxy/broker.py` ROUTING_HEADERS) that the
     # operator lets the agent send anyway; lower case.
     allow_headers: tuple[str, ...] = ()
@@ -76,17 +75,15 @@ class Policy:
     def from_json(cls, text: str) -> Policy:
         raw = json.loads(text)
         injection = Injection(**raw["injection"]) if raw.get("injection") else None
-        return cls(
+        return cls(  # `broker_only`, in policies stored before schema 7, moved to the approval rule
             tuple(Destination(**d) for d in raw["destinations"]),
             injection,
-            bool(raw["broker_only"]),
             tuple(raw.get("allow_headers", ())),  # absent in policies stored before it existed
         )
 
     def lines(self) -> list[str]:
         out = [f"allow {d.show()}" for d in self.destinations] or ["allow (no destination: cannot be used in calls)"]
         out.append(f"inject {self.injection.show()}" if self.injection else "inject (none)")
-        out.append("retrieval: refused (broker-only)" if self.broker_only else "retrieval: allowed with approval")
         if self.allow_headers:
             out.append(f"routing headers the agent may send: {', '.join(self.allow_headers)}")
         return out
@@ -186,10 +183,9 @@ def build_policy(
     allow: list[str],
     allow_private: list[str],
     inject: str | None,
-    broker_only: bool,
     allow_headers: list[str] | None = None,
 ) -> Policy | None:
-    """The policy the CLI's flags describe, or None for a retrieve-only secret."""
+    """The policy the CLI's flags describe, or None for a secret never used in calls."""
     destinations = [parse_destination(u) for u in allow] + [parse_destination(u, True) for u in allow_private]
     headers = sorted({h.strip().lower() for h in allow_headers or []})
     bad = [h for h in headers if not HEADER_NAME_RE.fullmatch(h)]
@@ -197,10 +193,10 @@ def build_policy(
         raise PolicyError(f"--allow-header {bad[0]!r} is not a header name")
     if headers and not destinations:
         raise PolicyError("--allow-header needs at least one --allow destination")
-    if not destinations and inject is None and not broker_only:
+    if not destinations and inject is None:
         return None
     if destinations and inject is None:
         raise PolicyError("--allow needs --inject: say how the value goes into the call")
     if inject is not None and not destinations:
         raise PolicyError("--inject needs at least one --allow destination")
-    return Policy(tuple(destinations), parse_injection(inject) if inject else None, broker_only, tuple(headers))
+    return Policy(tuple(destinations), parse_injection(inject) if inject else None, tuple(headers))

@@ -6,12 +6,15 @@ per version (tests/test_store.py, tests/test_broker.py) opens a database in that
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 
 from . import audit, crypto
+from .approval import ApprovalRule
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
@@ -135,5 +138,19 @@ def migrate(conn: sqlite3.Connection, load_audit_key: Callable[[sqlite3.Connecti
             if column not in [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {sql}")
     # 5 -> 6: grants (proxy/grants.py); the table is new and was created by SCHEMA. Nothing to change.
+    if version < 7:
+        # 6 -> 7: whether a value may be retrieved moved from the use policy (`broker_only`) into the approval
+        # rule, so that one place says how a secret may be used. A broker-only secret stays broker-only; a
+        # policy that only said so (no destination, no injection) is no policy.
+        rows = conn.execute("SELECT name, policy, approval FROM secrets WHERE policy IS NOT NULL").fetchall()
+        for name, policy_json, rule_json in rows:
+            policy = json.loads(policy_json)
+            if "broker_only" not in policy:
+                continue
+            rule = ApprovalRule.from_json(rule_json)
+            if policy.pop("broker_only"):
+                rule = replace(rule, broker_only=True)
+            kept = json.dumps(policy, sort_keys=True) if policy["destinations"] or policy["injection"] else None
+            conn.execute("UPDATE secrets SET policy = ?, approval = ? WHERE name = ?", (kept, rule.to_json(), name))
     if version < SCHEMA_VERSION:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

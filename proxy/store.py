@@ -16,16 +16,16 @@ import secrets as pysecrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from . import audit, crypto, key_files, schema, wire
-from .approval import ApprovalRule, voter
+from .approval import ApprovalRule, changed_rule, voter
 from .broker import Call
 from .config import Settings
 from .errors import StoreError
-from .grants import FOREVER, Grant, call_prefix, within
+from .grants import FOREVER, Grant, GrantError, call_prefix, calls_within, within
 from .policy import Policy
 
 # Whole-string patterns, used with fullmatch: `$` alone would let "name\n" through.
@@ -97,8 +97,14 @@ def init_data_dir(settings: Settings) -> None:
 
 
 class Store:
-    def __init__(self, settings: Settings, key: crypto.MasterKey | None = None) -> None:
+    def __init__(
+        self, settings: Settings, key: crypto.MasterKey | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
+        # Wall-clock time for every deadline the store writes or checks (a request's expiry, a grant's end,
+        # an audit entry's time); a test passes a clock it moves, so that a 15-minute grant ends without
+        # waiting 15 minutes and without editing the database behind the store's back.
+        self._clock = clock
         if key is None:
             key_files.ensure_key_rotation_finished(settings)
             key = crypto.read_key_file(settings.key_path)
@@ -240,7 +246,7 @@ class Store:
         secret: str | None = None,
         **detail: object,
     ) -> None:
-        audit.append(conn, self._audit_key, time.time(), actor, action, request_id, secret, detail)
+        audit.append(conn, self._audit_key, self._clock(), actor, action, request_id, secret, detail)
 
     def record(
         self, actor: str, action: str, request_id: str | None = None, secret: str | None = None, **detail: object
@@ -251,17 +257,25 @@ class Store:
 
     # -- secrets -----------------------------------------------------------
     def set_secret(
-        self, name: str, value: bytes, actor: str, policy: Policy | None = None, approval: ApprovalRule | None = None
+        self,
+        name: str,
+        value: bytes,
+        actor: str,
+        policy: Policy | None = None,
+        approval: ApprovalRule | None = None,
+        broker_only: bool | None = None,
     ) -> None:
         """Store a value with its use policy; `approval` None keeps the secret's approval rule (a new one's is
-        `approve`), so that replacing a value never quietly loosens how much approval it needs."""
+        `approve`), so that replacing a value never quietly loosens how much approval it needs, and
+        `broker_only` None keeps whether it may be retrieved (`approval.changed_rule`)."""
         check_secret_name(name)
         if not value:
             raise StoreError("invalid_request", "a secret value must not be empty")
         sealed = crypto.seal(self._key, name, value)
         with self.transaction() as conn:
             existed = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
-            rule_json = approval.to_json() if approval else (existed[0] if existed else None)
+            current = ApprovalRule.from_json(existed[0] if existed else None)
+            rule_json = changed_rule(current, approval, broker_only).to_json()
             conn.execute(
                 "INSERT OR REPLACE INTO secrets (name, wrapped_key, ciphertext, updated_at, policy, approval)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -269,7 +283,7 @@ class Store:
                     name,
                     sealed.wrapped_key,
                     sealed.ciphertext,
-                    time.time(),
+                    self._clock(),
                     policy.to_json() if policy else None,
                     rule_json,
                 ),
@@ -285,12 +299,16 @@ class Store:
             )
             self._end_grants(conn, actor, "the secret's value or use policy changed", "secret = ?", (name,))
 
-    def set_approval(self, name: str, rule: ApprovalRule, actor: str) -> None:
-        """Change only a secret's approval rule. Pending requests keep the rule they were created under."""
+    def set_approval(
+        self, name: str, rule: ApprovalRule | None, actor: str, broker_only: bool | None = None
+    ) -> ApprovalRule:
+        """Change only a secret's approval rule (None: keep it) and whether it may be retrieved (None: keep
+        that); return the rule now in force. Pending requests keep the rule they were created under."""
         with self.transaction() as conn:
             row = conn.execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise StoreError("unknown_secret", f"no secret named {name!r}; store it with `secrets set` first")
+            rule = changed_rule(ApprovalRule.from_json(row[0]), rule, broker_only)
             conn.execute("UPDATE secrets SET approval = ? WHERE name = ?", (rule.to_json(), name))
             self._audit(
                 conn,
@@ -301,6 +319,7 @@ class Store:
                 approval=rule.lines(),
             )
             self._end_grants(conn, actor, "the secret's approval rule changed", "secret = ?", (name,))
+        return rule
 
     def get_approval(self, name: str) -> ApprovalRule:
         row = self._conn().execute("SELECT approval FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -350,10 +369,14 @@ class Store:
         row = self._conn().execute("SELECT body FROM calls WHERE request_id = ?", (request_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def secrets_in_scope(self, agent: Agent) -> list[tuple[str, Policy | None]]:
-        """The secrets `agent` may ask for, with their use policies (never a value)."""
-        rows = self._conn().execute("SELECT name, policy FROM secrets ORDER BY name")
-        return [(name, Policy.from_json(p) if p else None) for name, p in rows if agent.may_request(name)]
+    def secrets_in_scope(self, agent: Agent) -> list[tuple[str, Policy | None, ApprovalRule]]:
+        """The secrets `agent` may ask for, with their use policies and approval rules (never a value)."""
+        rows = self._conn().execute("SELECT name, policy, approval FROM secrets ORDER BY name")
+        return [
+            (name, Policy.from_json(p) if p else None, ApprovalRule.from_json(a))
+            for name, p, a in rows
+            if agent.may_request(name)
+        ]
 
     def delete_secret(self, name: str, actor: str) -> None:
         with self.transaction() as conn:
@@ -383,7 +406,7 @@ class Store:
                 raise StoreError("agent_exists", f"an agent named {name!r} exists; revoke it first")
             conn.execute(
                 "INSERT INTO agents (name, token_hash, scopes, created_at) VALUES (?, ?, ?, ?)",
-                (name, crypto.hash_token(token), ",".join(scopes), time.time()),
+                (name, crypto.hash_token(token), ",".join(scopes), self._clock()),
             )
             self._audit(conn, actor, "agent.added", agent=name, scopes=scopes)
         return token
@@ -437,13 +460,13 @@ class Store:
         The caller has checked `call` against the secret's policy (`broker.check_call`), and `body`
         (None when the agent asked by the body's hash) against `call`'s hash and size."""
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         refusal: StoreError | None = None
         if not agent.may_request(secret):
             raise StoreError("forbidden", f"agent {agent.name!r} may not request {secret!r}", secret=secret)
         if not self.secret_exists(secret):
             raise StoreError("unknown_secret", f"no secret named {secret!r}", secret=secret)
-        if call is None and (policy := self.get_policy(secret)) is not None and policy.broker_only:
+        if call is None and self.get_approval(secret).broker_only:
             raise StoreError(
                 "broker_only",
                 f"{secret!r} can only be used in a brokered call (POST /v1/calls), never retrieved",
@@ -552,7 +575,7 @@ class Store:
             if row is None:
                 return None
             req = cache[key] = Request(*row)
-        if req.status in ("pending", "approved") and req.expires_at <= time.time():
+        if req.status in ("pending", "approved") and req.expires_at <= self._clock():
             # Report it expired without writing: reads run on the event loop, and the
             # sweeper (or the next write) records the expiry within a second.
             return replace(req, status="expired")
@@ -585,7 +608,7 @@ class Store:
         A request no longer pending is left as it is (`changed` False): an approval the agent no
         longer wants simply expires, and a denial or a use stays on record as it was."""
         self.expire_due()
-        now = time.time()
+        now = self._clock()
         with self.transaction() as conn:
             row = conn.execute(
                 f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ? AND agent = ?", (request_id, agent.name)
@@ -606,7 +629,7 @@ class Store:
     def expire_due(self) -> list[Request]:
         """Mark every pending or approved request past its deadline as expired (and end every grant past its
         time); return the requests."""
-        now = time.time()
+        now = self._clock()
         if (
             self._conn()
             .execute("SELECT 1 FROM grants WHERE ended_at IS NULL AND expires_at <= ? LIMIT 1", (now,))
@@ -650,9 +673,10 @@ class Store:
 
         `grant_seconds` (grants.FOREVER: until revoked) approves, besides this request, the same agent's
         next ones for the same secret (for a call: the same method and destination prefix, `grant_calls`
-        of them at most) for that long; only within the rule's `max_grant`, else refused (`forbidden`)."""
+        of them at most; None: the rule's `grant_calls`, if it sets one) for that long; only within the
+        rule's `max_grant` and `grant_calls`, else refused (`forbidden`, kind `grant_not_allowed`)."""
         self.expire_due()
-        now = time.time()
+        now = self._clock()
         grant_refusal: StoreError | None = None
         with self.transaction() as conn:
             row = conn.execute(f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -681,15 +705,19 @@ class Store:
                         conn, actor, "decision.refused", request_id, req.secret, code="not_this_secrets_approver"
                     )
                     return Decision(req, changed=False, vote="not_allowed")
-                if approve and grant_seconds and not (rule.kind == "approve" and within(grant_seconds, rule.max_grant)):
+                if approve and grant_seconds:
                     # The buttons offer only the lengths the rule allows; a forged tap or a CLI flag asks for more.
-                    self._audit(conn, actor, "decision.refused", request_id, req.secret, code="grant_not_allowed")
-                    grant_refusal = StoreError(
-                        "forbidden",
-                        f"{req.secret!r} allows no grant that long (see `secrets show`); approve it once instead",
-                        kind="grant_not_allowed",
-                        secret=req.secret,
-                    )
+                    why = None
+                    if not (rule.kind == "approve" and within(grant_seconds, rule.max_grant)):
+                        why = f"{req.secret!r} allows no grant that long (see `secrets show`); approve it once instead"
+                    else:
+                        try:
+                            grant_calls = calls_within(grant_calls, rule.grant_calls)
+                        except GrantError as exc:
+                            why = f"{exc} (see `secrets show`); give fewer with --calls"
+                    if why is not None:
+                        self._audit(conn, actor, "decision.refused", request_id, req.secret, code="grant_not_allowed")
+                        grant_refusal = StoreError("forbidden", why, kind="grant_not_allowed", secret=req.secret)
                 votes = 0
                 refusal = None
                 if grant_refusal is None:
@@ -713,6 +741,7 @@ class Store:
                                 votes=votes,
                             )
                             return Decision(req, changed=False, vote="repeated", votes=votes)
+                        alone = rule.decided_by_alone(who)  # the rule lets the operator decide alone
                         self._audit(
                             conn,
                             actor,
@@ -722,8 +751,9 @@ class Store:
                             votes=votes,
                             needed=rule.needed,
                             voter=who,
+                            **({"decides_alone": True} if alone else {}),
                         )
-                        if votes < rule.needed:
+                        if votes < rule.needed and not alone:
                             return Decision(req, changed=True, vote="counted", votes=votes)
                     status = "approved" if approve else "denied"
                     expires_at = now + req.ttl_seconds if approve else req.expires_at
@@ -794,7 +824,7 @@ class Store:
             f"SELECT id, secret, request_id FROM grants WHERE ended_at IS NULL AND {where}", args
         ).fetchall()
         for grant_id, secret, request_id in live:
-            conn.execute("UPDATE grants SET ended_at = ?, ended_why = ? WHERE id = ?", (time.time(), why, grant_id))
+            conn.execute("UPDATE grants SET ended_at = ?, ended_why = ? WHERE id = ?", (self._clock(), why, grant_id))
             self._audit(conn, actor, "grant.ended", request_id, secret, grant=grant_id, why=why)
         return len(live)
 
@@ -844,7 +874,7 @@ class Store:
         A refusal writes nothing; the caller audits it.
         """
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         self.expire_due()
         with self.transaction() as conn:
             req, approved_call = self._usable_request(conn, agent, request_id, now, call=False)
@@ -854,7 +884,7 @@ class Store:
                     f"this request approved a call, not a retrieval; make it with POST /v1/requests/{request_id}/call",
                     secret=req.secret,
                 )
-            if (policy := self.get_policy(req.secret)) is not None and policy.broker_only:
+            if self.get_approval(req.secret).broker_only:  # as the rule is now: a tightening applies at once
                 raise StoreError(
                     "broker_only",
                     f"{req.secret!r} can only be used in a brokered call, never retrieved",
@@ -884,7 +914,7 @@ class Store:
         unused. The policy is read again here: the operator may have narrowed it since.
         """
         actor = f"agent:{agent.name}"
-        now = time.time()
+        now = self._clock()
         self.expire_due()
         with self.transaction() as conn:
             req, approved = self._usable_request(conn, agent, request_id, now, call=True)

@@ -147,7 +147,7 @@ def buttons(request_id: str, rule: ApprovalRule | None = None) -> InlineKeyboard
     ]
     if rule is not None and rule.kind == "approve" and rule.max_grant:
         lengths = [
-            InlineKeyboardButton(grant_button_text(seconds), callback_data=f"{letter}:{request_id}")
+            InlineKeyboardButton(grant_button_text(seconds, rule.grant_calls), callback_data=f"{letter}:{request_id}")
             for letter, seconds in GRANT_SECONDS.items()
             if seconds and within(seconds, rule.max_grant)
         ]

@@ -89,7 +89,8 @@ def rule_lines(rule: ApprovalRule, votes: list[str], names: dict[int, str]) -> l
     if rule.kind == "quorum":
         so_far = ", ".join(_who(v, names) for v in votes) or "nobody yet"
         more = rule.needed - len(votes)
-        out.append(f"Approval: <b>{rule.needed} distinct approvers</b>; one deny ends it")
+        alone = "; or the operator's CLI alone" if rule.operator_decides else ""
+        out.append(f"Approval: <b>{rule.needed} distinct approvers</b>{alone}; one deny ends it")
         out.append(f"Approved so far: {so_far}; {more} more needed" if more > 0 else f"Approved by {so_far}")
     if rule.approvers:
         out.append(f"Only these approvers decide: {', '.join(f'id {a}' for a in rule.approvers)} (and the CLI)")
@@ -157,15 +158,19 @@ def grant_lines(grant: Grant | None) -> list[str]:
         if grant.method
         else "retrievals"
     )
-    calls = f", at most {grant.calls_left} more" if grant.calls_left is not None and grant.ended_at is None else ""
+    # The approver reads how far the grant reaches: what it covers, how many more requests, until when.
+    uses = "calls" if grant.method else "retrievals"
+    count = f"at most {grant.calls_left} more {uses}" if grant.calls_left is not None else f"any number of {uses}"
+    calls = f" ({count})" if grant.ended_at is None else ""
     out = [f"🔓 Grant <code>{html.escape(grant.id)}</code>: the agent's {scope} of this secret{calls}, {length}"]
     if grant.ended_at is not None:
         out.append(f"🔒 Grant ended at {utc(grant.ended_at)}: {html.escape(grant.ended_why or '')}")
     return out
 
 
-def grant_button_text(seconds: int) -> str:
-    return f"Approve for {LENGTH_NAMES[seconds]}"
+def grant_button_text(seconds: int, calls: int = 0) -> str:
+    """A grant button's label: its length, and the count of calls the secret's rule gives every grant."""
+    return f"Approve for {LENGTH_NAMES[seconds]}" + (f", {calls} calls" if calls else "")
 
 
 def render_grants(grants: list[Grant]) -> str:

@@ -34,14 +34,14 @@ class Rig:
         self.data = provision(make_settings(tmp), config)
         base = f"https://localhost:{self.up.port}"
         policies = {
-            "api-call": build_policy([], [base + "/v1/"], "Authorization: Bearer {value}", True),
-            "api-query": build_policy([], [base + "/v1/"], "query:key", False),
-            "api-basic": build_policy([], [base + "/v1/"], "basic:bot", False),
-            "api-loopback": build_policy([base + "/v1/"], [], "X-Key: {value}", False),
+            "api-call": build_policy([], [base + "/v1/"], "Authorization: Bearer {value}"),
+            "api-query": build_policy([], [base + "/v1/"], "query:key"),
+            "api-basic": build_policy([], [base + "/v1/"], "basic:bot"),
+            "api-loopback": build_policy([base + "/v1/"], [], "X-Key: {value}"),
         }
         with Store(self.data.settings) as store:
             for name, policy in policies.items():
-                store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy)
+                store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy, broker_only=name == "api-call")
         self.server: LiveServer = start_server(self.data.settings)
         self.http = httpx.Client(
             base_url=self.server.url, timeout=30, headers={"Authorization": f"Bearer {self.data.token}"}

@@ -23,8 +23,8 @@ from tests.telegram_helpers import ALICE, CHAT, start_rig, wait_until_polling
 @pytest.fixture
 def env(live: LiveServer, proxy_data: Proxy, tmp_path: Path) -> dict[str, str]:
     with Store(proxy_data.settings) as store:
-        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True)
-        store.set_secret("api-broker", SECRET_VALUE.encode(), "operator:test", policy)
+        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}")
+        store.set_secret("api-broker", SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
     return agent_env(live.url, token_file(tmp_path, proxy_data.token))
 
 

@@ -24,8 +24,8 @@ def ask(client, token: str, secret: str = "api-key") -> str:
 def test_the_secrets_list_shows_the_agents_scope_and_how_each_may_be_used_never_a_value(client, proxy_data: Proxy):
     template = "Authorization: Bearer fixed-prefix-{value}"
     with Store(proxy_data.settings) as store:
-        policy = build_policy(["https://api.example.com/v1/"], [], template, True)
-        store.set_secret("api-broker", SECRET_VALUE.encode(), "operator:test", policy)
+        policy = build_policy(["https://api.example.com/v1/"], [], template)
+        store.set_secret("api-broker", SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
     r = client.get("/v1/secrets", headers=auth(proxy_data.token))
     assert r.status_code == 200
     listed = {s["name"]: s for s in r.json()["secrets"]}

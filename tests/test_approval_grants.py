@@ -3,9 +3,9 @@ the agent over HTTP and the operator's CLI in another process (docs/telegram.md,
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -143,12 +143,34 @@ def test_a_grant_ends_when_the_agents_token_is_revoked(rig):
     assert status_of_new(rig, "api-grant-agent", token) == "pending"
 
 
+def test_a_grant_ends_when_the_secret_becomes_a_quorum_and_none_is_given_under_one(rig):
+    """Quorum bypass: neither a grant from before the quorum nor the operator's grant stands in for it."""
+    store_secret(rig, "api-grant-quorum", "--approval", "approve", "--max-grant", "1h")
+    rid = rig.ask("one approver suffices today", "api-grant-quorum")
+    run(rig, "approve", rid, "--for", "1h")
+    assert status_of_new(rig, "api-grant-quorum") == "approved"
+    run(rig, "secrets", "approval", "api-grant-quorum", "--approval", "quorum:2", "--operator-decides")
+    pending = rig.ask("now it needs two", "api-grant-quorum")
+    assert rig.status(pending) == "pending"
+    ended = [e for e in audit(rig) if e.action == "grant.ended" and e.secret == "api-grant-quorum"]
+    assert [e.detail["why"] for e in ended] == ["the secret's approval rule changed"]
+    # Even the operator, who may decide this quorum alone, approves it once: a grant is refused, no vote counted.
+    refused = cli(rig.data.settings.data_dir, "approve", pending, "--for", "1h")
+    assert refused.returncode == 1 and b"allows no grant" in refused.stderr, refused.stderr
+    with Store(rig.data.settings) as store:
+        assert store.votes(pending) == []
+    assert grants_of(rig, "api-grant-quorum") == []
+    run(rig, "approve", pending)
+    assert rig.status(pending) == "approved"
+    assert status_of_new(rig, "api-grant-quorum") == "pending"
+
+
 def test_a_brokered_grant_covers_only_the_approved_method_and_destination_prefix(rig):
     from proxy.policy import build_policy
 
     with Store(rig.data.settings) as store:
-        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True)
-        store.set_secret("api-grant-call", SECRET_VALUE.encode(), "operator:test", policy)
+        policy = build_policy(["https://api.example.com/v1/"], [], "Authorization: Bearer {value}")
+        store.set_secret("api-grant-call", SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
     run(rig, "secrets", "approval", "api-grant-call", "--approval", "approve", "--max-grant", "1h")
 
     def ask(method: str, url: str) -> dict:
@@ -172,6 +194,60 @@ def test_a_brokered_grant_covers_only_the_approved_method_and_destination_prefix
     assert all(e.detail["call"]["body_sha256"] and e.detail["call"]["url"] for e in created)
 
 
+def test_a_telegram_grant_for_calls_gives_the_count_the_secrets_rule_sets_and_says_so(rig):
+    store_secret(
+        rig,
+        "api-grant-count",
+        "--allow",
+        "https://api.example.com/v1/",
+        "--inject",
+        "Authorization: Bearer {value}",
+        "--approval",
+        "approve",
+        "--max-grant",
+        "1h",
+        "--grant-calls",
+        "2",
+    )
+    assert "longest grant: 1 h, at most 2 calls each" in run(rig, "secrets", "show", "api-grant-count")
+
+    def ask(path: str) -> dict:
+        body = {"secret": "api-grant-count", "reason": "label issues", "method": "POST", "url": path}
+        created = rig.agent().call("POST", "/v1/calls", body)
+        assert created.status == 201, created.body
+        return created.body
+
+    first = ask("https://api.example.com/v1/issues/1/labels")
+    message = rig.message_for(first["id"])
+    labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
+    assert labels == ["Approve", "Deny", "Approve for 15 min, 2 calls", "Approve for 1 h, 2 calls"]
+    rid = first["id"]
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"h:{rid}")).startswith("Approved.")
+    closed = message_showing(rig, message["message_id"], "🔓 Grant")
+    covers = "POST calls to https://api.example.com:443/v1/issues/1/… of this secret (at most 2 more calls)"
+    assert covers in closed["text"]
+    assert [ask(f"https://api.example.com/v1/issues/1/{n}")["status"] for n in range(3)] == [
+        "approved",
+        "approved",
+        "pending",
+    ]
+    message_showing(rig, message["message_id"], "its calls are used up")
+
+    # The CLI may give fewer calls, never more than the rule's count; a refusal is audited.
+    second = ask("https://api.example.com/v1/issues/2/labels")["id"]
+    refused = cli(rig.data.settings.data_dir, "approve", second, "--for", "1h", "--calls", "3")
+    assert refused.returncode == 1 and b"at most 2 calls" in refused.stderr, refused.stderr
+    assert [e for e in audit(rig) if e.request_id == second and e.detail.get("code") == "grant_not_allowed"]
+    assert rig.status(second) == "pending"
+    run(rig, "approve", second, "--for", "1h", "--calls", "1")
+    assert [g.calls_left for g in grants_of(rig, "api-grant-count")] == [1]
+
+
+def grants_of(rig: Rig, secret: str) -> list:
+    with Store(rig.data.settings) as store:
+        return [g for g in store.list_grants() if g.secret == secret]
+
+
 def test_a_grant_ends_at_its_time_and_survives_a_restart(tmp_path):
     rig = start_rig(tmp_path)
     try:
@@ -180,18 +256,87 @@ def test_a_grant_ends_at_its_time_and_survives_a_restart(tmp_path):
         rid = rig.ask("for a quarter of an hour", "api-timed")
         message = rig.message_for(rid)
         assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"t:{rid}")).startswith("Approved.")
+        with Store(rig.data.settings) as store:
+            (before,) = store.list_grants()
+        assert before.expires_at == pytest.approx(before.created_at + 15 * 60)
         restart_proxy(rig)
         assert status_of_new(rig, "api-timed") == "approved"  # the grant is in the database, not in memory
-        # Fifteen minutes pass: the grant's end is moved to now rather than waited for.
-        db = sqlite3.connect(rig.data.settings.db_path)
-        db.execute("UPDATE grants SET expires_at = ? WHERE request_id = ?", (time.time() - 1, rid))
-        db.commit()
-        db.close()
+        with Store(rig.data.settings) as store:
+            assert store.list_grants() == [before]  # the same end time, to the microsecond
+        # Fifteen minutes pass for a store whose clock is that far ahead (nobody waits, and nobody edits the
+        # database): its sweep ends the grant, and the running proxy, on the real clock, follows.
+        with Store(rig.data.settings, clock=lambda: time.time() + 15 * 60) as later:
+            later.expire_due()
         assert status_of_new(rig, "api-timed") == "pending"
         message_showing(rig, message["message_id"], "its time is over")
         assert [e for e in audit(rig) if e.action == "grant.ended" and e.detail["why"] == "its time is over"]
     finally:
         rig.stop()
+
+
+@dataclass
+class Clock:
+    """Wall-clock time a test moves by hand (Store's `clock`)."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_grant_approves_until_its_last_second_and_a_reopened_store_keeps_its_end_and_count(tmp_path):
+    """Expiry to the second, across restarts of the store, without sleeping: the store's own clock moves."""
+    from proxy.approval import ApprovalRule
+
+    from .proxy_helpers import make_settings, provision
+
+    proxy = provision(make_settings(tmp_path))
+    clock = Clock(1_800_000_000.0)
+    with Store(proxy.settings, clock=clock) as store:
+        store.set_approval("api-key", ApprovalRule("approve", max_grant=15 * 60), "operator:test")
+        first = store.create_request(store.authenticate(proxy.token), "api-key", "a quarter of an hour", 60)
+        store.decide(first.id, True, "telegram:1001", 15 * 60, 3)
+        (grant,) = store.list_grants()
+    assert (grant.expires_at, grant.calls_left) == (clock.now + 15 * 60, 3)
+
+    clock.now += 15 * 60 - 1  # the grant's last second, in a store opened anew (a restart)
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.list_grants() == [grant]
+        agent = store.authenticate(proxy.token)
+        assert store.create_request(agent, "api-key", "still inside", 60).status == "approved"
+        assert store.list_grants()[0].calls_left == 2
+    clock.now += 1  # its end: nothing more is approved, and the end is audited at that time
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.create_request(store.authenticate(proxy.token), "api-key", "too late", 60).status == "pending"
+        assert store.list_grants() == []
+        (ended,) = store.list_grants(live_only=False)
+        assert (ended.ended_at, ended.ended_why, ended.calls_left) == (clock.now, "its time is over", 2)
+
+
+def test_a_reopened_store_keeps_a_partial_quorum_until_the_request_expires(tmp_path):
+    from proxy.approval import ApprovalRule
+
+    from .proxy_helpers import make_settings, provision
+
+    proxy = provision(make_settings(tmp_path))
+    clock = Clock(1_800_000_000.0)
+    with Store(proxy.settings, clock=clock) as store:
+        store.set_approval("api-key", ApprovalRule("quorum", 2), "operator:test")
+        agent = store.authenticate(proxy.token)
+        kept = store.create_request(agent, "api-key", "approved across a restart", 60)
+        lapsed = store.create_request(agent, "api-key", "left undecided", 60)
+        for req in (kept, lapsed):
+            assert store.decide(req.id, True, "telegram:1001").vote == "counted"
+    clock.now = kept.expires_at - 1
+    with Store(proxy.settings, clock=clock) as store:
+        assert store.votes(kept.id) == ["telegram:1001"]
+        assert store.decide(kept.id, True, "telegram:1001").vote == "repeated"
+        assert store.decide(kept.id, True, "telegram:1002").request.status == "approved"
+    clock.now = lapsed.expires_at
+    with Store(proxy.settings, clock=clock) as store:
+        late = store.decide(lapsed.id, True, "telegram:1002")
+        assert (late.changed, late.request.status) == (False, "expired")
+        assert store.votes(lapsed.id) == ["telegram:1001"]
 
 
 def test_a_grant_never_stands_in_for_a_quorum_nor_counts_as_a_vote(tmp_path):

@@ -121,6 +121,31 @@ def test_the_operators_cli_counts_as_one_approver_of_a_quorum(rig):
     assert rig.status(rid) == "approved"
     votes = [e for e in audit(rig, rid) if e.action == "request.vote"]
     assert [e.detail["voter"] for e in votes] == ["operator", f"telegram:{BOB}"]
+    shown = cli(rig.data.settings.data_dir, "secrets", "show", "api-quorum-cli")
+    assert b"operator: the CLI counts as one approver of the quorum" in shown.stdout
+
+
+def test_a_quorum_that_lets_the_operator_decide_is_approved_by_the_cli_alone_and_by_no_single_approver(rig):
+    store_secret(rig, "api-quorum-op", "--approval", "quorum:2", "--operator-decides")
+    shown = cli(rig.data.settings.data_dir, "secrets", "show", "api-quorum-op")
+    assert b"operator: the CLI's approval alone decides (--operator-decides)" in shown.stdout, shown.stderr
+    rid = rig.ask("the approvers are asleep", "api-quorum-op")
+    message = rig.message_for(rid)
+    assert "Approval: 2 distinct approvers; or the operator's CLI alone; one deny ends it" in message["text"]
+    # An approver is still one of two: only the operator's role decides alone.
+    assert answer_to(rig, rig.emu.tap(ALICE, CHAT, message["message_id"], f"a:{rid}")).startswith("Approval counted")
+    assert rig.status(rid) == "pending"
+    alone = rig.ask("nobody else is around", "api-quorum-op")
+    done = cli(rig.data.settings.data_dir, "approve", alone)
+    assert done.returncode == 0 and b"by the operator alone" in done.stdout, done.stderr
+    assert rig.status(alone) == "approved"
+    assert rig.agent().retrieve(alone).body["value"] == SECRET_VALUE
+    message_showing(rig, rig.message_for(alone)["message_id"], "✅ Approved by operator:")
+    entries = audit(rig, alone)
+    assert [(e.detail["voter"], e.detail["decides_alone"]) for e in entries if e.action == "request.vote"] == [
+        ("operator", True)
+    ]
+    assert [e.actor.split(":")[0] for e in entries if e.action == "request.approved"] == ["operator"]
 
 
 def test_an_auto_secret_is_approved_at_once_audited_and_never_posted(rig):
@@ -182,6 +207,43 @@ def test_a_rule_change_never_widens_a_pending_request(rig):
     assert rig.agent().ask("api-changed", "after the change").body["status"] == "approved"
     changes = [e for e in audit(rig) if e.action == "secret.approval_set" and e.secret == "api-changed"]
     assert changes and changes[-1].detail["approval"][0].startswith("approval: auto")
+
+
+def test_broker_only_is_part_of_the_rule_and_no_rule_change_lets_the_value_out_unless_it_says_so(rig):
+    def show() -> str:
+        done = cli(rig.data.settings.data_dir, "secrets", "show", "api-brokered")
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode()
+
+    def asked() -> dict:
+        return rig.agent().ask("api-brokered", "may I hold it?").body
+
+    policy = ("--allow", "https://api.example.com/v1/", "--inject", "Authorization: Bearer {value}")
+    store_secret(rig, "api-brokered", *policy, "--broker-only")  # the old flag: --retrieval refused
+    assert "  approval: approve (one approver)\n  retrieval: refused (brokered calls only; --broker-only)" in show()
+    assert asked()["error"] == "broker_only"
+    # A new value, and a new approval rule, keep it broker-only: neither says otherwise.
+    store_secret(rig, "api-brokered", *policy)
+    done = cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--approval", "quorum:2")
+    assert done.returncode == 0 and b"retrieval: refused" in done.stdout, done.stderr
+    assert "retrieval: refused" in show() and asked()["error"] == "broker_only"
+    # Only --retrieval allowed lets it out; --retrieval refused closes it again, for an approved request too.
+    cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--approval", "approve")
+    done = cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--retrieval", "allowed")
+    assert done.returncode == 0 and "retrieval: allowed with approval" in show(), done.stderr
+    rid = asked()["id"]
+    assert cli(rig.data.settings.data_dir, "approve", rid).returncode == 0
+    cli(rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--retrieval", "refused")
+    refused = rig.agent().retrieve(rid)
+    assert refused.status == 403 and refused.body["error"] == "broker_only", refused.body
+    both = cli(
+        rig.data.settings.data_dir, "secrets", "approval", "api-brokered", "--broker-only", "--retrieval", "allowed"
+    )
+    assert both.returncode == 2 and b"not allowed with argument" in both.stderr
+    listed = {s["name"]: s for s in rig.agent().call("GET", "/v1/secrets").body["secrets"]}
+    assert listed["api-brokered"]["retrieve"] is False and listed["api-brokered"]["call"] is True
+    changes = [e for e in audit(rig) if e.action == "secret.approval_set" and e.secret == "api-brokered"]
+    assert "retrieval: refused (brokered calls only; --broker-only)" in changes[-1].detail["approval"]
 
 
 def test_a_restart_keeps_a_partial_quorum(tmp_path):

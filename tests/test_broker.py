@@ -208,7 +208,7 @@ def test_tls_is_verified(tmp_path):
             "api-tls",
             b"value-123456",
             "operator:test",
-            build_policy([], [f"https://localhost:{up.port}/"], "X-Key: {value}", False),
+            build_policy([], [f"https://localhost:{up.port}/"], "X-Key: {value}"),
         )
     server = start_server(data.settings)
     try:

@@ -112,7 +112,8 @@ def test_a_telegram_tap_approves_one_call_shown_with_its_destination(tmp_path: P
                 "api-gh",
                 SECRET_VALUE.encode(),
                 "operator:test",
-                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: token {value}", True),
+                build_policy([], [f"https://localhost:{up.port}/v1/"], "Authorization: token {value}"),
+                broker_only=True,
             )
         http = httpx.Client(base_url=tg.url, headers={"Authorization": f"Bearer {tg.data.token}"}, timeout=30)
         call = {"method": "POST", "url": url, "headers": {}, "body_base64": base64.b64encode(b"hello").decode()}

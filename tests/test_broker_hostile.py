@@ -48,14 +48,14 @@ class Rig:
         )
         loopback = [self.base + "/"]  # allowed as a private address: the destination is this machine
         with Store(self.data.settings) as store:
-            bearer = build_policy([], loopback, "Authorization: Bearer {value}", True)
-            store.set_secret("api-hostile", SECRET_VALUE.encode(), "operator:test", bearer)
-            store.set_secret("other-hostile", SECRET_VALUE.encode(), "operator:test", bearer)
-            unicode_policy = build_policy([], loopback, "X-Key: {value}", True)
-            store.set_secret("api-unicode", UNICODE_VALUE.encode(), "operator:test", unicode_policy)
-            store.set_secret("api-broken", b"line\nbreak-0123456789", "operator:test", bearer)
-            routing = build_policy([], loopback, "X-Key: {value}", True, ["X-HTTP-Method-Override"])
-            store.set_secret("api-routing", SECRET_VALUE.encode(), "operator:test", routing)
+            bearer = build_policy([], loopback, "Authorization: Bearer {value}")
+            store.set_secret("api-hostile", SECRET_VALUE.encode(), "operator:test", bearer, broker_only=True)
+            store.set_secret("other-hostile", SECRET_VALUE.encode(), "operator:test", bearer, broker_only=True)
+            unicode_policy = build_policy([], loopback, "X-Key: {value}")
+            store.set_secret("api-unicode", UNICODE_VALUE.encode(), "operator:test", unicode_policy, broker_only=True)
+            store.set_secret("api-broken", b"line\nbreak-0123456789", "operator:test", bearer, broker_only=True)
+            routing = build_policy([], loopback, "X-Key: {value}", ["X-HTTP-Method-Override"])
+            store.set_secret("api-routing", SECRET_VALUE.encode(), "operator:test", routing, broker_only=True)
         self.server: LiveServer = start_server(self.data.settings)
 
     def client(self, token: str | None = None) -> httpx.Client:
@@ -301,7 +301,7 @@ def test_a_call_that_fails_inside_the_proxy_ends_in_call_failed_with_a_json_erro
 
 def test_every_checked_address_is_tried_in_turn(rig):
     """127.0.0.2 refuses (nothing listens there); the call goes on to 127.0.0.1."""
-    policy = build_policy([], [rig.base + "/"], "X-Key: {value}", True)
+    policy = build_policy([], [rig.base + "/"], "X-Key: {value}")
     assert policy is not None
     call = broker.Call("GET", rig.base + "/v1/fast", (), broker.sha256(b""), 0)
     limits = broker.Limits(1000, 100_000, TIMEOUT, "")

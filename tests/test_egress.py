@@ -205,8 +205,8 @@ def test_a_brokered_call_goes_through_the_forward_proxy_and_an_unlisted_one_neve
     data = provision(make_settings(tmp_path), config)
     with Store(data.settings) as store:
         for name, up in (("api-listed", listed), ("api-unlisted", unlisted)):
-            policy = build_policy([f"https://localhost:{up.port}/"], [], "Authorization: Bearer {value}", True)
-            store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy)
+            policy = build_policy([f"https://localhost:{up.port}/"], [], "Authorization: Bearer {value}")
+            store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
     server = start_server(data.settings)
     try:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {data.token}"}, timeout=30)

@@ -11,7 +11,7 @@ from proxy import broker, redact
 from proxy.policy import PolicyError, build_policy, parse_injection, parse_url
 
 POLICY = build_policy(
-    ["https://api.example.com/v1/", "https://files.example.com:8443/"], [], "Authorization: Bearer {value}", False
+    ["https://api.example.com/v1/", "https://files.example.com:8443/"], [], "Authorization: Bearer {value}"
 )
 
 
@@ -92,11 +92,11 @@ def test_bad_injections_are_refused(spec):
 
 
 def test_a_policy_needs_both_destination_and_injection():
-    assert build_policy([], [], None, False) is None
+    assert build_policy([], [], None) is None
     with pytest.raises(PolicyError):
-        build_policy(["https://a.example/"], [], None, False)
+        build_policy(["https://a.example/"], [], None)
     with pytest.raises(PolicyError):
-        build_policy([], [], "X: {value}", False)
+        build_policy([], [], "X: {value}")
 
 
 @pytest.mark.parametrize(

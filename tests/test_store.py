@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from proxy import crypto
-from proxy.approval import DEFAULT
+from proxy.approval import DEFAULT, ApprovalRule
 from proxy.errors import StoreError
 from proxy.key_files import ensure_key_rotation_finished
 from proxy.schema import SCHEMA_VERSION
@@ -368,5 +368,40 @@ def test_a_version_4_database_gains_approval_rules_and_grants_and_its_requests_n
         assert store.list_grants() == [] and store.get_approval("api-key").max_grant == 0
     db = sqlite3.connect(proxy.settings.db_path)
     assert "approval" in [c[1] for c in db.execute("PRAGMA table_info(requests)")]
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()
+
+
+def test_a_version_6_database_moves_broker_only_from_the_use_policy_into_the_approval_rule(tmp_path):
+    """Schema 6 kept `broker_only` in the use policy; 7 keeps it in the approval rule. A broker-only secret
+    stays broker-only, whatever its rule; a policy that only said so becomes no policy."""
+    proxy = provision(make_settings(tmp_path))
+    destinations = [{"scheme": "https", "host": "api.example.com", "port": 443, "path_prefix": "/v1/"}]
+    injection = {"kind": "header", "name": "Authorization", "template": "Bearer {value}"}
+    quorum = '{"kind": "quorum", "needed": 2, "approvers": [], "max_grant": 0}'  # as schema 6 wrote it
+    old = {
+        "api-key": ({"destinations": destinations, "injection": injection, "broker_only": True}, quorum),
+        "other-key": ({"destinations": destinations, "injection": injection, "broker_only": False}, None),
+        "db-password": ({"destinations": [], "injection": None, "broker_only": True}, None),
+    }
+    db = sqlite3.connect(proxy.settings.db_path)
+    for name, (policy, rule) in old.items():
+        db.execute("UPDATE secrets SET policy = ?, approval = ? WHERE name = ?", (json.dumps(policy), rule, name))
+    db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(proxy.settings) as store:
+        assert store.audit_verify() == []
+        assert store.get_approval("api-key") == ApprovalRule("quorum", 2, broker_only=True)
+        assert store.get_policy("api-key") is not None and store.get_policy("api-key").destinations
+        assert store.get_approval("other-key") == DEFAULT and store.get_policy("other-key") is not None
+        assert store.get_approval("db-password").broker_only and store.get_policy("db-password") is None
+        with pytest.raises(StoreError) as refused:
+            store.create_request(store.authenticate(proxy.token), "api-key", "after the upgrade", 60)
+        assert refused.value.code == "broker_only"
+        other = store.create_request(store.authenticate(proxy.other_token), "other-key", "still retrievable", 60)
+        assert other.status == "pending"
+    db = sqlite3.connect(proxy.settings.db_path)
+    assert all("broker_only" not in (p or "") for (p,) in db.execute("SELECT policy FROM secrets"))
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     db.close()

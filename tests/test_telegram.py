@@ -177,9 +177,9 @@ def store_call_secret(rig: Rig) -> None:
 
     with Store(rig.data.settings) as store:
         policy = build_policy(
-            ["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", True, ["X-HTTP-Method-Override"]
+            ["https://api.example.com/v1/"], [], "Authorization: Bearer {value}", ["X-HTTP-Method-Override"]
         )
-        store.set_secret("api-call-shown", SECRET_VALUE.encode(), "operator:test", policy)
+        store.set_secret("api-call-shown", SECRET_VALUE.encode(), "operator:test", policy, broker_only=True)
 
 
 def test_a_call_request_shows_every_header_with_its_value_and_the_injected_one_masked(rig):
