@@ -313,6 +313,30 @@ def test_summary_keeps_each_agent_string_on_its_own_escaped_line(work):
     assert "  seen: /home/agent/.bashrc\\x0aTakeover complete.\\x1b[2J" in text.splitlines()
 
 
+def test_summary_shows_the_addresses_the_journal_records_as_the_operator_types_them():
+    report = {
+        "steps": [{"title": "t", "status": "done", "duration_s": 1.0}] * 2,
+        "scrub": {"changes": [], "findings": [], "not_blocked": []},
+        "keys": {"login_key": "/h/host_key", "known_hosts": "/h/known_hosts"},
+        "vm": {
+            "spec": {
+                "proxy_listen": {"host": "10.213.9.1", "port": 3737},
+                "ssh_listen": {"host": "127.0.0.1", "port": 2223},
+            }
+        },
+        "source": {"machine": "root@10.213.9.2"},
+        "revoked": {"told_agent": ["/etc/secret-proxy/url"]},
+        "files": {"disk": "/d", "report": "/r"},
+        "agent_token": None,
+    }
+    lines = summary(report).splitlines()
+    assert any(line.startswith("Proxy:         http://10.213.9.1:3737 (") for line in lines), lines
+    assert any(line.endswith("-p 2223 proxy@127.0.0.1") for line in lines), lines
+    assert (
+        "Agent machine: root@10.213.9.2, told SECRET_PROXY_URL=http://10.213.9.1:3737 (/etc/secret-proxy/url)" in lines
+    )
+
+
 # -- `takeover start` after a host reboot: stale pidfiles and squatted ports -----------------------
 
 AGENT_PROXY = r"""

@@ -93,6 +93,14 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(printable(line) for line in _summary_lines(report))
 
 
+def _endpoint(recorded: object) -> str:
+    """HOST:PORT from an endpoint as the journal keeps it ({"host", "port"}; older journals wrote the text)."""
+    if isinstance(recorded, dict):
+        host = str(recorded.get("host", "-"))
+        return f"{f'[{host}]' if ':' in host else host}:{recorded.get('port', '-')}"
+    return str(recorded) if recorded else "-:-"
+
+
 def _machine_lines(report: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """For a VM taken from an agent machine: where the agent reaches it now, and who else can."""
     machine = (report.get("source") or {}).get("machine")
@@ -100,8 +108,9 @@ def _machine_lines(report: dict[str, Any], spec: dict[str, Any]) -> list[str]:
         return []
     told = (report.get("revoked") or {}).get("told_agent") or ["nothing"]
     table = (report.get("vm") or {}).get("serve_filter") or "nftables"
+    url = f"http://{_endpoint(spec.get('proxy_listen'))}"
     return [
-        f"Agent machine: {machine}, told SECRET_PROXY_URL=http://{spec.get('proxy_listen', '-')} ({', '.join(told)})",
+        f"Agent machine: {machine}, told SECRET_PROXY_URL={url} ({', '.join(told)})",
         f"               only that machine (and root here) reaches it: nftables table {table}",
     ]
 
@@ -127,12 +136,12 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     keys = report.get("keys") or {}
     vm = report["vm"]
     spec = vm.get("spec") or {}
-    ssh_host, _, ssh_port = str(spec.get("ssh_listen", ":")).rpartition(":")
+    ssh_host, _, ssh_port = _endpoint(spec.get("ssh_listen")).rpartition(":")
     lines += [
         "",
         f"VM host key:   {keys.get('vm_host_key_fingerprint', '-')} (pinned in {keys.get('known_hosts', '-')})",
         f"Host login:    {keys.get('login_key_fingerprint', '-')} ({keys.get('login_key', '-')})",
-        f"Proxy:         http://{spec.get('proxy_listen', '-')} (forwarded to the VM's :3737, "
+        f"Proxy:         http://{_endpoint(spec.get('proxy_listen'))} (forwarded to the VM's :3737, "
         f"{_backlog_words(report.get('forwards') or {})})",
         f"SSH:           ssh -i {keys.get('login_key', '-')} -o UserKnownHostsFile={keys.get('known_hosts', '-')} "
         f"-p {ssh_port} proxy@{ssh_host}",
