@@ -23,7 +23,6 @@ import json
 import os
 import pwd
 import secrets
-import signal
 import stat
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .qemu_binary import QEMU, find_qemu
+from .shutdown import kill_group
 
 PROBE_SECONDS = 5.0  # a guest that runs prints its marker in well under a second, even under TCG
 EXIT_CODE = 0x10  # written to isa-debug-exit; QEMU then exits with (code << 1) | 1
@@ -132,7 +132,7 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
         except subprocess.TimeoutExpired:
             code = None
         finally:
-            _kill_group(child)
+            kill_group(child)
         seconds = time.monotonic() - started
         try:
             seen = serial.read_bytes()[:4096].decode("ascii", "replace")
@@ -280,12 +280,3 @@ def _open_own_dir(directory: Path, uid: int, create: bool) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _kill_group(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    child.wait()

@@ -230,6 +230,8 @@ def _strip_ansi(text: str) -> str:
 
 
 def _kill(pid: int) -> None:
+    # Not shutdown.stop_qemu's escalation: a launch that failed has no guest worth a clean shutdown,
+    # and its monitor may never have answered, so asking first would only add minutes to the error.
     try:
         os.kill(pid, 9)
     except OSError:

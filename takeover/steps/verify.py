@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm_image import proc
+from vm_image import health, proc
 
-from ..errors import InvalidInput, VerifyError
+from ..errors import InvalidInput, VerifyError, from_vm_image
 from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from ..host.keys import load_host_keys
-from ..host.ports import listener_pids, wait_for_health
+from ..host.ports import listener_pids
 from ..host.regular_file import read_regular
 from ..host.ssh import SSHTarget, SSHTimeout, run_bounded
 from ..models import Endpoint
@@ -74,7 +74,8 @@ def verify_host_vm(
     started = time.monotonic()
     alive = _pid_alive(qemu_pid)
     progress(f"waiting for {proxy.url}/health (the guest is booting)")
-    health_s = wait_for_health(proxy, timeout, alive)
+    with from_vm_image(VerifyError, "the host's VM: "):
+        health_s = health.wait_for_health(proxy.url, timeout, alive)
     owners = listener_pids(proxy)
     if qemu_pid not in owners:
         raise VerifyError(
