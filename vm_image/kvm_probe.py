@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .durable import write_atomic
 from .qemu_binary import QEMU, find_qemu
 from .shutdown import kill_group
 
@@ -242,20 +243,11 @@ def write_cached(directory: Path, key: dict[str, object], verdict: Verdict, uid:
     dir_fd = _open_own_dir(directory, uid, create=True)
     if dir_fd is None:
         return False
-    temp = f".{CACHE_NAME}.{secrets.token_hex(4)}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        try:
-            os.write(fd, json.dumps({"key": key, "verdict": asdict(verdict)}).encode())
-        finally:
-            os.close(fd)
-        os.rename(temp, CACHE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        # In the directory just checked (its descriptor), not looked up again by name.
+        write_atomic(CACHE_NAME, json.dumps({"key": key, "verdict": asdict(verdict)}).encode(), dir_fd=dir_fd)
         return True
     except OSError:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
         return False
     finally:
         os.close(dir_fd)
