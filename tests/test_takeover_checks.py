@@ -358,6 +358,10 @@ def test_host_dir_prepared_by_someone_else_is_refused(tmp_path):
     os.chmod(open_dir, 0o777)
     with pytest.raises(InvalidInput, match="writable by others"):
         ensure_host_dir(open_dir)
+    (tmp_path / "link").symlink_to(tmp_path / "real-host")
+    (tmp_path / "real-host").mkdir(mode=0o700)
+    with pytest.raises(InvalidInput, match="is not a directory \\(a symlink or a file\\)"):
+        ensure_host_dir(tmp_path / "link")
 
 
 def test_host_dir_is_created_0700(tmp_path):

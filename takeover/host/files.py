@@ -62,21 +62,31 @@ def ensure_host_dir(path: Path) -> Path:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidInput(f"host directory {path} exists and is not a directory (a symlink or a file)")
-    if st.st_uid != os.geteuid():
+    reason = prepared_by_others(path)
+    if reason is not None:
         raise InvalidInput(
-            f"host directory {path} is owned by uid {st.st_uid}, not by us; someone else "
-            f"may have prepared it. Remove it or choose another --host-dir"
-        )
-    if st.st_mode & 0o022:
-        raise InvalidInput(
-            f"host directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"its contents cannot be trusted. Remove it or choose another --host-dir"
+            f"host directory {path} {reason}; someone else may have prepared it, and what is in it cannot be trusted",
+            hint="remove it or choose another --host-dir",
         )
     os.chmod(path, 0o700, follow_symlinks=False)
     return path
+
+
+def prepared_by_others(path: Path) -> str | None:
+    """Why the directory at `path` may be of someone else's making, or None when it is a real directory of
+    ours that nobody else can write.
+
+    For a directory we create and then fill (the host directory, tinyproxy's config): a user who made it
+    first, as a symlink to theirs, a file, or a directory they own or may write, would keep a way in.
+    """
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return "exists and is not a directory (a symlink or a file)"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by us"
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def open_trusted_dir(path: Path, what: str) -> int:
@@ -219,6 +229,11 @@ def only_root_can_change(path: Path) -> bool:
             st = os.stat(part)
         except OSError:
             return False
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if not only_root_can_write(st):
             return False
     return True
+
+
+def only_root_can_write(st: os.stat_result) -> bool:
+    """Root's, and writable by no one else: what root may run or believe (no sticky-directory exception)."""
+    return st.st_uid == 0 and not st.st_mode & 0o022

@@ -176,6 +176,8 @@ def check_agent_key_refused(ssh: SSHTarget, setup_key_pub: str | None, agent_uid
         gid = _primary_gid(agent_uid)
         os.chown(tmp, agent_uid, gid)
         key, known_hosts = Path(tmp) / "setup_key", Path(tmp) / "known_hosts"
+        # Not files.write_atomic: new files in a directory made for this one login and deleted after it
+        # (nothing to replace, no crash to outlast), and given to the agent's uid, which write_atomic never does.
         for path, data in ((key, private), (known_hosts, ssh.known_hosts.read_bytes())):
             fd = create_private(path)
             try:
@@ -237,6 +239,8 @@ def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Pat
     token = result.stdout.strip()
     if result.returncode != 0 or not token or len(token.split()) != 1:
         raise VerifyError(f"`secret-proxy agents add {name}` failed in the VM: {result.stderr.strip()[-300:]}")
+    # Not files.write_atomic, which replaces: the token file is created and never replaced (one already there
+    # is refused), in the directory the walk from / reached without following a link.
     fd = create_private_under_trusted_dirs(token_file, "--token-file")
     try:
         write_all(fd, (token + "\n").encode())
