@@ -38,6 +38,7 @@ from vm_image import health, proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 from vm_image.qemu_binary import QEMU, find_qemu
+from vm_image.qemu_command import q35_args
 from vm_image.shutdown import stop_qemu
 
 from ..errors import RestartError, from_vm_image
@@ -93,20 +94,8 @@ def machine_args(spec: HostVMSpec) -> list[str]:
     disk_file = {"driver": "file", "filename": str(spec.disk), "node-name": "disk0-file"}
     # "backing": null: QEMU opens no backing file whatever the qcow2 header says (checked anyway).
     disk_fmt = {"driver": "qcow2", "file": "disk0-file", "node-name": "disk0", "backing": None}
-    # TCG reserves 1 GiB for translated code unless told otherwise; 64 MB serves this guest.
-    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "max"]
     return [
-        "-machine",
-        "q35",
-        *accel,
-        "-m",
-        str(spec.memory_mb),
-        "-smp",
-        str(spec.cpus),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
+        *q35_args(spec.accel, spec.memory_mb, spec.cpus),  # the agent's VM's machine (vm_image), unchanged
         "-vga",
         "none",
         "-kernel",
