@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from takeover.errors import RestartError
-from takeover.host.files import ensure_host_dir
 from takeover.host.ports import listener_pids
-from takeover.host.runners import HostVMSpec, wait_until_serving
+from takeover.host.runners import wait_until_serving
 from takeover.models import Endpoint
 
-from .takeover_helpers import free_port
+from .takeover_helpers import free_port, host_vm_spec
 
 
-def test_the_process_listening_on_a_port_is_named_by_pid_whatever_address_it_bound():
+def test_the_process_listening_on_a_port_is_named_by_its_pid_until_it_closes():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -28,23 +27,7 @@ def test_the_process_listening_on_a_port_is_named_by_pid_whatever_address_it_bou
 
 
 def test_a_host_qemu_that_exits_before_health_answers_is_a_restart_error_naming_its_serial_log(tmp_path: Path):
-    d = ensure_host_dir(tmp_path / "h")
-    spec = HostVMSpec(
-        name="secret-proxy-vm",
-        disk=d / "disk.qcow2",
-        kernel=d / "vmlinuz",
-        initrd=d / "initrd.img",
-        append="console=ttyS0",
-        memory_mb=256,
-        cpus=1,
-        accel="tcg",
-        proxy_listen=Endpoint("127.0.0.1", free_port()),  # nothing answers there
-        ssh_listen=Endpoint("127.0.0.1", free_port()),
-        monitor=d / "qmp.sock",
-        pidfile=d / "qemu.pid",
-        serial_log=d / "serial.log",
-        qemu_log=d / "qemu.log",
-    )
+    spec = host_vm_spec(tmp_path, Endpoint("127.0.0.1", free_port()))  # nothing answers there
     stand_in = subprocess.Popen(["sleep", "1"])  # the "QEMU": it exits before anything answers
     try:
         not_serving = rf"the host's VM \(pid {stand_in.pid}\) is not serving: QEMU exited"
