@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vm_image import proc
-from vm_image.errors import HealthTimeout
-from vm_image.health import wait_for_health
+from vm_image import health, proc
 
 from .agent.diskimage import inspect_image
 from .agent.machine import connect
@@ -21,7 +19,7 @@ from .agent.machine_disk import discard_staging
 from .agent.nested_vm import nested_alive, nested_snapshots, restart_nested, wait_nested_health
 from .agent.replay import start_source_vm
 from .config import TakeoverConfig
-from .errors import JournalError, RollbackError
+from .errors import JournalError, RollbackError, from_vm_image
 from .host import egress, serve_back
 from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
@@ -106,11 +104,10 @@ def _restart_agent_vm(source: SourceVM, host_dir: Path, progress: Progress, *, c
         f"starting the agent's QEMU again as uid {source.uid}, in a session of its own without "
         f"a terminal" + (f", from {CHECKPOINT_TAG}" if from_checkpoint else " (cold boot)")
     )
-    start_source_vm(source, host_dir / "rollback-qemu.log", load_checkpoint=from_checkpoint)
-    try:
-        seconds = wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
-    except HealthTimeout as exc:
-        raise RollbackError(f"the agent's VM started but {exc}; see {host_dir / 'rollback-qemu.log'}") from None
+    log = host_dir / "rollback-qemu.log"
+    start_source_vm(source, log, load_checkpoint=from_checkpoint)
+    with from_vm_image(RollbackError, "the agent's VM started but ", hint=f"read {log}; {RollbackError.hint}"):
+        seconds = health.wait_for_health(source.proxy.url, HEALTH_TIMEOUT)
     progress.note(f"{source.proxy.url}/health answers after {seconds:.0f} s")
     return "the agent's VM is back from its checkpoint" if from_checkpoint else "cold boot"
 

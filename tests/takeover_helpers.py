@@ -24,9 +24,32 @@ from pathlib import Path
 from typing import Any
 
 from proxy.demo import free_port  # noqa: F401 (the tests import it from here)
+from takeover.host.files import ensure_host_dir
 from takeover.host.monitor import Monitor
-from takeover.models import CHECKPOINT_TAG
+from takeover.host.runners import HostVMSpec
+from takeover.models import CHECKPOINT_TAG, Endpoint
 from vm_image import proc
+
+
+def host_vm_spec(tmp_path: Path, proxy: Endpoint) -> HostVMSpec:
+    """The host's VM as the runners describe it, its files in a new host directory under `tmp_path` (none made)."""
+    d = ensure_host_dir(tmp_path / "h")
+    return HostVMSpec(
+        name="secret-proxy-vm",
+        disk=d / "disk.qcow2",
+        kernel=d / "boot/vmlinuz",
+        initrd=d / "boot/initrd.img",
+        append="root=/dev/vda rw console=ttyS0",
+        memory_mb=256,
+        cpus=1,
+        accel="tcg",
+        proxy_listen=proxy,
+        ssh_listen=Endpoint("127.0.0.1", 2223),
+        monitor=d / "qmp.sock",
+        pidfile=d / "qemu.pid",
+        serial_log=d / "serial.log",
+        qemu_log=d / "qemu.log",
+    )
 
 
 def make_qcow2(path: Path, size: str = "64M", *extra: str, owner: str | None = None) -> Path:

@@ -151,6 +151,23 @@ def test_the_forward_proxys_port_taken_by_another_process_is_named_and_refused(e
         squatter.close()
 
 
+def test_a_forward_proxy_config_directory_prepared_by_someone_else_is_refused_and_left_alone():
+    user = "spvm-egress-prep"  # its own user: its config directory is no other test's
+    ensure_user(user)
+    directory = egress.config_dir(user)
+    directory.parent.mkdir(mode=0o755, exist_ok=True)
+    directory.mkdir(mode=0o777, exist_ok=True)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(directory, nobody, -1)
+    try:
+        plan = EgressPlan(egress.Endpoint("127.0.0.1", 3128), (), QEMU_STANDIN)
+        with pytest.raises(RestartError, match=f"{directory} is owned by uid {nobody}, not by us"):
+            egress.write_config(plan, user)
+        assert os.lstat(directory).st_uid == nobody and not any(directory.iterdir())
+    finally:
+        directory.rmdir()
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -39,6 +39,7 @@ from .takeover_helpers import (
     agent_workdir,
     assert_replayed_and_quit,
     fake_socket_server,
+    host_vm_spec,
     make_qcow2,
     remove_workdir,
     start_monitor_only_qemu,
@@ -358,6 +359,10 @@ def test_host_dir_prepared_by_someone_else_is_refused(tmp_path):
     os.chmod(open_dir, 0o777)
     with pytest.raises(InvalidInput, match="writable by others"):
         ensure_host_dir(open_dir)
+    (tmp_path / "link").symlink_to(tmp_path / "real-host")
+    (tmp_path / "real-host").mkdir(mode=0o700)
+    with pytest.raises(InvalidInput, match="is not a directory \\(a symlink or a file\\)"):
+        ensure_host_dir(tmp_path / "link")
 
 
 def test_host_dir_is_created_0700(tmp_path):
@@ -392,23 +397,7 @@ def test_endpoints_accept_only_ip_literals_and_ports():
 
 
 def spec(tmp_path) -> HostVMSpec:
-    d = ensure_host_dir(tmp_path / "h")
-    return HostVMSpec(
-        name="secret-proxy-vm",
-        disk=d / "disk.qcow2",
-        kernel=d / "boot/vmlinuz",
-        initrd=d / "boot/initrd.img",
-        append="root=/dev/vda rw console=ttyS0",
-        memory_mb=256,
-        cpus=1,
-        accel="tcg",
-        proxy_listen=PROXY,
-        ssh_listen=Endpoint("127.0.0.1", 2223),
-        monitor=d / "qmp.sock",
-        pidfile=d / "qemu.pid",
-        serial_log=d / "serial.log",
-        qemu_log=d / "qemu.log",
-    )
+    return host_vm_spec(tmp_path, PROXY)
 
 
 def test_qemu_command_forwards_only_the_proxy_and_a_host_only_ssh_port(tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 from . import proc, qmp
 from .errors import VmImageError
 from .layout import READY_MARKER, Layout
+from .shutdown import stop_qemu
 
 
 def read_ready(path: Path) -> dict[str, Any]:
@@ -59,44 +58,14 @@ def status(layout: Layout) -> dict[str, Any]:
 
 
 def stop(layout: Layout, timeout: float = 60, note: Callable[[str], None] = lambda _: None) -> str:
-    """system_powerdown, then `quit` after `timeout`, then SIGKILL; removes the run files. Returns how it ended."""
+    """system_powerdown, then `quit`, SIGTERM, SIGKILL (shutdown.py); removes the run files. Returns how it ended."""
     pid = proc.running_qemu(layout.pidfile)
     how = "not running"
     if pid is not None:
-        how = _stop_pid(layout, pid, timeout, note)
+        # The guest is the user's own VM: it gets `timeout` seconds to shut down as a machine does.
+        how = stop_qemu(layout.monitor, pid, powerdown=timeout, quit_wait=10, note=note)
     remove_run_files(layout)
     return how
-
-
-def _stop_pid(layout: Layout, pid: int, timeout: float, note: Callable[[str], None]) -> str:
-    try:
-        qmp.execute(layout.monitor, "system_powerdown", timeout=5)
-        note(f"asked the guest to power down (waiting up to {timeout:.0f} s)")
-        if _wait_exit(pid, timeout):
-            return "powered down"
-    except VmImageError as exc:
-        note(f"no clean power-down: {exc}")
-    try:
-        qmp.execute(layout.monitor, "quit", timeout=5)
-        if _wait_exit(pid, 10):
-            return "quit through QMP"
-    except VmImageError:
-        pass
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        return "exited"
-    _wait_exit(pid, 10)
-    return "killed"
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.is_qemu(pid):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def remove_run_files(layout: Layout) -> None:

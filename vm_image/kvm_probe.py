@@ -23,7 +23,6 @@ import json
 import os
 import pwd
 import secrets
-import signal
 import stat
 import subprocess
 import tempfile
@@ -31,7 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .durable import write_atomic
 from .qemu_binary import QEMU, find_qemu
+from .shutdown import kill_group
 
 PROBE_SECONDS = 5.0  # a guest that runs prints its marker in well under a second, even under TCG
 EXIT_CODE = 0x10  # written to isa-debug-exit; QEMU then exits with (code << 1) | 1
@@ -132,7 +133,7 @@ def guest_runs(accel: str, binary: str, deadline: float = PROBE_SECONDS) -> Verd
         except subprocess.TimeoutExpired:
             code = None
         finally:
-            _kill_group(child)
+            kill_group(child)
         seconds = time.monotonic() - started
         try:
             seen = serial.read_bytes()[:4096].decode("ascii", "replace")
@@ -242,20 +243,11 @@ def write_cached(directory: Path, key: dict[str, object], verdict: Verdict, uid:
     dir_fd = _open_own_dir(directory, uid, create=True)
     if dir_fd is None:
         return False
-    temp = f".{CACHE_NAME}.{secrets.token_hex(4)}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        try:
-            os.write(fd, json.dumps({"key": key, "verdict": asdict(verdict)}).encode())
-        finally:
-            os.close(fd)
-        os.rename(temp, CACHE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        # In the directory just checked (its descriptor), not looked up again by name.
+        write_atomic(CACHE_NAME, json.dumps({"key": key, "verdict": asdict(verdict)}).encode(), dir_fd=dir_fd)
         return True
     except OSError:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
         return False
     finally:
         os.close(dir_fd)
@@ -280,12 +272,3 @@ def _open_own_dir(directory: Path, uid: int, create: bool) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _kill_group(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    child.wait()

@@ -21,10 +21,11 @@ from typing import Any
 
 from . import proc
 from .boot_files import KERNEL_APPEND
+from .durable import write_atomic
 from .errors import BadInput, HealthTimeout, LaunchFailed, ProcessGone
 from .health import wait_for_health
 from .layout import READY_MARKER, Layout
-from .manifest import read_json, write_text_atomic
+from .manifest import read_json
 from .progress import Steps
 from .qemu_command import VmConfig, choose_accel, qemu_argv, qemu_binary
 
@@ -205,7 +206,8 @@ def check_api_refuses_anonymous(url: str) -> None:
 
 
 def write_ready(path: Path, ready: dict[str, Any]) -> None:
-    write_text_atomic(path, f"{READY_MARKER}\n{json.dumps(ready)}\n")
+    # 0644: paths and ports, no secret; the takeover reads it as root whatever its mode.
+    write_atomic(path, f"{READY_MARKER}\n{json.dumps(ready)}\n".encode(), mode=0o644)
 
 
 def serial_tail(log: Path, lines: int = 15) -> str:
@@ -230,6 +232,8 @@ def _strip_ansi(text: str) -> str:
 
 
 def _kill(pid: int) -> None:
+    # Not shutdown.stop_qemu's escalation: a launch that failed has no guest worth a clean shutdown,
+    # and its monitor may never have answered, so asking first would only add minutes to the error.
     try:
         os.kill(pid, 9)
     except OSError:

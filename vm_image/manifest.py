@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from .durable import write_atomic
+
 
 def installed_packages(rootfs_tar: Path) -> dict[str, str]:
     """{package: version} from dpkg's status file inside the root filesystem tarball."""
@@ -41,14 +43,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    return write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Readers see the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    # 0644: what went into the image is no secret, and whoever inspects the image may read it.
+    write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
     return path
 
 

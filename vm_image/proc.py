@@ -105,17 +105,23 @@ def wait_gone(pid: int, ticks: int, timeout: float) -> bool:
     return True
 
 
-def terminate(pid: int, ticks: int, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; only if (pid, ticks) is still the same process."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+def terminate(pid: int, ticks: int, grace: float = 10) -> str:
+    """SIGTERM, then SIGKILL after `grace` seconds; only if (pid, ticks) is still the same process.
+
+    Returns how it ended: "exited" (before a signal), "terminated" or "killed".
+    """
+    how = "exited"
+    for sig, wait, name in ((signal.SIGTERM, grace, "terminated"), (signal.SIGKILL, 10, "killed")):
         if not alive(pid, ticks):
-            return
+            return how
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
-            return
+            return how
+        how = name
         if wait_gone(pid, ticks, wait):
-            return
+            return how
+    return how
 
 
 def open_files(pid: int) -> list[tuple[int, int]]:
@@ -150,31 +156,50 @@ def executable_files(pid: int) -> list[tuple[str, os.stat_result]]:
     return found
 
 
-def listening_tcp(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket the process holds in LISTEN, as the kernel sees it
-    (the process's own network namespace: /proc/PID/net), whatever the process says about itself."""
-    inodes = set()
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(entry)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    found = set()
+@dataclass(frozen=True)
+class TcpListener:
+    address: str
+    port: int
+    inode: str  # the socket's inode, as /proc/PID/fd names it: "socket:[INODE]"
+
+
+def tcp_listeners(net: Path = Path("/proc/net")) -> list[TcpListener]:
+    """Every TCP socket in LISTEN in the network namespace of `net` (/proc/net: ours; /proc/PID/net: that
+    process's), from the kernel's tables tcp and tcp6. The one parser of /proc/net/tcp."""
+    found = []
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            lines = (net / table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
             local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+            if state != "0A":  # 0A: LISTEN
                 continue
             addr_hex, port_hex = local.rsplit(":", 1)
-            found.add((_kernel_address(addr_hex, family), int(port_hex, 16)))
+            found.append(TcpListener(_kernel_address(addr_hex, family), int(port_hex, 16), inode))
     return found
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds open (its /proc/PID/fd). OSError if it is gone."""
+    inodes = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue  # closed since the listing
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def listening_tcp(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process holds in LISTEN, as the kernel sees it
+    (the process's own network namespace: /proc/PID/net), whatever the process says about itself."""
+    inodes = socket_inodes(pid)
+    return {(ln.address, ln.port) for ln in tcp_listeners(Path(f"/proc/{pid}/net")) if ln.inode in inodes}
 
 
 def _kernel_address(text: str, family: int) -> str:

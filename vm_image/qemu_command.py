@@ -1,4 +1,8 @@
-"""The QEMU command line for the agent's VM, as a pure function of its configuration (unit-tested)."""
+"""The QEMU command line for the agent's VM, as a pure function of its configuration (unit-tested).
+
+The machine itself (`q35_args`) is the host's VM's too (takeover/host/runners.py): what the guest
+sees does not change when the host takes it over; disks, network, monitor and sandbox differ on purpose.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from .errors import BadInput, MissingTool
 from .guest_files import PROXY_PORT
 from .guest_files import SSH_PORT as GUEST_SSH_PORT
 from .qemu_binary import QEMU, find_qemu
+
+TCG_CACHE_MB = 64  # TCG reserves 1 GiB for translated code by default; 64 MB is plenty for this guest
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class VmConfig:
     memory_mb: int = 256
     cpus: int = 1
     accel: str = "tcg"  # "kvm" or "tcg"
-    tcg_cache_mb: int = 64  # TCG reserves 1 GiB for translated code by default; 64 MB is plenty for this guest
+    tcg_cache_mb: int = TCG_CACHE_MB
     seed: Path | None = None  # cloud-init NoCloud seed, attached read-only (--base-image)
 
 
@@ -76,12 +82,7 @@ def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
             raise BadInput(f"{name.replace('_', ' ')} {getattr(cfg, name)} is not a TCP port")
     if not 128 <= cfg.memory_mb <= 65536 or not 1 <= cfg.cpus <= 64:
         raise BadInput(f"memory {cfg.memory_mb} MB / {cfg.cpus} vCPUs is out of range (128 MB-64 GB, 1-64)")
-    if cfg.accel == "kvm":
-        accel = ["-accel", "kvm", "-cpu", "host"]
-    elif cfg.accel == "tcg":
-        accel = ["-accel", f"tcg,tb-size={cfg.tcg_cache_mb}", "-cpu", "max"]
-    else:
-        raise BadInput(f"accelerator {cfg.accel!r} is not kvm or tcg")
+    machine = q35_args(cfg.accel, cfg.memory_mb, cfg.cpus, cfg.tcg_cache_mb)
     boot = ["-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.append] if cfg.kernel else []
     seed = ["-drive", f"file={cfg.seed},if=virtio,format=raw,readonly=on"] if cfg.seed else []
     forwards = (
@@ -92,17 +93,7 @@ def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
         binary,
         "-name",
         "secret-proxy-vm",
-        "-machine",
-        "q35",
-        *accel,
-        "-m",
-        str(cfg.memory_mb),
-        "-smp",
-        str(cfg.cpus),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
+        *machine,
         "-no-reboot",
         *boot,
         "-drive",
@@ -121,6 +112,31 @@ def qemu_argv(cfg: VmConfig, binary: str = QEMU) -> list[str]:
         "-pidfile",
         str(cfg.pidfile),
         "-daemonize",
+    ]
+
+
+def q35_args(accel: str, memory_mb: int, cpus: int, tcg_cache_mb: int = TCG_CACHE_MB) -> list[str]:
+    """The machine, for the agent's VM and the host's: q35 under `accel` (kvm: the host's CPU; tcg: QEMU's
+    fullest model, with a small translation cache), its memory and vCPUs, no default devices, no user
+    configuration file, no display."""
+    if accel == "kvm":
+        accel_args = ["-accel", "kvm", "-cpu", "host"]
+    elif accel == "tcg":
+        accel_args = ["-accel", f"tcg,tb-size={tcg_cache_mb}", "-cpu", "max"]
+    else:
+        raise BadInput(f"accelerator {accel!r} is not kvm or tcg")
+    return [
+        "-machine",
+        "q35",
+        *accel_args,
+        "-m",
+        str(memory_mb),
+        "-smp",
+        str(cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
     ]
 
 

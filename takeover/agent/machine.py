@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vm_image.shutdown import kill_group
+
 from ..config import TakeoverConfig
 from ..errors import InvalidInput, TakeoverError
 from ..host.files import read_root_only_file
@@ -186,12 +188,12 @@ class Connection:
     def close(self) -> None:
         master, self._master = self._master, None
         if master is not None and master.poll() is None:
+            # SIGTERM first: the master tells the machine's sshd it is going, and its forwards close cleanly.
             os.killpg(master.pid, signal.SIGTERM)
             try:
                 master.wait(5)
             except subprocess.TimeoutExpired:
-                os.killpg(master.pid, signal.SIGKILL)
-                master.wait()
+                kill_group(master)
         self.control.unlink(missing_ok=True)
         for local in self._forwards:  # the master's listeners end with it; their socket files stay behind
             Path(local).unlink(missing_ok=True)
@@ -266,8 +268,7 @@ class Connection:
             ) from None
         finally:
             if child.poll() is None:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+                kill_group(child)
             child.stdout.close()
             child.stderr.close()
         return Output(returncode, b"".join(out), b"".join(err))

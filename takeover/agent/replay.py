@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import time
 from pathlib import Path
 
 from vm_image.qemu_binary import QEMU, find_qemu
+from vm_image.shutdown import kill_group
 
 from ..errors import RollbackError, UnsafeCommandLine
 from ..host.detached import LogDrain, start_drained
@@ -150,8 +150,7 @@ def _wait_started(child: subprocess.Popen[bytes], daemonizes: bool, drain: LogDr
         try:
             code = child.wait(START_TIMEOUT)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+            kill_group(child)
             raise failed(f"did not finish starting within {START_TIMEOUT:.0f} s") from None
         if code != 0:
             raise failed(f"did not start again (exit {code})")

@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import pwd
 import selectors
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from vm_image.shutdown import kill_group
 
 from ..errors import TakeoverError
 
@@ -146,7 +147,8 @@ def run_as_agent(
     except subprocess.TimeoutExpired:
         raise SandboxError(f"{name} run as the agent did not finish within {timeout:.0f} s and was killed") from None
     finally:
-        _kill_group(child)
+        # The sandbox is its own session: anything it started goes with it, even after the first process ended.
+        kill_group(child)
         for pipe in (child.stdout, child.stderr):
             if pipe is not None:
                 pipe.close()
@@ -175,13 +177,3 @@ def _read_bounded(child: subprocess.Popen[bytes], deadline: float, name: str) ->
                     raise SandboxError(f"{name} run as the agent printed more than {MAX_OUTPUT} bytes; killed")
                 out[key.fd] += chunk
     return bytes(out[child.stdout.fileno()]), bytes(out[child.stderr.fileno()])
-
-
-def _kill_group(child: subprocess.Popen[bytes]) -> None:
-    # The sandbox is its own session and process group: anything it started goes with it,
-    # even when the first process has already exited.
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    child.wait()

@@ -25,7 +25,7 @@ from pathlib import Path
 from vm_image import proc
 
 from ..errors import UntrustedQemu
-from ..host.files import only_root_can_change
+from ..host.files import only_root_can_change, only_root_can_write
 
 TRUSTED_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))
 
@@ -65,7 +65,7 @@ def _check_host_qemu(pid: int) -> Path:
             f"host's installed QEMU ({installed}); nothing it says is believed"
         )
     for path, st in proc.executable_files(pid):
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if not only_root_can_write(st):
             owner = f"owned by uid {st.st_uid}" if st.st_uid != 0 else "writable by others"
             raise UntrustedQemu(
                 f"QEMU pid {pid} runs code from {path!r} ({owner}), not only the host's own "

@@ -118,6 +118,8 @@ def _children(parent: int) -> list[tuple[int, int]]:
 
 
 def _kill_tree(pid: int) -> None:
+    # Not vm_image.shutdown.kill_group: libguestfs forks the appliance inside its C library, not as a Popen
+    # child in a session of ours, so it is found by parentage; nor stop_qemu: nothing in it needs a clean stop.
     table = _process_table()
     doomed, frontier = [pid], [pid]
     while frontier:

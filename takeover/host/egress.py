@@ -42,7 +42,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from vm_image import proc
 from ..errors import InvalidInput, RestartError
 from ..models import Endpoint
 from .detached import start_detached
-from .files import fsync_dir, write_atomic, write_json_atomic
+from .files import fsync_dir, prepared_by_others, write_atomic, write_json_atomic
 from .ports import check_port_free
 from .terminal import log_tail
 from .users import ensure_system_user
@@ -529,9 +528,9 @@ def write_config(plan: EgressPlan, user: str) -> Path:
             os.mkdir(directory, mode)
         except FileExistsError:
             pass
-        st = os.lstat(directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            raise RestartError(f"{directory} is not root's directory; someone prepared it", hint=f"remove {directory}")
+        reason = prepared_by_others(directory)  # root's: the takeover runs as root
+        if reason is not None:
+            raise RestartError(f"{directory} {reason}; someone else may have prepared it", hint=f"remove {directory}")
         os.chown(directory, 0, gid, follow_symlinks=False)
         os.chmod(directory, mode, follow_symlinks=False)
     conf, filt = config_dir(user) / CONF_NAME, config_dir(user) / FILTER_NAME

@@ -17,6 +17,13 @@ import re
 import stat
 from pathlib import Path
 
+# The atomic write and the syncs are vm_image's (durable.py), one implementation for both packages;
+# named here too, because the takeover takes every file primitive from this module.
+from vm_image.durable import fsync_dir as fsync_dir
+from vm_image.durable import fsync_file as fsync_file
+from vm_image.durable import write_all as write_all
+from vm_image.durable import write_atomic as write_atomic
+
 from ..errors import InvalidInput
 
 # Paths that reach a QEMU or ssh command line. QEMU option values treat ',' specially and
@@ -31,13 +38,6 @@ def check_safe_path(path: Path | str, what: str) -> Path:
     return Path(text)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 def create_private(path: Path) -> int:
     """Open a new file for writing, 0600 from its first byte; fails if anything is at `path`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -45,61 +45,9 @@ def create_private(path: Path) -> int:
     return fd
 
 
-def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """Write `data` to a new 0600 file; with `replace`, atomically replace what is there."""
-    if replace:
-        write_atomic(path, data)
-        return
-    fd = create_private(path)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> None:
-    """Replace `path` so a reader sees the old file or the new one, never half of one, and never a link's target.
-
-    The new file is created 0600 beside it (O_EXCL, O_NOFOLLOW), given its group and `mode` before a byte
-    is written, synced, and renamed over `path`; then the directory is synced, so the rename survives a crash.
-    """
-    target = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    target.unlink(missing_ok=True)
-    fd = create_private(target)
-    try:
-        if gid is not None:
-            os.fchown(fd, 0, gid)
-        if mode != 0o600:
-            os.fchmod(fd, mode)
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(target, path)
-    fsync_dir(path.parent)
-
-
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON so a reader sees the old or the new file, never half of one; 0600 from the start."""
-    write_private(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), replace=True)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def ensure_host_dir(path: Path) -> Path:
@@ -114,21 +62,31 @@ def ensure_host_dir(path: Path) -> Path:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidInput(f"host directory {path} exists and is not a directory (a symlink or a file)")
-    if st.st_uid != os.geteuid():
+    reason = prepared_by_others(path)
+    if reason is not None:
         raise InvalidInput(
-            f"host directory {path} is owned by uid {st.st_uid}, not by us; someone else "
-            f"may have prepared it. Remove it or choose another --host-dir"
-        )
-    if st.st_mode & 0o022:
-        raise InvalidInput(
-            f"host directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"its contents cannot be trusted. Remove it or choose another --host-dir"
+            f"host directory {path} {reason}; someone else may have prepared it, and what is in it cannot be trusted",
+            hint="remove it or choose another --host-dir",
         )
     os.chmod(path, 0o700, follow_symlinks=False)
     return path
+
+
+def prepared_by_others(path: Path) -> str | None:
+    """Why the directory at `path` may be of someone else's making, or None when it is a real directory of
+    ours that nobody else can write.
+
+    For a directory we create and then fill (the host directory, tinyproxy's config): a user who made it
+    first, as a symlink to theirs, a file, or a directory they own or may write, would keep a way in.
+    """
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return "exists and is not a directory (a symlink or a file)"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by us"
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def open_trusted_dir(path: Path, what: str) -> int:
@@ -275,6 +233,11 @@ def only_root_can_change(path: Path) -> bool:
             st = os.stat(part)
         except OSError:
             return False
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if not only_root_can_write(st):
             return False
     return True
+
+
+def only_root_can_write(st: os.stat_result) -> bool:
+    """Root's, and writable by no one else: what root may run or believe (no sticky-directory exception)."""
+    return st.st_uid == 0 and not st.st_mode & 0o022

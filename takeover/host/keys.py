@@ -17,7 +17,7 @@ from vm_image import keys
 
 from ..errors import HostKeyError, from_vm_image
 from ..models import Endpoint
-from .files import fsync_dir, fsync_file, write_private
+from .files import write_atomic
 
 HOST_KEY = "host_key"
 KNOWN_HOSTS = "known_hosts"
@@ -56,17 +56,14 @@ def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
         vm_private = (work / "vm_host").read_bytes()
         vm_public = (work / "vm_host.pub").read_text().strip()
         login_public = (work / "login.pub").read_text().strip()
-        # Rename within the host directory: the private key never exists anywhere but 0700/0600 places.
-        os.replace(work / "login", host_dir / HOST_KEY)
-        os.chmod(host_dir / HOST_KEY, 0o600)
-        fsync_file(host_dir / HOST_KEY)
-        write_private(host_dir / (HOST_KEY + ".pub"), (login_public + "\n").encode(), replace=True)
+        # The private key never exists anywhere but 0700 directories and 0600 files.
+        write_atomic(host_dir / HOST_KEY, (work / "login").read_bytes())
+        write_atomic(host_dir / (HOST_KEY + ".pub"), (login_public + "\n").encode())
         vm_fp = fingerprint(work / "vm_host.pub")
         login_fp = fingerprint(host_dir / (HOST_KEY + ".pub"))
     known_hosts = host_dir / KNOWN_HOSTS
     key_type, key_b64 = vm_public.split()[:2]
-    write_private(known_hosts, f"{known_hosts_name(ssh)} {key_type} {key_b64}\n".encode(), replace=True)
-    fsync_dir(host_dir)
+    write_atomic(known_hosts, f"{known_hosts_name(ssh)} {key_type} {key_b64}\n".encode())
     return HostKeys(
         vm_private, f"{key_type} {key_b64}", vm_fp, host_dir / HOST_KEY, login_public, login_fp, known_hosts
     )

@@ -1,4 +1,4 @@
-"""The host's TCP ports the VM is served on: who listens on one, whether it is free, and when /health answers.
+"""The host's TCP ports the VM is served on: who listens on one, and whether it is free.
 
 Shared by the steps that start and verify the host's VM, by `takeover start`, and by the
 egress proxy, so that "who holds this port" has one answer (from /proc, never from a pidfile).
@@ -6,43 +6,28 @@ egress proxy, so that "who holds this port" has one answer (from /proc, never fr
 
 from __future__ import annotations
 
-import os
 import pwd
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
-from vm_image import errors as vm_errors
-from vm_image import health, proc
+from vm_image import proc
 
-from ..errors import RestartError, VerifyError
+from ..errors import RestartError
 from ..models import Endpoint
 
 
 def listener_pids(endpoint: Endpoint) -> set[int]:
-    """Pids holding a listening TCP socket on `endpoint`'s port (from /proc/net/tcp{,6})."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == endpoint.port:  # 0A: LISTEN
-                inodes.add(f"socket:[{inode}]")
+    """Pids holding a listening TCP socket on `endpoint`'s port, any address (the host's /proc/net/tcp{,6})."""
+    inodes = {listener.inode for listener in proc.tcp_listeners() if listener.port == endpoint.port}
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in inodes:
-                    pids.add(int(entry.name))
-                    break
+            if proc.socket_inodes(int(entry.name)) & inodes:
+                pids.add(int(entry.name))
         except OSError:
-            continue
+            continue  # exited since the listing, or not ours to read
     return pids
 
 
@@ -90,13 +75,3 @@ def check_port_free(endpoint: Endpoint, what: str) -> None:
         hint=f"find and stop that process (`ss -ltnp 'sport = :{endpoint.port}'`); if it is the agent's, it is "
         f"posing as the VM. Then rerun `python -m takeover start`",
     )
-
-
-def wait_for_health(proxy: Endpoint, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
-    """Seconds until the host's VM answers /health at `proxy`; VerifyError if QEMU dies or time runs out."""
-    try:
-        return health.wait_for_health(proxy.url, timeout, alive)
-    except vm_errors.ProcessGone:
-        raise VerifyError(f"the host's QEMU exited before {proxy.url}/health answered") from None
-    except vm_errors.HealthTimeout as exc:
-        raise VerifyError(str(exc)) from None

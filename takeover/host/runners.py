@@ -34,18 +34,20 @@ from pathlib import Path
 from typing import Any, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
-from vm_image import proc
+from vm_image import health, proc
 from vm_image.guest_files import PROXY_PORT as GUEST_PROXY_PORT
 from vm_image.guest_files import SSH_PORT as GUEST_SSH_PORT
 from vm_image.qemu_binary import QEMU, find_qemu
+from vm_image.qemu_command import q35_args
+from vm_image.shutdown import stop_qemu
 
-from ..errors import RestartError, VerifyError
+from ..errors import RestartError, from_vm_image
 from ..models import Endpoint
 from . import forward_backlog
 from .detached import start_detached
 from .files import check_safe_path, write_json_atomic
 from .monitor import Monitor
-from .ports import check_port_free, listener_pids, wait_for_health
+from .ports import check_port_free, listener_pids
 from .regular_file import read_regular
 from .terminal import log_tail
 from .users import ensure_system_user
@@ -92,20 +94,8 @@ def machine_args(spec: HostVMSpec) -> list[str]:
     disk_file = {"driver": "file", "filename": str(spec.disk), "node-name": "disk0-file"}
     # "backing": null: QEMU opens no backing file whatever the qcow2 header says (checked anyway).
     disk_fmt = {"driver": "qcow2", "file": "disk0-file", "node-name": "disk0", "backing": None}
-    # TCG reserves 1 GiB for translated code unless told otherwise; 64 MB serves this guest.
-    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "max"]
     return [
-        "-machine",
-        "q35",
-        *accel,
-        "-m",
-        str(spec.memory_mb),
-        "-smp",
-        str(spec.cpus),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
+        *q35_args(spec.accel, spec.memory_mb, spec.cpus),  # the agent's VM's machine (vm_image), unchanged
         "-vga",
         "none",
         "-kernel",
@@ -200,13 +190,12 @@ def check_ports_free(spec: HostVMSpec) -> None:
 def wait_until_serving(spec: HostVMSpec, pid: int, timeout: float) -> dict[str, Any]:
     """/health answers through the proxy's port, and the only process listening there is the host's QEMU."""
     ticks = proc.start_ticks(pid)
-    try:
-        seconds = wait_for_health(spec.proxy_listen, timeout, lambda: proc.alive(pid, ticks))
-    except VerifyError as exc:
-        raise RestartError(
-            f"the host's VM (pid {pid}) is not serving: {exc}; see {spec.serial_log}",
-            hint="read the serial log; then `python -m takeover stop` and `start` again",
-        ) from None
+    with from_vm_image(
+        RestartError,
+        f"the host's VM (pid {pid}) is not serving: ",
+        hint=f"read the serial log {spec.serial_log}; then `python -m takeover stop` and `start` again",
+    ):
+        seconds = health.wait_for_health(spec.proxy_listen.url, timeout, lambda: proc.alive(pid, ticks))
     holders = listener_pids(spec.proxy_listen)
     if holders != {pid}:
         raise RestartError(
@@ -350,14 +339,10 @@ class QemuRunner:
         pid = self.pid(spec)
         if pid is None:
             return False
-        ticks = proc.start_ticks(pid)
-        try:
-            with Monitor(spec.monitor, timeout=5) as mon:
-                mon.execute("quit", timeout=10)
-        except Exception:  # noqa: BLE001 - the monitor may be gone; fall back to signals below
-            pass
-        if not proc.wait_gone(pid, ticks, 30):
-            proc.terminate(pid, ticks)
+        # No power-down asked of the guest, unlike `vm_image stop`: a stop here comes before a retried start
+        # from the same disk, before a rollback deletes that disk, or from `takeover stop`, and the proxy in
+        # the guest syncs every commit, so `quit` loses nothing it acknowledged.
+        stop_qemu(spec.monitor, pid, powerdown=None, quit_wait=30)
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             stale.unlink(missing_ok=True)
         return True
@@ -448,6 +433,8 @@ class LibvirtRunner:
                 return False
             active = bool(dom.isActive())
             if active:
+                # libvirt owns this QEMU (its monitor, its pid): destroy is libvirt's own SIGTERM-then-SIGKILL,
+                # where vm_image's stop_qemu would act behind libvirt's back.
                 dom.destroy()
             if undefine:
                 dom.undefine()

@@ -89,6 +89,8 @@ def _save_and_quit(mon: Monitor, source: SourceVM, progress: Callable[[str], Non
         _save_with_hmp(mon)
         method = "savevm"
     save_seconds = time.monotonic() - started
+    # Not vm_image's stop_qemu: a QEMU that will not quit is the agent's, and the takeover stops and says
+    # so rather than kill it with its checkpoint maybe half-written (the caller waits, then fails).
     progress("stopping the agent's QEMU (quit flushes and closes the disk)")
     try:
         mon.execute("quit", timeout=30)

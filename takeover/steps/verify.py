@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm_image import proc
+from vm_image import health, proc
 
 from ..agent.machine import check_remote_path
-from ..errors import InvalidInput, TakeoverError, VerifyError
+from ..errors import InvalidInput, TakeoverError, VerifyError, from_vm_image
 from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from ..host.keys import load_host_keys
-from ..host.ports import listener_pids, wait_for_health
+from ..host.ports import listener_pids
 from ..host.regular_file import read_regular
 from ..host.ssh import SSHTarget, SSHTimeout, run_bounded
 from ..models import Endpoint
@@ -76,7 +76,8 @@ def verify_host_vm(
     started = time.monotonic()
     alive = _pid_alive(qemu_pid)
     progress(f"waiting for {proxy.url}/health (the guest is booting)")
-    health_s = wait_for_health(proxy, timeout, alive)
+    with from_vm_image(VerifyError, "the host's VM: "):
+        health_s = health.wait_for_health(proxy.url, timeout, alive)
     owners = listener_pids(proxy)
     if qemu_pid not in owners:
         raise VerifyError(
@@ -184,6 +185,8 @@ def check_agent_key_refused(
         gid = _primary_gid(agent_uid)
         os.chown(tmp, agent_uid, gid)
         key, known_hosts = Path(tmp) / "setup_key", Path(tmp) / "known_hosts"
+        # Not files.write_atomic: new files in a directory made for this one login and deleted after it
+        # (nothing to replace, no crash to outlast), and given to the agent's uid, which write_atomic never does.
         for path, data in ((key, private), (known_hosts, ssh.known_hosts.read_bytes())):
             fd = create_private(path)
             try:
@@ -245,6 +248,8 @@ def create_agent_token(ssh: SSHTarget, name: str, patterns: str, token_file: Pat
     token = result.stdout.strip()
     if result.returncode != 0 or not token or len(token.split()) != 1:
         raise VerifyError(f"`secret-proxy agents add {name}` failed in the VM: {result.stderr.strip()[-300:]}")
+    # Not files.write_atomic, which replaces: the token file is created and never replaced (one already there
+    # is refused), in the directory the walk from / reached without following a link.
     fd = create_private_under_trusted_dirs(token_file, "--token-file")
     try:
         write_all(fd, (token + "\n").encode())
