@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
-from .config import Settings
+from .config import Settings, check_metrics_listen
+from .metrics import CountRequests, MetricsListener
 from .routes import routes
 from .state import ProxyState
 from .store import Store
@@ -55,6 +56,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        scope[errors.OUTCOME_KEY] = "too_large"
         response = errors.error_response("too_large", f"the body is over {limit} bytes")
         await response(scope, receive, send)
 
@@ -89,6 +91,7 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
         watch = DirectoryWatch(settings.data_dir, state.look_for_changes)
         if not watch.start():
             tasks.append(asyncio.create_task(poll_changes(state)))
+        listener = start_metrics(state) if background else None
         bot = None
         if background and settings.telegram_enabled:
             from .telegram_bot import TelegramChannel
@@ -106,6 +109,8 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
             for task in tasks:
                 task.cancel()
             watch.stop()
+            if listener is not None:
+                listener.stop()
             try:
                 await state.audit_repeats(closing=True)
             except Exception:
@@ -127,4 +132,21 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
         max_bytes=settings.max_body_bytes,
         call_max_bytes=settings.broker_max_request_bytes * 4 // 3 + settings.max_body_bytes,
     )
+    # Outermost: a body refused by BodyLimit is counted too.
+    app.add_middleware(CountRequests, metrics=state.metrics)
     return app
+
+
+def start_metrics(state: ProxyState) -> MetricsListener | None:
+    """The metrics listener on `metrics_listen` (a loopback address), if set. A port it cannot bind is
+    logged and the API serves on: secrets must not wait for a dashboard."""
+    if not state.settings.metrics_listen:
+        return None
+    host, port = check_metrics_listen(state.settings.metrics_listen)
+    try:
+        listener = MetricsListener.start(state.metrics, host, port)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s (%s); serving without metrics", state.settings.metrics_listen, exc)
+        return None
+    log.info("metrics on http://%s/metrics (loopback only)", state.settings.metrics_listen)
+    return listener

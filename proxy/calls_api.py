@@ -236,6 +236,7 @@ async def _attempt(
     }
 
     async def failed(code: str) -> None:
+        state.metrics.calls.labels(code).inc()
         # Shielded: an agent that hangs up mid-call must not leave `call.started` without its end.
         record = state.write(
             state.store.record, f"agent:{agent.name}", "call.failed", request_id, secret, code=code, **audit
@@ -256,6 +257,7 @@ async def _attempt(
         raise ApiError("internal_error", "the call failed inside the proxy; see its log") from None
     finally:
         del value
+    state.metrics.calls.labels(f"{answer.status // 100}xx").inc()
     await state.write(
         state.store.record,
         f"agent:{agent.name}",

@@ -49,9 +49,37 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .config import check_metrics_listen
     from .server import serve
 
-    serve(settings, host=args.host or settings.host, port=args.port or settings.port)
+    if args.metrics_listen is not None:
+        check_metrics_listen(args.metrics_listen)
+        settings = replace(settings, metrics_listen=args.metrics_listen)
+    port = args.port or settings.port
+    if settings.metrics_listen and check_metrics_listen(settings.metrics_listen)[1] == port:
+        raise CliError(f"metrics_listen {settings.metrics_listen} is the API's port; give the metrics their own")
+    serve(settings, host=args.host or settings.host, port=port)
+
+
+def cmd_metrics(settings: Settings, args: argparse.Namespace) -> None:
+    """Print the running proxy's figures (Prometheus' text format) from its loopback metrics listener."""
+    import urllib.error
+    import urllib.request
+
+    from .config import check_metrics_listen
+
+    where = args.source or settings.metrics_listen
+    if not where:
+        raise CliError("no metrics listener is configured; pass --from 127.0.0.1:PORT or set metrics_listen")
+    host, port = check_metrics_listen(where)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as answer:
+            sys.stdout.write(answer.read(4 * 1024 * 1024).decode())
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"the metrics listener at {where} did not answer ({exc}); is `proxy serve` running?") from None
 
 
 def cmd_secrets_set(settings: Settings, args: argparse.Namespace) -> None:
@@ -304,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the HTTP API (and the Telegram bot when configured)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--metrics-listen", metavar="IP:PORT", help="serve the metrics there (a loopback address only)")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("metrics", help="print the running proxy's figures from its loopback metrics listener")
+    s.add_argument("--from", dest="source", metavar="IP:PORT", help="the listener (default: metrics_listen)")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(fn=cmd_metrics)
 
     secrets = sub.add_parser("secrets", help="manage secret values").add_subparsers(dest="sub", required=True)
     s = secrets.add_parser("set", help="store a value read from stdin, with how it may be used")

@@ -57,6 +57,9 @@ class Settings:
     # The host's forward proxy (http://IP:PORT) that every outbound connection goes through: Telegram
     # and brokered calls. Set by the takeover, whose host-side allow-list is the only way out of the VM.
     egress_proxy: str = ""
+    # The metrics listener (proxy/metrics.py): "IP:PORT" on a loopback address, "" for none. The guest's
+    # unit sets 127.0.0.1:9737; the host reads it over its SSH login, the agent never reaches it.
+    metrics_listen: str = ""
     telegram_token: str = field(default="", repr=False)
     telegram_chat_id: int = 0
     telegram_approvers: tuple[int, ...] = ()
@@ -148,6 +151,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise ConfigError("SECRET_PROXY_TELEGRAM_TOKEN is set but SECRET_PROXY_TELEGRAM_CHAT_ID is not")
     if settings.egress_proxy:
         check_egress_proxy(settings.egress_proxy)
+    if settings.metrics_listen:
+        check_metrics_listen(settings.metrics_listen)
     if settings.refusal_audit_window_seconds <= 0:
         raise ConfigError("refusal_audit_window_seconds must be a positive number of seconds")
     if settings.telegram_retry_max_seconds <= 0:
@@ -170,3 +175,23 @@ def check_egress_proxy(url: str) -> tuple[str, int]:
     if parts.scheme != "http" or port is None or parts.path not in ("", "/") or parts.username or parts.query:
         raise problem
     return host, port
+
+
+def check_metrics_listen(value: str) -> tuple[str, int]:
+    """`IP:PORT` with a loopback IP (127.0.0.0/8, [::1]): the metrics are the host's, never the agent's."""
+    import ipaddress
+
+    problem = ConfigError(
+        f"metrics_listen {value!r} must be a loopback IP:PORT such as 127.0.0.1:9737 (the metrics are read "
+        "inside the VM, over the host's SSH login)"
+    )
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        if not sep or not port.isdigit() or not ipaddress.ip_address(host).is_loopback:
+            raise problem
+    except ValueError:
+        raise problem from None
+    if not 0 < int(port) < 65536:
+        raise problem
+    return host, int(port)

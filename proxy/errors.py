@@ -16,6 +16,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+# Where the handler leaves the code it answered with, for the request counter (proxy/metrics.py).
+OUTCOME_KEY = "secret_proxy.outcome"
+
 # The HTTP status each code answers with; the codes are the API's contract.
 STATUS = {
     "invalid_request": 400,
@@ -90,12 +93,14 @@ def error_response(code: str, detail: str, headers: dict[str, str] | None = None
 
 async def on_proxy_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProxyError)
+    request.scope[OUTCOME_KEY] = exc.code
     return error_response(exc.code, exc.detail, exc.headers)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    request.scope[OUTCOME_KEY] = code
     return error_response(code, str(exc.detail))
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 
 from .broker import system_resolver
 from .config import Settings
+from .metrics import Metrics
 from .ratelimit import InFlight, RateLimiter
 from .refusals import RefusalCounter
 from .store import Agent, Request, Store
@@ -35,6 +36,7 @@ class Changes:
         self._seq = store.last_audit_seq()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._any = asyncio.Event()
+        self._waiting = 0  # an int, not a sum over _waiters: the metrics thread reads it
 
     def check(self) -> None:
         seq, request_ids = self.store.changes_since(self._seq)
@@ -50,7 +52,7 @@ class Changes:
 
     @property
     def waiting(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
+        return self._waiting
 
     async def wait(self, request_id: str, timeout: float) -> None:
         """Until the request changes or `timeout` passes.
@@ -62,9 +64,11 @@ class Changes:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.setdefault(request_id, set()).add(waiter)
         timer = loop.call_later(timeout, _wake, waiter)
+        self._waiting += 1
         try:
             await waiter
         finally:
+            self._waiting -= 1
             timer.cancel()
             waiters = self._waiters.get(request_id)
             if waiters is not None:
@@ -119,6 +123,7 @@ class ProxyState:
     limits: Limits
     changes: Changes
     refusals: RefusalCounter
+    metrics: Metrics
     channels: list[ApprovalChannel] = field(default_factory=list)
     # How brokered calls resolve host names; a test may swap in a fake DNS answer.
     resolver: Callable[[str, int], list[str]] = system_resolver
@@ -127,12 +132,18 @@ class ProxyState:
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> ProxyState:
+        changes = Changes(store)
+        metrics = Metrics()
+        metrics.watch_store(store)
+        metrics.waiters.set_function(lambda: changes.waiting)
+        metrics.telegram_configured.set(1 if settings.telegram_enabled else 0)
         return cls(
             settings,
             store,
             Limits.from_settings(settings),
-            Changes(store),
+            changes,
             RefusalCounter(settings.refusal_audit_window_seconds),
+            metrics,
         )
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -159,6 +170,7 @@ class ProxyState:
     ) -> None:
         """Audit a refused call: the first of its kind in a window now, the repeats as a count later."""
         actor = f"agent:{agent.name}"
+        self.metrics.refused(action, code)
         if self.refusals.note(actor, action, code):
             await self.write(self.store.record, actor, action, request_id, secret, code=code)
 

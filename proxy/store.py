@@ -74,6 +74,25 @@ class Decision:
     votes: int = 0  # distinct approvals so far
 
 
+@dataclass(frozen=True)
+class Latencies:
+    cumulative: tuple[int, ...]  # decisions within each bound asked for
+    count: int
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the metrics listener shows of the database (`Store.figures`): counts only."""
+
+    secrets: int
+    agents: int
+    requests_by_status: dict[str, int]
+    audit_entries: int
+    store_bytes: int
+    decisions: dict[tuple[str, str], Latencies]  # (approved|denied, telegram|operator)
+
+
 _GRANT_COLS = (
     "id, agent, secret, method, url_prefix, calls_left, created_at, expires_at, granted_by, request_id, ended_at,"
     " ended_why"
@@ -390,6 +409,42 @@ class Store:
 
     def secret_exists(self, name: str) -> bool:
         return self._conn().execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone() is not None
+
+    # -- figures (proxy/metrics.py) ------------------------------------------
+    def figures(self, latency_bounds: tuple[float, ...]) -> Figures:
+        """Counts for the metrics listener, read in one snapshot: no name, id or value leaves here.
+
+        The approval latency is over people's decisions only (Telegram and the operator's CLI), not the
+        rule's or a grant's, which take no time; by decision and by whom (`telegram`, `operator`)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            secrets = conn.execute("SELECT COUNT(*) FROM secrets").fetchone()[0]
+            agents = conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+            by_status = dict(conn.execute("SELECT status, COUNT(*) FROM requests GROUP BY status").fetchall())
+            audit_entries = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+            within = ", ".join("SUM(seconds <= ?)" for _ in latency_bounds)
+            rows = conn.execute(
+                f"SELECT decision, who, {within}, COUNT(*), SUM(seconds) FROM ("
+                " SELECT CASE status WHEN 'denied' THEN 'denied' ELSE 'approved' END AS decision,"
+                " substr(decided_by, 1, instr(decided_by, ':') - 1) AS who, decided_at - created_at AS seconds"
+                " FROM requests WHERE decided_at IS NOT NULL"
+                " AND (decided_by LIKE 'telegram:%' OR decided_by LIKE 'operator:%')"
+                " AND status != 'cancelled') GROUP BY decision, who",
+                latency_bounds,
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        decisions = {
+            (r[0], r[1]): Latencies(tuple(int(c) for c in r[2 : 2 + len(latency_bounds)]), r[-2], float(r[-1]))
+            for r in rows
+        }
+        size = sum(
+            os.stat(path).st_size
+            for path in (self.settings.db_path, self.settings.db_path.with_name(self.settings.db_path.name + "-wal"))
+            if path.exists()
+        )
+        return Figures(secrets, agents, {s: by_status.get(s, 0) for s in STATUSES}, audit_entries, size, decisions)
 
     # -- agents ------------------------------------------------------------
     def add_agent(self, name: str, scopes: list[str], actor: str) -> str:

@@ -362,6 +362,7 @@ class TelegramChannel:
                 )
                 break
             except (TelegramError, OSError) as exc:
+                self.state.metrics.telegram_reachable.set(0)
                 problem = (
                     _unavailable(exc, self.chat_id)
                     if isinstance(exc, TelegramError)
@@ -384,6 +385,7 @@ class TelegramChannel:
                 )
                 await asyncio.sleep(delay)
         log.info("Telegram: bot @%s is polling for updates", app.bot.username)
+        self.state.metrics.telegram_reachable.set(1)
         self._ready.set()
         try:
             # Only a convenience (the command menu); /pending works without it.
@@ -400,6 +402,7 @@ class TelegramChannel:
     def _on_poll_error(self, exc: TelegramError) -> None:
         # PTB retries polling on its own (up to 30 s apart); one warning a minute is enough.
         now = time.monotonic()
+        self.state.metrics.telegram_reachable.set(0)
         if now - self._last_poll_warning > 60:
             self._last_poll_warning = now
             log.warning("Telegram: polling for taps failed: %s; retrying", _unavailable(exc, self.chat_id))
@@ -423,6 +426,7 @@ class TelegramChannel:
             try:
                 await self.sync_once()
             except TelegramUnavailable as problem:
+                self.state.metrics.telegram_reachable.set(0)
                 delay = max(backoff.next_delay(), problem.retry_after)
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
                 log.log(
@@ -439,6 +443,7 @@ class TelegramChannel:
                 log.exception("Telegram: sync failed; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
                 continue
+            self.state.metrics.telegram_reachable.set(1)
             if backoff.failures:
                 log.info("Telegram: reachable again; the chat is up to date")
                 backoff.reset()

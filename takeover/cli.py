@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import service
 from .agent.machine import MachineAddress
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError, from_vm_image
@@ -24,6 +25,7 @@ from .models import Endpoint
 from .progress import Progress
 from .rollback import roll_back
 from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
+from .service import UNIT_DIR
 from .steps import NAMES
 
 
@@ -204,7 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow exactly what the last `sync` showed (checked against its DIGEST when given); the VM is not "
         "asked again. Without it, only show what is missing",
     )
+
+    # -- the systemd unit (issue 25): takeover/service.py --
+    svc = sub.add_parser("service", help="the systemd unit that starts the VM at boot and after a QEMU crash")
+    units = svc.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inst = units.add_parser("install", help=f"write {UNIT_DIR}/secret-proxy-vm@.service and name this instance")
+    common(inst)
+    inst.add_argument("--unit-dir", type=Path, default=UNIT_DIR, help=f"where units go (default {UNIT_DIR})")
+    inst.add_argument("--enable", action="store_true", help="then systemctl daemon-reload and enable --now it")
+    rem = units.add_parser("remove", help="delete the template unit (--disable: stop and disable this instance)")
+    common(rem)
+    rem.add_argument("--unit-dir", type=Path, default=UNIT_DIR, help=f"where units go (default {UNIT_DIR})")
+    rem.add_argument("--disable", action="store_true", help="systemctl disable --now this instance first")
+    common(units.add_parser("prepare", help="the unit's ExecStartPre: apply the egress rules, start the forward proxy"))
     return p
+
+
+def service_command(cfg: TakeoverConfig, args: argparse.Namespace) -> dict[str, object]:
+    if args.action == "install":
+        return service.install_for(cfg.host_dir, args.unit_dir, enable=args.enable)
+    if args.action == "remove":
+        return service.remove_for(cfg.host_dir, args.unit_dir, disable=args.disable)
+    return service.prepare(cfg.host_dir)
 
 
 def _bounded(low: int, high: int) -> Callable[[str], int]:
@@ -336,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             urls, applying = getattr(args, "urls", []), getattr(args, "apply", None)
             digest = applying or None
             show(json_text(change_egress(cfg, args.action, urls, apply=applying is not None, digest=digest)))
+        elif args.command == "service":
+            show(json_text(service_command(cfg, args)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

@@ -15,6 +15,7 @@ from typing import Any
 
 from vm_image import proc
 
+from . import glance
 from .agent.diskimage import inspect_image
 from .agent.machine import Connection
 from .agent.nested_vm import nested_alive, nested_snapshots
@@ -279,7 +280,18 @@ def status(cfg: TakeoverConfig) -> dict[str, Any]:
         "journal": str(cfg.host_dir / JOURNAL_NAME),
         "steps": {s: journal.entry(s).get("status", "pending") for s in NAMES},
         **egress_status(cfg.host_dir),
+        **at_a_glance(cfg, journal),
     }
+
+
+def at_a_glance(cfg: TakeoverConfig, journal: Journal) -> dict[str, Any]:
+    """For a verified takeover: the VM's health, uptime and figures, its egress list, its last backup."""
+    if not journal.done("verify"):
+        return {}
+    spec, runner = _finished_vm(cfg)
+    key, known_hosts = load_host_keys(cfg.host_dir)
+    ssh = SSHTarget(spec.ssh_listen, key, known_hosts)
+    return {**glance.vm_glance(spec, runner, ssh), **glance.egress_glance(cfg.host_dir)}
 
 
 def egress_status(host_dir: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from .proxy_helpers import SECRET_VALUE, LiveServer, make_settings, provision, s
 
 
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
         self.ca: CertAuthority = make_ca(tmp / "ca")
         self.up = Upstream(self.ca, value=SECRET_VALUE).start()
         self.other = Upstream(self.ca).start()  # never listed anywhere
@@ -42,7 +42,7 @@ class Rig:
         with Store(self.data.settings) as store:
             for name, policy in policies.items():
                 store.set_secret(name, SECRET_VALUE.encode(), "operator:test", policy, broker_only=name == "api-call")
-        self.server: LiveServer = start_server(self.data.settings)
+        self.server: LiveServer = start_server(self.data.settings, extra_env)
         self.http = httpx.Client(
             base_url=self.server.url, timeout=30, headers={"Authorization": f"Bearer {self.data.token}"}
         )

@@ -22,7 +22,11 @@ def test_every_setting_read_from_the_environment_is_its_own_type(name, tmp_path)
     default = getattr(Settings(), name)
     if name == "telegram_token":
         return  # a token needs a chat id; its type is plain text like the others below
-    sample = {"egress_proxy": "http://127.0.0.1:3128", "telegram_approvers": (1, 2)}.get(name, default)
+    sample = {
+        "egress_proxy": "http://127.0.0.1:3128",
+        "metrics_listen": "127.0.0.1:9737",
+        "telegram_approvers": (1, 2),
+    }.get(name, default)
     loaded = load_settings(env={"SECRET_PROXY_" + name.upper(): _as_text(sample) or "x"}, data_dir=tmp_path)
     value = getattr(loaded, name)
     assert type(value) is type(default), (name, value)

@@ -12,6 +12,9 @@ PROXY_HOME = "/home/proxy"
 DATA_DIR = "/var/lib/secret-proxy"
 VENV = "/opt/secret-proxy/venv"
 PROXY_PORT = 3737
+# The proxy's metrics listener, on the guest's loopback only: QEMU's forwards reach 10.0.2.15, never
+# 127.0.0.1, so only a login in the guest (the host's SSH key) reads it (`secret-proxy metrics`).
+METRICS_LISTEN = "127.0.0.1:9737"
 ROOT_DEVICE = "/dev/vda"  # the one virtio disk (KERNEL_APPEND's root=)
 SSH_PORT = 22
 
@@ -34,7 +37,7 @@ User=proxy
 Group=proxy
 Environment=SECRET_PROXY_DATA_DIR={DATA_DIR}
 ExecStartPre=/bin/sh -c 'test -e {DATA_DIR}/master.key || exec {VENV}/bin/python -I -m proxy init'
-ExecStart={VENV}/bin/python -I -m proxy serve --host 0.0.0.0 --port {PROXY_PORT}
+ExecStart={VENV}/bin/python -I -m proxy serve --host 0.0.0.0 --port {PROXY_PORT} --metrics-listen {METRICS_LISTEN}
 Restart=on-failure
 RestartSec=2
 # Above the proxy's connection limit (max_connections, 2048): a flood gets 503s, not a failing accept().
