@@ -20,6 +20,7 @@ from vm_image.errors import BadInput
 from vm_image.initrd import build_initrd, module_closure
 from vm_image.kvm_probe import Probe
 from vm_image.qemu_command import VmConfig, choose_accel, qemu_argv
+from vm_image.rootfs import PACKAGES, inputs_key, mmdebstrap_argv
 from vm_image.ssh_command import agent_login_argv
 
 from .vm_fixtures import as_agent, free_port, launch_agent_vm, vm_image_as_agent
@@ -153,6 +154,21 @@ def fake_built_image(state: Path) -> None:
 def free_ports() -> list[str]:
     """Ports of the test's own, so that a demo left running on the defaults is never in the way."""
     return ["--port", str(free_port()), "--ssh-port", str(free_port())]
+
+
+def test_extra_packages_are_installed_beside_the_base_and_cached_under_their_own_key(tmp_path):
+    out = tmp_path / "rootfs.tar"
+    plain = mmdebstrap_argv("unshare", out)
+    extra = mmdebstrap_argv("unshare", out, extra_packages=("qemu-utils", "qemu-system-x86"))
+    assert option_value(plain, "--include") == ",".join(PACKAGES)
+    assert option_value(extra, "--include") == ",".join([*PACKAGES, "qemu-system-x86", "qemu-utils"])
+    assert plain[-2:] == extra[-2:] == ["bookworm", str(out)]
+    assert inputs_key(None, ("qemu-utils",)) != inputs_key(None)
+    assert inputs_key(None, ("a", "b")) == inputs_key(None, ("b", "a"))
+
+
+def option_value(argv: list[str], name: str) -> str:
+    return next(a.partition("=")[2] for a in argv if a.startswith(name + "="))
 
 
 def test_ssh_command_lines_read_no_config_and_end_options_before_the_remote_command(tmp_path):

@@ -42,7 +42,7 @@ class Overlay:
     host_key_pub: bytes
 
 
-class _TarWriter:
+class TarWriter:
     """Entries with explicit owners and modes: nothing depends on who runs the build."""
 
     def __init__(self, tar: tarfile.TarFile) -> None:
@@ -62,7 +62,7 @@ class _TarWriter:
             self.tar.addfile(info, io.BytesIO(data))
 
 
-def _system_files(w: _TarWriter) -> None:
+def _system_files(w: TarWriter) -> None:
     """What every guest of ours has over the base: identity, network, the proxy's service, its user's dirs."""
     w.add("/etc/hostname", 0o644, gf.HOSTNAME.encode())
     w.add("/etc/hosts", 0o644, gf.HOSTS.encode())
@@ -85,13 +85,13 @@ def _system_files(w: _TarWriter) -> None:
 def write_system_overlay(out: Path) -> Path:
     """The files of our guest without keys or venv: for the host, which adds its own of those."""
     with tarfile.open(out, "w") as tar:
-        _system_files(_TarWriter(tar))
+        _system_files(TarWriter(tar))
     return out
 
 
 def write_overlay(overlay: Overlay, out: Path) -> Path:
     with tarfile.open(out, "w") as tar:
-        w = _TarWriter(tar)
+        w = TarWriter(tar)
         _system_files(w)
         w.add("/etc/ssh/ssh_host_ed25519_key", 0o600, overlay.host_key)
         w.add("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, overlay.host_key_pub)

@@ -3,7 +3,8 @@
 mmdebstrap needs no root: as an unprivileged user it works in a user namespace
 (`--mode=unshare`, with Debian's uidmap). The tarball holds only packages and
 settings shared by every build; what differs per build (keys, the proxy) is laid
-over it by `disk.py`.
+over it by `disk.py`. A caller that needs more in its system (the benchmark's agent
+machine, which runs QEMU itself) names extra packages; they change the cache key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import BuildFailed, MissingTool
@@ -42,13 +43,40 @@ CUSTOMIZE = [
 ]
 
 
-def inputs_key(mirror: str | None) -> str:
-    return hashlib.sha256(json.dumps([SUITE, PACKAGES, DPKG_OPTIONS, CUSTOMIZE, mirror]).encode()).hexdigest()
+def inputs_key(mirror: str | None, extra_packages: Sequence[str] = ()) -> str:
+    parts: list[object] = [SUITE, PACKAGES, DPKG_OPTIONS, CUSTOMIZE, mirror]
+    if extra_packages:  # the proxy's own system keeps the key it always had
+        parts.append(sorted(extra_packages))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def base_rootfs(cache_dir: Path, mirror: str | None = None, progress: Callable[[str], None] = lambda _: None) -> Path:
-    """`cache_dir/rootfs-KEY.tar`, built with mmdebstrap when no tarball for these inputs exists."""
-    tarball = cache_dir / f"rootfs-{inputs_key(mirror)[:16]}.tar"
+def mmdebstrap_argv(mode: str, out: Path, mirror: str | None = None, extra_packages: Sequence[str] = ()) -> list[str]:
+    """The mmdebstrap command that writes the root filesystem tarball `out`."""
+    argv = [
+        "mmdebstrap",
+        f"--mode={mode}",
+        "--variant=minbase",
+        "--format=tar",
+        "--quiet",
+        "--include=" + ",".join([*PACKAGES, *sorted(extra_packages)]),
+    ]
+    argv += [f"--dpkgopt={opt}" for opt in DPKG_OPTIONS]
+    argv += [f"--customize-hook={hook}" for hook in CUSTOMIZE]
+    argv += [SUITE, str(out)]
+    return [*argv, mirror] if mirror else argv
+
+
+def base_rootfs(
+    cache_dir: Path,
+    mirror: str | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+    extra_packages: Sequence[str] = (),
+) -> Path:
+    """`cache_dir/rootfs-KEY.tar`, built with mmdebstrap when no tarball for these inputs exists.
+
+    One cache directory keeps one tarball: a build for other inputs removes the others.
+    """
+    tarball = cache_dir / f"rootfs-{inputs_key(mirror, extra_packages)[:16]}.tar"
     if tarball.is_file():
         progress(f"reusing the cached root filesystem {tarball.name}")
         return tarball
@@ -56,20 +84,8 @@ def base_rootfs(cache_dir: Path, mirror: str | None = None, progress: Callable[[
         raise MissingTool("mmdebstrap is not installed (package mmdebstrap; unprivileged builds also need uidmap)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     mode = "root" if os.geteuid() == 0 else "unshare"
-    argv = [
-        "mmdebstrap",
-        f"--mode={mode}",
-        "--variant=minbase",
-        "--format=tar",
-        "--quiet",
-        "--include=" + ",".join(PACKAGES),
-    ]
-    argv += [f"--dpkgopt={opt}" for opt in DPKG_OPTIONS]
-    argv += [f"--customize-hook={hook}" for hook in CUSTOMIZE]
     partial = cache_dir / f".{tarball.name}.partial"
-    argv += [SUITE, str(partial)]
-    if mirror:
-        argv.append(mirror)
+    argv = mmdebstrap_argv(mode, partial, mirror, extra_packages)
     progress(f"building a Debian {SUITE} root filesystem with mmdebstrap ({mode} mode; about a minute)")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
