@@ -158,10 +158,11 @@ def secret_view(name: str, policy: Policy | None, rule: ApprovalRule) -> dict[st
 
     The injection's kind and header or parameter name only: its template may hold fixed text
     the operator chose not to show."""
-    callable_ = policy is not None and bool(policy.destinations) and policy.injection is not None
+    never = rule.kind == "deny"  # nothing is ever approved: neither use is open to the agent
+    callable_ = not never and policy is not None and bool(policy.destinations) and policy.injection is not None
     return {
         "name": name,
-        "retrieve": not rule.broker_only,
+        "retrieve": not rule.broker_only and not never,
         "call": callable_,
         "destinations": [d.show() for d in policy.destinations] if policy and callable_ else [],
         "inject": {"kind": policy.injection.kind, "name": policy.injection.name}

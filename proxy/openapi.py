@@ -152,7 +152,10 @@ OPENAPI: dict[str, Any] = {
                 "required": ["name", "retrieve", "call", "destinations", "inject"],
                 "properties": {
                     "name": {"type": "string"},
-                    "retrieve": {"type": "boolean", "description": "false for a broker-only secret"},
+                    "retrieve": {
+                        "type": "boolean",
+                        "description": "false for a broker-only secret, or one whose rule is deny",
+                    },
                     "call": {"type": "boolean", "description": "it may be used in brokered calls"},
                     "destinations": {"type": "array", "items": {"type": "string"}},
                     "inject": {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from proxy.store import Store
@@ -168,6 +169,10 @@ def test_a_deny_secret_is_refused_when_asked_and_audited(rig):
     assert "approval rule is `deny`" in refused.body["detail"]
     assert [e for e in audit(rig) if e.action == "request.refused" and e.secret == "api-never"]
     assert not [m for m in rig.emu.messages(CHAT) if "api-never" in m["text"]]
+    # ... and the agent's list says so before it asks: neither retrieval nor a call is open to it.
+    listed = httpx.get(f"{rig.url}/v1/secrets", headers={"Authorization": f"Bearer {rig.data.token}"}, timeout=30)
+    view = next(v for v in listed.json()["secrets"] if v["name"] == "api-never")
+    assert (view["retrieve"], view["call"]) == (False, False)
 
 
 def test_an_approver_outside_the_secrets_approvers_is_refused_and_audited(rig):
