@@ -11,7 +11,7 @@ APT_PACKAGES=(
   libguestfs-tools linux-image-amd64 openssh-client openssh-server
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
   sqlite3 curl ca-certificates wrk genisoimage
-  nftables tinyproxy-bin iproute2
+  nftables tinyproxy-bin iproute2 systemd util-linux
 )
 
 missing=()

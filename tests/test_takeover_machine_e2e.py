@@ -111,7 +111,9 @@ def host_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def takeover_from_machine(vm: NestedVM, host_dir: Path, serve_on: Endpoint, *more: str) -> subprocess.CompletedProcess:
+def takeover_from_machine(
+    vm: NestedVM, host_dir: Path, serve_on: Endpoint, *more: str, ssh_port: int | None = None
+) -> subprocess.CompletedProcess:
     rig = vm.rig
     return takeover(
         "run",
@@ -128,7 +130,7 @@ def takeover_from_machine(vm: NestedVM, host_dir: Path, serve_on: Endpoint, *mor
         "--host-dir",
         str(host_dir),
         "--ssh-listen",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{ssh_port or free_port()}",
         "--qemu-user",
         E2E_QEMU_USER,
         *more,
@@ -139,11 +141,14 @@ def test_the_host_takes_over_a_vm_nested_in_the_agents_machine_and_serves_it_bac
     rig = nested.rig
     serve_on = Endpoint(rig.host_address, 3700 + rig.index)
     args = ("--agent-name", "alice", "--agent-secrets", "api-*")
+    ssh_port = free_port()  # the rerun names the same options as the run it resumes
     # The first run dies after the checkpoint; the rerun opens a new connection and resumes at the copy.
     started = time.monotonic()
-    interrupted = takeover_from_machine(nested, host_dir, serve_on, *args, "--fail-after", "checkpoint")
+    interrupted = takeover_from_machine(
+        nested, host_dir, serve_on, *args, "--fail-after", "checkpoint", ssh_port=ssh_port
+    )
     assert interrupted.returncode == 1 and "failing on purpose after step 'checkpoint'" in interrupted.stderr
-    result = takeover_from_machine(nested, host_dir, serve_on, *args)
+    result = takeover_from_machine(nested, host_dir, serve_on, *args, ssh_port=ssh_port)
     seconds = time.monotonic() - started
     try:
         assert result.returncode == 0, result.stderr[-3000:]
