@@ -26,7 +26,7 @@ from .progress import Progress
 from .rollback import roll_back
 from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
 from .service import UNIT_DIR
-from .steps import NAMES
+from .steps import ALL_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the host's directory for the VM (default {DEFAULT_HOST_DIR}; root, 0700)",
         )
 
-    run = sub.add_parser("run", help="checkpoint, relocate, scrub, re-key, restart and verify (resumes a failed run)")
+    run = sub.add_parser("run", help="build the host's VM, cut over to it, verify, revoke the agent (resumes)")
     common(run)
     src = run.add_argument_group("the agent's VM")
     src.add_argument("--ready-file", type=Path, help="the agent's ready file (STATE/run/ready)")
@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of Debian (faster; the agent's /usr is then reported as not blocked)",
     )
     vm.add_argument(
+        "--in-order",
+        action="store_true",
+        help="stop the agent's VM first and build the host's after (the proxy is down for the whole takeover); "
+        "by default the host's VM is built, booted in private and checked while the agent's still serves, "
+        "and the cut-over takes about a second (docs/takeover.md)",
+    )
+    vm.add_argument(
         "--no-replace-modules",
         action="store_true",
         help="keep the agent's /lib/modules instead of the host kernel's (reported as not blocked)",
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="where to write its token (0600; default HOST_DIR/agent-NAME.token)"
     )
     run.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
-    run.add_argument("--fail-after", choices=NAMES, help=argparse.SUPPRESS)  # tests: fault injection
+    run.add_argument("--fail-after", choices=ALL_NAMES, help=argparse.SUPPRESS)  # tests: fault injection
 
     rb = sub.add_parser("rollback", help="stop the host's VM and restart the agent's VM from takeover-checkpoint")
     common(rb)
@@ -319,6 +326,7 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv,
         rebuild_system=not args.keep_agent_system,
+        cut_over=not args.in_order,
         cache_dir=args.cache_dir,
         replace_modules=not args.no_replace_modules,
         kernel=args.kernel,

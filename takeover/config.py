@@ -53,6 +53,9 @@ class TakeoverConfig:
     reinstall_venv: bool = True
     cache_dir: Path = DEFAULT_CACHE_DIR
     rebuild_system: bool = True  # replace the agent's filesystem with the host's own build (scrub.rebuild_system)
+    # Prepare the host's VM while the agent's serves, then cut over in about a second (steps.CUT_OVER);
+    # False: the steps in order, the proxy down from the checkpoint until the host's VM has booted.
+    cut_over: bool = True
     replace_modules: bool = True
     kernel: Path | None = None  # the operator's own kernel and initrd instead of vm_image.boot_files
     initrd: Path | None = None
@@ -75,10 +78,11 @@ class TakeoverConfig:
         """The options a run was made with, from its journal, for `start`, `stop` and `rollback`.
 
         An option the journal lacks was not there yet when it was written, and takes its default,
-        except `qemu_user`: before it existed the host's QEMU ran as root. The host directory is
-        the one the command names.
+        except `qemu_user` (before it existed the host's QEMU ran as root) and `cut_over` (before
+        it existed every run was in order). The host directory is the one the command names.
         """
-        return replace(from_record(cls, {"qemu_user": None, **options}, "the journal's options"), host_dir=host_dir)
+        older = {"qemu_user": None, "cut_over": False}
+        return replace(from_record(cls, {**older, **options}, "the journal's options"), host_dir=host_dir)
 
 
 def read_proxy_config(path: Path, *, allow_telegram_api_url: str | None = None) -> bytes:

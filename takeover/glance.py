@@ -27,7 +27,7 @@ from .errors import TakeoverError
 from .host import egress
 from .host.runners import HostVMSpec, Runner
 from .host.ssh import SSHTarget
-from .steps.verify import CLI
+from .host.vm_checks import CLI
 
 METRICS_MAX_BYTES = 1024 * 1024
 HEALTH_TIMEOUT_SECONDS = 3.0

@@ -10,6 +10,8 @@ from .errors import InvalidInput
 from .record import from_record, to_record
 
 CHECKPOINT_TAG = "takeover-checkpoint"
+# The host's VM booted and checked in private, resumed at the cut-over, deleted once verified (steps/first_boot.py).
+PREPARED_TAG = "takeover-prepared"
 
 
 @dataclass(frozen=True)

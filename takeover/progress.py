@@ -1,4 +1,4 @@
-"""The takeover's progress display: vm_image's, one line per step of `steps.STEPS`, notes indented beneath.
+"""The takeover's progress display: vm_image's, a line per step of the run's plan, notes indented beneath.
 
 Every line goes through `terminal.printable`: notes and errors quote the agent's strings.
 """
@@ -12,20 +12,25 @@ from typing import TextIO
 from vm_image.progress import Steps
 
 from .host.terminal import printable
-from .steps import NAMES, TITLES
+from .steps import CUT_OVER, Plan
 
 
 class Progress(Steps):
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        super().__init__(len(NAMES), stream)
+    def __init__(self, stream: TextIO = sys.stderr, plan: Plan = CUT_OVER) -> None:
+        super().__init__(len(plan.steps), stream)
+        self.use(plan)
         self.started_at: dict[str, float] = {}
+
+    def use(self, plan: Plan) -> None:
+        """Number and title the steps of `plan` (the runbook knows it once the journal is open)."""
+        self.plan, self.total = plan, len(plan.steps)
 
     def line(self, text: str) -> None:
         super().line(printable(text))
 
     def begin(self, step: str) -> None:
         self.started_at[step] = time.monotonic()
-        self.started(NAMES.index(step) + 1, TITLES[step])
+        self.started(self.plan.names.index(step) + 1, self.plan.titles[step])
 
     def end(self, step: str) -> float:
         seconds = time.monotonic() - self.started_at.get(step, time.monotonic())
@@ -33,7 +38,7 @@ class Progress(Steps):
         return seconds
 
     def skip(self, step: str, why: str) -> None:
-        self.skipped(NAMES.index(step) + 1, TITLES[step], why)
+        self.skipped(self.plan.names.index(step) + 1, self.plan.titles[step], why)
 
     def fail(self, step: str, error: BaseException) -> None:
         seconds = time.monotonic() - self.started_at.get(step, time.monotonic())

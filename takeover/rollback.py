@@ -25,9 +25,8 @@ from .journal import DONE, ROLLED_BACK, Journal
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
 from .runbook import require_root
-from .steps.context import Context
-from .steps.relocate import DISK_NAME, PARTIAL_NAME
-from .steps.restart import runner_for, vm_spec
+from .steps.context import DISK_NAME, Context, runner_for, vm_spec
+from .steps.relocate import PARTIAL_NAME
 
 # The host's files for its VM, besides the disk and the keys: a rollback removes them with the copy.
 HOST_FILES = ("qmp.sock", "qemu.pid", "serial.log", "qemu.log", "agent-qmp.sock", "agent-proxy.sock", *egress.FILES)
@@ -77,7 +76,8 @@ def _unfinished_journal(host_dir: Path) -> Journal:
 def _stop_host_vm(journal: Journal, host_dir: Path, progress: Progress) -> None:
     """The host's VM and its egress proxy stopped, if the run got far enough to start them."""
     saved = TakeoverConfig.saved(journal.options, host_dir)  # the runner and VM the run used
-    if journal.entry("restart"):
+    # The cut-over's first boot runs the same disk under the same runner, in a private network.
+    if journal.entry("restart") or journal.entry("first_boot"):
         try:
             spec = vm_spec(Context(saved, host_dir, journal, progress))
             if runner_for(saved).stop(spec):

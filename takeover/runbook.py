@@ -26,16 +26,16 @@ from .host.files import ensure_host_dir
 from .host.keys import load_host_keys
 from .host.runners import HostVMSpec, Runner, check_ports_free, wait_until_serving, widen_forwards
 from .host.ssh import SSHTarget, which_ssh
+from .host.vm_checks import CLI
 from .journal import DONE, IN_PROGRESS, JOURNAL_NAME, Journal, check_destination
 from .models import CHECKPOINT_TAG, SourceVM
 from .progress import Progress
-from .steps import NAMES, RESUME_POINTS, STEPS, TITLES, steps_to_run
+from .steps import CUT_OVER, plan_of
 from .steps.checkpoint import CheckpointResult
-from .steps.context import Context
-from .steps.relocate import DISK_NAME
+from .steps.context import DISK_NAME, Context, runner_for, vm_spec
 from .steps.report import build_report, summary, write_report
-from .steps.restart import runner_for, serve_to_machine, vm_spec
-from .steps.verify import AGENT_NAME, CLI, SECRET_PATTERNS
+from .steps.restart import serve_to_machine
+from .steps.verify import AGENT_NAME, SECRET_PATTERNS
 
 
 def require_root() -> None:
@@ -122,15 +122,18 @@ def run_takeover(cfg: TakeoverConfig, progress: Progress | None = None) -> tuple
 
 def _run_steps(ctx: Context, progress: Progress) -> tuple[dict[str, Any], str]:
     cfg, host_dir, journal = ctx.cfg, ctx.host_dir, ctx.journal
+    plan = plan_of(journal)
+    progress.use(plan)
+    ctx.cut_over = plan is CUT_OVER
     recover_interrupted_checkpoint(journal, ctx.machine)
-    todo = steps_to_run(journal)
-    for step in STEPS:
+    todo = plan.steps_to_run(journal)
+    for step in plan.steps:
         if step not in todo:
             progress.skip(step.name, "done in an earlier run")
     for step in todo:
-        if step.name in RESUME_POINTS:
+        if step.name in plan.resume_points:
             # A step that is rerun invalidates what the steps after it produced.
-            for later in NAMES[NAMES.index(step.name) :]:
+            for later in plan.names[plan.names.index(step.name) :]:
                 journal.forget(later)
         progress.begin(step.name)
         journal.begin(step.name)
@@ -145,7 +148,7 @@ def _run_steps(ctx: Context, progress: Progress) -> tuple[dict[str, Any], str]:
         if cfg.fail_after == step.name:
             raise InjectedFault(f"failing on purpose after step {step.name!r} (--fail-after)")
     journal.set_state(DONE)
-    report = build_report(journal, host_dir, TITLES)
+    report = build_report(journal, host_dir, plan.titles)
     write_report(report, host_dir)
     return report, ctx.summary or summary(report)
 
@@ -278,7 +281,7 @@ def status(cfg: TakeoverConfig) -> dict[str, Any]:
         "host_dir": str(cfg.host_dir),
         "state": journal.state,
         "journal": str(cfg.host_dir / JOURNAL_NAME),
-        "steps": {s: journal.entry(s).get("status", "pending") for s in NAMES},
+        "steps": {s: journal.entry(s).get("status", "pending") for s in plan_of(journal).names},
         **egress_status(cfg.host_dir),
         **at_a_glance(cfg, journal),
     }

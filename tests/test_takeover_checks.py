@@ -30,7 +30,7 @@ from takeover.host.runners import HostVMSpec, libvirt_domain_xml, qemu_command
 from takeover.journal import Journal
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.runbook import recover_interrupted_checkpoint
-from takeover.steps import first_step_to_run
+from takeover.steps import IN_ORDER
 from takeover.steps.checkpoint import save_checkpoint_and_stop
 from takeover.steps.find_vm import explicit_ready, find_and_check_vm, read_ready_file
 from takeover.steps.revoke import remove_agent_file
@@ -433,7 +433,7 @@ def test_a_run_that_died_after_the_snapshot_resumes_after_the_checkpoint(host_di
     journal.begin("checkpoint")
     save_checkpoint_and_stop(source)  # ... and the takeover died before journaling it
     recover_interrupted_checkpoint(journal)
-    assert journal.done("checkpoint") and first_step_to_run(journal) == "relocate"
+    assert journal.done("checkpoint") and IN_ORDER.first_step_to_run(journal) == "relocate"
 
 
 @pytest.mark.root
@@ -444,7 +444,7 @@ def test_a_run_that_died_before_the_snapshot_checks_the_vm_again(host_dir, qemu)
     journal.finish("find_vm", source.to_dict())
     journal.begin("checkpoint")
     recover_interrupted_checkpoint(journal)
-    assert not journal.done("checkpoint") and first_step_to_run(journal) == "find_vm"
+    assert not journal.done("checkpoint") and IN_ORDER.first_step_to_run(journal) == "find_vm"
     assert qemu.alive()
 
 

@@ -13,7 +13,7 @@ from takeover.errors import DestinationTaken, JournalError
 from takeover.host.files import ensure_host_dir
 from takeover.journal import DONE, ROLLED_BACK, Journal, check_destination
 from takeover.runbook import open_journal
-from takeover.steps import NAMES, first_step_to_run, steps_to_run
+from takeover.steps import CUT_OVER, IN_ORDER, plan_for, plan_of
 
 
 @pytest.fixture
@@ -38,8 +38,49 @@ def test_journal_is_written_atomically_and_private(host_dir):
     assert loaded.entry("find_vm")["duration_s"] >= 0
 
 
+def first_step_to_run(journal: Journal) -> str | None:
+    return plan_of(journal).first_step_to_run(journal)
+
+
 def test_a_fresh_run_starts_at_step_1(host_dir):
     assert first_step_to_run(Journal.new(host_dir, {})) == "find_vm"
+
+
+def test_the_cut_over_is_the_default_wherever_it_can_run(host_dir):
+    assert plan_for(TakeoverConfig()) is CUT_OVER
+    for why_not in (
+        TakeoverConfig(cut_over=False),  # --in-order
+        TakeoverConfig(rebuild_system=False),  # --keep-agent-system: the agent's disk is the one scrubbed
+        TakeoverConfig(runner="libvirt"),
+        TakeoverConfig(agent_machine="root@10.213.10.2"),
+    ):
+        assert plan_for(why_not) is IN_ORDER
+    # A journal from before the cut-over existed resumes in order, as it began.
+    assert plan_of(Journal.new(host_dir, {"runner": "qemu"})) is IN_ORDER
+    assert plan_of(Journal.new(host_dir, TakeoverConfig().to_dict())) is CUT_OVER
+
+
+@pytest.mark.parametrize(
+    "done, unfinished, resume_at",
+    [
+        (["find_vm"], "scrub", "scrub"),
+        # a first boot that did not finish leaves a disk that booted once, unchecked: build it again
+        (["find_vm", "scrub"], "first_boot", "scrub"),
+        # the agent's VM was never touched before the checkpoint: it is checked again
+        (["find_vm", "scrub", "first_boot"], "checkpoint", "find_vm"),
+        (["find_vm", "scrub", "first_boot", "checkpoint"], "restart", "restart"),
+        (["find_vm", "scrub", "first_boot", "checkpoint", "restart"], "verify", "restart"),
+        (["find_vm", "scrub", "first_boot", "checkpoint", "restart", "verify"], "relocate", "relocate"),
+    ],
+)
+def test_a_cut_over_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
+    journal = Journal.new(host_dir, TakeoverConfig().to_dict())
+    finished(journal, *done)
+    journal.begin(unfinished)
+    journal.fail(unfinished, RuntimeError("boom"))
+    assert first_step_to_run(journal) == resume_at
+    names = CUT_OVER.names
+    assert [s.name for s in CUT_OVER.steps_to_run(journal)] == list(names[names.index(resume_at) :])
 
 
 @pytest.mark.parametrize(
@@ -63,13 +104,15 @@ def test_rerun_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
     journal.begin(unfinished)
     journal.fail(unfinished, RuntimeError("boom"))
     assert first_step_to_run(journal) == resume_at
-    assert [s.name for s in steps_to_run(journal)] == list(NAMES[NAMES.index(resume_at) :])
+    names = IN_ORDER.names
+    assert [s.name for s in IN_ORDER.steps_to_run(journal)] == list(names[names.index(resume_at) :])
 
 
 def test_everything_done_means_nothing_to_run(host_dir):
-    journal = Journal.new(host_dir, {})
-    finished(journal, *NAMES)
-    assert first_step_to_run(journal) is None
+    for plan in (IN_ORDER, CUT_OVER):
+        journal = Journal.new(host_dir, TakeoverConfig(cut_over=plan is CUT_OVER).to_dict())
+        finished(journal, *plan.names)
+        assert first_step_to_run(journal) is None
 
 
 def test_a_finished_takeover_is_not_overwritten(host_dir):
@@ -116,14 +159,16 @@ def test_the_report_and_the_progress_display_take_the_steps_from_the_one_table(h
     import io
 
     from takeover.progress import Progress
-    from takeover.steps import STEPS, TITLES
     from takeover.steps.report import build_report
 
     journal = Journal.new(host_dir, {})
     finished(journal, "find_vm")
-    report = build_report(journal, host_dir, TITLES)
-    assert [(s["step"], s["title"]) for s in report["steps"]] == [(s.name, s.title) for s in STEPS]
+    report = build_report(journal, host_dir, IN_ORDER.titles)
+    assert [(s["step"], s["title"]) for s in report["steps"]] == [(s.name, s.title) for s in IN_ORDER.steps]
     assert [s["status"] for s in report["steps"][:2]] == ["done", "pending"]
     out = io.StringIO()
-    Progress(out).begin("scrub")
-    assert out.getvalue() == f"[4/{len(STEPS)}] scrub and re-key the copy ...\n"
+    Progress(out, IN_ORDER).begin("scrub")
+    assert out.getvalue() == f"[4/{len(IN_ORDER.steps)}] scrub and re-key the copy ...\n"
+    out = io.StringIO()
+    Progress(out).begin("first_boot")  # the cut-over, by default
+    assert out.getvalue() == f"[3/{len(CUT_OVER.steps)}] boot it in private, check it, save it booted ...\n"

@@ -65,6 +65,9 @@ class ImageInfo:
         return "json:" + json.dumps(_node(self.format, str(path), node))
 
 
+MAX_VIRTUAL_SIZE = 2**40  # 1 TiB: a larger "disk" is not a VM vm_image made
+
+
 def _node(fmt: str, path: str, backing: dict[str, Any] | None) -> dict[str, Any]:
     node: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
     if fmt == "qcow2":

@@ -161,10 +161,16 @@ def blank_disk(disk: Path) -> list[str]:
     Returns the snapshots the copy carried (the report lists them as removed).
     """
     info = inspect_image(disk)
+    create_blank_disk(disk, info.virtual_size)
+    return list(info.snapshots)
+
+
+def create_blank_disk(disk: Path, size: int) -> None:
+    """An empty qcow2 of `size` bytes at `disk` (replacing what is there), root's and 0600 from the start."""
     fresh = disk.with_name(f".{disk.name}.blank")
     fresh.unlink(missing_ok=True)
     made = subprocess.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", "--", str(fresh), str(info.virtual_size)],
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "--", str(fresh), str(size)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -175,7 +181,6 @@ def blank_disk(disk: Path) -> list[str]:
     fsync_file(fresh)
     os.replace(fresh, disk)
     fsync_dir(disk.parent)
-    return list(info.snapshots)
 
 
 def remove_internal_snapshots(disk: Path) -> list[str]:

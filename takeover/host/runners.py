@@ -53,6 +53,7 @@ from .terminal import log_tail
 from .users import ensure_system_user
 
 START_TIMEOUT = 60.0
+DISK_NODE = "disk0"  # the host's disk's block node: snapshots are saved and deleted through it
 # -runas needs setuid, and the process must not fork or exec afterwards; seccomp enforces the latter.
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
@@ -73,6 +74,9 @@ class HostVMSpec:
     pidfile: Path
     serial_log: Path
     qemu_log: Path
+    # An internal snapshot to resume from (`-loadvm`) instead of booting: the cut-over's prepared VM
+    # (steps/first_boot.py). Never for `takeover start`, which would roll the disk back to it.
+    loadvm: str | None = None
 
     def __post_init__(self) -> None:
         for path in (self.disk, self.kernel, self.initrd, self.monitor, self.pidfile, self.serial_log, self.qemu_log):
@@ -81,6 +85,8 @@ class HostVMSpec:
             raise ValueError(f"accel must be tcg or kvm, not {self.accel!r}")
         if not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"VM name {self.name!r} must be letters, digits, - and _")
+        if self.loadvm is not None and not (self.loadvm and all(c.isalnum() or c in "-_" for c in self.loadvm)):
+            raise ValueError(f"snapshot name {self.loadvm!r} must be letters, digits, - and _")
 
     def hostfwd(self) -> str:
         return (
@@ -93,7 +99,7 @@ def machine_args(spec: HostVMSpec) -> list[str]:
     """The guest's hardware, shared by both runners: what the guest sees is the same either way."""
     disk_file = {"driver": "file", "filename": str(spec.disk), "node-name": "disk0-file"}
     # "backing": null: QEMU opens no backing file whatever the qcow2 header says (checked anyway).
-    disk_fmt = {"driver": "qcow2", "file": "disk0-file", "node-name": "disk0", "backing": None}
+    disk_fmt = {"driver": "qcow2", "file": "disk0-file", "node-name": DISK_NODE, "backing": None}
     return [
         *q35_args(spec.accel, spec.memory_mb, spec.cpus),  # the agent's VM's machine (vm_image), unchanged
         "-vga",
@@ -109,7 +115,7 @@ def machine_args(spec: HostVMSpec) -> list[str]:
         "-blockdev",
         json.dumps(disk_fmt),
         "-device",
-        "virtio-blk-pci,drive=disk0",
+        f"virtio-blk-pci,drive={DISK_NODE}",
         "-device",
         "virtio-rng-pci",  # entropy: sshd and Python block on it early in a TCG boot
     ]
@@ -136,6 +142,7 @@ def qemu_command(spec: HostVMSpec, qemu_user: str | None) -> list[str]:
         f"unix:{spec.monitor},server=on,wait=off",
         "-pidfile",
         str(spec.pidfile),
+        *(["-loadvm", spec.loadvm] if spec.loadvm else []),
         "-sandbox",
         SANDBOX,
         *(["-runas", qemu_user] if qemu_user else []),

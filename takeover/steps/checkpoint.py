@@ -11,20 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vm_image import proc
 
 from ..agent.diskimage import inspect_image
 from ..agent.machine import Connection
 from ..agent.nested_vm import forward_monitor, nested_alive, nested_snapshots, wait_nested_gone
-from ..errors import CheckpointError, QMPCommandError
+from ..errors import CheckpointError
 from ..host.monitor import Monitor, Peer
+from ..host.qmp_jobs import SAVE_TIMEOUT, save_snapshot
 from ..models import CHECKPOINT_TAG, SourceVM
 from .context import Context
 
 JOB_ID = "takeover-checkpoint-save"
-SAVE_TIMEOUT = 900.0  # RAM state under TCG writes at tens of MB/s; a 4 GiB guest still fits
 QUIT_TIMEOUT = 120.0
 
 
@@ -117,47 +116,8 @@ def confirm_checkpoint(source: SourceVM) -> None:
 
 
 def _save_with_job(mon: Monitor, source: SourceVM) -> None:
-    # A snapshot with this tag from an interrupted earlier attempt would make the job fail.
-    existing = _snapshot_names(mon, source.vmstate_node)
-    if CHECKPOINT_TAG in existing:
-        _run_job(
-            mon, "snapshot-delete", {"job-id": JOB_ID + "-old", "tag": CHECKPOINT_TAG, "devices": source.block_nodes}
-        )
-    _run_job(
-        mon,
-        "snapshot-save",
-        {"job-id": JOB_ID, "tag": CHECKPOINT_TAG, "vmstate": source.vmstate_node, "devices": source.block_nodes},
-    )
-
-
-def _snapshot_names(mon: Monitor, node: str) -> set[str]:
-    for block in mon.execute("query-block"):
-        inserted = block.get("inserted") or {}
-        if inserted.get("node-name") == node:
-            return {s.get("name") for s in (inserted.get("image") or {}).get("snapshots") or []}
-    return set()
-
-
-def _run_job(mon: Monitor, command: str, arguments: dict[str, Any]) -> None:
-    job_id = arguments["job-id"]
-    try:
-        mon.execute(command, arguments)
-    except QMPCommandError as exc:
-        raise CheckpointError(f"{command} was refused: {exc}") from None
-    deadline = time.monotonic() + SAVE_TIMEOUT
-    while True:
-        jobs = {j["id"]: j for j in mon.execute("query-jobs")}
-        job = jobs.get(job_id)
-        if job is None:
-            raise CheckpointError(f"the {command} job {job_id} disappeared before it concluded")
-        if job["status"] == "concluded":
-            mon.execute("job-dismiss", {"id": job_id})
-            if job.get("error"):
-                raise CheckpointError(f"{command} failed: {job['error']}")
-            return
-        if time.monotonic() > deadline:
-            raise CheckpointError(f"{command} did not finish within {SAVE_TIMEOUT:.0f} s (status {job['status']})")
-        time.sleep(0.2)
+    # A snapshot with this tag from an interrupted earlier attempt is replaced.
+    save_snapshot(mon, CHECKPOINT_TAG, source.vmstate_node, source.block_nodes, CheckpointError, JOB_ID)
 
 
 def _save_with_hmp(mon: Monitor) -> None:

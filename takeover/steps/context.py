@@ -10,8 +10,12 @@ from vm_image.boot_files import BootFiles
 
 from ..agent.machine import Connection, connect
 from ..config import TakeoverConfig
+from ..host.runners import HostVMSpec, Runner, make_runner
 from ..journal import Journal
 from ..models import SourceVM
+from ..record import from_record
+
+DISK_NAME = "disk.qcow2"  # the host's VM's disk in the host directory
 
 
 class Notes(Protocol):
@@ -29,6 +33,7 @@ class Context:
     proxy_config: bytes | None = None
     summary: str = ""
     boot: BootFiles | None = None  # the host's kernel and initrd, prepared once per run (steps/scrub.py)
+    cut_over: bool = False  # the run follows steps.CUT_OVER: the host's disk is built before the agent's VM stops
     _machine: Connection | None = None
 
     def machine(self) -> Connection:
@@ -48,3 +53,29 @@ class Context:
 
     def note(self, text: str) -> None:
         self.progress.note(text)
+
+
+def vm_spec(ctx: Context) -> HostVMSpec:
+    """The host's VM as the run made it: its disk, the boot files step `scrub` prepared, the operator's size."""
+    cfg, source = ctx.cfg, ctx.source
+    boot = from_record(BootFiles, ctx.journal.result("scrub")["boot"], "step scrub's boot files")
+    return HostVMSpec(
+        name=cfg.vm_name,
+        disk=ctx.host_dir / DISK_NAME,
+        kernel=boot.kernel,
+        initrd=boot.initrd,
+        append=boot.append,
+        memory_mb=cfg.memory_mb,  # the operator's, never the agent's: the agent's VM size is only reported
+        cpus=cfg.cpus,
+        accel=cfg.accel,
+        proxy_listen=source.proxy,
+        ssh_listen=cfg.ssh_listen,
+        monitor=ctx.host_dir / "qmp.sock",
+        pidfile=ctx.host_dir / "qemu.pid",
+        serial_log=ctx.host_dir / "serial.log",
+        qemu_log=ctx.host_dir / "qemu.log",
+    )
+
+
+def runner_for(cfg: TakeoverConfig) -> Runner:
+    return make_runner(cfg.runner, qemu_user=cfg.qemu_user, libvirt_uri=cfg.libvirt_uri)

@@ -32,20 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..agent.diskimage import QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
+from ..agent.diskimage import MAX_VIRTUAL_SIZE, QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
 from ..agent.machine_disk import discard_staging, fetch_disk
 from ..agent.nbd_sink import SinkError, SinkResult, serve_writes
 from ..agent.sandbox import AgentUser, SandboxError, run_as_agent
 from ..errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
 from ..host.files import fsync_dir, fsync_file
-from .context import Context
+from .context import DISK_NAME, Context
 
-DISK_NAME = "disk.qcow2"
+# The cut-over keeps the agent's disk beside the host's, for the record; the host never boots it.
+AGENT_DISK_NAME = "agent-disk.qcow2"
 PARTIAL_NAME = ".disk.qcow2.partial"
 RAW_NAME = ".disk.raw.partial"
 CHUNK = 1 << 20
 SPACE_MARGIN = 256 * 2**20
-MAX_VIRTUAL_SIZE = 2**40  # 1 TiB: a larger "disk" is not a VM vm_image made
 FLATTEN_TIMEOUT = 3600.0
 IDLE_TIMEOUT = 300.0
 CONVERT_TIMEOUT = 3600.0
@@ -71,14 +71,15 @@ def relocate_disk(
     expect_inode: tuple[int, int] | None = None,
     progress: Callable[[str], None] = lambda _: None,
     self_contained: bool = False,
+    name: str = DISK_NAME,
 ) -> RelocateResult:
     """Flatten `source_disk` (and its backing files) into `host_dir/disk.qcow2`; see the module docstring.
 
     `self_contained`: refuse any backing file (a disk brought out of an agent machine, whose backing
-    file names would be read on this host).
+    file names would be read on this host). `name`: the copy's name in `host_dir`.
     """
     started = time.monotonic()
-    final, partial, raw = host_dir / DISK_NAME, host_dir / PARTIAL_NAME, host_dir / RAW_NAME
+    final, partial, raw = host_dir / name, host_dir / PARTIAL_NAME, host_dir / RAW_NAME
     if os.path.lexists(final):
         raise DestinationTaken(f"{final} already exists")
     for leftover in (partial, raw):  # from an interrupted run; never trusted, never resumed
@@ -273,9 +274,11 @@ def _sha256_file(path: Path) -> str:
 
 def step_relocate(ctx: Context) -> RelocateResult:
     source = ctx.source
+    # In the cut-over the host's disk is built already, and this copy is the agent's, kept for the record.
+    name = AGENT_DISK_NAME if ctx.journal.done("first_boot") else DISK_NAME
     # A copy from an attempt whose scrub did not finish is not trusted: start from the source again.
-    for name in (DISK_NAME, PARTIAL_NAME):
-        path = ctx.host_dir / name
+    for leftover in (name, PARTIAL_NAME):
+        path = ctx.host_dir / leftover
         if path.exists():
             ctx.note(f"discarding {path} from an unfinished earlier attempt")
             path.unlink()
@@ -283,7 +286,11 @@ def step_relocate(ctx: Context) -> RelocateResult:
         result = _relocate_from_machine(ctx)
     else:
         result = relocate_disk(
-            Path(source.disk), ctx.host_dir, expect_inode=(source.disk_dev, source.disk_ino), progress=ctx.note
+            Path(source.disk),
+            ctx.host_dir,
+            expect_inode=(source.disk_dev, source.disk_ino),
+            progress=ctx.note,
+            name=name,
         )
     ctx.note(
         f"{result.size / 2**20:.0f} MiB, sha256 {result.sha256[:16]}..., {result.allocated / 2**20:.0f} MiB "

@@ -41,6 +41,7 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
             for k in ("disk", "monitor", "pid", "uid", "ready_file", "notes", "machine", "machine_proxy")
         },
         "checkpoint": result["checkpoint"],
+        "first_boot": result.get("first_boot") or {},
         "disk": result["relocate"],
         "scrub": {
             "changes": scrub.get("changes", []),
@@ -64,6 +65,7 @@ def build_report(journal: Journal, host_dir: Path, titles: Mapping[str, str]) ->
                 "monitor",
                 "pidfile",
                 "serve_filter",
+                "address_free_s",
             )
         },
         "forwards": restart.get("forwards", {}),
@@ -130,6 +132,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     by_action: dict[str, int] = {}
     for change in changes:
         by_action[change["action"]] = by_action.get(change["action"], 0) + 1
+    lines += _cut_over_lines(report)
     lines += ["", f"Scrub: {len(changes)} changes ({', '.join(f'{n} {a}' for a, n in sorted(by_action.items()))})"]
     for finding in report["scrub"]["findings"]:
         lines.append(f"  seen: {finding}")
@@ -164,6 +167,21 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     if (report.get("egress") or {}).get("filter") == "off":
         lines.append("  - the VM's outbound network (--no-egress-filter): it can reach anything this host can")
     return lines
+
+
+def _cut_over_lines(report: dict[str, Any]) -> list[str]:
+    """For a cut-over: how the host's VM was prepared, and how long the proxy's address had no listener."""
+    first = report.get("first_boot") or {}
+    if not first:
+        return []
+    free = (report.get("vm") or {}).get("address_free_s")
+    return [
+        "",
+        f"Cut-over: the host's VM booted in private while the agent's served (/health after "
+        f"{first.get('health_seconds', 0):.0f} s, SSH and audit checked), saved as {first.get('snapshot')};",
+        "          resumed on the proxy's address "
+        + (f"{free:.2f} s after the agent's QEMU quit" if isinstance(free, (int, float)) else "(time not recorded)"),
+    ]
 
 
 def _backlog_words(forwards: dict[str, Any]) -> str:

@@ -14,14 +14,12 @@ from typing import Any
 
 from vm_image import proc
 
+from ..agent.diskimage import inspect_image
 from ..agent.machine import MachineAddress
-from ..config import TakeoverConfig
 from ..host import egress, serve_back
-from ..host.runners import HostVMSpec, Runner, VMDescription, make_runner, widen_forwards
-from ..models import SourceVM
-from .context import Context
-from .relocate import DISK_NAME
-from .scrub import ScrubOutcome
+from ..host.runners import HostVMSpec, Runner, VMDescription, widen_forwards
+from ..models import PREPARED_TAG, SourceVM
+from .context import Context, runner_for, vm_spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,16 +33,39 @@ class RestartResult(VMDescription):
     spec: HostVMSpec
     egress: dict[str, Any] = field(default_factory=dict)  # egress.enforce's report, or {"filter": "off"}
     serve_filter: str | None = None  # the nftables table keeping the served proxy to the agent machine (serve_back.py)
+    # The cut-over's: seconds from the agent's QEMU gone (step checkpoint's end) to the host's QEMU listening.
+    address_free_s: float | None = None
 
 
 def step_restart(ctx: Context) -> RestartResult:
     spec = vm_spec(ctx)
+    if ctx.journal.done("first_boot"):
+        spec = resume_prepared(spec, runner_for(ctx.cfg), ctx.note)
     plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
     limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}
     served = serve_to_machine(ctx.source, ctx.host_dir)
     if served:
         ctx.note(f"{ctx.source.proxy} admits only {ctx.source.machine} (and root here): nftables table {served}")
-    return replace(restart_as_host(spec, runner_for(ctx.cfg), ctx.note), egress=limits, serve_filter=served or None)
+    started = restart_as_host(spec, runner_for(ctx.cfg), ctx.note)
+    free_s = None
+    if spec.loadvm:
+        free_s = round(time.time() - float(ctx.journal.entry("checkpoint").get("finished", time.time())), 3)
+        ctx.note(f"the proxy's address was without a listener for {free_s:.2f} s")
+    return replace(started, egress=limits, serve_filter=served or None, address_free_s=free_s)
+
+
+def resume_prepared(spec: HostVMSpec, runner: Runner, progress: Callable[[str], None]) -> HostVMSpec:
+    """The cut-over's VM: resumed from the first boot's snapshot (`-loadvm`) while the disk still has it.
+
+    A rerun after step `verify` deleted it (it would roll the disk back) boots cold instead.
+    """
+    if runner.stop(spec):
+        progress("stopped a host VM left by an earlier attempt")
+    if PREPARED_TAG in inspect_image(spec.disk).snapshots:
+        progress(f"resuming the VM the first boot saved ({PREPARED_TAG}): no boot to wait for")
+        return replace(spec, loadvm=PREPARED_TAG)
+    progress(f"{spec.disk} no longer has {PREPARED_TAG}; booting it cold")
+    return spec
 
 
 def serve_to_machine(source: SourceVM, host_dir: Path) -> str:
@@ -53,31 +74,6 @@ def serve_to_machine(source: SourceVM, host_dir: Path) -> str:
     if source.machine is None:
         return ""
     return serve_back.apply(source.proxy, MachineAddress.parse(source.machine).ssh_host, host_dir)
-
-
-def vm_spec(ctx: Context) -> HostVMSpec:
-    cfg, source = ctx.cfg, ctx.source
-    boot = ctx.journal.read("scrub", ScrubOutcome).boot
-    return HostVMSpec(
-        name=cfg.vm_name,
-        disk=ctx.host_dir / DISK_NAME,
-        kernel=boot.kernel,
-        initrd=boot.initrd,
-        append=boot.append,
-        memory_mb=cfg.memory_mb,  # the operator's, never the agent's: the agent's VM size is only reported
-        cpus=cfg.cpus,
-        accel=cfg.accel,
-        proxy_listen=source.proxy,
-        ssh_listen=cfg.ssh_listen,
-        monitor=ctx.host_dir / "qmp.sock",
-        pidfile=ctx.host_dir / "qemu.pid",
-        serial_log=ctx.host_dir / "serial.log",
-        qemu_log=ctx.host_dir / "qemu.log",
-    )
-
-
-def runner_for(cfg: TakeoverConfig) -> Runner:
-    return make_runner(cfg.runner, qemu_user=cfg.qemu_user, libvirt_uri=cfg.libvirt_uri)
 
 
 def restart_as_host(

@@ -11,16 +11,15 @@ from pathlib import Path
 
 from vm_image.boot_files import BootFiles
 
-from ..agent.diskimage import inspect_image
+from ..agent.diskimage import MAX_VIRTUAL_SIZE, inspect_image
 from ..config import telegram_destination
-from ..errors import ScrubError, from_vm_image
+from ..errors import DiskFormatError, ScrubError, from_vm_image
 from ..guest.boot import host_boot_files, modules_tarball
-from ..guest.scrub import ScrubPlan, ScrubResult, scrub_and_rekey
+from ..guest.scrub import ScrubPlan, ScrubResult, create_blank_disk, scrub_and_rekey
 from ..host import egress
 from ..host.files import ensure_host_dir
 from ..host.keys import generate_host_keys
-from .context import Context
-from .relocate import DISK_NAME
+from .context import DISK_NAME, Context
 
 
 @dataclass(kw_only=True)
@@ -37,6 +36,8 @@ def step_scrub(ctx: Context) -> ScrubOutcome:
     modules = modules_tarball(boot, ctx.host_dir / "boot") if cfg.replace_modules else None
     venv = host_venv(ctx) if cfg.reinstall_venv else None
     system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
+    if ctx.cut_over:
+        blank_disk_beside(ctx)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
     plan = ScrubPlan(
@@ -52,6 +53,24 @@ def step_scrub(ctx: Context) -> ScrubOutcome:
     ctx.note(f"{len(result.changes)} changes recorded")
     inspect_image(ctx.host_dir / DISK_NAME)  # the scrub must leave a clean, self-contained qcow2
     return ScrubOutcome(**vars(result), keys=keys.to_dict(), boot=boot)
+
+
+def blank_disk_beside(ctx: Context) -> None:
+    """The cut-over builds the host's disk while the agent's VM runs: blank, as large as the agent's disk.
+
+    Nothing of the agent's disk is read but its size, asked of qemu-img run as the agent (sandboxed,
+    sharing the lock its QEMU holds) and bounded as step `relocate` bounds it.
+    """
+    source = ctx.source
+    size = inspect_image(Path(source.disk), force_share=True, owner=source.uid).virtual_size
+    if not 0 < size <= MAX_VIRTUAL_SIZE:
+        raise DiskFormatError(
+            f"the agent's disk {source.disk} claims a size of {size} bytes; refused "
+            f"(more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
+        )
+    disk = ctx.host_dir / DISK_NAME
+    ctx.note(f"a blank disk of {size / 2**30:.1f} GiB for the host's VM (the agent's disk is not read)")
+    create_blank_disk(disk, size)
 
 
 def boot_files(ctx: Context) -> BootFiles:

@@ -14,7 +14,6 @@ import dataclasses
 import os
 import pwd
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,16 +26,19 @@ from ..agent.machine import check_remote_path
 from ..errors import InvalidInput, TakeoverError, VerifyError, from_vm_image
 from ..host.files import check_trusted_parent, create_private, create_private_under_trusted_dirs, write_all
 from ..host.keys import load_host_keys
+from ..host.monitor import Monitor, Peer
 from ..host.ports import listener_pids
+from ..host.qmp_jobs import delete_snapshot
 from ..host.regular_file import read_regular
-from ..host.ssh import SSHTarget, SSHTimeout, run_bounded
+from ..host.runners import DISK_NODE
+from ..host.ssh import SSHTarget, run_bounded
+from ..host.vm_checks import CLI, check_host_login
 from ..models import Endpoint
 from .context import Context
 from .restart import RestartResult
 
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SECRET_PATTERNS = re.compile(r"^[A-Za-z0-9_.*?-]+(,[A-Za-z0-9_.*?-]+)*$")
-CLI = "/usr/local/bin/secret-proxy"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class VerifyResult:
     agent_key: str  # "refused", or why the agent's setup key was not tried
     seconds: float
     agent_token: AgentToken | None = None
+    # The cut-over's snapshot of the first boot, deleted once the VM is verified: loading it again
+    # would roll the disk back to an empty proxy and lose every secret stored since.
+    prepared_snapshot: str | None = None
 
 
 def verify_host_vm(
@@ -85,30 +90,14 @@ def verify_host_vm(
             f"(pid {qemu_pid}); another process holds the proxy's port"
         )
     progress("checking SSH with the host's key and the pinned host key")
-    ssh_s = wait_for_ssh(ssh, timeout - (time.monotonic() - started), alive)
-    shown = host_key_shown(ssh.endpoint)
-    pinned = pinned_key(ssh.known_hosts)
-    if shown != pinned:
-        raise VerifyError(f"the VM shows host key {shown!r}, not the pinned one")
-    keys = ssh.run("cat", ".ssh/authorized_keys")
-    if keys.returncode != 0 or len([line for line in keys.stdout.splitlines() if line.strip()]) != 1:
-        raise VerifyError(f"the proxy user's authorized_keys is not exactly the host's key: {keys.stdout!r}")
-    # The operator CLI over the host's key works on the fresh data directory (and its audit chain is intact).
-    audit = ssh.run(CLI, "audit", "verify")
-    if audit.returncode != 0 or "intact" not in audit.stdout:
-        raise VerifyError(
-            f"`secret-proxy audit verify` failed in the VM: {(audit.stdout + audit.stderr).strip()[-300:]}"
-        )
-    methods = offered_methods(ssh)
-    if methods != ["publickey"]:
-        raise VerifyError(f"the VM's sshd offers {methods}, not only publickey")
+    login = check_host_login(ssh, timeout - (time.monotonic() - started), alive)
     agent_key = check_agent_key_refused(ssh, setup_key_pub, agent_uid, agent_private)
     return VerifyResult(
         health_seconds=round(health_s, 3),
-        ssh_seconds=round(ssh_s, 3),
+        ssh_seconds=login.seconds,
         listener_pids=sorted(owners),
-        host_key=shown,
-        auth_methods=methods,
+        host_key=login.host_key,
+        auth_methods=login.auth_methods,
         agent_key=agent_key,
         seconds=round(time.monotonic() - started, 3),
     )
@@ -120,48 +109,6 @@ def _pid_alive(pid: int) -> Callable[[], bool]:
     except OSError:
         return lambda: False
     return lambda: proc.alive(pid, ticks)
-
-
-def wait_for_ssh(ssh: SSHTarget, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
-    started = time.monotonic()
-    last = ""
-    while time.monotonic() - started < max(timeout, 30):
-        try:
-            result = ssh.run("true", timeout=60)
-        except SSHTimeout as exc:  # a guest still booting may accept and then stall; try again
-            result = subprocess.CompletedProcess([], 255, "", str(exc))
-        if result.returncode == 0:
-            return time.monotonic() - started
-        last = result.stderr.strip()
-        if "Host key verification failed" in last or "REMOTE HOST IDENTIFICATION HAS CHANGED" in last:
-            raise VerifyError(f"the VM's SSH host key is not the pinned one: {last}")
-        if not alive():
-            raise VerifyError("the host's QEMU exited before SSH answered")
-        time.sleep(2)
-    raise VerifyError(f"SSH with the host's key did not work: {last}")
-
-
-def host_key_shown(endpoint: Endpoint) -> str:
-    result = run_bounded(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(endpoint.port), endpoint.host])
-    for line in result.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == "ssh-ed25519":
-            return f"{parts[1]} {parts[2]}"
-    raise VerifyError(f"ssh-keyscan got no ed25519 host key from {endpoint}: {result.stderr.strip()}")
-
-
-def pinned_key(known_hosts: Path) -> str:
-    parts = known_hosts.read_text().split()
-    return f"{parts[1]} {parts[2]}"
-
-
-def offered_methods(ssh: SSHTarget) -> list[str]:
-    """The authentication methods sshd offers, from a login attempt with no usable key."""
-    result = run_bounded(ssh.argv("true", options=("PubkeyAuthentication=no",)))
-    match = re.search(r"Permission denied \(([^)]*)\)", result.stderr)
-    if result.returncode == 0 or match is None:
-        raise VerifyError(f"a login without a key was not refused as expected: {result.stderr.strip()!r}")
-    return match.group(1).split(",")
 
 
 def check_agent_key_refused(
@@ -280,6 +227,10 @@ def step_verify(ctx: Context) -> VerifyResult:
         agent_private=agent_private,
     )
     ctx.note(f"/health after {result.health_seconds:.0f} s; SSH as the host works; the agent's key: {result.agent_key}")
+    if restart.spec.loadvm:
+        delete_prepared(restart)
+        ctx.note(f"deleted {restart.spec.loadvm} from the disk: a later start boots cold, never back to it")
+        result = dataclasses.replace(result, prepared_snapshot="deleted")
     if cfg.agent_name:
         token_file = cfg.token_file or ctx.host_dir / f"agent-{cfg.agent_name}.token"
         if token_file.exists():
@@ -290,6 +241,21 @@ def step_verify(ctx: Context) -> VerifyResult:
             ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
         return dataclasses.replace(result, agent_token=token)
     return result
+
+
+def delete_prepared(restart: RestartResult) -> None:
+    """Delete the snapshot the running VM was resumed from, through its own monitor (the disk is in use)."""
+    spec = restart.spec
+
+    def check_peer(peer: Peer) -> None:
+        if peer.pid != restart.pid:
+            raise VerifyError(
+                f"the monitor {spec.monitor} belongs to pid {peer.pid}, not the host's QEMU {restart.pid}"
+            )
+
+    tag = spec.loadvm or ""
+    with Monitor(spec.monitor, check_peer=check_peer) as mon:
+        delete_snapshot(mon, tag, [DISK_NODE], VerifyError, "takeover-prepared-delete")
 
 
 def _machine_setup_key(ctx: Context, setup_key_pub: str) -> bytes | None:
