@@ -158,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         "of Debian (faster; the agent's /usr is then reported as not blocked)",
     )
     vm.add_argument(
-        "--in-order",
+        "--cut-over",
         action="store_true",
-        help="stop the agent's VM first and build the host's after (the proxy is down for the whole takeover); "
-        "by default the host's VM is built, booted in private and checked while the agent's still serves, "
-        "and the cut-over takes about a second (docs/takeover.md)",
+        help="build, boot in private and check the host's VM while the agent's still serves, then switch "
+        "in about a second (docs/takeover.md); without it the steps run in order and the proxy is down "
+        "from the checkpoint until the host's VM has booted",
     )
     vm.add_argument(
         "--no-replace-modules",
@@ -326,7 +326,7 @@ def config_from_args(args: argparse.Namespace) -> TakeoverConfig:
         boot_timeout=args.boot_timeout,
         reinstall_venv=not args.no_reinstall_venv,
         rebuild_system=not args.keep_agent_system,
-        cut_over=not args.in_order,
+        cut_over=args.cut_over,
         cache_dir=args.cache_dir,
         replace_modules=not args.no_replace_modules,
         kernel=args.kernel,

@@ -12,11 +12,11 @@ from typing import TextIO
 from vm_image.progress import Steps
 
 from .host.terminal import printable
-from .steps import CUT_OVER, Plan
+from .steps import IN_ORDER, Plan
 
 
 class Progress(Steps):
-    def __init__(self, stream: TextIO = sys.stderr, plan: Plan = CUT_OVER) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, plan: Plan = IN_ORDER) -> None:
         super().__init__(len(plan.steps), stream)
         self.use(plan)
         self.started_at: dict[str, float] = {}

@@ -295,8 +295,7 @@ def stop_host_vm(host_dir: Path, runner: object | None = None) -> list[int]:
         from takeover.host.runners import QemuRunner
         from takeover.journal import Journal
         from takeover.progress import Progress
-        from takeover.steps.context import Context
-        from takeover.steps.restart import vm_spec
+        from takeover.steps.context import Context, vm_spec
 
         journal = Journal.load(host_dir)
         if journal is None or not journal.entry("scrub").get("result"):

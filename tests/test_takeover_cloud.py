@@ -29,8 +29,9 @@ from takeover.agent.sandbox import AgentUser, SandboxError, run_as_agent, sandbo
 from takeover.errors import DiskMismatch
 from takeover.models import CHECKPOINT_TAG, Endpoint
 from takeover.steps.checkpoint import save_checkpoint_and_stop
+from takeover.steps.context import DISK_NAME
 from takeover.steps.find_vm import explicit_ready, find_and_check_vm
-from takeover.steps.relocate import DISK_NAME, relocate_disk
+from takeover.steps.relocate import relocate_disk
 
 from .takeover_helpers import (
     AGENT,

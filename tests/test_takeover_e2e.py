@@ -109,6 +109,7 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         E2E_QEMU_USER,
         "--egress-allow",
         f"http://127.0.0.1:{listed.port}/",
+        "--cut-over",
     ]
     # The first run dies after the preparation (the host's VM built, booted in private, saved): the agent's
     # VM was never touched and still serves; the rerun resumes at the cut-over instead of starting over.
@@ -272,7 +273,9 @@ def test_a_failure_in_the_cut_over_rolls_back_to_the_agents_vm_with_its_state(ag
 
     host_dir = tmp_path / "host"
     # The cut-over dies between the agent's VM stopping and the host's starting: nobody serves.
-    failed = takeover_run(agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--fail-after", "checkpoint")
+    failed = takeover_run(
+        agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--cut-over", "--fail-after", "checkpoint"
+    )
     assert failed.returncode == 1 and "failing on purpose after step 'checkpoint'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)

@@ -46,18 +46,20 @@ def test_a_fresh_run_starts_at_step_1(host_dir):
     assert first_step_to_run(Journal.new(host_dir, {})) == "find_vm"
 
 
-def test_the_cut_over_is_the_default_wherever_it_can_run(host_dir):
-    assert plan_for(TakeoverConfig()) is CUT_OVER
+def test_the_cut_over_runs_wherever_it_can(host_dir):
+    assert plan_for(TakeoverConfig(cut_over=True)) is CUT_OVER
     for why_not in (
-        TakeoverConfig(cut_over=False),  # --in-order
-        TakeoverConfig(rebuild_system=False),  # --keep-agent-system: the agent's disk is the one scrubbed
-        TakeoverConfig(runner="libvirt"),
-        TakeoverConfig(agent_machine="root@10.213.10.2"),
+        TakeoverConfig(),  # without --cut-over
+        TakeoverConfig(
+            cut_over=True, rebuild_system=False
+        ),  # --keep-agent-system: the agent's disk is the one scrubbed
+        TakeoverConfig(cut_over=True, runner="libvirt"),
+        TakeoverConfig(cut_over=True, agent_machine="root@10.213.10.2"),
     ):
         assert plan_for(why_not) is IN_ORDER
     # A journal from before the cut-over existed resumes in order, as it began.
     assert plan_of(Journal.new(host_dir, {"runner": "qemu"})) is IN_ORDER
-    assert plan_of(Journal.new(host_dir, TakeoverConfig().to_dict())) is CUT_OVER
+    assert plan_of(Journal.new(host_dir, TakeoverConfig(cut_over=True).to_dict())) is CUT_OVER
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,7 @@ def test_the_cut_over_is_the_default_wherever_it_can_run(host_dir):
     ],
 )
 def test_a_cut_over_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
-    journal = Journal.new(host_dir, TakeoverConfig().to_dict())
+    journal = Journal.new(host_dir, TakeoverConfig(cut_over=True).to_dict())
     finished(journal, *done)
     journal.begin(unfinished)
     journal.fail(unfinished, RuntimeError("boom"))
@@ -167,8 +169,8 @@ def test_the_report_and_the_progress_display_take_the_steps_from_the_one_table(h
     assert [(s["step"], s["title"]) for s in report["steps"]] == [(s.name, s.title) for s in IN_ORDER.steps]
     assert [s["status"] for s in report["steps"][:2]] == ["done", "pending"]
     out = io.StringIO()
-    Progress(out, IN_ORDER).begin("scrub")
+    Progress(out).begin("scrub")  # in order, by default
     assert out.getvalue() == f"[4/{len(IN_ORDER.steps)}] scrub and re-key the copy ...\n"
     out = io.StringIO()
-    Progress(out).begin("first_boot")  # the cut-over, by default
+    Progress(out, CUT_OVER).begin("first_boot")
     assert out.getvalue() == f"[3/{len(CUT_OVER.steps)}] boot it in private, check it, save it booted ...\n"

@@ -18,9 +18,9 @@ from takeover.progress import Progress
 from takeover.record import from_record, to_record
 from takeover.steps import ReportResult
 from takeover.steps.checkpoint import CheckpointResult
-from takeover.steps.context import Context
+from takeover.steps.context import Context, runner_for, vm_spec
 from takeover.steps.relocate import RelocateResult
-from takeover.steps.restart import RestartResult, runner_for, vm_spec
+from takeover.steps.restart import RestartResult
 from takeover.steps.revoke import RevokeResult
 from takeover.steps.scrub import ScrubOutcome
 from takeover.steps.verify import AgentToken, VerifyResult

@@ -18,7 +18,8 @@ from takeover.agent.diskimage import inspect_image
 from takeover.agent.sandbox import SandboxError
 from takeover.errors import CopyError, DestinationTaken, DiskFormatError, NotEnoughSpace
 from takeover.steps import relocate
-from takeover.steps.relocate import DISK_NAME, relocate_disk
+from takeover.steps.context import DISK_NAME
+from takeover.steps.relocate import relocate_disk
 
 from .takeover_helpers import AGENT, agent_image, as_agent
 
