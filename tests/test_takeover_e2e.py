@@ -23,13 +23,15 @@ import pytest
 from scripts import demo
 from takeover.host.monitor import Monitor
 from takeover.host.runners import LibvirtRunner
-from takeover.steps import CUT_OVER
+from takeover.steps import IN_ORDER
 from vm_image import proc
 
 from . import vm_fixtures
 from .egress_helpers import PrivilegedListener
 from .takeover_helpers import E2E_QEMU_USER, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
+
+NAMES = IN_ORDER.names  # the default plan (the cut-over is opt-in, --cut-over)
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -58,7 +60,7 @@ def agent_vm() -> AgentVM:
 
 def print_durations(host_dir: Path) -> None:
     journal = json.loads((host_dir / "journal.json").read_text())
-    steps = {s: entry.get("duration_s") for s, entry in journal["steps"].items()}
+    steps = {s: journal["steps"].get(s, {}).get("duration_s") for s in NAMES}
     scrub = (journal["steps"].get("scrub", {}).get("result") or {}).get("seconds")
     print(f"\nstep durations (s): {steps}\nscrub parts (s): {scrub}", file=sys.stderr)
 
@@ -109,34 +111,20 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         E2E_QEMU_USER,
         "--egress-allow",
         f"http://127.0.0.1:{listed.port}/",
-        "--cut-over",
     ]
-    # The first run dies after the preparation (the host's VM built, booted in private, saved): the agent's
-    # VM was never touched and still serves; the rerun resumes at the cut-over instead of starting over.
-    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "first_boot", ssh_port=ssh_port)
-    assert interrupted.returncode == 1 and "failing on purpose after step 'first_boot'" in interrupted.stderr
-    assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
-    assert proc.alive(agent_vm.ready_data()["pid"], proc.start_ticks(agent_vm.ready_data()["pid"]))
-    assert not (host_dir / "qmp.sock").exists()  # the first boot's QEMU is gone, its port was never the host's
+    # The first run dies after the scrub; the rerun resumes there instead of starting over.
+    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "scrub", ssh_port=ssh_port)
+    assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
     result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
     print_durations(host_dir)
     try:
         assert result.returncode == 0, result.stderr
-        assert "boot it in private, check it, save it booted: done in an earlier run" in result.stderr
+        assert "copy the disk to the host: done in an earlier run" in result.stderr
         history = json.loads((host_dir / "journal.json").read_text())["history"]
-        assert [h["step"] for h in history if h["event"] == "started"].count("first_boot") == 1
+        assert [h["step"] for h in history if h["event"] == "started"].count("scrub") == 1
         assert "Takeover complete." in result.stdout
         report = json.loads((host_dir / "report.json").read_text())
-        assert [s["status"] for s in report["steps"]] == ["done"] * len(CUT_OVER.steps)
-        # The cut-over: the host's QEMU resumed the prepared VM on the agent's address within 2 s of the agent's
-        # QEMU quitting, and the snapshot it resumed from is gone from the disk (a start boots cold).
-        assert report["first_boot"]["snapshot"] == "takeover-prepared"
-        assert report["vm"]["spec"]["loadvm"] == "takeover-prepared"
-        assert report["vm"]["address_free_s"] < 2, report["vm"]
-        assert report["verify"]["prepared_snapshot"] == "deleted"
-        assert "Cut-over:" in result.stdout
-        # The agent's disk is kept for the record, root's and private, never booted.
-        assert os.stat(host_dir / "agent-disk.qcow2").st_mode & 0o077 == 0
+        assert [s["status"] for s in report["steps"]] == ["done"] * len(NAMES)
         assert report["verify"]["agent_key"] == "refused" and report["verify"]["auth_methods"] == ["publickey"]
         assert os.stat(token_file).st_mode & 0o777 == 0o600
         # QEMU's forwards hold a burst of agents: their backlog is no longer libslirp's 1.
@@ -236,16 +224,10 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         # The operator can stop and start the host's VM (the qemu runner has no autostart).
         stopped = json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout)
         assert stopped["stopped"] is True and stopped["egress"]["forward_proxy_stopped"] is True
-        snapshots = subprocess.run(
-            ["qemu-img", "snapshot", "-l", str(host_dir / "disk.qcow2")], capture_output=True, text=True, check=True
-        ).stdout
-        assert "takeover-prepared" not in snapshots  # a start boots cold, keeping the secrets stored since
         started = json.loads(takeover("start", "--host-dir", str(host_dir)).stdout)
         assert started["started"] is True and started["egress"]["destinations"] == synced["destinations"]
         assert listen_backlog(agent_vm.proxy_port) == 4096 and started["forwards"]["backlog"]
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
-        assert "-loadvm" not in proc.read_process(started["pid"]).cmdline
-        assert host_ssh(host_dir, ssh_port, "/usr/local/bin/secret-proxy", "secrets", "list").stdout.count("api-key")
 
         # A second run refuses: the directory holds a taken-over VM.
         again = takeover_run(agent_vm.ready, host_dir)
@@ -259,7 +241,7 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         udp.close()
 
 
-def test_a_failure_in_the_cut_over_rolls_back_to_the_agents_vm_with_its_state(agent_vm, tmp_path):
+def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(agent_vm, tmp_path):
     # Before the takeover the agent owns the VM: it provisions itself over its setup key.
     added = agent_vm.ssh_as_agent("/usr/local/bin/secret-proxy", "agents", "add", "bob", "--secrets", "'api-*'")
     assert added.returncode == 0, added.stderr
@@ -272,15 +254,11 @@ def test_a_failure_in_the_cut_over_rolls_back_to_the_agents_vm_with_its_state(ag
     request_id = asked["body"]["id"]
 
     host_dir = tmp_path / "host"
-    # The cut-over dies between the agent's VM stopping and the host's starting: nobody serves.
-    failed = takeover_run(
-        agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--cut-over", "--fail-after", "checkpoint"
-    )
-    assert failed.returncode == 1 and "failing on purpose after step 'checkpoint'" in failed.stderr
+    failed = takeover_run(agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--fail-after", "relocate")
+    assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
-    assert status["state"] == "in_progress" and status["steps"]["checkpoint"] == "done"
-    assert status["steps"]["restart"] == "pending"
+    assert status["state"] == "in_progress" and status["steps"]["relocate"] == "done"
 
     started = time.monotonic()
     rolled = takeover("rollback", "--host-dir", str(host_dir))
