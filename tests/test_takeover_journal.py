@@ -50,9 +50,8 @@ def test_the_cut_over_runs_wherever_it_can(host_dir):
     assert plan_for(TakeoverConfig(cut_over=True)) is CUT_OVER
     for why_not in (
         TakeoverConfig(),  # without --cut-over
-        TakeoverConfig(
-            cut_over=True, rebuild_system=False
-        ),  # --keep-agent-system: the agent's disk is the one scrubbed
+        # --keep-agent-system: the agent's disk is the one scrubbed
+        TakeoverConfig(cut_over=True, rebuild_system=False),
         TakeoverConfig(cut_over=True, runner="libvirt"),
         TakeoverConfig(cut_over=True, agent_machine="root@10.213.10.2"),
     ):
@@ -62,52 +61,42 @@ def test_the_cut_over_runs_wherever_it_can(host_dir):
     assert plan_of(Journal.new(host_dir, TakeoverConfig(cut_over=True).to_dict())) is CUT_OVER
 
 
-@pytest.mark.parametrize(
-    "done, unfinished, resume_at",
-    [
-        (["find_vm"], "scrub", "scrub"),
-        # a first boot that did not finish leaves a disk that booted once, unchecked: build it again
-        (["find_vm", "scrub"], "first_boot", "scrub"),
-        # the agent's VM was never touched before the checkpoint: it is checked again
-        (["find_vm", "scrub", "first_boot"], "checkpoint", "find_vm"),
-        (["find_vm", "scrub", "first_boot", "checkpoint"], "restart", "restart"),
-        (["find_vm", "scrub", "first_boot", "checkpoint", "restart"], "verify", "restart"),
-        (["find_vm", "scrub", "first_boot", "checkpoint", "restart", "verify"], "relocate", "relocate"),
-    ],
-)
-def test_a_cut_over_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
-    journal = Journal.new(host_dir, TakeoverConfig(cut_over=True).to_dict())
-    finished(journal, *done)
-    journal.begin(unfinished)
-    journal.fail(unfinished, RuntimeError("boom"))
-    assert first_step_to_run(journal) == resume_at
-    names = CUT_OVER.names
-    assert [s.name for s in CUT_OVER.steps_to_run(journal)] == list(names[names.index(resume_at) :])
+CUT = ["find_vm", "scrub", "first_boot", "checkpoint", "restart", "verify"]
+IN = ["find_vm", "checkpoint", "relocate", "scrub", "restart", "verify"]
 
 
 @pytest.mark.parametrize(
-    "done, unfinished, resume_at",
+    "cut_over, done, unfinished, resume_at",
     [
-        ([], "find_vm", "find_vm"),
+        (False, [], "find_vm", "find_vm"),
         # the live VM must be checked again before anything is sent to its monitor
-        (["find_vm"], "checkpoint", "find_vm"),
-        (["find_vm", "checkpoint"], "relocate", "relocate"),
+        (False, IN[:1], "checkpoint", "find_vm"),
+        (False, IN[:2], "relocate", "relocate"),
         # a half-scrubbed copy is never trusted: copy again
-        (["find_vm", "checkpoint", "relocate"], "scrub", "relocate"),
-        (["find_vm", "checkpoint", "relocate", "scrub"], "restart", "restart"),
+        (False, IN[:3], "scrub", "relocate"),
+        (False, IN[:4], "restart", "restart"),
         # a VM that failed verification is restarted
-        (["find_vm", "checkpoint", "relocate", "scrub", "restart"], "verify", "restart"),
-        (["find_vm", "checkpoint", "relocate", "scrub", "restart", "verify"], "revoke", "revoke"),
+        (False, IN[:5], "verify", "restart"),
+        (False, IN[:6], "revoke", "revoke"),
+        # the cut-over (--cut-over)
+        (True, CUT[:1], "scrub", "scrub"),
+        # a first boot that did not finish leaves a disk that booted once, unchecked: build it again
+        (True, CUT[:2], "first_boot", "scrub"),
+        # the agent's VM was never touched before the checkpoint: it is checked again
+        (True, CUT[:3], "checkpoint", "find_vm"),
+        (True, CUT[:4], "restart", "restart"),
+        (True, CUT[:5], "verify", "restart"),
+        (True, CUT[:6], "relocate", "relocate"),
     ],
 )
-def test_rerun_resumes_where_it_is_safe(host_dir, done, unfinished, resume_at):
-    journal = Journal.new(host_dir, {})
+def test_rerun_resumes_where_it_is_safe(host_dir, cut_over, done, unfinished, resume_at):
+    plan = CUT_OVER if cut_over else IN_ORDER
+    journal = Journal.new(host_dir, TakeoverConfig(cut_over=cut_over).to_dict())
     finished(journal, *done)
     journal.begin(unfinished)
     journal.fail(unfinished, RuntimeError("boom"))
-    assert first_step_to_run(journal) == resume_at
-    names = IN_ORDER.names
-    assert [s.name for s in IN_ORDER.steps_to_run(journal)] == list(names[names.index(resume_at) :])
+    assert plan_of(journal) is plan and first_step_to_run(journal) == resume_at
+    assert [s.name for s in plan.steps_to_run(journal)] == list(plan.names[plan.names.index(resume_at) :])
 
 
 def test_everything_done_means_nothing_to_run(host_dir):

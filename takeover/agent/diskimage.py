@@ -27,6 +27,7 @@ QEMU_IMG = "qemu-img"
 ACCEPTED_FORMATS = ("qcow2", "raw")
 MAX_BACKING_FILES = 2  # a cloud image's overlay has one; a longer chain is not what vm_image makes
 INFO_TIMEOUT = 120.0
+MAX_VIRTUAL_SIZE = 2**40  # 1 TiB: a larger "disk" is not a VM vm_image made
 AGENT_HINT = (
     "vm_image makes a qcow2 disk, alone or over one base image (`--base-image`), that the agent's "
     "own user can read; look at the agent's disk with `qemu-img info --backing-chain` as that user"
@@ -65,14 +66,21 @@ class ImageInfo:
         return "json:" + json.dumps(_node(self.format, str(path), node))
 
 
-MAX_VIRTUAL_SIZE = 2**40  # 1 TiB: a larger "disk" is not a VM vm_image made
-
-
 def _node(fmt: str, path: str, backing: dict[str, Any] | None) -> dict[str, Any]:
     node: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
     if fmt == "qcow2":
         node["backing"] = backing  # None (JSON null): no backing file, whatever the header says
     return node
+
+
+def check_virtual_size(size: int, path: object) -> int:
+    """The size the agent's disk claims, refused unless it is one vm_image could have made."""
+    if not 0 < size <= MAX_VIRTUAL_SIZE:
+        raise DiskFormatError(
+            f"the agent's disk {path} claims a size of {size} bytes; "
+            f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
+        )
+    return size
 
 
 def inspect_image(path: Path, *, force_share: bool = False, owner: int | None = None) -> ImageInfo:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..agent.diskimage import MAX_VIRTUAL_SIZE, QEMU_IMG, ImageInfo, inspect_agent_disk, inspect_image
+from ..agent.diskimage import QEMU_IMG, ImageInfo, check_virtual_size, inspect_agent_disk, inspect_image
 from ..agent.machine_disk import discard_staging, fetch_disk
 from ..agent.nbd_sink import SinkError, SinkResult, serve_writes
 from ..agent.sandbox import AgentUser, SandboxError, run_as_agent
@@ -88,11 +88,7 @@ def relocate_disk(
     src_st = _agent_disk_stat(source_disk, expect_inode)
     agent = AgentUser.owner_of(src_st, f"the agent's disk {source_disk}")
     image = inspect_agent_disk(source_disk, agent)
-    if not 0 < image.virtual_size <= MAX_VIRTUAL_SIZE:
-        raise DiskFormatError(
-            f"the agent's disk {source_disk} claims a size of {image.virtual_size} bytes; "
-            f"refused (more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
-        )
+    check_virtual_size(image.virtual_size, source_disk)
     if self_contained and image.backing:
         raise DiskFormatError(
             f"the disk from the agent machine has backing files ({', '.join(b.path for b in image.backing)}); "
@@ -275,7 +271,7 @@ def _sha256_file(path: Path) -> str:
 def step_relocate(ctx: Context) -> RelocateResult:
     source = ctx.source
     # In the cut-over the host's disk is built already, and this copy is the agent's, kept for the record.
-    name = AGENT_DISK_NAME if ctx.journal.done("first_boot") else DISK_NAME
+    name = AGENT_DISK_NAME if ctx.cut_over else DISK_NAME
     # A copy from an attempt whose scrub did not finish is not trusted: start from the source again.
     for leftover in (name, PARTIAL_NAME):
         path = ctx.host_dir / leftover

@@ -39,7 +39,7 @@ class RestartResult(VMDescription):
 
 def step_restart(ctx: Context) -> RestartResult:
     spec = vm_spec(ctx)
-    if ctx.journal.done("first_boot"):
+    if ctx.cut_over:
         spec = resume_prepared(spec, runner_for(ctx.cfg), ctx.note)
     plan = egress.load_plan(ctx.host_dir) if ctx.cfg.egress_filter else None
     limits = egress.enforce(plan, ctx.host_dir) if plan is not None else {"filter": "off"}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from vm_image.boot_files import BootFiles
 
-from ..agent.diskimage import MAX_VIRTUAL_SIZE, inspect_image
+from ..agent.diskimage import check_virtual_size, inspect_image
 from ..config import telegram_destination
-from ..errors import DiskFormatError, ScrubError, from_vm_image
+from ..errors import ScrubError, from_vm_image
 from ..guest.boot import host_boot_files, modules_tarball
 from ..guest.scrub import ScrubPlan, ScrubResult, create_blank_disk, scrub_and_rekey
 from ..host import egress
@@ -62,12 +62,9 @@ def blank_disk_beside(ctx: Context) -> None:
     sharing the lock its QEMU holds) and bounded as step `relocate` bounds it.
     """
     source = ctx.source
-    size = inspect_image(Path(source.disk), force_share=True, owner=source.uid).virtual_size
-    if not 0 < size <= MAX_VIRTUAL_SIZE:
-        raise DiskFormatError(
-            f"the agent's disk {source.disk} claims a size of {size} bytes; refused "
-            f"(more than 0, at most {MAX_VIRTUAL_SIZE // 2**30} GiB)"
-        )
+    size = check_virtual_size(
+        inspect_image(Path(source.disk), force_share=True, owner=source.uid).virtual_size, source.disk
+    )
     disk = ctx.host_dir / DISK_NAME
     ctx.note(f"a blank disk of {size / 2**30:.1f} GiB for the host's VM (the agent's disk is not read)")
     create_blank_disk(disk, size)
