@@ -112,7 +112,8 @@ def test_a_one_second_outage_is_the_longest_gap_and_the_watch_saw_both_sides(tmp
     assert 0.8 <= seen["longest_gap_s"] <= 3, seen
     assert seen["answered_before"] and seen["answered_after"], seen
     assert seen["stopped_by"] == "SIGTERM"
-    assert seen["failed"] >= 1 and seen["ok"] >= 10
+    # Five answers on each side, less the one in flight at the SIGTERM, which the watcher drops unread.
+    assert seen["failed"] >= 1 and seen["ok"] >= 9
     assert seen["gap_started_at"] < seen["gap_ended_at"] <= seen["stopped_at"]
     assert "longest gap" in stderr and stdout == ""
 
