@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts import demo  # noqa: E402
-from takeover.host.egress import egress_user  # noqa: E402
+from takeover.errors import TakeoverError  # noqa: E402
+from takeover.host import egress  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 
 WATCHER = ROOT / "scripts/health_watch.py"
@@ -339,9 +340,19 @@ def show(result: BenchResult) -> None:
 
 
 def clean(opts: argparse.Namespace) -> None:
-    """The demo's reset (both VMs stopped, the host's directory removed), then the bench's state and users."""
+    """The demo's reset (both VMs stopped, the host's directory removed), then the egress rules, the
+    bench's agent state and its users."""
+    try:
+        plan = egress.load_plan(opts.host_dir)  # read before the reset removes the directory that holds it
+    except TakeoverError as exc:
+        plan = None
+        print(f"the egress record is unreadable ({exc}); its nftables table, if any, stays")
     demo.reset(demo_args(opts))
     print(f"stopped the bench's VMs; removed {opts.host_dir}")
+    # `takeover stop` keeps the VM's egress table for a next start; there is none, and a later user given
+    # the same uid would otherwise inherit its rules.
+    if plan is not None and egress.remove_rules(plan, opts.host_dir):
+        print(f"removed the nftables table of {opts.qemu_user}")
     if opts.agent_state.exists():
         # As the agent: the path is in its home, where a symlink of its own must not steer root's deletion.
         removed = demo.run_as_agent(opts.agent_user, ["rm", "-rf", "--", str(opts.agent_state)], timeout=300)
@@ -350,7 +361,7 @@ def clean(opts: argparse.Namespace) -> None:
         qemu_uid = pwd.getpwnam(opts.qemu_user).pw_uid
     except KeyError:
         return
-    for user in (egress_user(qemu_uid), opts.qemu_user):
+    for user in (egress.egress_user(qemu_uid), opts.qemu_user):
         # No pkill: the takeover's stop ended their processes, and a user still running something stays.
         removed = subprocess.run(["userdel", user], capture_output=True, text=True)
         print(f"removed the user {user}" if removed.returncode == 0 else f"kept {user}: {removed.stderr.strip()}")
