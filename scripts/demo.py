@@ -222,6 +222,11 @@ class Demo:
         home = self.args.agent_state or Path(pwd.getpwnam(self.user).pw_dir)
         return home / f"{AGENT_NAME}.token"
 
+    @property
+    def host_token_file(self) -> Path:
+        """Where the takeover writes the token of the agent it makes (root's, in the host's directory)."""
+        return self.host_dir / f"agent-{AGENT_NAME}.token"
+
     # -- the story ---------------------------------------------------------------------------
     def run(self) -> None:
         started = time.monotonic()
@@ -232,26 +237,8 @@ class Demo:
                 self.ensure_agent_user()
                 self.vm_image("up", self.agent_state, capture=False)
         with self.steps.step("host (root): take the VM over — python -m takeover run") as note:
-            token_file = self.host_dir / f"agent-{AGENT_NAME}.token"
-            argv = [
-                PYTHON,
-                "-m",
-                "takeover",
-                "run",
-                *self.where_the_vm_is(),
-                "--host-dir",
-                str(self.host_dir),
-                "--ssh-listen",
-                f"127.0.0.1:{self.args.host_ssh_port}",
-                "--agent-name",
-                AGENT_NAME,
-                "--agent-secrets",
-                "demo-*",
-                "--token-file",
-                str(token_file),
-                "--qemu-user",
-                self.args.qemu_user,
-            ]
+            token_file = self.host_token_file
+            argv = self.takeover_argv()
             telegram = self.telegram_config()
             if telegram:
                 argv += ["--proxy-config", str(telegram)]
@@ -360,6 +347,28 @@ class Demo:
             f"\ndemo complete in {time.monotonic() - started:.0f} s; step times: "
             + ", ".join(f"{s:.0f} s" for s in self.steps.seconds.values())
         )
+
+    def takeover_argv(self) -> list[str]:
+        """`python -m takeover run` as the demo runs it, Telegram aside (bench/bench_takeover.py runs it too)."""
+        return [
+            PYTHON,
+            "-m",
+            "takeover",
+            "run",
+            *self.where_the_vm_is(),
+            "--host-dir",
+            str(self.host_dir),
+            "--ssh-listen",
+            f"127.0.0.1:{self.args.host_ssh_port}",
+            "--agent-name",
+            AGENT_NAME,
+            "--agent-secrets",
+            "demo-*",
+            "--token-file",
+            str(self.host_token_file),
+            "--qemu-user",
+            self.args.qemu_user,
+        ]
 
     def vm_image(self, command: str, state: Path | str, *more: str, capture: bool = True) -> None:
         """`python -m vm_image COMMAND` as the agent (in its machine when there is one), or the demo stops."""
