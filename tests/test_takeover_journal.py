@@ -99,6 +99,27 @@ def test_rerun_resumes_where_it_is_safe(host_dir, cut_over, done, unfinished, re
     assert [s.name for s in plan.steps_to_run(journal)] == list(plan.names[plan.names.index(resume_at) :])
 
 
+@pytest.mark.parametrize(
+    "cut_over, done, next_step",
+    [
+        # --fail-after first_boot: the preparation is kept, the agent's VM is checkpointed next
+        (True, CUT[:3], "checkpoint"),
+        (True, CUT[:2], "first_boot"),
+        (True, CUT[:1], "scrub"),
+        (False, IN[:1], "checkpoint"),
+        (False, IN[:3], "scrub"),
+        (False, IN[:5], "verify"),
+    ],
+)
+def test_a_step_that_never_began_is_where_a_rerun_starts(host_dir, cut_over, done, next_step):
+    """A resume point distrusts a step's own half-done work; a step that never began has none."""
+    plan = CUT_OVER if cut_over else IN_ORDER
+    journal = Journal.new(host_dir, TakeoverConfig(cut_over=cut_over).to_dict())
+    finished(journal, *done)
+    assert first_step_to_run(journal) == next_step
+    assert plan.steps_to_run(journal)[0].name == next_step
+
+
 def test_everything_done_means_nothing_to_run(host_dir):
     for plan in (IN_ORDER, CUT_OVER):
         journal = Journal.new(host_dir, TakeoverConfig(cut_over=plan is CUT_OVER).to_dict())

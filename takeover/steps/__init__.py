@@ -77,10 +77,16 @@ class Plan:
         return frozenset(step.resume_from for step in self.steps if step.resume_from)
 
     def first_step_to_run(self, journal: Journal) -> str | None:
-        """The step a rerun starts from, or None when every step is done."""
+        """The step a rerun starts from, or None when every step is done.
+
+        A step's resume point applies only once it has begun: what it distrusts is its own half-done
+        work. One that never began starts itself (the cut-over's checkpoint, after an interrupted
+        preparation, checks on its own that the agent's QEMU is still the one step 1 found).
+        """
         for step in self.steps:
             if not journal.done(step.name):
-                return step.resume_from or step.name
+                begun = bool(journal.entry(step.name).get("status"))
+                return (step.resume_from if begun else None) or step.name
         return None
 
     def steps_to_run(self, journal: Journal) -> list[Step]:
@@ -90,8 +96,8 @@ class Plan:
 
 # The cut-over (the default): the host's VM is built, booted in private, checked and saved while the
 # agent's still serves; then the agent's stops and the host's resumes on its address within a second.
-# A rerun after an interrupted preparation builds the disk again (a half-booted disk is not trusted);
-# the agent's VM was never touched, so nothing else is redone.
+# A rerun after an interrupted first boot builds the disk again (a half-booted disk is not trusted);
+# the agent's VM was never touched, so nothing else is redone, and a preparation that finished is kept.
 CUT_OVER = Plan(
     "cut-over",
     (

@@ -55,10 +55,11 @@ class Context:
         self.progress.note(text)
 
 
-def vm_spec(ctx: Context) -> HostVMSpec:
+def vm_spec(ctx: Context, boot: BootFiles | None = None) -> HostVMSpec:
     """The host's VM as the run made it: its disk, the boot files step `scrub` prepared, the operator's size."""
     cfg, source = ctx.cfg, ctx.source
-    boot = from_record(BootFiles, ctx.journal.result("scrub")["boot"], "step scrub's boot files")
+    if boot is None:
+        boot = from_record(BootFiles, ctx.journal.result("scrub")["boot"], "step scrub's boot files")
     return HostVMSpec(
         name=cfg.vm_name,
         disk=ctx.host_dir / DISK_NAME,

@@ -19,7 +19,8 @@ from ..guest.scrub import ScrubPlan, ScrubResult, create_blank_disk, scrub_and_r
 from ..host import egress
 from ..host.files import ensure_host_dir
 from ..host.keys import generate_host_keys
-from .context import DISK_NAME, Context
+from ..host.runners import QemuRunner
+from .context import DISK_NAME, Context, vm_spec
 
 
 @dataclass(kw_only=True)
@@ -37,6 +38,9 @@ def step_scrub(ctx: Context) -> ScrubOutcome:
     venv = host_venv(ctx) if cfg.reinstall_venv else None
     system, overlay = host_system(ctx) if cfg.rebuild_system else (None, None)
     if ctx.cut_over:
+        # A first boot an interrupted run left running holds the disk this one replaces.
+        if QemuRunner(cfg.qemu_user).stop(vm_spec(ctx, boot)):
+            ctx.note("stopped the first boot an earlier attempt left running")
         blank_disk_beside(ctx)
     keys = generate_host_keys(ctx.host_dir, cfg.ssh_listen)
     ctx.note(f"new VM host key {keys.vm_host_fingerprint}; host login key {keys.login_fingerprint}")
