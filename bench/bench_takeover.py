@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import time
@@ -38,16 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts import demo  # noqa: E402
+from scripts.agent_watch import AgentWatch, WatchError, start_agent_watch  # noqa: E402
 from takeover.errors import TakeoverError  # noqa: E402
 from takeover.host import egress  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 
-WATCHER = ROOT / "scripts/health_watch.py"
 BENCH_NAME = "secret-proxy-vm-bench"
 # demo.reset removes agent machine N whenever its namespace exists; the demo's is 10 and the tests'
 # 20 and up, so the bench names one nobody makes.
 AGENT_MACHINE_INDEX = 19
-STARTUP_S = 2.0  # the watcher's interpreter starts and answers are seen before the takeover begins
 
 
 class BenchError(Exception):
@@ -210,55 +208,24 @@ def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def start_watcher(opts: argparse.Namespace, url: str) -> subprocess.Popen[str]:
-    """health_watch.py as the agent, with the demo's plain agent environment. setpriv, not runuser: it
-    execs, so SIGTERM goes to the watcher itself (runuser's parent would kill it 2 s after passing it on)."""
-    entry = pwd.getpwnam(opts.agent_user)
+def start_watcher(opts: argparse.Namespace, url: str) -> AgentWatch:
+    """health_watch.py as the agent, with the demo's plain agent environment; it outlives the takeover's
+    bound, and ends even if the bench does not stop it."""
     env = demo.agent_env(opts.agent_user)
-    argv = [
-        "setpriv",
-        f"--reuid={entry.pw_uid}",
-        f"--regid={entry.pw_gid}",
-        "--init-groups",
-        "--",
-        "env",
-        "-i",
-        *(f"{k}={v}" for k, v in env.items()),
-        "/usr/bin/python3",
-        "-I",
-        str(WATCHER),
-        url,
-        "--interval",
-        str(opts.interval),
-        "--timeout",
-        str(opts.timeout),
-        "--max-seconds",
-        str(opts.takeover_timeout + 600),  # it outlives the takeover's bound, and ends even if we do not stop it
-    ]
-    # A session of its own: a ^C at the bench's terminal reaches the bench, whose stop_watcher then stops it.
-    watcher = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env["HOME"], start_new_session=True
-    )
-    time.sleep(STARTUP_S)
-    if watcher.poll() is not None:
-        raise BenchError(f"the agent's watcher exited at once ({watcher.returncode}): {watcher.communicate()[1]}")
-    return watcher
-
-
-def stop_watcher(watcher: subprocess.Popen[str]) -> dict[str, Any]:
-    """SIGTERM, then its JSON (stdout); a watcher that does not stop in 30 s is killed and the bench fails."""
-    watcher.send_signal(signal.SIGTERM)
+    max_seconds = opts.takeover_timeout + 600
     try:
-        out, err = watcher.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        watcher.kill()
-        watcher.communicate()
-        raise BenchError("the agent's watcher did not stop within 30 s of SIGTERM; it was killed") from None
-    sys.stderr.write(err)
-    if watcher.returncode != 0:
-        raise BenchError(f"the agent's watcher failed ({watcher.returncode}): {err.strip()[-1000:]}")
-    result: dict[str, Any] = json.loads(out)
-    return result
+        return start_agent_watch(
+            opts.agent_user, env, url, interval=opts.interval, timeout=opts.timeout, max_seconds=max_seconds
+        )
+    except WatchError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def stop_watcher(watcher: AgentWatch) -> dict[str, Any]:
+    try:
+        return watcher.stop()
+    except WatchError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

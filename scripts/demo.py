@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.agent_machine import AgentMachineRig, remove_agent_machine, start_agent_machine  # noqa: E402
+from scripts.agent_watch import start_agent_watch  # noqa: E402
 from takeover.agent.nested_vm import AGENT_TOKEN_FILE as MACHINE_TOKEN_FILE  # noqa: E402
 from takeover.agent.nested_vm import AGENT_URL_FILE as MACHINE_URL_FILE  # noqa: E402
 from takeover.host import serve_back  # noqa: E402
@@ -247,10 +248,22 @@ class Demo:
                     # which refuses any URL but Telegram's own without it.
                     argv += ["--allow-telegram-api-url", os.environ["SECRET_PROXY_TELEGRAM_API_URL"]]
                 note("Telegram settings from SECRET_PROXY_TELEGRAM_* go into the VM (0600, owner proxy)")
-            if subprocess.run(argv, cwd=ROOT).returncode != 0:
+            # The agent's view of it: /health polled every 50 ms throughout. Not for an agent machine: its
+            # proxy comes back at another address (served back on the machine's bridge).
+            watch = None if self.rig else start_agent_watch(self.user, agent_env(self.user), self.url)
+            try:
+                taken = subprocess.run(argv, cwd=ROOT).returncode
+            finally:
+                seen = watch.stop() if watch else None
+            if taken != 0:
                 raise SystemExit(
                     "demo: the takeover failed (its error is above); `python -m takeover rollback` "
                     "brings the agent's VM back"
+                )
+            if seen is not None:
+                note(
+                    f"the agent's proxy went unanswered for {seen['longest_gap_s']:.2f} s at the longest "
+                    f"({seen['polls']} polls of /health by the agent, every 50 ms: scripts/health_watch.py)"
                 )
         with self.steps.step(f"host: store the secret {SECRET_NAME!r} through the host's SSH key") as note:
             value = "sk-demo-" + secrets.token_urlsafe(24)

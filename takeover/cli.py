@@ -157,12 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="scrub the agent's filesystem in place instead of rebuilding it from the host's own build "
         "of Debian (faster; the agent's /usr is then reported as not blocked)",
     )
-    vm.add_argument(
+    order = vm.add_mutually_exclusive_group()
+    order.add_argument(
         "--cut-over",
+        dest="cut_over",
         action="store_true",
-        help="build, boot in private and check the host's VM while the agent's still serves, then switch "
-        "in about a second (docs/takeover.md); without it the steps run in order and the proxy is down "
-        "from the checkpoint until the host's VM has booted",
+        default=True,
+        help="(the default) build, boot in private and check the host's VM while the agent's still serves, "
+        "then switch in about a second (docs/takeover.md)",
+    )
+    order.add_argument(
+        "--in-order",
+        dest="cut_over",
+        action="store_false",
+        help="stop the agent's VM first, then copy, scrub and boot: the proxy is down from the checkpoint "
+        "until the host's VM has booted (a minute or more under TCG); what --keep-agent-system, "
+        "--runner libvirt and --agent-machine always do",
     )
     vm.add_argument(
         "--no-replace-modules",

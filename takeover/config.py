@@ -54,8 +54,8 @@ class TakeoverConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
     rebuild_system: bool = True  # replace the agent's filesystem with the host's own build (scrub.rebuild_system)
     # Prepare the host's VM while the agent's serves, then cut over in about a second (steps.CUT_OVER);
-    # False (for now the default, until the whole suite has run it): the steps in order.
-    cut_over: bool = False
+    # False (--in-order): the steps in order, the proxy down from the checkpoint until the new VM boots.
+    cut_over: bool = True
     replace_modules: bool = True
     kernel: Path | None = None  # the operator's own kernel and initrd instead of vm_image.boot_files
     initrd: Path | None = None

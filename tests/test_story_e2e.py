@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,11 @@ def test_the_whole_story_with_a_telegram_approver(tmp_path):
         sys.stderr.write(output)
         print(f"\nthe story took {time.monotonic() - started:.0f} s", file=sys.stderr)
         assert demo.returncode == 0, output[-3000:]
+
+        # The takeover cut over while the agent watched: its proxy was switched, not rebooted (a cold boot
+        # alone is 15 to 20 s under TCG, the takeover in order over a minute).
+        gap = re.search(r"the agent's proxy went unanswered for ([0-9.]+) s", output)
+        assert gap is not None and float(gap.group(1)) < 10.0, gap
 
         # The approval came from Telegram: a stranger was refused, the approver decided.
         assert "approved by approver" in output  # the agent learns a role, not the approver's id

@@ -1,8 +1,9 @@
 """End to end, under TCG: an unprivileged agent builds and launches the VM, root takes it over.
 
-Afterwards the agent keeps HTTP access to the proxy and nothing else; a failure
-after relocation rolls back to the agent's VM with its state; the libvirt
-runner leaves a persistent, autostarted domain.
+The takeover cuts over (the default): an interrupted preparation leaves the agent's VM serving, and
+the rerun switches with the agent watching /health. Afterwards the agent keeps HTTP access to the
+proxy and nothing else; a failure after the checkpoint (either plan) rolls back to the agent's VM
+with its state; the libvirt runner (in order) leaves a persistent, autostarted domain.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from scripts import demo
+from scripts.agent_watch import start_agent_watch
 from takeover.host.monitor import Monitor
 from takeover.host.runners import LibvirtRunner
-from takeover.steps import IN_ORDER
+from takeover.models import PREPARED_TAG
+from takeover.steps import CUT_OVER
 from vm_image import proc
 
 from . import vm_fixtures
@@ -31,7 +34,10 @@ from .egress_helpers import PrivilegedListener
 from .takeover_helpers import E2E_QEMU_USER, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
-NAMES = IN_ORDER.names  # the default plan (the cut-over is opt-in, --cut-over)
+NAMES = CUT_OVER.names  # the default plan
+# A cold boot alone takes 15 to 20 s under TCG and the takeover in order over a minute: a longest gap
+# under this means the agent's proxy was switched, not rebooted, however busy the machine.
+CUT_OVER_GAP_S = 10.0
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -112,16 +118,30 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         "--egress-allow",
         f"http://127.0.0.1:{listed.port}/",
     ]
-    # The first run dies after the scrub; the rerun resumes there instead of starting over.
-    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "scrub", ssh_port=ssh_port)
-    assert interrupted.returncode == 1 and "failing on purpose after step 'scrub'" in interrupted.stderr
-    result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
+    # The first run dies after the preparation: the agent's VM was never touched, and serves on.
+    interrupted = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "first_boot", ssh_port=ssh_port)
+    assert interrupted.returncode == 1 and "failing on purpose after step 'first_boot'" in interrupted.stderr
+    assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
+    with Monitor(agent_vm.state / "run/qmp.sock") as mon:
+        assert mon.peer.uid == agent_vm.uid
+    assert stop_host_vm(host_dir) == []  # the first boot quit once saved: nothing of the host's runs
+    # The rerun resumes at the checkpoint, the prepared VM kept, while the agent polls /health.
+    watch = start_agent_watch(AGENT_USER, demo.agent_env(AGENT_USER), agent_vm.url, max_seconds=1800)
+    try:
+        result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
+        time.sleep(2)  # answers after the takeover close the gap
+    finally:
+        seen = watch.stop()
     print_durations(host_dir)
+    print(f"the agent's longest gap: {seen['longest_gap_s']} s; others: {seen.get('gaps')}", file=sys.stderr)
     try:
         assert result.returncode == 0, result.stderr
-        assert "copy the disk to the host: done in an earlier run" in result.stderr
+        for kept in ("scrub", "first_boot"):
+            assert f"{CUT_OVER.titles[kept]}: done in an earlier run" in result.stderr, kept
         history = json.loads((host_dir / "journal.json").read_text())["history"]
-        assert [h["step"] for h in history if h["event"] == "started"].count("scrub") == 1
+        started = [h["step"] for h in history if h["event"] == "started"]
+        assert started.count("scrub") == 1 and started.count("first_boot") == 1
+        assert seen["longest_gap_s"] < CUT_OVER_GAP_S, seen
         assert "Takeover complete." in result.stdout
         report = json.loads((host_dir / "report.json").read_text())
         assert [s["status"] for s in report["steps"]] == ["done"] * len(NAMES)
@@ -133,8 +153,11 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
             f"127.0.0.1:{ssh_port}": 4096,
         }
         assert listen_backlog(agent_vm.proxy_port) == 4096 and "listen backlog 4096" in result.stdout
-        for name in ("disk.qcow2", "host_key", "journal.json", "report.json", "known_hosts"):
+        for name in ("disk.qcow2", "agent-disk.qcow2", "host_key", "journal.json", "report.json", "known_hosts"):
             assert os.stat(host_dir / name).st_mode & 0o077 == 0, name
+        # The prepared snapshot is gone once verified: no later start can roll the store back to it.
+        assert report["verify"]["prepared_snapshot"] == "deleted"
+        assert report["vm"]["address_free_s"] < CUT_OVER_GAP_S
 
         # The host operates the proxy over its own key: the config it sent is there, and it stores a secret.
         egress = json.loads(takeover("egress", "list", "--host-dir", str(host_dir)).stdout)
@@ -220,12 +243,15 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         # Its size is the operator's (the defaults: 256 MB, 2 vCPUs), not the agent's ready file's (1 vCPU).
         assert info.cmdline[info.cmdline.index("-m") + 1] == "256"
         assert info.cmdline[info.cmdline.index("-smp") + 1] == "2"
+        assert "-loadvm" in info.cmdline  # resumed from the prepared VM, not booted
 
         # The operator can stop and start the host's VM (the qemu runner has no autostart).
         stopped = json.loads(takeover("stop", "--host-dir", str(host_dir)).stdout)
         assert stopped["stopped"] is True and stopped["egress"]["forward_proxy_stopped"] is True
         started = json.loads(takeover("start", "--host-dir", str(host_dir)).stdout)
         assert started["started"] is True and started["egress"]["destinations"] == synced["destinations"]
+        restarted = proc.read_process(int((host_dir / "qemu.pid").read_text())).cmdline
+        assert "-loadvm" not in restarted and PREPARED_TAG not in " ".join(restarted)  # a start boots cold
         assert listen_backlog(agent_vm.proxy_port) == 4096 and started["forwards"]["backlog"]
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
 
@@ -241,7 +267,17 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         udp.close()
 
 
-def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(agent_vm, tmp_path):
+@pytest.mark.parametrize(
+    "plan, fail_after",
+    [
+        (["--in-order"], "relocate"),  # the agent's disk copied, the host's VM not yet scrubbed
+        ([], "checkpoint"),  # the cut-over: the host's VM prepared, the agent's stopped, nobody serving
+    ],
+    ids=["in-order", "cut-over"],
+)
+def test_a_failure_after_the_checkpoint_rolls_back_to_the_agents_vm_with_its_state(
+    agent_vm, tmp_path, plan, fail_after
+):
     # Before the takeover the agent owns the VM: it provisions itself over its setup key.
     added = agent_vm.ssh_as_agent("/usr/local/bin/secret-proxy", "agents", "add", "bob", "--secrets", "'api-*'")
     assert added.returncode == 0, added.stderr
@@ -254,11 +290,13 @@ def test_a_failure_after_relocation_rolls_back_to_the_agents_vm_with_its_state(a
     request_id = asked["body"]["id"]
 
     host_dir = tmp_path / "host"
-    failed = takeover_run(agent_vm.ready, host_dir, "--qemu-user", E2E_QEMU_USER, "--fail-after", "relocate")
-    assert failed.returncode == 1 and "failing on purpose after step 'relocate'" in failed.stderr
+    failed = takeover_run(agent_vm.ready, host_dir, *plan, "--qemu-user", E2E_QEMU_USER, "--fail-after", fail_after)
+    assert failed.returncode == 1 and f"failing on purpose after step '{fail_after}'" in failed.stderr
     assert (host_dir / "disk.qcow2").exists()
     status = json.loads(takeover("status", "--host-dir", str(host_dir)).stdout)
-    assert status["state"] == "in_progress" and status["steps"]["relocate"] == "done"
+    assert status["state"] == "in_progress" and status["steps"][fail_after] == "done"
+    with pytest.raises(ConnectionRefusedError):  # the agent's VM is stopped and nobody serves in its place
+        socket.create_connection(("127.0.0.1", agent_vm.proxy_port), timeout=5).close()
 
     started = time.monotonic()
     rolled = takeover("rollback", "--host-dir", str(host_dir))

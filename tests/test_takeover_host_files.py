@@ -289,7 +289,7 @@ def test_agent_control_sequences_never_reach_roots_terminal(work):
     result = takeover_cli("run", "--host-dir", str(work / "host"), "--ready-file", str(ready))
     assert result.returncode == 1
     out = result.stdout + result.stderr
-    assert "[1/8] find and check the agent's VM" in result.stderr and "FAILED" in result.stderr
+    assert "[1/9] find and check the agent's VM" in result.stderr and "FAILED" in result.stderr
     assert "\\x1b]0;root is pwned\\x07" in result.stderr  # shown, escaped
     for raw in ("\x1b", "\x07", "\x9b", "\u202e", "\u2028"):
         assert raw not in out, repr(raw)

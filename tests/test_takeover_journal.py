@@ -47,9 +47,9 @@ def test_a_fresh_run_starts_at_step_1(host_dir):
 
 
 def test_the_cut_over_runs_wherever_it_can(host_dir):
-    assert plan_for(TakeoverConfig(cut_over=True)) is CUT_OVER
+    assert plan_for(TakeoverConfig()) is CUT_OVER  # the default
     for why_not in (
-        TakeoverConfig(),  # without --cut-over
+        TakeoverConfig(cut_over=False),  # --in-order
         # --keep-agent-system: the agent's disk is the one scrubbed
         TakeoverConfig(cut_over=True, rebuild_system=False),
         TakeoverConfig(cut_over=True, runner="libvirt"),
@@ -184,3 +184,15 @@ def test_the_report_and_the_progress_display_take_the_steps_from_the_one_table(h
     out = io.StringIO()
     Progress(out, CUT_OVER).begin("first_boot")
     assert out.getvalue() == f"[3/{len(CUT_OVER.steps)}] boot it in private, check it, save it booted ...\n"
+
+
+def test_the_command_line_chooses_the_plan():
+    from takeover.cli import build_parser, config_from_args
+
+    def plan(*extra: str):
+        return plan_for(config_from_args(build_parser().parse_args(["run", "--accel", "tcg", *extra])))
+
+    assert plan() is CUT_OVER and plan("--cut-over") is CUT_OVER
+    assert plan("--in-order") is IN_ORDER and plan("--keep-agent-system") is IN_ORDER
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["run", "--cut-over", "--in-order"])
