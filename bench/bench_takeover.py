@@ -168,6 +168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1.0, help="seconds before a poll counts as unanswered")
     p.add_argument("--after", type=float, default=3.0, help="seconds the agent keeps watching after the takeover")
     p.add_argument("--takeover-timeout", type=float, default=1800, help="bound on `takeover run` (seconds)")
+    p.add_argument(
+        "--in-order",
+        action="store_true",
+        help="run the takeover with --in-order (the baseline: the agent's VM stopped first) instead of the cut-over",
+    )
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object (the last line)")
     p.add_argument("--clean", action="store_true", help="stop and remove what the bench made")
     args = p.parse_args(argv)
@@ -249,7 +254,7 @@ def run(opts: argparse.Namespace) -> BenchResult:
     say(f"agent: watching {agent.url}/health every {opts.interval} s (scripts/health_watch.py)")
     watcher = start_watcher(opts, agent.url)
     try:
-        argv = agent.takeover_argv()
+        argv = agent.takeover_argv() + (["--in-order"] if opts.in_order else [])
         say("host (root): " + " ".join(argv[1:]) + "   (its output on stderr)")
         started = time.monotonic()
         # Its progress goes to stderr: stdout stays the bench's.
