@@ -125,9 +125,13 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
     with Monitor(agent_vm.state / "run/qmp.sock") as mon:
         assert mon.peer.uid == agent_vm.uid
     assert stop_host_vm(host_dir) == []  # the first boot quit once saved: nothing of the host's runs
-    # The rerun resumes at the checkpoint, the prepared VM kept, while the agent polls /health.
+    # The rerun resumes at the checkpoint, the prepared VM kept, while the agent polls /health; it dies
+    # again right after the cut-over, the host's VM serving; the last run verifies it.
     watch = start_agent_watch(AGENT_USER, demo.agent_env(AGENT_USER), agent_vm.url, max_seconds=1800)
     try:
+        cut = takeover_run(agent_vm.ready, host_dir, *args, "--fail-after", "restart", ssh_port=ssh_port)
+        assert cut.returncode == 1 and "failing on purpose after step 'restart'" in cut.stderr
+        assert agent_http("GET", agent_vm.url + "/health")["status"] == 200  # the host's VM
         result = takeover_run(agent_vm.ready, host_dir, *args, ssh_port=ssh_port)
         time.sleep(2)  # answers after the takeover close the gap
     finally:
@@ -141,6 +145,9 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         history = json.loads((host_dir / "journal.json").read_text())["history"]
         started = [h["step"] for h in history if h["event"] == "started"]
         assert started.count("scrub") == 1 and started.count("first_boot") == 1
+        assert started.count("restart") == 1 and started.count("verify") == 1  # verify had never begun
+        for kept in ("checkpoint", "restart"):
+            assert f"{CUT_OVER.titles[kept]}: done in an earlier run" in result.stderr, kept
         assert seen["longest_gap_s"] < CUT_OVER_GAP_S, seen
         assert "Takeover complete." in result.stdout
         report = json.loads((host_dir / "report.json").read_text())
