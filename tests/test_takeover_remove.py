@@ -8,9 +8,7 @@ Real nftables, tinyproxy and users, as tests/test_egress.py; the VM itself is a 
 from __future__ import annotations
 
 import pwd
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,30 +17,12 @@ from takeover import remove as remove_module
 from takeover.host import egress
 from takeover.host.files import ensure_host_dir
 from takeover.journal import DONE, Journal
+from tests.egress_helpers import exists, forget_user
 from tests.takeover_helpers import ensure_user
 
 pytestmark = pytest.mark.root
 
 QEMU_USER = "spvm-rm-qemu"
-
-
-def exists(user: str) -> bool:
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        return False
-    return True
-
-
-def forget_user(name: str) -> None:
-    """The user, its egress table and its forward proxy's user gone, as before any run."""
-    try:
-        uid = pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return
-    egress.run_nft(["delete", "table", "inet", egress.table_name(uid)])
-    subprocess.run(["userdel", egress.egress_user(uid)], capture_output=True)
-    subprocess.run(["userdel", name], capture_output=True)
 
 
 @pytest.fixture
