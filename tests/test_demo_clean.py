@@ -94,3 +94,20 @@ def test_reset_stops_and_says_so_when_the_host_vm_cannot_be_removed(demo_env, tm
         demo.reset(demo_args(host_dir))
     assert "takeover remove --stop" in str(stopped.value.code) and "may still run" in str(stopped.value.code)
     assert (host_dir / "disk.qcow2").exists()
+
+
+def test_the_benchs_clean_removes_its_egress_table_and_users_through_takeover_remove(demo_env, tmp_path):
+    from bench import bench_takeover
+
+    host_dir = ensure_host_dir(tmp_path / "bench-host")
+    egress.enforce(egress.new_plan([], QEMU_USER), host_dir)
+    uid = pwd.getpwnam(QEMU_USER).pw_uid
+    egress.release(host_dir)  # `takeover stop`
+    opts = bench_takeover.parse_args(
+        ["--clean", "--host-dir", str(host_dir), "--qemu-user", QEMU_USER, "--agent-user", BYSTANDER]
+        + ["--agent-state", str(tmp_path / "no-agent-state")]
+    )
+    bench_takeover.clean(opts)
+    assert egress.table_owner(uid) is None
+    assert not exists(QEMU_USER) and not exists(egress.egress_user(uid))
+    assert not host_dir.exists() and exists(BYSTANDER)
