@@ -700,12 +700,18 @@ def reset(args: argparse.Namespace) -> None:
     if any((args.host_dir / name).exists() for name in ("journal.json", "egress.json")):
         # Its egress table, forward proxy and the users its run created go with it (docs/operations.md).
         argv = [PYTHON, "-m", "takeover", "remove", "--stop", "--host-dir", str(args.host_dir)]
-        if subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
+        removed = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if removed.returncode != 0:
             raise SystemExit(
                 f"demo: `python -m takeover remove --stop --host-dir {args.host_dir}` failed (its error is above): "
                 "the host's VM may still run, so the demo removes nothing else; fix the cause and run "
                 "`make clean` again"
             )
+        shown = json.loads(removed.stdout)
+        users = ", ".join(shown["users_removed"]) or "none"
+        print(f"demo: removed the host's VM in {args.host_dir}; the users its run created: {users}")
+        for user, why in shown["users_kept"].items():
+            print(f"demo: kept the user {user}: {why}")
     index = run_record(args).get("agent_machine")
     if index is not None:
         # The agent's machine goes with its nested VM, and so does the filter of what was served to it.
@@ -713,7 +719,7 @@ def reset(args: argparse.Namespace) -> None:
         shutil.rmtree(machine_dir(index), ignore_errors=True)
         serve_back.remove(Endpoint(f"10.213.{index}.1", args.port))
         record_made(args, agent_machine=None)
-    elif Path(f"/run/netns/spvm-am{args.agent_machine_index}").exists():
+    elif args.agent_machine and Path(f"/run/netns/spvm-am{args.agent_machine_index}").exists():
         print(f"demo: agent machine {args.agent_machine_index} is not this demo's (no record of it): left alone")
     state = args.agent_state or agent_state_dir(args.agent_user)
     if state is not None and state.exists():
@@ -740,10 +746,7 @@ def reset(args: argparse.Namespace) -> None:
 def clean(args: argparse.Namespace) -> None:
     """Stop and remove what the demo made (its records say what): the host's VM, directory and users,
     the agent's VM, machine and user."""
-    had_host_vm = (args.host_dir / "journal.json").exists()
     reset(args)
-    if had_host_vm:
-        print(f"removed {args.host_dir}")
     # QEMU's and the forward proxy's users went with the host's VM (`takeover remove`: those its run created).
     agent_exists = agent_state_dir(args.agent_user) is not None
     if agent_exists and run_record(args).get("agent_user") == args.agent_user:
