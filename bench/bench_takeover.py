@@ -16,8 +16,9 @@ journal.json); and the proxy's downtime, the longest gap between two answers the
 whether it fell inside the cut-over. Nothing else about the step list is assumed.
 
 The bench ends with the agent's VM taken over; a second run stops and removes that first, as the
-demo does. `--clean` removes the host's VM and directory, the agent's bench state directory and the
-bench's QEMU user (the `agent` user stays: the demo and the tests share it).
+demo does. `--clean` removes the host's VM and directory with `python -m takeover remove` (its egress
+table and the users its run created: the bench's QEMU user and its forward proxy's) and the agent's
+bench state directory (the `agent` user stays: the demo and the tests share it).
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from scripts import demo  # noqa: E402
 from scripts.agent_watch import AgentWatch, WatchError, start_agent_watch  # noqa: E402
-from takeover.errors import TakeoverError  # noqa: E402
-from takeover.host import egress  # noqa: E402
 from vm_image.layout import default_state_dir  # noqa: E402
 
 BENCH_NAME = "secret-proxy-vm-bench"
-# demo.reset removes agent machine N whenever its namespace exists; the demo's is 10 and the tests'
-# 20 and up, so the bench names one nobody makes.
+# The bench makes no agent machine (demo.reset removes only one its run recorded); the demo's is 10
+# and the tests' 20 and up, so the bench names one nobody makes.
 AGENT_MACHINE_INDEX = 19
 
 
@@ -312,31 +311,16 @@ def show(result: BenchResult) -> None:
 
 
 def clean(opts: argparse.Namespace) -> None:
-    """The demo's reset (both VMs stopped, the host's directory removed), then the egress rules, the
-    bench's agent state and its users."""
-    try:
-        plan = egress.load_plan(opts.host_dir)  # read before the reset removes the directory that holds it
-    except TakeoverError as exc:
-        plan = None
-        print(f"the egress record is unreadable ({exc}); its nftables table, if any, stays")
+    """The demo's reset: the host's VM removed with `takeover remove` (its egress table, forward proxy,
+    the users its run created and the host directory; a failure stops here), the agent's VM stopped;
+    then the bench's agent state."""
     demo.reset(demo_args(opts))
-    print(f"stopped the bench's VMs; removed {opts.host_dir}")
-    # `takeover stop` keeps the VM's egress table for a next start; there is none, and a later user given
-    # the same uid would otherwise inherit its rules.
-    if plan is not None and egress.remove_rules(plan, opts.host_dir):
-        print(f"removed the nftables table of {opts.qemu_user}")
+    print(f"stopped the bench's VMs; removed {opts.host_dir}, its egress table and the users its run created")
     if opts.agent_state.exists():
         # As the agent: the path is in its home, where a symlink of its own must not steer root's deletion.
         removed = demo.run_as_agent(opts.agent_user, ["rm", "-rf", "--", str(opts.agent_state)], timeout=300)
         print(f"removed {opts.agent_state}" if removed.returncode == 0 else removed.stderr.strip())
-    try:
-        qemu_uid = pwd.getpwnam(opts.qemu_user).pw_uid
-    except KeyError:
-        return
-    for user in (egress.egress_user(qemu_uid), opts.qemu_user):
-        # No pkill: the takeover's stop ended their processes, and a user still running something stays.
-        removed = subprocess.run(["userdel", user], capture_output=True, text=True)
-        print(f"removed the user {user}" if removed.returncode == 0 else f"kept {user}: {removed.stderr.strip()}")
+    demo.run_record_path(demo_args(opts)).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,6 @@ BROKERED_NAME = "demo-api-token"  # broker-only: the agent may use it in calls, 
 AGENT_TOOL = str(ROOT / "proxy/agent")  # the agent's command, run by Debian's python3 with nothing installed
 AGENT_NAME = "demo-agent"
 DEMO_MACHINE = 10  # the demo's agent machine: spvm-am10 on spvm-br10, 10.213.10.0/24 (the tests use 20 and up)
-
-QEMU_USER = "secret-proxy-vm"  # the unprivileged user the takeover's QEMU runs as
 # How this machine reaches PyPI and Debian (proxy, CA bundle, index) is the machine's, not root's: the agent gets it.
 NETWORK_ENV = {
     "SSL_CERT_FILE",
@@ -397,7 +395,14 @@ class Demo:
         with self.steps.step(f"agent ({self.user}): in a machine of its own, build the image and start the VM") as note:
             self.ensure_agent_user()
             index = self.args.agent_machine_index
-            remove_agent_machine(index)
+            if run_record(self.args).get("agent_machine") == index:
+                remove_agent_machine(index)  # this demo's own, left by its last run
+            elif Path(f"/run/netns/spvm-am{index}").exists():
+                raise SystemExit(
+                    f"demo: agent machine {index} exists and this demo did not make it (another run's?); "
+                    "pass another --agent-machine-index, or remove it with its owner's clean"
+                )
+            record_made(self.args, agent_machine=index)  # before it exists: a half-made one is ours to remove
             self.rig = start_agent_machine(index, machine_dir(index))
             self.where = self.rig.enter
             self.url = f"http://{self.rig.host_address}:{self.args.port}"
@@ -446,6 +451,7 @@ class Demo:
             pwd.getpwnam(self.user)
         except KeyError:
             subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", self.user], check=True)
+            record_made(self.args, agent_user=self.user)  # `--clean` removes it; never a user it found
 
     def telegram_config(self) -> Path | None:
         if not os.environ.get("SECRET_PROXY_TELEGRAM_TOKEN"):
@@ -676,16 +682,58 @@ def machine_dir(index: int) -> Path:
     return Path("/root") / f".secret-proxy-vm-demo-machine-{index}"
 
 
+def run_record_path(args: argparse.Namespace) -> Path:
+    """Root's record of what this demo's runs made (the agent user, the agent machine), one per host directory."""
+    digest = hashlib.sha256(str(args.host_dir.absolute()).encode()).hexdigest()[:12]
+    return Path("/root") / f".secret-proxy-vm-demo-{digest}.json"
+
+
+def run_record(args: argparse.Namespace) -> dict:
+    try:
+        return json.loads(run_record_path(args).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def record_made(args: argparse.Namespace, **made: object) -> None:
+    """Add to the record (root's, 0600, replaced whole); `None` forgets an entry."""
+    data = {k: v for k, v in {**run_record(args), **made}.items() if v is not None}
+    path = run_record_path(args)
+    part = path.with_name(path.name + ".part")
+    part.unlink(missing_ok=True)
+    with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump(data, f)
+    os.replace(part, path)
+
+
 def reset(args: argparse.Namespace) -> None:
-    """Stop both VMs and remove the host's directory; keep the agent's build cache (a second run starts here)."""
-    subprocess.run([PYTHON, "-m", "takeover", "stop", "--host-dir", str(args.host_dir)], cwd=ROOT, capture_output=True)
-    shutil.rmtree(args.host_dir, ignore_errors=True)
-    index = args.agent_machine_index
-    if args.agent_machine or Path(f"/run/netns/spvm-am{index}").exists():
+    """Stop both VMs and remove the host's VM (`takeover remove`) and the agent machine this demo made;
+    keep the agent's build cache (a second run starts here). A failed removal stops the reset: the
+    host's VM may still run."""
+    if any((args.host_dir / name).exists() for name in ("journal.json", "egress.json")):
+        # Its egress table, forward proxy and the users its run created go with it (docs/operations.md).
+        argv = [PYTHON, "-m", "takeover", "remove", "--stop", "--host-dir", str(args.host_dir)]
+        removed = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if removed.returncode != 0:
+            raise SystemExit(
+                f"demo: `python -m takeover remove --stop --host-dir {args.host_dir}` failed (its error is above): "
+                "the host's VM may still run, so the demo removes nothing else; fix the cause and run "
+                "`make clean` again"
+            )
+        shown = json.loads(removed.stdout)
+        users = ", ".join(shown["users_removed"]) or "none"
+        print(f"demo: removed the host's VM in {args.host_dir}; the users its run created: {users}")
+        for user, why in shown["users_kept"].items():
+            print(f"demo: kept the user {user}: {why}")
+    index = run_record(args).get("agent_machine")
+    if index is not None:
         # The agent's machine goes with its nested VM, and so does the filter of what was served to it.
         remove_agent_machine(index)
         shutil.rmtree(machine_dir(index), ignore_errors=True)
         serve_back.remove(Endpoint(f"10.213.{index}.1", args.port))
+        record_made(args, agent_machine=None)
+    elif args.agent_machine and Path(f"/run/netns/spvm-am{args.agent_machine_index}").exists():
+        print(f"demo: agent machine {args.agent_machine_index} is not this demo's (no record of it): left alone")
     state = args.agent_state or agent_state_dir(args.agent_user)
     if state is not None and state.exists():
         subprocess.run(
@@ -709,21 +757,19 @@ def reset(args: argparse.Namespace) -> None:
 
 
 def clean(args: argparse.Namespace) -> None:
-    """Stop and remove what the demo made: the host's VM and directory, the agent's VM and user."""
-    had_host_vm = (args.host_dir / "journal.json").exists()
+    """Stop and remove what the demo made (its records say what): the host's VM, directory and users,
+    the agent's VM, machine and user."""
     reset(args)
-    if had_host_vm:
-        print(f"removed {args.host_dir}")
-    if agent_state_dir(args.agent_user) is not None:
+    # QEMU's and the forward proxy's users went with the host's VM (`takeover remove`: those its run created).
+    agent_exists = agent_state_dir(args.agent_user) is not None
+    if agent_exists and run_record(args).get("agent_user") == args.agent_user:
         subprocess.run(["pkill", "-u", args.agent_user], check=False)
         subprocess.run(["userdel", "--remove", args.agent_user], check=False, capture_output=True)
         print(f"removed the user {args.agent_user} and its home")
-    for user in (QEMU_USER,):
-        if subprocess.run(["id", user], capture_output=True).returncode == 0:
-            subprocess.run(["pkill", "-u", user], check=False)
-            subprocess.run(["userdel", user], check=False, capture_output=True)
-            print(f"removed the user {user}")
+    elif agent_exists:
+        print(f"kept the user {args.agent_user}: this demo did not create it")
     telegram_config_path(args).unlink(missing_ok=True)
+    run_record_path(args).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`python -m takeover run | rollback | status`: the host takes over the VM an agent built.
+"""`python -m takeover run | rollback | status | start | stop | remove`: the host takes over the VM an agent built.
 
 Exit status: 0 done; 1 a takeover error (the message says what went wrong and
 what to do); 2 bad usage.
@@ -23,6 +23,7 @@ from .host.files import check_trusted_parent
 from .host.terminal import show
 from .models import Endpoint
 from .progress import Progress
+from .remove import remove_host_vm
 from .rollback import roll_back
 from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
 from .service import UNIT_DIR
@@ -206,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(st)
     common(sub.add_parser("start", help="start the taken-over VM again (e.g. after a host reboot)"))
     common(sub.add_parser("stop", help="stop the taken-over VM (a libvirt domain stays defined, with autostart)"))
+    rm = sub.add_parser(
+        "remove",
+        help="delete the host's VM for good: its egress table and forward proxy, the users its runs created, "
+        "and the host directory (docs/operations.md)",
+    )
+    common(rm)
+    rm.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the VM first if it runs (and discard an unfinished takeover instead of rolling it back); "
+        "without it a running VM is refused",
+    )
     eg = sub.add_parser("egress", help="what the taken-over VM may reach: list, allow or remove destinations")
     actions = eg.add_subparsers(dest="action", required=True, metavar="ACTION")
     common(actions.add_parser("list", help="the destinations and the forward proxy's address"))
@@ -373,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             show(json_text(start_host_vm(cfg)))
         elif args.command == "stop":
             show(json_text(stop_host_vm(cfg)))
+        elif args.command == "remove":
+            show(json_text(remove_host_vm(cfg, stop=args.stop)))
         elif args.command == "egress":
             urls, applying = getattr(args, "urls", []), getattr(args, "apply", None)
             digest = applying or None

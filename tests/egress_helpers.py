@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from takeover.host import egress
 from tests.takeover_helpers import Listener
 
 
@@ -73,3 +74,22 @@ def privileged_listener() -> Iterator[PrivilegedListener]:
         yield listener
     finally:
         listener.close()
+
+
+def exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
+
+
+def forget_user(name: str) -> None:
+    """The user, its egress table and its forward proxy's user gone, as before any run."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    egress.run_nft(["delete", "table", "inet", egress.table_name(uid)])
+    subprocess.run(["userdel", egress.egress_user(uid)], capture_output=True)
+    subprocess.run(["userdel", name], capture_output=True)

@@ -173,11 +173,16 @@ def up_agent_vm_on(base: Path, prefix: str) -> AgentVM:
 
 
 def stop_both_vms(host_dir: Path, agent_state: Path) -> None:
-    """Stop the host's VM in `host_dir` and, if a takeover failed early and left it running, the agent's."""
+    """Stop and remove the host's VM in `host_dir` (`takeover remove`: its egress table and the users its
+    run created go too, where a stop and `rm -r` would leave the table for the uid) and, if a takeover
+    failed early and left it running, the agent's; the demo's record of what it made goes too."""
+    from scripts.demo import parse_args, run_record_path
+
     subprocess.run(
-        [sys.executable, "-m", "takeover", "stop", "--host-dir", str(host_dir)],
+        [sys.executable, "-m", "takeover", "remove", "--stop", "--host-dir", str(host_dir)],
         cwd=ROOT,
         capture_output=True,
         timeout=300,
     )
+    run_record_path(parse_args(["--host-dir", str(host_dir)])).unlink(missing_ok=True)
     vm_image_as_agent("stop", "--state-dir", str(agent_state), "--timeout", "20", timeout=120)

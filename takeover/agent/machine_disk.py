@@ -45,7 +45,7 @@ def fetch_disk(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """The nested disk's bytes in `HOST_DIR/from-machine/disk.qcow2`, a file of `copy_user`'s; its path."""
-    ensure_system_user(copy_user, "secret-proxy-vm reader of agent machine disks")
+    ensure_system_user(copy_user, "secret-proxy-vm reader of agent machine disks", host_dir=host_dir)
     user = pwd.getpwnam(copy_user)
     if user.pw_uid == 0 or user.pw_gid == 0:
         raise CopyError(f"--copy-user {copy_user} is root's uid or group; it must be an unprivileged user")

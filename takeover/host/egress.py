@@ -592,10 +592,10 @@ def start_forward_proxy(plan: EgressPlan, host_dir: Path, user: str) -> int:
 
 def enforce(plan: EgressPlan, host_dir: Path) -> dict[str, Any]:
     """Rules first, then the proxy: the VM never runs with a wider path out than the plan's."""
-    ensure_system_user(plan.qemu_user, "secret-proxy-vm QEMU")
+    ensure_system_user(plan.qemu_user, "secret-proxy-vm QEMU", host_dir=host_dir)
     qemu_uid = pwd.getpwnam(plan.qemu_user).pw_uid
     user = egress_user(qemu_uid)
-    ensure_system_user(user, f"secret-proxy-vm egress proxy for {plan.qemu_user}")
+    ensure_system_user(user, f"secret-proxy-vm egress proxy for {plan.qemu_user}", host_dir=host_dir)
     apply_rules(plan, host_dir, qemu_uid)
     save_plan(host_dir, plan)
     pid = start_forward_proxy(plan, host_dir, user)

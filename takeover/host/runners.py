@@ -258,7 +258,7 @@ class QemuRunner:
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             stale.unlink(missing_ok=True)
         if self.qemu_user:
-            ensure_system_user(self.qemu_user)
+            ensure_system_user(self.qemu_user, host_dir=spec.pidfile.parent)  # the pidfile is in the host dir
         argv = qemu_command(spec, self.qemu_user)
         # Not -daemonize: the sandbox forbids fork. A new session detaches QEMU from us instead.
         child = start_detached(argv, spec.qemu_log, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, umask=0o077)
