@@ -307,11 +307,17 @@ class TelegramChannel:
         if self._retry_now is None:
             return  # not started
         self._retry_now.set()
-        if self._retrying_at is None:
+        left = self.backoff_left()
+        if left is None:
             log.info("Telegram: asked to retry now (SIGUSR1); not waiting out a backoff, nothing to cut short")
         else:
-            left = max(0.0, self._retrying_at - time.monotonic())
             log.info("Telegram: asked to retry now (SIGUSR1); retrying instead of in %.1f s", left)
+
+    def backoff_left(self) -> float | None:
+        """Seconds until the next attempt while a backoff is being waited out; None otherwise."""
+        if self._retrying_at is None:
+            return None
+        return max(0.0, self._retrying_at - time.monotonic())
 
     async def _back_off(self, backoff: Backoff, delay: float) -> None:
         """Sleep `delay` seconds before the next attempt, or until `retry_now`.
