@@ -67,7 +67,8 @@ def serving_pid() -> int:
         raise NoServer(f"`systemctl show {UNIT}` did not answer within {SYSTEMCTL_TIMEOUT_SECONDS} s") from None
     value = result.stdout.strip()
     if result.returncode != 0 or not value.isdigit():
-        raise NoServer(f"`systemctl show {UNIT}` failed: {(result.stderr or value).strip()[-200:]}")
+        why = " ".join((result.stderr or value).split())[-200:]  # one line: systemctl may say it in two
+        raise NoServer(f"`systemctl show {UNIT}` failed: {why}; without systemd, give the server's pid with --pid PID")
     if value == "0":
         raise NoServer(f"{UNIT} is not running; start it with `systemctl start {UNIT}`")
     return int(value)

@@ -28,6 +28,10 @@ from proxy.cli import EXIT_NO_SERVER, EXIT_NOT_OURS
 from proxy.demo import free_port
 from proxy.state import ProxyState
 from proxy.store import Store
+from takeover.host.ssh import SSHTarget
+from takeover.host.vm_checks import CLI
+from takeover.models import Endpoint
+from takeover.steps.verify import retry_telegram_now
 
 from .proxy_helpers import ROOT, cli, make_settings, provision, stop_process, wait_until_serving
 from .telegram_emulator import BotApiEmulator
@@ -292,3 +296,46 @@ def test_retry_now_without_a_server_says_so(tmp_path):
 )
 def test_which_command_lines_are_proxy_serve(argv, serving):
     assert wake.is_proxy_serve(argv) is serving
+
+
+# -- the takeover's verify, after the cut-over's resume ---------------------------------------------
+
+
+class LocalLogin(SSHTarget):
+    """The host's SSH login with the guest played by this machine: the guest's wrapper (`secret-proxy`) is
+    `python -m proxy` on the test's data directory, and its systemd's MainPID is `--pid` (no systemd here)."""
+
+    data_dir: Path = Path("/nonexistent")
+    server_pid: int | None = None
+
+    def run(self, *remote: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        assert remote[0] == CLI
+        pid = ["--pid", str(self.server_pid)] if self.server_pid is not None else []
+        argv = [sys.executable, "-m", "proxy", "--data-dir", str(self.data_dir), *remote[1:], *pid]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def local_login(data_dir: Path, server_pid: int | None) -> LocalLogin:
+    login = LocalLogin(Endpoint("127.0.0.1", 9), Path("/nonexistent"), Path("/nonexistent"))
+    object.__setattr__(login, "data_dir", data_dir)
+    object.__setattr__(login, "server_pid", server_pid)
+    return login
+
+
+def test_verify_asks_the_resumed_proxy_to_retry_telegram_and_records_what_it_said(tmp_path):
+    data = provision(make_settings(tmp_path))
+    env = proxy_env(data.settings.data_dir)
+    process, _ = serve(env, tmp_path / "proxy.log")
+    try:
+        said = retry_telegram_now(local_login(data.settings.data_dir, process.pid))
+        assert said.startswith(f"signalled proxy serve (pid {process.pid}, from --pid)")
+        assert process.poll() is None
+    finally:
+        stop_process(process, 15)
+
+
+def test_verify_notes_a_failed_retry_instead_of_failing(tmp_path):
+    data = provision(make_settings(tmp_path))
+    said = retry_telegram_now(local_login(data.settings.data_dir, None))  # no systemd, no server here
+    assert said.startswith("not asked to retry now (exit 3): error: no server to signal: ")
+    assert "\n" not in said
