@@ -215,7 +215,8 @@ class TelegramChannel:
     `start()` returns at once: connecting, polling and posting run as tasks on
     the running loop and retry with backoff while Telegram is unreachable.
     `announce(request)` only wakes the sync loop, so the HTTP handler that calls it
-    never waits on Telegram. `stop()` ends polling and the tasks within a few seconds.
+    never waits on Telegram. `retry_now()` (SIGUSR1) ends a backoff's wait at once. `stop()` ends
+    polling and the tasks within a few seconds.
     """
 
     def __init__(self, state: ProxyState, *, sync_every: float = SYNC_EVERY_SECONDS) -> None:
