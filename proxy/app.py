@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
+from . import errors, wake
 from .config import Settings, check_metrics_listen
 from .metrics import CountRequests, MetricsListener
 from .routes import routes
@@ -93,17 +93,21 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
             tasks.append(asyncio.create_task(poll_changes(state)))
         listener = start_metrics(state) if background else None
         bot = None
+        unhandle: Callable[[], None] | None = None
         if background and settings.telegram_enabled:
             from .telegram_bot import TelegramChannel
 
             bot = TelegramChannel(state)
             state.channels.append(bot)
             await bot.start()
+            unhandle = _handle_retry(bot.retry_now)
         elif background:
             log.warning("Telegram is not configured: approve and deny with `python -m proxy approve|deny ID`")
         try:
             yield
         finally:
+            if unhandle is not None:
+                unhandle()
             if bot is not None:
                 await bot.stop()
             for task in tasks:
@@ -135,6 +139,16 @@ def create_app(settings: Settings, store: Store | None = None, *, background: bo
     # Outermost: a body refused by BodyLimit is counted too.
     app.add_middleware(CountRequests, metrics=state.metrics)
     return app
+
+
+def _handle_retry(retry: Callable[[], None]) -> Callable[[], None]:
+    """SIGUSR1 wakes the bot (`secret-proxy telegram retry-now`); returns the undo. Only the main
+    thread can handle a signal: `proxy serve` is, an in-process test client's lifespan is not."""
+    try:
+        return wake.handle_retry(asyncio.get_running_loop(), retry)
+    except (ValueError, RuntimeError) as exc:
+        log.warning("SIGUSR1 cannot wake the Telegram bot here (%s); `telegram retry-now` will not reach it", exc)
+        return lambda: None
 
 
 def start_metrics(state: ProxyState) -> MetricsListener | None:

@@ -24,10 +24,16 @@ from .grants import GrantError, parse_length
 from .policy import Policy, PolicyError, build_policy
 from .shown import header_lines, visible
 from .store import STATUSES, Store, init_data_dir
+from .wake import NoServer, NotOurServer, retry_telegram_now
 
 
 class CliError(Exception):
     pass
+
+
+# `telegram retry-now`'s own failures, for the host that runs it over SSH (1 is every other error).
+EXIT_NO_SERVER = 3  # no `proxy serve` running (or the pid is gone)
+EXIT_NOT_OURS = 4  # the pid is not a `proxy serve` of the caller's uid: not signalled
 
 
 def operator() -> str:
@@ -317,6 +323,18 @@ def cmd_rotate(settings: Settings, args: argparse.Namespace) -> None:
     print(f"master key rotated; new key id {key_id}")
 
 
+def cmd_telegram_retry_now(settings: Settings, args: argparse.Namespace) -> None:
+    """SIGUSR1 to the running `proxy serve`: its Telegram bot stops waiting out a backoff and retries now."""
+    done = retry_telegram_now(args.pid)
+    if settings.telegram_enabled:
+        print(f"asked proxy serve (pid {done.pid}, from {done.how}) to retry Telegram now")
+    else:
+        print(
+            f"signalled proxy serve (pid {done.pid}, from {done.how}); Telegram is not configured in "
+            f"{settings.data_dir}, so it has no bot to wake"
+        )
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -433,6 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_audit_show)
     aud.add_parser("verify", help="check the hash chain").set_defaults(fn=cmd_audit_verify)
 
+    telegram = sub.add_parser("telegram", help="the running proxy's Telegram bot").add_subparsers(
+        dest="sub", required=True
+    )
+    s = telegram.add_parser(
+        "retry-now",
+        help="make the running `proxy serve` retry Telegram now instead of waiting out its backoff (SIGUSR1)",
+    )
+    s.add_argument(
+        "--pid",
+        type=int,
+        help="the server's pid (default: secret-proxy.service's MainPID); signalled only if it is a "
+        "`proxy serve` of your own uid",
+    )
+    s.set_defaults(fn=cmd_telegram_retry_now)
+
     sub.add_parser("rotate-master-key", help="re-wrap all data keys under a new master key").set_defaults(fn=cmd_rotate)
     s = sub.add_parser("demo", help="a local round trip: request, approve, retrieve once")
     s.add_argument("--port", type=int, default=0)
@@ -507,6 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"error: permission denied: {exc.filename}; run as the proxy's user", file=sys.stderr)
         return 1
+    except NoServer as exc:
+        print(f"error: no server to signal: {exc}", file=sys.stderr)
+        return EXIT_NO_SERVER
+    except NotOurServer as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_OURS
     except KeyboardInterrupt:
         return 130
     return 0

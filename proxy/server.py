@@ -9,6 +9,7 @@ import resource
 
 import uvicorn
 
+from . import wake
 from .app import create_app
 from .config import Settings
 
@@ -57,6 +58,9 @@ def _silent_connections_close(protocol: type) -> type:
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
+    # SIGUSR1 asks the Telegram bot to retry now (proxy/wake.py); the lifespan handles it when there is a
+    # bot. Ignored until then, and without a bot: its default action would end the server.
+    wake.ignore_retry()
     app = create_app(settings)
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     base: type[asyncio.Protocol]

@@ -215,7 +215,8 @@ class TelegramChannel:
     `start()` returns at once: connecting, polling and posting run as tasks on
     the running loop and retry with backoff while Telegram is unreachable.
     `announce(request)` only wakes the sync loop, so the HTTP handler that calls it
-    never waits on Telegram. `stop()` ends polling and the tasks within a few seconds.
+    never waits on Telegram. `retry_now()` (SIGUSR1) ends a backoff's wait at once. `stop()` ends
+    polling and the tasks within a few seconds.
     """
 
     def __init__(self, state: ProxyState, *, sync_every: float = SYNC_EVERY_SECONDS) -> None:
@@ -236,6 +237,8 @@ class TelegramChannel:
         self._posting: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._retry_now: asyncio.Event | None = None  # set by `retry_now` (SIGUSR1): end a backoff early
+        self._retrying_at: float | None = None  # when the backoff being slept out ends (monotonic)
         self._ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._app: BotApp | None = None
@@ -246,6 +249,7 @@ class TelegramChannel:
         self._hide_token_from_logs()
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self._ready = asyncio.Event()
         self._app = self._build_application()
         if not self.approvers:
@@ -294,6 +298,49 @@ class TelegramChannel:
             loop.call_soon_threadsafe(wake.set)
         except RuntimeError:
             pass  # the loop is closing; the next start posts it
+
+    def retry_now(self) -> None:
+        """Stop waiting out a backoff: the network was just fixed, or the VM was resumed from a snapshot
+        taken where Telegram was out of reach (the cut-over). Called on the loop (SIGUSR1's handler).
+
+        The wake is kept until a backoff's wait takes it, so one that arrives during an attempt ends the
+        wait after that attempt; a loop that gets through to Telegram drops it."""
+        if self._retry_now is None:
+            return  # not started
+        self._retry_now.set()
+        left = self.backoff_left()
+        if left is None:
+            log.info("Telegram: asked to retry now (SIGUSR1); not waiting out a backoff, nothing to cut short")
+        else:
+            log.info("Telegram: asked to retry now (SIGUSR1); retrying instead of in %.1f s", left)
+
+    def backoff_left(self) -> float | None:
+        """Seconds until the next attempt while a backoff is being waited out; None otherwise."""
+        if self._retrying_at is None:
+            return None
+        return max(0.0, self._retrying_at - time.monotonic())
+
+    async def _back_off(self, backoff: Backoff, delay: float) -> None:
+        """Sleep `delay` seconds before the next attempt, or until `retry_now`.
+
+        A wake starts the backoff again from its first delay: it says the way out has changed, and a network
+        that has just come back (an egress proxy starting, a route appearing) is then found again within a
+        second or two, not after the cap; a network still broken costs a few quick attempts on the way back up."""
+        assert self._retry_now is not None
+        self._retrying_at = time.monotonic() + delay
+        try:
+            await asyncio.wait_for(self._retry_now.wait(), delay)
+        except TimeoutError:
+            return
+        finally:
+            self._retrying_at = None
+        self._retry_now.clear()
+        backoff.reset()
+
+    def _reached(self) -> None:
+        """Telegram answered: a wake asked for before this attempt has been served."""
+        if self._retry_now is not None:
+            self._retry_now.clear()
 
     def _build_application(self) -> BotApp:
         builder = Application.builder()
@@ -383,7 +430,8 @@ class TelegramChannel:
                     problem,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._back_off(backoff, delay)
+        self._reached()
         log.info("Telegram: bot @%s is polling for updates", app.bot.username)
         self.state.metrics.telegram_reachable.set(1)
         self._ready.set()
@@ -421,12 +469,14 @@ class TelegramChannel:
         assert self._ready is not None and self._wake is not None
         await self._ready.wait()
         backoff = Backoff(FIRST_RETRY_SECONDS, self._retry_cap)
+        outage = False  # not backoff.failures: a wake starts the backoff again mid-outage
         while True:
             self._wake.clear()
             try:
                 await self.sync_once()
             except TelegramUnavailable as problem:
                 self.state.metrics.telegram_reachable.set(0)
+                outage = True
                 delay = max(backoff.next_delay(), problem.retry_after)
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
                 log.log(
@@ -436,17 +486,19 @@ class TelegramChannel:
                     problem,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._back_off(backoff, delay)
                 continue
             except Exception:  # a bug here must not end the loop that keeps the chat honest
                 delay = backoff.next_delay()
                 log.exception("Telegram: sync failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
+                await self._back_off(backoff, delay)
                 continue
+            self._reached()
             self.state.metrics.telegram_reachable.set(1)
-            if backoff.failures:
+            if outage:
                 log.info("Telegram: reachable again; the chat is up to date")
-                backoff.reset()
+                outage = False
+            backoff.reset()
             await self._wait_for_work()
 
     async def _wait_for_work(self) -> None:

@@ -164,6 +164,10 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
             assert os.stat(host_dir / name).st_mode & 0o077 == 0, name
         # The prepared snapshot is gone once verified: no later start can roll the store back to it.
         assert report["verify"]["prepared_snapshot"] == "deleted"
+        # ... and the resumed proxy was told to retry Telegram now (found by systemd's MainPID, as user proxy;
+        # this config has no bot, so there is nothing to wake).
+        assert report["verify"]["telegram_retry"].startswith("signalled proxy serve (pid "), report["verify"]
+        assert "from systemd (secret-proxy.service)" in report["verify"]["telegram_retry"]
         assert report["vm"]["address_free_s"] < CUT_OVER_GAP_S
 
         # The host operates the proxy over its own key: the config it sent is there, and it stores a secret.

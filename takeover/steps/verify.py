@@ -6,6 +6,10 @@
 * SSH with the host's key succeeds with strict host key checking against the
   pinned known_hosts, and the key the VM shows is the one the host made;
 * the agent's setup key is refused, and the server offers no password login.
+
+After the cut-over's resume it also tells the proxy to retry Telegram now (`secret-proxy telegram
+retry-now`): the bot backed off in the first boot's network, which has no way out. That is a note in
+the result, never a failed step.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..host.ports import listener_pids
 from ..host.qmp_jobs import delete_snapshot
 from ..host.regular_file import read_regular
 from ..host.runners import DISK_NODE
-from ..host.ssh import SSHTarget, run_bounded
+from ..host.ssh import SSHTarget, SSHTimeout, run_bounded
 from ..host.vm_checks import CLI, check_host_login
 from ..models import Endpoint
 from .context import Context
@@ -39,6 +43,7 @@ from .restart import RestartResult
 
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SECRET_PATTERNS = re.compile(r"^[A-Za-z0-9_.*?-]+(,[A-Za-z0-9_.*?-]+)*$")
+RETRY_NOW_TIMEOUT_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class VerifyResult:
     # The cut-over's snapshot of the first boot, deleted once the VM is verified: loading it again
     # would roll the disk back to an empty proxy and lose every secret stored since.
     prepared_snapshot: str | None = None
+    # After that resume, `secret-proxy telegram retry-now`: its line, or why it did not work. The bot backed
+    # off in the first boot's network, which has no way out; a bot not woken retries within its backoff cap.
+    telegram_retry: str | None = None
 
 
 def verify_host_vm(
@@ -230,7 +238,8 @@ def step_verify(ctx: Context) -> VerifyResult:
     if restart.spec.loadvm:
         delete_prepared(restart)
         ctx.note(f"deleted {restart.spec.loadvm} from the disk: a later start boots cold, never back to it")
-        result = dataclasses.replace(result, prepared_snapshot="deleted")
+        result = dataclasses.replace(result, prepared_snapshot="deleted", telegram_retry=retry_telegram_now(ssh))
+        ctx.note(f"Telegram: {result.telegram_retry}")
     if cfg.agent_name:
         token_file = cfg.token_file or ctx.host_dir / f"agent-{cfg.agent_name}.token"
         if token_file.exists():
@@ -241,6 +250,18 @@ def step_verify(ctx: Context) -> VerifyResult:
             ctx.note(f"agent {cfg.agent_name!r} created; token in {token_file} (0600)")
         return dataclasses.replace(result, agent_token=token)
     return result
+
+
+def retry_telegram_now(ssh: SSHTarget) -> str:
+    """Tell the resumed proxy to retry Telegram now (SIGUSR1, by the CLI as the proxy's user), not after the
+    rest of the backoff it began where Telegram was out of reach. Never fails the step: says what happened."""
+    try:
+        result = ssh.run(CLI, "telegram", "retry-now", timeout=RETRY_NOW_TIMEOUT_SECONDS)
+    except SSHTimeout as exc:
+        return f"not asked to retry now: {exc}"
+    if result.returncode == 0:
+        return result.stdout.strip()[-300:]
+    return f"not asked to retry now (exit {result.returncode}): {result.stderr.strip()[-300:]}"
 
 
 def delete_prepared(restart: RestartResult) -> None:
