@@ -217,19 +217,9 @@ def start_watcher(opts: argparse.Namespace, url: str) -> AgentWatch:
     bound, and ends even if the bench does not stop it."""
     env = demo.agent_env(opts.agent_user)
     max_seconds = opts.takeover_timeout + 600
-    try:
-        return start_agent_watch(
-            opts.agent_user, env, url, interval=opts.interval, timeout=opts.timeout, max_seconds=max_seconds
-        )
-    except WatchError as exc:
-        raise BenchError(str(exc)) from None
-
-
-def stop_watcher(watcher: AgentWatch) -> dict[str, Any]:
-    try:
-        return watcher.stop()
-    except WatchError as exc:
-        raise BenchError(str(exc)) from None
+    return start_agent_watch(
+        opts.agent_user, env, url, interval=opts.interval, timeout=opts.timeout, max_seconds=max_seconds
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -262,7 +252,7 @@ def run(opts: argparse.Namespace) -> BenchResult:
         say(f"the takeover exited {done.returncode} after {total:.1f} s; the agent watches {opts.after:.0f} s more")
         time.sleep(opts.after)
     finally:
-        watch = stop_watcher(watcher)
+        watch = watcher.stop()
     if done.returncode != 0:
         raise BenchError(
             f"the takeover failed (its error is above; the agent saw a gap of {watch['longest_gap_s']} s); "
@@ -333,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             clean(opts)
             return 0
         result = run(opts)
-    except BenchError as exc:
+    except (BenchError, WatchError) as exc:
         print(f"bench_takeover: {exc}", file=sys.stderr)
         return 1
     show(result)

@@ -261,7 +261,8 @@ class Demo:
             if seen is not None:
                 note(
                     f"the agent's proxy went unanswered for {seen['longest_gap_s']:.2f} s at the longest "
-                    f"({seen['polls']} polls of /health by the agent, every 50 ms: scripts/health_watch.py)"
+                    f"({seen['polls']} polls of /health by the agent, every {seen['interval_s'] * 1000:.0f} ms: "
+                    "scripts/health_watch.py)"
                 )
         with self.steps.step(f"host: store the secret {SECRET_NAME!r} through the host's SSH key") as note:
             value = "sk-demo-" + secrets.token_urlsafe(24)
