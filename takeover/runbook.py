@@ -153,7 +153,7 @@ def _run_steps(ctx: Context, progress: Progress) -> tuple[dict[str, Any], str]:
     return report, ctx.summary or summary(report)
 
 
-def _finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
+def finished_vm(cfg: TakeoverConfig) -> tuple[HostVMSpec, Runner]:
     require_root()
     journal = Journal.load(cfg.host_dir)
     if journal is None or not journal.done("verify"):
@@ -174,7 +174,7 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     be free before the start, and the proxy's must be the new QEMU's once /health answers: while
     the VM was down, anyone could have taken the port to pose as the proxy.
     """
-    spec, runner = _finished_vm(cfg)
+    spec, runner = finished_vm(cfg)
     pid = runner.pid(spec)
     if pid is not None:
         return {"started": False, "pid": pid, "detail": "already running", **restart_forward_proxy(cfg)}
@@ -182,7 +182,7 @@ def start_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
     plan = egress.load_plan(cfg.host_dir)
     limits = egress.enforce(plan, cfg.host_dir) if plan is not None else {"filter": "off"}
     journal = Journal.load(cfg.host_dir)
-    assert journal is not None  # _finished_vm read it
+    assert journal is not None  # finished_vm read it
     serve_to_machine(journal.read("find_vm", SourceVM), cfg.host_dir)  # a VM served to an agent machine
     pid = runner.start(spec)
     forwards = widen_forwards(spec, pid, Progress().line)
@@ -208,7 +208,7 @@ def restart_forward_proxy(cfg: TakeoverConfig) -> dict[str, Any]:
 
 
 def stop_host_vm(cfg: TakeoverConfig) -> dict[str, Any]:
-    spec, runner = _finished_vm(cfg)
+    spec, runner = finished_vm(cfg)
     return {"stopped": runner.stop(spec, undefine=False), "egress": egress.release(cfg.host_dir)}
 
 
@@ -291,7 +291,7 @@ def at_a_glance(cfg: TakeoverConfig, journal: Journal) -> dict[str, Any]:
     """For a verified takeover: the VM's health, uptime and figures, its egress list, its last backup."""
     if not journal.done("verify"):
         return {}
-    spec, runner = _finished_vm(cfg)
+    spec, runner = finished_vm(cfg)
     key, known_hosts = load_host_keys(cfg.host_dir)
     ssh = SSHTarget(spec.ssh_listen, key, known_hosts)
     return {**glance.vm_glance(spec, runner, ssh), **glance.egress_glance(cfg.host_dir)}
@@ -314,7 +314,7 @@ POLICY_LIST_MAX = 1024 * 1024
 
 def policy_destinations(cfg: TakeoverConfig) -> tuple[set[egress.Destination], list[str]]:
     """The destinations of the VM's stored policies, read over the host's SSH key, each parsed strictly."""
-    spec, _ = _finished_vm(cfg)
+    spec, _ = finished_vm(cfg)
     key, known_hosts = load_host_keys(cfg.host_dir)
     result = SSHTarget(spec.ssh_listen, key, known_hosts).run(CLI, "secrets", "destinations")
     if result.returncode != 0:

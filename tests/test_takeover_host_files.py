@@ -31,7 +31,7 @@ from takeover.host.ssh import SSHTarget
 from takeover.host.terminal import printable
 from takeover.journal import DONE, Journal
 from takeover.models import Endpoint, SourceVM
-from takeover.runbook import _finished_vm
+from takeover.runbook import finished_vm
 from takeover.steps import IN_ORDER
 from takeover.steps.context import DISK_NAME
 from takeover.steps.report import summary
@@ -409,7 +409,7 @@ def finished(work):
         journal.begin(step)
         journal.finish(step, results.get(step, {}))
     journal.set_state(DONE)
-    spec, runner = _finished_vm(TakeoverConfig(host_dir=host_dir))
+    spec, runner = finished_vm(TakeoverConfig(host_dir=host_dir))
     assert spec.ssh_listen == ssh and spec.proxy_listen == proxy
     assert (spec.memory_mb, spec.cpus) == (320, 3)  # the run's --memory/--cpus, not the agent's nor the defaults
     yield host_dir, spec, runner
