@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -274,6 +275,44 @@ def takeover_run(ready: Path, host_dir: Path, *more: str, ssh_port: int | None =
     """`takeover run` of the VM `ready` names into `host_dir`, its SSH on 127.0.0.1:`ssh_port` (or a free port)."""
     listen = f"127.0.0.1:{ssh_port or free_port()}"
     return takeover("run", "--ready-file", str(ready), "--host-dir", str(host_dir), "--ssh-listen", listen, *more)
+
+
+# -- the systemd unit (takeover/service.py), its commands run the way systemd runs them ---------------
+
+
+def unit_fields(text: str) -> dict[str, str]:
+    """`Key=value` of the unit, as systemd reads them (the last one wins; comments and sections skipped)."""
+    fields = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def as_systemd_runs(command: str, host_dir: Path) -> list[str]:
+    """An Exec line's argv: its words split as systemd splits them, `%f` the instance's path."""
+    assert "%" not in command.replace("%f", ""), "a specifier the test does not expand"
+    return [word.replace("%f", str(host_dir)) for word in shlex.split(command)]
+
+
+def run_unit_command(fields: dict[str, str], key: str, host_dir: Path) -> subprocess.CompletedProcess:
+    """The unit's `key` line run as systemd runs it: argv without a shell, from its WorkingDirectory,
+    with only its Environment and its UMask, stdin /dev/null, in a session of its own."""
+    env = dict(word.split("=", 1) for word in fields["Environment"].split())
+    result = subprocess.run(
+        as_systemd_runs(fields[key], host_dir),
+        cwd=fields["WorkingDirectory"],
+        env=env,
+        umask=int(fields["UMask"], 8),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    sys.stderr.write(result.stderr)
+    return result
 
 
 def host_ssh(host_dir: Path, port: int, *remote: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from scripts import demo
 from scripts.agent_watch import start_agent_watch
+from takeover import service
 from takeover.host.monitor import Monitor
 from takeover.host.runners import LibvirtRunner
 from takeover.models import PREPARED_TAG
@@ -31,7 +33,16 @@ from vm_image import proc
 
 from . import vm_fixtures
 from .egress_helpers import PrivilegedListener
-from .takeover_helpers import E2E_QEMU_USER, host_ssh, listen_backlog, stop_host_vm, takeover, takeover_run
+from .takeover_helpers import (
+    E2E_QEMU_USER,
+    host_ssh,
+    listen_backlog,
+    run_unit_command,
+    stop_host_vm,
+    takeover,
+    takeover_run,
+    unit_fields,
+)
 from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
 
 NAMES = CUT_OVER.names  # the default plan
@@ -265,6 +276,27 @@ def test_host_takes_over_and_the_agent_keeps_only_http(agent_vm, tmp_path):
         assert "-loadvm" not in restarted and PREPARED_TAG not in " ".join(restarted)  # a start boots cold
         assert listen_backlog(agent_vm.proxy_port) == 4096 and started["forwards"]["backlog"]
         assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
+
+        # QEMU dies (SIGKILL, as the OOM killer kills): the unit's Restart=on-failure brings the VM back.
+        # systemd runs ExecStop (the main process is gone, the stop still runs), then after RestartSec
+        # ExecStartPre and ExecStart; here each as systemd runs it (tests/takeover_helpers.py). What the
+        # agent asked before the crash is still there: the guest syncs each commit to QEMU's disk.
+        crashed = int((host_dir / "qemu.pid").read_text())
+        ticks = proc.start_ticks(crashed)
+        os.kill(crashed, signal.SIGKILL)
+        assert proc.wait_gone(crashed, ticks, 30)
+        with pytest.raises(RuntimeError, match="Connection refused"):  # nobody serves the agent now
+            agent_http("GET", agent_vm.url + "/health")
+        (tmp_path / "units").mkdir()
+        unit = unit_fields(service.install(tmp_path / "units", check_owners=False).read_text())
+        for key in ("ExecStop", "ExecStartPre", "ExecStart"):
+            assert run_unit_command(unit, key, host_dir).returncode == 0, key
+        back = int((host_dir / "qemu.pid").read_text())  # PIDFile=: systemd's main PID for Type=forking
+        assert back != crashed and proc.alive(back, proc.start_ticks(back)) and proc.read_process(back).uid == info.uid
+        assert agent_http("GET", agent_vm.url + "/health")["status"] == 200
+        kept = agent_http("GET", f"{agent_vm.url}/v1/requests/{asked['body']['id']}", token)
+        assert kept["status"] == 200 and kept["body"]["status"] == "pending", kept
+        assert json.loads(takeover("egress", "list", "--host-dir", str(host_dir)).stdout)["forward_proxy_pid"]
 
         # A second run refuses: the directory holds a taken-over VM.
         again = takeover_run(agent_vm.ready, host_dir)

@@ -4,7 +4,6 @@ run as systemd runs them (the unit's words as argv, `%f` the host directory, no 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import stat
 import subprocess
@@ -16,23 +15,9 @@ import pytest
 from takeover import service
 from takeover.errors import InvalidInput
 
+from .takeover_helpers import as_systemd_runs, run_unit_command, unit_fields
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def unit_fields(text: str) -> dict[str, str]:
-    """`Key=value` of the unit, as systemd reads them (the last one wins; comments and sections skipped)."""
-    fields = {}
-    for line in text.splitlines():
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def as_systemd_runs(command: str, host_dir: Path) -> list[str]:
-    """An Exec line's argv: its words split as systemd splits them, `%f` the instance's path."""
-    assert "%" not in command.replace("%f", ""), "a specifier the test does not expand"
-    return [word.replace("%f", str(host_dir)) for word in shlex.split(command)]
 
 
 @pytest.mark.parametrize("path", ["/var/lib/secret-proxy-vm", "/srv/a.b/c_d+e", "/x/.hidden", "/", "/var/lib/vm-2/"])
@@ -95,8 +80,7 @@ def test_the_units_commands_run_as_systemd_runs_them(tmp_path, key):
     host_dir.mkdir(mode=0o700)
     argv = as_systemd_runs(fields[key], host_dir)
     assert argv[0] == sys.executable and argv[1:4] == ["-E", "-s", "-m"]
-    env = dict(word.split("=", 1) for word in fields["Environment"].split())
-    ran = subprocess.run(argv, cwd=fields["WorkingDirectory"], env=env, capture_output=True, text=True, timeout=120)
+    ran = run_unit_command(fields, key, host_dir)
     assert ran.returncode == 1, ran.stderr
     assert f"{host_dir} holds no verified takeover" in ran.stderr
     assert fields["WorkingDirectory"] == str(ROOT)
