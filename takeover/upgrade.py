@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from vm_image.boot_files import BootFiles
 from vm_image.proxy_venv import ROOT
@@ -185,7 +186,7 @@ def _run(attempt: Attempt, journal: Journal) -> None:
     fsync_dir(host_dir)
 
 
-def _fail(attempt: Attempt, exc: BaseException, records: list[UpgradeRecord]) -> None:
+def _fail(attempt: Attempt, exc: BaseException, records: list[UpgradeRecord]) -> NoReturn:
     """Record the failure and leave the old VM serving; always raises."""
     record, host_dir = attempt.record, attempt.host_dir
     what = f"the upgrade failed at stage {attempt.stage!r}: {exc}"

@@ -78,6 +78,7 @@ def test_the_proxys_own_names_are_carried(name):
     assert check_name(name) is None
 
 
+@pytest.mark.slow  # a libguestfs appliance, like the scrub's tests: run under the slow tier's lock
 def test_too_many_entries_too_many_bytes_or_too_deep_are_refused_before_anything_is_written(disks):
     old, new = disks
     session = Session.open(old, new)
@@ -93,6 +94,7 @@ def test_too_many_entries_too_many_bytes_or_too_deep_are_refused_before_anything
         session.discard()
 
 
+@pytest.mark.slow
 def test_only_the_stores_files_cross_owned_and_moded_by_the_host(disks, tmp_path):
     old, new = disks
     result = carry_data(old, new)
