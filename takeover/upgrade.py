@@ -31,7 +31,7 @@ from typing import NoReturn
 from vm_image.boot_files import BootFiles
 from vm_image.proxy_venv import ROOT
 
-from .agent.diskimage import inspect_image
+from .agent.diskimage import inspect_host_disk_in_use, inspect_image
 from .config import TakeoverConfig
 from .errors import InjectedFault, JournalError, UpgradeError, VerifyError
 from .guest.boot import modules_tarball
@@ -230,7 +230,7 @@ def build_new_disk(attempt: Attempt, journal: Journal, note: Callable[[str], Non
     system, overlay = host_system(ctx)
     keys = new_vm_host_key(host_dir, saved.ssh_listen, host_dir / NEW_PIN)
     new_disk = host_dir / NEW_DISK
-    size = inspect_image(attempt.spec.disk, force_share=True).virtual_size  # the old VM holds its lock
+    size = inspect_host_disk_in_use(attempt.spec.disk).virtual_size  # the old VM holds its lock
     create_blank_disk(new_disk, size)  # root's, 0600 from its first byte
     plan = ScrubPlan(
         keys=keys,
