@@ -1,4 +1,4 @@
-"""`python -m takeover run | rollback | status | start | stop | remove`: the host takes over the VM an agent built.
+"""`python -m takeover run | rollback | status | start | stop | remove | upgrade`: the host takes over an agent's VM.
 
 Exit status: 0 done; 1 a takeover error (the message says what went wrong and
 what to do); 2 bad usage.
@@ -23,11 +23,15 @@ from .host.files import check_trusted_parent
 from .host.terminal import show
 from .models import Endpoint
 from .progress import Progress
+from .record import to_record
 from .remove import remove_host_vm
 from .rollback import roll_back
 from .runbook import change_egress, run_takeover, start_host_vm, status, stop_host_vm
 from .service import UNIT_DIR
 from .steps import ALL_NAMES
+from .upgrade import STAGES as UPGRADE_STAGES
+from .upgrade import summary as upgrade_summary
+from .upgrade import upgrade
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         "asked again. Without it, only show what is missing",
     )
 
+    # -- upgrades: takeover/upgrade.py (docs/operations.md, "Upgrades") --
+    up = sub.add_parser(
+        "upgrade",
+        help="rebuild the host's VM from this host's current build, keeping the proxy's store; "
+        "the old VM comes back on any failure",
+    )
+    common(up)
+    up.add_argument("--json", action="store_true", help="print upgrade.json's record of this attempt as JSON")
+    up.add_argument("--fail-after", choices=tuple(UPGRADE_STAGES), help=argparse.SUPPRESS)  # tests: fault injection
+
     # -- the systemd unit (issue 25): takeover/service.py --
     svc = sub.add_parser("service", help="the systemd unit that starts the VM at boot and after a QEMU crash")
     units = svc.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -392,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             urls, applying = getattr(args, "urls", []), getattr(args, "apply", None)
             digest = applying or None
             show(json_text(change_egress(cfg, args.action, urls, apply=applying is not None, digest=digest)))
+        elif args.command == "upgrade":
+            record = upgrade(cfg, fail_after=args.fail_after)
+            show(json_text(to_record(record)) if args.json else upgrade_summary(record))
         elif args.command == "service":
             show(json_text(service_command(cfg, args)))
         else:

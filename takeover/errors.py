@@ -17,6 +17,7 @@ ones of the same name here, any other the kind the caller names.
         ├── CheckpointError, CopyError, ScrubError, HostKeyError,
         │   RestartError, VerifyError                              steps 2-6, one each
         ├── RollbackError, JournalError, InjectedFault             the run as a whole
+        ├── CarryError, UpgradeError                               `takeover upgrade` (upgrade.py, guest/carry.py)
         ├── SandboxError (agent/sandbox.py), BootFilesError (guest/boot.py)   defined where they are raised
         ├── AgentMachineError (agent/machine.py)
         │   └── AgentMachineTimeout, AgentMachineFlood
@@ -173,6 +174,21 @@ class JournalError(TakeoverError):
 
 class InjectedFault(TakeoverError):
     hint = "a test asked for this failure (--fail-after); rerun without it or roll back"
+
+
+class CarryError(TakeoverError):
+    hint = (
+        "the old disk's data directory holds what the proxy never writes (too many files, too many bytes, "
+        "or no data directory); the upgrade stopped and the old VM serves again. Look at it over "
+        "`ssh` (`ls -la /var/lib/secret-proxy`), remove what does not belong, and rerun `python -m takeover upgrade`"
+    )
+
+
+class UpgradeError(TakeoverError):
+    hint = (
+        "the old VM serves again with its own disk and data; read the message above, fix the cause and rerun "
+        "`python -m takeover upgrade` (HOST_DIR/upgrade.json records each attempt)"
+    )
 
 
 class NotTheAgentsVM(TakeoverError):

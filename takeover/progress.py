@@ -21,6 +21,13 @@ class Progress(Steps):
         self.use(plan)
         self.started_at: dict[str, float] = {}
 
+    @classmethod
+    def counting(cls, total: int, stream: TextIO = sys.stderr) -> Progress:
+        """A display for a command's own numbered steps (`step()`), such as `takeover upgrade`'s stages."""
+        progress = cls(stream)
+        progress.total = total
+        return progress
+
     def use(self, plan: Plan) -> None:
         """Number and title the steps of `plan` (the runbook knows it once the journal is open)."""
         self.plan, self.total = plan, len(plan.steps)

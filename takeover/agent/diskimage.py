@@ -107,10 +107,17 @@ def inspect_image(path: Path, *, force_share: bool = False, owner: int | None = 
     return inspect_agent_disk(path, AgentUser.owner_of(st, f"the agent's disk {path}"), force_share=force_share)
 
 
-def _inspect_own(path: Path) -> ImageInfo:
+def inspect_host_disk_in_use(path: Path) -> ImageInfo:
+    """The host's own disk while the host's VM runs it (`takeover upgrade` sizes the new disk by it)."""
+    if os.lstat(path).st_uid != 0:
+        raise DiskFormatError(f"{path} is not root's: it is not the host's disk")
+    return _inspect_own(path, force_share=True)
+
+
+def _inspect_own(path: Path, *, force_share: bool = False) -> ImageInfo:
     """Root's own file (the host's copy): qemu-img as root, and only a self-contained qcow2 passes."""
     proc = subprocess.run(
-        [QEMU_IMG, "info", "--output=json", "-f", "qcow2", "--", str(path)],
+        [QEMU_IMG, "info", "--output=json", "-f", "qcow2", *(["-U"] if force_share else []), "--", str(path)],
         capture_output=True,
         text=True,
         timeout=INFO_TIMEOUT,

@@ -69,6 +69,30 @@ def generate_host_keys(host_dir: Path, ssh: Endpoint) -> HostKeys:
     )
 
 
+def new_vm_host_key(host_dir: Path, ssh: Endpoint, known_hosts: Path) -> HostKeys:
+    """A new host key for a VM the host rebuilt (`takeover upgrade`), pinned in `known_hosts`, not yet in use.
+
+    The host's login key is kept: it is the host's, never in the guest but as a public key. The
+    VM's key is new because the host never keeps a VM's private key; the pin takes effect when the
+    upgrade swaps `known_hosts` in with the new disk.
+    """
+    if shutil.which("ssh-keygen") is None:
+        raise HostKeyError("ssh-keygen is not installed")
+    login_key, _ = load_host_keys(host_dir)
+    login_public = (host_dir / (HOST_KEY + ".pub")).read_text().strip()
+    with tempfile.TemporaryDirectory(prefix=".keys-", dir=host_dir) as tmp:
+        os.chmod(tmp, 0o700)
+        work = Path(tmp)
+        _keygen(work / "vm_host", "secret-proxy-vm host key")
+        vm_private = (work / "vm_host").read_bytes()
+        vm_public = (work / "vm_host.pub").read_text().strip()
+        vm_fp = fingerprint(work / "vm_host.pub")
+    key_type, key_b64 = vm_public.split()[:2]
+    write_atomic(known_hosts, f"{known_hosts_name(ssh)} {key_type} {key_b64}\n".encode())
+    login_fp = fingerprint(host_dir / (HOST_KEY + ".pub"))
+    return HostKeys(vm_private, f"{key_type} {key_b64}", vm_fp, login_key, login_public, login_fp, known_hosts)
+
+
 def known_hosts_name(ssh: Endpoint) -> str:
     # ssh looks a host up as "[host]:port", except on port 22 where it uses the bare host.
     return ssh.host if ssh.port == 22 else f"[{ssh.host}]:{ssh.port}"

@@ -342,14 +342,16 @@ class QemuRunner:
             return None
         return pid
 
-    def stop(self, spec: HostVMSpec, undefine: bool = True) -> bool:
+    def stop(self, spec: HostVMSpec, undefine: bool = True, *, powerdown: float | None = None) -> bool:
+        """`powerdown`: seconds the guest gets to shut down by itself first (`takeover upgrade`, which reads
+        the disk next and wants its filesystem clean); None quits at once."""
         pid = self.pid(spec)
         if pid is None:
             return False
-        # No power-down asked of the guest, unlike `vm_image stop`: a stop here comes before a retried start
-        # from the same disk, before a rollback deletes that disk, or from `takeover stop`, and the proxy in
+        # No power-down asked of the guest by default, unlike `vm_image stop`: a stop here comes before a retried
+        # start from the same disk, before a rollback deletes that disk, or from `takeover stop`, and the proxy in
         # the guest syncs every commit, so `quit` loses nothing it acknowledged.
-        stop_qemu(spec.monitor, pid, powerdown=None, quit_wait=30)
+        stop_qemu(spec.monitor, pid, powerdown=powerdown, quit_wait=30)
         for stale in (spec.monitor, spec.pidfile, identity_path(spec)):
             stale.unlink(missing_ok=True)
         return True
