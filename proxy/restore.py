@@ -59,10 +59,14 @@ def check(archive_bytes: bytes) -> Archive:
 
 
 def read_bounded(stream: Any, limit: int = MAX_ARCHIVE_BYTES) -> bytes:
-    data: bytes = stream.read(limit + 1)
-    if len(data) > limit:
-        raise BackupError(f"the archive is over {limit} bytes; refused before it was read whole")
-    return data
+    """All of `stream`, at most `limit` bytes, read in chunks: `read(limit)` would ask for the whole limit
+    at once, more memory than a small guest has."""
+    data = bytearray()
+    while chunk := stream.read(min(1024 * 1024, limit + 1 - len(data))):
+        data.extend(chunk)
+        if len(data) > limit:
+            raise BackupError(f"the archive is over {limit} bytes; refused before it was read whole")
+    return bytes(data)
 
 
 def stage(settings: Settings, archive_bytes: bytes) -> dict[str, Any]:

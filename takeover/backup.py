@@ -140,7 +140,7 @@ def restore_backup(cfg: TakeoverConfig, source: Path, key: Path) -> dict[str, An
     private = backup_seal.load_private(
         read_root_only_file(key, "--key", backup_seal.KEY_FILE_BYTES, secret=True), str(key)
     )
-    sealed = read_root_only_file(source, "--from", SEALED_MAX_BYTES, secret=True)
+    sealed = read_root_only_file(source, "--from", _size_bound(source), secret=True)
     header, archive = backup_seal.open_sealed(sealed, private)  # all of it, before the VM is touched
     if runner.pid(spec) is None:
         raise RestoreRefused(
@@ -182,6 +182,17 @@ def restore_backup(cfg: TakeoverConfig, source: Path, key: Path) -> dict[str, An
         "audit": verified.stdout.strip(),
         "previous_store": "kept in the VM as /var/lib/secret-proxy/pre-restore",
     }
+
+
+def _size_bound(source: Path) -> int:
+    """What to read of `source`: its size (one read asks for all it may take at once), within the bound."""
+    try:
+        size = os.stat(source).st_size
+    except OSError as exc:
+        raise InvalidInput(f"--from {source}: {exc.strerror}") from None
+    if size > SEALED_MAX_BYTES:
+        raise backup_seal.BackupSealError(f"{source} is {size} bytes, larger than any backup ({SEALED_MAX_BYTES})")
+    return size
 
 
 def backups_dir(host_dir: Path) -> Path:
