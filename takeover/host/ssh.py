@@ -1,7 +1,8 @@
 """The host's own SSH login to its VM: the host key pinned, strict checking, every command bounded in time.
 
-Used by step 6 (verify), by `takeover egress sync` (the VM's policies) and by the demo and the
-bench; the command line itself is vm_image's (`ssh_argv`).
+Used by step 6 (verify), by `takeover egress sync` (the VM's policies), by `takeover backup` and
+`restore` (binary, bounded: `exchange`) and by the demo and the bench; the command line itself is
+vm_image's (`ssh_argv`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def exchange_bounded(argv: list[str], stdin: bytes, limit: int, timeout: float) 
             proc.wait()
         for thread in helpers:
             thread.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
     if timed_out.is_set():
         raise SSHTimeout(f"`{argv[0]}` to the VM did not finish within {timeout:.0f} s")
     return Exchanged(returncode, bytes(out), errors.decode(errors="replace"))
