@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from . import crypto
 from .approval import ApprovalError, ApprovalRule, parse_rule
+from .backup import BackupError
 from .broker import Call
 from .config import ConfigError, Settings, load_settings
 from .errors import StoreError
@@ -317,6 +318,34 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> None:
     print(f"audit log intact: {count} entries")
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> None:
+    """A consistent copy of the store and its master key, as one archive on stdout (for the host to seal)."""
+    from .backup import make_archive
+
+    if sys.stdout.isatty():
+        raise CliError("the archive holds the master key and is binary; redirect it (the host seals it at once)")
+    sys.stdout.buffer.write(make_archive(settings))
+    sys.stdout.buffer.flush()
+
+
+def cmd_restore_stage(settings: Settings, args: argparse.Namespace) -> None:
+    from .restore import read_bounded, stage
+
+    print(json.dumps(stage(settings, read_bounded(sys.stdin.buffer)), sort_keys=True))
+
+
+def cmd_restore_apply_staged(settings: Settings, args: argparse.Namespace) -> None:
+    from .restore import apply_staged
+
+    print(json.dumps(apply_staged(settings), sort_keys=True))
+
+
+def cmd_restore_state(settings: Settings, args: argparse.Namespace) -> None:
+    from .restore import state
+
+    print(json.dumps(state(settings), sort_keys=True))
+
+
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> None:
     with Store(settings) as store:
         key_id = store.rotate_master_key(operator())
@@ -466,6 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_telegram_retry_now)
 
+    sub.add_parser(
+        "backup", help="a consistent copy of the store and its master key, as an archive on stdout"
+    ).set_defaults(fn=cmd_backup)
+    restore = sub.add_parser("restore", help="put a backup back (staged now, applied at the next start)")
+    steps = restore.add_subparsers(dest="sub", required=True)
+    steps.add_parser("stage", help="check the archive on stdin whole, then stage it for the next start").set_defaults(
+        fn=cmd_restore_stage
+    )
+    steps.add_parser(
+        "apply-staged", help="swap a staged copy in (the unit's ExecStartPre: only while the proxy is down)"
+    ).set_defaults(fn=cmd_restore_apply_staged)
+    steps.add_parser("state", help="whether a copy is staged, and the last restore (JSON)").set_defaults(
+        fn=cmd_restore_state
+    )
     sub.add_parser("rotate-master-key", help="re-wrap all data keys under a new master key").set_defaults(fn=cmd_rotate)
     s = sub.add_parser("demo", help="a local round trip: request, approve, retrieve once")
     s.add_argument("--port", type=int, default=0)
@@ -534,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"error: {exc.detail} ({exc.code})", file=sys.stderr)
         return 1
-    except crypto.CryptoError as exc:
+    except (crypto.CryptoError, BackupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except PermissionError as exc:

@@ -80,10 +80,23 @@ def write_key_file(path: Path, key: MasterKey) -> None:
     """Create a key file 0600 from its first byte; refuse to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, key._raw.hex().encode() + b"\n")
+        os.write(fd, key_file_text(key))
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def key_file_text(key: MasterKey) -> bytes:
+    """What a key file holds: a backup carries the master key as this text, or it restores nothing."""
+    return key._raw.hex().encode() + b"\n"
+
+
+def key_from_text(text: bytes, where: str) -> MasterKey:
+    """The master key in a key file's text (`key_file_text`); `where` names the file in the error."""
+    try:
+        return MasterKey(bytes.fromhex(text.decode("ascii").strip()))
+    except (ValueError, CryptoError):
+        raise CryptoError(f"master key file {where} is not a hex-encoded 32-byte key") from None
 
 
 def read_key_file(path: Path) -> MasterKey:
@@ -98,13 +111,10 @@ def read_key_file(path: Path) -> MasterKey:
                 f"master key {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
                 "fix with chmod 600 and consider the key compromised"
             )
-        text = os.read(fd, 4096).decode("ascii", "replace").strip()
+        text = os.read(fd, 4096)
     finally:
         os.close(fd)
-    try:
-        return MasterKey(bytes.fromhex(text))
-    except ValueError:
-        raise CryptoError(f"master key file {path} is not a hex-encoded 32-byte key") from None
+    return key_from_text(text, str(path))
 
 
 def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

@@ -1,4 +1,5 @@
-"""`python -m takeover run | rollback | status | start | stop | remove | upgrade`: the host takes over an agent's VM.
+"""`python -m takeover run | rollback | status | start | stop | remove | upgrade | backup | restore`:
+the host takes over the VM an agent built, and operates it.
 
 Exit status: 0 done; 1 a takeover error (the message says what went wrong and
 what to do); 2 bad usage.
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import service
+from . import backup, service
 from .agent.machine import MachineAddress
 from .config import DEFAULT_CACHE_DIR, DEFAULT_HOST_DIR, DEFAULT_SSH, TakeoverConfig
 from .errors import InvalidInput, TakeoverError, from_vm_image
@@ -251,6 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true", help="print upgrade.json's record of this attempt as JSON")
     up.add_argument("--fail-after", choices=tuple(UPGRADE_STAGES), help=argparse.SUPPRESS)  # tests: fault injection
 
+    # -- backups: takeover/backup.py --
+    bk = sub.add_parser(
+        "backup",
+        help="seal a consistent copy of the VM's store and audit to the operator's key (keygen, show: see ACTION)",
+    )
+    common(bk)
+    bk.add_argument("--recipient", type=Path, metavar="KEY.pub", help="the operator's public key (backup keygen)")
+    bk.add_argument(
+        "--to", type=Path, metavar="FILE", help="a new file in root-only directories (default HOST_DIR/backups/)"
+    )
+    bk_actions = bk.add_subparsers(dest="action", metavar="ACTION")
+    keygen = bk_actions.add_parser("keygen", help="a new key pair: backup.key (take it OFF this host) and .pub")
+    keygen.add_argument("--out", type=Path, required=True, metavar="DIR", help="a directory only root can change")
+    shown = bk_actions.add_parser("show", help="a backup's header (when, from where, to which key), without a key")
+    shown.add_argument("file", type=Path)
+    rs = sub.add_parser(
+        "restore", help="put a backup into the VM (checked whole first; the VM restarts), then verify the audit"
+    )
+    common(rs)
+    rs.add_argument("--from", dest="source", type=Path, required=True, metavar="FILE", help="the backup (root's, 0600)")
+    rs.add_argument("--key", type=Path, required=True, metavar="backup.key", help="the operator's private key")
+
     # -- the systemd unit (issue 25): takeover/service.py --
     svc = sub.add_parser("service", help="the systemd unit that starts the VM at boot and after a QEMU crash")
     units = svc.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -272,6 +295,19 @@ def service_command(cfg: TakeoverConfig, args: argparse.Namespace) -> dict[str, 
     if args.action == "remove":
         return service.remove_for(cfg.host_dir, args.unit_dir, disable=args.disable)
     return service.prepare(cfg.host_dir)
+
+
+def backup_command(cfg: TakeoverConfig, args: argparse.Namespace) -> dict[str, object]:
+    if args.action == "keygen":
+        return backup.keygen(args.out)
+    if args.action == "show":
+        return backup.show(args.file)
+    if args.recipient is None:
+        raise InvalidInput(
+            "`takeover backup` needs --recipient KEY.pub",
+            hint="make a key pair once with `python -m takeover backup keygen --out DIR` (docs/operations.md)",
+        )
+    return backup.take_backup(cfg, args.recipient, args.to)
 
 
 def _bounded(low: int, high: int) -> Callable[[str], int]:
@@ -411,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             show(json_text(to_record(record)) if args.json else upgrade_summary(record))
         elif args.command == "service":
             show(json_text(service_command(cfg, args)))
+        elif args.command == "backup":
+            show(json_text(backup_command(cfg, args)))
+        elif args.command == "restore":
+            show(json_text(backup.restore_backup(cfg, args.source, args.key)))
         else:
             show(json_text(status(cfg)))
     except TakeoverError as err:

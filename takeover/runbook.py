@@ -15,7 +15,7 @@ from typing import Any
 
 from vm_image import proc
 
-from . import glance
+from . import backup_record, glance
 from .agent.diskimage import inspect_image
 from .agent.machine import Connection
 from .agent.nested_vm import nested_alive, nested_snapshots
@@ -294,7 +294,11 @@ def at_a_glance(cfg: TakeoverConfig, journal: Journal) -> dict[str, Any]:
     spec, runner = finished_vm(cfg)
     key, known_hosts = load_host_keys(cfg.host_dir)
     ssh = SSHTarget(spec.ssh_listen, key, known_hosts)
-    return {**glance.vm_glance(spec, runner, ssh), **glance.egress_glance(cfg.host_dir)}
+    return {
+        **glance.vm_glance(spec, runner, ssh),
+        **glance.egress_glance(cfg.host_dir),
+        **backup_record.glance(cfg.host_dir),
+    }
 
 
 def egress_status(host_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from takeover.host.files import ensure_host_dir
 
 from .proxy_helpers import LiveServer, Proxy, make_settings, provision, start_server
 from .takeover_helpers import AGENT
+from .vm_fixtures import AgentVM, launch_agent_vm
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -94,3 +95,14 @@ def agent_dir(agent_user):
 @pytest.fixture
 def host_dir(tmp_path):
     return ensure_host_dir(tmp_path / "host")
+
+
+@pytest.fixture
+def agent_vm() -> Iterator[AgentVM]:
+    """The agent builds (cached) and launches its VM with vm_image, as the unprivileged agent user
+    (tests/test_takeover_e2e.py, tests/test_backup_e2e.py)."""
+    vm = launch_agent_vm()  # returns once the proxy answers /health (vm_image launch waits for it)
+    try:
+        yield vm
+    finally:
+        vm.discard()

@@ -43,7 +43,7 @@ from .takeover_helpers import (
     takeover_run,
     unit_fields,
 )
-from .vm_fixtures import AGENT_USER, AgentVM, free_port, launch_agent_vm
+from .vm_fixtures import AGENT_USER, AgentVM, free_port
 
 NAMES = CUT_OVER.names  # the default plan
 # A cold boot alone takes 15 to 20 s under TCG and the takeover in order over a minute: a longest gap
@@ -63,16 +63,6 @@ def as_agent(code: str, *args: str) -> subprocess.CompletedProcess:
 def agent_http(method: str, url: str, token: str = "", body: dict | None = None) -> dict:
     status, text = demo.agent_http(AGENT_USER, method, url, token, body)[0]
     return {"status": status, "body": json.loads(text or "{}")}
-
-
-@pytest.fixture
-def agent_vm() -> AgentVM:
-    """The agent builds (cached) and launches its VM with vm_image, as the unprivileged agent user."""
-    vm = launch_agent_vm()  # returns once the proxy answers /health (vm_image launch waits for it)
-    try:
-        yield vm
-    finally:
-        vm.discard()
 
 
 def print_durations(host_dir: Path) -> None:

@@ -25,6 +25,11 @@ WRAPPER = f"""#!/bin/sh
 exec {VENV}/bin/python -I -m proxy --data-dir {DATA_DIR} "$@"
 """
 
+# A restore is pending while either directory of proxy/restore.py (STAGED, OLD) is in the data directory;
+# vm_image never imports proxy, so tests/test_backup.py keeps the names equal.
+RESTORE_DIRS = ("restore.staged", "restore.old")
+RESTORE_PENDING = " || ".join(f"test -d {DATA_DIR}/{name}" for name in RESTORE_DIRS)
+
 UNIT = f"""\
 # secret-proxy.service (vm_image; rewritten by the host's takeover).
 [Unit]
@@ -36,6 +41,9 @@ Type=simple
 User=proxy
 Group=proxy
 Environment=SECRET_PROXY_DATA_DIR={DATA_DIR}
+# A restore staged by the host (`secret-proxy restore stage`) is swapped in here, before anything opens the
+# store; a swap a crash interrupted is finished. Python starts only when there is something to do.
+ExecStartPre=/bin/sh -c '{RESTORE_PENDING} || exit 0; exec {VENV}/bin/python -I -m proxy restore apply-staged'
 ExecStartPre=/bin/sh -c 'test -e {DATA_DIR}/master.key || exec {VENV}/bin/python -I -m proxy init'
 ExecStart={VENV}/bin/python -I -m proxy serve --host 0.0.0.0 --port {PROXY_PORT} --metrics-listen {METRICS_LISTEN}
 Restart=on-failure
